@@ -1,0 +1,30 @@
+# Everything a fresh machine needs: `make demo` renders with the built-in model, `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; a GPU user installs a CUDA build first instead (README).
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/ldm generate "a large red circle on the left, white background" --num-images 4 --seed 1 --out outputs/demo
+
+bench: install
+	$(BIN)/python bench/generate_vs_diffusers.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,152 @@
+"""The `ldm` command line: parse flags, call `commands`, print results. No torch at import time,
+so `ldm --help` answers at once."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from ldm_cli.errors import LdmError
+
+try:  # typer >= 0.29 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click import exceptions as click_errors
+
+
+class _OneLineErrors(TyperGroup):
+    """Every user error, the CLI's own usage errors included, is one line on stderr and exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as e:
+            print(e.format_message())
+            sys.exit(0)
+        except (LdmError, click_errors.ClickException) as e:
+            message = e.format_message() if isinstance(e, click_errors.ClickException) else str(e)
+            hint = ""
+            if isinstance(e, click_errors.UsageError) and e.ctx is not None:
+                hint = f" (see '{e.ctx.command_path} --help')"
+            print(f"ldm: error: {message}{hint}", file=sys.stderr)
+            sys.exit(2)
+        except (click_errors.Abort, KeyboardInterrupt):
+            print("ldm: interrupted; images already saved are kept", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Local text-to-image latent diffusion, offline.")
+
+# Options shared by every rendering command.
+Negative = Annotated[Optional[str], typer.Option("--negative", help="What the image should not show.")]
+Steps = Annotated[Optional[int], typer.Option(help="Denoising steps [default: the model's, else 30].")]
+Cfg = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale [default: the model's, else 7.5].")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i [default: random].")]
+NumImages = Annotated[int, typer.Option("--num-images", "-n", help="How many images.")]
+BatchSize = Annotated[int, typer.Option(help="Images denoised together.")]
+Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width, a multiple of 8 [default: the model's native size].")]
+Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height, a multiple of 8 [default: the model's native size].")]
+Scheduler = Annotated[Optional[str], typer.Option(help="Sampler: a name from `ldm schedulers` or an A1111 label [default: dpmpp_2m].")]
+Schedule = Annotated[Optional[str], typer.Option(help="Sigma schedule: karras, exponential, beta or default [default: karras].")]
+ModelPath = Annotated[Optional[str], typer.Option("--model", "-m", help="A .safetensors checkpoint or a diffusers folder [default: the built-in model].")]
+Vae = Annotated[Optional[str], typer.Option(help="A VAE file or folder replacing the model's own.")]
+Config = Annotated[Optional[str], typer.Option(help="A diffusers-layout folder describing a non-standard checkpoint.")]
+Prediction = Annotated[Optional[str], typer.Option(help="Force the prediction type: epsilon or v.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle checkpoints (.ckpt) with torch.load(weights_only=True).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+Dtype = Annotated[str, typer.Option(help="auto, fp16, bf16 or fp32 [auto: fp16 on GPUs, fp32 on CPU].")]
+AsJson = Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_flags: dict):
+    from ldm_cli.commands import RunOptions
+    from ldm_cli.loading import LoadOptions
+
+    return RunOptions(num_images=num_images, batch_size=batch_size, out=out, quiet=quiet,
+                      load=LoadOptions(**model_flags))
+
+
+def print_results(results, as_json: bool) -> None:
+    for result in results:
+        if as_json:
+            print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+        else:
+            print(f"saved {result.path}  (seed {result.settings.seed})", flush=True)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="What to draw.")] = None,
+    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, seed: Seed = None,
+    num_images: NumImages = 1, batch_size: BatchSize = 1, width: Width = None, height: Height = None,
+    scheduler: Scheduler = None, schedule: Schedule = None, model: ModelPath = None,
+    vae: Vae = None, config: Config = None, prediction: Prediction = None, allow_pickle: AllowPickle = False,
+    out: Out = Path("outputs"), device: Device = "auto", dtype: Dtype = "auto",
+    as_json: AsJson = False, quiet: Quiet = False,
+    from_png: Annotated[Optional[Path], typer.Option("--from-png", help="Re-run an image's recorded settings; flags override them.")] = None,
+) -> None:
+    """Turn a prompt into PNGs."""
+    from ldm_cli import commands
+    from ldm_cli.settings import Settings
+
+    flags = Settings(prompt=prompt, negative=negative, steps=steps, cfg=cfg, seed=seed, width=width,
+                     height=height, scheduler=scheduler, schedule=schedule, model=model)
+    settings = commands.base_settings(flags, from_png)
+    options = run_options(num_images, batch_size, out, quiet, dict(
+        vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, device=device, dtype=dtype))
+    print_results(commands.generate(settings, options), as_json)
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="A PNG made by ldm or A1111, or a checkpoint.")],
+    as_json: AsJson = False,
+) -> None:
+    """Show how an image was made, or what a checkpoint holds."""
+    from ldm_cli import commands
+
+    if path.suffix.lower() == ".png":
+        data = commands.png_info(path)
+        print(json.dumps(data, ensure_ascii=False, indent=2) if as_json else data["parameters"])
+        return
+    data = commands.checkpoint_info(path)
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        width = max(map(len, data))
+        for key, value in data.items():
+            print(f"{key.replace('_', ' '):<{width}}  {value}")
+
+
+@app.command(name="schedulers")
+def list_schedulers() -> None:
+    """List the scheduler names, their A1111 labels and the sigma schedules."""
+    from ldm_cli import schedulers
+
+    print(f"{'name':<14}{'A1111 label':<16}schedules")
+    for spec in schedulers.SCHEDULERS.values():
+        options = [s for s in schedulers.SCHEDULES if _supports(spec.name, s)]
+        print(f"{spec.name:<14}{spec.label:<16}{', '.join(['default', *options])}")
+
+
+def _supports(name: str, schedule: str) -> bool:
+    from ldm_cli import schedulers
+
+    try:
+        schedulers.check_schedule(name, schedule)
+        return True
+    except LdmError:
+        return False
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,20 @@
+"""Calling a UNet2DConditionModel denoiser (SD1, SD2, SDXL share it)."""
+from __future__ import annotations
+
+import torch
+
+from ldm_cli.families import Cond
+
+ADDED_KEYS = ("text_embeds", "time_ids")  # SDXL's pooled text and size/crop conditioning
+
+
+def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    added = {k: cond[k] for k in ADDED_KEYS if k in cond}
+    return model.denoiser(latents, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                          added_cond_kwargs=added or None, return_dict=False)[0]
+
+
+def tokenize(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return ids.to(device)

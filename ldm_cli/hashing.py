@@ -1,0 +1,46 @@
+"""A1111's short model hash (first 10 hex digits of the file's sha256), cached.
+
+Hashing a 2-7 GB checkpoint takes seconds, and a CLI loads on every run, so the digest is kept
+in a small cache keyed by path, size and modification time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def cache_file() -> Path:
+    root = os.environ.get("LDM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ldm")
+    return Path(root) / "hashes.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def short_hash(path: Path) -> str:
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = cache_file()
+    try:
+        table = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        table[key] = sha256_file(path)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home only costs the next run a re-hash
+    return table[key][:10]

@@ -1,0 +1,80 @@
+"""Text-to-image, in the order every Stable Diffusion pipeline runs it:
+check inputs, encode the prompt, set the timesteps, make the latents, denoise, decode.
+
+A call renders a group of settings that share size, steps, cfg and scheduler in one batch;
+the prompts and seeds may differ. Image i is the same as it would be rendered alone: its
+starting noise (and any noise the scheduler draws) comes from its own CPU generator.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from ldm_cli import sampling, schedulers, vae
+from ldm_cli.errors import LdmError
+from ldm_cli.settings import Settings
+
+BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule")
+
+
+def batch_key(s: Settings) -> tuple:
+    """Settings with equal keys can be denoised together in one batch."""
+    return tuple(getattr(s, f) for f in BATCH_FIELDS)
+
+
+def check_inputs(model, group: list[Settings]) -> None:
+    if len({batch_key(s) for s in group}) != 1:
+        raise ValueError("a batch must share size, steps, cfg and scheduler")
+    factor = model.vae_scale_factor
+    for side in ("width", "height"):
+        value = getattr(group[0], side)
+        if value % factor:
+            raise LdmError(f"--{side} must be a multiple of {factor} for this model (got {value})")
+
+
+def generators_for(group: list[Settings]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(s.seed) for s in group]
+
+
+def encode_prompts(model, group: list[Settings]):
+    """(positive, negative) conditioning; no negative pass at cfg 1."""
+    s = group[0]
+    positive = model.family.encode(model, [g.prompt for g in group], s.width, s.height, False)
+    negative = None
+    if sampling.uses_negative(s.cfg):
+        negative = model.family.encode(model, [g.negative for g in group], s.width, s.height, True)
+    return positive, negative
+
+
+def make_scheduler(model, group: list[Settings]):
+    s = group[0]
+    scheduler = schedulers.build(s.scheduler, s.schedule, model.scheduler_config, [g.seed for g in group])
+    scheduler.set_timesteps(s.steps, device=model.device)
+    return scheduler
+
+
+def initial_noise(model, group: list[Settings], generators: list[torch.Generator]) -> torch.Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    s, f = group[0], model.vae_scale_factor
+    shape = (len(group), model.latent_channels, s.height // f, s.width // f)
+    return randn_tensor(shape, generator=generators, device=model.device, dtype=model.dtype)
+
+
+def text_to_image(model, group: list[Settings], on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+    # 1. check inputs
+    check_inputs(model, group)
+    # 2. encode the prompts
+    positive, negative = encode_prompts(model, group)
+    # 3. timesteps
+    scheduler = make_scheduler(model, group)
+    # 4. latents
+    generators = generators_for(group)
+    latents = initial_noise(model, group, generators) * scheduler.init_noise_sigma
+    # 5. denoise
+    latents = sampling.denoise(model, scheduler, latents, positive, negative, group[0].cfg,
+                               generators, scheduler.timesteps, on_step=on_step)
+    # 6. decode
+    return vae.decode(model, latents)

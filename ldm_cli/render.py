@@ -1,0 +1,69 @@
+"""From resolved settings to saved PNGs: batching, saving with metadata, reporting results."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Callable, Iterator
+
+from PIL import Image
+
+from ldm_cli import __version__, images
+from ldm_cli.errors import LdmError
+from ldm_cli.settings import Settings
+
+METADATA_KEY = "ldm"  # our own chunk: the settings as JSON, for an exact --from-png
+
+
+@dataclass
+class Result:
+    path: Path
+    settings: Settings
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), **self.settings.to_dict()}
+
+
+def metadata(settings: Settings) -> dict[str, str]:
+    return {"parameters": settings.to_infotext(__version__), METADATA_KEY: settings.to_json()}
+
+
+def save(image: Image.Image, settings: Settings, folder: Path) -> Result:
+    return Result(images.save_png(image, folder, str(settings.seed), metadata(settings)), settings)
+
+
+def settings_from_png(path: Path) -> Settings:
+    """The settings an image was made with: ours exactly, or parsed from A1111's text."""
+    chunks = images.read_text_chunks(path)
+    if METADATA_KEY in chunks:
+        try:
+            return Settings.from_dict(json.loads(chunks[METADATA_KEY]))
+        except ValueError:
+            pass  # fall back to the A1111 text
+    if "parameters" not in chunks:
+        raise LdmError(f"{str(path)!r} has no generation parameters (no A1111 'parameters' text chunk)")
+    return Settings.from_infotext(chunks["parameters"])
+
+
+def per_image(base: Settings, count: int) -> list[Settings]:
+    """Image i of a run uses seed + i."""
+    return [base.merged(seed=base.seed + i) for i in range(count)]
+
+
+def batches(jobs: list[Settings], batch_size: int, key: Callable[[Settings], tuple]) -> Iterator[list[Settings]]:
+    """Consecutive jobs that can share a denoiser batch, at most batch_size at a time."""
+    for _, run in groupby(jobs, key=key):
+        run = list(run)
+        for i in range(0, len(run), batch_size):
+            yield run[i:i + batch_size]
+
+
+def render(model, jobs: list[Settings], batch_size: int, folder: Path, progress) -> Iterator[Result]:
+    from ldm_cli import pipeline
+
+    for group in batches(jobs, batch_size, pipeline.batch_key):
+        pictures = pipeline.text_to_image(model, group, on_step=progress.step)
+        for picture, settings in zip(pictures, group):
+            yield save(picture, settings, folder)
+        progress.image_done(len(group))

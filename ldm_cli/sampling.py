@@ -1,0 +1,54 @@
+"""The one denoising loop, for every mode and family.
+
+Classifier-free guidance runs the negative and positive halves in one denoiser call and mixes
+them as eps = eps_neg + cfg * (eps_pos - eps_neg); at cfg 1 that is eps_pos, so the negative half
+is skipped. img2img enters with fewer timesteps and noised image latents; inpainting adds input
+channels (dedicated 9-channel models) or blends the known region back after each step.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+
+from ldm_cli.families import Cond
+
+# (latents after step i, i) -> latents; used by inpainting with an ordinary model
+Blend = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def uses_negative(cfg: float) -> bool:
+    return cfg != 1
+
+
+def _stack(negative: Cond, positive: Cond) -> Cond:
+    return {k: torch.cat([negative[k], positive[k]]) for k in positive}
+
+
+def denoise(model, scheduler, latents: torch.Tensor, positive: Cond, negative: Cond | None,
+            cfg: float, generators: list[torch.Generator], timesteps: torch.Tensor, *,
+            extra_input: torch.Tensor | None = None, blend: Blend | None = None,
+            on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """Run `timesteps` of `scheduler` from `latents`; returns the final latents."""
+    guided = uses_negative(cfg)
+    cond = _stack(negative, positive) if guided else positive
+    if extra_input is not None and guided:
+        extra_input = torch.cat([extra_input] * 2)
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for i, t in enumerate(timesteps):
+        x = torch.cat([latents] * 2) if guided else latents
+        x = scheduler.scale_model_input(x, t)
+        if extra_input is not None:
+            x = torch.cat([x, extra_input], dim=1)
+        with torch.inference_mode():
+            out = model.family.predict(model, x, t, cond)
+        if guided:
+            out_neg, out_pos = out.chunk(2)
+            out = out_neg + cfg * (out_pos - out_neg)
+        latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+        if blend is not None:
+            latents = blend(latents, i)
+        if on_step is not None:
+            on_step()
+    return latents

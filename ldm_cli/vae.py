@@ -1,0 +1,70 @@
+"""Pixels <-> latents through the model's VAE, scaled by the VAE's own config.
+
+Latents are (z - shift_factor) * scaling_factor: 0.18215 for SD1/SD2, 0.13025 for SDXL, whatever
+the config says for the built-in model. Nothing here hard-codes a number.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _factors(vae) -> tuple[float, float]:
+    return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+
+
+@contextlib.contextmanager
+def _running_in(vae, dtype: torch.dtype):
+    """Temporarily cast the VAE (fp16 VAEs that overflow are run in fp32)."""
+    original = vae.dtype
+    if dtype != original:
+        vae.to(dtype)
+    try:
+        yield
+    finally:
+        if dtype != original:
+            vae.to(original)
+
+
+def _decode_in(vae, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with _running_in(vae, dtype), torch.inference_mode():
+        return vae.decode(z.to(dtype), return_dict=False)[0]
+
+
+def decode(model, latents: torch.Tensor) -> list[Image.Image]:
+    vae = model.vae
+    scaling, shift = _factors(vae)
+    z = latents / scaling + shift
+    dtype = torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
+    pixels = _decode_in(vae, z, dtype)
+    if dtype != torch.float32 and not torch.isfinite(pixels).all():
+        pixels = _decode_in(vae, z, torch.float32)  # a NaN would be saved as a black image
+    return to_pil(pixels)
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] NCHW -> 8-bit RGB images, rounding as diffusers' image processor does."""
+    arr = (pixels / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+    return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """8-bit RGB images -> [-1, 1] NCHW float32."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) * 2 - 1
+
+
+def encode(model, pixels: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Encode [-1, 1] pixels; samples the latent distribution with `generators` (None: its mode)."""
+    vae = model.vae
+    scaling, shift = _factors(vae)
+    dtype = torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
+    with _running_in(vae, dtype), torch.inference_mode():
+        dist = vae.encode(pixels.to(vae.device, dtype), return_dict=False)[0]
+        # diffusers draws one sample per generator, image by image, as its pipelines do
+        z = dist.mode() if generators is None else dist.sample(generators)
+    return ((z - shift) * scaling).to(model.dtype)
+

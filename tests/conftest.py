@@ -1,0 +1,51 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ldm-cache"))
+
+
+def _built(tmp_path_factory, name, make):
+    from tests import tiny_models
+
+    folder = tmp_path_factory.getbasetemp() / "models" / name
+    if not (folder / "model_index.json").exists():
+        tiny_models.save(make(), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-sd1", lambda: tiny_models.sd_pipeline("sd1"))
+
+
+@pytest.fixture(scope="session")
+def sd2_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-sd2-v", lambda: tiny_models.sd_pipeline("sd2"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-sdxl", tiny_models.sdxl_pipeline)
+
+
+@pytest.fixture(scope="session")
+def sd1_inpaint_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-sd1-inpaint", lambda: tiny_models.sd_pipeline("sd1", inpainting=True))
