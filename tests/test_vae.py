@@ -1,0 +1,83 @@
+"""Latent scaling comes from the VAE config; a decode that overflows is retried in fp32."""
+import pytest
+import torch
+
+from ldm_cli import device as devices
+from ldm_cli import loading, vae
+
+
+@pytest.fixture
+def model(sd1_folder):
+    return loading.load(str(sd1_folder))
+
+
+def spy_decode(model, monkeypatch, poison_dtype=None):
+    seen = []
+    real = model.vae.decode
+
+    def decode(z, return_dict=True):
+        seen.append((z.clone(), model.vae.dtype))
+        out = real(z, return_dict=return_dict)
+        if model.vae.dtype == poison_dtype:
+            out[0][:] = float("nan")
+        return out
+
+    monkeypatch.setattr(model.vae, "decode", decode)
+    return seen
+
+
+@pytest.mark.parametrize("scaling, shift", [(0.18215, None), (0.13025, None), (1.5305, 0.0609)])
+def test_latents_are_scaled_by_the_vae_config(model, monkeypatch, scaling, shift):
+    model.vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
+    seen = spy_decode(model, monkeypatch)
+    latents = torch.randn(1, 4, 8, 8)
+    vae.decode(model, latents)
+    assert torch.allclose(seen[0][0], latents / scaling + (shift or 0.0))
+
+
+def test_encode_inverts_the_scaling(model):
+    model.vae.register_to_config(scaling_factor=0.5, shift_factor=0.25)
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    z = vae.encode(model, pixels, None)
+    raw = model.vae.encode(pixels).latent_dist.mode()
+    assert torch.allclose(z, (raw - 0.25) * 0.5, atol=1e-5)
+
+
+def test_non_finite_decode_is_retried_in_fp32(model, monkeypatch):
+    model.vae.to(torch.bfloat16)
+    model.vae.register_to_config(force_upcast=False)
+    seen = spy_decode(model, monkeypatch, poison_dtype=torch.bfloat16)
+    [image] = vae.decode(model, torch.randn(1, 4, 8, 8, dtype=torch.bfloat16))
+    assert [d for _, d in seen] == [torch.bfloat16, torch.float32]
+    assert model.vae.dtype == torch.bfloat16  # put back after the retry
+    assert image.getextrema() != ((0, 0), (0, 0), (0, 0))
+
+
+def test_force_upcast_decodes_half_vaes_in_fp32(model, monkeypatch):
+    model.vae.to(torch.float16)
+    seen = spy_decode(model, monkeypatch)
+    vae.decode(model, torch.randn(1, 4, 8, 8, dtype=torch.float16))
+    assert [d for _, d in seen] == [torch.float32]
+
+
+def test_dtype_defaults():
+    assert devices.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert devices.pick_dtype("auto", torch.device("cuda")) == torch.float16
+    assert devices.pick_dtype("auto", torch.device("cuda"), "bf16") == torch.bfloat16
+    assert devices.pick_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_matches_cpu_fp32(sd1_folder):
+    import numpy as np
+
+    from ldm_cli import pipeline
+    from ldm_cli.loading import LoadOptions
+    from ldm_cli.settings import Settings
+
+    images = []
+    for dev in ("cpu", "cuda"):
+        m = loading.load(str(sd1_folder), LoadOptions(device=dev))
+        s = Settings(prompt="a fox", steps=4, cfg=7.0, seed=1, scheduler="euler_a").resolve({}, m.native_size)
+        images.append(np.asarray(pipeline.text_to_image(m, [s])[0]).astype(int))
+    assert np.abs(images[0] - images[1]).mean() < 3  # same noise from CPU generators, fp16 rounding only
