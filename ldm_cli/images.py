@@ -1,9 +1,12 @@
 """Writing PNGs safely: metadata in, never overwrite, never leave half a file."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
+import uuid
+import time
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -35,6 +38,22 @@ def png_info(text_chunks: dict[str, str]) -> PngImagePlugin.PngInfo:
     return info
 
 
+def _write_temporary(image: Image.Image, folder: Path, text_chunks: dict[str, str]) -> str:
+    """The PNG, complete and synced, under a hidden name in `folder`; the caller moves it into place."""
+    # os.open honours the umask, so the PNG gets the user's usual permissions (mkstemp's are 0600)
+    tmp = str(folder / f".ldm-{uuid.uuid4().hex}.png.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=png_info(text_chunks))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
 def save_png(image: Image.Image, folder: Path, stem: str, text_chunks: dict[str, str]) -> Path:
     """Save as `NNNNN-<stem>.png`, numbered after what the folder holds.
 
@@ -42,12 +61,8 @@ def save_png(image: Image.Image, folder: Path, stem: str, text_chunks: dict[str,
     a link never replaces an existing file, so two runs sharing a folder cannot overwrite each
     other, and an interrupted run leaves no partial PNG under a real name.
     """
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ldm-", suffix=".png.part")
+    tmp = _write_temporary(image, folder, text_chunks)
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=png_info(text_chunks))
-            f.flush()
-            os.fsync(f.fileno())
         number = _next_number(folder)
         while True:
             final = folder / f"{number:05d}-{stem}.png"
@@ -70,3 +85,64 @@ def read_text_chunks(path: Path) -> dict[str, str]:
         raise LdmError(f"no such file: {str(path)!r}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise LdmError(f"{str(path)!r} is not a readable image ({e})") from None
+
+
+def load_image(path: Path, mode: str = "RGB") -> Image.Image:
+    """The image at `path`, fully read, in `mode`; a clear error for a missing, unreadable or non-image file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode)
+    except FileNotFoundError:
+        raise LdmError(f"no such file: {str(path)!r}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise LdmError(f"{str(path)!r} is not a readable image ({e})") from None
+
+
+def multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) rounded down to multiples of 8 (at least 8), the sizes latent models take."""
+    return tuple(max(8, side - side % 8) for side in size)
+
+
+def resized(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` at width x height (Lanczos, as diffusers' image processor resizes); itself if already so."""
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+STALE_AFTER_S = 60  # a PNG takes well under a second to write; an older temporary was orphaned
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove save_png's temporary files left by a killed process (SIGKILL skips its cleanup)."""
+    for path in folder.glob(".ldm-*.png.part"):
+        try:
+            if time.time() - path.stat().st_mtime > STALE_AFTER_S:
+                path.unlink()
+        except FileNotFoundError:
+            pass  # its writer finished meanwhile
+
+
+def grid(pictures: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """A contact sheet: the pictures in rows, `columns` wide (default: about square), each in a
+    cell the size of the largest."""
+    columns = columns or math.ceil(math.sqrt(len(pictures)))
+    rows = math.ceil(len(pictures) / columns)
+    cell_w, cell_h = max(p.width for p in pictures), max(p.height for p in pictures)
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    for i, picture in enumerate(pictures):
+        sheet.paste(picture.convert("RGB"), ((i % columns) * cell_w, (i // columns) * cell_h))
+    return sheet
+
+
+def replace_png(image: Image.Image, path: Path, text_chunks: dict[str, str]) -> Path:
+    """Write `path` whole or not at all (a temporary file renamed over it), replacing what was there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _write_temporary(image, path.parent, text_chunks)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

@@ -6,7 +6,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread: tiny models gain nothing from more, and subprocess tests must not oversubscribe
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -49,3 +50,10 @@ def sd1_inpaint_folder(tmp_path_factory):
     from tests import tiny_models
 
     return _built(tmp_path_factory, "tiny-sd1-inpaint", lambda: tiny_models.sd_pipeline("sd1", inpainting=True))
+
+
+@pytest.fixture(scope="session")
+def sdxl_inpaint_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-sdxl-inpaint", lambda: tiny_models.sdxl_pipeline(inpainting=True))

@@ -1,0 +1,304 @@
+"""`ldm batch`: render every image of a prompts file, resumably, in one or many processes.
+
+The file's images are listed in one order that every process computes alike (grouped by model,
+so each model loads once per process). Images the manifest already holds are dropped; of the
+rest, process r of n renders every n-th one from r. Within a process, images that can share a
+denoiser batch (same mode, size, steps, cfg, scheduler, strength) are rendered together, up to
+--batch-size, whatever their lines. Each image is saved (atomically) and then recorded in the
+manifest before the next batch starts; the main process merges the manifest parts and draws the
+contact sheets once every process is done.
+
+Run alone it is one process. Under `accelerate launch` (or torchrun) accelerate's PartialState
+says which process this is; it is only asked for the process index and count and a barrier.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import lru_cache
+from itertools import groupby
+from pathlib import Path
+from typing import Callable, Iterator
+
+from PIL import Image
+
+from ldm_cli import images, render
+from ldm_cli.manifest import Manifest
+from ldm_cli.prompts_file import Job
+from ldm_cli.settings import Settings
+
+# The main process waits at the end for the slowest process, which may take hours; the default
+# 30-minute barrier timeout would kill a long run.
+BARRIER_TIMEOUT = timedelta(days=30)
+GRID_KEY = "ldm-grid"  # a contact sheet's text chunk: the images it shows, to know when it is stale
+
+
+@dataclass(frozen=True)
+class Task:
+    """Image `index` of the job on line `job.line`, made with `settings` (seed + index)."""
+    job: Job
+    index: int
+    settings: Settings
+
+    def identity(self, settings: Settings | None = None) -> dict:
+        """What makes this image: a manifest record agreeing with it means the image is done.
+        Before a model loads it holds what the file and the flags say (a record made with the
+        model's defaults agrees with it); with the resolved `settings`, every setting."""
+        paths = {k: str(v) for k, v in (("init_image", self.job.init_image), ("mask", self.job.mask)) if v}
+        return {"line": self.job.line, "index": self.index, **(settings or self.settings).to_dict(), **paths}
+
+
+def tasks(jobs: list[Job]) -> list[Task]:
+    """Every image of the file, grouped by model, models in the order the file first names them."""
+    every = [Task(job, i, s) for job in jobs for i, s in enumerate(render.per_image(job_settings(job), job.count))]
+    return neighbours(every, key=lambda t: t.settings.model)
+
+
+def neighbours(items: list, key: Callable) -> list:
+    """`items` with equal keys made neighbours: groups in the order their keys first appear,
+    items in their own order within."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return [item for group in groups.values() for item in group]
+
+
+def job_settings(job: Job) -> Settings:
+    """An img2img or inpaint job's settings completed before any model loads: the mode's
+    defaults, the init image's hash, and the image's own size unless a size is given."""
+    if job.mode == "txt2img":
+        return job.settings
+    from ldm_cli import img2img, inpaint
+
+    s = (inpaint if job.mode == "inpaint" else img2img).with_defaults(job.settings)
+    s = s.merged(init_image_hash=init_image_hash(job.init_image))
+    if not s.only_masked:  # --only-masked renders at the model's size and pastes back
+        with Image.open(job.init_image) as im:
+            width, height = images.multiple_of_8(im.size)
+        s = s.merged(width=s.width or width, height=s.height or height)
+    return s
+
+
+def init_image_hash(path: Path) -> str:
+    stat = path.stat()
+    return _hash(path, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)  # keyed by size and time too: a file rewritten in place is hashed again
+def _hash(path: Path, size: int, mtime_ns: int) -> str:
+    from ldm_cli import hashing
+
+    return hashing.sha256_file(path)[:10]  # A1111's short form, as `ldm img2img` records it
+
+
+def run(jobs: list[Job], options, grid_name: str | None = None) -> Iterator[render.Result]:
+    """Render the images of `jobs` that options.out's manifest does not hold; yields each as
+    it is saved. `grid_name`: also write a contact sheet per line, named after it."""
+    state = distributed_state(options.load.device)
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    if main:
+        prepare(options.out, world)
+    manifest = Manifest(options.out, rank, world)
+    every = tasks(jobs)
+    todo = [t for t in every if manifest.find(t.identity()) is None]
+    state.wait_for_everyone()  # every process has read the manifest before any adds to it
+    if main:
+        say(options, f"{len(every)} images from {len(jobs)} lines: {len(every) - len(todo)} already in "
+                     f"{options.out}, {len(todo)} to render" + (f" by {world} processes" if world > 1 else ""))
+    with FileProgress(len(every), len(every) - len(todo), manifest, options.quiet or not main) as progress, \
+            stop_signals_interrupt():
+        for source, group in groupby(todo[rank::world], key=lambda t: t.settings.model):
+            yield from render_model(source, list(group), manifest, options, progress)
+    state.wait_for_everyone()
+    if main:
+        say(options, f"manifest: {manifest.merge()}")
+        if grid_name:
+            write_grids(jobs, Manifest(options.out), options.out, grid_name)
+
+
+def prepare(folder: Path, world: int) -> None:
+    images.remove_stale_temporaries(folder)
+    if world == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        # `accelerate launch --cpu --num_processes N` without an MPI setup starts one process
+        print("ldm batch: warning: the launcher started this process only; for several CPU processes use "
+              "`accelerate launch --multi_gpu --num_processes N -m ldm_cli batch ... --device cpu`", file=sys.stderr)
+
+
+def distributed_state(device: str):
+    """accelerate's view of the launch: this process's index, the number of processes (1 when
+    not launched), and a barrier. On CPUs the processes talk over gloo."""
+    import torch
+    from accelerate import PartialState
+
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+
+
+def say(options, message: str) -> None:
+    if not options.quiet:
+        print(f"ldm batch: {message}", file=sys.stderr, flush=True)
+
+
+def render_model(source: str | None, group: list[Task], manifest: Manifest, options,
+                 progress: FileProgress) -> Iterator[render.Result]:
+    """Load one model and render `group`, which all use it, in shared batches."""
+    from ldm_cli import commands, loading
+
+    model = loading.load(source, options.load)
+    todo = [(task, commands.resolved(task.settings, model)) for task in group]
+    for batch in render.batches(neighbours(todo, batch_key), options.batch_size, key=batch_key):
+        steps = steps_run(batch[0][0].job, batch[0][1])
+        pictures = draw(model, batch, progress.batch(len(batch), steps))
+        for picture, (task, settings) in zip(pictures, batch):
+            with signals_held():  # an image saved is an image recorded
+                result = render.save(picture, settings, options.out)
+                manifest.add({"path": result.path.name, **task.identity(settings)})
+            yield result
+        progress.batch_done()
+
+
+def batch_key(item: tuple[Task, Settings]) -> tuple:
+    from ldm_cli import pipeline
+
+    return (item[0].job.mode, pipeline.batch_key(item[1]))
+
+
+def steps_run(job: Job, s: Settings) -> int:
+    if job.mode == "txt2img":
+        return s.steps
+    from ldm_cli import img2img
+
+    return img2img.steps_run(s)
+
+
+def draw(model, batch: list[tuple[Task, Settings]], on_step: Callable[[], None]) -> list[Image.Image]:
+    from ldm_cli import img2img, inpaint, pipeline
+
+    group = [settings for _, settings in batch]
+    jobs = [task.job for task, _ in batch]
+    if jobs[0].mode == "txt2img":
+        return pipeline.text_to_image(model, group, on_step)
+    inits = read_once([job.init_image for job in jobs], "RGB")
+    if jobs[0].mode == "img2img":
+        return img2img.image_to_image(model, group, inits, on_step)
+    return inpaint.inpaint(model, group, inits, read_once([job.mask for job in jobs], "L"), on_step)
+
+
+def read_once(paths: list[Path], mode: str) -> list[Image.Image]:
+    """The images at `paths`, each file read once (a line's images share theirs)."""
+    read = {path: images.load_image(path, mode) for path in dict.fromkeys(paths)}
+    return [read[path] for path in paths]
+
+
+class FileProgress:
+    """One bar over every image of the file: images done, rate, time left. Images finished by
+    any process are counted from the manifest files; the batch being denoised moves the bar by
+    steps. Only the main process draws it."""
+
+    def __init__(self, total: int, done: int, manifest: Manifest, quiet: bool):
+        from tqdm import tqdm
+
+        self.manifest, self.finished, self.partial = manifest, done, 0.0
+        self.done_before = done
+        self.bar = tqdm(total=total, initial=done, unit="img", file=sys.stderr, disable=quiet, delay=1.0,
+                        dynamic_ncols=True, leave=False,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} images [{elapsed}<{remaining}, {rate_fmt}]")
+
+    def batch(self, images: int, steps: int) -> Callable[[], None]:
+        """The step callback for a batch of `images`, each taking `steps` steps."""
+        share = images / max(steps, 1)
+
+        def on_step() -> None:
+            self.partial = min(self.partial + share, images - 0.5)
+            self._show()
+        return on_step
+
+    def batch_done(self) -> None:
+        if self.bar.disable:
+            return  # the other processes' manifest files are read for the bar only
+        self.partial = 0.0
+        self.finished = self.done_before + self.manifest.count_new()
+        self._show()
+
+    def _show(self) -> None:
+        self.bar.update(self.finished + self.partial - self.bar.n)
+
+    def __enter__(self) -> FileProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+# -- stopping cleanly ----------------------------------------------------------------------------
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # signal handlers live there only
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, or a launcher stopping its workers) stops the run the way Ctrl-C does,
+    so the temporary file of an image being written is removed."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C or SIGTERM while an image is saved and recorded takes effect just after, so no
+    saved image is left out of the manifest."""
+    if not _in_main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda n, f: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            raise KeyboardInterrupt
+
+
+# -- contact sheets -----------------------------------------------------------------------------
+def write_grids(jobs: list[Job], manifest: Manifest, folder: Path, name: str) -> None:
+    """A contact sheet per line of two or more images, in `folder`/grids; rewritten only when the
+    images it shows changed."""
+    for job in (j for j in jobs if j.count > 1):
+        records = [manifest.find(Task(job, i, s).identity())
+                   for i, s in enumerate(render.per_image(job_settings(job), job.count))]
+        if None in records:
+            continue
+        paths = [r["path"] for r in records]
+        target = folder / "grids" / f"{name}-{job.line:05d}.png"
+        if grid_sources(target) == paths:
+            continue
+        sheet = images.grid([images.load_image(folder / p) for p in paths])
+        chunks = {"parameters": render.metadata(Settings.from_dict(records[0]))["parameters"],
+                  GRID_KEY: json.dumps(paths)}
+        images.replace_png(sheet, target, chunks)
+
+
+def grid_sources(path: Path) -> list[str] | None:
+    try:
+        with Image.open(path) as im:
+            return json.loads(im.info.get(GRID_KEY, "null"))
+    except (OSError, ValueError):
+        return None

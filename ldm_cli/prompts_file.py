@@ -1,0 +1,276 @@
+"""Prompts files for `ldm batch`: plain prompt lines, A1111 "prompts from file" lines, and JSONL.
+
+A line is a job: a plain line is the prompt; a line starting with `--` holds options in A1111's
+syntax (split like a shell line, values typed as A1111 types them); a `.jsonl` file holds one
+JSON object per line with the same keys. Empty lines and lines starting with `#` are skipped.
+
+The whole file is read and checked before any model loads. Every bad line is reported with its
+number and the reason. A line that does not parse is an error, never a prompt: A1111 falls back
+to rendering the broken line as a prompt, which silently makes the wrong picture.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldm_cli.errors import LdmError
+from ldm_cli.settings import MAX_SEED, Settings
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: type  # str, int, float or bool
+    field: str | None  # the Settings field it sets; None for keys that describe the job itself
+
+
+KEYS: dict[str, Key] = {
+    # A1111's keys
+    "prompt": Key(str, "prompt"), "negative_prompt": Key(str, "negative"), "steps": Key(int, "steps"),
+    "cfg_scale": Key(float, "cfg"), "seed": Key(int, "seed"), "width": Key(int, "width"),
+    "height": Key(int, "height"), "sampler_name": Key(str, "scheduler"),
+    "batch_size": Key(int, None), "n_iter": Key(int, None),
+    # ldm's own
+    "scheduler": Key(str, "scheduler"), "schedule": Key(str, "schedule"), "model": Key(str, "model"),
+    "init_image": Key(str, None), "strength": Key(float, "strength"), "mask": Key(str, None),
+    "mask_blur": Key(int, "mask_blur"), "only_masked": Key(bool, "only_masked"), "padding": Key(int, "padding"),
+}
+# A1111 accepts these too; ldm has nothing to map them to, so the error names them as such.
+A1111_ONLY = {"sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "styles", "subseed",
+              "subseed_strength", "seed_resize_from_h", "seed_resize_from_w", "sampler_index",
+              "restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid"}
+FREE_TEXT = ("prompt", "negative_prompt")  # A1111 joins the unquoted words that follow these
+IMAGE_ONLY = ("strength", "mask", "mask_blur", "only_masked", "padding")
+MASK_ONLY = ("mask_blur", "only_masked", "padding")
+RANDOM_SEED = -1  # A1111's "random seed"
+KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+_MISPLACED_OPTION = re.compile(r"(?:^|\s)--[A-Za-z]")
+
+
+@dataclass
+class Job:
+    """One line of the file: the settings of its first image and how many images it makes
+    (image i uses seed + i). Paths are absolute; relative ones are read from the file's folder."""
+    line: int
+    settings: Settings
+    count: int = 1
+    init_image: Path | None = None
+    mask: Path | None = None
+
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.mask else "img2img" if self.init_image else "txt2img"
+
+
+def read(path: Path, defaults: Settings, count: int = 1) -> list[Job]:
+    """Every job of the file, with `defaults` under each line's own values; raises one LdmError
+    naming every bad line when any line is bad."""
+    values_of = json_values if path.suffix.lower() == ".jsonl" else line_values
+    jobs, errors = [], []
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line or line.startswith("#"):
+            continue
+        try:
+            jobs.append(make_job(number, line, values_of(line), defaults, count, path.parent))
+        except LdmError as e:
+            errors.append(f"{path}:{number}: {e}")
+    if errors:
+        raise LdmError(f"{len(errors)} bad line{'s' * (len(errors) > 1)} in {path}; nothing was rendered\n" + "\n".join(errors))
+    if not jobs:
+        raise LdmError(f"{str(path)!r} holds no prompts (every line is empty or a # comment)")
+    return jobs
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LdmError(f"no such prompts file: {str(path)!r}") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise LdmError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8") from None
+    except OSError as e:
+        raise LdmError(f"cannot read {str(path)!r} ({e.strerror or e})") from None
+    return [line.strip() for line in text.split("\n")]  # numbered as editors number them
+
+
+# -- one line -> {key: typed value} ------------------------------------------------------------
+def line_values(line: str) -> dict[str, Any]:
+    """A plain prompt, or A1111 options: `--prompt "a fox" --steps 20 ...`."""
+    if not line.startswith("--"):
+        if _MISPLACED_OPTION.search(line):
+            raise LdmError('options must start the line, as in --prompt "a fox" --steps 20 '
+                           "(a line without options is taken whole as the prompt)")
+        return {"prompt": line}
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise LdmError(f"cannot split the line into options ({e}); check its quotes") from None
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(words):
+        name = option_name(words[i])
+        n = _value_words(words, i + 1, name)
+        _put(values, name, from_text(name, " ".join(words[i + 1:i + 1 + n])))
+        i += 1 + n
+    return values
+
+
+def option_name(word: str) -> str:
+    if not word.startswith("--"):
+        raise LdmError(f"unexpected {word!r}: values with spaces need quotes, and every option starts with --")
+    return known_key(word[2:], "--")
+
+
+def _value_words(words: list[str], start: int, name: str) -> int:
+    """How many words the value of `name` takes: one, or every word up to the next option for a prompt."""
+    end = start
+    while end < len(words) and not words[end].startswith("--") and (end == start or name in FREE_TEXT):
+        end += 1
+    if end == start:
+        raise LdmError(f"--{name} needs a value")
+    return end - start
+
+
+def json_values(line: str) -> dict[str, Any]:
+    try:
+        data = json.loads(line)
+    except ValueError as e:
+        raise LdmError(f"not valid JSON ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')})") from None
+    if not isinstance(data, dict):
+        raise LdmError('each line must be one JSON object, such as {"prompt": "a fox", "steps": 20}')
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        name = known_key(name, "")
+        if value is not None:  # null: not given
+            values[name] = checked_json(name, value)
+    return values
+
+
+def known_key(name: str, prefix: str) -> str:
+    if name in KEYS:
+        return name
+    if name in A1111_ONLY:
+        raise LdmError(f"{prefix}{name} is an A1111 option ldm does not support; remove it")
+    close = [k for k in KEYS if name and k.startswith(name)] or difflib.get_close_matches(name, KEYS, n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known: {', '.join(prefix + k for k in KEYS)}"
+    raise LdmError(f"unknown option {prefix}{name}{hint}")
+
+
+def from_text(name: str, text: str) -> Any:
+    kind = KEYS[name].kind
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise LdmError(f"--{name} takes true or false (got {text!r})")
+        return text.lower() == "true"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise LdmError(f"--{name} takes {KIND_WORDS[kind]} (got {text!r})") from None
+    if kind is float and not math.isfinite(value):
+        raise LdmError(f"--{name} takes a finite number (got {text!r})")
+    return value
+
+
+def checked_json(name: str, value: Any) -> Any:
+    kind = KEYS[name].kind
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise LdmError(f'"{name}" takes {KIND_WORDS[kind]} (got {json.dumps(value)})')
+    return float(value) if kind is float else value
+
+
+def _put(values: dict[str, Any], name: str, value: Any) -> None:
+    if name in values:
+        raise LdmError(f"--{name} is given twice")
+    values[name] = value
+
+
+# -- {key: value} -> Job -----------------------------------------------------------------------
+def make_job(number: int, line: str, values: dict[str, Any], defaults: Settings, count: int, folder: Path) -> Job:
+    check_keys(values)
+    given = {KEYS[k].field: v for k, v in values.items() if KEYS[k].field}
+    if "model" in given:
+        given["model"] = str(existing(given["model"], folder, "model"))
+    settings = defaults.merged(**given)
+    if given.get("seed") == RANDOM_SEED:
+        settings.seed = None
+    settings.validate()
+    count = image_count(values, count)
+    if settings.seed is None:
+        settings.seed = derived_seed(number, line, count)
+    elif settings.seed + count - 1 > MAX_SEED:
+        raise LdmError(f"--seed {settings.seed} leaves no room for {count} images (image i uses seed + i; the largest seed is {MAX_SEED})")
+    init = image_file(values["init_image"], folder, "init_image") if "init_image" in values else None
+    mask = image_file(values["mask"], folder, "mask") if "mask" in values else None
+    if mask:
+        check_mask(mask, init)
+    return Job(number, settings, count, init, mask)
+
+
+def check_keys(values: dict[str, Any]) -> None:
+    if "prompt" not in values:
+        raise LdmError("no --prompt on this line")
+    if "sampler_name" in values and "scheduler" in values:
+        raise LdmError("give --sampler_name or --scheduler, not both")
+    if "init_image" not in values and (given := [k for k in IMAGE_ONLY if k in values]):
+        raise LdmError(f"--{given[0]} applies to img2img and inpaint lines; add --init_image")
+    if "mask" not in values and (given := [k for k in MASK_ONLY if k in values]):
+        raise LdmError(f"--{given[0]} applies to inpaint lines; add --mask")
+    for key in ("batch_size", "n_iter"):
+        if values.get(key, 1) < 1:
+            raise LdmError(f"--{key} must be at least 1 (got {values[key]})")
+
+
+def image_count(values: dict[str, Any], default: int) -> int:
+    """A1111's batch_size x n_iter when the line gives either, else the command's --num-images."""
+    if "batch_size" in values or "n_iter" in values:
+        return values.get("batch_size", 1) * values.get("n_iter", 1)
+    return default
+
+
+def derived_seed(number: int, line: str, count: int) -> int:
+    """The seed of a line that names none: drawn from its number and text, so it is the same in
+    every run and in every process of a shared run (which is what resuming and sharding need),
+    and differs between lines, repeated lines included."""
+    digest = hashlib.sha256(f"{number}\n{line}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (MAX_SEED + 2 - count)
+
+
+def existing(text: str, folder: Path, name: str) -> Path:
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else folder.absolute() / path
+    if not path.exists():
+        raise LdmError(f"--{name}: no such file or folder {str(path)!r} (relative paths start at the prompts file's folder)")
+    return path
+
+
+def image_file(text: str, folder: Path, name: str) -> Path:
+    from PIL import Image, UnidentifiedImageError
+
+    path = existing(text, folder, name)
+    try:
+        with Image.open(path):
+            pass  # the header only: enough to know it is an image, cheap for long files
+    except (UnidentifiedImageError, OSError) as e:
+        raise LdmError(f"--{name}: {str(path)!r} is not a readable image ({e})") from None
+    return path
+
+
+def check_mask(mask: Path, init: Path) -> None:
+    """The inpaint command's own check (the image's shape, something white), done up front."""
+    from PIL import Image
+
+    from ldm_cli import images, inpaint
+
+    with Image.open(init) as im:
+        size = im.size
+    inpaint.check_mask(images.load_image(mask, "L"), size, f"--mask {str(mask)!r}")
