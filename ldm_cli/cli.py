@@ -109,7 +109,7 @@ def generate(
 @app.command()
 def info(
     path: Annotated[Path, typer.Argument(help="A PNG made by ldm or A1111, or a checkpoint.")],
-    as_json: AsJson = False,
+    as_json: AsJson = False, config: Config = None, allow_pickle: AllowPickle = False,
 ) -> None:
     """Show how an image was made, or what a checkpoint holds."""
     from ldm_cli import commands
@@ -118,7 +118,7 @@ def info(
         data = commands.png_info(path)
         print(json.dumps(data, ensure_ascii=False, indent=2) if as_json else data["parameters"])
         return
-    data = commands.checkpoint_info(path)
+    data = commands.checkpoint_info(path, config, allow_pickle)
     if as_json:
         print(json.dumps(data, indent=2))
     else:
@@ -146,6 +146,120 @@ def _supports(name: str, schedule: str) -> bool:
         return True
     except LdmError:
         return False
+
+
+# Options of the commands that start from an image.
+InitImage = Annotated[Path, typer.Argument(help="The starting image.")]
+ImagePrompt = Annotated[Optional[str], typer.Argument(help="What to draw.")]
+Strength = Annotated[Optional[float], typer.Option(help="How much to change: 0 keeps the image, 1 paints afresh [default: 0.75 for img2img, 1 for inpaint and outpaint].")]
+MaskBlur = Annotated[Optional[int], typer.Option(min=0, help="Blur of the mask's edge in pixels, blending new and kept [default: 4].")]
+OnlyMasked = Annotated[bool, typer.Option("--only-masked", help="Render only the mask's surroundings, at the model's size, and paste them back.")]
+Padding = Annotated[Optional[int], typer.Option(min=0, help="Pixels of context around the mask with --only-masked [default: 32].")]
+Margin = Annotated[int, typer.Option(min=0, help="Pixels to add on this side.")]
+FromPng = Annotated[Optional[Path], typer.Option("--from-png", help="Re-run an image's recorded settings; flags override them.")]
+
+
+def image_settings(from_png: Optional[Path], **flags):
+    """The settings of --from-png with the given flags on top (an unset --only-masked leaves its value)."""
+    from ldm_cli import commands
+    from ldm_cli.settings import Settings
+
+    flags["only_masked"] = flags.get("only_masked") or None
+    return commands.base_settings(Settings(**flags), from_png)
+
+
+@app.command()
+def img2img(
+    image: InitImage, prompt: ImagePrompt = None, strength: Strength = None,
+    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, seed: Seed = None,
+    num_images: NumImages = 1, batch_size: BatchSize = 1, width: Width = None, height: Height = None,
+    scheduler: Scheduler = None, schedule: Schedule = None, model: ModelPath = None,
+    vae: Vae = None, config: Config = None, prediction: Prediction = None, allow_pickle: AllowPickle = False,
+    out: Out = Path("outputs"), device: Device = "auto", dtype: Dtype = "auto",
+    as_json: AsJson = False, quiet: Quiet = False, from_png: FromPng = None,
+) -> None:
+    """Redraw an image after a prompt [size: the image's own, rounded down to multiples of 8]."""
+    from ldm_cli import commands
+
+    settings = image_settings(from_png, prompt=prompt, negative=negative, steps=steps, cfg=cfg, seed=seed,
+                              width=width, height=height, scheduler=scheduler, schedule=schedule, model=model,
+                              strength=strength)
+    options = run_options(num_images, batch_size, out, quiet, dict(
+        vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, device=device, dtype=dtype))
+    print_results(commands.img2img(settings, image, options), as_json)
+
+
+@app.command()
+def inpaint(
+    image: InitImage,
+    mask: Annotated[Path, typer.Argument(help="White is repainted, black is kept; any size of the image's shape.")],
+    prompt: ImagePrompt = None, strength: Strength = None, mask_blur: MaskBlur = None,
+    only_masked: OnlyMasked = False, padding: Padding = None,
+    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, seed: Seed = None,
+    num_images: NumImages = 1, batch_size: BatchSize = 1, width: Width = None, height: Height = None,
+    scheduler: Scheduler = None, schedule: Schedule = None, model: ModelPath = None,
+    vae: Vae = None, config: Config = None, prediction: Prediction = None, allow_pickle: AllowPickle = False,
+    out: Out = Path("outputs"), device: Device = "auto", dtype: Dtype = "auto",
+    as_json: AsJson = False, quiet: Quiet = False, from_png: FromPng = None,
+) -> None:
+    """Repaint the masked part of an image; outside the mask its pixels are kept exactly."""
+    from ldm_cli import commands
+
+    settings = image_settings(from_png, prompt=prompt, negative=negative, steps=steps, cfg=cfg, seed=seed,
+                              width=width, height=height, scheduler=scheduler, schedule=schedule, model=model,
+                              strength=strength, mask_blur=mask_blur, only_masked=only_masked, padding=padding)
+    options = run_options(num_images, batch_size, out, quiet, dict(
+        vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, device=device, dtype=dtype))
+    print_results(commands.inpaint(settings, image, mask, options), as_json)
+
+
+@app.command()
+def outpaint(
+    image: InitImage, prompt: ImagePrompt = None,
+    left: Margin = 0, right: Margin = 0, top: Margin = 0, bottom: Margin = 0,
+    strength: Strength = None, mask_blur: MaskBlur = None, only_masked: OnlyMasked = False, padding: Padding = None,
+    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, seed: Seed = None,
+    num_images: NumImages = 1, batch_size: BatchSize = 1, width: Width = None, height: Height = None,
+    scheduler: Scheduler = None, schedule: Schedule = None, model: ModelPath = None,
+    vae: Vae = None, config: Config = None, prediction: Prediction = None, allow_pickle: AllowPickle = False,
+    out: Out = Path("outputs"), device: Device = "auto", dtype: Dtype = "auto",
+    as_json: AsJson = False, quiet: Quiet = False, from_png: FromPng = None,
+) -> None:
+    """Extend an image's canvas by the margins and paint the new border."""
+    from ldm_cli import commands
+
+    settings = image_settings(from_png, prompt=prompt, negative=negative, steps=steps, cfg=cfg, seed=seed,
+                              width=width, height=height, scheduler=scheduler, schedule=schedule, model=model,
+                              strength=strength, mask_blur=mask_blur, only_masked=only_masked, padding=padding)
+    options = run_options(num_images, batch_size, out, quiet, dict(
+        vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, device=device, dtype=dtype))
+    print_results(commands.outpaint(settings, image, (left, top, right, bottom), options), as_json)
+
+
+@app.command()
+def batch(
+    file: Annotated[Path, typer.Argument(help="Prompts: a prompt per line, or A1111 option lines (--prompt \"...\" --steps 20 ...), or .jsonl.")],
+    negative: Negative = None, steps: Steps = None, cfg: Cfg = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of lines without --seed [default: one drawn from the line's number and text].")] = None,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per line without --batch_size or --n_iter.")] = 1,
+    batch_size: BatchSize = 1, width: Width = None, height: Height = None,
+    scheduler: Scheduler = None, schedule: Schedule = None, model: ModelPath = None,
+    vae: Vae = None, config: Config = None, prediction: Prediction = None, allow_pickle: AllowPickle = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder, with the manifest [default: outputs/<FILE's name>].")] = None,
+    device: Device = "auto", dtype: Dtype = "auto",
+    grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet per line of several images, in OUT/grids.")] = False,
+    as_json: AsJson = False, quiet: Quiet = False,
+) -> None:
+    """Render a prompts file: each model loaded once, shared batches, resumable by rerunning;
+    `accelerate launch -m ldm_cli batch ...` shares the work among processes."""
+    from ldm_cli import commands
+    from ldm_cli.settings import Settings
+
+    defaults = Settings(negative=negative or "", steps=steps, cfg=cfg, seed=seed, width=width, height=height,
+                        scheduler=scheduler, schedule=schedule, model=model)
+    options = run_options(num_images, batch_size, out or Path("outputs") / file.stem, quiet, dict(
+        vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, device=device, dtype=dtype))
+    print_results(commands.batch(file, defaults, options, grid), as_json)
 
 
 def main() -> None:

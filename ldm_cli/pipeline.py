@@ -16,17 +16,17 @@ from ldm_cli import sampling, schedulers, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
-BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule")
+BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule", "strength")
 
 
 def batch_key(s: Settings) -> tuple:
-    """Settings with equal keys can be denoised together in one batch."""
+    """Settings with equal keys can be denoised together in one batch (strength sets the timesteps)."""
     return tuple(getattr(s, f) for f in BATCH_FIELDS)
 
 
 def check_inputs(model, group: list[Settings]) -> None:
     if len({batch_key(s) for s in group}) != 1:
-        raise ValueError("a batch must share size, steps, cfg and scheduler")
+        raise ValueError("a batch must share size, steps, cfg, scheduler and strength")
     factor = model.vae_scale_factor
     for side in ("width", "height"):
         value = getattr(group[0], side)

@@ -59,11 +59,14 @@ def batches(jobs: list[Settings], batch_size: int, key: Callable[[Settings], tup
             yield run[i:i + batch_size]
 
 
-def render(model, jobs: list[Settings], batch_size: int, folder: Path, progress) -> Iterator[Result]:
+def render(model, jobs: list[Settings], batch_size: int, folder: Path, progress,
+           make: Callable | None = None) -> Iterator[Result]:
+    """`make(model, group, on_step)` renders one batch; text-to-image unless given (img2img, inpaint)."""
     from ldm_cli import pipeline
 
+    make = make or pipeline.text_to_image
     for group in batches(jobs, batch_size, pipeline.batch_key):
-        pictures = pipeline.text_to_image(model, group, on_step=progress.step)
+        pictures = make(model, group, on_step=progress.step)
         for picture, settings in zip(pictures, group):
             yield save(picture, settings, folder)
         progress.image_done(len(group))

@@ -16,6 +16,11 @@ def _factors(vae) -> tuple[float, float]:
     return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
 
 
+def compute_dtype(vae) -> torch.dtype:
+    """The dtype the VAE runs (and samples its latents) in: fp32 for fp16 VAEs that ask for it."""
+    return torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
+
+
 @contextlib.contextmanager
 def _running_in(vae, dtype: torch.dtype):
     """Temporarily cast the VAE (fp16 VAEs that overflow are run in fp32)."""
@@ -38,7 +43,7 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
     vae = model.vae
     scaling, shift = _factors(vae)
     z = latents / scaling + shift
-    dtype = torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
+    dtype = compute_dtype(vae)
     pixels = _decode_in(vae, z, dtype)
     if dtype != torch.float32 and not torch.isfinite(pixels).all():
         pixels = _decode_in(vae, z, torch.float32)  # a NaN would be saved as a black image
@@ -61,7 +66,7 @@ def encode(model, pixels: torch.Tensor, generators: list[torch.Generator] | None
     """Encode [-1, 1] pixels; samples the latent distribution with `generators` (None: its mode)."""
     vae = model.vae
     scaling, shift = _factors(vae)
-    dtype = torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
+    dtype = compute_dtype(vae)
     with _running_in(vae, dtype), torch.inference_mode():
         dist = vae.encode(pixels.to(vae.device, dtype), return_dict=False)[0]
         # diffusers draws one sample per generator, image by image, as its pipelines do

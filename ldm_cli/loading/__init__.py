@@ -24,7 +24,6 @@ def load(source: str | None, options: LoadOptions | None = None):
     """A ready-to-run `Model` on the chosen device and dtype."""
     from ldm_cli import device as devices
 
-    quiet_libraries()
     options = options or LoadOptions()
     path = Path(source).expanduser() if source else BUILTIN
     if options.prediction not in (None, "epsilon", "v"):
@@ -35,8 +34,9 @@ def load(source: str | None, options: LoadOptions | None = None):
     if path.is_dir():
         from ldm_cli.loading import folder
 
+        quiet_libraries()
         model = folder.load_folder(path, device, options)
-    else:
+    else:  # quiets the libraries itself, once its reading is under way
         from ldm_cli.loading import single_file
 
         model = single_file.load_single_file(path, device, options)

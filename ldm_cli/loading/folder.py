@@ -70,7 +70,8 @@ def load_folder(folder: Path, device: torch.device, options) -> "Model":
     if options.vae:
         from ldm_cli.loading import single_file
 
-        model.vae = single_file.load_vae(Path(options.vae), dtype)
+        # a single-file VAE has no config: it takes the replaced VAE's (its latent scaling)
+        model.vae = single_file.load_vae(Path(options.vae), dtype, dict(model.vae.config), options.allow_pickle)
     return to_device(model, device)
 
 

@@ -1,0 +1,2 @@
+"""The built-in model: its world (scenes), its judge (evaluate, gate), its shape (architecture)
+and its training recipe (train)."""

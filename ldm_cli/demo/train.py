@@ -1,0 +1,312 @@
+"""The built-in model's training recipe: VAE stage, latent cache, denoiser stage, export.
+
+    python -m ldm_cli.demo.train vae      --out runs/builtin --steps 6000
+    python -m ldm_cli.demo.train latents  --out runs/builtin --images 20000
+    python -m ldm_cli.demo.train decoder  --out runs/builtin --steps 3000   # may run beside:
+    python -m ldm_cli.demo.train denoiser --out runs/builtin --steps 8000
+    python -m ldm_cli.demo.train export   --out runs/builtin --cfg 5
+
+Every stage is seeded and resumable: it checkpoints every --every steps under --out and, run
+again, goes on from the last checkpoint. Batch i of a stage is drawn from seed and i alone, so a
+resumed run sees the same data it would have seen uninterrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ldm_cli import vae as vae_io
+from ldm_cli.demo import architecture, scenes
+
+CFG_DROP = 0.1  # share of captions replaced by "" so the model learns the unconditional case
+FOREGROUND_WEIGHT = 10.0  # how much more a shape's pixel counts than a background pixel in the VAE loss
+
+
+def log(out: Path, text: str) -> None:
+    with open(out / "log.txt", "a") as f:
+        f.write(text + "\n")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def scene_batch(seed: int, step: int, size: int) -> tuple[list[scenes.Scene], torch.Tensor]:
+    """Training scenes (seen colour-shape pairs only) and their pixels in [-1, 1]."""
+    rng = random.Random(seed * 1_000_003 + step)
+    batch = [scenes.random_scene(rng) for _ in range(size)]
+    return batch, vae_io.to_tensor([scenes.draw(s, rng) for s in batch])
+
+
+class Checkpoint:
+    """Modules plus optimizer state and step, saved atomically under `folder`."""
+
+    def __init__(self, folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer):
+        self.folder, self.modules, self.optimizer = folder, modules, optimizer
+
+    def save(self, step: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name, module in self.modules.items():
+            module.save_pretrained(self.folder / name)
+        tmp = self.folder / "state.pt.tmp"
+        torch.save({"step": step, "optimizer": self.optimizer.state_dict()}, tmp)
+        tmp.replace(self.folder / "state.pt")
+
+    def resume(self) -> int:
+        """The step to start from: 0, or where the last checkpoint left off."""
+        path = self.folder / "state.pt"
+        if not path.exists():
+            return 0
+        for name, module in self.modules.items():
+            module.load_state_dict(type(module).from_pretrained(self.folder / name).state_dict())
+        state = torch.load(path, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["step"]
+
+
+def shape_weights(pixels: torch.Tensor, weight: float = FOREGROUND_WEIGHT) -> torch.Tensor:
+    """`weight` on the shape's pixels, 1 on the background. The corner is always background
+    (shapes stay a pixel inside the frame)."""
+    differs = (pixels - pixels[:, :, :1, :1]).abs().sum(dim=1, keepdim=True) > 0.1
+    return 1 + (weight - 1) * differs.float()
+
+
+def vae_loss(vae, pixels: torch.Tensor, kl_weight: float = 1e-6) -> tuple[torch.Tensor, float]:
+    """Shape-weighted MSE + L1 (a shape is a few percent of the pixels: unweighted, the VAE
+    learns the background long before the shapes), plus a light KL term."""
+    posterior = vae.encode(pixels).latent_dist
+    error = vae.decode(posterior.sample()).sample - pixels
+    weights = shape_weights(pixels)
+    loss = (weights * (error.pow(2) + error.abs())).mean() + kl_weight * posterior.kl().mean()
+    psnr = 10 * math.log10(4 / max(error.pow(2).mean().item(), 1e-12))  # pixels span 2, so peak^2 = 4
+    return loss, psnr
+
+
+def run_steps(args, checkpoint: Checkpoint, step_fn, name: str) -> None:
+    """The shared loop: resume, step with the scheduled LR, log, checkpoint."""
+    start = checkpoint.resume()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=name, mininterval=10)
+    for step in bar:
+        for group in checkpoint.optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr)
+        loss, metric = step_fn(step)
+        checkpoint.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in checkpoint.optimizer.param_groups for p in g["params"]], 1.0)
+        checkpoint.optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", metric=f"{metric:.2f}")
+        if step % 50 == 0:
+            log(args.out, f"{name} step {step} loss {loss.item():.5f} metric {metric:.3f}")
+        if (step + 1) % args.every == 0 or step + 1 == args.steps:
+            checkpoint.save(step + 1)
+
+
+def train_vae(args) -> None:
+    torch.manual_seed(args.seed)
+    vae = architecture.autoencoder()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    checkpoint = Checkpoint(args.out / "vae_stage", {"vae": vae}, optimizer)
+
+    def step_fn(step: int):
+        torch.manual_seed(args.seed + step)
+        return vae_loss(vae, scene_batch(args.seed, step, args.batch)[1])
+
+    run_steps(args, checkpoint, step_fn, "vae")
+
+def load_vae(out: Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(out / "vae_stage" / "vae").eval().requires_grad_(False)
+
+
+def training_set(seed: int, count: int) -> tuple[list[scenes.Scene], torch.Tensor]:
+    rng = random.Random(seed)
+    items = [scenes.random_scene(rng) for _ in range(count)]
+    return items, vae_io.to_tensor([scenes.draw(s, rng) for s in items])
+
+
+@torch.inference_mode()
+def encode_all(vae, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(pixels[i:i + batch]).latent_dist.mode() for i in range(0, len(pixels), batch)])
+
+
+@torch.inference_mode()
+def reconstruction_report(vae, seed: int, count: int = 256) -> str:
+    """PSNR and evaluator accuracy of the VAE's reconstructions of unseen scenes."""
+    from ldm_cli.demo import evaluate
+
+    items, pixels = training_set(seed + 1, count)
+    decoded = vae.decode(encode_all(vae, pixels)).sample.clamp(-1, 1)
+    psnr = 10 * math.log10(4 / (decoded - pixels).pow(2).mean().item())
+    images = vae_io.to_pil(decoded)
+    right = {a: sum(evaluate.read(im).get(a) == getattr(s, a) for s, im in zip(items, images)) / count
+             for a in scenes.ATTRIBUTES}
+    return f"reconstruction PSNR {psnr:.2f} dB; evaluator " + ", ".join(f"{a} {v:.1%}" for a, v in right.items())
+
+
+def cache_latents(args) -> None:
+    """Encode the denoiser's training images once; set the VAE's scaling factor from their spread."""
+    vae = load_vae(args.out)
+    log(args.out, reconstruction_report(vae, args.seed))
+    items, pixels = training_set(args.seed, args.images)
+    latents = encode_all(vae, pixels)
+    vae.register_to_config(scaling_factor=1.0 / latents.std().item())
+    vae.save_pretrained(args.out / "vae")
+    table = [[getattr(s, a) for a in scenes.ATTRIBUTES] for s in items]
+    torch.save({"latents": latents * vae.config.scaling_factor, "scenes": table}, args.out / "latents.pt")
+    log(args.out, f"cached {len(items)} latents; scaling_factor {vae.config.scaling_factor:.5f}")
+
+def train_decoder(args) -> None:
+    """Go on training the VAE's decoder alone, its encoder frozen: the latent space the denoiser
+    learns stays fixed, so this runs beside the denoiser stage."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL.from_pretrained(args.out / "vae")
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    checkpoint = Checkpoint(args.out / "decoder_stage", {"vae": vae}, optimizer)
+
+    def step_fn(step: int):
+        torch.manual_seed(args.seed + step)
+        return vae_loss(vae, scene_batch(args.seed + 1, step, args.batch)[1])
+
+    run_steps(args, checkpoint, step_fn, "decoder")
+
+
+
+class Captions:
+    """Token ids for training captions, each caption tokenized once."""
+
+    def __init__(self):
+        self.tokenizer, self.cache = architecture.tokenizer(), {}
+
+    def ids(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            tokens = self.tokenizer(missing, padding="max_length", truncation=True,
+                                    max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            self.cache.update(zip(missing, tokens))
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def captions_for(table: list[list[str]], indices: list[int], rng: random.Random) -> list[str]:
+    """Seen wordings with attributes randomly left out; CFG_DROP of them empty."""
+    texts = []
+    for i in indices:
+        scene = scenes.Scene(*table[i])
+        texts.append("" if rng.random() < CFG_DROP else scenes.random_caption(scene, rng, drop=0.15))
+    return texts
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction: the easy, low-noise steps count less."""
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    return snr.clamp(max=gamma) / snr
+
+
+def train_denoiser(args) -> None:
+    """UNet and text encoder trained together on the cached latents."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(args.seed)
+    data = torch.load(args.out / "latents.pt", weights_only=True)
+    unet, encoder = architecture.denoiser(), architecture.text_encoder()
+    params = list(unet.parameters()) + list(encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    checkpoint = Checkpoint(args.out / "denoiser_stage", {"unet": unet, "text_encoder": encoder}, optimizer)
+    noise_schedule = DDPMScheduler.from_config(architecture.scheduler_config())
+    captions = Captions()
+    latents, table = data["latents"], data["scenes"]
+
+    def step_fn(step: int):
+        rng = random.Random(args.seed * 1_000_003 + step)
+        torch.manual_seed(args.seed + step)
+        indices = [rng.randrange(len(table)) for _ in range(args.batch)]
+        clean, noise = latents[indices], torch.randn(args.batch, *latents.shape[1:])
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (args.batch,))
+        context = encoder(captions.ids(captions_for(table, indices, rng)))[0]
+        predicted = unet(noise_schedule.add_noise(clean, noise, t), t, context).sample
+        per_item = (predicted - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_item * min_snr_weights(noise_schedule.alphas_cumprod, t)).mean()
+        return loss, per_item.mean().item()
+
+    run_steps(args, checkpoint, step_fn, "denoiser")
+
+
+def trained(out: Path):
+    """(unet, vae, text_encoder) from a run folder's last checkpoints."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    stage = out / "denoiser_stage"
+    return (UNet2DConditionModel.from_pretrained(stage / "unet"),
+            AutoencoderKL.from_pretrained(out / "decoder_stage" / "vae"),
+            CLIPTextModel.from_pretrained(stage / "text_encoder"))
+
+
+def metadata(unet, vae, encoder, cfg: float) -> dict[str, str]:
+    """The configs and recommended settings the single file carries (see loading/configs.py)."""
+    public = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731 (no paths, versions)
+    config = {"family": "sd1", "unet": public(unet.config), "vae": public(vae.config),
+              "text_encoder": public(encoder.config.to_dict()), "scheduler": architecture.scheduler_config()}
+    defaults = {"steps": 20, "cfg": cfg, "scheduler": "dpmpp_2m", "schedule": "karras"}
+    return {"ldm.config": json.dumps(config), "ldm.defaults": json.dumps(defaults)}
+
+
+def export(args) -> None:
+    """One fp16 single file in the original (A1111/ComfyUI) layout, configs in its metadata."""
+    from ldm_cli.loading import BUILTIN, convert
+
+    unet, vae, encoder = trained(args.out)
+    weights = convert.to_original("sd1", unet, vae, [encoder])
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    dest = args.dest or BUILTIN
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    convert.save_single_file(weights, dest, metadata(unet, vae, encoder, args.cfg))
+    log(args.out, f"exported {dest} ({dest.stat().st_size / 1e6:.1f} MB, cfg {args.cfg})")
+
+
+
+STAGES = {"vae": train_vae, "latents": cache_latents, "decoder": train_decoder, "denoiser": train_denoiser,
+          "export": export}
+
+
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ldm_cli.demo.train", description=__doc__.split("\n")[0])
+    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("--out", type=Path, default=Path("runs/builtin"), help="run folder (checkpoints, log)")
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--every", type=int, default=250, help="checkpoint every N steps")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", type=int, default=20000, help="latents: how many training images")
+    parser.add_argument("--cfg", type=float, default=5.0, help="export: the default guidance scale")
+    parser.add_argument("--dest", type=Path, default=None, help="export: the .safetensors to write")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    STAGES[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()

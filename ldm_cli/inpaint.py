@@ -1,0 +1,203 @@
+"""Inpainting (and outpainting, which is inpainting a grown canvas), in the order diffusers'
+inpaint pipelines run it: check inputs, encode the prompt, timesteps from strength, latents
+(image latents, then noise), mask and masked-image latents, denoise, decode; then the result is
+pasted into the original picture.
+
+White in the mask is repainted, black is kept. The model sees the mask blurred by --mask-blur
+and binarised at one half. A dedicated inpainting model (9-channel U-Net) gets the mask and the
+masked image's latents as extra input channels; an ordinary model gets the kept part of its
+latents replaced by the image's own, noised to the next timestep, after every step. The saved
+picture takes the model's pixels where the blurred mask is at least half white, fades to the
+original across the blur outside that, and keeps the original's pixels exactly where the
+blurred mask is black. With --only-masked, the mask's bounding box plus --padding (widened to
+the render's aspect ratio) is cut out, rendered at the model's size and pasted back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from ldm_cli import images, img2img, pipeline, sampling, vae
+from ldm_cli.errors import LdmError
+from ldm_cli.settings import Settings
+
+DEFAULTS = {"strength": 1.0, "mask_blur": 4, "only_masked": False}
+DEFAULT_PADDING = 32
+WHITE = 128  # grey levels from here up are repainted (one half, as diffusers binarises masks)
+
+Box = tuple[int, int, int, int]
+
+
+def with_defaults(s: Settings) -> Settings:
+    out = s.merged(**{k: v for k, v in DEFAULTS.items() if getattr(s, k) is None})
+    return out.merged(padding=DEFAULT_PADDING) if out.only_masked and out.padding is None else out
+
+
+# -- masks ------------------------------------------------------------------------------------
+def check_mask(mask: Image.Image, image_size: tuple[int, int], name: str = "the mask") -> None:
+    """A mask must have the image's shape (any size) and something to repaint."""
+    (mw, mh), (iw, ih) = mask.size, image_size
+    if abs(mh - mw * ih / iw) > max(1.0, 0.01 * mh):
+        raise LdmError(f"{name} is {mw}x{mh} but the image is {iw}x{ih}: a different aspect ratio; "
+                       "make the mask the image's shape")
+    if mask.convert("L").getextrema()[1] < WHITE:
+        raise LdmError(f"{name} is empty: nothing in it is white; paint white what should be repainted")
+
+
+def blurred(mask: Image.Image, radius: int) -> Image.Image:
+    return mask.filter(ImageFilter.GaussianBlur(radius)) if radius else mask
+
+
+def overlay_alpha(soft_mask: Image.Image) -> Image.Image:
+    """How much of the model's picture the saved one takes: doubled, so all of the repainted part
+    (at least half white) takes it and the blur fades only into the kept part."""
+    return soft_mask.point(lambda v: min(255, 2 * v))
+
+
+def mask_tensor(masks: list[Image.Image]) -> torch.Tensor:
+    """N x 1 x H x W: 1 where the model repaints."""
+    arr = np.stack([np.asarray(m.convert("L")) >= WHITE for m in masks]).astype(np.float32)
+    return torch.from_numpy(arr)[:, None]
+
+
+# -- the region each image renders --------------------------------------------------------------
+def _span(lo: int, hi: int, length: int, limit: int) -> tuple[int, int]:
+    """[lo, hi) grown about its centre to `length`, then shifted to lie inside [0, limit)."""
+    start = min(max(round((lo + hi - length) / 2), 0), limit - length)
+    return start, start + length
+
+
+def crop_box(soft_mask: Image.Image, padding: int, aspect: float) -> Box:
+    """The mask's bounding box plus padding, widened to width/height = aspect, inside the image."""
+    w, h = soft_mask.size
+    x1, y1, x2, y2 = soft_mask.getbbox() or (0, 0, w, h)
+    x1, y1, x2, y2 = max(x1 - padding, 0), max(y1 - padding, 0), min(x2 + padding, w), min(y2 + padding, h)
+    bw, bh = x2 - x1, y2 - y1
+    if bw / bh < aspect:
+        bw = min(w, round(bh * aspect))
+    else:
+        bh = min(h, round(bw / aspect))
+    (x1, x2), (y1, y2) = _span(x1, x2, bw, w), _span(y1, y2, bh, h)
+    return x1, y1, x2, y2
+
+
+@dataclass
+class Region:
+    """One image's share of a batch: what the model sees, and how its picture goes back."""
+    original: Image.Image  # RGB: the picture the result is pasted into
+    alpha: Image.Image  # L, original's size: 255 takes the model's pixels, 0 keeps the original's
+    box: Box  # where in `original` the model's picture goes
+    image: Image.Image  # RGB at the render size
+    mask: Image.Image  # L at the render size
+
+
+def prepare(s: Settings, init: Image.Image, mask: Image.Image) -> Region:
+    """The whole image at the render size, or (--only-masked) the mask's surroundings cut out and scaled."""
+    init = init.convert("RGB")
+    original = init if s.only_masked else images.resized(init, s.width, s.height)
+    soft = blurred(images.resized(mask.convert("L"), *original.size), s.mask_blur or 0)
+    box = crop_box(soft, s.padding or 0, s.width / s.height) if s.only_masked else (0, 0, *original.size)
+    return Region(original, overlay_alpha(soft), box, images.resized(original.crop(box), s.width, s.height),
+                  images.resized(soft.crop(box), s.width, s.height))
+
+
+def paste(region: Region, rendered: Image.Image) -> Image.Image:
+    x1, y1, x2, y2 = region.box
+    canvas = region.original.copy()
+    canvas.paste(images.resized(rendered, x2 - x1, y2 - y1), (x1, y1))
+    return Image.composite(canvas, region.original, region.alpha)
+
+
+def extend(image: Image.Image, left: int, top: int, right: int, bottom: int) -> tuple[Image.Image, Image.Image]:
+    """Outpainting's canvas and mask: the image grown by the margins, the new border filled by
+    repeating the image's edge pixels (a start that strength < 1 can build on), white in the mask."""
+    if min(left, top, right, bottom) < 0:
+        raise LdmError("--left, --right, --top and --bottom must be 0 or more")
+    if not any((left, top, right, bottom)):
+        raise LdmError("nothing to outpaint: give --left, --right, --top or --bottom in pixels")
+    pixels = np.pad(np.asarray(image.convert("RGB")), ((top, bottom), (left, right), (0, 0)), mode="edge")
+    canvas = Image.fromarray(pixels)
+    mask = Image.new("L", canvas.size, 255)
+    mask.paste(0, (left, top, left + image.width, top + image.height))
+    return canvas, mask
+
+
+# -- latents ----------------------------------------------------------------------------------
+def _latents(model, group: list[Settings], scheduler, timesteps: torch.Tensor, pixels: torch.Tensor,
+             generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(starting latents, noise, image latents), drawn from the generators in diffusers' order."""
+    full = group[0].strength == 1
+    image_latents = None
+    if not (model.is_inpainting and full):  # ordinary models blend them back; strength < 1 starts from them
+        image_latents = vae.encode(model, pixels, generators)
+    if full:
+        noise = pipeline.initial_noise(model, group, generators)
+        return noise * scheduler.init_noise_sigma, noise, image_latents
+    latents, noise = img2img.add_noise(model, group, scheduler, image_latents, generators, timesteps)
+    return latents, noise, image_latents
+
+
+def _masked_image_latents(model, pixels: torch.Tensor, mask: torch.Tensor,
+                          generators: list[torch.Generator]) -> torch.Tensor | None:
+    """The image with the repainted part grey, encoded: a 9-channel model's extra input.
+
+    diffusers encodes it for ordinary models too, drawing a latent sample from each generator; the
+    same draws are made (and dropped) so that a stochastic scheduler's later noise matches."""
+    if model.is_inpainting:
+        return vae.encode(model, pixels * (mask < 0.5), generators)
+    f = model.vae_scale_factor
+    shape = (1, model.latent_channels, pixels.shape[2] // f, pixels.shape[3] // f)
+    for g in generators:
+        torch.randn(shape, generator=g, dtype=vae.compute_dtype(model.vae))
+    return None
+
+
+def _blend(scheduler, image_latents: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+           timesteps: torch.Tensor) -> sampling.Blend:
+    """After step i the kept part becomes the image's latents noised to the next timestep (clean after the last)."""
+    def blend(latents: torch.Tensor, i: int) -> torch.Tensor:
+        known = image_latents
+        if i < len(timesteps) - 1:
+            known = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+        return (1 - mask) * known + mask * latents
+    return blend
+
+
+def check_inputs(model, group: list[Settings], init_images: list[Image.Image], masks: list[Image.Image]) -> None:
+    img2img.check_inputs(model, group, init_images)
+    if len(masks) != len(group):
+        raise ValueError("inpainting needs one mask per settings")
+    for image, mask in zip(init_images, masks):
+        check_mask(mask, image.size)
+
+
+def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks: list[Image.Image],
+            on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+    # 1. check inputs; each image's part at the render size
+    check_inputs(model, group, init_images, masks)
+    regions = [prepare(s, image, mask) for s, image, mask in zip(group, init_images, masks)]
+    s = group[0]
+    # 2. encode the prompts
+    positive, negative = pipeline.encode_prompts(model, group)
+    # 3. timesteps from strength
+    scheduler = pipeline.make_scheduler(model, group)
+    timesteps = img2img.strength_timesteps(scheduler, s)
+    # 4. latents: image latents, then noise
+    generators = pipeline.generators_for(group)
+    pixels = vae.to_tensor([r.image for r in regions])
+    latents, noise, image_latents = _latents(model, group, scheduler, timesteps, pixels, generators)
+    # 5. the mask at latent size and the masked image
+    mask = mask_tensor([r.mask for r in regions])
+    masked = _masked_image_latents(model, pixels, mask, generators)
+    mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).to(model.device, model.dtype)
+    # 6. denoise: a 9-channel model sees mask and masked image; an ordinary one gets the kept part back
+    extra = torch.cat([mask, masked], dim=1) if masked is not None else None
+    blend = None if masked is not None else _blend(scheduler, image_latents, noise, mask, timesteps)
+    latents = sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators, timesteps,
+                               extra_input=extra, blend=blend, on_step=on_step)
+    # 7. decode, and paste into the originals
+    return [paste(r, picture) for r, picture in zip(regions, vae.decode(model, latents))]

@@ -1,0 +1,116 @@
+"""Original single-file layout <-> diffusers modules, both through keymap's one mapping.
+
+Loading plans every component (each weight's original key and shape, checked against the
+header alone), so a file that does not match fails at once; the tensors, each read once and
+cast straight to the target dtype and device (prefetch.py), are then assigned into modules
+built on the meta device: no second full copy of the model ever exists.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from ldm_cli.errors import LdmError
+from ldm_cli.loading import keymap
+from ldm_cli.loading.keymap import Origin, Slot
+
+if TYPE_CHECKING:
+    from ldm_cli.loading.tensors import Checkpoint
+
+
+class Planned(NamedTuple):
+    key: str  # full key in the file
+    origin: Origin
+
+
+def to_original(family: str, unet, vae, text_encoders: list) -> dict[str, torch.Tensor]:
+    """diffusers modules -> an original-layout state dict (what A1111 and ComfyUI load)."""
+    slots = keymap.LAYOUTS[family]
+    modules = [unet, vae, *text_encoders]
+    if len(modules) != len(slots):
+        raise ValueError(f"{family} has {len(slots) - 2} text encoder(s), got {len(text_encoders)}")
+    out: dict[str, torch.Tensor] = {}
+    for slot, module in zip(slots, modules):
+        out.update(export(slot, module))
+    return out
+
+
+def export(slot: Slot, module) -> dict[str, torch.Tensor]:
+    mapping = keymap.mapper(slot.kind, module.config)
+    out, fused = {}, defaultdict(dict)
+    for name, tensor in module.state_dict().items():
+        origin = mapping(name)
+        t = tensor.detach()
+        t = t.T if origin.transpose else t
+        t = t[..., None, None] if origin.conv else t
+        if origin.part is None:
+            out[slot.prefix + origin.key] = t
+        else:
+            fused[slot.prefix + origin.key][origin.part] = t
+    for key, parts in fused.items():
+        out[key] = torch.cat([parts[i] for i in range(3)])
+    return out
+
+
+def save_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a .safetensors file atomically (a reader never sees half a file)."""
+    from safetensors.torch import save_file
+
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise TypeError("safetensors metadata values must be strings (JSON-encode them)")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plan(slot: Slot, module, checkpoint: Checkpoint) -> dict[str, Planned]:
+    """Each of the module's weights -> where it lies in the checkpoint, shapes checked."""
+    mapping = keymap.mapper(slot.kind, module.config)
+    planned = {}
+    for name, target in module.state_dict().items():
+        origin = mapping(name)
+        key = slot.prefix + origin.key
+        if key not in checkpoint.shapes:
+            raise LdmError(f"{checkpoint.name} has no weight {key!r}, which a {slot.name} of this model needs; "
+                           "the file is incomplete or not the model ldm took it for (--config DIR describes unusual ones)")
+        found = stored_shape(checkpoint.shapes[key], origin, len(target.shape))
+        if found != tuple(target.shape):
+            raise LdmError(f"{checkpoint.name}: {key!r} has shape {list(checkpoint.shapes[key])} but this {slot.name} "
+                           f"needs {list(target.shape)}; pass --config DIR with the model's diffusers configs")
+        planned[name] = Planned(key, origin)
+    return planned
+
+
+def stored_shape(shape: tuple[int, ...], origin: Origin, ndim: int) -> tuple[int, ...]:
+    """The shape a stored tensor has once turned into the module's form."""
+    shape = tuple(shape)
+    if origin.part is not None:
+        return (shape[0] // 3, *shape[1:]) if shape and shape[0] % 3 == 0 else shape
+    if origin.transpose:
+        return shape[::-1]
+    if origin.conv and len(shape) > ndim and all(s == 1 for s in shape[ndim:]):
+        return shape[:ndim]
+    return shape
+
+
+def fill(module, planned: dict[str, Planned], tensors: dict[str, torch.Tensor]):
+    """Assign the read tensors (already in the target dtype and device) into `module`, which
+    was built with empty weights."""
+    state = {}
+    for name, (key, origin) in planned.items():
+        t = tensors[key]
+        t = t.chunk(3)[origin.part] if origin.part is not None else t
+        t = t.T if origin.transpose else t
+        t = t.reshape(t.shape[:2]) if origin.conv else t
+        state[name] = t.contiguous()
+    module.load_state_dict(state, strict=True, assign=True)
+    return module

@@ -1,0 +1,98 @@
+"""Which model a checkpoint holds, from its tensor names and shapes alone (the safetensors
+header), so that nothing is read or built before ldm knows what to build.
+
+The text encoders' key layout names the family (SD1's Hugging Face CLIP under
+cond_stage_model.transformer, SD2's OpenCLIP under cond_stage_model.model, SDXL's two under
+conditioner.embedders); the UNet's first convolution says whether it is an inpainting model
+(latents + mask + masked-image latents in); and the UNet's cross-attention width must equal the
+text encoders' combined width, or the file mixes parts of different models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ldm_cli.errors import LdmError
+from ldm_cli.loading import keymap
+from ldm_cli.loading.tensors import Checkpoint
+
+UNET_IN = keymap.UNET.prefix + "input_blocks.0.0.weight"
+UNET_OUT = keymap.UNET.prefix + "out.2.weight"
+EMA_PREFIX = "model_ema."
+
+
+@dataclass(frozen=True)
+class Found:
+    family: str  # sd1, sd2, sdxl
+    in_channels: int
+    latent_channels: int
+    ema: bool
+
+    @property
+    def inpainting(self) -> bool:
+        return self.in_channels == 2 * self.latent_channels + 1
+
+
+def detect(checkpoint: Checkpoint) -> Found:
+    shapes = checkpoint.shapes
+    if UNET_IN not in shapes or UNET_OUT not in shapes:
+        raise LdmError(not_a_model(checkpoint))
+    family = family_of(shapes)
+    if family is None:
+        raise LdmError(unknown_text_encoder(checkpoint))
+    in_channels, latent = shapes[UNET_IN][1], shapes[UNET_OUT][0]
+    if in_channels not in (latent, 2 * latent + 1):
+        raise LdmError(f"{checkpoint.name}: its UNet takes {in_channels} input channels; ldm runs text-to-image "
+                       f"({latent}) and inpainting ({2 * latent + 1}) models, not this variant")
+    check_context(checkpoint, family)
+    # an EMA copy of the weights, not just the bookkeeping scalars (decay, num_updates) pruned files keep
+    ema = any(k.startswith(EMA_PREFIX) and len(shape) > 0 for k, shape in shapes.items())
+    return Found(family, in_channels, latent, ema)
+
+
+def text_slots(family: str) -> list[keymap.Slot]:
+    return [s for s in keymap.LAYOUTS[family] if s.kind in ("clip", "openclip")]
+
+
+def family_of(shapes: dict) -> str | None:
+    prefixes = {s.prefix for f in keymap.LAYOUTS for s in text_slots(f)}
+    present = {p for p in prefixes if any(k.startswith(p) for k in shapes)}
+    for family in ("sdxl", "sd2", "sd1"):  # most specific first
+        if all(s.prefix in present for s in text_slots(family)):
+            return family
+    return None
+
+
+def text_width(shapes: dict, slot: keymap.Slot) -> int | None:
+    key = slot.prefix + keymap.mapper(slot.kind, {})("embeddings.token_embedding.weight").key
+    return shapes[key][-1] if key in shapes else None
+
+
+def check_context(checkpoint: Checkpoint, family: str) -> None:
+    """The UNet's cross-attention reads what the text encoders write: their widths must add up."""
+    widths = [text_width(checkpoint.shapes, s) for s in text_slots(family)]
+    context = next((shape[-1] for key, shape in checkpoint.shapes.items()
+                    if key.startswith(keymap.UNET.prefix) and key.endswith("attn2.to_k.weight")), None)
+    if None in widths or context is None:
+        raise LdmError(f"{checkpoint.name} lacks its text encoder's embeddings or the UNet's cross-attention; "
+                       "the file is incomplete")
+    if context != sum(widths):
+        raise LdmError(f"{checkpoint.name}: its UNet reads {context}-wide text features but its text encoder(s) "
+                       f"give {'+'.join(map(str, widths))}; the file mixes parts of different models")
+
+
+def not_a_model(checkpoint: Checkpoint) -> str:
+    keys = list(checkpoint.shapes)
+    if any("lora" in k.lower() for k in keys[:50]):
+        return f"{checkpoint.name} is a LoRA, not a full checkpoint; ldm loads full Stable Diffusion checkpoints"
+    if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "model_ema."))
+                    for k in keys):
+        return f"{checkpoint.name} holds only a VAE; pass it with --vae next to a full model"
+    return (f"{checkpoint.name} is not a Stable Diffusion checkpoint ldm recognises (no "
+            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x and SDXL single files and diffusers folders")
+
+
+def unknown_text_encoder(checkpoint: Checkpoint) -> str:
+    if any(k.startswith("conditioner.embedders.0.model.") for k in checkpoint.shapes):
+        return f"{checkpoint.name} is an SDXL refiner, which ldm does not run; use an SDXL base model"
+    return (f"{checkpoint.name} has a UNet but no text encoder ldm recognises (SD1 CLIP, SD2 OpenCLIP or SDXL's two); "
+            "ldm cannot run it")

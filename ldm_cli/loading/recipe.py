@@ -1,0 +1,106 @@
+"""What to build for a detected checkpoint: each component's diffusers config and the
+tokenizers. They come from the configs shipped in loading/configs/<family>/ (diffusers-layout
+folders without weights, so no hub is ever consulted), overridden by the file's own
+`ldm.config` metadata, overridden in turn by --config DIR, as diffusers' from_single_file(config=)
+does.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm_cli.errors import LdmError
+from ldm_cli.loading import keymap
+from ldm_cli.loading.detect import Found, text_slots
+from ldm_cli.loading.folder import PIPELINE_FAMILIES, read_json
+
+SHIPPED = Path(__file__).resolve().parent / "configs"
+TOKENIZER = SHIPPED / "clip_tokenizer"
+OPENCLIP_TOKENS = {"pad_token": "!"}  # OpenCLIP pads with "!"; OpenAI's CLIP repeats the end token
+METADATA_KEY = "ldm.config"
+
+
+@dataclass
+class Recipe:
+    family: str
+    configs: dict[str, dict]  # unet, vae, text_encoder[, text_encoder_2], scheduler
+    sources: dict[str, str]  # component -> "shipped", "metadata" or "--config"
+    tokenizers: list[tuple[Path, dict]]  # (folder, overrides) per text encoder
+    options: dict
+
+    @property
+    def text_encoders(self) -> list[str]:
+        return [s.name for s in text_slots(self.family)]
+
+
+def components(family: str) -> list[str]:
+    return [s.name for s in keymap.LAYOUTS[family]] + ["scheduler"]
+
+
+def resolve(found: Found, metadata: dict[str, str], config_dir: str | None) -> Recipe:
+    r = shipped(found)
+    if METADATA_KEY in metadata:
+        overlay(r, from_metadata(metadata[METADATA_KEY], found.family), "metadata")
+    if config_dir:
+        overlay(r, from_folder(Path(config_dir).expanduser(), r), "--config")
+    return r
+
+
+def shipped(found: Found) -> Recipe:
+    folder = SHIPPED / found.family
+    configs = {name: read_json(config_file(folder, name)) for name in components(found.family)}
+    configs["unet"]["in_channels"] = found.in_channels  # the inpainting variants differ only here
+    tokenizers = [(TOKENIZER, OPENCLIP_TOKENS if s.kind == "openclip" else {}) for s in text_slots(found.family)]
+    index = read_json(folder / "model_index.json")
+    return Recipe(found.family, configs, dict.fromkeys(configs, "shipped"), tokenizers,
+                  {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)})
+
+
+def config_file(folder: Path, name: str) -> Path:
+    return folder / name / ("scheduler_config.json" if name == "scheduler" else "config.json")
+
+
+def overlay(r: Recipe, configs: dict[str, dict], source: str) -> None:
+    for name, config in configs.items():
+        r.configs[name] = config
+        r.sources[name] = source
+
+
+def from_metadata(text: str, family: str) -> dict[str, dict]:
+    """The configs a file carries in its own safetensors metadata (ldm's built-in model does)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for k, v in data.items() if k != "family"):
+        raise LdmError(f"the file's {METADATA_KEY} metadata is not a JSON table of component configs; the file is damaged")
+    if data.get("family", family) != family:
+        raise LdmError(f"the file's {METADATA_KEY} metadata describes a {data['family']} model, but its weights are {family}")
+    return {k: v for k, v in data.items() if k in components(family)}
+
+
+def from_folder(folder: Path, r: Recipe) -> dict[str, dict]:
+    """--config DIR: a diffusers-layout folder; any component config it has wins."""
+    if not folder.is_dir():
+        raise LdmError(f"--config {str(folder)!r} is not a folder; pass a diffusers-layout model folder (configs are enough)")
+    index = folder / "model_index.json"
+    if index.exists():
+        check_family(read_json(index), r.family, folder)
+        r.options["force_zeros_for_empty_prompt"] = read_json(index).get("force_zeros_for_empty_prompt", True)
+    found = {name: read_json(config_file(folder, name)) for name in components(r.family)
+             if config_file(folder, name).exists()}
+    names = ["tokenizer"] + [f"tokenizer_{i + 1}" for i in range(1, len(r.tokenizers))]
+    for i, name in enumerate(names):
+        if (folder / name).is_dir():
+            r.tokenizers[i] = (folder / name, {})
+    if not found:
+        raise LdmError(f"--config {str(folder)!r} has no component configs (unet/config.json, vae/config.json, ...)")
+    return found
+
+
+def check_family(index: dict, family: str, folder: Path) -> None:
+    kind = PIPELINE_FAMILIES.get(index.get("_class_name"))
+    if kind is not None and kind != ("sdxl" if family == "sdxl" else "sd"):
+        raise LdmError(f"--config {str(folder)!r} describes a {index['_class_name']}, but the checkpoint is {family}; "
+                       "pass a config folder of the same family")

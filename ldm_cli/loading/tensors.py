@@ -1,0 +1,134 @@
+"""A checkpoint file as names, shapes and metadata (from the safetensors header alone) plus a
+way to read one tensor at a time.
+
+The header is read and checked here before any tensor is touched, so a truncated download, a
+corrupt file or a header that lies about its data is one clear error, not a crash half-way.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ldm_cli.errors import LdmError
+from ldm_cli.loading import safety
+
+MAX_HEADER = 100 * 2**20  # real headers are well under 1 MB
+TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "BOOL": "bool", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+                "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8"}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1,
+            "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1}
+DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64", "F8_E4M3": "fp8", "F8_E5M2": "fp8"}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]  # safetensors dtype names: F16, F32, BF16, ...
+    metadata: dict[str, str] = field(default_factory=dict)
+    reader: Callable[[str], Any] | None = None  # key -> the tensor, a view into the file where possible
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def get(self, key: str):
+        """The tensor at `key`, as a view into the file where possible: copy what you keep."""
+        return self.reader(key)
+
+
+def corrupt(path: Path, why: str) -> LdmError:
+    return LdmError(f"{path.name} is truncated or corrupt ({why}); download it again")
+
+
+def read_header(path: Path) -> tuple[dict, dict, int]:
+    """(tensor entries, metadata, where the data starts) of a .safetensors file, checked
+    against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > MAX_HEADER or 8 + n > size:
+            raise corrupt(path, f"its header claims {n} bytes; the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError):
+            raise corrupt(path, "its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt(path, "its header is not a table of tensors")
+    metadata = header.pop("__metadata__", None) or {}
+    check_entries(path, header, size - 8 - n)
+    return header, metadata, 8 + n
+
+
+def check_entries(path: Path, header: dict, data_size: int) -> None:
+    end = 0
+    for key, entry in header.items():
+        try:
+            begin, stop = entry["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in [*entry["shape"], begin, stop]):
+                raise ValueError
+            nbytes = math.prod(entry["shape"]) * ITEMSIZE[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(path, f"the header entry for {key!r} is malformed") from None
+        if stop - begin != nbytes:
+            raise corrupt(path, f"the header says {key!r} is {entry['shape']} {entry['dtype']} but gives it {stop - begin} bytes")
+        end = max(end, stop)
+    if end > data_size:
+        raise corrupt(path, f"the header expects {end} bytes of tensor data; only {data_size} are there")
+
+
+def open_checkpoint(path: Path, allow_pickle: bool = False) -> Checkpoint:
+    """A safetensors file (or, with allow_pickle, a torch pickle), judged by its content."""
+    kind = safety.sniff(path)
+    if kind == "pickle":
+        if not allow_pickle:
+            raise safety.refusal(path)
+        tensors = safety.load_pickle(path)
+        names = {f"torch.{torch_name}": name for name, torch_name in TORCH_DTYPES.items()}
+        return Checkpoint(path, {k: tuple(t.shape) for k, t in tensors.items()},
+                          {k: names.get(str(t.dtype), str(t.dtype)) for k, t in tensors.items()}, {}, tensors.__getitem__)
+    if kind != "safetensors":
+        if path.stat().st_size < 9:
+            raise corrupt(path, "it is empty")
+        raise LdmError(f"{path.name} is neither a safetensors file nor a PyTorch checkpoint; ldm cannot read it")
+    header, metadata, data_start = read_header(path)
+    return Checkpoint(path, {k: tuple(e["shape"]) for k, e in header.items()},
+                      {k: e["dtype"] for k, e in header.items()}, metadata, _safetensors_reader(path, header, data_start))
+
+
+def _safetensors_reader(path: Path, header: dict, data_start: int) -> Callable[[str], Any]:
+    """key -> a zero-copy view into the mapped file (offsets already checked against its size)."""
+    import mmap
+
+    import torch
+
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never writes the file
+
+    def view(key: str):
+        entry = header[key]
+        dtype = getattr(torch, TORCH_DTYPES[entry["dtype"]])
+        begin, stop = entry["data_offsets"]
+        if stop == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        flat = torch.frombuffer(mapped, dtype=dtype, count=(stop - begin) // dtype.itemsize, offset=data_start + begin)
+        return flat.view(entry["shape"])
+    return view
+
+
+def is_float(dtype: str) -> bool:
+    return dtype.startswith(("F", "BF"))
+
+
+def dtype_name(checkpoint: Checkpoint, prefix: str = "") -> str:
+    """The dtype most of the weights under `prefix` are stored in: fp16, fp32, bf16."""
+    counts: dict[str, int] = {}
+    for key, dtype in checkpoint.dtypes.items():
+        if key.startswith(prefix):
+            counts[dtype] = counts.get(dtype, 0) + math.prod(checkpoint.shapes[key])
+    top = max(counts, key=counts.get) if counts else "?"
+    return DTYPE_NAMES.get(top, top)

@@ -1,0 +1,91 @@
+"""The built-in model (ldm_cli/assets/builtin.safetensors) through ldm's own loader, pipeline and
+CLI: it follows prompts as the evaluator reads them. Plus its training recipe's promises."""
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ldm_cli import loading
+from ldm_cli.cli import app
+from ldm_cli.demo import architecture, evaluate, gate, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return loading.load(None)
+
+
+def draw(model, prompt, seed=0, **settings):
+    return gate.render(model, [prompt], [seed], **settings)[0]
+
+
+def foreground_colors(image):
+    pixels = np.asarray(image, dtype=np.float64)
+    coverage, _ = evaluate.foreground(pixels, evaluate.border_color(pixels))
+    return [evaluate.color_name(p) for p in pixels[coverage > 0.5]]
+
+
+def test_loads_as_sd1_with_its_own_defaults(builtin):
+    assert builtin.family.name == "sd1" and builtin.name == "ldm-builtin"
+    assert builtin.native_size == (64, 64) and builtin.latent_channels == 4
+    assert builtin.defaults["steps"] == 20 and builtin.defaults["scheduler"] == "dpmpp_2m"
+    assert builtin.vae.config.scaling_factor not in (1.0, 0.18215)  # measured from its own latents
+    assert len(builtin.tokenizers[0]) == 49408
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_red_circle_is_mostly_red_in_the_foreground(builtin, seed):
+    colors = foreground_colors(draw(builtin, "a red circle", seed))
+    assert colors and colors.count("red") / len(colors) > 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_square_on_the_left_has_its_centroid_in_the_left_third(builtin, seed):
+    pixels = np.asarray(draw(builtin, "a square on the left", seed), dtype=np.float64)
+    coverage, _ = evaluate.foreground(pixels, evaluate.border_color(pixels))
+    assert np.nonzero(coverage > 0.5)[1].mean() + 0.5 < 64 / 3
+
+
+def test_guidance_follows_the_prompt_better_than_cfg_1(builtin):
+    cases = gate.prompt_set(4, seed=99)
+    prompts, seeds = [c.prompt for c in cases], [c.seed for c in cases]
+    def mean_score(cfg):
+        scores = [v for im, p in zip(gate.render(builtin, prompts, seeds, cfg=cfg), prompts)
+                  for v in evaluate.score(im, p).values()]
+        return sum(scores) / len(scores)
+    assert mean_score(None) > mean_score(1.0)
+
+
+def test_negative_prompt_keeps_red_away(builtin):
+    for seed in range(4):
+        reading = evaluate.read(draw(builtin, "a circle", seed, negative="red"))
+        assert reading.color != "red", seed
+
+
+def test_outside_prompt_still_makes_an_image(builtin):
+    assert draw(builtin, "a photograph of a cat astronaut, 8k").size == (64, 64)
+
+
+def test_cli_without_model_is_deterministic(tmp_path):
+    runner = CliRunner()
+    outputs = []
+    for name in ("a", "b"):
+        result = runner.invoke(app, ["generate", "a red circle", "--seed", "7", "--out", str(tmp_path / name), "-q"])
+        assert result.exit_code == 0, result.output
+        outputs.append([p.read_bytes() for p in sorted((tmp_path / name).glob("*.png"))])
+    assert len(outputs[0]) == 1 and outputs[0] == outputs[1]
+
+
+def test_recipe_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    small = {**architecture.vae_config(), "block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4}
+    monkeypatch.setattr(architecture, "vae_config", lambda: small)  # the recipe's logic, at a fraction of the cost
+
+    def run(folder, steps):
+        train.main(["vae", "--out", str(folder), "--steps", str(steps), "--batch", "2", "--every", "1", "--threads", "1"])
+    run(tmp_path / "straight", 3)
+    run(tmp_path / "resumed", 2)  # interrupted after step 2 (the warm-up LR depends on the step alone)
+    run(tmp_path / "resumed", 3)
+    a, b = (train.load_vae(tmp_path / name).state_dict() for name in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
