@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench builtin clean
 
 install: $(STAMP)
 
@@ -25,6 +25,16 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/generate_vs_diffusers.py
+
+# Retrain the built-in model from scratch into runs/builtin and export it over the shipped file
+# (README: "The built-in model"). Every stage resumes where it stopped if interrupted.
+TRAIN := $(BIN)/python -m ldm_cli.demo.train --out runs/builtin
+builtin: install
+	$(TRAIN) vae
+	$(TRAIN) latents
+	$(TRAIN) decoder --threads 1 & pid=$$!; $(TRAIN) denoiser --threads 1 && wait $$pid
+	$(TRAIN) export
+	$(BIN)/python bench/builtin_quality.py --grid docs/builtin-grid.png
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

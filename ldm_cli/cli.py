@@ -2,10 +2,12 @@
 so `ldm --help` answers at once."""
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -65,6 +67,16 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 Dtype = Annotated[str, typer.Option(help="auto, fp16, bf16 or fp32 [auto: fp16 on GPUs, fp32 on CPU].")]
 AsJson = Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+FromPng = Annotated[Optional[Path], typer.Option("--from-png", help="Re-run an image's recorded settings; flags override them.")]
+
+# Options of the commands that start from an image.
+InitImage = Annotated[Path, typer.Argument(help="The starting image.")]
+ImagePrompt = Annotated[Optional[str], typer.Argument(help="What to draw.")]
+Strength = Annotated[Optional[float], typer.Option(help="How much to change: 0 keeps the image, 1 paints afresh [default: 0.75 for img2img, 1 for inpaint and outpaint].")]
+MaskBlur = Annotated[Optional[int], typer.Option(min=0, help="Blur of the mask's edge in pixels, blending new and kept [default: 4].")]
+OnlyMasked = Annotated[bool, typer.Option("--only-masked", help="Render only the mask's surroundings, at the model's size, and paste them back.")]
+Padding = Annotated[Optional[int], typer.Option(min=0, help="Pixels of context around the mask with --only-masked [default: 32].")]
+Margin = Annotated[int, typer.Option(min=0, help="Pixels to add on this side.")]
 
 
 def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_flags: dict):
@@ -83,27 +95,59 @@ def print_results(results, as_json: bool) -> None:
             print(f"saved {result.path}  (seed {result.settings.seed})", flush=True)
 
 
+# The options every rendering command takes after its own, declared once.
+RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+                  for name, kind, default in (
+    ("negative", Negative, None), ("steps", Steps, None), ("cfg", Cfg, None), ("seed", Seed, None),
+    ("num_images", NumImages, 1), ("batch_size", BatchSize, 1), ("width", Width, None), ("height", Height, None),
+    ("scheduler", Scheduler, None), ("schedule", Schedule, None), ("model", ModelPath, None),
+    ("vae", Vae, None), ("config", Config, None), ("prediction", Prediction, None),
+    ("allow_pickle", AllowPickle, False), ("out", Out, Path("outputs")), ("device", Device, "auto"),
+    ("dtype", Dtype, "auto"), ("as_json", AsJson, False), ("quiet", Quiet, False), ("from_png", FromPng, None))]
+SETTINGS_FLAGS = ("negative", "steps", "cfg", "seed", "width", "height", "scheduler", "schedule", "model")
+LOAD_FLAGS = ("vae", "config", "prediction", "allow_pickle", "device", "dtype")
+
+
+class RenderFlags(dict):
+    """The parsed RENDER_OPTIONS of one command."""
+
+    def settings(self, **own):
+        """The settings of --from-png, if given, with every flag given on top."""
+        from ldm_cli import commands
+        from ldm_cli.settings import Settings
+
+        flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own)
+        return commands.base_settings(flags, self["from_png"])
+
+    def run_options(self):
+        return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
+                           {k: self[k] for k in LOAD_FLAGS})
+
+    def print(self, results) -> None:
+        print_results(results, self["as_json"])
+
+
+def renders(command: Callable[..., None]) -> Callable[..., None]:
+    """Add RENDER_OPTIONS to a command's own parameters; it gets them as `flags`."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "flags"]
+
+    @functools.wraps(command)
+    def with_flags(**kwargs) -> None:
+        flags = RenderFlags({p.name: kwargs.pop(p.name) for p in RENDER_OPTIONS})
+        command(**kwargs, flags=flags)
+
+    with_flags.__signature__ = inspect.Signature(own + RENDER_OPTIONS)
+    return with_flags
+
+
 @app.command()
-def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="What to draw.")] = None,
-    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, seed: Seed = None,
-    num_images: NumImages = 1, batch_size: BatchSize = 1, width: Width = None, height: Height = None,
-    scheduler: Scheduler = None, schedule: Schedule = None, model: ModelPath = None,
-    vae: Vae = None, config: Config = None, prediction: Prediction = None, allow_pickle: AllowPickle = False,
-    out: Out = Path("outputs"), device: Device = "auto", dtype: Dtype = "auto",
-    as_json: AsJson = False, quiet: Quiet = False,
-    from_png: Annotated[Optional[Path], typer.Option("--from-png", help="Re-run an image's recorded settings; flags override them.")] = None,
-) -> None:
+@renders
+def generate(prompt: Annotated[Optional[str], typer.Argument(help="What to draw.")] = None, *,
+             flags: RenderFlags) -> None:
     """Turn a prompt into PNGs."""
     from ldm_cli import commands
-    from ldm_cli.settings import Settings
 
-    flags = Settings(prompt=prompt, negative=negative, steps=steps, cfg=cfg, seed=seed, width=width,
-                     height=height, scheduler=scheduler, schedule=schedule, model=model)
-    settings = commands.base_settings(flags, from_png)
-    options = run_options(num_images, batch_size, out, quiet, dict(
-        vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, device=device, dtype=dtype))
-    print_results(commands.generate(settings, options), as_json)
+    flags.print(commands.generate(flags.settings(prompt=prompt), flags.run_options()))
 
 
 @app.command()
@@ -148,92 +192,47 @@ def _supports(name: str, schedule: str) -> bool:
         return False
 
 
-# Options of the commands that start from an image.
-InitImage = Annotated[Path, typer.Argument(help="The starting image.")]
-ImagePrompt = Annotated[Optional[str], typer.Argument(help="What to draw.")]
-Strength = Annotated[Optional[float], typer.Option(help="How much to change: 0 keeps the image, 1 paints afresh [default: 0.75 for img2img, 1 for inpaint and outpaint].")]
-MaskBlur = Annotated[Optional[int], typer.Option(min=0, help="Blur of the mask's edge in pixels, blending new and kept [default: 4].")]
-OnlyMasked = Annotated[bool, typer.Option("--only-masked", help="Render only the mask's surroundings, at the model's size, and paste them back.")]
-Padding = Annotated[Optional[int], typer.Option(min=0, help="Pixels of context around the mask with --only-masked [default: 32].")]
-Margin = Annotated[int, typer.Option(min=0, help="Pixels to add on this side.")]
-FromPng = Annotated[Optional[Path], typer.Option("--from-png", help="Re-run an image's recorded settings; flags override them.")]
-
-
-def image_settings(from_png: Optional[Path], **flags):
-    """The settings of --from-png with the given flags on top (an unset --only-masked leaves its value)."""
-    from ldm_cli import commands
-    from ldm_cli.settings import Settings
-
-    flags["only_masked"] = flags.get("only_masked") or None
-    return commands.base_settings(Settings(**flags), from_png)
-
-
 @app.command()
-def img2img(
-    image: InitImage, prompt: ImagePrompt = None, strength: Strength = None,
-    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, seed: Seed = None,
-    num_images: NumImages = 1, batch_size: BatchSize = 1, width: Width = None, height: Height = None,
-    scheduler: Scheduler = None, schedule: Schedule = None, model: ModelPath = None,
-    vae: Vae = None, config: Config = None, prediction: Prediction = None, allow_pickle: AllowPickle = False,
-    out: Out = Path("outputs"), device: Device = "auto", dtype: Dtype = "auto",
-    as_json: AsJson = False, quiet: Quiet = False, from_png: FromPng = None,
-) -> None:
+@renders
+def img2img(image: InitImage, prompt: ImagePrompt = None, strength: Strength = None, *,
+            flags: RenderFlags) -> None:
     """Redraw an image after a prompt [size: the image's own, rounded down to multiples of 8]."""
     from ldm_cli import commands
 
-    settings = image_settings(from_png, prompt=prompt, negative=negative, steps=steps, cfg=cfg, seed=seed,
-                              width=width, height=height, scheduler=scheduler, schedule=schedule, model=model,
-                              strength=strength)
-    options = run_options(num_images, batch_size, out, quiet, dict(
-        vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, device=device, dtype=dtype))
-    print_results(commands.img2img(settings, image, options), as_json)
+    settings = flags.settings(prompt=prompt, strength=strength)
+    flags.print(commands.img2img(settings, image, flags.run_options()))
 
 
 @app.command()
+@renders
 def inpaint(
     image: InitImage,
     mask: Annotated[Path, typer.Argument(help="White is repainted, black is kept; any size of the image's shape.")],
     prompt: ImagePrompt = None, strength: Strength = None, mask_blur: MaskBlur = None,
-    only_masked: OnlyMasked = False, padding: Padding = None,
-    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, seed: Seed = None,
-    num_images: NumImages = 1, batch_size: BatchSize = 1, width: Width = None, height: Height = None,
-    scheduler: Scheduler = None, schedule: Schedule = None, model: ModelPath = None,
-    vae: Vae = None, config: Config = None, prediction: Prediction = None, allow_pickle: AllowPickle = False,
-    out: Out = Path("outputs"), device: Device = "auto", dtype: Dtype = "auto",
-    as_json: AsJson = False, quiet: Quiet = False, from_png: FromPng = None,
+    only_masked: OnlyMasked = False, padding: Padding = None, *, flags: RenderFlags,
 ) -> None:
     """Repaint the masked part of an image; outside the mask its pixels are kept exactly."""
     from ldm_cli import commands
 
-    settings = image_settings(from_png, prompt=prompt, negative=negative, steps=steps, cfg=cfg, seed=seed,
-                              width=width, height=height, scheduler=scheduler, schedule=schedule, model=model,
-                              strength=strength, mask_blur=mask_blur, only_masked=only_masked, padding=padding)
-    options = run_options(num_images, batch_size, out, quiet, dict(
-        vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, device=device, dtype=dtype))
-    print_results(commands.inpaint(settings, image, mask, options), as_json)
+    settings = flags.settings(prompt=prompt, strength=strength, mask_blur=mask_blur,
+                              only_masked=only_masked or None, padding=padding)
+    flags.print(commands.inpaint(settings, image, mask, flags.run_options()))
 
 
 @app.command()
+@renders
 def outpaint(
     image: InitImage, prompt: ImagePrompt = None,
     left: Margin = 0, right: Margin = 0, top: Margin = 0, bottom: Margin = 0,
-    strength: Strength = None, mask_blur: MaskBlur = None, only_masked: OnlyMasked = False, padding: Padding = None,
-    negative: Negative = None, steps: Steps = None, cfg: Cfg = None, seed: Seed = None,
-    num_images: NumImages = 1, batch_size: BatchSize = 1, width: Width = None, height: Height = None,
-    scheduler: Scheduler = None, schedule: Schedule = None, model: ModelPath = None,
-    vae: Vae = None, config: Config = None, prediction: Prediction = None, allow_pickle: AllowPickle = False,
-    out: Out = Path("outputs"), device: Device = "auto", dtype: Dtype = "auto",
-    as_json: AsJson = False, quiet: Quiet = False, from_png: FromPng = None,
+    strength: Strength = None, mask_blur: MaskBlur = None, only_masked: OnlyMasked = False,
+    padding: Padding = None, *, flags: RenderFlags,
 ) -> None:
     """Extend an image's canvas by the margins and paint the new border."""
     from ldm_cli import commands
 
-    settings = image_settings(from_png, prompt=prompt, negative=negative, steps=steps, cfg=cfg, seed=seed,
-                              width=width, height=height, scheduler=scheduler, schedule=schedule, model=model,
-                              strength=strength, mask_blur=mask_blur, only_masked=only_masked, padding=padding)
-    options = run_options(num_images, batch_size, out, quiet, dict(
-        vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, device=device, dtype=dtype))
-    print_results(commands.outpaint(settings, image, (left, top, right, bottom), options), as_json)
+    settings = flags.settings(prompt=prompt, strength=strength, mask_blur=mask_blur,
+                              only_masked=only_masked or None, padding=padding)
+    flags.print(commands.outpaint(settings, image, (left, top, right, bottom), flags.run_options()))
 
 
 @app.command()

@@ -89,3 +89,29 @@ def test_recipe_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     run(tmp_path / "resumed", 3)
     a, b = (train.load_vae(tmp_path / name).state_dict() for name in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_denoiser_resumed_equals_uninterrupted_ema_included(tmp_path, monkeypatch):
+    unet = {**architecture.unet_config(16), "block_out_channels": [8, 16], "norm_num_groups": 4}
+    text = {**architecture.text_config(), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "projection_dim": 16}
+    monkeypatch.setattr(architecture, "unet_config", lambda context_dim: unet)
+    monkeypatch.setattr(architecture, "text_config", lambda: text)
+    data = {"latents": torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+            "scenes": [["circle", "red", "left", "small", "white"], ["cross", "blue", "top", "large", "gray"]] * 4}
+
+    def run(folder, steps):
+        folder.mkdir(exist_ok=True)
+        torch.save(data, folder / "latents.pt")
+        train.main(["denoiser", "--out", str(folder), "--steps", str(steps), "--batch", "2", "--every", "1",
+                    "--threads", "1", "--ema", "0.9"])
+    run(tmp_path / "straight", 3)
+    run(tmp_path / "resumed", 2)
+    run(tmp_path / "resumed", 3)
+    from diffusers import UNet2DConditionModel
+
+    a, b = (UNet2DConditionModel.from_pretrained(tmp_path / name / "denoiser_stage" / "unet_ema").state_dict()
+            for name in ("straight", "resumed"))
+    live = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "denoiser_stage" / "unet").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], live[k]) for k in a)  # the average lags the live weights

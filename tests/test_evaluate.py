@@ -51,3 +51,25 @@ def test_off_centre_shape_reads_by_its_centroid():
                                        ((40, 90, 220), "blue"), ((128, 128, 128), "gray"), ((10, 10, 10), "black")])
 def test_color_names(rgb, name):
     assert evaluate.color_name(rgb) == name
+
+
+def _square_on_white(extra=None):
+    image = Image.new("RGB", (64, 64), scenes.BACKGROUNDS["white"])
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((26, 26, 37, 37), fill=scenes.COLORS["red"])
+    if extra:
+        draw.rectangle(extra, fill=scenes.COLORS["red"])
+    return image
+
+
+def test_a_speck_elsewhere_does_not_change_the_shape():
+    # one stray dark pixel in a corner used to stretch the shape's box over the whole image
+    image = _square_on_white((1, 1, 2, 2))
+    reading = evaluate.read(image)
+    assert (reading.shape, reading.position, reading.size) == ("square", "center", "small")
+
+
+def test_a_second_object_leaves_the_shape_unread():
+    reading = evaluate.read(_square_on_white((4, 4, 12, 12)))
+    assert reading.shape is None and reading.color == "red"
+    assert evaluate.read(_square_on_white()).shape == "square"

@@ -1,8 +1,10 @@
 """Score an image against the prompt it was made from, attribute by attribute.
 
 Measured, not learned: the background is the border's median colour; the foreground is what
-differs from it; colour is read from hue and brightness, position from the foreground's
-centroid, size from its area, shape from which drawn template best overlaps its mask.
+differs from it, and the shape is its largest connected part; colour is read from hue and
+brightness, position from the shape's centroid, size from its area, shape from which drawn
+template best overlaps its mask. A speck elsewhere (a fifth of the shape's area or less) is
+ignored; a second object any larger leaves the shape unread.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from PIL import Image, ImageDraw
 from ldm_cli.demo import scenes
 
 ROUGH_CONTRAST = 50.0  # RGB distance from the background that surely belongs to the foreground
+SPECK = 0.2  # a second region up to this share of the shape's area is noise, not an object
+EDGE = 2  # pixels of soft edge kept around the shape's half-covered core
 
 
 def parse(prompt: str) -> dict[str, str]:
@@ -128,6 +132,18 @@ def size_split() -> float:
 SIZE_SPLIT = size_split()
 
 
+def largest_part(coverage: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(the coverage of the largest connected half-covered region with its soft edge, whether
+    it is alone: no other region has more than SPECK of its area)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(coverage > 0.5)
+    areas = np.bincount(labels.ravel())[1:]
+    largest = labels == 1 + int(np.argmax(areas))
+    alone = count == 1 or np.sort(areas)[-2] <= SPECK * areas.max()
+    return coverage * ndimage.binary_dilation(largest, iterations=EDGE), alone
+
+
 def read(image: Image.Image) -> Reading:
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     background = border_color(pixels)
@@ -136,8 +152,10 @@ def read(image: Image.Image) -> Reading:
     if found is None or not (found[0] > 0.5).any():
         return reading  # no shape: every foreground attribute fails
     coverage, color = found
+    coverage, alone = largest_part(coverage)
     mask = coverage > 0.5
-    reading.color, reading.shape = color_name(color), shape_name(coverage)
+    reading.color = color_name(color)
+    reading.shape = shape_name(coverage) if alone else None
     reading.position = position_name(mask)
     reading.size = "small" if mask.sum() < SIZE_SPLIT else "large"
     return reading
