@@ -32,7 +32,8 @@ TRAIN := $(BIN)/python -m ldm_cli.demo.train --out runs/builtin
 builtin: install
 	$(TRAIN) vae
 	$(TRAIN) latents
-	$(TRAIN) decoder --threads 1 & pid=$$!; $(TRAIN) denoiser --threads 1 && wait $$pid
+	$(TRAIN) text
+	$(TRAIN) denoiser
 	$(TRAIN) export
 	$(BIN)/python bench/builtin_quality.py --grid docs/builtin-grid.png
 

@@ -37,18 +37,24 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond, negative: C
         extra_input = torch.cat([extra_input] * 2)
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
-        x = torch.cat([latents] * 2) if guided else latents
-        x = scheduler.scale_model_input(x, t)
-        if extra_input is not None:
-            x = torch.cat([x, extra_input], dim=1)
-        with torch.inference_mode():
-            out = model.family.predict(model, x, t, cond)
-        if guided:
-            out_neg, out_pos = out.chunk(2)
-            out = out_neg + cfg * (out_pos - out_neg)
-        latents = scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+        with torch.inference_mode():  # the scheduler's arithmetic too: no autograd bookkeeping anywhere
+            latents = _step(model, scheduler, latents, t, cond, cfg, guided, extra_input, step_kwargs)
         if blend is not None:
             latents = blend(latents, i)
         if on_step is not None:
             on_step()
     return latents
+
+
+def _step(model, scheduler, latents: torch.Tensor, t: torch.Tensor, cond: Cond, cfg: float, guided: bool,
+          extra_input: torch.Tensor | None, step_kwargs: dict) -> torch.Tensor:
+    """One denoiser call (both halves at once when guided) and one scheduler step."""
+    x = torch.cat([latents] * 2) if guided else latents
+    x = scheduler.scale_model_input(x, t)
+    if extra_input is not None:
+        x = torch.cat([x, extra_input], dim=1)
+    out = model.family.predict(model, x, t, cond)
+    if guided:
+        out_neg, out_pos = out.chunk(2)
+        out = out_neg + cfg * (out_pos - out_neg)
+    return scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from ldm_cli import loading
 from ldm_cli.cli import app
-from ldm_cli.demo import architecture, evaluate, gate, train
+from ldm_cli.demo import architecture, evaluate, gate, scenes, train
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +91,9 @@ def test_recipe_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_denoiser_resumed_equals_uninterrupted_ema_included(tmp_path, monkeypatch):
-    unet = {**architecture.unet_config(16), "block_out_channels": [8, 16], "norm_num_groups": 4}
+def test_text_and_denoiser_stages_resume_exactly_ema_included(tmp_path, monkeypatch):
+    levels = len(architecture.unet_config(16)["block_out_channels"])
+    unet = {**architecture.unet_config(16), "block_out_channels": [8] + [16] * (levels - 1), "norm_num_groups": 4}
     text = {**architecture.text_config(), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
             "projection_dim": 16}
     monkeypatch.setattr(architecture, "unet_config", lambda context_dim: unet)
@@ -100,18 +101,37 @@ def test_denoiser_resumed_equals_uninterrupted_ema_included(tmp_path, monkeypatc
     data = {"latents": torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
             "scenes": [["circle", "red", "left", "small", "white"], ["cross", "blue", "top", "large", "gray"]] * 4}
 
-    def run(folder, steps):
+    def run(folder, stage, steps):
         folder.mkdir(exist_ok=True)
         torch.save(data, folder / "latents.pt")
-        train.main(["denoiser", "--out", str(folder), "--steps", str(steps), "--batch", "2", "--every", "1",
-                    "--threads", "1", "--ema", "0.9"])
-    run(tmp_path / "straight", 3)
-    run(tmp_path / "resumed", 2)
-    run(tmp_path / "resumed", 3)
+        train.main([stage, "--out", str(folder), "--steps", str(steps), "--batch", "2", "--every", "1",
+                    "--threads", "1", "--ema", "0.9", "--report", "100"])
+    for folder in (tmp_path / "straight", tmp_path / "resumed"):
+        run(folder, "text", 2)
+    run(tmp_path / "straight", "denoiser", 3)
+    run(tmp_path / "resumed", "denoiser", 2)  # interrupted after step 2
+    run(tmp_path / "resumed", "denoiser", 3)
     from diffusers import UNet2DConditionModel
 
-    a, b = (UNet2DConditionModel.from_pretrained(tmp_path / name / "denoiser_stage" / "unet_ema").state_dict()
-            for name in ("straight", "resumed"))
-    live = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "denoiser_stage" / "unet").state_dict()
+    def weights(name, module="unet_ema"):
+        return UNet2DConditionModel.from_pretrained(tmp_path / name / "denoiser_stage" / module).state_dict()
+    a, b, live = weights("straight"), weights("resumed"), weights("straight", "unet")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], live[k]) for k in a)  # the average lags the live weights
+
+
+def test_text_stage_teaches_the_encoder_to_read_every_attribute_back(tmp_path, monkeypatch):
+    text = {**architecture.text_config(), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    monkeypatch.setattr(architecture, "text_config", lambda: text)
+    train.main(["text", "--out", str(tmp_path), "--steps", "120", "--batch", "64", "--lr", "1e-2", "--threads", "1",
+                "--report", "1000"])
+    encoder, captions = train.text_stage_encoder(tmp_path), train.Captions()
+    probe = train.Probe(32)
+    probe.load_state_dict(torch.load(tmp_path / "text_stage" / "state.pt", weights_only=True)["extra"]["probe"])
+    assert train.probe_accuracy(encoder, probe, captions)["seen"] > 0.9
+    # the words that, learnt only beside the U-Net, collapsed into one another
+    phrases = [scenes.PHRASES[p] for p in scenes.POSITIONS]
+    ids = captions.ids([f"a red circle {phrase}" for phrase in phrases])
+    with torch.no_grad():
+        read = probe(encoder(ids)[0], ids)["position"].argmax(dim=1).tolist()
+    assert read == list(range(len(phrases)))

@@ -1,7 +1,7 @@
 """The built-in model's shape: Stable Diffusion 1's classes and scheduler at toy scale.
 
-Sized for a 2-core CPU: 20 guided steps of one 64x64 image in well under half a second, and a
-file under 16 MB in fp16 (the text encoder's 49408-token embedding is most of it).
+Sized for a 2-core CPU: 20 guided steps of one 64x64 image in under half a second, and a file
+under 16 MB in fp16 (the text encoder's 49408-token embedding is most of it).
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ def vae_config() -> dict[str, Any]:
 
 
 def unet_config(context_dim: int = 64) -> dict[str, Any]:
-    """Cross-attention at the full 8x8 latent (where the text decides position) and in the middle;
-    plain ResNet blocks at 4x4, which keeps 20 guided steps fast."""
+    """Three levels, 8x8 -> 4x4 -> 2x2, cross-attention at the first two and in the middle (at
+    2x2, where each cell is a corner of the picture and where the text says to put a shape is
+    easiest to act on); plain ResNet blocks at 2x2."""
     return {
         "sample_size": scenes.SIZE // 8, "in_channels": 4, "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8,
         "cross_attention_dim": context_dim, "attention_head_dim": 2,
     }
 

@@ -1,8 +1,8 @@
-"""The built-in model's training recipe: VAE stage, latent cache, denoiser stage, export.
+"""The built-in model's training recipe: VAE, latent cache, text encoder, denoiser, export.
 
     python -m ldm_cli.demo.train vae      --out runs/builtin
     python -m ldm_cli.demo.train latents  --out runs/builtin
-    python -m ldm_cli.demo.train decoder  --out runs/builtin   # may run beside the denoiser
+    python -m ldm_cli.demo.train text     --out runs/builtin   # needs nothing before it
     python -m ldm_cli.demo.train denoiser --out runs/builtin
     python -m ldm_cli.demo.train export   --out runs/builtin --cfg 5
 
@@ -10,7 +10,7 @@ Every stage is seeded and resumable: it checkpoints every --every steps under --
 again, goes on from the last checkpoint. Batch i of a stage is drawn from seed and i alone, so a
 resumed run sees the same data it would have seen uninterrupted. Each stage's defaults (steps,
 batch, learning rate) are the ones the shipped model was trained with; `make builtin` runs them
-all. Training runs on CUDA when there is one, in bf16 autocast where the hardware has it.
+all. Training runs on CUDA when there is one, in bf16 autocast where that is faster.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from ldm_cli import vae as vae_io
 from ldm_cli.demo import architecture, scenes
 
 CFG_DROP = 0.1  # share of captions replaced by "" so the model learns the unconditional case
+ATTRIBUTE_DROP = 0.15  # chance that a caption leaves out each attribute but the shape
 FOREGROUND_WEIGHT = 9.0  # how much more a shape's pixel counts than a background pixel in the VAE loss
 EDGE_WEIGHT = 20.0  # and a pixel near its outline, on top: the outline is what tells shapes apart
 LARGE_AREA = 0.12  # the share of the image a large shape covers
@@ -45,7 +46,7 @@ def autocast(args):
     if args.device.type == "cuda":
         enabled = torch.cuda.is_bf16_supported()
     else:
-        enabled = args.stage in ("vae", "decoder") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        enabled = args.stage == "vae" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -86,17 +87,21 @@ def scene_batch(seed: int, step: int, size: int) -> tuple[list[scenes.Scene], to
 
 
 class Checkpoint:
-    """Modules plus optimizer state and step, saved atomically under `folder`."""
+    """Models (saved with save_pretrained, a folder each), plain modules that only training
+    needs (`extra`), optimizer state and step, under `folder`. state.pt is replaced last, so
+    an interrupted save leaves the previous step to resume from."""
 
-    def __init__(self, folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer):
-        self.folder, self.modules, self.optimizer = folder, modules, optimizer
+    def __init__(self, folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                 extra: dict[str, torch.nn.Module] | None = None):
+        self.folder, self.modules, self.optimizer, self.extra = folder, modules, optimizer, extra or {}
 
     def save(self, step: int) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         for name, module in self.modules.items():
             module.save_pretrained(self.folder / name)
         tmp = self.folder / "state.pt.tmp"
-        torch.save({"step": step, "optimizer": self.optimizer.state_dict()}, tmp)
+        torch.save({"step": step, "optimizer": self.optimizer.state_dict(),
+                    "extra": {name: m.state_dict() for name, m in self.extra.items()}}, tmp)
         tmp.replace(self.folder / "state.pt")
 
     def resume(self) -> int:
@@ -108,6 +113,8 @@ class Checkpoint:
             module.load_state_dict(type(module).from_pretrained(self.folder / name).state_dict())
         state = torch.load(path, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        for name, module in self.extra.items():
+            module.load_state_dict(state["extra"][name])
         return state["step"]
 
 
@@ -151,7 +158,7 @@ def run_steps(args, checkpoint: Checkpoint, step_fn, name: str, after_step=None)
         checkpoint.optimizer.step()
         if after_step is not None:
             after_step(step)
-        bar.set_postfix(loss=f"{loss.item():.4f}", metric=f"{metric:.2f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", metric=f"{metric:.2f}", refresh=False)
         if step % 50 == 0:
             log(args.out, f"{name} step {step} loss {loss.item():.5f} metric {metric:.3f} "
                           f"({time.monotonic() - began:.0f} s)")
@@ -169,17 +176,13 @@ def train_vae(args) -> None:
         torch.manual_seed(args.seed + step)
         return vae_loss(vae, scene_batch(args.seed, step, args.batch)[1].to(args.device))
 
-    run_steps(args, checkpoint, step_fn, "vae", report(args, vae, "vae"))
-
-
-def report(args, vae, name: str):
-    """An after-step hook logging the reconstruction report every --report steps."""
     def after_step(step: int) -> None:
         if (step + 1) % args.report == 0:
             vae.eval()
-            log(args.out, f"{name} step {step + 1}: {reconstruction_report(vae, args.seed)}")
+            log(args.out, f"vae step {step + 1}: {reconstruction_report(vae, args.seed)}")
             vae.train()
-    return after_step
+
+    run_steps(args, checkpoint, step_fn, "vae", after_step)
 
 
 def load_vae(out: Path):
@@ -227,25 +230,91 @@ def cache_latents(args) -> None:
     torch.save({"latents": latents * vae.config.scaling_factor, "scenes": table}, args.out / "latents.pt")
     log(args.out, f"cached {len(items)} latents; scaling_factor {vae.config.scaling_factor:.5f}")
 
-def train_decoder(args) -> None:
-    """Go on training the VAE's decoder alone, its encoder frozen: the latent space the denoiser
-    learns stays fixed, so this runs beside the denoiser stage."""
-    from diffusers import AutoencoderKL
+# -- the text encoder stage -----------------------------------------------------------------------
+# Stable Diffusion's text encoder comes pretrained; ours is pretrained here, to read a caption's
+# attributes back from its summary tokens (a linear head per attribute). Trained only jointly
+# with the denoiser, it kept colour and shape but let the position words collapse into one
+# another (the U-Net, not yet using them, sent them no distinguishing gradient), and position
+# stayed at chance.
+VALUES = {"shape": scenes.SHAPES, "color": tuple(scenes.COLORS), "position": tuple(scenes.POSITIONS),
+          "size": tuple(scenes.SIZES), "background": tuple(scenes.BACKGROUNDS)}
 
+
+def training_caption(scene: scenes.Scene, rng: random.Random) -> tuple[str, dict[str, int]]:
+    """A seen-wording caption (CFG_DROP of them empty) and, per attribute, the index of the value
+    it names, len(values) when it names none."""
+    if rng.random() < CFG_DROP:
+        return "", {a: len(v) for a, v in VALUES.items()}
+    keep = {"shape"} | {a for a in scenes.ATTRIBUTES[1:] if rng.random() >= ATTRIBUTE_DROP}
+    text = scenes.caption(scene, rng.choice(scenes.SEEN_WORDINGS), keep)
+    return text, {a: v.index(getattr(scene, a)) if a in keep else len(v) for a, v in VALUES.items()}
+
+
+class Probe(torch.nn.Module):
+    """A linear read-out per attribute (its values, plus "not named") from the summary tokens."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({a: torch.nn.Linear(width, len(v) + 1) for a, v in VALUES.items()})
+
+    def forward(self, hidden: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {a: head(summary(hidden, ids)) for a, head in self.heads.items()}
+
+
+def summary(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The mean of the states from the end-of-text token on: each has seen the whole caption,
+    and they are most of what the U-Net's cross-attention sees."""
+    eos = architecture.text_config()["eos_token_id"]
+    after = (ids == eos).long().cumsum(dim=1) > 0
+    weights = after.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def train_text(args) -> None:
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL.from_pretrained(args.out / "vae").to(args.device)
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    checkpoint = Checkpoint(args.out / "decoder_stage", {"vae": vae}, optimizer)
+    encoder = architecture.text_encoder().to(args.device)
+    probe = Probe(encoder.config.hidden_size).to(args.device)
+    optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(probe.parameters()), lr=args.lr, weight_decay=0.0)
+    checkpoint = Checkpoint(args.out / "text_stage", {"text_encoder": encoder}, optimizer, {"probe": probe})
+    captions = Captions()
 
     def step_fn(step: int):
-        torch.manual_seed(args.seed + step)
-        return vae_loss(vae, scene_batch(args.seed + 1, step, args.batch)[1].to(args.device))
+        rng = random.Random(args.seed * 1_000_003 + step)
+        texts, labels = zip(*(training_caption(scenes.random_scene(rng), rng) for _ in range(args.batch)))
+        ids = captions.ids(list(texts)).to(args.device)
+        logits = probe(encoder(ids)[0], ids)
+        losses = [torch.nn.functional.cross_entropy(logits[a], torch.tensor([l[a] for l in labels], device=args.device))
+                  for a in VALUES]
+        return sum(losses) / len(losses), sum(x.item() for x in losses) / len(losses)
 
-    run_steps(args, checkpoint, step_fn, "decoder", report(args, vae, "decoder"))
+    def after_step(step: int) -> None:
+        if (step + 1) % args.report == 0 or step + 1 == args.steps:
+            log(args.out, f"text step {step + 1}: {probe_report(encoder, probe, captions)}")
 
+    run_steps(args, checkpoint, step_fn, "text", after_step)
+
+
+def probe_report(encoder, probe: Probe, captions: Captions) -> str:
+    accuracy = probe_accuracy(encoder, probe, captions)
+    return "probe reads back " + ", ".join(f"{group} {share:.1%}" for group, share in accuracy.items())
+
+
+@torch.inference_mode()
+def probe_accuracy(encoder, probe: Probe, captions: Captions) -> dict[str, float]:
+    """How many of the attributes of the gate's captions the probe reads back, per group: what
+    the encoder makes of held-out wordings and colour-shape pairs."""
+    from ldm_cli.demo import evaluate, gate
+
+    cases = gate.prompt_set(64)
+    ids = captions.ids([c.prompt for c in cases]).to(encoder.device)
+    logits = probe(encoder(ids)[0], ids)
+    accuracy = {}
+    for group in gate.GROUPS:
+        rows = [i for i, c in enumerate(cases) if c.group == group]
+        truth = [evaluate.parse(cases[i].prompt) for i in rows]
+        right = sum(logits[a][i].argmax().item() == VALUES[a].index(t[a]) for i, t in zip(rows, truth) for a in t)
+        accuracy[group] = right / sum(len(t) for t in truth)
+    return accuracy
 
 
 class Captions:
@@ -265,11 +334,7 @@ class Captions:
 
 def captions_for(table: list[list[str]], indices: list[int], rng: random.Random) -> list[str]:
     """Seen wordings with attributes randomly left out; CFG_DROP of them empty."""
-    texts = []
-    for i in indices:
-        scene = scenes.Scene(*table[i])
-        texts.append("" if rng.random() < CFG_DROP else scenes.random_caption(scene, rng, drop=0.15))
-    return texts
+    return [training_caption(scenes.Scene(*table[i]), rng)[0] for i in indices]
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
@@ -279,18 +344,17 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
 
 
 def train_denoiser(args) -> None:
-    """UNet and text encoder trained together on the cached latents, with an EMA of both."""
+    """The U-Net on the cached latents, the text stage's encoder frozen (as SD's CLIP is), with an
+    EMA of the U-Net's weights."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(args.seed)
     data = torch.load(args.out / "latents.pt", weights_only=True)
-    unet, encoder = architecture.denoiser().to(args.device), architecture.text_encoder().to(args.device)
-    averages = [EMA(unet, args.ema), EMA(encoder, args.ema)]
-    params = list(unet.parameters()) + list(encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    checkpoint = Checkpoint(args.out / "denoiser_stage", {"unet": unet, "text_encoder": encoder,
-                                                         "unet_ema": averages[0].average,
-                                                         "text_encoder_ema": averages[1].average}, optimizer)
+    unet = architecture.denoiser().to(args.device)
+    encoder = text_stage_encoder(args.out).to(args.device)
+    average = EMA(unet, args.ema)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
+    checkpoint = Checkpoint(args.out / "denoiser_stage", {"unet": unet, "unet_ema": average.average}, optimizer)
     noise_schedule = DDPMScheduler.from_config(architecture.scheduler_config())
     alphas_cumprod = noise_schedule.alphas_cumprod.to(args.device)
     captions = Captions()
@@ -303,29 +367,28 @@ def train_denoiser(args) -> None:
         noise = torch.randn(args.batch, *latents.shape[1:]).to(args.device)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (args.batch,)).to(args.device)
         clean = latents[torch.tensor(indices, device=args.device)]
-        context = encoder(captions.ids(captions_for(table, indices, rng)).to(args.device))[0]
+        with torch.no_grad():
+            context = encoder(captions.ids(captions_for(table, indices, rng)).to(args.device))[0]
         predicted = unet(noise_schedule.add_noise(clean, noise, t), t, context).sample
         per_item = (predicted.float() - noise).pow(2).mean(dim=(1, 2, 3))
         loss = (per_item * min_snr_weights(alphas_cumprod, t)).mean()
         return loss, per_item.mean().item()
 
-    def after_step(step: int) -> None:
-        for average in averages:
-            average.update(step)
+    run_steps(args, checkpoint, step_fn, "denoiser", average.update)
 
-    run_steps(args, checkpoint, step_fn, "denoiser", after_step)
+
+def text_stage_encoder(out: Path):
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(out / "text_stage" / "text_encoder", dtype=torch.float32).eval().requires_grad_(False)
 
 
 def trained(out: Path):
-    """(unet, vae, text_encoder) from a run folder's last checkpoints: the EMA weights."""
+    """(unet, vae, text_encoder) from a run folder's last checkpoints: the U-Net's EMA weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
-    stage = out / "denoiser_stage"
-    decoder = out / "decoder_stage" / "vae"
-    return (UNet2DConditionModel.from_pretrained(stage / "unet_ema"),
-            AutoencoderKL.from_pretrained(decoder if decoder.exists() else out / "vae"),
-            CLIPTextModel.from_pretrained(stage / "text_encoder_ema"))
+    return (UNet2DConditionModel.from_pretrained(out / "denoiser_stage" / "unet_ema"),
+            AutoencoderKL.from_pretrained(out / "vae"), text_stage_encoder(out))
 
 
 def metadata(unet, vae, encoder, cfg: float) -> dict[str, str]:
@@ -351,15 +414,15 @@ def export(args) -> None:
 
 
 
-STAGES = {"vae": train_vae, "latents": cache_latents, "decoder": train_decoder, "denoiser": train_denoiser,
-          "export": export}
+STAGES = {"vae": train_vae, "latents": cache_latents, "text": train_text,
+          "denoiser": train_denoiser, "export": export}
 
 
 # Each stage's defaults: what the shipped model was trained with.
 STAGE_DEFAULTS = {
     "vae": {"steps": 16000, "batch": 8, "lr": 3e-4},
-    "decoder": {"steps": 10000, "batch": 8, "lr": 1e-4},
-    "denoiser": {"steps": 30000, "batch": 64, "lr": 1e-3},
+    "text": {"steps": 1000, "batch": 256, "lr": 1e-3},
+    "denoiser": {"steps": 20000, "batch": 64, "lr": 1e-3},
 }
 
 
@@ -372,7 +435,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="peak learning rate [default: the stage's]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=500, help="checkpoint every N steps")
-    parser.add_argument("--report", type=int, default=2000, help="vae, decoder: log a reconstruction report every N steps")
+    parser.add_argument("--report", type=int, default=2000, help="vae, text: log how well the stage does every N steps")
     parser.add_argument("--ema", type=float, default=0.999, help="denoiser: EMA decay of the exported weights")
     parser.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu or cuda")
     parser.add_argument("--threads", type=int, default=2)
