@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from ldm_cli import loading
 from ldm_cli.cli import app
-from ldm_cli.demo import architecture, evaluate, gate, scenes, train
+from ldm_cli.demo import architecture, evaluate, gate, scenes, text_stage, train
 
 pytestmark = pytest.mark.slow
 
@@ -48,14 +48,24 @@ def test_a_square_on_the_left_has_its_centroid_in_the_left_third(builtin, seed):
     assert np.nonzero(coverage > 0.5)[1].mean() + 0.5 < 64 / 3
 
 
+def colour_error(image, color: str) -> float:
+    """How far the shape's median colour is from the prompted one (RGB distance; 255 if no shape)."""
+    pixels = np.asarray(image, dtype=np.float64)
+    coverage, _ = evaluate.foreground(pixels, evaluate.border_color(pixels))
+    shape = pixels[coverage > 0.5]
+    return float(np.linalg.norm(np.median(shape, axis=0) - scenes.COLORS[color])) if len(shape) else 255.0
+
+
 def test_guidance_follows_the_prompt_better_than_cfg_1(builtin):
-    cases = gate.prompt_set(4, seed=99)
-    prompts, seeds = [c.prompt for c in cases], [c.seed for c in cases]
-    def mean_score(cfg):
-        scores = [v for im, p in zip(gate.render(builtin, prompts, seeds, cfg=cfg), prompts)
-                  for v in evaluate.score(im, p).values()]
-        return sum(scores) / len(scores)
-    assert mean_score(None) > mean_score(1.0)
+    # With every attribute named the model reads almost as well at cfg 1 (README: the gate), so
+    # this measures how closely the prompted colour is drawn, over every seen colour-shape pair.
+    pairs = [(c, s) for c in scenes.COLORS for s in scenes.SHAPES if (c, s) not in scenes.HELD_OUT_PAIRS] * 2
+    prompts, seeds = [f"a {c} {s}" for c, s in pairs], list(range(len(pairs)))
+
+    def mean_error(cfg):
+        images = gate.render(builtin, prompts, seeds, cfg=cfg)
+        return sum(colour_error(im, c) for im, (c, _) in zip(images, pairs)) / len(pairs)
+    assert mean_error(None) < 0.8 * mean_error(1.0)
 
 
 def test_negative_prompt_keeps_red_away(builtin):
@@ -125,10 +135,10 @@ def test_text_stage_teaches_the_encoder_to_read_every_attribute_back(tmp_path, m
     monkeypatch.setattr(architecture, "text_config", lambda: text)
     train.main(["text", "--out", str(tmp_path), "--steps", "120", "--batch", "64", "--lr", "1e-2", "--threads", "1",
                 "--report", "1000"])
-    encoder, captions = train.text_stage_encoder(tmp_path), train.Captions()
-    probe = train.Probe(32)
+    encoder, captions = text_stage.text_stage_encoder(tmp_path), text_stage.Captions()
+    probe = text_stage.Probe(32)
     probe.load_state_dict(torch.load(tmp_path / "text_stage" / "state.pt", weights_only=True)["extra"]["probe"])
-    assert train.probe_accuracy(encoder, probe, captions)["seen"] > 0.9
+    assert text_stage.probe_accuracy(encoder, probe, captions)["seen"] > 0.9
     # the words that, learnt only beside the U-Net, collapsed into one another
     phrases = [scenes.PHRASES[p] for p in scenes.POSITIONS]
     ids = captions.ids([f"a red circle {phrase}" for phrase in phrases])

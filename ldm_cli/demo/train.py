@@ -18,65 +18,18 @@ import argparse
 import json
 import math
 import random
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from ldm_cli import vae as vae_io
 from ldm_cli.demo import architecture, scenes
+from ldm_cli.demo.resumable import EMA, Checkpoint, log, pick_device, run_steps
+from ldm_cli.demo.text_stage import Captions, captions_for, text_stage_encoder, train_text
 
-CFG_DROP = 0.1  # share of captions replaced by "" so the model learns the unconditional case
-ATTRIBUTE_DROP = 0.15  # chance that a caption leaves out each attribute but the shape
 FOREGROUND_WEIGHT = 9.0  # how much more a shape's pixel counts than a background pixel in the VAE loss
 EDGE_WEIGHT = 20.0  # and a pixel near its outline, on top: the outline is what tells shapes apart
 LARGE_AREA = 0.12  # the share of the image a large shape covers
-
-
-def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
-
-
-def autocast(args):
-    """bf16 mixed precision where it pays: on CUDA, and for the VAE's convolutions on a CPU with
-    AVX512-BF16 (1.4x); the CPU runs the denoiser's small matmuls faster in fp32. The weights
-    and the optimizer stay fp32."""
-    if args.device.type == "cuda":
-        enabled = torch.cuda.is_bf16_supported()
-    else:
-        enabled = args.stage == "vae" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-class EMA:
-    """An exponential moving average of a module's weights: what a diffusion model samples best with."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        import copy
-
-        self.module, self.decay = module, decay
-        self.average = copy.deepcopy(module).requires_grad_(False)
-
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))  # short memory at first, while weights move fast
-        with torch.no_grad():
-            for average, live in zip(self.average.parameters(), self.module.parameters()):
-                average.lerp_(live, 1 - decay)
-
-
-def log(out: Path, text: str) -> None:
-    with open(out / "log.txt", "a") as f:
-        f.write(text + "\n")
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def scene_batch(seed: int, step: int, size: int) -> tuple[list[scenes.Scene], torch.Tensor]:
@@ -84,38 +37,6 @@ def scene_batch(seed: int, step: int, size: int) -> tuple[list[scenes.Scene], to
     rng = random.Random(seed * 1_000_003 + step)
     batch = [scenes.random_scene(rng) for _ in range(size)]
     return batch, vae_io.to_tensor([scenes.draw(s, rng) for s in batch])
-
-
-class Checkpoint:
-    """Models (saved with save_pretrained, a folder each), plain modules that only training
-    needs (`extra`), optimizer state and step, under `folder`. state.pt is replaced last, so
-    an interrupted save leaves the previous step to resume from."""
-
-    def __init__(self, folder: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-                 extra: dict[str, torch.nn.Module] | None = None):
-        self.folder, self.modules, self.optimizer, self.extra = folder, modules, optimizer, extra or {}
-
-    def save(self, step: int) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for name, module in self.modules.items():
-            module.save_pretrained(self.folder / name)
-        tmp = self.folder / "state.pt.tmp"
-        torch.save({"step": step, "optimizer": self.optimizer.state_dict(),
-                    "extra": {name: m.state_dict() for name, m in self.extra.items()}}, tmp)
-        tmp.replace(self.folder / "state.pt")
-
-    def resume(self) -> int:
-        """The step to start from: 0, or where the last checkpoint left off."""
-        path = self.folder / "state.pt"
-        if not path.exists():
-            return 0
-        for name, module in self.modules.items():
-            module.load_state_dict(type(module).from_pretrained(self.folder / name).state_dict())
-        state = torch.load(path, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        for name, module in self.extra.items():
-            module.load_state_dict(state["extra"][name])
-        return state["step"]
 
 
 def shape_weights(pixels: torch.Tensor) -> torch.Tensor:
@@ -140,30 +61,6 @@ def vae_loss(vae, pixels: torch.Tensor, kl_weight: float = 1e-6) -> tuple[torch.
     loss = (weights * (error.pow(2) + error.abs())).mean() + kl_weight * posterior.kl().mean()
     psnr = 10 * math.log10(4 / max(error.pow(2).mean().item(), 1e-12))  # pixels span 2, so peak^2 = 4
     return loss, psnr
-
-
-def run_steps(args, checkpoint: Checkpoint, step_fn, name: str, after_step=None) -> None:
-    """The shared loop: resume, step with the scheduled LR, log, checkpoint."""
-    start = checkpoint.resume()
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=name, mininterval=10)
-    began = time.monotonic()
-    for step in bar:
-        for group in checkpoint.optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
-        with autocast(args):
-            loss, metric = step_fn(step)
-        checkpoint.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in checkpoint.optimizer.param_groups for p in g["params"]], 1.0)
-        checkpoint.optimizer.step()
-        if after_step is not None:
-            after_step(step)
-        bar.set_postfix(loss=f"{loss.item():.4f}", metric=f"{metric:.2f}", refresh=False)
-        if step % 50 == 0:
-            log(args.out, f"{name} step {step} loss {loss.item():.5f} metric {metric:.3f} "
-                          f"({time.monotonic() - began:.0f} s)")
-        if (step + 1) % args.every == 0 or step + 1 == args.steps:
-            checkpoint.save(step + 1)
 
 
 def train_vae(args) -> None:
@@ -230,112 +127,6 @@ def cache_latents(args) -> None:
     torch.save({"latents": latents * vae.config.scaling_factor, "scenes": table}, args.out / "latents.pt")
     log(args.out, f"cached {len(items)} latents; scaling_factor {vae.config.scaling_factor:.5f}")
 
-# -- the text encoder stage -----------------------------------------------------------------------
-# Stable Diffusion's text encoder comes pretrained; ours is pretrained here, to read a caption's
-# attributes back from its summary tokens (a linear head per attribute). Trained only jointly
-# with the denoiser, it kept colour and shape but let the position words collapse into one
-# another (the U-Net, not yet using them, sent them no distinguishing gradient), and position
-# stayed at chance.
-VALUES = {"shape": scenes.SHAPES, "color": tuple(scenes.COLORS), "position": tuple(scenes.POSITIONS),
-          "size": tuple(scenes.SIZES), "background": tuple(scenes.BACKGROUNDS)}
-
-
-def training_caption(scene: scenes.Scene, rng: random.Random) -> tuple[str, dict[str, int]]:
-    """A seen-wording caption (CFG_DROP of them empty) and, per attribute, the index of the value
-    it names, len(values) when it names none."""
-    if rng.random() < CFG_DROP:
-        return "", {a: len(v) for a, v in VALUES.items()}
-    keep = {"shape"} | {a for a in scenes.ATTRIBUTES[1:] if rng.random() >= ATTRIBUTE_DROP}
-    text = scenes.caption(scene, rng.choice(scenes.SEEN_WORDINGS), keep)
-    return text, {a: v.index(getattr(scene, a)) if a in keep else len(v) for a, v in VALUES.items()}
-
-
-class Probe(torch.nn.Module):
-    """A linear read-out per attribute (its values, plus "not named") from the summary tokens."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.heads = torch.nn.ModuleDict({a: torch.nn.Linear(width, len(v) + 1) for a, v in VALUES.items()})
-
-    def forward(self, hidden: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {a: head(summary(hidden, ids)) for a, head in self.heads.items()}
-
-
-def summary(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The mean of the states from the end-of-text token on: each has seen the whole caption,
-    and they are most of what the U-Net's cross-attention sees."""
-    eos = architecture.text_config()["eos_token_id"]
-    after = (ids == eos).long().cumsum(dim=1) > 0
-    weights = after.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
-
-
-def train_text(args) -> None:
-    torch.manual_seed(args.seed)
-    encoder = architecture.text_encoder().to(args.device)
-    probe = Probe(encoder.config.hidden_size).to(args.device)
-    optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(probe.parameters()), lr=args.lr, weight_decay=0.0)
-    checkpoint = Checkpoint(args.out / "text_stage", {"text_encoder": encoder}, optimizer, {"probe": probe})
-    captions = Captions()
-
-    def step_fn(step: int):
-        rng = random.Random(args.seed * 1_000_003 + step)
-        texts, labels = zip(*(training_caption(scenes.random_scene(rng), rng) for _ in range(args.batch)))
-        ids = captions.ids(list(texts)).to(args.device)
-        logits = probe(encoder(ids)[0], ids)
-        losses = [torch.nn.functional.cross_entropy(logits[a], torch.tensor([l[a] for l in labels], device=args.device))
-                  for a in VALUES]
-        return sum(losses) / len(losses), sum(x.item() for x in losses) / len(losses)
-
-    def after_step(step: int) -> None:
-        if (step + 1) % args.report == 0 or step + 1 == args.steps:
-            log(args.out, f"text step {step + 1}: {probe_report(encoder, probe, captions)}")
-
-    run_steps(args, checkpoint, step_fn, "text", after_step)
-
-
-def probe_report(encoder, probe: Probe, captions: Captions) -> str:
-    accuracy = probe_accuracy(encoder, probe, captions)
-    return "probe reads back " + ", ".join(f"{group} {share:.1%}" for group, share in accuracy.items())
-
-
-@torch.inference_mode()
-def probe_accuracy(encoder, probe: Probe, captions: Captions) -> dict[str, float]:
-    """How many of the attributes of the gate's captions the probe reads back, per group: what
-    the encoder makes of held-out wordings and colour-shape pairs."""
-    from ldm_cli.demo import evaluate, gate
-
-    cases = gate.prompt_set(64)
-    ids = captions.ids([c.prompt for c in cases]).to(encoder.device)
-    logits = probe(encoder(ids)[0], ids)
-    accuracy = {}
-    for group in gate.GROUPS:
-        rows = [i for i, c in enumerate(cases) if c.group == group]
-        truth = [evaluate.parse(cases[i].prompt) for i in rows]
-        right = sum(logits[a][i].argmax().item() == VALUES[a].index(t[a]) for i, t in zip(rows, truth) for a in t)
-        accuracy[group] = right / sum(len(t) for t in truth)
-    return accuracy
-
-
-class Captions:
-    """Token ids for training captions, each caption tokenized once."""
-
-    def __init__(self):
-        self.tokenizer, self.cache = architecture.tokenizer(), {}
-
-    def ids(self, texts: list[str]) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
-        if missing:
-            tokens = self.tokenizer(missing, padding="max_length", truncation=True,
-                                    max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-            self.cache.update(zip(missing, tokens))
-        return torch.stack([self.cache[t] for t in texts])
-
-
-def captions_for(table: list[list[str]], indices: list[int], rng: random.Random) -> list[str]:
-    """Seen wordings with attributes randomly left out; CFG_DROP of them empty."""
-    return [training_caption(scenes.Scene(*table[i]), rng)[0] for i in indices]
-
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     """Min-SNR-gamma loss weights for epsilon prediction: the easy, low-noise steps count less."""
@@ -375,12 +166,6 @@ def train_denoiser(args) -> None:
         return loss, per_item.mean().item()
 
     run_steps(args, checkpoint, step_fn, "denoiser", average.update)
-
-
-def text_stage_encoder(out: Path):
-    from transformers import CLIPTextModel
-
-    return CLIPTextModel.from_pretrained(out / "text_stage" / "text_encoder", dtype=torch.float32).eval().requires_grad_(False)
 
 
 def trained(out: Path):

@@ -67,6 +67,9 @@ def save_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata: 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # safetensors creates the file private (0600); a model file is not a secret
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

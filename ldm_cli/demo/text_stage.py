@@ -1,0 +1,123 @@
+"""The text encoder stage. Stable Diffusion's text encoder comes pretrained; ours is pretrained
+here, to read a caption's attributes back from its summary tokens (a linear head per attribute).
+Trained only jointly with the denoiser, it kept colour and shape but let the position words
+collapse into one another (the U-Net, not yet using them, sent them no distinguishing gradient),
+and position stayed at chance."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from ldm_cli.demo import architecture, scenes
+from ldm_cli.demo.resumable import Checkpoint, log, run_steps
+
+CFG_DROP = 0.1  # share of captions replaced by "" so the model learns the unconditional case
+ATTRIBUTE_DROP = 0.15  # chance that a caption leaves out each attribute but the shape
+
+VALUES = {"shape": scenes.SHAPES, "color": tuple(scenes.COLORS), "position": tuple(scenes.POSITIONS),
+          "size": tuple(scenes.SIZES), "background": tuple(scenes.BACKGROUNDS)}
+
+
+def training_caption(scene: scenes.Scene, rng: random.Random) -> tuple[str, dict[str, int]]:
+    """A seen-wording caption (CFG_DROP of them empty) and, per attribute, the index of the value
+    it names, len(values) when it names none."""
+    if rng.random() < CFG_DROP:
+        return "", {a: len(v) for a, v in VALUES.items()}
+    keep = {"shape"} | {a for a in scenes.ATTRIBUTES[1:] if rng.random() >= ATTRIBUTE_DROP}
+    text = scenes.caption(scene, rng.choice(scenes.SEEN_WORDINGS), keep)
+    return text, {a: v.index(getattr(scene, a)) if a in keep else len(v) for a, v in VALUES.items()}
+
+
+class Probe(torch.nn.Module):
+    """A linear read-out per attribute (its values, plus "not named") from the summary tokens."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({a: torch.nn.Linear(width, len(v) + 1) for a, v in VALUES.items()})
+
+    def forward(self, hidden: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {a: head(summary(hidden, ids)) for a, head in self.heads.items()}
+
+
+def summary(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The mean of the states from the end-of-text token on: each has seen the whole caption,
+    and they are most of what the U-Net's cross-attention sees."""
+    eos = architecture.text_config()["eos_token_id"]
+    after = (ids == eos).long().cumsum(dim=1) > 0
+    weights = after.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def train_text(args) -> None:
+    torch.manual_seed(args.seed)
+    encoder = architecture.text_encoder().to(args.device)
+    probe = Probe(encoder.config.hidden_size).to(args.device)
+    optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(probe.parameters()), lr=args.lr, weight_decay=0.0)
+    checkpoint = Checkpoint(args.out / "text_stage", {"text_encoder": encoder}, optimizer, {"probe": probe})
+    captions = Captions()
+
+    def step_fn(step: int):
+        rng = random.Random(args.seed * 1_000_003 + step)
+        texts, labels = zip(*(training_caption(scenes.random_scene(rng), rng) for _ in range(args.batch)))
+        ids = captions.ids(list(texts)).to(args.device)
+        logits = probe(encoder(ids)[0], ids)
+        losses = [torch.nn.functional.cross_entropy(logits[a], torch.tensor([l[a] for l in labels], device=args.device))
+                  for a in VALUES]
+        return sum(losses) / len(losses), sum(x.item() for x in losses) / len(losses)
+
+    def after_step(step: int) -> None:
+        if (step + 1) % args.report == 0 or step + 1 == args.steps:
+            log(args.out, f"text step {step + 1}: {probe_report(encoder, probe, captions)}")
+
+    run_steps(args, checkpoint, step_fn, "text", after_step)
+
+
+def probe_report(encoder, probe: Probe, captions: Captions) -> str:
+    accuracy = probe_accuracy(encoder, probe, captions)
+    return "probe reads back " + ", ".join(f"{group} {share:.1%}" for group, share in accuracy.items())
+
+
+@torch.inference_mode()
+def probe_accuracy(encoder, probe: Probe, captions: Captions) -> dict[str, float]:
+    """How many of the attributes of the gate's captions the probe reads back, per group: what
+    the encoder makes of held-out wordings and colour-shape pairs."""
+    from ldm_cli.demo import evaluate, gate
+
+    cases = gate.prompt_set(64)
+    ids = captions.ids([c.prompt for c in cases]).to(encoder.device)
+    logits = probe(encoder(ids)[0], ids)
+    accuracy = {}
+    for group in gate.GROUPS:
+        rows = [i for i, c in enumerate(cases) if c.group == group]
+        truth = [evaluate.parse(cases[i].prompt) for i in rows]
+        right = sum(logits[a][i].argmax().item() == VALUES[a].index(t[a]) for i, t in zip(rows, truth) for a in t)
+        accuracy[group] = right / sum(len(t) for t in truth)
+    return accuracy
+
+
+class Captions:
+    """Token ids for training captions, each caption tokenized once."""
+
+    def __init__(self):
+        self.tokenizer, self.cache = architecture.tokenizer(), {}
+
+    def ids(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            tokens = self.tokenizer(missing, padding="max_length", truncation=True,
+                                    max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            self.cache.update(zip(missing, tokens))
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def captions_for(table: list[list[str]], indices: list[int], rng: random.Random) -> list[str]:
+    """Seen wordings with attributes randomly left out; CFG_DROP of them empty."""
+    return [training_caption(scenes.Scene(*table[i]), rng)[0] for i in indices]
+
+
+def text_stage_encoder(out: Path):
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(out / "text_stage" / "text_encoder", dtype=torch.float32).eval().requires_grad_(False)
