@@ -66,10 +66,10 @@ def save_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata: 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     try:
+        tmp.touch()  # made under the umask like any file; safetensors replaces it with a private (0600) one
+        mode = tmp.stat().st_mode & 0o777
         save_file(tensors, str(tmp), metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)  # safetensors creates the file private (0600); a model file is not a secret
+        tmp.chmod(mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
