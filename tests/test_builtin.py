@@ -21,10 +21,16 @@ def draw(model, prompt, seed=0, **settings):
     return gate.render(model, [prompt], [seed], **settings)[0]
 
 
-def foreground_colors(image):
+def foreground(image) -> tuple[np.ndarray, np.ndarray]:
+    """(the image's pixels, the mask of what the evaluator takes for its foreground)"""
     pixels = np.asarray(image, dtype=np.float64)
     coverage, _ = evaluate.foreground(pixels, evaluate.border_color(pixels))
-    return [evaluate.color_name(p) for p in pixels[coverage > 0.5]]
+    return pixels, coverage > 0.5
+
+
+def foreground_colors(image):
+    pixels, mask = foreground(image)
+    return [evaluate.color_name(p) for p in pixels[mask]]
 
 
 def test_loads_as_sd1_with_its_own_defaults(builtin):
@@ -43,16 +49,14 @@ def test_a_red_circle_is_mostly_red_in_the_foreground(builtin, seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_square_on_the_left_has_its_centroid_in_the_left_third(builtin, seed):
-    pixels = np.asarray(draw(builtin, "a square on the left", seed), dtype=np.float64)
-    coverage, _ = evaluate.foreground(pixels, evaluate.border_color(pixels))
-    assert np.nonzero(coverage > 0.5)[1].mean() + 0.5 < 64 / 3
+    _, mask = foreground(draw(builtin, "a square on the left", seed))
+    assert np.nonzero(mask)[1].mean() + 0.5 < 64 / 3
 
 
 def colour_error(image, color: str) -> float:
     """How far the shape's median colour is from the prompted one (RGB distance; 255 if no shape)."""
-    pixels = np.asarray(image, dtype=np.float64)
-    coverage, _ = evaluate.foreground(pixels, evaluate.border_color(pixels))
-    shape = pixels[coverage > 0.5]
+    pixels, mask = foreground(image)
+    shape = pixels[mask]
     return float(np.linalg.norm(np.median(shape, axis=0) - scenes.COLORS[color])) if len(shape) else 255.0
 
 
