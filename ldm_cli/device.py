@@ -8,11 +8,12 @@ from ldm_cli.errors import LdmError
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", allow_mps: bool = True) -> torch.device:
+    """The device `name` names; "auto" takes CUDA, else MPS (where allowed), else the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if allow_mps and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():

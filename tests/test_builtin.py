@@ -1,5 +1,7 @@
 """The built-in model (ldm_cli/assets/builtin.safetensors) through ldm's own loader, pipeline and
 CLI: it follows prompts as the evaluator reads them. Plus its training recipe's promises."""
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -149,3 +151,28 @@ def test_text_stage_teaches_the_encoder_to_read_every_attribute_back(tmp_path, m
     with torch.no_grad():
         read = probe(encoder(ids)[0], ids)["position"].argmax(dim=1).tolist()
     assert read == list(range(len(phrases)))
+
+
+def test_stand_in_words_are_single_tokens_outside_the_world():
+    words, captions = text_stage.stand_in_words(), text_stage.Captions()
+    world = set(" ".join([*scenes.SHAPES, *scenes.COLORS, *scenes.BACKGROUNDS, *scenes.POSITIONS, *scenes.SIZES,
+                          *scenes.PHRASES.values(), "background"]).split())
+    assert len(words) > 10000 and not world & set(words)
+    for word in random.Random(0).sample(words, 50):
+        assert len(captions.tokenizer(word, add_special_tokens=False).input_ids) == 1
+
+
+def test_swapped_caption_keeps_every_label_but_the_shape():
+    scene = scenes.Scene("cross", "orange", "left", "large", "blue")
+    labels = {a: values.index(getattr(scene, a)) for a, values in text_stage.VALUES.items()}
+    rng = random.Random(3)
+    swaps = [text_stage.swap_object(scenes.caption(scene, "O P, b", set(scenes.ATTRIBUTES)), labels, rng)
+             for _ in range(200)]
+    swapped = [s for s in swaps if s[2] != "cross"]
+    assert 0.2 < len(swapped) / len(swaps) < 0.4  # OBJECT_SWAP
+    for text, swapped_labels, word in swapped:
+        assert text == f"a large orange {word} on the left, blue background"
+        assert swapped_labels == {**labels, "shape": len(scenes.SHAPES)}
+    kept = next(s for s in swaps if s[2] == "cross")
+    assert kept == ("a large orange cross on the left, blue background", labels, "cross")
+    assert text_stage.swap_object("", {}, rng) == ("", {}, None)

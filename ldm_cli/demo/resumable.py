@@ -11,10 +11,6 @@ import torch
 from tqdm import tqdm
 
 
-def pick_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
-
-
 def autocast(args):
     """bf16 mixed precision where it pays: on CUDA, and for the VAE's convolutions on a CPU with
     AVX512-BF16 (1.4x); the CPU runs the denoiser's small matmuls faster in fp32. The weights

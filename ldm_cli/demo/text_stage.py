@@ -5,7 +5,9 @@ collapse into one another (the U-Net, not yet using them, sent them no distingui
 and position stayed at chance."""
 from __future__ import annotations
 
+import functools
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +17,13 @@ from ldm_cli.demo.resumable import Checkpoint, log, run_steps
 
 CFG_DROP = 0.1  # share of captions replaced by "" so the model learns the unconditional case
 ATTRIBUTE_DROP = 0.15  # chance that a caption leaves out each attribute but the shape
+# Every training caption holding both "blue" and "cross" names a blue background (the blue cross
+# is held out), and an encoder trained on those alone learnt the confound: it read "a blue cross"
+# as a white one. With the shape word often swapped for another word of the vocabulary, the colour
+# has to be read from word order, whatever object it goes with.
+OBJECT_SWAP = 0.3  # share of captions whose shape word is swapped
+WORD_LOSS = 0.3  # weight of the read-outs at single words (colour at the object, background at "background")
+SHAPE_WORD = re.compile(r"\b(" + "|".join(scenes.SHAPES) + r")\b")
 
 VALUES = {"shape": scenes.SHAPES, "color": tuple(scenes.COLORS), "position": tuple(scenes.POSITIONS),
           "size": tuple(scenes.SIZES), "background": tuple(scenes.BACKGROUNDS)}
@@ -30,15 +39,52 @@ def training_caption(scene: scenes.Scene, rng: random.Random) -> tuple[str, dict
     return text, {a: v.index(getattr(scene, a)) if a in keep else len(v) for a, v in VALUES.items()}
 
 
+@functools.cache
+def stand_in_words() -> tuple[str, ...]:
+    """Whole words of the CLIP vocabulary (3+ letters) that are not words of this world."""
+    world = {w for text in (*VALUES["shape"], *VALUES["color"], *VALUES["position"], *VALUES["size"],
+                            *VALUES["background"], *scenes.PHRASES.values(), "background") for w in text.split()}
+    vocabulary = architecture.tokenizer().get_vocab()
+    return tuple(sorted(w[:-4] for w in vocabulary if w.endswith("</w>") and len(w) >= 7
+                        and w[:-4].isascii() and w[:-4].isalpha() and w[:-4] not in world))
+
+
+def swap_object(text: str, labels: dict[str, int], rng: random.Random) -> tuple[str, dict[str, int], str | None]:
+    """With chance OBJECT_SWAP, the caption with its shape word replaced by a stand-in word (the
+    shape then counts as not named); and the caption's object word (None in an empty caption)."""
+    if not text:
+        return text, labels, None
+    if rng.random() >= OBJECT_SWAP:
+        return text, labels, SHAPE_WORD.search(text).group(0)
+    word = rng.choice(stand_in_words())
+    return SHAPE_WORD.sub(word, text), {**labels, "shape": len(VALUES["shape"])}, word
+
+
 class Probe(torch.nn.Module):
-    """A linear read-out per attribute (its values, plus "not named") from the summary tokens."""
+    """A linear read-out per attribute (its values, plus "not named") from the summary tokens, and
+    two at single words: the colour at the object word, the background at the word "background"."""
 
     def __init__(self, width: int):
         super().__init__()
         self.heads = torch.nn.ModuleDict({a: torch.nn.Linear(width, len(v) + 1) for a, v in VALUES.items()})
+        self.word_heads = torch.nn.ModuleDict({a: torch.nn.Linear(width, len(VALUES[a]) + 1)
+                                               for a in ("color", "background")})
 
     def forward(self, hidden: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {a: head(summary(hidden, ids)) for a, head in self.heads.items()}
+
+    def word_loss(self, hidden: torch.Tensor, ids: torch.Tensor, labels: list[dict[str, int]],
+                  word_ids: list[dict[str, int]]) -> torch.Tensor:
+        """Cross-entropy of the word read-outs; word_ids[i] maps an attribute to the token whose
+        state it is read at in caption i."""
+        losses = []
+        for attribute, head in self.word_heads.items():
+            rows = [i for i, words in enumerate(word_ids) if attribute in words]
+            if rows:
+                columns = [ids[i].tolist().index(word_ids[i][attribute]) for i in rows]
+                want = torch.tensor([labels[i][attribute] for i in rows], device=hidden.device)
+                losses.append(torch.nn.functional.cross_entropy(head(hidden[rows, columns]), want))
+        return sum(losses) / max(len(losses), 1)
 
 
 def summary(hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -60,18 +106,33 @@ def train_text(args) -> None:
 
     def step_fn(step: int):
         rng = random.Random(args.seed * 1_000_003 + step)
-        texts, labels = zip(*(training_caption(scenes.random_scene(rng), rng) for _ in range(args.batch)))
+        texts, labels, objects = zip(*(swap_object(*training_caption(scenes.random_scene(rng), rng), rng)
+                                       for _ in range(args.batch)))
         ids = captions.ids(list(texts)).to(args.device)
-        logits = probe(encoder(ids)[0], ids)
+        hidden = encoder(ids)[0]
+        logits = probe(hidden, ids)
         losses = [torch.nn.functional.cross_entropy(logits[a], torch.tensor([l[a] for l in labels], device=args.device))
                   for a in VALUES]
-        return sum(losses) / len(losses), sum(x.item() for x in losses) / len(losses)
+        summary_loss = sum(losses) / len(losses)
+        words = [read_at(captions, o, l) for o, l in zip(objects, labels)]
+        return summary_loss + WORD_LOSS * probe.word_loss(hidden, ids, labels, words), summary_loss.item()
 
     def after_step(step: int) -> None:
         if (step + 1) % args.report == 0 or step + 1 == args.steps:
             log(args.out, f"text step {step + 1}: {probe_report(encoder, probe, captions)}")
 
     run_steps(args, checkpoint, step_fn, "text", after_step)
+
+
+def read_at(captions: Captions, object_word: str | None, labels: dict[str, int]) -> dict[str, int]:
+    """The tokens a caption's word read-outs are taken at: the object word's for its colour, and
+    "background" for the background, where the caption names one."""
+    if object_word is None:
+        return {}
+    words = {"color": captions.word_id(object_word)}
+    if labels["background"] < len(VALUES["background"]):
+        words["background"] = captions.word_id("background")
+    return words
 
 
 def probe_report(encoder, probe: Probe, captions: Captions) -> str:
@@ -110,6 +171,10 @@ class Captions:
                                     max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
             self.cache.update(zip(missing, tokens))
         return torch.stack([self.cache[t] for t in texts])
+
+    def word_id(self, word: str) -> int:
+        """The token that ends `word` (CLIP's tokenizer splits words alike in any caption)."""
+        return self.tokenizer(word, add_special_tokens=False).input_ids[-1]
 
 
 def captions_for(table: list[list[str]], indices: list[int], rng: random.Random) -> list[str]:

@@ -24,8 +24,10 @@ import torch
 
 from ldm_cli import vae as vae_io
 from ldm_cli.demo import architecture, scenes
-from ldm_cli.demo.resumable import EMA, Checkpoint, log, pick_device, run_steps
+from ldm_cli.demo.resumable import EMA, Checkpoint, log, run_steps
 from ldm_cli.demo.text_stage import Captions, captions_for, text_stage_encoder, train_text
+from ldm_cli.device import pick_device
+from ldm_cli.errors import LdmError
 
 FOREGROUND_WEIGHT = 9.0  # how much more a shape's pixel counts than a background pixel in the VAE loss
 EDGE_WEIGHT = 20.0  # and a pixel near its outline, on top: the outline is what tells shapes apart
@@ -222,7 +224,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=500, help="checkpoint every N steps")
     parser.add_argument("--report", type=int, default=2000, help="vae, text: log how well the stage does every N steps")
     parser.add_argument("--ema", type=float, default=0.999, help="denoiser: EMA decay of the exported weights")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu or cuda")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if there is one")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", type=int, default=60000, help="latents: how many training images")
     parser.add_argument("--cfg", type=float, default=5.0, help="export: the default guidance scale")
@@ -231,7 +233,10 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in STAGE_DEFAULTS.get(args.stage, {}).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.device = pick_device(args.device)
+    try:
+        args.device = pick_device(args.device, allow_mps=False)  # the recipe's autocast is untested on MPS
+    except LdmError as error:
+        parser.error(str(error))
     return args
 
 
