@@ -126,9 +126,3 @@ def caption(scene: Scene, wording: str, keep: set[str]) -> str:
     pieces = (" ".join(p.split()) for p in text.split(","))
     return ", ".join(p for p in pieces if p)
 
-
-def random_caption(scene: Scene, rng: random.Random, held_out: bool = False, drop: float = 0.2) -> str:
-    """A caption in a seen (or held-out) wording; each attribute but the shape is left out with p=drop."""
-    wording = rng.choice(HELD_OUT_WORDINGS if held_out else SEEN_WORDINGS)
-    keep = {"shape"} | {a for a in ATTRIBUTES[1:] if rng.random() >= drop}
-    return caption(scene, wording, keep)

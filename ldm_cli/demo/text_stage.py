@@ -159,10 +159,10 @@ def probe_accuracy(encoder, probe: Probe, captions: Captions) -> dict[str, float
 
 
 class Captions:
-    """Token ids for training captions, each caption tokenized once."""
+    """Token ids for training captions, each caption (and word) tokenized once."""
 
     def __init__(self):
-        self.tokenizer, self.cache = architecture.tokenizer(), {}
+        self.tokenizer, self.cache, self.word_ids = architecture.tokenizer(), {}, {}
 
     def ids(self, texts: list[str]) -> torch.Tensor:
         missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
@@ -174,7 +174,9 @@ class Captions:
 
     def word_id(self, word: str) -> int:
         """The token that ends `word` (CLIP's tokenizer splits words alike in any caption)."""
-        return self.tokenizer(word, add_special_tokens=False).input_ids[-1]
+        if word not in self.word_ids:
+            self.word_ids[word] = self.tokenizer(word, add_special_tokens=False).input_ids[-1]
+        return self.word_ids[word]
 
 
 def captions_for(table: list[list[str]], indices: list[int], rng: random.Random) -> list[str]:
