@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli import loading
-from ldm_cli.demo import gate
+from ldm_cli.demo import evaluate, gate
 
 
 def main() -> None:
@@ -38,9 +38,14 @@ def main() -> None:
               f"in {time.perf_counter() - start:.0f} s")
         print(gate.table(gate.accuracy(cases, images), counts))
     if args.grid:
-        picks = [i for g in gate.GROUPS for i in [j for j, c in enumerate(cases) if c.group == g][:4]][:12]
+        # three of each group, then up to four misses (marked), then more prompts to fill 16
+        missed = {i: [a for a, ok in evaluate.score(images[i], c.prompt).items() if not ok]
+                  for i, c in enumerate(cases)}
+        picks = [i for g in gate.GROUPS for i in [j for j, c in enumerate(cases) if c.group == g][:3]]
+        picks += [i for i in range(len(cases)) if missed[i] and i not in picks][:4]
         picks += [i for i in range(len(cases)) if i not in picks][: 16 - len(picks)]
-        sheet = gate.captioned_grid([images[i] for i in picks], [cases[i].prompt for i in picks])
+        labels = [cases[i].prompt + (f" [missed {', '.join(missed[i])}]" if missed[i] else "") for i in picks]
+        sheet = gate.captioned_grid([images[i] for i in picks], labels)
         sheet.save(args.grid, optimize=True)
         print(f"\ngrid: {args.grid}")
 

@@ -113,7 +113,7 @@ def main() -> None:
     med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in (("whole", whole), ("loop", loop))}
     print(f"model {model.name}, {args.size}x{args.size}, {args.steps} steps, cfg {CFG}, DPM++ 2M Karras, "
           f"CPU threads {os.cpu_count()}, median of {args.runs} runs")
-    print(f"| measure | ldm | diffusers | ldm / diffusers |\n|---|---|---|---|")
+    print("| measure | ldm | diffusers | ldm / diffusers |\n|---|---|---|---|")
     print(f"| whole process, start to PNG (s) | {med['whole']['ldm']:.2f} | {med['whole']['diffusers']:.2f} "
           f"| {med['whole']['ldm'] / med['whole']['diffusers']:.2f} |")
     print(f"| denoising loop, per step (ms) | {1000 * med['loop']['ldm']:.1f} | {1000 * med['loop']['diffusers']:.1f} "

@@ -120,7 +120,8 @@ def test_text_and_denoiser_stages_resume_exactly_ema_included(tmp_path, monkeypa
     def run(folder, stage, steps):
         folder.mkdir(exist_ok=True)
         torch.save(data, folder / "latents.pt")
-        train.main([stage, "--out", str(folder), "--steps", str(steps), "--batch", "2", "--every", "1",
+        batch = "4" if stage == "text" else "2"  # the text stage compares pairs of captions
+        train.main([stage, "--out", str(folder), "--steps", str(steps), "--batch", batch, "--every", "1",
                     "--threads", "1", "--ema", "0.9", "--report", "100"])
     for folder in (tmp_path / "straight", tmp_path / "resumed"):
         run(folder, "text", 2)
@@ -166,13 +167,49 @@ def test_swapped_caption_keeps_every_label_but_the_shape():
     scene = scenes.Scene("cross", "orange", "left", "large", "blue")
     labels = {a: values.index(getattr(scene, a)) for a, values in text_stage.VALUES.items()}
     rng = random.Random(3)
-    swaps = [text_stage.swap_object(scenes.caption(scene, "O P, b", set(scenes.ATTRIBUTES)), labels, rng)
-             for _ in range(200)]
+    texts = [scenes.caption(scene, w, set(scenes.ATTRIBUTES)) for w in ("O P, b", "b, O P")]
+    swaps = [text_stage.swap_object(texts, labels, rng) for _ in range(200)]
     swapped = [s for s in swaps if s[2] != "cross"]
     assert 0.2 < len(swapped) / len(swaps) < 0.4  # OBJECT_SWAP
-    for text, swapped_labels, word in swapped:
-        assert text == f"a large orange {word} on the left, blue background"
+    for wordings, swapped_labels, word in swapped:  # one stand-in for every wording of the caption
+        assert wordings == [f"a large orange {word} on the left, blue background",
+                            f"blue background, a large orange {word} on the left"]
         assert swapped_labels == {**labels, "shape": len(scenes.SHAPES)}
     kept = next(s for s in swaps if s[2] == "cross")
-    assert kept == ("a large orange cross on the left, blue background", labels, "cross")
-    assert text_stage.swap_object("", {}, rng) == ("", {}, None)
+    assert kept == (texts, labels, "cross")
+    assert text_stage.swap_object(["", ""], {}, rng) == (["", ""], {}, None)
+
+
+def test_training_captions_word_one_caption_two_ways():
+    rng, different = random.Random(5), []
+    for _ in range(100):
+        scene = scenes.random_scene(rng)
+        texts, labels = text_stage.training_captions(scene, rng, wordings=2)
+        named = {a for a, values in text_stage.VALUES.items() if labels[a] < len(values)}
+        if not named:
+            assert texts == ["", ""]  # CFG_DROP
+            continue
+        assert [evaluate.parse(t) for t in texts] == [{a: getattr(scene, a) for a in named}] * 2
+        different.append(texts[0] != texts[1])
+    assert sum(different) / len(different) > 0.9  # alike only where the dropped attributes leave one way
+
+
+def test_wording_distance_is_zero_for_one_wording_and_scale_free():
+    encoder = architecture.text_encoder().eval()
+    captions = text_stage.Captions()
+    rng = random.Random(0)
+    texts = [scenes.caption(scenes.random_scene(rng), "O P, b", set(scenes.ATTRIBUTES)) for _ in range(8)]
+    others = [text_stage.reworded(t, i) for i, t in enumerate(texts)]
+    a, b = captions.ids(texts), captions.ids(others)
+    with torch.no_grad():
+        ha, hb = encoder(a)[0], encoder(b)[0]
+    assert text_stage.wording_distance(ha, a, ha, a).item() == 0
+    far = text_stage.wording_distance(ha, a, hb, b)
+    assert far.item() > 0
+    assert torch.isclose(text_stage.wording_distance(3 * ha, a, 3 * hb, b), far)
+
+
+def test_text_stage_refuses_a_batch_too_small_to_pair(capsys):
+    with pytest.raises(SystemExit):
+        train.arguments(["text", "--batch", "2"])
+    assert "--batch must be at least 4" in capsys.readouterr().err

@@ -63,7 +63,7 @@ def table(scores: dict[str, dict[str, float]], counts: dict[str, int]) -> str:
 
 def captioned_grid(images: list[Image.Image], prompts: list[str], columns: int = 4, scale: int = 2) -> Image.Image:
     """Samples at `scale`x with their prompt written under each, wrapped to the cell's width."""
-    side, text_h = images[0].width * scale, 48
+    side, text_h = images[0].width * scale, 60
     rows = -(-len(images) // columns)
     sheet = Image.new("RGB", (columns * side, rows * (side + text_h)), "white")
     draw = ImageDraw.Draw(sheet)

@@ -233,6 +233,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in STAGE_DEFAULTS.get(args.stage, {}).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.stage == "text" and args.batch < 4:
+        parser.error("text: --batch must be at least 4 (the stage compares two wordings each of two or more captions)")
     try:
         args.device = pick_device(args.device, allow_mps=False)  # the recipe's autocast is untested on MPS
     except LdmError as error:

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ldm_cli.errors import LdmError
+
+if TYPE_CHECKING:
+    from ldm_cli.model import Model
 
 PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd", "StableDiffusionInpaintPipeline": "sd",
@@ -36,7 +40,7 @@ def load_tokenizer(folder: Path, **overrides):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **overrides)
 
 
-def load_folder(folder: Path, device: torch.device, options) -> "Model":
+def load_folder(folder: Path, device: torch.device, options) -> Model:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
