@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli import loading
-from ldm_cli.demo import evaluate, gate
+from ldm_cli.demo import gate
 
 
 def main() -> None:
@@ -36,11 +36,11 @@ def main() -> None:
         shown = cfg if cfg is not None else model.defaults.get("cfg")
         print(f"\ncfg {shown}, steps {args.steps or model.defaults.get('steps')}: {len(cases)} prompts "
               f"in {time.perf_counter() - start:.0f} s")
-        print(gate.table(gate.accuracy(cases, images), counts))
+        scores = gate.score(cases, images)
+        print(gate.table(gate.accuracy(cases, scores), counts))
     if args.grid:
         # three of each group, then up to four misses (marked), then more prompts to fill 16
-        missed = {i: [a for a, ok in evaluate.score(images[i], c.prompt).items() if not ok]
-                  for i, c in enumerate(cases)}
+        missed = [[a for a, ok in scored.items() if not ok] for scored in scores]
         picks = [i for g in gate.GROUPS for i in [j for j, c in enumerate(cases) if c.group == g][:3]]
         picks += [i for i in range(len(cases)) if missed[i] and i not in picks][:4]
         picks += [i for i in range(len(cases)) if i not in picks][: 16 - len(picks)]

@@ -42,11 +42,16 @@ def render(model, prompts: list[str], seeds: list[int], batch: int = 16, **setti
     return [im for i in range(0, len(jobs), batch) for im in pipeline.text_to_image(model, jobs[i:i + batch])]
 
 
-def accuracy(cases: list[Case], images: list[Image.Image]) -> dict[str, dict[str, float]]:
+def score(cases: list[Case], images: list[Image.Image]) -> list[dict[str, bool]]:
+    """Per case, {attribute: right} for each attribute its prompt names."""
+    return [evaluate.score(image, case.prompt) for case, image in zip(cases, images)]
+
+
+def accuracy(cases: list[Case], scores: list[dict[str, bool]]) -> dict[str, dict[str, float]]:
     """{group: {attribute: share right}} over the prompts naming that attribute."""
     right = {g: {a: [] for a in scenes.ATTRIBUTES} for g in GROUPS}
-    for case, image in zip(cases, images):
-        for attribute, ok in evaluate.score(image, case.prompt).items():
+    for case, scored in zip(cases, scores):
+        for attribute, ok in scored.items():
             right[case.group][attribute].append(ok)
     return {g: {a: sum(v) / len(v) for a, v in table.items() if v} for g, table in right.items()}
 
