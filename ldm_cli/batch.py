@@ -8,6 +8,10 @@ denoiser batch (same mode, size, steps, cfg, scheduler, strength) are rendered t
 manifest before the next batch starts; the main process merges the manifest parts and draws the
 contact sheets once every process is done.
 
+Separate runs may share the output folder (two `ldm batch` commands started at once): a process
+renders an image only while it holds the image's claim (claims.py), leaves images that another
+live run holds to it, and at the end waits for those, rendering any that run left unfinished.
+
 Run alone it is one process. Under `accelerate launch` (or torchrun) accelerate's PartialState
 says which process this is; it is only asked for the process index and count and a barrier.
 """
@@ -15,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,10 +30,11 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from ldm_cli import images, render
+from ldm_cli import claims, images, render
 from ldm_cli.manifest import Manifest
 from ldm_cli.prompts_file import Job
 from ldm_cli.settings import Settings
+from ldm_cli.stopping import signals_held
 
 # The main process waits at the end for the slowest process, which may take hours; the default
 # 30-minute barrier timeout would kill a long run.
@@ -79,8 +82,9 @@ def job_settings(job: Job) -> Settings:
     s = (inpaint if job.mode == "inpaint" else img2img).with_defaults(job.settings)
     s = s.merged(init_image_hash=init_image_hash(job.init_image))
     if not s.only_masked:  # --only-masked renders at the model's size and pastes back
-        with Image.open(job.init_image) as im:
-            width, height = images.multiple_of_8(im.size)
+        from ldm_cli import loading
+
+        width, height = images.rounded_down(images.image_size(job.init_image), loading.size_multiple(s.model))
         s = s.merged(width=s.width or width, height=s.height or height)
     return s
 
@@ -111,8 +115,7 @@ def run(jobs: list[Job], options, grid_name: str | None = None) -> Iterator[rend
     if main:
         say(options, f"{len(every)} images from {len(jobs)} lines: {len(every) - len(todo)} already in "
                      f"{options.out}, {len(todo)} to render" + (f" by {world} processes" if world > 1 else ""))
-    with FileProgress(len(every), len(every) - len(todo), manifest, options.quiet or not main) as progress, \
-            stop_signals_interrupt():
+    with FileProgress(len(every), len(every) - len(todo), manifest, options.quiet or not main) as progress:
         for source, group in groupby(todo[rank::world], key=lambda t: t.settings.model):
             yield from render_model(source, list(group), manifest, options, progress)
     state.wait_for_everyone()
@@ -124,6 +127,7 @@ def run(jobs: list[Job], options, grid_name: str | None = None) -> Iterator[rend
 
 def prepare(folder: Path, world: int) -> None:
     images.remove_stale_temporaries(folder)
+    claims.remove_free(folder)
     if world == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         # `accelerate launch --cpu --num_processes N` without an MPI setup starts one process
         print("ldm batch: warning: the launcher started this process only; for several CPU processes use "
@@ -147,20 +151,67 @@ def say(options, message: str) -> None:
 
 def render_model(source: str | None, group: list[Task], manifest: Manifest, options,
                  progress: FileProgress) -> Iterator[render.Result]:
-    """Load one model and render `group`, which all use it, in shared batches."""
+    """Load one model and render `group`, which all use it, in shared batches. Images that
+    another run sharing the folder has claimed are left to it, and waited for at the end."""
     from ldm_cli import commands, loading
 
     model = loading.load(source, options.load)
-    todo = [(task, commands.resolved(task.settings, model)) for task in group]
-    for batch in render.batches(neighbours(todo, batch_key), options.batch_size, key=batch_key):
-        steps = steps_run(batch[0][0].job, batch[0][1])
-        pictures = draw(model, batch, progress.batch(len(batch), steps))
-        for picture, (task, settings) in zip(pictures, batch):
-            with signals_held():  # an image saved is an image recorded
-                result = render.save(picture, settings, options.out)
-                manifest.add({"path": result.path.name, **task.identity(settings)})
-            yield result
-        progress.batch_done()
+    pending = [(task, commands.resolved(task.settings, model)) for task in group]
+    while pending:
+        theirs = []
+        for batch in render.batches(neighbours(pending, batch_key), options.batch_size, key=batch_key):
+            with claimed(batch, manifest, options.out) as (mine, held):
+                theirs += held
+                yield from render_batch(model, mine, manifest, options, progress)
+        pending = left_after_waiting(theirs, manifest, options)
+
+
+def render_batch(model, batch: list[tuple[Task, Settings]], manifest: Manifest, options,
+                 progress: FileProgress) -> Iterator[render.Result]:
+    if not batch:
+        return
+    steps = steps_run(batch[0][0].job, batch[0][1], model.family.flow)
+    pictures = draw(model, batch, progress.batch(len(batch), steps))
+    for picture, (task, settings) in zip(pictures, batch):
+        with signals_held():  # an image saved is an image recorded
+            result = render.save(picture, settings, options.out)
+            manifest.add({"path": result.path.name, **task.identity(settings), "base_seed": task.job.settings.seed})
+        yield result
+    progress.batch_done()
+
+
+def identity(item: tuple[Task, Settings]) -> dict:
+    return item[0].identity(item[1])
+
+
+@contextmanager
+def claimed(batch: list[tuple[Task, Settings]], manifest: Manifest,
+            folder: Path) -> Iterator[tuple[list, list]]:
+    """(the items of `batch` this process claimed and nobody has finished, those another live
+    process holds); the claims are let go on leaving."""
+    held: list[tuple[tuple, claims.Claim | None]] = []
+    try:
+        for item in batch:
+            held.append((item, claims.take(folder, identity(item))))
+        manifest.refresh()  # another run may have finished some since this one read the manifest
+        yield ([item for item, claim in held if claim and manifest.find(identity(item)) is None],
+               [item for item, claim in held if claim is None])
+    finally:
+        for _, claim in held:
+            if claim:
+                claim.release()
+
+
+def left_after_waiting(theirs: list[tuple[Task, Settings]], manifest: Manifest, options) -> list:
+    """Of the images other runs were rendering, those still missing once the first is let go:
+    a holder that ended without finishing its images leaves them to this run."""
+    if not theirs:
+        return []
+    say(options, f"waiting for {claims.holder(options.out, identity(theirs[0]))}, which is rendering "
+                 f"images of this file into {options.out}")
+    claims.wait(options.out, identity(theirs[0]))
+    manifest.refresh()
+    return [item for item in theirs if manifest.find(identity(item)) is None]
 
 
 def batch_key(item: tuple[Task, Settings]) -> tuple:
@@ -169,12 +220,12 @@ def batch_key(item: tuple[Task, Settings]) -> tuple:
     return (item[0].job.mode, pipeline.batch_key(item[1]))
 
 
-def steps_run(job: Job, s: Settings) -> int:
+def steps_run(job: Job, s: Settings, flow: bool = False) -> int:
     if job.mode == "txt2img":
         return s.steps
-    from ldm_cli import img2img
+    from ldm_cli import strength
 
-    return img2img.steps_run(s)
+    return strength.steps_run(s, flow)
 
 
 def draw(model, batch: list[tuple[Task, Settings]], on_step: Callable[[], None]) -> list[Image.Image]:
@@ -234,47 +285,6 @@ class FileProgress:
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
-
-
-# -- stopping cleanly ----------------------------------------------------------------------------
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()  # signal handlers live there only
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def stop_signals_interrupt() -> Iterator[None]:
-    """SIGTERM (`kill`, or a launcher stopping its workers) stops the run the way Ctrl-C does,
-    so the temporary file of an image being written is removed."""
-    if not _in_main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """Ctrl-C or SIGTERM while an image is saved and recorded takes effect just after, so no
-    saved image is left out of the manifest."""
-    if not _in_main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda n, f: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:
-            raise KeyboardInterrupt
 
 
 # -- contact sheets -----------------------------------------------------------------------------

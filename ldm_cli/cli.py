@@ -12,6 +12,7 @@ from typing import Annotated, Callable, Optional
 import typer
 from typer.core import TyperGroup
 
+from ldm_cli import __version__, stopping
 from ldm_cli.errors import LdmError
 
 try:  # typer >= 0.29 carries its own copy of click
@@ -20,12 +21,23 @@ except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as click_errors
 
 
+class _Stopped(Exception):
+    """A KeyboardInterrupt carried past typer, which would turn it into a bare status 130."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _OneLineErrors(TyperGroup):
-    """Every user error, the CLI's own usage errors included, is one line on stderr and exit 2."""
+    """Every user error, the CLI's own usage errors included, is one line on stderr and exit 2;
+    a stop by Ctrl-C or SIGTERM is one line and exit 128 + the signal. Anything else is a bug
+    and shows its own traceback."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            with stopping.sigterm_stops():
+                result = super().main(*args, standalone_mode=False, **kwargs)
         except click_errors.NoArgsIsHelpError as e:
             print(e.format_message())
             sys.exit(0)
@@ -36,15 +48,34 @@ class _OneLineErrors(TyperGroup):
                 hint = f" (see '{e.ctx.command_path} --help')"
             print(f"ldm: error: {message}{hint}", file=sys.stderr)
             sys.exit(2)
-        except (click_errors.Abort, KeyboardInterrupt):
-            print("ldm: interrupted; images already saved are kept", file=sys.stderr)
-            sys.exit(130)
+        except _Stopped as e:
+            print(stopping.message(e.signum), file=sys.stderr)
+            sys.exit(128 + e.signum)
         sys.exit(result if isinstance(result, int) else 0)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Stopped(stopping.signal_of(e)) from None
 
 
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
                   pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Local text-to-image latent diffusion, offline.")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        print(f"ldm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Options of `ldm` itself, before the command."""
+
 
 # Options shared by every rendering command.
 Negative = Annotated[Optional[str], typer.Option("--negative", help="What the image should not show.")]
@@ -53,24 +84,32 @@ Cfg = Annotated[Optional[float], typer.Option(help="Classifier-free guidance sca
 Seed = Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i [default: random].")]
 NumImages = Annotated[int, typer.Option("--num-images", "-n", help="How many images.")]
 BatchSize = Annotated[int, typer.Option(help="Images denoised together.")]
-Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width, a multiple of 8 [default: the model's native size].")]
-Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height, a multiple of 8 [default: the model's native size].")]
+Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width, a multiple of 8 (16 for SD3) [default: the model's native size].")]
+Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height, a multiple of 8 (16 for SD3) [default: the model's native size].")]
 Scheduler = Annotated[Optional[str], typer.Option(help="Sampler: a name from `ldm schedulers` or an A1111 label [default: dpmpp_2m].")]
 Schedule = Annotated[Optional[str], typer.Option(help="Sigma schedule: karras, exponential, beta or default [default: karras].")]
+Shift = Annotated[Optional[float], typer.Option(help="Timestep shift of a flow-matching model (SD3) [default: the model's, 3 for SD3].")]
+MaxSequenceLength = Annotated[Optional[int], typer.Option(help="T5 tokens of the prompt (SD3); longer prompts are cut [default: 256].")]
+NoT5 = Annotated[Optional[bool], typer.Option("--no-t5", help="Run SD3 without its T5 text encoder (zeros in its place) [default: when the model has no T5].")]
 ModelPath = Annotated[Optional[str], typer.Option("--model", "-m", help="A .safetensors checkpoint or a diffusers folder [default: the built-in model].")]
 Vae = Annotated[Optional[str], typer.Option(help="A VAE file or folder replacing the model's own.")]
+TextEncoder = Annotated[Optional[list[str]], typer.Option(
+    "--text-encoder", metavar="FILE",
+    help="A text encoder file (clip_l, clip_g, t5xxl...) for a model without its own; repeatable.")]
 Config = Annotated[Optional[str], typer.Option(help="A diffusers-layout folder describing a non-standard checkpoint.")]
 Prediction = Annotated[Optional[str], typer.Option(help="Force the prediction type: epsilon or v.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle checkpoints (.ckpt) with torch.load(weights_only=True).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 Dtype = Annotated[str, typer.Option(help="auto, fp16, bf16 or fp32 [auto: fp16 on GPUs, fp32 on CPU].")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the denoiser (CUDA graphs on GPUs): the first run of an "
+                                       "image size compiles for a minute or more; later runs reuse the code cached in ~/.cache/ldm/compile.")]
 AsJson = Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 FromPng = Annotated[Optional[Path], typer.Option("--from-png", help="Re-run an image's recorded settings; flags override them.")]
 
 # Options of the commands that start from an image.
-InitImage = Annotated[Path, typer.Argument(help="The starting image.")]
+InitImage = Annotated[Path, typer.Argument(help="The starting image, at least 8 pixels a side; transparent parts read as white.")]
 ImagePrompt = Annotated[Optional[str], typer.Argument(help="What to draw.")]
 Strength = Annotated[Optional[float], typer.Option(help="How much to change: 0 keeps the image, 1 paints afresh [default: 0.75 for img2img, 1 for inpaint and outpaint].")]
 MaskBlur = Annotated[Optional[int], typer.Option(min=0, help="Blur of the mask's edge in pixels, blending new and kept [default: 4].")]
@@ -83,8 +122,9 @@ def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_
     from ldm_cli.commands import RunOptions
     from ldm_cli.loading import LoadOptions
 
+    flags = {k: v for k, v in model_flags.items() if k != "text_encoder"}
     return RunOptions(num_images=num_images, batch_size=batch_size, out=out, quiet=quiet,
-                      load=LoadOptions(**model_flags))
+                      load=LoadOptions(**flags, text_encoders=list(model_flags.get("text_encoder") or [])))
 
 
 def print_results(results, as_json: bool) -> None:
@@ -100,12 +140,15 @@ RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annota
                   for name, kind, default in (
     ("negative", Negative, None), ("steps", Steps, None), ("cfg", Cfg, None), ("seed", Seed, None),
     ("num_images", NumImages, 1), ("batch_size", BatchSize, 1), ("width", Width, None), ("height", Height, None),
-    ("scheduler", Scheduler, None), ("schedule", Schedule, None), ("model", ModelPath, None),
-    ("vae", Vae, None), ("config", Config, None), ("prediction", Prediction, None),
+    ("scheduler", Scheduler, None), ("schedule", Schedule, None), ("shift", Shift, None),
+    ("max_sequence_length", MaxSequenceLength, None), ("no_t5", NoT5, None), ("model", ModelPath, None),
+    ("vae", Vae, None), ("text_encoder", TextEncoder, None), ("config", Config, None), ("prediction", Prediction, None),
     ("allow_pickle", AllowPickle, False), ("out", Out, Path("outputs")), ("device", Device, "auto"),
-    ("dtype", Dtype, "auto"), ("as_json", AsJson, False), ("quiet", Quiet, False), ("from_png", FromPng, None))]
-SETTINGS_FLAGS = ("negative", "steps", "cfg", "seed", "width", "height", "scheduler", "schedule", "model")
-LOAD_FLAGS = ("vae", "config", "prediction", "allow_pickle", "device", "dtype")
+    ("dtype", Dtype, "auto"), ("compile", Compile, False), ("as_json", AsJson, False), ("quiet", Quiet, False),
+    ("from_png", FromPng, None))]
+SETTINGS_FLAGS = ("negative", "steps", "cfg", "seed", "width", "height", "scheduler", "schedule", "shift",
+                  "max_sequence_length", "no_t5", "model")
+LOAD_FLAGS = ("vae", "text_encoder", "config", "prediction", "allow_pickle", "device", "dtype", "compile")
 
 
 class RenderFlags(dict):
@@ -168,7 +211,8 @@ def info(
     else:
         width = max(map(len, data))
         for key, value in data.items():
-            print(f"{key.replace('_', ' '):<{width}}  {value}")
+            shown = ", ".join(value) or "-" if isinstance(value, list) else value
+            print(f"{key.replace('_', ' '):<{width}}  {shown}")
 
 
 @app.command(name="schedulers")
@@ -178,18 +222,11 @@ def list_schedulers() -> None:
 
     print(f"{'name':<14}{'A1111 label':<16}schedules")
     for spec in schedulers.SCHEDULERS.values():
-        options = [s for s in schedulers.SCHEDULES if _supports(spec.name, s)]
+        options = [s for s in schedulers.SCHEDULES if schedulers.supports(spec.name, s)]
         print(f"{spec.name:<14}{spec.label:<16}{', '.join(['default', *options])}")
-
-
-def _supports(name: str, schedule: str) -> bool:
-    from ldm_cli import schedulers
-
-    try:
-        schedulers.check_schedule(name, schedule)
-        return True
-    except LdmError:
-        return False
+    print("\nflow-matching models (SD3) take:")
+    for spec in schedulers.FLOW_SCHEDULERS.values():
+        print(f"{spec.name:<14}{spec.label:<16}{', '.join(['default', *spec.schedules])}")
 
 
 @app.command()
@@ -207,7 +244,7 @@ def img2img(image: InitImage, prompt: ImagePrompt = None, strength: Strength = N
 @renders
 def inpaint(
     image: InitImage,
-    mask: Annotated[Path, typer.Argument(help="White is repainted, black is kept; any size of the image's shape.")],
+    mask: Annotated[Path, typer.Argument(help="White is repainted, black is kept; any size of the image's shape. A mask with transparency: opaque is repainted.")],
     prompt: ImagePrompt = None, strength: Strength = None, mask_blur: MaskBlur = None,
     only_masked: OnlyMasked = False, padding: Padding = None, *, flags: RenderFlags,
 ) -> None:
@@ -227,7 +264,11 @@ def outpaint(
     strength: Strength = None, mask_blur: MaskBlur = None, only_masked: OnlyMasked = False,
     padding: Padding = None, *, flags: RenderFlags,
 ) -> None:
-    """Extend an image's canvas by the margins and paint the new border."""
+    """Extend an image's canvas by the margins and paint the new border.
+
+    The picture is never cropped or stretched: the margins grow (with a note) until each side
+    of the canvas is a multiple of 8, as the model needs, and --width or --height scales the
+    whole canvas, the other side following its shape (a size of another shape is refused)."""
     from ldm_cli import commands
 
     settings = flags.settings(prompt=prompt, strength=strength, mask_blur=mask_blur,
@@ -240,12 +281,16 @@ def batch(
     file: Annotated[Path, typer.Argument(help="Prompts: a prompt per line, or A1111 option lines (--prompt \"...\" --steps 20 ...), or .jsonl.")],
     negative: Negative = None, steps: Steps = None, cfg: Cfg = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of lines without --seed [default: one drawn from the line's number and text].")] = None,
-    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per line without --batch_size or --n_iter.")] = 1,
-    batch_size: BatchSize = 1, width: Width = None, height: Height = None,
-    scheduler: Scheduler = None, schedule: Schedule = None, model: ModelPath = None,
-    vae: Vae = None, config: Config = None, prediction: Prediction = None, allow_pickle: AllowPickle = False,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per line, for lines that give no --batch_size or --n_iter of their own.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Images denoised together, from any lines. Not a line's "
+                                                "--batch_size, which is A1111's: images per line.")] = 1,
+    width: Width = None, height: Height = None,
+    scheduler: Scheduler = None, schedule: Schedule = None, shift: Shift = None,
+    max_sequence_length: MaxSequenceLength = None, no_t5: NoT5 = None, model: ModelPath = None,
+    vae: Vae = None, text_encoder: TextEncoder = None, config: Config = None, prediction: Prediction = None,
+    allow_pickle: AllowPickle = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder, with the manifest [default: outputs/<FILE's name>].")] = None,
-    device: Device = "auto", dtype: Dtype = "auto",
+    device: Device = "auto", dtype: Dtype = "auto", compile: Compile = False,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet per line of several images, in OUT/grids.")] = False,
     as_json: AsJson = False, quiet: Quiet = False,
 ) -> None:
@@ -255,9 +300,11 @@ def batch(
     from ldm_cli.settings import Settings
 
     defaults = Settings(negative=negative or "", steps=steps, cfg=cfg, seed=seed, width=width, height=height,
-                        scheduler=scheduler, schedule=schedule, model=model)
+                        scheduler=scheduler, schedule=schedule, shift=shift, max_sequence_length=max_sequence_length,
+                        no_t5=no_t5, model=model)
     options = run_options(num_images, batch_size, out or Path("outputs") / file.stem, quiet, dict(
-        vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, device=device, dtype=dtype))
+        vae=vae, text_encoder=text_encoder, config=config, prediction=prediction, allow_pickle=allow_pickle,
+        device=device, dtype=dtype, compile=compile))
     print_results(commands.batch(file, defaults, options, grid), as_json)
 
 

@@ -1,17 +1,18 @@
 """What each command does, as plain functions of plain values; cli.py only parses and prints."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from PIL import Image
 
-from ldm_cli import images, render
+from ldm_cli import files, images, render
 from ldm_cli.errors import LdmError
+from ldm_cli.limits import MAX_IMAGES
 from ldm_cli.loading import LoadOptions
-from ldm_cli.settings import Settings
+from ldm_cli.notes import note
+from ldm_cli.settings import Settings, check_seed_room
 
 
 @dataclass
@@ -24,8 +25,8 @@ class RunOptions:
     load: LoadOptions = field(default_factory=LoadOptions)
 
     def validate(self) -> None:
-        if self.num_images < 1:
-            raise LdmError(f"--num-images must be at least 1 (got {self.num_images})")
+        if not 1 <= self.num_images <= MAX_IMAGES:  # every image's settings are listed up front
+            raise LdmError(f"--num-images must be between 1 and {MAX_IMAGES} (got {self.num_images})")
         if self.batch_size < 1:
             raise LdmError(f"--batch-size must be at least 1 (got {self.batch_size})")
 
@@ -35,7 +36,10 @@ def base_settings(flags: Settings, from_png: Path | None) -> Settings:
     base = render.settings_from_png(from_png) if from_png else Settings()
     if from_png and flags.model is None and base.model and not Path(base.model).exists():
         base.model = None  # recorded path gone: fall back to --model or the built-in model
-    merged = base.merged(**{k: v for k, v in flags.to_dict().items() if k != "prompt" or v})
+    given = {k: v for k, v in flags.to_dict().items() if k != "prompt" or v}
+    if from_png:
+        render.check_recorded(from_png, base, set(given))  # a bad recorded value is the PNG's, unless overridden
+    merged = base.merged(**given)
     if not from_png and flags.prompt is None:
         raise LdmError("a prompt is required (or --from-png IMAGE to reuse an image's settings)")
     merged.validate()
@@ -45,13 +49,16 @@ def base_settings(flags: Settings, from_png: Path | None) -> Settings:
 def load_model(settings: Settings, options: RunOptions):
     from ldm_cli import loading
 
+    if settings.seed is not None:  # checked before the load, like every other setting
+        check_seed_room(settings.seed, options.num_images)
     return loading.load(settings.model, options.load)
 
 
 def resolved(settings: Settings, model) -> Settings:
-    out = settings.resolve(model.defaults, model.native_size)
+    out = settings.resolve(model.defaults, model.native_size, model.train_timesteps)
     out.model_name, out.model_hash = model.name, model.hash
     out.model = model.path
+    out.modules = ", ".join(model.modules) or None
     return out
 
 
@@ -79,33 +86,42 @@ def checkpoint_info(path: Path, config: str | None = None, allow_pickle: bool = 
     """What a checkpoint holds: family, prediction, native size, component sizes, dtype, hash, EMA."""
     from ldm_cli.loading import info, quiet_libraries
 
+    files.check_openable(Path(path).expanduser(), folders=True)  # a FIFO would hang: refused before the imports
     quiet_libraries()
     return info.describe(path, config, allow_pickle)
 
 
 # -- img2img, inpaint, outpaint: the same run, starting from an image ---------------------------
-def note(message: str) -> None:
-    print(f"ldm: {message}", file=sys.stderr)
-
-
 def _with_init_image(settings: Settings, path: Path) -> tuple[Image.Image, Settings]:
     """The init image, and the settings recording its hash (A1111's short form: 10 hex digits of sha256)."""
     from ldm_cli import hashing
 
     image = images.load_image(path)
+    images.check_min_size(image.size, repr(str(path)))
     return image, settings.merged(init_image_hash=hashing.sha256_file(path)[:10])
 
 
 def _sized_to(settings: Settings, image: Image.Image, what: str) -> Settings:
-    """Render at the image's own size (rounded down to multiples of 8) unless a size is asked for."""
-    width, height = images.multiple_of_8(image.size)
+    """Render at the image's own size (rounded down to the model's size multiple: 8, or 16 for
+    SD3) unless a size is asked for."""
+    from ldm_cli import loading
+
+    width, height = images.rounded_down(image.size, loading.size_multiple(settings.model))
     out = settings.merged(width=settings.width or width, height=settings.height or height)
+    out.validate()  # a huge image is refused before the model loads, as a huge --width is
     if (out.width, out.height) != image.size:
-        note(f"{what} is {image.width}x{image.height}; resizing it to {out.width}x{out.height}")
+        note(f"{what} is {image.width}x{image.height}; resizing it to {out.width}x{out.height}"
+             + images.enlargement(image.size, (out.width, out.height)))
     return out
 
 
-def _run(settings: Settings, options: RunOptions, make, steps_run) -> Iterator[render.Result]:
+def _steps_run(s: Settings, flow: bool) -> int:
+    from ldm_cli import strength
+
+    return strength.steps_run(s, flow)
+
+
+def _run(settings: Settings, options: RunOptions, make) -> Iterator[render.Result]:
     """Load the model and render options.num_images images with `make`; image i uses seed + i."""
     from ldm_cli.progress import Progress
 
@@ -113,7 +129,7 @@ def _run(settings: Settings, options: RunOptions, make, steps_run) -> Iterator[r
     model = load_model(settings, options)
     s = resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
-    with Progress(steps_run(s) * len(jobs), len(jobs), options.quiet) as progress:
+    with Progress(_steps_run(s, model.family.flow) * len(jobs), len(jobs), options.quiet) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress, make)
 
 
@@ -127,12 +143,11 @@ def img2img(settings: Settings, image_path: Path, options: RunOptions) -> Iterat
 
     def make(model, group, on_step):
         return flow.image_to_image(model, group, [init] * len(group), on_step)
-    yield from _run(s, options, make, flow.steps_run)
+    yield from _run(s, options, make)
 
 
 def _inpaint(s: Settings, init: Image.Image, mask: Image.Image, what: str,
              options: RunOptions) -> Iterator[render.Result]:
-    from ldm_cli import img2img
     from ldm_cli import inpaint as flow
 
     if not s.only_masked:  # --only-masked renders at the model's size, the picture keeps its own
@@ -140,7 +155,7 @@ def _inpaint(s: Settings, init: Image.Image, mask: Image.Image, what: str,
 
     def make(model, group, on_step):
         return flow.inpaint(model, group, [init] * len(group), [mask] * len(group), on_step)
-    yield from _run(s, options, make, img2img.steps_run)
+    yield from _run(s, options, make)
 
 
 def inpaint(settings: Settings, image_path: Path, mask_path: Path, options: RunOptions) -> Iterator[render.Result]:
@@ -150,19 +165,43 @@ def inpaint(settings: Settings, image_path: Path, mask_path: Path, options: RunO
     options.validate()
     init, s = _with_init_image(flow.with_defaults(settings), image_path)
     mask = images.load_image(mask_path, "L")
+    images.check_min_size(mask.size, f"the mask {str(mask_path)!r}")
     flow.check_mask(mask, init.size, f"the mask {str(mask_path)!r}")
     yield from _inpaint(s, init, mask, repr(str(image_path)), options)
 
 
 def outpaint(settings: Settings, image_path: Path, margins: tuple[int, int, int, int],
              options: RunOptions) -> Iterator[render.Result]:
-    """Grow the image by margins (left, top, right, bottom) pixels and paint the new border."""
+    """Grow the image by margins (left, top, right, bottom) pixels and paint the new border. Unless
+    --only-masked, the margins grow so the canvas is a multiple of 8 a side, and a size asked
+    scales the whole canvas (inpaint.canvas_render_size): the picture is never distorted."""
     from ldm_cli import inpaint as flow
 
     options.validate()
     image, s = _with_init_image(flow.with_defaults(settings), image_path)
+    if not s.only_masked:  # the whole canvas renders: never cropped or stretched to fit the model
+        from ldm_cli import loading
+
+        multiple = loading.size_multiple(s.model)
+        margins = _canvas_margins(image.size, margins, multiple)
+        size = flow.canvas_render_size(flow.canvas_size(image.size, margins), s.width, s.height, multiple)
+        s = s.merged(width=size[0], height=size[1])
     canvas, mask = flow.extend(image, *margins)
     yield from _inpaint(s, canvas, mask, "the extended canvas", options)
+
+
+def _canvas_margins(size: tuple[int, int], margins: tuple[int, int, int, int],
+                    multiple: int) -> tuple[int, int, int, int]:
+    """The margins grown to make the canvas a multiple of `multiple` a side, said when that changes them."""
+    from ldm_cli import inpaint as flow
+
+    grown = flow.grown_margins(size, margins, multiple)
+    if grown != margins:
+        changed = [f"--{side} {new} (asked {old})" for side, new, old
+                   in zip(("left", "top", "right", "bottom"), grown, margins) if new != old]
+        note(f"outpaint margins grown so each side of the canvas is a multiple of {multiple} "
+             f"(as the model needs): {', '.join(changed)}")
+    return grown
 
 
 # -- batch: a prompts file ------------------------------------------------------------------------

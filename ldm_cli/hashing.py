@@ -10,11 +10,11 @@ import json
 import os
 from pathlib import Path
 
+from ldm_cli.cache import root as cache_root
+
 
 def cache_file() -> Path:
-    root = os.environ.get("LDM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ldm")
-    return Path(root) / "hashes.json"
+    return cache_root() / "hashes.json"
 
 
 def sha256_file(path: Path) -> str:

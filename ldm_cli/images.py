@@ -1,6 +1,8 @@
-"""Writing PNGs safely: metadata in, never overwrite, never leave half a file."""
+"""Images in and out: pictures and masks read upright and in 8 bits (image_modes); PNGs written
+safely: metadata in, never overwrite, never leave half a file."""
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -9,21 +11,33 @@ import uuid
 import time
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 
+from ldm_cli import files, image_modes
 from ldm_cli.errors import LdmError
 
 _NUMBERED = re.compile(r"^(\d{5,})-")
 
 
 def check_writable(folder: Path) -> None:
-    """Fail before any work if images could not be saved in `folder`."""
+    """Fail before any work if images could not be saved in `folder`. Nothing is created: the
+    folder is made when the first image is saved, so a failed run leaves no empty folder."""
+    existing = _nearest_existing(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".ldm-probe-", delete=True)
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".ldm-probe-", delete=True)
         probe.close()
     except OSError as e:
         raise LdmError(f"cannot write to output folder {str(folder)!r} ({e.strerror or e}); choose another with --out") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _next_number(folder: Path) -> int:
@@ -59,8 +73,10 @@ def save_png(image: Image.Image, folder: Path, stem: str, text_chunks: dict[str,
 
     The image goes to a hidden temporary file first and is then hard-linked to its final name;
     a link never replaces an existing file, so two runs sharing a folder cannot overwrite each
-    other, and an interrupted run leaves no partial PNG under a real name.
+    other, and an interrupted run leaves no partial PNG under a real name. The folder is made
+    here, with the first image.
     """
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = _write_temporary(image, folder, text_chunks)
     try:
         number = _next_number(folder)
@@ -77,6 +93,7 @@ def save_png(image: Image.Image, folder: Path, stem: str, text_chunks: dict[str,
 
 def read_text_chunks(path: Path) -> dict[str, str]:
     """The PNG's text chunks; a clear error for anything that is not a readable image."""
+    files.check_openable(path)
     try:
         with Image.open(path) as im:
             im.load()
@@ -88,20 +105,59 @@ def read_text_chunks(path: Path) -> dict[str, str]:
 
 
 def load_image(path: Path, mode: str = "RGB") -> Image.Image:
-    """The image at `path`, fully read, in `mode`; a clear error for a missing, unreadable or non-image file."""
+    """The image at `path`, fully read and upright (EXIF orientation applied): mode "RGB" an 8-bit
+    picture, mode "L" an 8-bit mask (image_modes says how each source mode is read); a clear
+    error for a missing, unreadable or non-image file."""
+    files.check_openable(path)
+    convert = {"RGB": image_modes.picture, "L": image_modes.mask}[mode]
     try:
         with Image.open(path) as im:
+            turned = _orientation(im) != 1
             im.load()
-            return im.convert(mode)
+            return convert(ImageOps.exif_transpose(im) if turned else im, repr(str(path)))
     except FileNotFoundError:
         raise LdmError(f"no such file: {str(path)!r}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise LdmError(f"{str(path)!r} is not a readable image ({e})") from None
 
 
-def multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) rounded down to multiples of 8 (at least 8), the sizes latent models take."""
-    return tuple(max(8, side - side % 8) for side in size)
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1: upright), read without decoding the pixels: a PNG's eXIf chunk
+    counts only before them, so that image_size and load_image always agree."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    return im.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image load_image returns, from the file's header alone."""
+    files.check_openable(path)
+    with Image.open(path) as im:
+        width, height = im.size
+        return (height, width) if _orientation(im) in (5, 6, 7, 8) else (width, height)
+
+
+MIN_SIDE = 8  # the VAE's factor: a narrower image is not one latent pixel wide, nothing to start from
+QUIET_UPSCALE = 4  # a larger enlargement is said: it starts from little detail
+
+
+def check_min_size(size: tuple[int, int], what: str) -> None:
+    """Refuse an image too small to start from (it would be silently blown up)."""
+    if min(size) < MIN_SIDE:
+        raise LdmError(f"{what} is {size[0]}x{size[1]}: too small to start from (at least {MIN_SIDE} pixels "
+                       "a side); use a larger image")
+
+
+def enlargement(size: tuple[int, int], target: tuple[int, int]) -> str:
+    """Words for a large enlargement from `size` to `target` ("" when at most QUIET_UPSCALE)."""
+    factor = max(t / s for t, s in zip(target, size))
+    return f" ({factor:.0f}x larger: little detail to start from)" if factor > QUIET_UPSCALE else ""
+
+
+def rounded_down(size: tuple[int, int], multiple: int = 8) -> tuple[int, int]:
+    """(width, height) rounded down to multiples of `multiple` (at least one), the sizes a latent
+    model takes: 8 for the VAE's factor, 16 for a DiT with 2x2 patches."""
+    return tuple(max(multiple, side - side % multiple) for side in size)
 
 
 def resized(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm_cli import images, pipeline, sampling, vae
+from ldm_cli import images, inpaint, pipeline, sampling, vae
+from ldm_cli.strength import add_noise, check_inputs, strength_timesteps
 from ldm_cli.settings import Settings
 
 DEFAULT_STRENGTH = 0.75
@@ -28,19 +29,6 @@ def with_defaults(s: Settings) -> Settings:
     return s if s.strength is not None else s.merged(strength=DEFAULT_STRENGTH)
 
 
-def steps_run(s: Settings) -> int:
-    """How many of the settings' steps strength keeps (strength 0.75 of 40 runs 30)."""
-    return min(int(s.steps * s.strength), s.steps)
-
-
-def strength_timesteps(scheduler, s: Settings) -> torch.Tensor:
-    """The last steps_run(s) steps of the schedule; the scheduler is told to start there."""
-    start = (s.steps - steps_run(s)) * scheduler.order
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start)
-    return scheduler.timesteps[start:]
-
-
 def encode_images(model, group: list[Settings], init_images: list[Image.Image],
                   generators: list[torch.Generator]) -> torch.Tensor:
     """Image latents at the group's size, sampled from the VAE's distribution with each image's generator."""
@@ -49,25 +37,8 @@ def encode_images(model, group: list[Settings], init_images: list[Image.Image],
     return vae.encode(model, pixels, generators)
 
 
-def add_noise(model, group: list[Settings], scheduler, latents: torch.Tensor,
-              generators: list[torch.Generator], timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents noised to the first kept timestep, the noise); unchanged latents when no step is kept."""
-    noise = pipeline.initial_noise(model, group, generators)
-    if len(timesteps):
-        latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(latents)))
-    return latents, noise
-
-
-def check_inputs(model, group: list[Settings], init_images: list[Image.Image]) -> None:
-    pipeline.check_inputs(model, group)
-    if group[0].strength is None or len(init_images) != len(group):
-        raise ValueError("img2img needs a strength and one init image per settings")
-
-
 def _repaint_all(model, group: list[Settings], init_images: list[Image.Image], on_step) -> list[Image.Image]:
     """A dedicated inpainting model (9-channel) takes a mask too: an all-white one repaints everything."""
-    from ldm_cli import inpaint
-
     whole = [Image.new("L", im.size, 255) for im in init_images]
     return inpaint.inpaint(model, [g.merged(mask_blur=0, only_masked=False) for g in group],
                            init_images, whole, on_step)
@@ -86,7 +57,7 @@ def image_to_image(model, group: list[Settings], init_images: list[Image.Image],
     positive, negative = pipeline.encode_prompts(model, group)
     # 3. timesteps from strength
     scheduler = pipeline.make_scheduler(model, group)
-    timesteps = strength_timesteps(scheduler, s)
+    timesteps = strength_timesteps(scheduler, s, model.family.flow)
     # 4. image latents
     generators = pipeline.generators_for(group)
     latents = encode_images(model, group, init_images, generators)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from ldm_cli import images, img2img, pipeline, sampling, vae
+from ldm_cli import images, limits, pipeline, sampling, strength, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
@@ -112,13 +112,74 @@ def paste(region: Region, rendered: Image.Image) -> Image.Image:
     return Image.composite(canvas, region.original, region.alpha)
 
 
+# -- outpainting's canvas ----------------------------------------------------------------------
+Margins = tuple[int, int, int, int]  # left, top, right, bottom
+
+
+def check_margins(margins: Margins) -> None:
+    if min(margins) < 0:
+        raise LdmError("--left, --right, --top and --bottom must be 0 or more")
+    if not any(margins):
+        raise LdmError("nothing to outpaint: give --left, --right, --top or --bottom in pixels")
+
+
+def check_canvas(size: tuple[int, int], margins: Margins) -> None:
+    """Margins that would grow the canvas past the size limit are refused before it is allocated."""
+    check_margins(margins)
+    width, height = canvas_size(size, margins)
+    if max(width, height) > limits.MAX_SIDE or width * height > limits.max_pixels():
+        raise LdmError(f"the outpainted canvas would be {width}x{height}, over ldm's limit of {limits.MAX_SIDE} "
+                       f"pixels a side and {limits.max_pixels():,} in all; use smaller margins "
+                       f"(or set {limits.MAX_PIXELS_ENV})")
+
+
+def _grown(side: int, low: int, high: int, multiple: int) -> tuple[int, int]:
+    """Margins on one axis grown the least that makes side + both a multiple of `multiple`: the
+    only one asked takes it all, else it is shared (the picture is never cropped or stretched)."""
+    extra = -(side + low + high) % multiple
+    if bool(low) != bool(high):
+        return (low + extra, high) if low else (low, high + extra)
+    return low + extra // 2, high + extra - extra // 2
+
+
+def grown_margins(size: tuple[int, int], margins: Margins, multiple: int = 8) -> Margins:
+    """The margins, grown so that each side of the canvas is a multiple of the model's size
+    multiple (the VAE's factor, times a DiT's patch size)."""
+    check_margins(margins)
+    (left, right) = _grown(size[0], margins[0], margins[2], multiple)
+    (top, bottom) = _grown(size[1], margins[1], margins[3], multiple)
+    return left, top, right, bottom
+
+
+def canvas_size(size: tuple[int, int], margins: Margins) -> tuple[int, int]:
+    left, top, right, bottom = margins
+    return size[0] + left + right, size[1] + top + bottom
+
+
+def canvas_render_size(canvas: tuple[int, int], width: int | None, height: int | None,
+                       multiple: int = 8) -> tuple[int, int]:
+    """The size a whole canvas renders at: its own, or scaled as a whole to the width or height
+    asked, the other side following its shape (to the nearest multiple of `multiple`). A size whose
+    shape is not the canvas's is refused: it would stretch the picture."""
+    cw, ch = canvas
+    if not (width or height):
+        return canvas
+
+    def nearest(value: float) -> int:
+        return max(multiple, multiple * round(value / multiple))
+    by_width = (width, nearest(width * ch / cw)) if width else None
+    by_height = (nearest(height * cw / ch), height) if height else None
+    if not (width and height) or (width, height) in (by_width, by_height):
+        return by_width or by_height
+    raise LdmError(f"a {width}x{height} render would stretch the {cw}x{ch} canvas (the image plus the margins); "
+                   f"give only --width or --height and the other follows its shape (--width {width}: "
+                   f"{by_width[0]}x{by_width[1]}), or neither to render at {cw}x{ch}")
+
+
 def extend(image: Image.Image, left: int, top: int, right: int, bottom: int) -> tuple[Image.Image, Image.Image]:
     """Outpainting's canvas and mask: the image grown by the margins, the new border filled by
     repeating the image's edge pixels (a start that strength < 1 can build on), white in the mask."""
-    if min(left, top, right, bottom) < 0:
-        raise LdmError("--left, --right, --top and --bottom must be 0 or more")
-    if not any((left, top, right, bottom)):
-        raise LdmError("nothing to outpaint: give --left, --right, --top or --bottom in pixels")
+    check_canvas(image.size, (left, top, right, bottom))
     pixels = np.pad(np.asarray(image.convert("RGB")), ((top, bottom), (left, right), (0, 0)), mode="edge")
     canvas = Image.fromarray(pixels)
     mask = Image.new("L", canvas.size, 255)
@@ -136,8 +197,8 @@ def _latents(model, group: list[Settings], scheduler, timesteps: torch.Tensor, p
         image_latents = vae.encode(model, pixels, generators)
     if full:
         noise = pipeline.initial_noise(model, group, generators)
-        return noise * scheduler.init_noise_sigma, noise, image_latents
-    latents, noise = img2img.add_noise(model, group, scheduler, image_latents, generators, timesteps)
+        return noise * sampling.init_noise_sigma(scheduler), noise, image_latents
+    latents, noise = strength.add_noise(model, group, scheduler, image_latents, generators, timesteps)
     return latents, noise, image_latents
 
 
@@ -162,13 +223,13 @@ def _blend(scheduler, image_latents: torch.Tensor, noise: torch.Tensor, mask: to
     def blend(latents: torch.Tensor, i: int) -> torch.Tensor:
         known = image_latents
         if i < len(timesteps) - 1:
-            known = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+            known = sampling.add_noise(scheduler, image_latents, noise, timesteps[i + 1:i + 2])
         return (1 - mask) * known + mask * latents
     return blend
 
 
 def check_inputs(model, group: list[Settings], init_images: list[Image.Image], masks: list[Image.Image]) -> None:
-    img2img.check_inputs(model, group, init_images)
+    strength.check_inputs(model, group, init_images)
     if len(masks) != len(group):
         raise ValueError("inpainting needs one mask per settings")
     for image, mask in zip(init_images, masks):
@@ -185,7 +246,7 @@ def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks:
     positive, negative = pipeline.encode_prompts(model, group)
     # 3. timesteps from strength
     scheduler = pipeline.make_scheduler(model, group)
-    timesteps = img2img.strength_timesteps(scheduler, s)
+    timesteps = strength.strength_timesteps(scheduler, s, model.family.flow)
     # 4. latents: image latents, then noise
     generators = pipeline.generators_for(group)
     pixels = vae.to_tensor([r.image for r in regions])

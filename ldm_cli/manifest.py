@@ -1,24 +1,28 @@
 """The record of what `ldm batch` made: one JSON line per finished image, in the output folder.
 
 A record holds the image's path (relative to the folder), the line of the prompts file and the
-image's index on that line, every setting (the seed included) and any init image and mask. An
-image is done when a record agrees with its line, index and settings and its file still exists;
-a rerun skips it. Records are written after their PNG is complete, so a record never points at
-a partial file.
+image's index on that line, every setting (the seed included), the line's base seed and any init
+image and mask. An image is done when a record agrees with its line, index and settings and its
+file still exists; a rerun skips it. Records are written after their PNG is complete, so a
+record never points at a partial file.
 
 Each process appends to a file of its own, `manifest.jsonl` when it runs alone and
-`manifest.partN.jsonl` when several share a run, so lines never interleave and no lock is
-needed, also across machines sharing a folder. The main process merges the parts into
-`manifest.jsonl` once every process is done; until then, and after a killed run, reading takes
-every file.
+`manifest.partN.jsonl` when several share a run, so lines never interleave. The main process
+appends the parts to `manifest.jsonl` once every process is done; until then, and after a killed
+run, reading takes every file. Other runs may share the folder (batch.py's claims keep them
+from rendering an image twice), so `manifest.jsonl` is only ever appended to, and a merge holds
+an exclusive lock on it while appenders hold a shared one: a merge never removes a part that
+another run is writing.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import tempfile
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 NAME = "manifest.jsonl"
 PART = "manifest.part{}.jsonl"
@@ -29,20 +33,38 @@ class Manifest:
         self.folder = folder
         self.own = folder / (NAME if world == 1 else PART.format(rank))
         self._images: dict[tuple, list[dict]] = defaultdict(list)
-        self._read_to: dict[Path, int] = {}  # bytes of each file seen so far, for counting new records
-        self.new_records = 0
-        for path in self.files():
-            data = path.read_bytes()
-            self._read_to[path] = len(data)
-            for record in parse(data):
-                self._index(record)
+        self._known: set[str] = set()  # every record once, however often it was read
+        self._read: dict[Path, tuple[int, int]] = {}  # each file's inode and the bytes read of it
+        self.refresh()
+        self._at_start = len(self._known)
 
     def files(self) -> list[Path]:
         main = self.folder / NAME
         return ([main] if main.is_file() else []) + sorted(self.folder.glob(PART.format("*")))
 
+    def refresh(self) -> None:
+        """Read the records every file gained since it was last read, whichever process or run
+        wrote them; a part merged away and written anew is read from its start."""
+        for path in self.files():
+            try:
+                with open(path, "rb") as f:
+                    inode = os.fstat(f.fileno()).st_ino
+                    seen, start = self._read.get(path, (inode, 0))
+                    start = start if seen == inode else 0
+                    f.seek(start)
+                    data = f.read()
+            except FileNotFoundError:
+                continue  # a part merged meanwhile; its records are in manifest.jsonl
+            whole = data[:data.rfind(b"\n") + 1]  # a line still being written is read next time
+            self._read[path] = (inode, start + len(whole))
+            for record in parse(whole):
+                self._index(record)
+
     def _index(self, record: dict) -> None:
-        self._images[(record.get("line"), record.get("index"))].append(record)
+        key = _key(record)
+        if key not in self._known:
+            self._known.add(key)
+            self._images[(record.get("line"), record.get("index"))].append(record)
 
     def find(self, wanted: dict) -> dict | None:
         """The newest record agreeing with every value of `wanted` (line and index included)
@@ -54,45 +76,59 @@ class Manifest:
 
     def add(self, record: dict) -> None:
         """Append one record and sync it: a finished image is on record before the next starts."""
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        fd = os.open(self.own, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with _locked(self.folder / NAME, fcntl.LOCK_SH):
+            _append(self.own, (json.dumps(record, ensure_ascii=False) + "\n").encode())
         self._index(record)
 
     def count_new(self) -> int:
-        """Records appended to any manifest file since it was read, by every process of the run."""
-        for path in self.files():
-            with open(path, "rb") as f:
-                f.seek(self._read_to.get(path, 0))
-                data = f.read()
-            self._read_to[path] = self._read_to.get(path, 0) + len(data)
-            self.new_records += data.count(b"\n")
-        return self.new_records
+        """Records added to any manifest file since this one was opened, by any process or run."""
+        self.refresh()
+        return len(self._known) - self._at_start
 
     def merge(self) -> Path:
-        """Every record once in manifest.jsonl, the parts removed; for the main process once
-        every process is done. The file is replaced whole, so a kill leaves the old or the new."""
+        """Every record in manifest.jsonl, the parts removed; for the main process once every
+        process is done. A kill before the parts are removed leaves records a later merge finds
+        already there and does not repeat."""
         main = self.folder / NAME
-        parts = [p for p in self.files() if p != main]
-        records = parse(main.read_bytes()) if main.is_file() else []
-        records += sorted((r for p in parts for r in parse(p.read_bytes())),
-                          key=lambda r: (r.get("line", 0), r.get("index", 0)))
-        lines = dict.fromkeys(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".manifest-", suffix=".tmp")
-        os.fchmod(fd, 0o644)  # as the appended file is, not mkstemp's owner-only mode
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, main)
-        for part in parts:
-            part.unlink()
+        if not any(p != main for p in self.files()):
+            return main
+        with _locked(main, fcntl.LOCK_EX):
+            parts = [p for p in self.files() if p != main]
+            text = main.read_bytes()
+            there = {_key(r) for r in parse(text)}
+            records = sorted((r for p in parts for r in parse(p.read_bytes())),
+                             key=lambda r: (r.get("line", 0), r.get("index", 0)))
+            lines = dict.fromkeys(json.dumps(r, ensure_ascii=False) + "\n" for r in records if _key(r) not in there)
+            if lines:
+                torn = text and not text.endswith(b"\n")  # a line cut by a power failure stays apart
+                _append(main, ("\n" if torn else "").encode() + "".join(lines).encode())
+            for part in parts:
+                part.unlink()
         return main
+
+
+def _key(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+@contextmanager
+def _locked(path: Path, how: int) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, how)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _append(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def parse(data: bytes) -> list[dict]:

@@ -12,9 +12,9 @@ from ldm_cli.families import Family
 @dataclass
 class Model:
     family: Family
-    denoiser: torch.nn.Module  # UNet2DConditionModel (or a DiT for later families)
+    denoiser: torch.nn.Module  # UNet2DConditionModel, or a DiT (SD3Transformer2DModel)
     vae: torch.nn.Module  # AutoencoderKL
-    text_encoders: list[torch.nn.Module]
+    text_encoders: list[torch.nn.Module | None]  # None: a part run without (SD3's T5)
     tokenizers: list[Any]
     scheduler_config: dict[str, Any]
     name: str
@@ -22,6 +22,7 @@ class Model:
     path: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # recommended steps, cfg, scheduler
     options: dict[str, Any] = field(default_factory=dict)  # family switches (e.g. SDXL's zeroed empty negative)
+    modules: list[str] = field(default_factory=list)  # parts given as separate files: Forge's "Module N"
 
     @property
     def device(self) -> torch.device:
@@ -34,6 +35,11 @@ class Model:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this: the VAE's factor times a DiT's patch size."""
+        return self.vae_scale_factor * (getattr(self.denoiser.config, "patch_size", None) or 1)
 
     @property
     def latent_channels(self) -> int:
@@ -49,6 +55,11 @@ class Model:
     def is_inpainting(self) -> bool:
         """A dedicated inpainting denoiser: latents + mask + masked-image latents as input."""
         return self.denoiser.config.in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def train_timesteps(self) -> int:
+        """The noise levels it was trained on; no sampler can take more steps than this."""
+        return self.scheduler_config.get("num_train_timesteps", 1000)
 
     @property
     def prediction_type(self) -> str:

@@ -16,7 +16,8 @@ from ldm_cli import sampling, schedulers, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
-BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule", "strength")
+BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule", "strength", "shift",
+                "max_sequence_length", "no_t5")
 
 
 def batch_key(s: Settings) -> tuple:
@@ -26,12 +27,14 @@ def batch_key(s: Settings) -> tuple:
 
 def check_inputs(model, group: list[Settings]) -> None:
     if len({batch_key(s) for s in group}) != 1:
-        raise ValueError("a batch must share size, steps, cfg, scheduler and strength")
-    factor = model.vae_scale_factor
+        raise ValueError("a batch must share size, steps, cfg, scheduler, strength and text options")
+    factor = model.size_multiple
     for side in ("width", "height"):
         value = getattr(group[0], side)
         if value % factor:
-            raise LdmError(f"--{side} must be a multiple of {factor} for this model (got {value})")
+            raise LdmError(f"--{side} must be a multiple of {factor} for this model (got {value}); "
+                           f"try {max(factor, round(value / factor) * factor)}")
+    schedulers.check_for_model(group[0].scheduler, group[0].schedule, model.family.flow)
 
 
 def generators_for(group: list[Settings]) -> list[torch.Generator]:
@@ -41,16 +44,17 @@ def generators_for(group: list[Settings]) -> list[torch.Generator]:
 def encode_prompts(model, group: list[Settings]):
     """(positive, negative) conditioning; no negative pass at cfg 1."""
     s = group[0]
-    positive = model.family.encode(model, [g.prompt for g in group], s.width, s.height, False)
+    positive = model.family.encode(model, [g.prompt for g in group], s, False)
     negative = None
     if sampling.uses_negative(s.cfg):
-        negative = model.family.encode(model, [g.negative for g in group], s.width, s.height, True)
+        negative = model.family.encode(model, [g.negative for g in group], s, True)
     return positive, negative
 
 
 def make_scheduler(model, group: list[Settings]):
     s = group[0]
-    scheduler = schedulers.build(s.scheduler, s.schedule, model.scheduler_config, [g.seed for g in group])
+    scheduler = schedulers.build(s.scheduler, s.schedule, model.scheduler_config, [g.seed for g in group],
+                                 flow=model.family.flow, shift=s.shift)
     scheduler.set_timesteps(s.steps, device=model.device)
     return scheduler
 
@@ -72,7 +76,7 @@ def text_to_image(model, group: list[Settings], on_step: Callable[[], None] | No
     scheduler = make_scheduler(model, group)
     # 4. latents
     generators = generators_for(group)
-    latents = initial_noise(model, group, generators) * scheduler.init_noise_sigma
+    latents = initial_noise(model, group, generators) * sampling.init_noise_sigma(scheduler)
     # 5. denoise
     latents = sampling.denoise(model, scheduler, latents, positive, negative, group[0].cfg,
                                generators, scheduler.timesteps, on_step=on_step)

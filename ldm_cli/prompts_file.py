@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
 import re
 import shlex
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ldm_cli.errors import LdmError
-from ldm_cli.settings import MAX_SEED, Settings
+from ldm_cli.limits import MAX_IMAGES
+from ldm_cli.settings import KIND_WORDS, MAX_SEED, BadSetting, Settings, check_seed_room, flag_name
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ KEYS: dict[str, Key] = {
     "scheduler": Key(str, "scheduler"), "schedule": Key(str, "schedule"), "model": Key(str, "model"),
     "init_image": Key(str, None), "strength": Key(float, "strength"), "mask": Key(str, None),
     "mask_blur": Key(int, "mask_blur"), "only_masked": Key(bool, "only_masked"), "padding": Key(int, "padding"),
+    # flow-matching and T5 models (SD3)
+    "shift": Key(float, "shift"), "max_sequence_length": Key(int, "max_sequence_length"), "no_t5": Key(bool, "no_t5"),
 }
 # A1111 accepts these too; ldm has nothing to map them to, so the error names them as such.
 A1111_ONLY = {"sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "styles", "subseed",
@@ -49,7 +51,6 @@ FREE_TEXT = ("prompt", "negative_prompt")  # A1111 joins the unquoted words that
 IMAGE_ONLY = ("strength", "mask", "mask_blur", "only_masked", "padding")
 MASK_ONLY = ("mask_blur", "only_masked", "padding")
 RANDOM_SEED = -1  # A1111's "random seed"
-KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 _MISPLACED_OPTION = re.compile(r"(?:^|\s)--[A-Za-z]")
 
 
@@ -173,16 +174,14 @@ def from_text(name: str, text: str) -> Any:
         value = kind(text)
     except ValueError:
         raise LdmError(f"--{name} takes {KIND_WORDS[kind]} (got {text!r})") from None
-    if kind is float and not math.isfinite(value):
-        raise LdmError(f"--{name} takes a finite number (got {text!r})")
-    return value
+    return value  # its range is Settings.validate's, as for every other source
 
 
 def checked_json(name: str, value: Any) -> Any:
     kind = KEYS[name].kind
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
         raise LdmError(f'"{name}" takes {KIND_WORDS[kind]} (got {json.dumps(value)})')
     return float(value) if kind is float else value
@@ -203,12 +202,15 @@ def make_job(number: int, line: str, values: dict[str, Any], defaults: Settings,
     settings = defaults.merged(**given)
     if given.get("seed") == RANDOM_SEED:
         settings.seed = None
-    settings.validate()
+    try:
+        settings.validate()
+    except BadSetting as e:
+        raise LdmError(e.named(line_key(e.field, values, line), hint=e.hint)) from None
     count = image_count(values, count)
     if settings.seed is None:
-        settings.seed = derived_seed(number, line, count)
-    elif settings.seed + count - 1 > MAX_SEED:
-        raise LdmError(f"--seed {settings.seed} leaves no room for {count} images (image i uses seed + i; the largest seed is {MAX_SEED})")
+        settings.seed = derived_seed(number, line)
+    else:
+        check_seed_room(settings.seed, count)
     init = image_file(values["init_image"], folder, "init_image") if "init_image" in values else None
     mask = image_file(values["mask"], folder, "mask") if "mask" in values else None
     if mask:
@@ -228,6 +230,16 @@ def check_keys(values: dict[str, Any]) -> None:
     for key in ("batch_size", "n_iter"):
         if values.get(key, 1) < 1:
             raise LdmError(f"--{key} must be at least 1 (got {values[key]})")
+    if (count := values.get("batch_size", 1) * values.get("n_iter", 1)) > MAX_IMAGES:
+        raise LdmError(f"--batch_size x --n_iter must be at most {MAX_IMAGES} images (got {count})")
+
+
+def line_key(field: str, values: dict[str, Any], line: str) -> str:
+    """How the line names a Settings field: its own key, else the command's flag (the value came from there)."""
+    keys = [k for k in values if KEYS[k].field == field]
+    if not keys:
+        return flag_name(field)
+    return f'"{keys[0]}"' if line.startswith("{") else f"--{keys[0]}"
 
 
 def image_count(values: dict[str, Any], default: int) -> int:
@@ -237,12 +249,15 @@ def image_count(values: dict[str, Any], default: int) -> int:
     return default
 
 
-def derived_seed(number: int, line: str, count: int) -> int:
+def derived_seed(number: int, line: str) -> int:
     """The seed of a line that names none: drawn from its number and text, so it is the same in
     every run and in every process of a shared run (which is what resuming and sharding need),
-    and differs between lines, repeated lines included."""
+    and differs between lines, repeated lines included. Not from the number of images: raising
+    -n adds images to a line and keeps those it has. The largest seeds are moved down to leave
+    room for MAX_IMAGES images; the rest are the seeds earlier versions drew for one image."""
     digest = hashlib.sha256(f"{number}\n{line}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (MAX_SEED + 2 - count)
+    seed = int.from_bytes(digest[:8], "big") % (MAX_SEED + 1)
+    return seed - MAX_IMAGES if seed + MAX_IMAGES - 1 > MAX_SEED else seed
 
 
 def existing(text: str, folder: Path, name: str) -> Path:
@@ -254,23 +269,19 @@ def existing(text: str, folder: Path, name: str) -> Path:
 
 
 def image_file(text: str, folder: Path, name: str) -> Path:
-    from PIL import Image, UnidentifiedImageError
+    from ldm_cli import images
 
     path = existing(text, folder, name)
     try:
-        with Image.open(path):
-            pass  # the header only: enough to know it is an image, cheap for long files
-    except (UnidentifiedImageError, OSError) as e:
+        size = images.image_size(path)  # the header only: enough to know it is an image, cheap for long files
+    except (OSError, SyntaxError, ValueError) as e:
         raise LdmError(f"--{name}: {str(path)!r} is not a readable image ({e})") from None
+    images.check_min_size(size, f"--{name} {str(path)!r}")
     return path
 
 
 def check_mask(mask: Path, init: Path) -> None:
     """The inpaint command's own check (the image's shape, something white), done up front."""
-    from PIL import Image
-
     from ldm_cli import images, inpaint
 
-    with Image.open(init) as im:
-        size = im.size
-    inpaint.check_mask(images.load_image(mask, "L"), size, f"--mask {str(mask)!r}")
+    inpaint.check_mask(images.load_image(mask, "L"), images.image_size(init), f"--mask {str(mask)!r}")

@@ -1,6 +1,7 @@
 """From resolved settings to saved PNGs: batching, saving with metadata, reporting results."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from itertools import groupby
@@ -11,7 +12,7 @@ from PIL import Image
 
 from ldm_cli import __version__, images
 from ldm_cli.errors import LdmError
-from ldm_cli.settings import Settings
+from ldm_cli.settings import LABELS, BadSetting, Settings, flag_name
 
 METADATA_KEY = "ldm"  # our own chunk: the settings as JSON, for an exact --from-png
 
@@ -34,16 +35,44 @@ def save(image: Image.Image, settings: Settings, folder: Path) -> Result:
 
 
 def settings_from_png(path: Path) -> Settings:
-    """The settings an image was made with: ours exactly, or parsed from A1111's text."""
+    """The settings an image was made with: ours exactly, or parsed from A1111's text. A value of
+    the wrong type is an error naming the PNG and the field; `check_recorded` checks the ranges."""
     chunks = images.read_text_chunks(path)
-    if METADATA_KEY in chunks:
+    ours = _ldm_chunk(chunks)
+    if ours is not None:
         try:
-            return Settings.from_dict(json.loads(chunks[METADATA_KEY]))
-        except ValueError:
-            pass  # fall back to the A1111 text
+            return Settings.from_dict(ours)
+        except BadSetting as e:
+            raise LdmError(e.named(f'the "{e.field}" in the {METADATA_KEY} metadata of {str(path)!r}')) from None
     if "parameters" not in chunks:
         raise LdmError(f"{str(path)!r} has no generation parameters (no A1111 'parameters' text chunk)")
-    return Settings.from_infotext(chunks["parameters"])
+    try:
+        return Settings.from_infotext(chunks["parameters"])
+    except BadSetting as e:
+        raise LdmError(e.named(f"the {LABELS[e.field]} recorded in {str(path)!r}")) from None
+
+
+def _ldm_chunk(chunks: dict[str, str]) -> dict | None:
+    """Our JSON chunk as a dict; None when absent or not a JSON object (then A1111's text is read)."""
+    try:
+        data = json.loads(chunks[METADATA_KEY]) if METADATA_KEY in chunks else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_recorded(path: Path, recorded: Settings, overridden: set[str]) -> None:
+    """Validate what the PNG at `path` recorded, except the fields in `overridden` (flags given on
+    top): a bad value is named as the PNG's field, with the flag that overrides it."""
+    kept = dataclasses.replace(recorded, **{k: None for k in overridden})
+    try:
+        kept.validate()
+    except BadSetting as e:
+        size = LABELS.get(e.field) == "Size"
+        flags = "--width and --height" if size else flag_name(e.field)
+        raise LdmError(e.named(f"the {LABELS.get(e.field, e.field)} recorded in {str(path)!r}",
+                               f"{recorded.width}x{recorded.height}" if size else None,
+                               f"; override it with {flags}" + (e.hint if e.field == "size" else ""))) from None
 
 
 def per_image(base: Settings, count: int) -> list[Settings]:

@@ -4,6 +4,10 @@ Classifier-free guidance runs the negative and positive halves in one denoiser c
 them as eps = eps_neg + cfg * (eps_pos - eps_neg); at cfg 1 that is eps_pos, so the negative half
 is skipped. img2img enters with fewer timesteps and noised image latents; inpainting adds input
 channels (dedicated 9-channel models) or blends the known region back after each step.
+
+Noise-prediction and flow-matching models share it: what differs is the scheduler's. Flow-matching
+schedulers start from unscaled noise, take the model's input unscaled (they have no
+scale_model_input) and noise an image as (1 - sigma) x + sigma noise (`add_noise` here).
 """
 from __future__ import annotations
 
@@ -20,6 +24,18 @@ Blend = Callable[[torch.Tensor, int], torch.Tensor]
 
 def uses_negative(cfg: float) -> bool:
     return cfg != 1
+
+
+def init_noise_sigma(scheduler) -> float:
+    """How much the starting noise is scaled: 1 for flow-matching schedulers, which have no such attribute."""
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+def add_noise(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`latents` noised to timestep(s) `t`: flow-matching schedulers call this scale_noise."""
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(latents, t, noise)
+    return scheduler.add_noise(latents, noise, t)
 
 
 def _stack(negative: Cond, positive: Cond) -> Cond:
@@ -50,7 +66,8 @@ def _step(model, scheduler, latents: torch.Tensor, t: torch.Tensor, cond: Cond, 
           extra_input: torch.Tensor | None, step_kwargs: dict) -> torch.Tensor:
     """One denoiser call (both halves at once when guided) and one scheduler step."""
     x = torch.cat([latents] * 2) if guided else latents
-    x = scheduler.scale_model_input(x, t)
+    if hasattr(scheduler, "scale_model_input"):
+        x = scheduler.scale_model_input(x, t)
     if extra_input is not None:
         x = torch.cat([x, extra_input], dim=1)
     out = model.family.predict(model, x, t, cond)

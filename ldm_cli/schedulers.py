@@ -6,11 +6,20 @@ on top, accepted only by classes that implement them.
 """
 from __future__ import annotations
 
-import inspect
+import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from ldm_cli.errors import LdmError
+
+# Sigma schedules: our name -> (constructor flag, A1111 "Schedule type" label).
+SCHEDULES: dict[str, tuple[str, str]] = {
+    "karras": ("use_karras_sigmas", "Karras"),
+    "exponential": ("use_exponential_sigmas", "Exponential"),
+    "beta": ("use_beta_sigmas", "Beta"),
+}
+ALL_SCHEDULES = tuple(SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -20,34 +29,43 @@ class SchedulerSpec:
     label: str  # A1111's sampler label
     overrides: dict[str, Any] = field(default_factory=dict)
     stochastic: bool = False  # draws fresh noise at each step
+    # the sigma schedules its diffusers class takes, as data so that listing them needs no
+    # diffusers import (tests/test_schedulers.py checks them against the classes)
+    schedules: tuple[str, ...] = ()
 
 
 SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
     SchedulerSpec("ddim", "DDIMScheduler", "DDIM"),
     SchedulerSpec("pndm", "PNDMScheduler", "PLMS", {"skip_prk_steps": True}),
     SchedulerSpec("ddpm", "DDPMScheduler", "DDPM", stochastic=True),
-    SchedulerSpec("lms", "LMSDiscreteScheduler", "LMS"),
-    SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler"),
+    SchedulerSpec("lms", "LMSDiscreteScheduler", "LMS", schedules=ALL_SCHEDULES),
+    SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler", schedules=ALL_SCHEDULES),
     SchedulerSpec("euler_a", "EulerAncestralDiscreteScheduler", "Euler a", stochastic=True),
-    SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun"),
-    SchedulerSpec("dpm2", "KDPM2DiscreteScheduler", "DPM2"),
-    SchedulerSpec("dpm2_a", "KDPM2AncestralDiscreteScheduler", "DPM2 a", stochastic=True),
+    SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun", schedules=ALL_SCHEDULES),
+    SchedulerSpec("dpm2", "KDPM2DiscreteScheduler", "DPM2", schedules=ALL_SCHEDULES),
+    SchedulerSpec("dpm2_a", "KDPM2AncestralDiscreteScheduler", "DPM2 a", stochastic=True, schedules=ALL_SCHEDULES),
     SchedulerSpec("dpmpp_2m", "DPMSolverMultistepScheduler", "DPM++ 2M",
-                  {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+                  {"algorithm_type": "dpmsolver++", "solver_order": 2}, schedules=ALL_SCHEDULES),
     SchedulerSpec("dpmpp_2m_sde", "DPMSolverMultistepScheduler", "DPM++ 2M SDE",
-                  {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, stochastic=True),
-    SchedulerSpec("dpmpp_sde", "DPMSolverSDEScheduler", "DPM++ SDE", stochastic=True),
-    SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC"),
-    SchedulerSpec("deis", "DEISMultistepScheduler", "DEIS"),
+                  {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, stochastic=True, schedules=ALL_SCHEDULES),
+    SchedulerSpec("dpmpp_sde", "DPMSolverSDEScheduler", "DPM++ SDE", stochastic=True, schedules=ALL_SCHEDULES),
+    SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC", schedules=ALL_SCHEDULES),
+    SchedulerSpec("deis", "DEISMultistepScheduler", "DEIS", schedules=ALL_SCHEDULES),
     SchedulerSpec("lcm", "LCMScheduler", "LCM", stochastic=True),
 ]}
 
-# Sigma schedules: our name -> (constructor flag, A1111 "Schedule type" label).
-SCHEDULES: dict[str, tuple[str, str]] = {
-    "karras": ("use_karras_sigmas", "Karras"),
-    "exponential": ("use_exponential_sigmas", "Exponential"),
-    "beta": ("use_beta_sigmas", "Beta"),
-}
+# Flow-matching models (SD3) take these names: diffusers' flow-matching Euler and Heun, and the
+# multistep solvers on flow sigmas. Karras, exponential and beta spacing exist for Euler only (the
+# solvers would compute them from a DDPM beta schedule that flow models do not have).
+FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+FLOW_SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
+    SchedulerSpec("euler", "FlowMatchEulerDiscreteScheduler", "Euler", schedules=ALL_SCHEDULES),
+    SchedulerSpec("heun", "FlowMatchHeunDiscreteScheduler", "Heun"),
+    SchedulerSpec("dpmpp_2m", "DPMSolverMultistepScheduler", "DPM++ 2M",
+                  {"algorithm_type": "dpmsolver++", "solver_order": 2, **FLOW_SIGMAS}),
+    SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC", FLOW_SIGMAS),
+]}
+
 DEFAULT_SCHEDULER = "dpmpp_2m"
 DEFAULT_SCHEDULE = "karras"
 
@@ -57,42 +75,106 @@ def _norm(text: str) -> str:
 
 
 def resolve(name: str, schedule: str | None = None) -> tuple[str, str | None]:
-    """Accept `dpmpp_2m`, `DPM++ 2M`, `DPM++ 2M Karras`, `Euler a` ...; return (name, schedule).
+    """Accept `dpmpp_2m`, `DPM++ 2M`, `DPM++ 2M Karras`, `Euler a` ... in any case; return (name, schedule).
 
     A schedule inside an A1111 label ("... Karras") is used unless one is given explicitly.
     """
+    forms = _spellings()
     wanted = _norm(name)
-    for label_schedule in [None, *SCHEDULES]:
+    if wanted in forms:
+        found, label_schedule, _ = forms[wanted]
+        return found, schedule if schedule is not None else label_schedule
+    hint = _did_you_mean(wanted, {k: written for k, (_, _, written) in forms.items()})
+    hint = hint or f"; choose one of: {', '.join(SCHEDULERS)} (or an A1111 label such as 'DPM++ 2M Karras')"
+    raise LdmError(f"unknown scheduler {name!r}{hint}; `ldm schedulers` lists them")
+
+
+@functools.cache  # prompt files resolve a name per line
+def _spellings() -> dict[str, tuple[str, str | None, str]]:
+    """Every accepted spelling, normalized -> (scheduler, the schedule it names, as written)."""
+    forms: dict[str, tuple[str, str | None, str]] = {}
+    for schedule in [None, *SCHEDULES]:
+        suffix = f" {SCHEDULES[schedule][1]}" if schedule else ""
         for spec in SCHEDULERS.values():
             for form in (spec.name, spec.label):
-                full = _norm(form) + (f" {label_schedule}" if label_schedule else "")
-                if full == wanted:
-                    return spec.name, schedule if schedule is not None else label_schedule
-    choices = ", ".join(SCHEDULERS)
-    raise LdmError(f"unknown scheduler {name!r}; choose one of: {choices} (or an A1111 label such as 'DPM++ 2M Karras'); `ldm schedulers` lists them")
+                forms.setdefault(_norm(form + suffix), (spec.name, schedule, form + suffix))
+    return forms
+
+
+def schedule_name(text: str) -> str:
+    """`default` or a sigma schedule's name, case ignored."""
+    wanted = text.strip().lower()
+    choices = ["default", *SCHEDULES]
+    if wanted == "simple":  # Forge's name for a flow model's own (default) spacing
+        return "default"
+    if wanted in choices:
+        return wanted
+    hint = _did_you_mean(wanted, {c: c for c in choices})
+    raise LdmError(f"unknown schedule {text!r}{hint}; choose one of: {', '.join(choices)}")
+
+
+def _did_you_mean(wanted: str, forms: dict[str, str]) -> str:
+    """' (did you mean X?)' for the form whose key is closest to `wanted`, or '' if none is close."""
+    close = difflib.get_close_matches(wanted, forms, n=1)
+    return f" (did you mean {forms[close[0]]!r}?)" if close else ""
+
+
+def validated(name: str | None, schedule: str | None) -> tuple[str | None, str | None]:
+    """(scheduler, schedule) with names checked, case ignored, and the pair checked when both
+    are known; None stays None (the model's default fills it)."""
+    if schedule is not None:
+        schedule = schedule_name(schedule)
+    if name is None:
+        return None, schedule
+    name, schedule = resolve(name, schedule)
+    check_schedule(name, schedule)
+    return name, schedule
+
+
+def supports(name: str, schedule: str) -> bool:
+    return schedule == "default" or schedule in SCHEDULERS[name].schedules
 
 
 def check_schedule(name: str, schedule: str | None) -> None:
-    if schedule is None or schedule == "default":
+    if schedule is None:
         return
-    if schedule not in SCHEDULES:
-        raise LdmError(f"unknown schedule {schedule!r}; choose one of: default, {', '.join(SCHEDULES)}")
-    flag = SCHEDULES[schedule][0]
-    if flag not in inspect.signature(_scheduler_class(name).__init__).parameters:
+    if not supports(name, schedule_name(schedule)):
         raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
 
 
-def _scheduler_class(name: str) -> type:
+def check_for_model(name: str, schedule: str | None, flow: bool) -> None:
+    """A flow-matching model takes only the names of FLOW_SCHEDULERS, and their schedules."""
+    if not flow:
+        return
+    if name not in FLOW_SCHEDULERS:
+        raise LdmError(f"scheduler {name!r} does not work with flow-matching models such as SD3; "
+                       f"use one of: {', '.join(FLOW_SCHEDULERS)}")
+    if schedule not in (None, "default", *FLOW_SCHEDULERS[name].schedules):
+        raise LdmError(f"scheduler {name!r} has no {schedule} schedule for flow-matching models; use --schedule "
+                       f"default{' or --scheduler euler' if name != 'euler' else ''}")
+
+
+def _scheduler_class(name: str, flow: bool = False) -> type:
     import diffusers
 
-    return getattr(diffusers, SCHEDULERS[name].cls)
+    return getattr(diffusers, (FLOW_SCHEDULERS if flow else SCHEDULERS)[name].cls)
 
 
-def build(name: str, schedule: str | None, model_config: dict[str, Any], seeds: list[int] | None = None):
-    """A fresh scheduler (they are stateful) from the model's own scheduler config."""
-    check_schedule(name, schedule)
-    cls = _scheduler_class(name)
-    overrides = dict(SCHEDULERS[name].overrides)
+def _shift(cls: type, shift: float) -> dict[str, float]:
+    """The flow model's timestep shift, under the name `cls` gives it."""
+    return {"shift": shift} if cls.__name__.startswith("FlowMatch") else {"flow_shift": shift}
+
+
+def build(name: str, schedule: str | None, model_config: dict[str, Any], seeds: list[int] | None = None,
+          flow: bool = False, shift: float | None = None):
+    """A fresh scheduler (they are stateful) from the model's own scheduler config; `flow` takes
+    the flow-matching form of the name, `shift` overrides the model's timestep shift."""
+    name, schedule = validated(name, schedule)
+    check_for_model(name, schedule, flow)
+    cls = _scheduler_class(name, flow)
+    overrides = dict((FLOW_SCHEDULERS if flow else SCHEDULERS)[name].overrides)
+    if flow:
+        overrides.update(_shift(cls, shift if shift is not None else model_config.get("shift", 1.0)))
     if schedule and schedule != "default":
         overrides[SCHEDULES[schedule][0]] = True
     if name == "dpmpp_sde" and seeds is not None:

@@ -12,12 +12,51 @@ import random
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ldm_cli import infotext, schedulers
+from ldm_cli import infotext, limits, schedulers
 from ldm_cli.errors import LdmError
+from ldm_cli.limits import MAX_SEED
 
 FALLBACK_DEFAULTS = {"steps": 30, "cfg": 7.5, "scheduler": schedulers.DEFAULT_SCHEDULER,
                      "schedule": schedulers.DEFAULT_SCHEDULE}
-MAX_SEED = 2**32 - 1
+KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+# How A1111's infotext names each field; a PNG's bad value is named so ("size" is width and height).
+LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Denoising strength",
+          "mask_blur": "Mask blur", "padding": "Masked area padding", "size": "Size", "width": "Size",
+          "height": "Size", "scheduler": "Sampler", "schedule": "Schedule type", "shift": "Shift",
+          "max_sequence_length": "Max sequence length"}
+INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length")
+# Settings only some families take (SD3's flow shift and T5 options): a model that takes one
+# names a default for it, and for any other model the setting is dropped, never recorded.
+FAMILY_FIELDS = ("shift", "max_sequence_length", "no_t5")
+
+
+def check_seed_room(seed: int, count: int) -> None:
+    """Image i of a run uses seed + i: every one of them must be a valid seed."""
+    if seed + count - 1 > MAX_SEED:
+        raise LdmError(f"--seed {seed} leaves no room for {count} images (image i uses seed + i; "
+                       f"the largest seed is {MAX_SEED})")
+
+
+class BadSetting(LdmError):
+    """An unusable value of one setting. It keeps the field ("size" for width and height together)
+    so that each source names it as its user wrote it: a flag, a prompts-file key, a PNG's field.
+    Its own message names the command-line flag."""
+
+    def __init__(self, field: str, shown: str, rule: str, hint: str = ""):
+        self.field, self.shown, self.rule, self.hint = field, shown, rule, hint
+        super().__init__(self.named(flag_name(field), hint=hint))
+
+    def named(self, name: str, shown: str | None = None, hint: str = "") -> str:
+        return f"{name} {self.rule} (got {self.shown if shown is None else shown}){hint}"
+
+
+def flag_name(field: str) -> str:
+    return "the image size" if field == "size" else "--" + field.replace("_", "-")
+
+
+def shown(value: Any) -> str:
+    """A value as an error message shows it: 1e+30, nan, 'many'."""
+    return format(value, "g") if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
 
 
 @dataclass
@@ -34,48 +73,62 @@ class Settings:
     model: str | None = None  # path; None is the built-in model
     model_name: str | None = None
     model_hash: str | None = None
+    modules: str | None = None  # parts given as separate files (--vae, --text-encoder), ", "-joined
     # img2img / inpaint
     strength: float | None = None
     init_image_hash: str | None = None
     mask_blur: int | None = None
     only_masked: bool | None = None
     padding: int | None = None
+    # flow-matching and T5 models (SD3)
+    shift: float | None = None  # timestep shift, overriding the model's
+    max_sequence_length: int | None = None  # T5 tokens
+    no_t5: bool | None = None  # T5's part of the context is zeros
 
     def merged(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
-    def validate(self) -> None:
-        """Checks that need no model, so a bad flag fails before anything loads."""
-        if self.steps is not None and self.steps < 1:
-            raise LdmError(f"--steps must be at least 1 (got {self.steps})")
-        if self.cfg is not None and self.cfg < 0:
-            raise LdmError(f"--cfg must be 0 or more (got {self.cfg:g})")
+    def validate(self, max_steps: int = limits.MAX_STEPS) -> None:
+        """The one check of every setting, whichever way it came (flags, a prompts-file line, a PNG):
+        needs no model, so a bad value fails before anything loads. `max_steps` is the model's
+        training timesteps once it is loaded. A bad value raises BadSetting."""
+        hint = f"; this model was trained on {max_steps} timesteps" if max_steps < limits.MAX_STEPS else ""
+        _check_range("steps", self.steps, 1, max_steps, hint)
+        for name, (low, high) in limits.RANGES.items():
+            _check_range(name, getattr(self, name), low, high)
+        self._check_size()
+        self.scheduler, self.schedule = schedulers.validated(self.scheduler, self.schedule)
+
+    def _check_size(self) -> None:
         for side in ("width", "height"):
             value = getattr(self, side)
+            if value is not None and value > limits.MAX_SIDE:
+                raise BadSetting(side, str(value), f"must be at most {limits.MAX_SIDE}")
             if value is not None and (value < 8 or value % 8):
-                raise LdmError(f"--{side} must be a positive multiple of 8 (got {value}); try {max(8, round(value / 8) * 8)}")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise LdmError(f"--seed must be between 0 and {MAX_SEED} (got {self.seed})")
-        if self.strength is not None and not 0 <= self.strength <= 1:
-            raise LdmError(f"--strength must be between 0 and 1 (got {self.strength:g})")
-        if self.scheduler is not None:
-            self.scheduler, label_schedule = schedulers.resolve(self.scheduler, self.schedule)
-            self.schedule = label_schedule
-            if self.schedule is not None:
-                schedulers.check_schedule(self.scheduler, self.schedule)
+                raise BadSetting(side, str(value), "must be a positive multiple of 8", f"; try {max(8, round(value / 8) * 8)}")
+        if self.width and self.height and self.width * self.height > (most := limits.max_pixels()):
+            raise BadSetting("size", f"{self.width}x{self.height}", f"must be at most {most:,} pixels",
+                             f"; set {limits.MAX_PIXELS_ENV} to allow more")
 
-    def resolve(self, defaults: dict[str, Any], native_size: tuple[int, int]) -> Settings:
-        """Fill what was not given: the model's recommended settings, its native size, a random seed."""
+    def resolve(self, defaults: dict[str, Any], native_size: tuple[int, int],
+                max_steps: int = limits.MAX_STEPS) -> Settings:
+        """Fill what was not given: the model's recommended settings, its native size, a random seed;
+        `max_steps` is the model's training timesteps."""
         filled = {k: v for k, v in {**FALLBACK_DEFAULTS, **defaults}.items() if getattr(self, k, None) is None}
         if self.scheduler is not None and self.schedule is None:
             filled["schedule"] = "default"  # a scheduler named alone runs its own schedule
         out = self.merged(**filled)
         out.width = out.width or native_size[0]
         out.height = out.height or native_size[1]
-        if out.seed is None:
-            out.seed = random.randint(0, MAX_SEED)
-        out.validate()
+        if out.seed is None:  # room for a whole run of seed + i, however many images it has
+            out.seed = random.randint(0, MAX_SEED - limits.MAX_IMAGES + 1)
+        for name in FAMILY_FIELDS:
+            if name not in defaults:
+                setattr(out, name, None)
+        if defaults.get("no_t5"):
+            out.no_t5 = True  # a model without T5 weights runs without T5, whatever was recorded
+        out.validate(max_steps)
         return out
 
     # -- serial forms ---------------------------------------------------------------------
@@ -84,14 +137,18 @@ class Settings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Settings from their JSON form; unknown keys are skipped, a value of the wrong type
+        raises BadSetting (ranges are validate's)."""
+        kinds = field_kinds()
+        return cls(**{k: _typed(k, v, kinds[k]) for k, v in data.items() if k in kinds and v is not None})
 
     def to_infotext(self, version: str) -> str:
         p: dict[str, str] = {"Steps": str(self.steps),
                              "Sampler": schedulers.label(self.scheduler)}
         if (schedule := schedulers.schedule_label(self.schedule)) is not None:
             p["Schedule type"] = schedule
+        elif self.shift is not None:  # Forge's label of a flow model's own spacing
+            p["Schedule type"] = "Simple"
         p["CFG scale"] = infotext.format_number(self.cfg)
         p["Seed"] = str(self.seed)
         p["Size"] = f"{self.width}x{self.height}"
@@ -99,6 +156,8 @@ class Settings:
             p["Model hash"] = self.model_hash
         if self.model_name:
             p["Model"] = self.model_name
+        for i, name in enumerate(self.modules.split(", ") if self.modules else [], start=1):
+            p[f"Module {i}"] = name  # Forge's layout
         if self.strength is not None:
             p["Denoising strength"] = infotext.format_number(self.strength)
         if self.init_image_hash:
@@ -108,30 +167,31 @@ class Settings:
         if self.only_masked:
             p["Inpaint area"] = "Only masked"
             p["Masked area padding"] = str(self.padding)
+        p.update(self._text_options())
         p["Version"] = f"ldm {version}"
         return infotext.format_infotext(self.prompt, self.negative, p)
+
+    def _text_options(self) -> dict[str, str]:
+        """Forge's `Shift`, and ldm's own T5 options, for the models that take them."""
+        p = {}
+        if self.shift is not None:
+            p["Shift"] = infotext.format_number(self.shift)
+        if self.max_sequence_length is not None:
+            p["Max sequence length"] = str(self.max_sequence_length)
+        if self.no_t5:
+            p["No T5"] = "True"
+        return p
 
     @classmethod
     def from_infotext(cls, text: str) -> Settings:
         prompt, negative, p = infotext.parse_infotext(text)
         s = cls(prompt=prompt, negative=negative)
-        try:
-            if "Steps" in p:
-                s.steps = int(p["Steps"])
-            if "CFG scale" in p:
-                s.cfg = float(p["CFG scale"])
-            if "Seed" in p:
-                s.seed = int(p["Seed"])
-            if "Size" in p:
-                s.width, s.height = (int(v) for v in p["Size"].lower().split("x"))
-            if "Denoising strength" in p:
-                s.strength = float(p["Denoising strength"])
-            if "Mask blur" in p:
-                s.mask_blur = int(p["Mask blur"])
-            if "Masked area padding" in p:
-                s.padding = int(p["Masked area padding"])
-        except ValueError as e:
-            raise LdmError(f"unreadable generation parameters ({e})") from None
+        kinds = field_kinds()
+        for name in INFOTEXT_NUMBERS:
+            if LABELS[name] in p:
+                setattr(s, name, _parsed(name, p[LABELS[name]], kinds[name]))
+        if "Size" in p:
+            s.width, s.height = _parsed_size(p["Size"])
         if "Sampler" in p:
             s.scheduler, s.schedule = schedulers.resolve(p["Sampler"])
             if "Schedule type" in p:
@@ -139,9 +199,45 @@ class Settings:
             elif s.schedule is None:
                 s.schedule = "default"
         s.model_name, s.model_hash = p.get("Model"), p.get("Model hash")
+        s.modules = ", ".join(p[f"Module {i}"] for i in range(1, len(p)) if f"Module {i}" in p) or None
         s.init_image_hash = p.get("Init image hash")
         s.only_masked = True if p.get("Inpaint area") == "Only masked" else None
+        s.no_t5 = True if p.get("No T5") == "True" else None
         return s
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+def field_kinds() -> dict[str, type]:
+    """Each field's type: str, int, float or bool."""
+    return {f.name: {"str": str, "int": int, "float": float, "bool": bool}[f.type.split(" ")[0]]
+            for f in fields(Settings)}
+
+
+def _typed(name: str, value: Any, kind: type) -> Any:
+    """`value` as a field of type `kind` (a whole number for int, where JSON's true is not one)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {float: number, int: number and isinstance(value, int)}.get(kind, isinstance(value, kind))
+    if not ok:
+        raise BadSetting(name, shown(value), f"must be {KIND_WORDS[kind]}")
+    return float(value) if kind is float else value
+
+
+def _parsed(name: str, text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise BadSetting(name, shown(text), f"must be {KIND_WORDS[kind]}") from None
+
+
+def _parsed_size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise BadSetting("size", shown(text), "must be WIDTHxHEIGHT, such as 512x768")
+    return int(parts[0]), int(parts[1])
+
+
+def _check_range(name: str, value: float | None, low: float, high: float, hint: str = "") -> None:
+    if value is not None and not low <= value <= high:  # NaN fails too: it compares false
+        raise BadSetting(name, shown(value), f"must be between {low} and {high}", hint)

@@ -57,3 +57,17 @@ def sdxl_inpaint_folder(tmp_path_factory):
     from tests import tiny_models
 
     return _built(tmp_path_factory, "tiny-sdxl-inpaint", lambda: tiny_models.sdxl_pipeline(inpainting=True))
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-sd3", lambda: tiny_models.sd3_pipeline("sd3"))
+
+
+@pytest.fixture(scope="session")
+def sd35_medium_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-sd35-medium", lambda: tiny_models.sd3_pipeline("sd35-medium"))

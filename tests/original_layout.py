@@ -20,21 +20,20 @@ import torch
 
 from ldm_cli.loading import convert, keymap
 
-LOADERS = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-           "text_encoder": ("transformers", "CLIPTextModel"),
-           "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+
+def component(folder: Path, name: str) -> torch.nn.Module:
+    """One component of a diffusers folder, of the class its config names."""
+    import importlib
+
+    config = json.loads((folder / name / "config.json").read_text())
+    library, cls = ("diffusers", config["_class_name"]) if "_class_name" in config else (
+        "transformers", config["architectures"][0])
+    return getattr(importlib.import_module(library), cls).from_pretrained(folder / name, local_files_only=True)
 
 
 def components(folder: Path, family: str) -> list[torch.nn.Module]:
-    """unet, vae and the text encoders of a diffusers folder, in keymap.LAYOUTS order."""
-    import importlib
-
-    out = []
-    for slot in keymap.LAYOUTS[family]:
-        library, name = LOADERS[slot.name]
-        cls = getattr(importlib.import_module(library), name)
-        out.append(cls.from_pretrained(folder / slot.name, local_files_only=True))
-    return out
+    """The denoiser, vae and the text encoders of a diffusers folder, in keymap.LAYOUTS order."""
+    return [component(folder, slot.name) for slot in keymap.LAYOUTS[family]]
 
 
 def original_state(folder: Path, family: str) -> dict[str, torch.Tensor]:
@@ -53,6 +52,8 @@ def write(folder: Path, path: Path, family: str, *, dtype: torch.dtype = torch.f
 
 
 def extra_keys(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    if family == "sd3":
+        return sd3_extra_keys(state)
     generator = torch.Generator().manual_seed(7)
     unet = keymap.UNET.prefix
     out = {"model_ema." + k[len(unet):].replace(".", ""): torch.randn(v.shape, generator=generator)
@@ -66,6 +67,32 @@ def extra_keys(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.T
         if slot.kind == "openclip":
             out.update(unused_openclip_layer(state, slot.prefix))
     return out
+
+
+def sd3_extra_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What Stability's SD3 files carry beside the weights: CLIP position ids, and a CLIP-L
+    projection that SD3 never applies (random here, so using it by mistake shows)."""
+    out = {}
+    for name in ("clip_l", "clip_g"):
+        prefix = f"text_encoders.{name}.transformer."
+        if prefix + "text_model.embeddings.token_embedding.weight" in state:
+            out[prefix + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    width = state.get("text_encoders.clip_l.transformer.text_model.final_layer_norm.weight")
+    if width is not None:
+        generator = torch.Generator().manual_seed(8)
+        out["text_encoders.clip_l.transformer.text_projection.weight"] = torch.randn(
+            len(width), len(width), generator=generator)
+    return out
+
+
+def component_file(module: torch.nn.Module, kind: str, path: Path, *, dtype: torch.dtype = torch.float32,
+                   prefix: str = "", extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """One component alone, as ComfyUI users keep them (clip_l.safetensors, t5xxl_fp16.safetensors,
+    a VAE): its weights in the original layout under `prefix`, stored as `dtype`, plus `extra`."""
+    state = {**convert.export(keymap.Slot("part", prefix, kind), module), **(extra or {})}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    convert.save_single_file(state, path, {})
+    return path
 
 
 def unused_openclip_layer(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

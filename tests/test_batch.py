@@ -2,10 +2,11 @@
 contact sheets, img2img and inpaint lines, stopping cleanly, and two processes sharing a file."""
 import json
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from ldm_cli import batch, commands, loading, pipeline
+from ldm_cli import batch, claims, commands, loading, pipeline
 from ldm_cli.cli import app
 from ldm_cli.manifest import Manifest
 from ldm_cli.settings import Settings
@@ -76,7 +77,7 @@ def test_shared_batches_each_equal_generate(run_batch, drawn, tmp_path):
     for row in rows:
         assert all(row.get(k) is not None for k in SETTINGS)
         path = tmp_path / "out" / row["path"]
-        assert json.loads(Image.open(path).text["ldm"]) == {k: v for k, v in row.items() if k not in ("path", "line", "index")}
+        assert json.loads(Image.open(path).text["ldm"]) == {k: v for k, v in row.items() if k not in ("path", "line", "index", "base_seed")}
         alone = Settings(**{k: row[k] for k in SETTINGS if k not in ("model_name", "model_hash")})
         [own] = commands.generate(alone, commands.RunOptions(out=tmp_path / "alone", quiet=True))
         assert np.abs(pixels(own.path) - pixels(path)).max() <= 2  # the project's parity bar
@@ -164,21 +165,8 @@ def test_img2img_and_inpaint_lines_equal_their_commands(run_batch, tmp_path):
     own += commands.inpaint(base, tmp_path / "init.png", tmp_path / "mask.png", options)
     for result, key in zip(own, [(1, 0), (1, 1), (2, 0)]):
         assert result.settings.to_dict() == {k: v for k, v in rows[key].items()
-                                             if k not in ("path", "line", "index", "init_image", "mask")}
+                                             if k not in ("path", "line", "index", "base_seed", "init_image", "mask")}
         assert np.abs(pixels(result.path) - pixels(out / rows[key]["path"])).max() <= 2
-
-
-def test_signals_during_a_save_wait_for_the_record():
-    with pytest.raises(KeyboardInterrupt):
-        with batch.signals_held():
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGINT)
-            finished = True  # the held signals did not cut the block short
-    assert finished
-    with pytest.raises(KeyboardInterrupt), batch.stop_signals_interrupt():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_manifest_parts_merge_and_torn_lines(tmp_path):
@@ -260,3 +248,160 @@ def test_two_processes_share_the_file(run_batch, sd1_folder, tmp_path):
         twin = alone[(row["line"], row["index"])]
         assert row["seed"] == twin["seed"]
         assert np.abs(pixels(out / row["path"]) - pixels(tmp_path / "alone" / twin["path"])).max() <= 2
+
+
+def test_raising_n_adds_images_and_keeps_the_first(run_batch, drawn, tmp_path):
+    file = write(tmp_path / "p.txt", "a fox", "a bird")  # lines without --seed
+    out = tmp_path / "out"
+    assert run_batch(file, out, "-n", 1, "--quiet").exit_code == 0
+    first = {r["line"]: r for r in records(out)}
+    drawn.clear()
+    assert run_batch(file, out, "-n", 2, "--quiet").exit_code == 0
+    assert sum(drawn) == 2  # one new image per line
+    for line, row in first.items():
+        own = sorted((r for r in records(out) if r["line"] == line), key=lambda r: r["index"])
+        assert own[0] == row  # the first image is the same file, with the same record
+        assert [(r["seed"], r["base_seed"]) for r in own] == [(row["seed"], row["seed"]), (row["seed"] + 1, row["seed"])]
+
+
+# -- runs sharing an output folder ----------------------------------------------------------------
+def test_a_claim_is_held_once_and_goes_with_its_holder(tmp_path):
+    image = {"line": 1, "index": 0, "seed": 5}
+    first = claims.take(tmp_path, image)
+    assert first and claims.take(tmp_path, image) is None  # even two opens in one process exclude each other
+    assert claims.holder(tmp_path, image) == f"pid {os.getpid()} on {socket.gethostname()}"
+    other = claims.take(tmp_path, {**image, "seed": 6})  # another image: another claim
+    assert other
+    other.release()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(claims.take(tmp_path, image, wait=True)))
+    waiter.start()
+    time.sleep(0.3)
+    first.release()  # removes the file the waiter has locked
+    waiter.join(10)
+    assert got[0] and claims.take(tmp_path, image) is None  # the waiter holds the file now at the path
+    got[0].release()
+    assert not list(tmp_path.iterdir())
+
+    hold = ("import json, sys, time; from pathlib import Path; from ldm_cli import claims; "
+            "c = claims.take(Path(sys.argv[1]), json.loads(sys.argv[2])); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path), json.dumps(image)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        claims.remove_free(tmp_path)  # leaves a held claim alone
+        assert claims.take(tmp_path, image) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert claims.path_of(tmp_path, image).exists()  # the file a killed holder leaves...
+    claims.remove_free(tmp_path)  # ...goes, as its claim went with the holder
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_manifest_reads_other_writers_as_they_write(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"png")
+    mine = Manifest(tmp_path, rank=0, world=2)
+    Manifest(tmp_path).add({"path": "a.png", "line": 1, "index": 0})  # another run, alone
+    assert mine.find({"line": 1, "index": 0}) is None  # not until it reads again
+    assert mine.count_new() == 1 and mine.find({"line": 1, "index": 0})
+    mine.add({"path": "b.png", "line": 2, "index": 0})
+    Manifest(tmp_path, rank=0, world=2).merge()  # the part, merged into manifest.jsonl, is read again
+    assert mine.count_new() == 2 and not (tmp_path / "manifest.part0.jsonl").exists()
+    with open(tmp_path / "manifest.jsonl", "a") as f:
+        f.write('{"path": "c.png", ')  # a record being written
+        f.flush()
+        assert mine.count_new() == 2
+        f.write('"line": 3, "index": 0}\n')
+    assert mine.count_new() == 3 and mine.find({"line": 3, "index": 0})
+    assert [r["path"] for r in records(tmp_path)] == ["a.png", "b.png", "c.png"]
+
+
+def test_two_runs_into_one_folder_share_the_work(sd1_folder, tmp_path, monkeypatch):
+    file = write(tmp_path / "p.txt", *[f"a fox number {i}" for i in range(10)])
+    real = pipeline.text_to_image
+
+    def slow(model, group, on_step=None):
+        time.sleep(0.2)  # long enough for the other run to reach the same images
+        return real(model, group, on_step)
+    monkeypatch.setattr(pipeline, "text_to_image", slow)
+    one_at_a_time, load = threading.Lock(), loading.load  # loading patches torch globally: not thread-safe
+
+    def locked_load(*args, **kwargs):
+        with one_at_a_time:
+            return load(*args, **kwargs)
+    monkeypatch.setattr(loading, "load", locked_load)
+    batch.distributed_state("cpu")  # accelerate's state, made once before the threads share it
+    out, made = tmp_path / "out", {}
+
+    def run(name):
+        options = commands.RunOptions(out=out, quiet=True)
+        made[name] = [r.path for r in commands.batch(file, Settings(model=str(sd1_folder), steps=2), options)]
+    threads = [threading.Thread(target=run, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert made["a"] and made["b"] and not set(made["a"]) & set(made["b"])  # both worked, never on one image
+    rows = records(out)
+    assert sorted((r["line"], r["index"]) for r in rows) == [(i, 0) for i in range(1, 11)]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(r["path"] for r in rows)
+    assert not list(out.glob(".ldm-claim-*"))
+
+
+def test_a_run_waits_for_images_another_run_holds(run_batch, tmp_path):
+    file = write(tmp_path / "p.txt", "a fox", "a bird", "a tree")
+    assert run_batch(file, tmp_path / "alone", "--quiet").exit_code == 0
+    rows = {r["line"]: r for r in records(tmp_path / "alone")}
+    out = tmp_path / "out"
+    out.mkdir()
+    bird, tree = (claims.take(out, {k: v for k, v in rows[line].items() if k not in ("path", "base_seed")})
+                  for line in (2, 3))  # another run is rendering these two
+
+    def other_run_ends():
+        while not (out / "manifest.jsonl").is_file():  # until this run has rendered the fox
+            time.sleep(0.05)
+        time.sleep(0.5)
+        shutil.copy(tmp_path / "alone" / rows[2]["path"], out)
+        Manifest(out).add(rows[2])  # it finishes the bird
+        bird.release()
+        tree.release()  # and stops before the tree
+    threading.Thread(target=other_run_ends).start()
+    result = run_batch(file, out)
+    assert result.exit_code == 0, result.output
+    assert f"waiting for pid {os.getpid()}" in result.output
+    done = {r["line"]: r["path"] for r in records(out)}
+    assert sorted(done) == [1, 2, 3] and done[2] == rows[2]["path"]  # the bird was not rendered again
+    assert len(list(out.glob("*.png"))) == 3
+
+
+def test_two_commands_into_one_folder_render_each_image_once(sd1_folder, tmp_path):
+    file = write(tmp_path / "p.txt", *[f"a fox number {i}" for i in range(10)])
+    command = [sys.executable, "-m", "ldm_cli", "batch", str(file), "--model", str(sd1_folder),
+               "--out", str(tmp_path / "out"), "--steps", "2", "--quiet", "--json"]
+    runs = [subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    rows = records(tmp_path / "out")
+    assert sorted((r["line"], r["index"]) for r in rows) == [(i, 0) for i in range(1, 11)]
+    assert len(list((tmp_path / "out").glob("*.png"))) == 10
+    assert sum(len(stdout.splitlines()) for stdout, _ in outputs) == 10
+
+
+# -- a shared CPU ---------------------------------------------------------------------------------
+def _thread_settings(**env) -> list[str]:
+    """OMP_NUM_THREADS and OMP_WAIT_POLICY as ldm leaves them, in a process started with `env`."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    show = "import os, ldm_cli; print(os.environ['OMP_NUM_THREADS'], os.environ.get('OMP_WAIT_POLICY'))"
+    done = subprocess.run([sys.executable, "-c", show], cwd=ROOT, env={**base, **env}, capture_output=True, text=True)
+    return done.stdout.split()
+
+
+def test_threads_sleep_when_idle_and_share_the_cores_among_processes():
+    cores = len(os.sched_getaffinity(0))
+    assert _thread_settings() == [str(cores), "PASSIVE"]  # no spinning for a core a neighbour holds
+    assert _thread_settings(LOCAL_WORLD_SIZE="2") == [str(max(1, cores // 2)), "PASSIVE"]  # each process its share
+    assert _thread_settings(OMP_NUM_THREADS="3", OMP_WAIT_POLICY="ACTIVE") == ["3", "ACTIVE"]  # the user's own win
+    assert _thread_settings(GOMP_SPINCOUNT="300000") == [str(cores), "None"]  # libgomp's own default wait

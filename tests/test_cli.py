@@ -1,12 +1,16 @@
 """`ldm generate`, `ldm info`, `ldm schedulers` through the real CLI (typer's CliRunner)."""
 import json
+import os
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from ldm_cli import __version__, loading
 from ldm_cli.cli import app
 
 
@@ -42,6 +46,16 @@ def test_png_carries_a1111_parameters(run, tmp_path):
     assert text == ("a red fox\nNegative prompt: blurry, dark\n"
                     f"Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 64x64, "
                     f"Model hash: {row['model_hash']}, Model: tiny-sd1, Version: ldm 0.1.0")
+
+
+def test_a_random_seed_leaves_room_for_the_whole_run(monkeypatch):
+    import random
+
+    from ldm_cli.settings import MAX_SEED, Settings
+
+    monkeypatch.setattr(random, "randint", lambda low, high: high)  # the largest seed it may draw
+    seed = Settings(prompt="x").resolve({}, (64, 64)).seed
+    assert seed + 10_000 - 1 <= MAX_SEED
 
 
 def test_human_output_names_files_and_random_seed(run, tmp_path):
@@ -93,11 +107,19 @@ def test_two_runs_into_one_folder_keep_both(run, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--scheduler", "nope"], "unknown scheduler"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--cfg", "-1"], "--cfg must be 0 or more"),
+    (["--steps", "0"], "--steps must be between 1 and 1000"),
+    (["--steps", "100000000"], "--steps must be between 1 and 1000 (got 100000000)"),
+    (["--cfg", "-1"], "--cfg must be between 0 and 100"),
+    (["--cfg", "nan"], "--cfg must be between 0 and 100 (got nan)"),
+    (["--cfg", "inf"], "--cfg must be between 0 and 100 (got inf)"),
+    (["--cfg", "1e30"], "--cfg must be between 0 and 100 (got 1e+30)"),
+    (["-W", "99999"], "--width must be at most 16384"),
+    (["-W", "8192", "-H", "8192"], "the image size must be at most 16,777,216 pixels"),
+    (["--num-images", "100000000"], "--num-images must be between 1 and 10000"),
     (["--width", "65"], "--width must be a positive multiple of 8"),
     (["--schedule", "karras", "--scheduler", "ddim"], "no karras schedule"),
     (["--num-images", "0"], "--num-images"),
+    (["--seed", "4294967295", "-n", "2"], "--seed 4294967295 leaves no room for 2 images"),
     (["--device", "tpu"], "unknown --device"),
     (["--stepz", "3"], "No such option: --stepz"),
 ])
@@ -105,6 +127,76 @@ def test_bad_flags_fail_in_one_line_and_write_nothing(run, tmp_path, args, words
     result = run("generate", "a fox", "--out", tmp_path / "o", *args)
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and words in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def forged_png(path, parameters=None, ldm=None):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", "a fox\n" + parameters)
+    if ldm is not None:
+        info.add_text("ldm", json.dumps(ldm))
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+GOOD = {"Steps": "2", "Sampler": "Euler", "CFG scale": "7", "Seed": "1", "Size": "64x64"}
+
+
+def params(**changes):
+    return ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in {**GOOD, **changes}.items())
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    from ldm_cli import commands
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(commands, "load_model", refuse)
+
+
+@pytest.mark.parametrize("parameters, ldm, words", [
+    (params(Steps="999999999"), None, "the Steps recorded in {png} must be between 1 and 1000 (got 999999999); override it with --steps"),
+    (params(Size="99999x99999"), None, "the Size recorded in {png} must be at most 16384 (got 99999x99999); override it with --width and --height"),
+    (params(Size="8192x8192"), None, "the Size recorded in {png} must be at most 16,777,216 pixels (got 8192x8192)"),
+    (params(Size="65x64"), None, "the Size recorded in {png} must be a positive multiple of 8 (got 65x64)"),
+    (params(CFG_scale="nan"), None, "the CFG scale recorded in {png} must be between 0 and 100 (got nan); override it with --cfg"),
+    (params(Steps="many"), None, "the Steps recorded in {png} must be a whole number (got 'many')"),
+    (params(Seed="-5"), None, "the Seed recorded in {png} must be between 0 and 4294967295 (got -5)"),
+    (params(), {"prompt": "a fox", "steps": "many"}, "the \"steps\" in the ldm metadata of {png} must be a whole number (got 'many')"),
+    (params(), {"prompt": "a fox", "steps": 999999999}, "the Steps recorded in {png} must be between 1 and 1000"),
+    (params(), {"prompt": "a fox", "cfg": 1e30}, "the CFG scale recorded in {png} must be between 0 and 100 (got 1e+30)"),
+])
+def test_a_forged_png_is_refused_before_any_model_loads(run, tmp_path, no_model_load, parameters, ldm, words):
+    png = forged_png(tmp_path / "forged.png", parameters, ldm)
+    result = run("generate", "--from-png", png, "--out", tmp_path / "o")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"ldm: error: {words.format(png=repr(str(png)))}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_a_bad_recorded_value_overridden_by_a_flag_is_fine(run, tmp_path):
+    png = forged_png(tmp_path / "forged.png", params(Steps="999999999", Size="99999x99999", CFG_scale="nan"))
+    result = run("generate", "--from-png", png, "--steps", 1, "-W", 64, "-H", 64, "--cfg", 3, "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert (row["steps"], row["width"], row["height"], row["cfg"], row["seed"]) == (1, 64, 64, 3.0, 1)
+    half = run("generate", "--from-png", png, "--steps", 1, "--out", tmp_path / "o")
+    assert half.exit_code == 2 and "the CFG scale recorded in" in half.stderr  # a bad value not overridden
+
+
+def test_steps_are_capped_at_the_models_training_timesteps(run, tmp_path, sd1_folder):
+    import shutil
+
+    model = tmp_path / "short"
+    shutil.copytree(sd1_folder, model)
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_train_timesteps": 100}))
+    result = run("generate", "a fox", "--steps", 101, "--model", model, "--out", tmp_path / "o", model=False)
+    assert result.exit_code == 2 and "--steps must be between 1 and 100 (got 101); this model was trained on 100 timesteps" in result.stderr
     assert not list(tmp_path.rglob("*.png"))
 
 
@@ -138,3 +230,96 @@ def test_schedulers_lists_names_and_labels(run):
 def test_help_does_not_import_torch():
     code = "import sys, ldm_cli.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"ldm {__version__}\n"
+
+
+def test_a_bug_shows_its_own_traceback(tmp_path):
+    code = ("import sys; from ldm_cli import commands, cli\n"
+            "def broken(*args): raise RuntimeError('a bug')\n"
+            "commands.png_info = broken; sys.argv = ['ldm', 'info', 'x.png']; cli.main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and result.stderr.rstrip().endswith("RuntimeError: a bug")
+    assert "ldm: error" not in result.stderr and "AttributeError" not in result.stderr
+
+
+def test_scheduler_and_schedule_names_ignore_case(run, tmp_path):
+    [row] = generate_json(run, tmp_path / "a", "--scheduler", "EULER", "--schedule", "Karras")
+    assert (row["scheduler"], row["schedule"]) == ("euler", "karras")
+    [row] = generate_json(run, tmp_path / "b", "--schedule", "EXPONENTIAL")
+    assert (row["scheduler"], row["schedule"]) == ("dpmpp_2m", "exponential")
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "image.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    (tmp_path / "prompts.txt").write_text("a fox\n")
+    return tmp_path
+
+
+COMMANDS = {"generate": ["generate", "a fox"], "img2img": ["img2img", "image.png", "a fox"],
+            "inpaint": ["inpaint", "image.png", "mask.png", "a fox"],
+            "outpaint": ["outpaint", "image.png", "a fox", "--left", "8"], "batch": ["batch", "prompts.txt"]}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("flag, value, suggestion", [("--scheduler", "eular", "'euler'"), ("--schedule", "karas", "'karras'")])
+def test_bad_scheduler_names_are_refused_before_the_model_loads(command, flag, value, suggestion, inputs, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(loading, "load", load)
+    monkeypatch.chdir(inputs)
+    result = CliRunner().invoke(app, [*COMMANDS[command], flag, value, "--out", "o"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and f"(did you mean {suggestion}?)" in result.stderr
+    assert not (inputs / "o").exists()
+
+
+def test_a_failed_run_leaves_no_new_folder(run, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((1000).to_bytes(8, "little") + b'{"a": 1}')
+    for model in (tmp_path / "missing", truncated):
+        result = run("generate", "a fox", "--model", model, "--out", tmp_path / "new" / "deeper", model=False)
+        assert result.exit_code == 2 and "ldm: error" in result.stderr
+        assert not (tmp_path / "new").exists()
+    [row] = generate_json(run, tmp_path / "new" / "deeper")  # a run that saves makes the folders
+    assert Path(row["path"]).parent == tmp_path / "new" / "deeper"
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A FIFO named pipe.png; should a read of it block, it is unblocked after 60 s, so a test
+    fails rather than hangs."""
+    path = tmp_path / "pipe.png"
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def unblock():
+        if not done.wait(60):
+            with open(path, "wb"):
+                pass
+    threading.Thread(target=unblock, daemon=True).start()
+    yield path
+    done.set()
+
+
+@pytest.mark.parametrize("args", [
+    ["info", "{fifo}"], ["info", "{fifo_link}"], ["info", "/dev/null"], ["generate", "x", "--model", "{fifo}"],
+    ["generate", "x", "--model", "/dev/null"], ["generate", "x", "--vae", "{fifo}"], ["generate", "--from-png", "{fifo}"],
+    ["img2img", "{fifo}", "x"], ["inpaint", "{image}", "{fifo}", "x"], ["batch", "{init_fifo}"],
+])
+def test_fifos_and_devices_are_refused_in_one_line(args, fifo, inputs):
+    (inputs / "pipe.safetensors").symlink_to(fifo)
+    (inputs / "init_fifo.txt").write_text(f"--prompt x --init_image {fifo}\n")
+    names = {"fifo": fifo, "fifo_link": inputs / "pipe.safetensors", "image": inputs / "image.png",
+             "init_fifo": inputs / "init_fifo.txt"}
+    result = CliRunner().invoke(app, [a.format(**names) for a in args] + ["--out", str(inputs / "o")] * (args[0] != "info"))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == (2 if args[0] == "batch" else 1)  # batch: a summary, then the line
+    assert "is a FIFO (named pipe), not a" in result.stderr or "is a character device, not a" in result.stderr

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from ldm_cli import img2img, loading, pipeline, schedulers, vae
+from ldm_cli import img2img, loading, pipeline, schedulers, strength, vae
 from ldm_cli.cli import app
 from ldm_cli.settings import Settings
 
@@ -86,16 +86,16 @@ def theirs(folders):
 
 
 # -- strength and timesteps -------------------------------------------------------------------------
-@pytest.mark.parametrize("name, steps, strength, expected", [
+@pytest.mark.parametrize("name, steps, amount, expected", [
     ("ddim", 40, 0.75, 30), ("euler", 10, 0.5, 5), ("heun", 10, 0.3, 3), ("dpmpp_2m", 4, 1.0, 4), ("ddim", 4, 0.0, 0)])
-def test_strength_keeps_the_last_steps(name, steps, strength, expected):
+def test_strength_keeps_the_last_steps(name, steps, amount, expected):
     from tests.tiny_models import SCHEDULER
 
-    s = Settings(steps=steps, strength=strength, scheduler=name, schedule="default")
+    s = Settings(steps=steps, strength=amount, scheduler=name, schedule="default")
     scheduler = schedulers.build(name, "default", SCHEDULER)
     scheduler.set_timesteps(steps)
-    timesteps = img2img.strength_timesteps(scheduler, s)
-    assert img2img.steps_run(s) == expected
+    timesteps = strength.strength_timesteps(scheduler, s)
+    assert strength.steps_run(s) == expected
     assert len(timesteps) == len(scheduler.timesteps) - (steps - expected) * scheduler.order
     assert torch.equal(timesteps, scheduler.timesteps[len(scheduler.timesteps) - len(timesteps):])
     if hasattr(scheduler, "set_begin_index"):  # DDIM has no begin index to set
@@ -182,7 +182,7 @@ def bad_inputs(tmp_path):
     return {
         "missing file": ([tmp_path / "nope.png", "a fox"], "no such file"),
         "not an image": ([text, "a fox"], "not a readable image"),
-        "a folder": ([tmp_path, "a fox"], "not a readable image"),
+        "a folder": ([tmp_path, "a fox"], "is a folder, not a file"),
         "strength above 1": ([good, "a fox", "--strength", 1.5], "--strength must be between 0 and 1"),
         "strength below 0": ([good, "a fox", "--strength", -0.1], "--strength must be between 0 and 1"),
     }

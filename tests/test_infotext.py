@@ -1,3 +1,7 @@
+import time
+
+import pytest
+
 from ldm_cli import infotext
 
 A1111_SAMPLE = (
@@ -40,3 +44,16 @@ def test_short_numbers():
 
 def test_prompt_only_text_has_no_params():
     assert infotext.parse_infotext("just a prompt, nothing else") == ("just a prompt, nothing else", "", {})
+
+
+@pytest.mark.parametrize("text", [
+    "a" * 1_000_000,                      # one huge prompt line
+    "k: " + '"' + "\\\\" * 300_000,        # an unterminated quoted value
+    "Steps: 1, " * 100_000,               # a hundred thousand pairs
+    "a b" * 300_000 + ":",                # a key that almost matches, everywhere
+])
+def test_a_forged_megabyte_of_text_parses_at_once(text):
+    """PIL reads text chunks up to 1 MB; no such chunk may tie up the parser (no regex backtracking blow-up)."""
+    start = time.perf_counter()
+    infotext.parse_infotext(text)
+    assert time.perf_counter() - start < 2

@@ -2,12 +2,14 @@
 error with its number, and a broken line is never taken as a prompt."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 from ldm_cli import prompts_file
 from ldm_cli.errors import LdmError
+from ldm_cli.limits import MAX_IMAGES
 from ldm_cli.settings import MAX_SEED, Settings
 
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
@@ -62,8 +64,24 @@ def test_a_seedless_line_gets_a_fixed_seed_of_its_own(tmp_path):
     assert one(tmp_path, "a fox", defaults=Settings(seed=42)).settings.seed == 42
 
 
-def test_derived_seeds_leave_room_for_every_image():
-    assert all(prompts_file.derived_seed(n, "x", 1000) + 999 <= MAX_SEED for n in range(200))
+def test_derived_seeds_leave_room_for_every_image(monkeypatch):
+    assert all(prompts_file.derived_seed(n, "x") + MAX_IMAGES - 1 <= MAX_SEED for n in range(200))
+
+    class Largest:  # the largest hash there is
+        def __init__(self, data):
+            pass
+
+        def digest(self):
+            return b"\xff" * 32
+    monkeypatch.setattr(prompts_file, "hashlib", SimpleNamespace(sha256=Largest))
+    assert prompts_file.derived_seed(1, "x") + MAX_IMAGES - 1 <= MAX_SEED
+
+
+def test_a_lines_seed_is_the_same_for_any_number_of_images(tmp_path):
+    text = "a fox\n--prompt a bird --n_iter 2\n"
+    few, many = read(tmp_path, text, count=1), read(tmp_path, text, count=5)
+    assert [j.settings.seed for j in few] == [j.settings.seed for j in many]  # -n adds images, keeps the first
+    assert [j.count for j in many] == [5, 2]
 
 
 def test_every_bad_line_is_reported_and_nothing_is_returned(tmp_path):
@@ -176,3 +194,24 @@ def test_unreadable_or_empty_files(tmp_path):
 def test_the_example_files_are_valid(name):
     jobs = prompts_file.read(PROMPTS / name, Settings())
     assert jobs and all(j.settings.prompt for j in jobs)
+
+
+def test_numbers_are_checked_as_flags_are_and_named_as_the_line_names_them(tmp_path):
+    lines = ["--prompt x --cfg_scale nan", "--prompt x --cfg_scale 1e30", "--prompt x --steps 100000000",
+             "--prompt x --width 8192 --height 8192", "--prompt x --n_iter 100 --batch_size 1000", "a plain prompt"]
+    with pytest.raises(LdmError) as e:
+        read(tmp_path, "\n".join(lines), defaults=Settings(width=99_999))
+    got = {int(line.split(":")[1]): line.split(": ", 1)[1] for line in str(e.value).splitlines()[1:]}
+    assert got == {1: "--cfg_scale must be between 0 and 100 (got nan)",
+                   2: "--cfg_scale must be between 0 and 100 (got 1e+30)",
+                   3: "--steps must be between 1 and 1000 (got 100000000)",
+                   4: "the image size must be at most 16,777,216 pixels (got 8192x8192); set LDM_MAX_PIXELS to allow more",
+                   5: "--batch_size x --n_iter must be at most 10000 images (got 100000)",
+                   6: "--width must be at most 16384 (got 99999)"}  # the command's own -W, named as its flag
+
+
+def test_jsonl_numbers_are_named_as_json_keys(tmp_path):
+    with pytest.raises(LdmError) as e:
+        read(tmp_path, '{"prompt": "x", "cfg_scale": NaN}\n{"prompt": "x", "steps": 5000}\n', name="p.jsonl")
+    assert 'p.jsonl:1: "cfg_scale" must be between 0 and 100 (got nan)' in str(e.value)
+    assert 'p.jsonl:2: "steps" must be between 1 and 1000 (got 5000)' in str(e.value)

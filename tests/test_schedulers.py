@@ -41,3 +41,28 @@ def test_unknown_names_list_the_choices():
         schedulers.resolve("dpmpp_9x")
     with pytest.raises(LdmError, match="no karras schedule"):
         schedulers.check_schedule("euler_a", "karras")
+
+
+@pytest.mark.parametrize("name", list(schedulers.SCHEDULERS))
+def test_the_schedule_table_is_what_the_diffusers_classes_take(name):
+    import inspect
+
+    import diffusers
+
+    spec = schedulers.SCHEDULERS[name]
+    taken = inspect.signature(getattr(diffusers, spec.cls).__init__).parameters
+    assert spec.schedules == tuple(s for s, (flag, _) in schedulers.SCHEDULES.items() if flag in taken)
+
+
+def test_names_ignore_case_and_typos_get_a_suggestion():
+    assert schedulers.validated("EULER_A", "Default") == ("euler_a", "default")
+    assert schedulers.validated(None, "Karras") == (None, "karras")
+    assert schedulers.validated("dpm++ 2m KARRAS", None) == ("dpmpp_2m", "karras")
+    with pytest.raises(LdmError, match=r"unknown schedule 'karas' \(did you mean 'karras'\?\)"):
+        schedulers.validated(None, "karas")
+    with pytest.raises(LdmError, match=r"unknown scheduler 'eular a' \(did you mean 'euler_a'\?\)"):
+        schedulers.validated("eular a", None)
+    with pytest.raises(LdmError, match=r"did you mean 'DPM\+\+ 2M Karras'\?"):
+        schedulers.validated("DPM++ 2M Karas", None)
+    with pytest.raises(LdmError, match="no karras schedule"):
+        schedulers.validated("Euler A", "KARRAS")

@@ -1,7 +1,10 @@
+import math
+import re
+
 import pytest
 
 from ldm_cli.errors import LdmError
-from ldm_cli.settings import Settings
+from ldm_cli.settings import BadSetting, Settings
 
 
 def resolved(**kw):
@@ -67,6 +70,72 @@ def test_reads_old_style_a1111_sampler_labels():
     assert (s.scheduler, s.schedule, s.cfg, s.seed) == ("dpmpp_2m", "karras", 7.0, 5)
 
 
-def test_unreadable_numbers_are_a_user_error():
-    with pytest.raises(LdmError, match="unreadable"):
-        Settings.from_infotext("p\nSteps: many, Sampler: Euler, Seed: 5")
+@pytest.mark.parametrize("text, field, words", [
+    ("Steps: many, Sampler: Euler, Seed: 5", "steps", "must be a whole number (got 'many')"),
+    ("Steps: 2, CFG scale: high, Seed: 5", "cfg", "must be a number (got 'high')"),
+    ("Steps: 2, Size: 512, Seed: 5", "size", "must be WIDTHxHEIGHT"),
+    ("Steps: 2, Size: 64xtall, Seed: 5", "size", "must be WIDTHxHEIGHT"),
+])
+def test_unreadable_numbers_name_their_field(text, field, words):
+    with pytest.raises(BadSetting, match=re.escape(words)) as e:
+        Settings.from_infotext("p\n" + text)
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"cfg": math.nan}, "--cfg must be between 0 and 100 (got nan)"),
+    ({"cfg": math.inf}, "--cfg must be between 0 and 100 (got inf)"),
+    ({"cfg": 1e30}, "--cfg must be between 0 and 100 (got 1e+30)"),
+    ({"strength": math.nan}, "--strength must be between 0 and 1 (got nan)"),
+    ({"steps": 100_000_000}, "--steps must be between 1 and 1000 (got 100000000)"),
+    ({"width": 99_999}, "--width must be at most 16384 (got 99999)"),
+    ({"mask_blur": -1}, "--mask-blur must be between 0 and 16384"),
+    ({"padding": 10**30}, "--padding must be between 0 and 16384"),
+    ({"width": 8192, "height": 4104}, "the image size must be at most 16,777,216 pixels (got 8192x4104); set LDM_MAX_PIXELS"),
+    ({"shift": math.nan}, "--shift must be between"),
+    ({"max_sequence_length": 10**9}, "--max-sequence-length must be between 1 and 512"),
+])
+def test_absurd_values_are_refused(kw, words):
+    with pytest.raises(BadSetting, match=re.escape(words)):
+        Settings(prompt="x", **kw).validate()
+
+
+def test_limits_at_the_edge_are_accepted():
+    Settings(prompt="x", cfg=100.0, steps=1000, width=4096, height=4096, strength=1.0, seed=2**32 - 1).validate()
+
+
+def test_the_pixel_limit_is_an_environment_variable(monkeypatch):
+    big = Settings(prompt="x", width=8192, height=8192)
+    monkeypatch.setenv("LDM_MAX_PIXELS", "8192x8192")
+    big.validate()
+    monkeypatch.setenv("LDM_MAX_PIXELS", "4096")
+    with pytest.raises(BadSetting, match="at most 4,096 pixels"):
+        Settings(prompt="x", width=64, height=128).validate()
+    monkeypatch.setenv("LDM_MAX_PIXELS", "lots")
+    with pytest.raises(LdmError, match="LDM_MAX_PIXELS must be a number of pixels"):
+        big.validate()
+
+
+def test_a_model_with_fewer_timesteps_caps_steps_once_loaded():
+    Settings(prompt="x", steps=600).validate()  # no model known: 1000 is the cap
+    with pytest.raises(BadSetting, match="between 1 and 500 .*trained on 500 timesteps"):
+        Settings(prompt="x", steps=600).resolve({}, (64, 64), max_steps=500)
+
+
+@pytest.mark.parametrize("data, field, words", [
+    ({"steps": "many"}, "steps", "must be a whole number (got 'many')"),
+    ({"steps": 2.5}, "steps", "must be a whole number"),
+    ({"seed": True}, "seed", "must be a whole number (got True)"),
+    ({"cfg": "7"}, "cfg", "must be a number"),
+    ({"prompt": 5}, "prompt", "must be text (got 5)"),
+    ({"only_masked": "yes"}, "only_masked", "must be true or false"),
+])
+def test_from_dict_checks_each_fields_type(data, field, words):
+    with pytest.raises(BadSetting, match=re.escape(words)) as e:
+        Settings.from_dict({"prompt": "x", **data})
+    assert e.value.field == field
+
+
+def test_from_dict_keeps_good_values_and_skips_unknown_keys():
+    s = Settings.from_dict({"prompt": "x", "steps": 3, "cfg": 7, "only_masked": True, "future_key": [1], "seed": None})
+    assert (s.steps, s.cfg, s.only_masked, s.seed) == (3, 7.0, True, None) and isinstance(s.cfg, float)

@@ -1,7 +1,9 @@
 """Tiny random Stable-Diffusion-family models, built in code and saved as diffusers folders.
 
 Real architectures (the same diffusers/transformers classes real checkpoints use) at toy width:
-64x64 images, 8x8x4 latents, a 49408-token CLIP vocabulary over 32-wide encoders.
+64x64 images, 8x8x4 latents (8x8x16 for SD3), a 49408-token CLIP vocabulary over 32-wide
+encoders, SD3's T5 over the real 32128-token vocabulary. Widths keep the real models' relations
+(CLIP-G wider than CLIP-L, T5 wider than both together) so they are told apart as real ones are.
 """
 from __future__ import annotations
 
@@ -18,25 +20,26 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
                  timestep_spacing="leading")
 
 
-def text_encoder(hidden_act: str = "quick_gelu", projection: bool = False, seed: int = 0):
+def text_encoder(hidden_act: str = "quick_gelu", projection: bool = False, seed: int = 0, width: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=77, hidden_act=hidden_act,
-                            projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+                            projection_dim=width, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     return cls(config).eval()
 
 
-def vae(scaling_factor: float = 0.18215, seed: int = 1, force_upcast: bool = True):
+def vae(scaling_factor: float = 0.18215, seed: int = 1, force_upcast: bool = True, latent_channels: int = 4,
+        **extra):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=64,
                          block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         scaling_factor=scaling_factor, force_upcast=force_upcast).eval()
+                         scaling_factor=scaling_factor, force_upcast=force_upcast, **extra).eval()
 
 
 def unet(cross_attention_dim: int = 32, in_channels: int = 4, sdxl: bool = False, seed: int = 2):
@@ -80,6 +83,64 @@ def sdxl_pipeline(inpainting: bool = False):
     return cls(vae=vae(0.13025), text_encoder=text_encoder(seed=3), text_encoder_2=text_encoder("gelu", True, seed=4),
                tokenizer=tokenizer(), tokenizer_2=tokenizer(True), unet=unet(64, 9 if inpainting else 4, sdxl=True),
                scheduler=scheduler)
+
+
+# -- SD3 / SD3.5 ---------------------------------------------------------------------------------
+T5_TOKENIZER = TOKENIZER_DATA.parent / "t5_tokenizer"
+CLIP_L, CLIP_G, T5_WIDTH = 32, 48, 96  # real: 768, 1280, 4096
+
+
+def sd3_vae(seed: int = 1):
+    """16 latent channels, SD3's latent shift and scale, no quant convs (as SD3's VAE)."""
+    return vae(1.5305, seed, latent_channels=16, shift_factor=0.0609, use_quant_conv=False,
+               use_post_quant_conv=False)
+
+
+def sd3_transformer(variant: str = "sd3", seed: int = 5):
+    """SD3's MMDiT at toy width; sd35-medium adds dual attention (MMDiT-X) and RMS q/k norms,
+    sd35-large the q/k norms alone."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    extra = {"sd3": {}, "sd35-medium": dict(dual_attention_layers=(0,), qk_norm="rms_norm"),
+             "sd35-large": dict(qk_norm="rms_norm")}[variant]
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                 joint_attention_dim=T5_WIDTH, pooled_projection_dim=CLIP_L + CLIP_G,
+                                 pos_embed_max_size=16, **extra).eval()
+
+
+def t5_encoder(seed: int = 6):
+    """T5 v1.1's encoder (gated GELU, relative attention) over the real vocabulary, at toy width."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=32128, d_model=T5_WIDTH, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                      relative_attention_max_distance=128, is_encoder_decoder=False, tie_word_embeddings=False)
+    return T5EncoderModel(config).eval()
+
+
+def t5_tokenizer():
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(str(T5_TOKENIZER), local_files_only=True)
+
+
+def sd3_pipeline(variant: str = "sd3", t5: bool = True):
+    """A StableDiffusion3Pipeline (flow-matching Euler, shift 3); t5=False leaves text_encoder_3 out."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=sd3_transformer(variant), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=sd3_vae(), text_encoder=text_encoder(projection=True, seed=3, width=CLIP_L), tokenizer=tokenizer(),
+        text_encoder_2=text_encoder("gelu", True, seed=4, width=CLIP_G), tokenizer_2=tokenizer(True),
+        text_encoder_3=t5_encoder() if t5 else None, tokenizer_3=t5_tokenizer() if t5 else None)
+
+
+def tiny_sd3_folder(folder: Path, variant: str = "sd3", t5: bool = True) -> Path:
+    """A tiny SD3 (or SD3.5-medium/large-like) model saved as a diffusers folder."""
+    return save(sd3_pipeline(variant, t5), folder)
 
 
 def save(pipe, folder: Path) -> Path:

@@ -1,9 +1,14 @@
 """Model families. A family is data plus two functions: how a prompt becomes conditioning, and
 how the denoiser is called. The sampling loop knows nothing else about a model, so a DiT family
-(SD3's MMDiT with flow matching, PixArt) is one more module here, not a change to the loop.
+(SD3's MMDiT, FLUX) is one more module here, not a change to the loop.
 
 Conditioning is a dict of tensors batched along dim 0, so the loop can stack the negative and
 positive halves for classifier-free guidance without knowing what is inside.
+
+`flow` says how the denoiser was trained. Noise-prediction families (SD1, SD2, SDXL) predict
+noise or v over a DDPM beta schedule; flow-matching families (SD3) predict the velocity from
+image to noise along x_s = (1 - s) x + s noise, sigma s in [0, 1]. It picks the scheduler
+classes (schedulers.py) and nothing else: the loop only asks the scheduler.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from ldm_cli.model import Model
+    from ldm_cli.settings import Settings
 
 Cond = dict[str, "torch.Tensor"]
 
@@ -22,18 +28,20 @@ Cond = dict[str, "torch.Tensor"]
 class Family:
     name: str
     label: str
-    # (model, texts, width, height, negative) -> conditioning for len(texts) images
-    encode: Callable[[Model, list[str], int, int, bool], Cond]
+    # (model, texts, the batch's settings, negative) -> conditioning for len(texts) images; the
+    # settings give the size (SDXL's size conditioning) and the text options (SD3's T5 length)
+    encode: Callable[[Model, list[str], Settings, bool], Cond]
     # (model, latents, timestep, conditioning) -> the denoiser's raw output
     predict: Callable[[Model, torch.Tensor, torch.Tensor, Cond], torch.Tensor]
     # dtype on CUDA when none is asked for
     cuda_dtype: str = "fp16"
+    flow: bool = False  # trained with flow matching (velocity over sigma in [0, 1])
 
 
 def get(name: str) -> Family:
-    from ldm_cli.families import sd, sdxl
+    from ldm_cli.families import sd, sd3, sdxl
 
-    registry = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL)}
+    registry = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL, sd3.SD3)}
     if name not in registry:
         from ldm_cli.errors import LdmError
 

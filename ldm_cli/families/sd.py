@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from ldm_cli.families import Cond, Family, unet
+from ldm_cli.settings import Settings
 
 
-def encode(model, texts: list[str], width: int, height: int, negative: bool) -> Cond:
+def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     encoder = model.text_encoders[0]
     ids = unet.tokenize(model.tokenizers[0], texts, encoder.device)
     mask = None

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from ldm_cli.families import Cond, Family, unet
+from ldm_cli.settings import Settings
 
 
-def encode(model, texts: list[str], width: int, height: int, negative: bool) -> Cond:
+def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     hidden, pooled = [], None
     with torch.inference_mode():
         for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
@@ -21,7 +22,7 @@ def encode(model, texts: list[str], width: int, height: int, negative: bool) -> 
         empty = torch.tensor([t == "" for t in texts], device=pooled.device)
         cond = {k: torch.where(empty.view(-1, *[1] * (v.ndim - 1)), torch.zeros_like(v), v) for k, v in cond.items()}
     # (original size, crop top-left, target size), as (height, width) pairs: no crop, no resize.
-    ids = torch.tensor([height, width, 0, 0, height, width], dtype=pooled.dtype, device=pooled.device)
+    ids = torch.tensor([s.height, s.width, 0, 0, s.height, s.width], dtype=pooled.dtype, device=pooled.device)
     cond["time_ids"] = ids.repeat(len(texts), 1)
     return {k: v.to(model.dtype) for k, v in cond.items()}
 

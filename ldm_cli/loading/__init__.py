@@ -2,9 +2,12 @@
 diffusers-layout folder. Nothing here ever reaches the network."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ldm_cli import files
 from ldm_cli.errors import LdmError
 
 BUILTIN = Path(__file__).resolve().parent.parent / "assets" / "builtin.safetensors"
@@ -18,18 +21,17 @@ class LoadOptions:
     allow_pickle: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    text_encoders: list[str] = field(default_factory=list)  # text-encoder files (CLIP-L, CLIP-G, T5), any order
+    compile: bool = False  # torch.compile the denoiser (speed.py, compiling.py)
 
 
 def load(source: str | None, options: LoadOptions | None = None):
     """A ready-to-run `Model` on the chosen device and dtype."""
-    from ldm_cli import device as devices
-
     options = options or LoadOptions()
     path = Path(source).expanduser() if source else BUILTIN
-    if options.prediction not in (None, "epsilon", "v"):
-        raise LdmError(f"unknown --prediction {options.prediction!r}; choose epsilon or v")
-    if not path.exists():
-        raise LdmError(f"model not found: {str(path)!r}; pass a .safetensors file or a diffusers folder with --model")
+    check(path, options)
+    from ldm_cli import device as devices  # imports torch, which takes seconds: after the checks
+
     device = devices.pick_device(options.device)
     if path.is_dir():
         from ldm_cli.loading import folder
@@ -42,7 +44,55 @@ def load(source: str | None, options: LoadOptions | None = None):
         model = single_file.load_single_file(path, device, options)
     if source is None:
         model.name = "ldm-builtin"
+    model.modules = [Path(p).name.removesuffix(".safetensors") for p in [options.vae, *options.text_encoders] if p]
+    from ldm_cli import speed
+
+    speed.apply(model, options.compile)
     return model
+
+
+def check(path: Path, options: LoadOptions) -> None:
+    """What needs no library: the options, and that the model and VAE are files or folders (a
+    FIFO would hang the read)."""
+    if options.prediction not in (None, "epsilon", "v"):
+        raise LdmError(f"unknown --prediction {options.prediction!r}; choose epsilon or v")
+    if not path.exists():
+        raise LdmError(f"model not found: {str(path)!r}; pass a .safetensors file or a diffusers folder with --model")
+    files.check_openable(path, folders=True)
+    if options.vae:
+        files.check_openable(Path(options.vae).expanduser(), folders=True)
+    if options.text_encoders and path.is_dir():
+        raise LdmError(f"--text-encoder is for single-file models; the folder {path.name!r} loads its own "
+                       "text_encoder*/ subfolders")
+    for name in options.text_encoders:
+        if not Path(name).expanduser().exists():
+            raise LdmError(f"--text-encoder {name!r} not found; pass a text encoder .safetensors file")
+        files.check_openable(Path(name).expanduser())
+
+
+@functools.lru_cache(maxsize=32)  # a batch asks once per line
+def size_multiple(source: str | None) -> int:
+    """What width and height must be multiples of (the VAE's factor, 8, times a DiT's patch size),
+    from the model's configs or file header alone, so sizes taken from an image are rounded right
+    before anything loads. A file that cannot be read says so when it loads."""
+    path = Path(source).expanduser() if source else BUILTIN
+    if path.is_dir():
+        config = path / "transformer" / "config.json"
+        try:
+            return 8 * (json.loads(config.read_text()).get("patch_size", 1) if config.is_file() else 1)
+        except (OSError, ValueError, AttributeError):
+            return 8
+    if not path.is_file():  # not there, or a FIFO that would hang the read: load says which
+        return 8
+    from ldm_cli.loading import mmdit, tensors
+
+    try:
+        header = tensors.read_header(path)[0]
+    except (OSError, LdmError):
+        return 8
+    shapes = {k: tuple(e.get("shape", ())) for k, e in header.items() if isinstance(e, dict)}
+    prefix = mmdit.prefix_of(shapes)
+    return 8 * (mmdit.config(shapes, prefix)["patch_size"] if prefix is not None else 1)
 
 
 def quiet_libraries() -> None:

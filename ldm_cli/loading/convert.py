@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 class Planned(NamedTuple):
     key: str  # full key in the file
     origin: Origin
+    shape: tuple[int, ...] = ()  # the module's, for weights not read (Origin.eye)
 
 
 def to_original(family: str, unet, vae, text_encoders: list) -> dict[str, torch.Tensor]:
@@ -44,9 +45,12 @@ def export(slot: Slot, module) -> dict[str, torch.Tensor]:
     out, fused = {}, defaultdict(dict)
     for name, tensor in module.state_dict().items():
         origin = mapping(name)
+        if origin.eye:
+            continue
         t = tensor.detach()
         t = t.T if origin.transpose else t
         t = t[..., None, None] if origin.conv else t
+        t = swapped(t) if origin.swap else t
         if origin.part is None:
             out[slot.prefix + origin.key] = t
         else:
@@ -82,6 +86,9 @@ def plan(slot: Slot, module, checkpoint: Checkpoint) -> dict[str, Planned]:
     for name, target in module.state_dict().items():
         origin = mapping(name)
         key = slot.prefix + origin.key
+        if origin.eye:
+            planned[name] = Planned(key, origin, tuple(target.shape))
+            continue
         if key not in checkpoint.shapes:
             raise LdmError(f"{checkpoint.name} has no weight {key!r}, which a {slot.name} of this model needs; "
                            "the file is incomplete or not the model ldm took it for (--config DIR describes unusual ones)")
@@ -109,11 +116,26 @@ def fill(module, planned: dict[str, Planned], tensors: dict[str, torch.Tensor]):
     """Assign the read tensors (already in the target dtype and device) into `module`, which
     was built with empty weights."""
     state = {}
-    for name, (key, origin) in planned.items():
+    like = next(iter(tensors.values()), torch.empty(0))
+    for name, (key, origin, shape) in planned.items():
+        if origin.eye:
+            state[name] = torch.eye(*shape, dtype=like.dtype, device=like.device)
+            continue
         t = tensors[key]
         t = t.chunk(3)[origin.part] if origin.part is not None else t
         t = t.T if origin.transpose else t
         t = t.reshape(t.shape[:2]) if origin.conv else t
+        t = swapped(t) if origin.swap else t
         state[name] = t.contiguous()
     module.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in module.buffers()):
+        raise ValueError(f"{type(module).__name__} has buffers no file fills; build it with its buffers")
+    if hasattr(module, "tie_weights"):  # T5: `shared` and the encoder's embedding are one tensor again
+        module.tie_weights()
     return module
+
+
+def swapped(t: torch.Tensor) -> torch.Tensor:
+    """(shift, scale) <-> (scale, shift): the halves of an adaptive norm's projection."""
+    first, second = t.chunk(2)
+    return torch.cat([second, first])

@@ -5,14 +5,15 @@ The text encoders' key layout names the family (SD1's Hugging Face CLIP under
 cond_stage_model.transformer, SD2's OpenCLIP under cond_stage_model.model, SDXL's two under
 conditioner.embedders); the UNet's first convolution says whether it is an inpainting model
 (latents + mask + masked-image latents in); and the UNet's cross-attention width must equal the
-text encoders' combined width, or the file mixes parts of different models.
+text encoders' combined width, or the file mixes parts of different models. SD3's MMDiT names
+itself (joint_blocks); its text encoders may be in the file or in files of their own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import keymap
+from ldm_cli.loading import keymap, mmdit
 from ldm_cli.loading.tensors import Checkpoint
 
 UNET_IN = keymap.UNET.prefix + "input_blocks.0.0.weight"
@@ -22,10 +23,13 @@ EMA_PREFIX = "model_ema."
 
 @dataclass(frozen=True)
 class Found:
-    family: str  # sd1, sd2, sdxl
+    family: str  # sd1, sd2, sdxl, sd3
     in_channels: int
     latent_channels: int
     ema: bool
+    variant: str | None = None  # sd3: sd3, sd35-medium or sd35-large
+    denoiser_slot: keymap.Slot = keymap.UNET  # where the denoiser's keys start
+    denoiser_config: dict = field(default_factory=dict, compare=False)  # what its shapes say (SD3)
 
     @property
     def inpainting(self) -> bool:
@@ -34,6 +38,8 @@ class Found:
 
 def detect(checkpoint: Checkpoint) -> Found:
     shapes = checkpoint.shapes
+    if (prefix := mmdit.prefix_of(shapes)) is not None:
+        return sd3(shapes, prefix)
     if UNET_IN not in shapes or UNET_OUT not in shapes:
         raise LdmError(not_a_model(checkpoint))
     family = family_of(shapes)
@@ -49,14 +55,26 @@ def detect(checkpoint: Checkpoint) -> Found:
     return Found(family, in_channels, latent, ema)
 
 
+def sd3(shapes: dict, prefix: str) -> Found:
+    config = mmdit.config(shapes, prefix)
+    return Found("sd3", config["in_channels"], config["out_channels"], False, mmdit.variant(shapes, prefix),
+                 replace(keymap.MMDIT, prefix=prefix), config)
+
+
 def text_slots(family: str) -> list[keymap.Slot]:
-    return [s for s in keymap.LAYOUTS[family] if s.kind in ("clip", "openclip")]
+    return [s for s in keymap.LAYOUTS[family] if s.kind in keymap.TEXT_KINDS]
+
+
+def slots(found: Found) -> list[keymap.Slot]:
+    """Where each component's weights would lie in the file, the denoiser where it was found."""
+    return [found.denoiser_slot, *keymap.LAYOUTS[found.family][1:]]
 
 
 def family_of(shapes: dict) -> str | None:
-    prefixes = {s.prefix for f in keymap.LAYOUTS for s in text_slots(f)}
+    families = ("sdxl", "sd2", "sd1")  # most specific first
+    prefixes = {s.prefix for f in families for s in text_slots(f)}
     present = {p for p in prefixes if any(k.startswith(p) for k in shapes)}
-    for family in ("sdxl", "sd2", "sd1"):  # most specific first
+    for family in families:
         if all(s.prefix in present for s in text_slots(family)):
             return family
     return None
@@ -87,8 +105,10 @@ def not_a_model(checkpoint: Checkpoint) -> str:
     if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "model_ema."))
                     for k in keys):
         return f"{checkpoint.name} holds only a VAE; pass it with --vae next to a full model"
+    if any(k.endswith(tuple(keymap.TEXT_SIGNATURES.values())) for k in keys):
+        return f"{checkpoint.name} holds only a text encoder; pass it with --text-encoder next to a model (SD3)"
     return (f"{checkpoint.name} is not a Stable Diffusion checkpoint ldm recognises (no "
-            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x and SDXL single files and diffusers folders")
+            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x, SDXL and SD3/3.5 single files and diffusers folders")
 
 
 def unknown_text_encoder(checkpoint: Checkpoint) -> str:

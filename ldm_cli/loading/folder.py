@@ -1,4 +1,7 @@
-"""diffusers-layout folders: model_index.json plus one subfolder per component."""
+"""diffusers-layout folders: model_index.json plus one subfolder per component.
+
+SD1/SD2 and SDXL folders hold a `unet/`; SD3 folders a `transformer/` and up to three text
+encoders, of which the third (T5) may be left out: the model then runs without T5."""
 from __future__ import annotations
 
 import json
@@ -8,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ldm_cli.errors import LdmError
+from ldm_cli.notes import note
 
 if TYPE_CHECKING:
     from ldm_cli.model import Model
@@ -17,7 +21,10 @@ PIPELINE_FAMILIES = {
     "StableDiffusionImg2ImgPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLInpaintPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3",
+    "StableDiffusion3InpaintPipeline": "sd3",
 }
+T5_TOKENIZER = Path(__file__).resolve().parent / "configs" / "t5_tokenizer"
 
 
 def read_json(path: Path) -> dict:
@@ -40,9 +47,66 @@ def load_tokenizer(folder: Path, **overrides):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **overrides)
 
 
-def load_folder(folder: Path, device: torch.device, options) -> Model:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def _unet_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
+    """(U-Net, text encoders, tokenizers) of an SD1/SD2/SDXL folder."""
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True)
+    encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)]
+    tokenizers = [load_tokenizer(folder / "tokenizer")]
+    if name == "sdxl":
+        encoders.append(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=dtype,
+                                                                    local_files_only=True))
+        tokenizers.append(load_tokenizer(folder / "tokenizer_2"))
+    return unet, encoders, tokenizers
+
+
+def _sd3_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
+    """(transformer, [CLIP-L, CLIP-G, T5 or None], their tokenizers) of an SD3 folder."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
+                                                        local_files_only=True)
+    encoders = [CLIPTextModelWithProjection.from_pretrained(folder / sub, dtype=dtype, local_files_only=True)
+                for sub in ("text_encoder", "text_encoder_2")]
+    tokenizers = [load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2")]
+    t5, t5_tokenizer = _t5(folder, dtype)
+    return transformer, [*encoders, t5], [*tokenizers, t5_tokenizer]
+
+
+def _t5(folder: Path, dtype: torch.dtype) -> tuple:
+    """(T5 encoder, its tokenizer), or (None, None) with a note when the folder has no T5 weights."""
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    if not (folder / "text_encoder_3" / "config.json").exists():
+        note(f"{folder.name} has no T5 text encoder (text_encoder_3): running without T5, as --no-t5 does")
+        return None, None
+    tokenizer_folder = folder / "tokenizer_3" if (folder / "tokenizer_3").is_dir() else T5_TOKENIZER
+    return (T5EncoderModel.from_pretrained(folder / "text_encoder_3", dtype=dtype, local_files_only=True),
+            T5TokenizerFast.from_pretrained(str(tokenizer_folder), local_files_only=True))
+
+
+def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list) -> dict:
+    """SD3's recommended settings; a folder cannot say it holds the turbo model but by its name."""
+    if name != "sd3":
+        return {}
+    from ldm_cli.families import sd3
+
+    return sd3.defaults("turbo" in folder.name.lower(), scheduler_config.get("shift", 3.0), encoders[2] is not None)
+
+
+def _options(index: dict, denoiser, name: str) -> dict:
+    if name == "sd3":
+        from ldm_cli.families import sd3
+
+        return {"variant": sd3.variant(denoiser.config)}
+    return {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
+
+
+def load_folder(folder: Path, device: torch.device, options) -> Model:
+    from diffusers import AutoencoderKL
 
     from ldm_cli import device as devices
     from ldm_cli import families, hashing
@@ -52,25 +116,20 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
     kind = PIPELINE_FAMILIES.get(index.get("_class_name"))
     if kind is None:
         raise LdmError(f"{str(folder)!r} holds a {index.get('_class_name')!r}, which ldm does not run; supported: {', '.join(sorted(PIPELINE_FAMILIES))}")
-    name = "sdxl" if kind == "sdxl" else sd_family_name(read_json(folder / "text_encoder" / "config.json"))
+    name = kind if kind != "sd" else sd_family_name(read_json(folder / "text_encoder" / "config.json"))
     family = families.get(name)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
-    common = {"local_files_only": True}
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **common)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **common)
-    encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, **common)]
-    tokenizers = [load_tokenizer(folder / "tokenizer")]
-    if name == "sdxl":
-        encoders.append(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=dtype, **common))
-        tokenizers.append(load_tokenizer(folder / "tokenizer_2"))
+    denoiser, encoders, tokenizers = (_sd3_parts if name == "sd3" else _unet_parts)(folder, name, dtype)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     if options.prediction:
         scheduler_config["prediction_type"] = {"v": "v_prediction"}.get(options.prediction, options.prediction)
-    weights = next((folder / "unet").glob("*.safetensors"), None)
-    model = Model(family=family, denoiser=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+    weights = next((folder / ("transformer" if name == "sd3" else "unet")).glob("*.safetensors"), None)
+    model = Model(family=family, denoiser=denoiser, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                   scheduler_config=scheduler_config, name=folder.name,
                   hash=hashing.short_hash(weights) if weights else None, path=str(folder),
-                  options={"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)})
+                  defaults=_defaults(folder, name, scheduler_config, encoders),
+                  options=_options(index, denoiser, name))
     if options.vae:
         from ldm_cli.loading import single_file
 
@@ -81,5 +140,6 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
 
 def to_device(model, device: torch.device):
     for module in (model.denoiser, model.vae, *model.text_encoders):
-        module.to(device).eval().requires_grad_(False)
+        if module is not None:  # None: a text encoder run without (SD3's T5)
+            module.to(device).eval().requires_grad_(False)
     return model

@@ -1,5 +1,6 @@
 """`ldm info CHECKPOINT`: what a single file holds, from its header (plus, for an SD2 file
-with nothing else to go on, the same probe forward pass loading runs)."""
+with nothing else to go on, the same probe forward pass loading runs), and for a model shipped
+in parts (SD3) which parts it still needs and the flag that supplies each."""
 from __future__ import annotations
 
 import math
@@ -8,11 +9,11 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import convert, detect, keymap, prediction, recipe, single_file, tensors
+from ldm_cli.loading import components, convert, detect, keymap, mmdit, prediction, recipe, single_file, tensors
 
 
 def describe(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:
-    from ldm_cli import families, hashing
+    from ldm_cli import hashing
 
     path = Path(path).expanduser()
     if path.is_dir() or not path.exists():
@@ -20,31 +21,52 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
     checkpoint = tensors.open_checkpoint(path, allow_pickle)
     found = detect.detect(checkpoint)
     r = recipe.resolve(found, checkpoint.metadata, config)
-    sizes = {name: parameters(r, name, checkpoint) for name in single_file.weight_names(r)}
-    chosen, why = prediction.decide(None, r, found, path, lambda: probe(r, checkpoint))
-    prediction.apply(r, chosen)
-    label = families.get(found.family).label + (" inpainting" if found.inpainting else "")
-    return {"file": path.name, "family": found.family, "model": label, "prediction": chosen, "prediction_from": why,
-            "native_size": native_size(r), "dtype": tensors.dtype_name(checkpoint, keymap.UNET.prefix),
+    held = [s for s in detect.slots(found) if s == found.denoiser_slot or components.holds(checkpoint, s)]
+    sizes = {s.name: parameters(r, s, checkpoint) for s in held}
+    chosen, why = "flow", "family"  # a flow model predicts a velocity, always
+    if r.denoiser == "unet":
+        chosen, why = prediction.decide(None, r, found, path, lambda: probe(r, found, checkpoint))
+        prediction.apply(r, chosen)
+    return {"file": path.name, "family": found.family, **({"variant": found.variant} if found.variant else {}),
+            "model": label(found, checkpoint), "prediction": chosen, "prediction_from": why,
+            "native_size": native_size(r), "dtype": tensors.dtype_name(checkpoint, found.denoiser_slot.prefix),
             **{f"parameters_{name}": n for name, n in sizes.items()},
+            "components": [s.name for s in held], "needs": needs(r, [s.name for s in held]),
             "hash": hashing.short_hash(path), "ema": found.ema}
 
 
-def parameters(r: recipe.Recipe, name: str, checkpoint: tensors.Checkpoint) -> int:
+def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
+    from ldm_cli import families
+
+    if found.variant:
+        return mmdit.VARIANTS[found.variant] + (" turbo" if single_file.turbo(checkpoint) else "")
+    return families.get(found.family).label + (" inpainting" if found.inpainting else "")
+
+
+def needs(r: recipe.Recipe, held: list[str]) -> list[str]:
+    """The parts the file lacks, each with the flag that supplies it."""
+    out = ["vae (--vae)"] if "vae" not in held else []
+    for name in r.text_encoders:
+        if name not in held:
+            optional = ", optional" if name in components.OPTIONAL else ""
+            out.append(f"{name} ({components.label(r.family, name)}, --text-encoder{optional})")
+    return out
+
+
+def parameters(r: recipe.Recipe, slot: keymap.Slot, checkpoint: tensors.Checkpoint) -> int:
     """The component's size as ldm builds it (checked against the file, so a damaged one fails here)."""
-    module = single_file.empty(name, r.configs[name])
-    slot = next(s for s in keymap.LAYOUTS[r.family] if s.name == name)
+    module = single_file.empty(slot.name, r.configs[slot.name])
     convert.plan(slot, module, checkpoint)
-    return sum(math.prod(t.shape) for t in module.state_dict().values())
+    return sum(math.prod(p.shape) for p in module.parameters())  # weights, not buffers (SD3's position table)
 
 
-def probe(r: recipe.Recipe, checkpoint: tensors.Checkpoint) -> bool:
-    unet = single_file.build(r, checkpoint, ["unet"], torch.float32, torch.device("cpu"))["unet"]
+def probe(r: recipe.Recipe, found: detect.Found, checkpoint: tensors.Checkpoint) -> bool:
+    unet = single_file.build(r, checkpoint, [found.denoiser_slot], torch.float32, torch.device("cpu"))["unet"]
     return prediction.is_v_model(unet)
 
 
 def native_size(r: recipe.Recipe) -> str:
-    size = r.configs["unet"]["sample_size"]
+    size = r.configs[r.denoiser]["sample_size"]
     h, w = (size, size) if isinstance(size, int) else size
     factor = 2 ** (len(r.configs["vae"]["block_out_channels"]) - 1)
     return f"{w * factor}x{h * factor}"

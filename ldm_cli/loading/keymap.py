@@ -3,7 +3,8 @@ as A1111 and ComfyUI read it).
 
 One function per component kind maps a diffusers state-dict key to its `Origin`: the original
 key, plus how the stored tensor differs (a third of OpenCLIP's fused q/k/v projection, a
-transposed text projection, a 1x1 convolution standing for a linear layer). Loading walks a
+transposed text projection, a 1x1 convolution standing for a linear layer, an MMDiT modulation
+stored (shift, scale) where diffusers reads (scale, shift)). Loading walks a
 freshly built module's keys and fetches each origin; exporting walks the same keys and writes
 each origin. The one mapping serves both directions, so they cannot drift apart.
 """
@@ -21,23 +22,36 @@ class Origin(NamedTuple):
     part: int | None = None  # which third of a fused q/k/v tensor (rows)
     transpose: bool = False  # stored as x @ W rather than a Linear's W
     conv: bool = False  # stored as a 1x1 convolution kernel
+    swap: bool = False  # stored as (shift, scale) halves; diffusers reads (scale, shift)
+    eye: bool = False  # not read: the identity (SD3 uses CLIP-L's pooled output unprojected)
 
 
 @dataclass(frozen=True)
 class Slot:
     name: str  # diffusers component name: unet, vae, text_encoder, text_encoder_2
     prefix: str  # where the component's keys start in the single file
-    kind: str  # unet, vae, clip (Hugging Face CLIP names), openclip (open_clip names), diffusers (as is)
+    # unet, mmdit (SD3's), vae, clip (Hugging Face CLIP names), clip_unprojected (SD3's CLIP-L),
+    # openclip (open_clip names), t5 (Hugging Face T5 encoder), diffusers (as is)
+    kind: str
 
 
 UNET = Slot("unet", "model.diffusion_model.", "unet")
+MMDIT = Slot("transformer", "model.diffusion_model.", "mmdit")
 VAE = Slot("vae", "first_stage_model.", "vae")
 LAYOUTS: dict[str, tuple[Slot, ...]] = {
     "sd1": (UNET, VAE, Slot("text_encoder", "cond_stage_model.transformer.", "clip")),
     "sd2": (UNET, VAE, Slot("text_encoder", "cond_stage_model.model.", "openclip")),
     "sdxl": (UNET, VAE, Slot("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
              Slot("text_encoder_2", "conditioner.embedders.1.model.", "openclip")),
+    "sd3": (MMDIT, VAE, Slot("text_encoder", "text_encoders.clip_l.transformer.", "clip_unprojected"),
+            Slot("text_encoder_2", "text_encoders.clip_g.transformer.", "clip"),
+            Slot("text_encoder_3", "text_encoders.t5xxl.transformer.", "t5")),
 }
+TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5")
+# a key every text encoder of the layout has (its width is the last dimension)
+TEXT_SIGNATURES = {"clip": "text_model.encoder.layers.0.self_attn.q_proj.weight",
+                   "openclip": "transformer.resblocks.0.attn.in_proj_weight",
+                   "t5": "encoder.block.0.layer.0.SelfAttention.q.weight"}
 
 
 def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
@@ -46,7 +60,10 @@ def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
         return UNetNames(config).origin
     if kind == "vae":
         return VaeNames(config).origin
-    return {"clip": clip_origin, "openclip": openclip_origin, "diffusers": Origin}[kind]
+    if kind == "mmdit":
+        return MMDiTNames(config).origin
+    return {"clip": clip_origin, "clip_unprojected": unprojected_clip_origin, "openclip": openclip_origin,
+            "t5": t5_origin, "diffusers": Origin}[kind]
 
 
 def unsupported(what: str, key: str) -> LdmError:
@@ -148,7 +165,19 @@ class VaeNames:
 
 def clip_origin(key: str) -> Origin:
     """Hugging Face CLIP, saved by an older transformers whose CLIPTextModel nested `text_model`."""
+    if key == "text_projection.weight":  # CLIPTextModelWithProjection's, beside text_model
+        return Origin(key)
     return Origin("text_model." + key.removeprefix("text_model."))
+
+
+def unprojected_clip_origin(key: str) -> Origin:
+    """SD3's CLIP-L: its pooled output goes in unprojected, whatever projection a file carries."""
+    return Origin(key, eye=True) if key == "text_projection.weight" else clip_origin(key)
+
+
+def t5_origin(key: str) -> Origin:
+    """Hugging Face's T5 encoder; its input embedding is `shared` (files often hold only that)."""
+    return Origin("shared.weight" if key == "encoder.embed_tokens.weight" else key)
 
 
 OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
@@ -174,3 +203,45 @@ def openclip_origin(key: str) -> Origin:
     if module not in OPENCLIP_LAYER:
         raise unsupported("text encoder", key)
     return Origin(f"{block}.{OPENCLIP_LAYER[module]}.{leaf}")
+
+
+MMDIT_TOP = {"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+             "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+             "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+             "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "context_embedder": "context_embedder",
+             "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear"}
+# diffusers module in a joint block -> (stream, original module, which third of a fused q/k/v)
+MMDIT_BLOCK = {"attn.to_q": ("x", "attn.qkv", 0), "attn.to_k": ("x", "attn.qkv", 1), "attn.to_v": ("x", "attn.qkv", 2),
+               "attn.add_q_proj": ("context", "attn.qkv", 0), "attn.add_k_proj": ("context", "attn.qkv", 1),
+               "attn.add_v_proj": ("context", "attn.qkv", 2), "attn.norm_q": ("x", "attn.ln_q", None),
+               "attn.norm_k": ("x", "attn.ln_k", None), "attn.norm_added_q": ("context", "attn.ln_q", None),
+               "attn.norm_added_k": ("context", "attn.ln_k", None), "attn.to_out.0": ("x", "attn.proj", None),
+               "attn.to_add_out": ("context", "attn.proj", None), "attn2.to_q": ("x", "attn2.qkv", 0),
+               "attn2.to_k": ("x", "attn2.qkv", 1), "attn2.to_v": ("x", "attn2.qkv", 2),
+               "attn2.norm_q": ("x", "attn2.ln_q", None), "attn2.norm_k": ("x", "attn2.ln_k", None),
+               "attn2.to_out.0": ("x", "attn2.proj", None), "norm1.linear": ("x", "adaLN_modulation.1", None),
+               "norm1_context.linear": ("context", "adaLN_modulation.1", None), "ff.net.0.proj": ("x", "mlp.fc1", None),
+               "ff.net.2": ("x", "mlp.fc2", None), "ff_context.net.0.proj": ("context", "mlp.fc1", None),
+               "ff_context.net.2": ("context", "mlp.fc2", None)}
+
+
+class MMDiTNames:
+    """SD3's MMDiT: each joint block holds an image stream (x_block) and a text stream
+    (context_block), each with one fused q/k/v projection. The last block's text stream and the
+    final layer modulate with an adaptive norm whose halves the original stores (shift, scale)."""
+
+    def __init__(self, config: dict):
+        self.last = config["num_layers"] - 1
+
+    def origin(self, key: str) -> Origin:
+        if key == "pos_embed.pos_embed":
+            return Origin("pos_embed")
+        m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        module, leaf = (m[2], m[3]) if m else key.rpartition(".")[::2]
+        if m is None and module in MMDIT_TOP:
+            return Origin(f"{MMDIT_TOP[module]}.{leaf}", swap=module == "norm_out.linear")
+        if m is None or module not in MMDIT_BLOCK:
+            raise unsupported("SD3 transformer", key)
+        stream, name, part = MMDIT_BLOCK[module]
+        swap = module == "norm1_context.linear" and int(m[1]) == self.last
+        return Origin(f"joint_blocks.{m[1]}.{stream}_block.{name}.{leaf}", part=part, swap=swap)

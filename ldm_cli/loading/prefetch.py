@@ -59,6 +59,7 @@ class Prefetch:
             if self._stop.is_set():
                 break
             tensors[key] = checkpoint.get(key).to(device=device, dtype=dtype, copy=True)
+            checkpoint.release(key)
         return tensors
 
     def result(self) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from ldm_cli.loading.folder import PIPELINE_FAMILIES, read_json
 
 SHIPPED = Path(__file__).resolve().parent / "configs"
 TOKENIZER = SHIPPED / "clip_tokenizer"
+T5_TOKENIZER = SHIPPED / "t5_tokenizer"
 OPENCLIP_TOKENS = {"pad_token": "!"}  # OpenCLIP pads with "!"; OpenAI's CLIP repeats the end token
 METADATA_KEY = "ldm.config"
 
@@ -24,7 +25,7 @@ METADATA_KEY = "ldm.config"
 @dataclass
 class Recipe:
     family: str
-    configs: dict[str, dict]  # unet, vae, text_encoder[, text_encoder_2], scheduler
+    configs: dict[str, dict]  # unet (transformer), vae, text_encoder[, text_encoder_2[, _3]], scheduler
     sources: dict[str, str]  # component -> "shipped", "metadata" or "--config"
     tokenizers: list[tuple[Path, dict]]  # (folder, overrides) per text encoder
     options: dict
@@ -32,6 +33,10 @@ class Recipe:
     @property
     def text_encoders(self) -> list[str]:
         return [s.name for s in text_slots(self.family)]
+
+    @property
+    def denoiser(self) -> str:
+        return keymap.LAYOUTS[self.family][0].name
 
 
 def components(family: str) -> list[str]:
@@ -50,11 +55,22 @@ def resolve(found: Found, metadata: dict[str, str], config_dir: str | None) -> R
 def shipped(found: Found) -> Recipe:
     folder = SHIPPED / found.family
     configs = {name: read_json(config_file(folder, name)) for name in components(found.family)}
-    configs["unet"]["in_channels"] = found.in_channels  # the inpainting variants differ only here
-    tokenizers = [(TOKENIZER, OPENCLIP_TOKENS if s.kind == "openclip" else {}) for s in text_slots(found.family)]
+    denoiser = keymap.LAYOUTS[found.family][0].name
+    # the inpainting variants differ only in in_channels; SD3's shapes say the whole config
+    configs[denoiser].update(found.denoiser_config or {"in_channels": found.in_channels})
+    tokenizers = [tokenizer_for(s, configs[s.name]) for s in text_slots(found.family)]
     index = read_json(folder / "model_index.json")
-    return Recipe(found.family, configs, dict.fromkeys(configs, "shipped"), tokenizers,
-                  {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)})
+    options = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
+    if found.variant:
+        options["variant"] = found.variant
+    return Recipe(found.family, configs, dict.fromkeys(configs, "shipped"), tokenizers, options)
+
+
+def tokenizer_for(slot: keymap.Slot, config: dict) -> tuple[Path, dict]:
+    """T5's own; else CLIP's, padded with "!" for OpenCLIP models (plain GELU, like SD2's)."""
+    if slot.kind == "t5":
+        return T5_TOKENIZER, {}
+    return TOKENIZER, OPENCLIP_TOKENS if config.get("hidden_act") == "gelu" else {}
 
 
 def config_file(folder: Path, name: str) -> Path:
@@ -101,6 +117,6 @@ def from_folder(folder: Path, r: Recipe) -> dict[str, dict]:
 
 def check_family(index: dict, family: str, folder: Path) -> None:
     kind = PIPELINE_FAMILIES.get(index.get("_class_name"))
-    if kind is not None and kind != ("sdxl" if family == "sdxl" else "sd"):
+    if kind is not None and kind != (family if family in ("sdxl", "sd3") else "sd"):
         raise LdmError(f"--config {str(folder)!r} describes a {index['_class_name']}, but the checkpoint is {family}; "
                        "pass a config folder of the same family")

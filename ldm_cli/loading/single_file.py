@@ -1,6 +1,7 @@
 """Single-file checkpoints in the original layout (.safetensors; a pickle only with
 --allow-pickle): the family from the header, each component built empty from its config, the
-converted weights read straight in, the prediction type settled. Nothing touches the network.
+converted weights read straight in (from the checkpoint, or from the text-encoder and VAE files
+given beside it), the prediction type settled. Nothing touches the network.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import convert, detect, keymap, prediction, recipe, tensors
+from ldm_cli.loading import components, convert, detect, keymap, prediction, recipe, tensors
 from ldm_cli.loading.recipe import Recipe
 from ldm_cli.loading.folder import load_tokenizer, read_json, to_device
 from ldm_cli.loading.prefetch import Prefetch, in_background
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from ldm_cli.model import Model
 
 DEFAULTS_KEY = "ldm.defaults"
-VAE_PREFIXES = ("", keymap.VAE.prefix, "vae.")  # a bare VAE file, or one cut out of a checkpoint
 
 
 def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> Model:
@@ -34,35 +34,54 @@ def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> 
     checkpoint = tensors.open_checkpoint(path, options.allow_pickle)
     found = detect.detect(checkpoint)
     r = recipe.resolve(found, checkpoint.metadata, options.config)
+    sources = components.sources(found, r, checkpoint, options)
     digest = in_background(hashing.short_hash, path)  # a new file's first hash overlaps the load
     family = families.get(found.family)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
-    parts = build(r, checkpoint, [n for n in weight_names(r) if not (n == "vae" and options.vae)], dtype, device)
-    settle_prediction(options.prediction, r, found, path, parts["unet"])
+    parts = read(r, sources, dtype, device)
+    settle_prediction(options.prediction, r, found, path, parts[r.denoiser])
     vae = load_vae(Path(options.vae), dtype, r.configs["vae"], options.allow_pickle) if options.vae else parts["vae"]
-    model = Model(family=family, denoiser=parts["unet"], vae=vae, text_encoders=[parts[n] for n in r.text_encoders],
-                  tokenizers=tokenizers(r), scheduler_config=r.configs["scheduler"], name=path.stem,
-                  hash=digest(), path=str(path), defaults=defaults(checkpoint), options=r.options)
+    model = Model(family=family, denoiser=parts[r.denoiser], vae=vae, text_encoders=[parts.get(n) for n in r.text_encoders],
+                  tokenizers=tokenizers(r, parts), scheduler_config=r.configs["scheduler"], name=path.stem,
+                  hash=digest(), path=str(path), defaults=defaults(checkpoint, r, parts), options=r.options,
+                  modules=[Path(p).stem for p in [*([options.vae] if options.vae else []), *options.text_encoders]])
+    components.note_missing(r, sources, checkpoint)
     return to_device(model, device)
 
 
-def weight_names(r: Recipe) -> list[str]:
-    """The components read from the file: unet, vae, text_encoder[, text_encoder_2]."""
-    return [s.name for s in keymap.LAYOUTS[r.family]]
+def read(r: Recipe, sources: dict[str, components.Source], dtype: torch.dtype,
+         device: torch.device) -> dict[str, torch.nn.Module]:
+    """Every component, from whichever file holds it: the checkpoint first, then the others."""
+    files = {id(source.checkpoint): source.checkpoint for source in sources.values()}
+    parts = {}
+    for checkpoint in files.values():
+        slots = [source.slot for source in sources.values() if source.checkpoint is checkpoint]
+        parts.update(build(r, checkpoint, slots, dtype, device))
+    return parts
 
 
-def build(r: Recipe, checkpoint: tensors.Checkpoint, names: list[str], dtype: torch.dtype,
+def build(r: Recipe, checkpoint: tensors.Checkpoint, slots: list[keymap.Slot], dtype: torch.dtype,
           device: torch.device) -> dict[str, torch.nn.Module]:
-    """Every named component, planned (and so checked) before any tensor is read."""
+    """Every component under `slots` in this file, planned (and so checked) while it is read."""
     from ldm_cli.loading import quiet_libraries
 
-    slots = {s.name: s for s in keymap.LAYOUTS[r.family]}
-    with Prefetch(checkpoint, [slots[n].prefix for n in names], dtype, device) as reading:
+    with Prefetch(checkpoint, [s.prefix for s in slots], dtype, device) as reading:
         quiet_libraries()  # importing diffusers and transformers overlaps the reading
-        modules = {n: empty(n, r.configs[n]) for n in names}
-        plans = {n: convert.plan(slots[n], modules[n], checkpoint) for n in names}
-        read = reading.result()
-    return {n: convert.fill(modules[n], plans[n], read) for n in names}
+        modules = {s.name: empty(s.name, r.configs[s.name]) for s in slots}
+        plans = {s.name: convert.plan(s, modules[s.name], checkpoint) for s in slots}
+        tensors_read = reading.result()
+    return {n: keep_fp32(convert.fill(modules[n], plans[n], tensors_read), dtype) for n in modules}
+
+
+def keep_fp32(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The layers transformers keeps in fp32 under fp16, as from_pretrained does (T5's `wo`,
+    whose activations overflow fp16)."""
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    if dtype == torch.float16:
+        for name, param in module.named_parameters():
+            if any(part in keep for part in name.split(".")):
+                param.data = param.data.float()
+    return module
 
 
 def empty(name: str, config: dict) -> torch.nn.Module:
@@ -70,32 +89,51 @@ def empty(name: str, config: dict) -> torch.nn.Module:
     from accelerate import init_empty_weights
 
     try:
-        with init_empty_weights():
-            return constructor(name)(config)
+        # SD3's one buffer, its position table, is in the file: computing it (0.9 GB for SD3.5
+        # medium) only to replace it would cost seconds; other components' buffers are not stored
+        with init_empty_weights(include_buffers=name == "transformer"):
+            return constructor(name, config)(config)
     except (TypeError, ValueError, KeyError) as e:
         raise LdmError(f"the {name} config does not describe a model ldm can build ({e})") from None
 
 
-def constructor(name: str):
-    if name in ("unet", "vae"):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        return (UNet2DConditionModel if name == "unet" else AutoencoderKL).from_config
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
-    return lambda config: cls(CLIPTextConfig.from_dict(config))
+TEXT_MODELS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
+               "T5EncoderModel": "T5Config"}
 
 
-def settle_prediction(flag: str | None, r: Recipe, found: detect.Found, path: Path, unet) -> None:
+def constructor(name: str, config: dict):
+    if name in ("unet", "transformer", "vae"):
+        import diffusers
+
+        cls = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"}[name]
+        return getattr(diffusers, cls).from_config
+    import transformers
+
+    # the config names its class; configs without one are SD's: SDXL's second encoder projects
+    default = "CLIPTextModelWithProjection" if name == "text_encoder_2" else "CLIPTextModel"
+    cls = (config.get("architectures") or [default])[0]
+    if cls not in TEXT_MODELS:
+        raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(TEXT_MODELS)} text encoders")
+    return lambda c: getattr(transformers, cls)(getattr(transformers, TEXT_MODELS[cls]).from_dict(c))
+
+
+def settle_prediction(flag: str | None, r: Recipe, found: detect.Found, path: Path, denoiser) -> None:
+    """Epsilon or v, for the noise-prediction families; a flow model predicts a velocity, always."""
+    if r.denoiser != "unet":
+        if flag:
+            raise LdmError(f"--prediction {flag} is for SD1, SD2 and SDXL models; this {r.family} model is a flow model")
+        return
+    unet = denoiser
     chosen, _ = prediction.decide(flag, r, found, path, lambda: prediction.is_v_model(unet))
     prediction.apply(r, chosen)
     unet.register_to_config(sample_size=r.configs["unet"]["sample_size"])
 
 
-def tokenizers(r: Recipe) -> list:
+def tokenizers(r: Recipe, parts: dict) -> list:
+    """One per text encoder; None for an encoder run without (SD3's T5)."""
     try:
-        return [tokenizer(folder, tuple(sorted(overrides.items()))) for folder, overrides in r.tokenizers]
+        return [tokenizer(folder, tuple(sorted(overrides.items()))) if name in parts else None
+                for name, (folder, overrides) in zip(r.text_encoders, r.tokenizers)]
     except (OSError, ValueError) as e:
         raise LdmError(f"cannot load a tokenizer ({str(e).splitlines()[0]}); check the --config folder's tokenizer") from None
 
@@ -104,21 +142,38 @@ def tokenizers(r: Recipe) -> list:
 def tokenizer(folder: Path, overrides: tuple):
     """Reading the 49408-token vocabulary is most of a small model's load; models only call
     their tokenizers, so one process shares them."""
+    config = folder / "tokenizer_config.json"
+    if config.is_file() and read_json(config).get("tokenizer_class", "").startswith("T5"):
+        from transformers import T5TokenizerFast
+
+        return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True, **dict(overrides))
     return load_tokenizer(folder, **dict(overrides))
 
 
-def defaults(checkpoint: tensors.Checkpoint) -> dict:
-    """The steps, cfg and scheduler a file recommends in its metadata (ldm's built-in model does)."""
+def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dict | None = None) -> dict:
+    """The steps, cfg and scheduler a file recommends in its metadata (ldm's built-in model
+    does), over its family's own (SD3's)."""
+    base = {}
+    if r is not None and r.family == "sd3":
+        from ldm_cli.families import sd3
+
+        base = sd3.defaults(turbo(checkpoint), r.configs["scheduler"].get("shift", 3.0), "text_encoder_3" in parts)
     text = checkpoint.metadata.get(DEFAULTS_KEY)
     if text is None:
-        return {}
+        return base
     try:
         data = json.loads(text)
     except ValueError:
         data = None
     if not isinstance(data, dict):
         raise LdmError(f"{checkpoint.name}: its {DEFAULTS_KEY} metadata is not a JSON table; the file is damaged")
-    return data
+    return {**base, **data}
+
+
+def turbo(checkpoint: tensors.Checkpoint) -> bool:
+    """A distilled few-step model, as its ModelSpec metadata says (SD3.5 large turbo's shapes are large's)."""
+    return any("turbo" in value.lower() for key, value in checkpoint.metadata.items()
+               if key.startswith("modelspec.") and isinstance(value, str))
 
 
 def load_vae(path: Path, dtype, config: dict | None = None, allow_pickle: bool = False):
@@ -126,24 +181,16 @@ def load_vae(path: Path, dtype, config: dict | None = None, allow_pickle: bool =
     diffusers layout. A single file has no config: `config` (the replaced VAE's, whose latent
     scaling the model was trained with) describes it, else SD's."""
     path = Path(path).expanduser()
+    config = config or read_json(recipe.config_file(recipe.SHIPPED / "sd1", "vae"))
     if path.is_dir():
-        return vae_folder(path, dtype)
-    if not path.is_file():
-        raise LdmError(f"--vae {str(path)!r} not found; pass a VAE .safetensors file or a diffusers VAE folder")
-    checkpoint = tensors.open_checkpoint(path, allow_pickle)
-    slot = vae_slot(checkpoint)
-    module = empty("vae", config or read_json(recipe.config_file(recipe.SHIPPED / "sd1", "vae")))
+        vae = vae_folder(path, dtype)
+        components.check_channels(path.name, vae.config.latent_channels, config)
+        return vae
+    checkpoint, slot = components.vae_file(path, config, allow_pickle)
+    module = empty("vae", config)
     planned = convert.plan(slot, module, checkpoint)
     with Prefetch(checkpoint, [slot.prefix], dtype, torch.device("cpu")) as reading:
         return convert.fill(module, planned, reading.result())
-
-
-def vae_slot(checkpoint: tensors.Checkpoint) -> keymap.Slot:
-    for prefix in VAE_PREFIXES:
-        if prefix + "encoder.conv_in.weight" in checkpoint.shapes:
-            diffusers = any(k.startswith(prefix + "encoder.down_blocks.") for k in checkpoint.shapes)
-            return keymap.Slot("vae", prefix, "diffusers" if diffusers else "vae")
-    raise LdmError(f"--vae {checkpoint.name} is not a VAE (it has no encoder.conv_in weights)")
 
 
 def vae_folder(path: Path, dtype):

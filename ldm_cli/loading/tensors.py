@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ldm_cli import files
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import safety
 
@@ -31,6 +32,7 @@ class Checkpoint:
     dtypes: dict[str, str]  # safetensors dtype names: F16, F32, BF16, ...
     metadata: dict[str, str] = field(default_factory=dict)
     reader: Callable[[str], Any] | None = None  # key -> the tensor, a view into the file where possible
+    releaser: Callable[[str], None] | None = None  # key -> let go of the file's memory under it
 
     @property
     def name(self) -> str:
@@ -39,6 +41,12 @@ class Checkpoint:
     def get(self, key: str):
         """The tensor at `key`, as a view into the file where possible: copy what you keep."""
         return self.reader(key)
+
+    def release(self, key: str) -> None:
+        """Done with the tensor at `key` (copied): the mapped file's pages under it leave this
+        process's memory, so a load never holds the file and its converted copy at once."""
+        if self.releaser is not None:
+            self.releaser(key)
 
 
 def corrupt(path: Path, why: str) -> LdmError:
@@ -83,6 +91,7 @@ def check_entries(path: Path, header: dict, data_size: int) -> None:
 
 def open_checkpoint(path: Path, allow_pickle: bool = False) -> Checkpoint:
     """A safetensors file (or, with allow_pickle, a torch pickle), judged by its content."""
+    files.check_openable(path)  # every checkpoint file is first opened here
     kind = safety.sniff(path)
     if kind == "pickle":
         if not allow_pickle:
@@ -97,11 +106,13 @@ def open_checkpoint(path: Path, allow_pickle: bool = False) -> Checkpoint:
         raise LdmError(f"{path.name} is neither a safetensors file nor a PyTorch checkpoint; ldm cannot read it")
     header, metadata, data_start = read_header(path)
     return Checkpoint(path, {k: tuple(e["shape"]) for k, e in header.items()},
-                      {k: e["dtype"] for k, e in header.items()}, metadata, _safetensors_reader(path, header, data_start))
+                      {k: e["dtype"] for k, e in header.items()}, metadata,
+                      *_safetensors_reader(path, header, data_start))
 
 
-def _safetensors_reader(path: Path, header: dict, data_start: int) -> Callable[[str], Any]:
-    """key -> a zero-copy view into the mapped file (offsets already checked against its size)."""
+def _safetensors_reader(path: Path, header: dict, data_start: int) -> tuple[Callable[[str], Any], Callable[[str], None]]:
+    """(key -> a zero-copy view into the mapped file (offsets already checked against its size),
+    key -> drop the mapped pages under it)."""
     import mmap
 
     import torch
@@ -117,7 +128,13 @@ def _safetensors_reader(path: Path, header: dict, data_start: int) -> Callable[[
             return torch.empty(entry["shape"], dtype=dtype)
         flat = torch.frombuffer(mapped, dtype=dtype, count=(stop - begin) // dtype.itemsize, offset=data_start + begin)
         return flat.view(entry["shape"])
-    return view
+
+    def release(key: str) -> None:
+        begin, stop = (data_start + offset for offset in header[key]["data_offsets"])
+        start = begin - begin % mmap.PAGESIZE
+        if stop > start and hasattr(mmap, "MADV_DONTNEED"):  # clean private pages: read again if touched
+            mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
+    return view, release
 
 
 def is_float(dtype: str) -> bool:

@@ -1,0 +1,38 @@
+"""How large a job ldm accepts, in one place (the README's "Limits" lists them).
+
+Every value that sizes the work (steps, pixels, images) is capped before anything loads, so a
+typo or a forged PNG cannot tie up the machine for hours or exhaust its memory.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from ldm_cli.errors import LdmError
+
+MAX_SEED = 2**32 - 1  # A1111's seeds are 32-bit
+MAX_STEPS = 1000  # SD's training timesteps; a model trained on fewer is checked again once loaded
+MAX_CFG = 100  # A1111's slider stops at 30 and its API takes more; far beyond, guidance only burns out
+MAX_SIDE = 16384  # pixels on either side
+MAX_PIXELS_ENV = "LDM_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 4096 * 4096  # per image; people with the memory raise it with LDM_MAX_PIXELS
+MAX_IMAGES = 10_000  # per run or prompts-file line: each image's settings are listed up front
+
+# Inclusive (lowest, highest) of the numeric settings; steps and size have their own checks.
+RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
+          "mask_blur": (0, MAX_SIDE), "padding": (0, MAX_SIDE),
+          "shift": (0.01, 100), "max_sequence_length": (1, 512)}  # 512: T5's tokenizer limit
+
+
+def max_pixels() -> int:
+    """The most pixels one image may have: LDM_MAX_PIXELS (16777216 or 4096x4096), else 4096x4096."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = math.prod(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        value = 0
+    if value < 64:
+        raise LdmError(f"{MAX_PIXELS_ENV} must be a number of pixels such as 16777216 or 4096x4096 (got {text!r})")
+    return value

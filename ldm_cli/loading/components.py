@@ -1,0 +1,183 @@
+"""Which file supplies each component of a model: the checkpoint itself, or files of their own
+as ComfyUI users keep them (`--text-encoder FILE`, repeatable, beside `--vae FILE`).
+
+A text-encoder file is recognised by its tensors, never by its name: a CLIP by its layer names
+(Hugging Face's or open_clip's), told L from G by its width (and depth) against the model's
+configs; a T5 by its encoder blocks. Everything here reads headers only, so a wrong file is
+one clear error before any weight is read.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ldm_cli.errors import LdmError
+from ldm_cli.loading import detect, keymap, mmdit, tensors
+from ldm_cli.loading.keymap import Slot
+from ldm_cli.notes import note
+
+if TYPE_CHECKING:
+    from ldm_cli.loading import LoadOptions
+    from ldm_cli.loading.recipe import Recipe
+
+SIGNATURES = keymap.TEXT_SIGNATURES
+LAYERS = {"clip": r"text_model\.encoder\.layers\.(\d+)\.", "openclip": r"transformer\.resblocks\.(\d+)\.",
+          "t5": r"encoder\.block\.(\d+)\."}
+LABELS = {"sd3": {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"},
+          "sdxl": {"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-G"}}
+OPTIONAL = {"text_encoder_3"}  # SD3 runs without T5 (its part of the context is zeros)
+VAE_PREFIXES = ("", keymap.VAE.prefix, "vae.")  # a bare VAE file, or one cut out of a checkpoint
+FILE_NAMES = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5-XXL": "t5xxl_fp16.safetensors"}
+
+
+@dataclass(frozen=True)
+class Source:
+    checkpoint: tensors.Checkpoint
+    slot: Slot  # where in that file the component's weights lie, and in which layout
+
+
+def label(family: str, name: str) -> str:
+    return LABELS.get(family, {}).get(name, name.replace("_", " "))
+
+
+def sources(found: detect.Found, r: Recipe, checkpoint: tensors.Checkpoint, options: LoadOptions) -> dict[str, Source]:
+    """component name -> where its weights are: files given explicitly win over the checkpoint's own."""
+    out = {s.name: Source(checkpoint, s) for s in detect.slots(found) if s == found.denoiser_slot or holds(checkpoint, s)}
+    out.update(text_encoder_files(options.text_encoders, r, options.allow_pickle))
+    if options.vae:
+        out.pop("vae", None)  # replaced: not read from the checkpoint
+        if not Path(options.vae).expanduser().is_dir():  # a folder is checked as it loads
+            vae_file(Path(options.vae).expanduser(), r.configs["vae"], options.allow_pickle)
+    check_complete(r, out, checkpoint, bool(options.vae))
+    return out
+
+
+def text_encoder_files(paths: list[str], r: Recipe, allow_pickle: bool) -> dict[str, Source]:
+    given: dict[str, Source] = {}
+    for path in paths:
+        for name, source in text_encoder_file(Path(path).expanduser(), r, allow_pickle).items():
+            if name in given:
+                raise LdmError(f"two {label(r.family, name)} text encoders given ({given[name].checkpoint.name} and "
+                               f"{source.checkpoint.name}); pass one")
+            given[name] = source
+    return given
+
+
+def holds(checkpoint: tensors.Checkpoint, slot: Slot) -> bool:
+    if slot.kind == "vae":
+        return slot.prefix + "encoder.conv_in.weight" in checkpoint.shapes
+    return slot.prefix + SIGNATURES[layout(slot.kind)] in checkpoint.shapes
+
+
+def layout(kind: str) -> str:
+    """The key layout a slot kind is stored in (SD3's CLIP-L is a Hugging Face CLIP)."""
+    return "clip" if kind == "clip_unprojected" else kind
+
+
+def check_complete(r: Recipe, present: dict[str, Source], checkpoint: tensors.Checkpoint, vae_given: bool) -> None:
+    if "vae" not in present and not vae_given:
+        raise LdmError(f"{checkpoint.name} has no VAE; pass one with --vae (the model's own VAE file)")
+    for name in r.text_encoders:
+        if name in present:
+            continue
+        what = label(r.family, name)
+        if name not in OPTIONAL:
+            example = f" (e.g. {FILE_NAMES[what]})" if what in FILE_NAMES else ""
+            raise LdmError(f"{checkpoint.name} has no {what} text encoder; pass its file with --text-encoder{example}")
+
+
+def note_missing(r: Recipe, present: dict[str, Source], checkpoint: tensors.Checkpoint) -> None:
+    """Once the model has loaded: which optional part it runs without."""
+    for name in r.text_encoders:
+        if name not in present:
+            note(f"no {label(r.family, name)} text encoder in {checkpoint.name} or given with --text-encoder; "
+                 "running without it (as --no-t5 does)")
+
+
+def vae_file(path: Path, config: dict, allow_pickle: bool) -> tuple[tensors.Checkpoint, Slot]:
+    """A --vae file, and where its weights lie; its latent channels checked against the model's."""
+    if not path.exists():
+        raise LdmError(f"--vae {str(path)!r} not found; pass a VAE .safetensors file or a diffusers VAE folder")
+    checkpoint = tensors.open_checkpoint(path, allow_pickle)
+    for prefix in VAE_PREFIXES:
+        if prefix + "encoder.conv_in.weight" in checkpoint.shapes:
+            diffusers = any(k.startswith(prefix + "encoder.down_blocks.") for k in checkpoint.shapes)
+            slot = Slot("vae", prefix, "diffusers" if diffusers else "vae")
+            check_channels(path.name, checkpoint.shapes.get(prefix + "decoder.conv_in.weight", (0, None))[1], config)
+            return checkpoint, slot
+    raise LdmError(f"--vae {checkpoint.name} is not a VAE (it has no encoder.conv_in weights)")
+
+
+def check_channels(name: str, channels: int | None, config: dict) -> None:
+    """A VAE's latents must be the model's: SD's 4 channels do not fit SD3's 16."""
+    wanted = config.get("latent_channels", 4)
+    if channels is not None and channels != wanted:
+        raise LdmError(f"--vae {name} is a {channels}-channel VAE, but this model works in {wanted}-channel latents; "
+                       "pass a VAE of the model's own family")
+
+
+def text_encoder_file(path: Path, r: Recipe, allow_pickle: bool) -> dict[str, Source]:
+    """The text encoders one --text-encoder file holds, each matched to the model's slot."""
+    if not path.exists():
+        raise LdmError(f"--text-encoder {str(path)!r} not found; pass a text encoder .safetensors file")
+    checkpoint = tensors.open_checkpoint(path, allow_pickle)
+    refuse_non_encoders(checkpoint)
+    found = encoders_in(checkpoint)
+    if not found:
+        raise LdmError(f"--text-encoder {checkpoint.name} holds no text encoder ldm recognises "
+                       "(a CLIP or T5 encoder in Hugging Face or open_clip layout)")
+    out = {}
+    for kind, prefix in found:
+        slot = matching_slot(checkpoint, kind, prefix, r)
+        if slot.name in out:
+            raise LdmError(f"--text-encoder {checkpoint.name} holds two {label(r.family, slot.name)} text encoders; pass one")
+        out[slot.name] = Source(checkpoint, slot)
+    return out
+
+
+def refuse_non_encoders(checkpoint: tensors.Checkpoint) -> None:
+    keys = checkpoint.shapes
+    if mmdit.prefix_of(keys) is not None or any(k.startswith(keymap.UNET.prefix) for k in keys):
+        raise LdmError(f"--text-encoder {checkpoint.name} is a whole model checkpoint, not a text encoder; "
+                       "pass it with --model")
+    if any("lora" in k.lower() for k in list(keys)[:50]):
+        raise LdmError(f"--text-encoder {checkpoint.name} is a LoRA, not a text encoder")
+    if "encoder.conv_in.weight" in keys or keymap.VAE.prefix + "encoder.conv_in.weight" in keys:
+        raise LdmError(f"--text-encoder {checkpoint.name} is a VAE, not a text encoder; pass it with --vae")
+    if any(k.endswith((".scale_weight", "scaled_fp8")) for k in keys):
+        raise LdmError(f"--text-encoder {checkpoint.name} holds scaled float8 weights, which ldm does not read; "
+                       "use the encoder's fp16 or plain fp8_e4m3fn file")
+
+
+def encoders_in(checkpoint: tensors.Checkpoint) -> list[tuple[str, str]]:
+    """(layout, prefix) of every text encoder in the file."""
+    return [(kind, key[:-len(signature)]) for key in checkpoint.shapes
+            for kind, signature in SIGNATURES.items() if key.endswith(signature)]
+
+
+def matching_slot(checkpoint: tensors.Checkpoint, kind: str, prefix: str, r: Recipe) -> Slot:
+    """The model's text-encoder slot this encoder fills: T5 the T5; a CLIP the one of its width
+    (and, between two of one width, its depth)."""
+    width, depth = checkpoint.shapes[prefix + SIGNATURES[kind]][-1], layer_count(checkpoint, kind, prefix)
+    slots = [s for s in keymap.LAYOUTS[r.family] if s.kind in keymap.TEXT_KINDS and (s.kind == "t5") == (kind == "t5")]
+    fits = [s for s in slots if text_width(r.configs[s.name]) == width]
+    if len(fits) > 1:
+        fits = [s for s in fits if r.configs[s.name].get("num_hidden_layers", r.configs[s.name].get("num_layers")) == depth]
+    if len(fits) != 1:
+        wanted = ", ".join(f"{label(r.family, s.name)} ({text_width(r.configs[s.name])} wide)" for s in slots) or "none"
+        raise LdmError(f"--text-encoder {checkpoint.name} holds a {'T5' if kind == 't5' else 'CLIP'} text encoder "
+                       f"{width} wide with {depth} layers, which this {r.family} model does not use; it takes: {wanted}")
+    slot = fits[0]
+    # SD3's CLIP-L stays unprojected whatever the file's layout calls it
+    return Slot(slot.name, prefix, slot.kind if kind == layout(slot.kind) else kind)
+
+
+def text_width(config: dict) -> int | None:
+    return config.get("hidden_size", config.get("d_model"))
+
+
+def layer_count(checkpoint: tensors.Checkpoint, kind: str, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + LAYERS[kind])
+    return 1 + max(int(m[1]) for k in checkpoint.shapes if (m := pattern.match(k)))

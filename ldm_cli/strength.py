@@ -1,0 +1,40 @@
+"""Denoising strength, shared by img2img and inpainting: which of the schedule's steps run, and
+the image latents noised to the first of them."""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from ldm_cli import pipeline, sampling
+from ldm_cli.settings import Settings
+
+
+def steps_run(s: Settings, flow: bool = False) -> int:
+    """How many of the settings' steps strength keeps (strength 0.75 of 40 runs 30). diffusers'
+    flow-matching pipelines round the other way: they skip int(steps - steps * strength)."""
+    if flow:
+        return s.steps - int(max(s.steps - s.steps * s.strength, 0))
+    return min(int(s.steps * s.strength), s.steps)
+
+
+def strength_timesteps(scheduler, s: Settings, flow: bool = False) -> torch.Tensor:
+    """The last steps_run(s) steps of the schedule; the scheduler is told to start there."""
+    start = (s.steps - steps_run(s, flow)) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def add_noise(model, group: list[Settings], scheduler, latents: torch.Tensor,
+              generators: list[torch.Generator], timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents noised to the first kept timestep, the noise); unchanged latents when no step is kept."""
+    noise = pipeline.initial_noise(model, group, generators)
+    if len(timesteps):
+        latents = sampling.add_noise(scheduler, latents, noise, timesteps[:1].repeat(len(latents)))
+    return latents, noise
+
+
+def check_inputs(model, group: list[Settings], init_images: list[Image.Image]) -> None:
+    pipeline.check_inputs(model, group)
+    if group[0].strength is None or len(init_images) != len(group):
+        raise ValueError("img2img needs a strength and one init image per settings")
