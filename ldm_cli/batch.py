@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from ldm_cli import claims, images, render
+from ldm_cli.errors import LdmError
 from ldm_cli.manifest import Manifest
 from ldm_cli.prompts_file import Job
 from ldm_cli.settings import Settings
@@ -153,17 +154,38 @@ def render_model(source: str | None, group: list[Task], manifest: Manifest, opti
                  progress: FileProgress) -> Iterator[render.Result]:
     """Load one model and render `group`, which all use it, in shared batches. Images that
     another run sharing the folder has claimed are left to it, and waited for at the end."""
-    from ldm_cli import commands, loading
+    from ldm_cli import loading
+    from ldm_cli.networks import session
 
     model = loading.load(source, options.load)
-    pending = [(task, commands.resolved(task.settings, model)) for task in group]
+    session.attach(model, options.networks, source)
+    pending = [(task, line_resolved(task, model)) for task in group]
     while pending:
         theirs = []
-        for batch in render.batches(neighbours(pending, batch_key), options.batch_size, key=batch_key):
+        for batch in render.batches(by_lora_set(pending), options.batch_size, key=batch_key):
             with claimed(batch, manifest, options.out) as (mine, held):
                 theirs += held
                 yield from render_batch(model, mine, manifest, options, progress)
         pending = left_after_waiting(theirs, manifest, options)
+
+
+def line_resolved(task: Task, model) -> Settings:
+    """The task's settings completed for the loaded model; an error (a LoRA or an embedding
+    that does not fit this model) names the line, and comes before any image of the model."""
+    from ldm_cli import commands
+
+    try:
+        return commands.resolved(task.settings, model)
+    except LdmError as e:
+        raise LdmError(f"line {task.job.line}: {e}") from None
+
+
+def by_lora_set(pending: list[tuple[Task, Settings]]) -> list[tuple[Task, Settings]]:
+    """Images grouped by their LoRA set first, then by what can share a batch, so each set is
+    merged into the model once."""
+    from ldm_cli.networks import session
+
+    return neighbours(neighbours(pending, batch_key), key=lambda item: session.lora_key(item[1].prompt))
 
 
 def render_batch(model, batch: list[tuple[Task, Settings]], manifest: Manifest, options,

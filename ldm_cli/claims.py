@@ -3,10 +3,11 @@ image's claim, so runs sharing an output folder split the work and never render 
 
 A claim is an exclusive flock on `OUT/.ldm-claim-<hash>.lock`, the hash of what makes the image.
 The kernel drops a process's locks when it ends, however it ends, so a killed run's claims are
-free at once and nothing stale needs clearing. The holder removes the file while still holding
-it, and a claimer checks after locking that the file it locked is still the one at that path,
-so a removed file is never mistaken for a claim. A claim is no record: whoever takes one still
-asks the manifest, as the image may have been finished just before.
+free at once; the files it leaves are removed by the next run (remove_free). The holder removes
+the file while still holding it, and a claimer checks after locking that the file it locked is
+still the one at that path, so a removed file is never mistaken for a claim. A claim is no
+record: whoever takes one still asks the manifest, as the image may have been finished just
+before.
 """
 from __future__ import annotations
 

@@ -84,12 +84,17 @@ Cfg = Annotated[Optional[float], typer.Option(help="Classifier-free guidance sca
 Seed = Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i [default: random].")]
 NumImages = Annotated[int, typer.Option("--num-images", "-n", help="How many images.")]
 BatchSize = Annotated[int, typer.Option(help="Images denoised together.")]
-Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width, a multiple of 8 (16 for SD3) [default: the model's native size].")]
-Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height, a multiple of 8 (16 for SD3) [default: the model's native size].")]
+Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width, a multiple of 8 (16 for SD3 and FLUX) [default: the model's native size].")]
+Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height, a multiple of 8 (16 for SD3 and FLUX) [default: the model's native size].")]
 Scheduler = Annotated[Optional[str], typer.Option(help="Sampler: a name from `ldm schedulers` or an A1111 label [default: dpmpp_2m].")]
 Schedule = Annotated[Optional[str], typer.Option(help="Sigma schedule: karras, exponential, beta or default [default: karras].")]
-Shift = Annotated[Optional[float], typer.Option(help="Timestep shift of a flow-matching model (SD3) [default: the model's, 3 for SD3].")]
-MaxSequenceLength = Annotated[Optional[int], typer.Option(help="T5 tokens of the prompt (SD3); longer prompts are cut [default: 256].")]
+Shift = Annotated[Optional[float], typer.Option(help="Timestep shift of a flow-matching model (SD3, FLUX) [default: the model's: 3 for SD3, "
+                                                     "1 for FLUX schnell, from the image's size for FLUX dev].")]
+MaxSequenceLength = Annotated[Optional[int], typer.Option(help="T5 tokens of the prompt (SD3, FLUX); longer prompts are cut [default: 256 for SD3, 512 for FLUX].")]
+Guidance = Annotated[Optional[float], typer.Option(help="Distilled guidance of a guidance-distilled model (FLUX dev), an input of "
+                                                        "the model rather than --cfg's second pass [default: 3.5].")]
+ClipSkip = Annotated[Optional[int], typer.Option(help="SD1: use the text encoder's states N-1 layers before its last (A1111's Clip skip, 1-12) [default: 1].")]
+Rng = Annotated[Optional[str], typer.Option(help="Starting noise: cpu (torch's CPU generator) or nv (CUDA's, as A1111 draws it by default) [default: cpu].")]
 NoT5 = Annotated[Optional[bool], typer.Option("--no-t5", help="Run SD3 without its T5 text encoder (zeros in its place) [default: when the model has no T5].")]
 ModelPath = Annotated[Optional[str], typer.Option("--model", "-m", help="A .safetensors checkpoint or a diffusers folder [default: the built-in model].")]
 Vae = Annotated[Optional[str], typer.Option(help="A VAE file or folder replacing the model's own.")]
@@ -104,9 +109,25 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 Dtype = Annotated[str, typer.Option(help="auto, fp16, bf16 or fp32 [auto: fp16 on GPUs, fp32 on CPU].")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the denoiser (CUDA graphs on GPUs): the first run of an "
                                        "image size compiles for a minute or more; later runs reuse the code cached in ~/.cache/ldm/compile.")]
+Offload = Annotated[str, typer.Option(help="Keep weights in CPU memory: none; model (one component on the GPU at a time); "
+                                          "sequential (the denoiser streamed layer by layer: least memory, slowest).")]
+Weights = Annotated[Optional[str], typer.Option(help="fp8: keep the denoiser's and T5's weights in float8 on the GPU, "
+                                                     "computed in bf16 (half the memory) [default: the model's dtype].")]
+VaeTiling = Annotated[bool, typer.Option("--vae-tiling", help="Decode (and encode) in tiles, for large images "
+                                                              "[default: on only when a decode would not fit].")]
 AsJson = Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 FromPng = Annotated[Optional[Path], typer.Option("--from-png", help="Re-run an image's recorded settings; flags override them.")]
+Lora = Annotated[Optional[list[str]], typer.Option(
+    "--lora", metavar="FILE[:W]", help="A LoRA file applied at weight W (default 1), written into the prompt as "
+                                       "<lora:NAME:W>; repeatable.")]
+LoraDir = Annotated[Optional[list[str]], typer.Option(
+    "--lora-dir", metavar="DIR", help="A folder searched (recursively, by file name) for the prompt's <lora:NAME:W>; "
+                                      "repeatable [default: 'loras' beside the model, and $LDM_LORA_DIR].")]
+EmbeddingsDir = Annotated[Optional[list[str]], typer.Option(
+    "--embeddings-dir", metavar="DIR", help="A folder of textual-inversion embeddings, each used where its file "
+                                            "name is a word of the prompt; repeatable [default: 'embeddings' beside "
+                                            "the model, and $LDM_EMBEDDINGS_DIR].")]
 
 # Options of the commands that start from an image.
 InitImage = Annotated[Path, typer.Argument(help="The starting image, at least 8 pixels a side; transparent parts read as white.")]
@@ -118,13 +139,19 @@ Padding = Annotated[Optional[int], typer.Option(min=0, help="Pixels of context a
 Margin = Annotated[int, typer.Option(min=0, help="Pixels to add on this side.")]
 
 
-def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_flags: dict):
+def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_flags: dict,
+                network_flags: dict | None = None):
     from ldm_cli.commands import RunOptions
     from ldm_cli.loading import LoadOptions
+    from ldm_cli.networks.lookup import NetworkOptions
 
     flags = {k: v for k, v in model_flags.items() if k != "text_encoder"}
+    given = {k: list(v or []) for k, v in (network_flags or {}).items()}
+    networks = NetworkOptions(given.get("lora", []), given.get("lora_dir", []), given.get("embeddings_dir", []),
+                              bool(model_flags.get("allow_pickle")))
     return RunOptions(num_images=num_images, batch_size=batch_size, out=out, quiet=quiet,
-                      load=LoadOptions(**flags, text_encoders=list(model_flags.get("text_encoder") or [])))
+                      load=LoadOptions(**flags, text_encoders=list(model_flags.get("text_encoder") or [])),
+                      networks=networks)
 
 
 def print_results(results, as_json: bool) -> None:
@@ -141,14 +168,19 @@ RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annota
     ("negative", Negative, None), ("steps", Steps, None), ("cfg", Cfg, None), ("seed", Seed, None),
     ("num_images", NumImages, 1), ("batch_size", BatchSize, 1), ("width", Width, None), ("height", Height, None),
     ("scheduler", Scheduler, None), ("schedule", Schedule, None), ("shift", Shift, None),
-    ("max_sequence_length", MaxSequenceLength, None), ("no_t5", NoT5, None), ("model", ModelPath, None),
+    ("max_sequence_length", MaxSequenceLength, None), ("no_t5", NoT5, None), ("guidance", Guidance, None),
+    ("clip_skip", ClipSkip, None), ("rng", Rng, None), ("model", ModelPath, None),
     ("vae", Vae, None), ("text_encoder", TextEncoder, None), ("config", Config, None), ("prediction", Prediction, None),
     ("allow_pickle", AllowPickle, False), ("out", Out, Path("outputs")), ("device", Device, "auto"),
-    ("dtype", Dtype, "auto"), ("compile", Compile, False), ("as_json", AsJson, False), ("quiet", Quiet, False),
-    ("from_png", FromPng, None))]
+    ("dtype", Dtype, "auto"), ("compile", Compile, False), ("offload", Offload, "none"), ("weights", Weights, None),
+    ("vae_tiling", VaeTiling, False), ("as_json", AsJson, False), ("quiet", Quiet, False),
+    ("from_png", FromPng, None), ("lora", Lora, None), ("lora_dir", LoraDir, None),
+    ("embeddings_dir", EmbeddingsDir, None))]
 SETTINGS_FLAGS = ("negative", "steps", "cfg", "seed", "width", "height", "scheduler", "schedule", "shift",
-                  "max_sequence_length", "no_t5", "model")
-LOAD_FLAGS = ("vae", "text_encoder", "config", "prediction", "allow_pickle", "device", "dtype", "compile")
+                  "max_sequence_length", "no_t5", "guidance", "clip_skip", "rng", "model")
+LOAD_FLAGS = ("vae", "text_encoder", "config", "prediction", "allow_pickle", "device", "dtype", "compile", "offload",
+              "weights", "vae_tiling")
+NETWORK_FLAGS = ("lora", "lora_dir", "embeddings_dir")
 
 
 class RenderFlags(dict):
@@ -164,7 +196,7 @@ class RenderFlags(dict):
 
     def run_options(self):
         return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
-                           {k: self[k] for k in LOAD_FLAGS})
+                           {k: self[k] for k in LOAD_FLAGS}, {k: self[k] for k in NETWORK_FLAGS})
 
     def print(self, results) -> None:
         print_results(results, self["as_json"])
@@ -211,6 +243,7 @@ def info(
     else:
         width = max(map(len, data))
         for key, value in data.items():
+            value = [f"{k} {v}" for k, v in value.items()] if isinstance(value, dict) else value  # storage
             shown = ", ".join(value) or "-" if isinstance(value, list) else value
             print(f"{key.replace('_', ' '):<{width}}  {shown}")
 
@@ -224,9 +257,10 @@ def list_schedulers() -> None:
     for spec in schedulers.SCHEDULERS.values():
         options = [s for s in schedulers.SCHEDULES if schedulers.supports(spec.name, s)]
         print(f"{spec.name:<14}{spec.label:<16}{', '.join(['default', *options])}")
-    print("\nflow-matching models (SD3) take:")
+    print("\nflow-matching models (SD3, FLUX) take:")
     for spec in schedulers.FLOW_SCHEDULERS.values():
-        print(f"{spec.name:<14}{spec.label:<16}{', '.join(['default', *spec.schedules])}")
+        only = "  (not FLUX: it cannot take FLUX's sigma schedule)" if spec.shift_only else ""
+        print(f"{spec.name:<14}{spec.label:<16}{', '.join(['default', *spec.schedules])}{only}")
 
 
 @app.command()
@@ -286,11 +320,13 @@ def batch(
                                                 "--batch_size, which is A1111's: images per line.")] = 1,
     width: Width = None, height: Height = None,
     scheduler: Scheduler = None, schedule: Schedule = None, shift: Shift = None,
-    max_sequence_length: MaxSequenceLength = None, no_t5: NoT5 = None, model: ModelPath = None,
+    max_sequence_length: MaxSequenceLength = None, no_t5: NoT5 = None, guidance: Guidance = None,
+    clip_skip: ClipSkip = None, rng: Rng = None, model: ModelPath = None,
     vae: Vae = None, text_encoder: TextEncoder = None, config: Config = None, prediction: Prediction = None,
-    allow_pickle: AllowPickle = False,
+    allow_pickle: AllowPickle = False, lora: Lora = None, lora_dir: LoraDir = None, embeddings_dir: EmbeddingsDir = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder, with the manifest [default: outputs/<FILE's name>].")] = None,
-    device: Device = "auto", dtype: Dtype = "auto", compile: Compile = False,
+    device: Device = "auto", dtype: Dtype = "auto", compile: Compile = False, offload: Offload = "none",
+    weights: Weights = None, vae_tiling: VaeTiling = False,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet per line of several images, in OUT/grids.")] = False,
     as_json: AsJson = False, quiet: Quiet = False,
 ) -> None:
@@ -301,10 +337,10 @@ def batch(
 
     defaults = Settings(negative=negative or "", steps=steps, cfg=cfg, seed=seed, width=width, height=height,
                         scheduler=scheduler, schedule=schedule, shift=shift, max_sequence_length=max_sequence_length,
-                        no_t5=no_t5, model=model)
+                        no_t5=no_t5, guidance=guidance, clip_skip=clip_skip, rng=rng, model=model)
     options = run_options(num_images, batch_size, out or Path("outputs") / file.stem, quiet, dict(
         vae=vae, text_encoder=text_encoder, config=config, prediction=prediction, allow_pickle=allow_pickle,
-        device=device, dtype=dtype, compile=compile))
+        device=device, dtype=dtype, compile=compile, offload=offload, weights=weights, vae_tiling=vae_tiling), dict(lora=lora, lora_dir=lora_dir, embeddings_dir=embeddings_dir))
     print_results(commands.batch(file, defaults, options, grid), as_json)
 
 

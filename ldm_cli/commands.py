@@ -11,6 +11,7 @@ from ldm_cli import files, images, render
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_IMAGES
 from ldm_cli.loading import LoadOptions
+from ldm_cli.networks.lookup import NetworkOptions
 from ldm_cli.notes import note
 from ldm_cli.settings import Settings, check_seed_room
 
@@ -23,6 +24,7 @@ class RunOptions:
     out: Path = Path("outputs")
     quiet: bool = False
     load: LoadOptions = field(default_factory=LoadOptions)
+    networks: NetworkOptions = field(default_factory=NetworkOptions)  # where LoRAs and embeddings are
 
     def validate(self) -> None:
         if not 1 <= self.num_images <= MAX_IMAGES:  # every image's settings are listed up front
@@ -47,11 +49,25 @@ def base_settings(flags: Settings, from_png: Path | None) -> Settings:
 
 
 def load_model(settings: Settings, options: RunOptions):
+    """The model, with its LoRAs and embeddings session; the LoRAs the prompt names are found
+    before it loads."""
     from ldm_cli import loading
+    from ldm_cli.networks import lookup, session
 
     if settings.seed is not None:  # checked before the load, like every other setting
         check_seed_room(settings.seed, options.num_images)
-    return loading.load(settings.model, options.load)
+    lookup.check_folders(options.networks)
+    session.check(settings, options.networks)
+    model = loading.load(settings.model, options.load)
+    session.attach(model, options.networks, settings.model)
+    return model
+
+
+def with_lora_flags(settings: Settings, options: RunOptions) -> Settings:
+    """The prompt with a `<lora:NAME:W>` tag for each --lora FILE[:W] it does not name already."""
+    from ldm_cli.networks import tags
+
+    return settings.merged(prompt=tags.with_flag_loras(settings.prompt, options.networks.lora_files))
 
 
 def resolved(settings: Settings, model) -> Settings:
@@ -59,7 +75,20 @@ def resolved(settings: Settings, model) -> Settings:
     out.model_name, out.model_hash = model.name, model.hash
     out.model = model.path
     out.modules = ", ".join(model.modules) or None
+    _check_negative_used(out)
+    if model.networks is not None:  # the LoRAs and embeddings fit the model; their hashes recorded
+        out = model.networks.resolve(out)
     return out
+
+
+def _check_negative_used(s: Settings) -> None:
+    """At --cfg 1 no negative pass runs (FLUX's default: dev steers by --guidance instead)."""
+    from ldm_cli import conditioning
+    from ldm_cli.notes import note_once
+
+    if s.negative and not conditioning.uses_negative(s):
+        note_once("the negative prompt is unused at --cfg 1, which runs no negative pass; "
+                  "give --cfg above 1 for real classifier-free guidance")
 
 
 def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]:
@@ -68,6 +97,7 @@ def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]
 
     options.validate()
     images.check_writable(options.out)
+    settings = with_lora_flags(settings, options)
     model = load_model(settings, options)
     s = resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
@@ -126,6 +156,7 @@ def _run(settings: Settings, options: RunOptions, make) -> Iterator[render.Resul
     from ldm_cli.progress import Progress
 
     images.check_writable(options.out)
+    settings = with_lora_flags(settings, options)
     model = load_model(settings, options)
     s = resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
@@ -210,6 +241,7 @@ def batch(path: Path, defaults: Settings, options: RunOptions, grid: bool = Fals
     yet; `defaults` fill what a line leaves out. Yields each image as it is saved."""
     from ldm_cli import batch as batching
     from ldm_cli import prompts_file
+    from ldm_cli.networks import lookup
 
     options.validate()
     if defaults.model:
@@ -218,6 +250,16 @@ def batch(path: Path, defaults: Settings, options: RunOptions, grid: bool = Fals
             raise LdmError(f"model not found: {str(model)!r}; pass a .safetensors file or a diffusers folder with --model")
         defaults = defaults.merged(model=str(model))
     defaults.validate()
-    jobs = prompts_file.read(path, defaults, options.num_images)
+    lookup.check_folders(options.networks)
+    jobs = prompts_file.read(path, defaults, options.num_images, lambda s: _line_networks(s, options))
     images.check_writable(options.out)
     yield from batching.run(jobs, options, path.stem if grid else None)
+
+
+def _line_networks(settings: Settings, options: RunOptions) -> Settings:
+    """A prompts-file line's --lora tags added and its LoRAs found, before any model loads."""
+    from ldm_cli.networks import session
+
+    settings = with_lora_flags(settings, options)
+    session.check(settings, options.networks)
+    return settings

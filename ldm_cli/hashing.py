@@ -1,7 +1,9 @@
 """A1111's short model hash (first 10 hex digits of the file's sha256), cached.
 
 Hashing a 2-7 GB checkpoint takes seconds, and a CLI loads on every run, so the digest is kept
-in a small cache keyed by path, size and modification time.
+in a small cache keyed by path, size and modification time. The same cache serves the digest
+A1111 gives LoRA files: the sha256 of a safetensors file's tensor data, after its header (kohya's
+"addnet" hash), which stays the same when only the metadata is edited.
 """
 from __future__ import annotations
 
@@ -17,25 +19,33 @@ def cache_file() -> Path:
     return cache_root() / "hashes.json"
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, after_header: bool = False) -> str:
+    """The file's sha256; `after_header`: of a safetensors file's bytes after its header."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if after_header:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def short_hash(path: Path) -> str:
+    return cached_sha256(path)[:10]
+
+
+def cached_sha256(path: Path, after_header: bool = False) -> str:
+    """sha256_file, kept in the cache by path, size and modification time."""
     path = Path(path).resolve()
     stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}" + ("|after-header" if after_header else "")
     cache = cache_file()
     try:
         table = json.loads(cache.read_text())
     except (OSError, ValueError):
         table = {}
     if key not in table:
-        table[key] = sha256_file(path)
+        table[key] = sha256_file(path, after_header)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -43,4 +53,4 @@ def short_hash(path: Path) -> str:
             os.replace(tmp, cache)
         except OSError:
             pass  # a read-only home only costs the next run a re-hash
-    return table[key][:10]
+    return table[key]

@@ -21,7 +21,8 @@ MAX_IMAGES = 10_000  # per run or prompts-file line: each image's settings are l
 # Inclusive (lowest, highest) of the numeric settings; steps and size have their own checks.
 RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
           "mask_blur": (0, MAX_SIDE), "padding": (0, MAX_SIDE),
-          "shift": (0.01, 100), "max_sequence_length": (1, 512)}  # 512: T5's tokenizer limit
+          "shift": (0.01, 100), "max_sequence_length": (1, 512),  # 512: T5's tokenizer limit
+          "guidance": (0, MAX_CFG), "clip_skip": (1, 12)}  # 12: CLIP-L's layers, A1111's slider
 
 
 def max_pixels() -> int:

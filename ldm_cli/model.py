@@ -12,7 +12,7 @@ from ldm_cli.families import Family
 @dataclass
 class Model:
     family: Family
-    denoiser: torch.nn.Module  # UNet2DConditionModel, or a DiT (SD3Transformer2DModel)
+    denoiser: torch.nn.Module  # UNet2DConditionModel, or a DiT (SD3Transformer2DModel, FluxTransformer2DModel)
     vae: torch.nn.Module  # AutoencoderKL
     text_encoders: list[torch.nn.Module | None]  # None: a part run without (SD3's T5)
     tokenizers: list[Any]
@@ -23,14 +23,21 @@ class Model:
     defaults: dict[str, Any] = field(default_factory=dict)  # recommended steps, cfg, scheduler
     options: dict[str, Any] = field(default_factory=dict)  # family switches (e.g. SDXL's zeroed empty negative)
     modules: list[str] = field(default_factory=list)  # parts given as separate files: Forge's "Module N"
+    embeddings: Any = None  # textual inversion: a clip_text.EmbeddingLookup read as prompts are tokenized
+    networks: Any = None  # its LoRAs and embeddings for the run (networks.session.Session)
+    # where and in what dtype it computes, when its weights are kept elsewhere or in another
+    # dtype (memory.py: offloaded to the CPU, stored in float8); None: where its weights are
+    run_device: torch.device | None = None
+    run_dtype: torch.dtype | None = None
 
     @property
     def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
+        return self.run_device or next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
+        """The compute dtype: the first floating-point weight's (GGUF keeps quantized ones as bytes)."""
+        return self.run_dtype or next(p.dtype for p in self.denoiser.parameters() if p.is_floating_point())
 
     @property
     def vae_scale_factor(self) -> int:
@@ -38,8 +45,10 @@ class Model:
 
     @property
     def size_multiple(self) -> int:
-        """Width and height must be multiples of this: the VAE's factor times a DiT's patch size."""
-        return self.vae_scale_factor * (getattr(self.denoiser.config, "patch_size", None) or 1)
+        """Width and height must be multiples of this: the VAE's factor times a DiT's patch size
+        (the family's, when its denoiser packs patches its config does not show: FLUX)."""
+        patch = self.family.patch_size or getattr(self.denoiser.config, "patch_size", None) or 1
+        return self.vae_scale_factor * patch
 
     @property
     def latent_channels(self) -> int:
@@ -47,7 +56,7 @@ class Model:
 
     @property
     def native_size(self) -> tuple[int, int]:
-        size = self.denoiser.config.sample_size
+        size = getattr(self.denoiser.config, "sample_size", None) or self.family.sample_size
         h, w = (size, size) if isinstance(size, int) else size
         return w * self.vae_scale_factor, h * self.vae_scale_factor
 

@@ -7,3 +7,13 @@ import sys
 
 def note(message: str) -> None:
     print(f"ldm: {message}", file=sys.stderr, flush=True)
+
+
+_said: set[str] = set()
+
+
+def note_once(message: str) -> None:
+    """note(), once per process: for what every line of a prompts file would repeat."""
+    if message not in _said:
+        _said.add(message)
+        note(message)

@@ -12,17 +12,20 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm_cli import sampling, schedulers, vae
+from ldm_cli import memory, sampling, schedulers, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
 BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule", "strength", "shift",
-                "max_sequence_length", "no_t5")
+                "max_sequence_length", "no_t5", "guidance")
 
 
 def batch_key(s: Settings) -> tuple:
-    """Settings with equal keys can be denoised together in one batch (strength sets the timesteps)."""
-    return tuple(getattr(s, f) for f in BATCH_FIELDS)
+    """Settings with equal keys can be denoised together in one batch (strength sets the timesteps;
+    the LoRAs a prompt names are merged into the model for its whole batch)."""
+    from ldm_cli.networks import session
+
+    return (*(getattr(s, f) for f in BATCH_FIELDS), session.lora_key(s.prompt))
 
 
 def check_inputs(model, group: list[Settings]) -> None:
@@ -34,7 +37,7 @@ def check_inputs(model, group: list[Settings]) -> None:
         if value % factor:
             raise LdmError(f"--{side} must be a multiple of {factor} for this model (got {value}); "
                            f"try {max(factor, round(value / factor) * factor)}")
-    schedulers.check_for_model(group[0].scheduler, group[0].schedule, model.family.flow)
+    schedulers.check_for_model(group[0].scheduler, group[0].schedule, model.family.flow, model.family)
 
 
 def generators_for(group: list[Settings]) -> list[torch.Generator]:
@@ -42,29 +45,41 @@ def generators_for(group: list[Settings]) -> list[torch.Generator]:
 
 
 def encode_prompts(model, group: list[Settings]):
-    """(positive, negative) conditioning; no negative pass at cfg 1."""
+    """(positive, negative) conditioning; no negative pass at cfg 1. The group's LoRAs are
+    merged into the model first (its text encoders' layers too)."""
+    from ldm_cli import conditioning
+
     s = group[0]
-    positive = model.family.encode(model, [g.prompt for g in group], s, False)
-    negative = None
-    if sampling.uses_negative(s.cfg):
-        negative = model.family.encode(model, [g.negative for g in group], s, True)
-    return positive, negative
+    if model.networks is not None:
+        model.networks.activate(s.prompt)
+    encoded = conditioning.encode(model, group)  # A1111's prompt syntax: weights, AND, prompt editing
+    memory.release_text_encoders(model)  # off the GPU where offloaded: the denoiser takes its place
+    return encoded
 
 
 def make_scheduler(model, group: list[Settings]):
     s = group[0]
     scheduler = schedulers.build(s.scheduler, s.schedule, model.scheduler_config, [g.seed for g in group],
                                  flow=model.family.flow, shift=s.shift)
-    scheduler.set_timesteps(s.steps, device=model.device)
+    tokens = (s.height // model.size_multiple) * (s.width // model.size_multiple)  # a size-dependent shift's input
+    schedulers.set_timesteps(scheduler, s.steps, model.device, model.scheduler_config, tokens, model.family.sigmas)
     return scheduler
 
 
 def initial_noise(model, group: list[Settings], generators: list[torch.Generator]) -> torch.Tensor:
+    """Each image's starting noise from its seed: its CPU generator's (`--rng cpu`), or CUDA's
+    Philox numbers as A1111 draws them (`--rng nv`), which leaves the generator untouched."""
     from diffusers.utils.torch_utils import randn_tensor
+
+    from ldm_cli import philox
 
     s, f = group[0], model.vae_scale_factor
     shape = (len(group), model.latent_channels, s.height // f, s.width // f)
-    return randn_tensor(shape, generator=generators, device=model.device, dtype=model.dtype)
+    if all(g.rng != "nv" for g in group):
+        return randn_tensor(shape, generator=generators, device=model.device, dtype=model.dtype)
+    return torch.cat([philox.randn(g.seed, shape[1:])[None].to(model.device, model.dtype) if g.rng == "nv"
+                      else randn_tensor((1, *shape[1:]), generator=[gen], device=model.device, dtype=model.dtype)
+                      for g, gen in zip(group, generators)])
 
 
 def text_to_image(model, group: list[Settings], on_step: Callable[[], None] | None = None) -> list[Image.Image]:

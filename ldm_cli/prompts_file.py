@@ -17,7 +17,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_IMAGES
@@ -42,6 +42,10 @@ KEYS: dict[str, Key] = {
     "mask_blur": Key(int, "mask_blur"), "only_masked": Key(bool, "only_masked"), "padding": Key(int, "padding"),
     # flow-matching and T5 models (SD3)
     "shift": Key(float, "shift"), "max_sequence_length": Key(int, "max_sequence_length"), "no_t5": Key(bool, "no_t5"),
+    # guidance-distilled models (FLUX dev): ours, and Forge's API name
+    "guidance": Key(float, "guidance"), "distilled_cfg_scale": Key(float, "guidance"),
+    # A1111's text encoding and noise source
+    "clip_skip": Key(int, "clip_skip"), "rng": Key(str, "rng"),
 }
 # A1111 accepts these too; ldm has nothing to map them to, so the error names them as such.
 A1111_ONLY = {"sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "styles", "subseed",
@@ -69,16 +73,21 @@ class Job:
         return "inpaint" if self.mask else "img2img" if self.init_image else "txt2img"
 
 
-def read(path: Path, defaults: Settings, count: int = 1) -> list[Job]:
+def read(path: Path, defaults: Settings, count: int = 1,
+         check: Callable[[Settings], Settings] | None = None) -> list[Job]:
     """Every job of the file, with `defaults` under each line's own values; raises one LdmError
-    naming every bad line when any line is bad."""
+    naming every bad line when any line is bad. `check` completes and checks a line's settings
+    further (its LoRAs), its errors reported with the line's number as the others."""
     values_of = json_values if path.suffix.lower() == ".jsonl" else line_values
     jobs, errors = [], []
     for number, line in enumerate(read_lines(path), start=1):
         if not line or line.startswith("#"):
             continue
         try:
-            jobs.append(make_job(number, line, values_of(line), defaults, count, path.parent))
+            job = make_job(number, line, values_of(line), defaults, count, path.parent)
+            if check is not None:
+                job.settings = check(job.settings)
+            jobs.append(job)
         except LdmError as e:
             errors.append(f"{path}:{number}: {e}")
     if errors:

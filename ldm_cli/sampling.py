@@ -2,7 +2,8 @@
 
 Classifier-free guidance runs the negative and positive halves in one denoiser call and mixes
 them as eps = eps_neg + cfg * (eps_pos - eps_neg); at cfg 1 that is eps_pos, so the negative half
-is skipped. img2img enters with fewer timesteps and noised image latents; inpainting adds input
+is skipped. The conditioning may change at given steps and hold several weighted positive parts
+(A1111's prompt editing and AND): guidance.py says what each step asks of the denoiser. img2img enters with fewer timesteps and noised image latents; inpainting adds input
 channels (dedicated 9-channel models) or blends the known region back after each step.
 
 Noise-prediction and flow-matching models share it: what differs is the scheduler's. Flow-matching
@@ -17,13 +18,10 @@ from typing import Callable
 import torch
 
 from ldm_cli.families import Cond
+from ldm_cli.guidance import Call, Guidance, Parts, Schedule
 
 # (latents after step i, i) -> latents; used by inpainting with an ordinary model
 Blend = Callable[[torch.Tensor, int], torch.Tensor]
-
-
-def uses_negative(cfg: float) -> bool:
-    return cfg != 1
 
 
 def init_noise_sigma(scheduler) -> float:
@@ -38,23 +36,21 @@ def add_noise(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Te
     return scheduler.add_noise(latents, noise, t)
 
 
-def _stack(negative: Cond, positive: Cond) -> Cond:
-    return {k: torch.cat([negative[k], positive[k]]) for k in positive}
-
-
-def denoise(model, scheduler, latents: torch.Tensor, positive: Cond, negative: Cond | None,
-            cfg: float, generators: list[torch.Generator], timesteps: torch.Tensor, *,
-            extra_input: torch.Tensor | None = None, blend: Blend | None = None,
+def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts],
+            negative: Cond | list[Schedule] | None, cfg: float, generators: list[torch.Generator],
+            timesteps: torch.Tensor, *, extra_input: torch.Tensor | None = None, blend: Blend | None = None,
             on_step: Callable[[], None] | None = None) -> torch.Tensor:
-    """Run `timesteps` of `scheduler` from `latents`; returns the final latents."""
-    guided = uses_negative(cfg)
-    cond = _stack(negative, positive) if guided else positive
-    if extra_input is not None and guided:
-        extra_input = torch.cat([extra_input] * 2)
+    """Run `timesteps` of `scheduler` from `latents`; returns the final latents. The conditioning
+    is either batched (one cond per image, all steps) or per image: weighted AND parts and a
+    negative, each a schedule over the steps (guidance.py)."""
+    plan = Guidance(positive, negative, cfg)
+    rows = _row_index(plan.row_images(), len(latents))
+    if extra_input is not None:
+        extra_input = _rows(extra_input, rows)
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
         with torch.inference_mode():  # the scheduler's arithmetic too: no autograd bookkeeping anywhere
-            latents = _step(model, scheduler, latents, t, cond, cfg, guided, extra_input, step_kwargs)
+            latents = _step(model, scheduler, latents, t, plan, plan.calls(i), rows, extra_input, step_kwargs)
         if blend is not None:
             latents = blend(latents, i)
         if on_step is not None:
@@ -62,16 +58,37 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond, negative: C
     return latents
 
 
-def _step(model, scheduler, latents: torch.Tensor, t: torch.Tensor, cond: Cond, cfg: float, guided: bool,
-          extra_input: torch.Tensor | None, step_kwargs: dict) -> torch.Tensor:
-    """One denoiser call (both halves at once when guided) and one scheduler step."""
-    x = torch.cat([latents] * 2) if guided else latents
+def _row_index(images: list[int], count: int) -> torch.Tensor | int:
+    """How the rows repeat the latents: 1 (as they are), 2 (negative and positive halves), or an index."""
+    for times in (1, 2):
+        if images == list(range(count)) * times:
+            return times
+    return torch.tensor(images)
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor | int) -> torch.Tensor:
+    if isinstance(rows, int):
+        return x if rows == 1 else torch.cat([x] * rows)
+    return x[rows.to(x.device)]
+
+
+def _step(model, scheduler, latents: torch.Tensor, t: torch.Tensor, plan: Guidance, calls: list[Call],
+          rows: torch.Tensor | int, extra_input: torch.Tensor | None, step_kwargs: dict) -> torch.Tensor:
+    """The denoiser on every row (one call per conditioning shape), guidance, one scheduler step."""
+    x = _rows(latents, rows)
     if hasattr(scheduler, "scale_model_input"):
         x = scheduler.scale_model_input(x, t)
     if extra_input is not None:
         x = torch.cat([x, extra_input], dim=1)
-    out = model.family.predict(model, x, t, cond)
-    if guided:
-        out_neg, out_pos = out.chunk(2)
-        out = out_neg + cfg * (out_pos - out_neg)
-    return scheduler.step(out, t, latents, **step_kwargs, return_dict=False)[0]
+    out = _predict(model, x, t, calls)
+    return scheduler.step(plan.combine(out), t, latents, **step_kwargs, return_dict=False)[0]
+
+
+def _predict(model, x: torch.Tensor, t: torch.Tensor, calls: list[Call]) -> torch.Tensor:
+    if len(calls) == 1:
+        return model.family.predict(model, x, t, calls[0].cond)
+    parts = [(call.rows, model.family.predict(model, x[call.rows], t, call.cond)) for call in calls]
+    out = parts[0][1].new_empty((len(x), *parts[0][1].shape[1:]))
+    for rows, part in parts:
+        out[rows] = part
+    return out

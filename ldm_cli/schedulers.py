@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ldm_cli.errors import LdmError
+
+if TYPE_CHECKING:
+    from ldm_cli.families import Family
 
 # Sigma schedules: our name -> (constructor flag, A1111 "Schedule type" label).
 SCHEDULES: dict[str, tuple[str, str]] = {
@@ -32,6 +36,9 @@ class SchedulerSpec:
     # the sigma schedules its diffusers class takes, as data so that listing them needs no
     # diffusers import (tests/test_schedulers.py checks them against the classes)
     schedules: tuple[str, ...] = ()
+    # computes its sigmas from the shift alone, taking neither given sigmas nor a dynamic shift's
+    # mu: a family with a spacing of its own (FLUX) cannot run it
+    shift_only: bool = False
 
 
 SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
@@ -60,7 +67,7 @@ SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
 FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 FLOW_SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
     SchedulerSpec("euler", "FlowMatchEulerDiscreteScheduler", "Euler", schedules=ALL_SCHEDULES),
-    SchedulerSpec("heun", "FlowMatchHeunDiscreteScheduler", "Heun"),
+    SchedulerSpec("heun", "FlowMatchHeunDiscreteScheduler", "Heun", shift_only=True),
     SchedulerSpec("dpmpp_2m", "DPMSolverMultistepScheduler", "DPM++ 2M",
                   {"algorithm_type": "dpmsolver++", "solver_order": 2, **FLOW_SIGMAS}),
     SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC", FLOW_SIGMAS),
@@ -142,13 +149,23 @@ def check_schedule(name: str, schedule: str | None) -> None:
         raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
 
 
-def check_for_model(name: str, schedule: str | None, flow: bool) -> None:
-    """A flow-matching model takes only the names of FLOW_SCHEDULERS, and their schedules."""
+def flow_names(own_sigmas: bool = False) -> list[str]:
+    """The schedulers a flow-matching model takes; `own_sigmas`: one whose family gives its spacing."""
+    return [n for n, spec in FLOW_SCHEDULERS.items() if not (own_sigmas and spec.shift_only)]
+
+
+def check_for_model(name: str, schedule: str | None, flow: bool, family: Family | None = None) -> None:
+    """A flow-matching model takes only the names of FLOW_SCHEDULERS, and their schedules; a
+    family with a sigma spacing of its own (FLUX) only those that can take it."""
     if not flow:
         return
+    names = flow_names(family is not None and family.sigmas is not None)
     if name not in FLOW_SCHEDULERS:
         raise LdmError(f"scheduler {name!r} does not work with flow-matching models such as SD3; "
-                       f"use one of: {', '.join(FLOW_SCHEDULERS)}")
+                       f"use one of: {', '.join(names)}")
+    if name not in names:
+        raise LdmError(f"scheduler {name!r} does not work with {family.label}: diffusers' flow-matching "
+                       f"{FLOW_SCHEDULERS[name].label} cannot take its sigma schedule; use one of: {', '.join(names)}")
     if schedule not in (None, "default", *FLOW_SCHEDULERS[name].schedules):
         raise LdmError(f"scheduler {name!r} has no {schedule} schedule for flow-matching models; use --schedule "
                        f"default{' or --scheduler euler' if name != 'euler' else ''}")
@@ -175,6 +192,8 @@ def build(name: str, schedule: str | None, model_config: dict[str, Any], seeds: 
     overrides = dict((FLOW_SCHEDULERS if flow else SCHEDULERS)[name].overrides)
     if flow:
         overrides.update(_shift(cls, shift if shift is not None else model_config.get("shift", 1.0)))
+        if shift is not None and model_config.get("use_dynamic_shifting"):
+            overrides["use_dynamic_shifting"] = False  # a shift asked for replaces the size-dependent one
     if schedule and schedule != "default":
         overrides[SCHEDULES[schedule][0]] = True
     if name == "dpmpp_sde" and seeds is not None:
@@ -182,6 +201,29 @@ def build(name: str, schedule: str | None, model_config: dict[str, Any], seeds: 
         overrides["noise_sampler_seed"] = seeds if len(seeds) > 1 else seeds[0]
     config = {k: v for k, v in model_config.items() if not k.startswith("_")}
     return cls.from_config(config, **overrides)
+
+
+def set_timesteps(scheduler, steps: int, device, model_config: dict[str, Any], image_tokens: int,
+                  spacing: Callable[[int], list[float]] | None = None) -> None:
+    """Timesteps as the family's diffusers pipeline sets them: its own spacing (FLUX's) where the
+    scheduler takes given sigmas (the multistep solvers keep their flow sigmas, as there), and a
+    dynamic shift's mu from the image's token count where the schedule shifts by size."""
+    kwargs: dict[str, Any] = {}
+    takes = inspect.signature(scheduler.set_timesteps).parameters
+    if spacing is not None and "sigmas" in takes and not scheduler.config.get("use_flow_sigmas"):
+        kwargs["sigmas"] = spacing(steps)
+    if scheduler.config.get("use_dynamic_shifting"):
+        kwargs["mu"] = dynamic_shift(image_tokens, model_config)
+    scheduler.set_timesteps(steps, device=device, **kwargs)
+
+
+def dynamic_shift(image_tokens: int, config: dict[str, Any]) -> float:
+    """mu, the log of the shift: linear in the image's token count, from base_shift at
+    base_image_seq_len to max_shift at max_image_seq_len (diffusers' calculate_shift, same arithmetic)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, most = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    m = (most - base) / (max_len - base_len)
+    return image_tokens * m + (base - m * base_len)
 
 
 def label(name: str) -> str:

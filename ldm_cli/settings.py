@@ -17,17 +17,22 @@ from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_SEED
 
 FALLBACK_DEFAULTS = {"steps": 30, "cfg": 7.5, "scheduler": schedulers.DEFAULT_SCHEDULER,
-                     "schedule": schedulers.DEFAULT_SCHEDULE}
+                     "schedule": schedulers.DEFAULT_SCHEDULE, "rng": "cpu"}
+# --rng: where the starting noise comes from, and A1111's infotext label of each
+RNG_LABELS = {"cpu": "CPU", "nv": "NV"}
 KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 # How A1111's infotext names each field; a PNG's bad value is named so ("size" is width and height).
 LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Denoising strength",
           "mask_blur": "Mask blur", "padding": "Masked area padding", "size": "Size", "width": "Size",
           "height": "Size", "scheduler": "Sampler", "schedule": "Schedule type", "shift": "Shift",
-          "max_sequence_length": "Max sequence length"}
-INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length")
-# Settings only some families take (SD3's flow shift and T5 options): a model that takes one
-# names a default for it, and for any other model the setting is dropped, never recorded.
-FAMILY_FIELDS = ("shift", "max_sequence_length", "no_t5")
+          "max_sequence_length": "Max sequence length", "guidance": "Distilled CFG Scale",
+          "clip_skip": "Clip skip", "rng": "RNG"}
+INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length",
+                    "guidance", "clip_skip")
+# Settings only some families take (SD3's and FLUX's flow shift and T5 options, FLUX dev's
+# distilled guidance): a model that takes one names a default for it (None: computed, as FLUX
+# dev's size-dependent shift), and for any other model the setting is dropped, never recorded.
+FAMILY_FIELDS = ("shift", "max_sequence_length", "no_t5", "guidance")
 
 
 def check_seed_room(seed: int, count: int) -> None:
@@ -84,6 +89,13 @@ class Settings:
     shift: float | None = None  # timestep shift, overriding the model's
     max_sequence_length: int | None = None  # T5 tokens
     no_t5: bool | None = None  # T5's part of the context is zeros
+    guidance: float | None = None  # a guidance-distilled model's guidance input (FLUX dev), not CFG
+    # A1111's text encoding and noise
+    clip_skip: int | None = None  # SD1: the text encoder's states this many layers from the end (1: the last)
+    rng: str | None = None  # the starting noise: "cpu" (torch's CPU generator) or "nv" (CUDA's, as A1111 draws it)
+    # A1111's records of the LoRA and embedding files used ("name: 12 hex, ..."), for --from-png
+    lora_hashes: str | None = None
+    ti_hashes: str | None = None
 
     def merged(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied."""
@@ -99,6 +111,9 @@ class Settings:
             _check_range(name, getattr(self, name), low, high)
         self._check_size()
         self.scheduler, self.schedule = schedulers.validated(self.scheduler, self.schedule)
+        if self.rng is not None and self.rng.lower() not in RNG_LABELS:
+            raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
+        self.rng = self.rng and self.rng.lower()
 
     def _check_size(self) -> None:
         for side in ("width", "height"):
@@ -147,9 +162,11 @@ class Settings:
                              "Sampler": schedulers.label(self.scheduler)}
         if (schedule := schedulers.schedule_label(self.schedule)) is not None:
             p["Schedule type"] = schedule
-        elif self.shift is not None:  # Forge's label of a flow model's own spacing
-            p["Schedule type"] = "Simple"
+        elif self.shift is not None or self.max_sequence_length is not None:  # a flow model (SD3, FLUX)
+            p["Schedule type"] = "Simple"  # Forge's label of its own spacing
         p["CFG scale"] = infotext.format_number(self.cfg)
+        if self.guidance is not None:  # Forge's name and place for FLUX's
+            p["Distilled CFG Scale"] = infotext.format_number(self.guidance)
         p["Seed"] = str(self.seed)
         p["Size"] = f"{self.width}x{self.height}"
         if self.model_hash:
@@ -167,7 +184,15 @@ class Settings:
         if self.only_masked:
             p["Inpaint area"] = "Only masked"
             p["Masked area padding"] = str(self.padding)
+        if self.clip_skip is not None and self.clip_skip > 1:  # A1111 leaves out its default, 1
+            p["Clip skip"] = str(self.clip_skip)
         p.update(self._text_options())
+        if self.rng:
+            p["RNG"] = RNG_LABELS[self.rng]
+        if self.lora_hashes:  # A1111's names and place, just before the version
+            p["Lora hashes"] = self.lora_hashes
+        if self.ti_hashes:
+            p["TI hashes"] = self.ti_hashes
         p["Version"] = f"ldm {version}"
         return infotext.format_infotext(self.prompt, self.negative, p)
 
@@ -201,12 +226,26 @@ class Settings:
         s.model_name, s.model_hash = p.get("Model"), p.get("Model hash")
         s.modules = ", ".join(p[f"Module {i}"] for i in range(1, len(p)) if f"Module {i}" in p) or None
         s.init_image_hash = p.get("Init image hash")
+        s.lora_hashes, s.ti_hashes = p.get("Lora hashes"), p.get("TI hashes")
         s.only_masked = True if p.get("Inpaint area") == "Only masked" else None
         s.no_t5 = True if p.get("No T5") == "True" else None
+        s.rng = _recorded_rng(p)
         return s
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+def _recorded_rng(p: dict[str, str]) -> str | None:
+    """A1111 writes an RNG only when it is not its default, noise drawn on the GPU, which `nv`
+    reproduces; ldm writes it always, and its images from before it did drew CPU noise."""
+    label = p.get("RNG")
+    if label is None:
+        return None if p.get("Version", "").startswith("ldm") else "nv"
+    rng = {"CPU": "cpu", "NV": "nv", "GPU": "nv"}.get(label)
+    if rng is None:
+        raise BadSetting("rng", shown(label), "must be CPU, NV or GPU")
+    return rng
 
 
 def field_kinds() -> dict[str, type]:

@@ -28,6 +28,8 @@ def apply(model, compile: bool = False) -> None:
     """The fast path for `model`'s device; `compile`: also torch.compile its denoiser."""
     if model.device.type == "cuda":
         for module in (model.denoiser, model.vae):
+            if not plain_weights(module):  # memory.py's float8 or offloaded weights, GGUF's bytes
+                continue
             fuse_projections(module)
             if is_convolutional(module):
                 module.to(memory_format=torch.channels_last)
@@ -35,6 +37,12 @@ def apply(model, compile: bool = False) -> None:
         from ldm_cli import compiling
 
         compiling.compile_denoiser(model)
+
+
+def plain_weights(module: torch.nn.Module) -> bool:
+    """Weights stored as they compute and held in place: fusing and re-laying them is safe."""
+    return all(p.dtype in (torch.float16, torch.bfloat16, torch.float32) and p.device.type != "meta"
+               for p in module.parameters())
 
 
 def processor_names(module: torch.nn.Module) -> set[str]:

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_cli import memory
+
 
 def _factors(vae) -> tuple[float, float]:
     return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
@@ -44,6 +46,7 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
     scaling, shift = _factors(vae)
     z = latents / scaling + shift
     dtype = compute_dtype(vae)
+    memory.tile_if_needed(vae, z, model.vae_scale_factor, dtype)
     pixels = _decode_in(vae, z, dtype)
     if dtype != torch.float32 and not torch.isfinite(pixels).all():
         pixels = _decode_in(vae, z, torch.float32)  # a NaN would be saved as a black image

@@ -71,3 +71,17 @@ def sd35_medium_folder(tmp_path_factory):
     from tests import tiny_models
 
     return _built(tmp_path_factory, "tiny-sd35-medium", lambda: tiny_models.sd3_pipeline("sd35-medium"))
+
+
+@pytest.fixture(scope="session")
+def flux_dev_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-flux-dev", lambda: tiny_models.flux_pipeline("dev"))
+
+
+@pytest.fixture(scope="session")
+def flux_schnell_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-flux-schnell", lambda: tiny_models.flux_pipeline("schnell"))

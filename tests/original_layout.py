@@ -52,7 +52,7 @@ def write(folder: Path, path: Path, family: str, *, dtype: torch.dtype = torch.f
 
 
 def extra_keys(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    if family == "sd3":
+    if family in ("sd3", "flux"):
         return sd3_extra_keys(state)
     generator = torch.Generator().manual_seed(7)
     unet = keymap.UNET.prefix
@@ -70,8 +70,8 @@ def extra_keys(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.T
 
 
 def sd3_extra_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What Stability's SD3 files carry beside the weights: CLIP position ids, and a CLIP-L
-    projection that SD3 never applies (random here, so using it by mistake shows)."""
+    """What Stability's SD3 files (and ComfyUI's FLUX ones) carry beside the weights: CLIP position
+    ids, and a CLIP-L projection that neither applies (random here, so using it by mistake shows)."""
     out = {}
     for name in ("clip_l", "clip_g"):
         prefix = f"text_encoders.{name}.transformer."

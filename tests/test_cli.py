@@ -45,7 +45,7 @@ def test_png_carries_a1111_parameters(run, tmp_path):
     text = Image.open(row["path"]).text["parameters"]
     assert text == ("a red fox\nNegative prompt: blurry, dark\n"
                     f"Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 64x64, "
-                    f"Model hash: {row['model_hash']}, Model: tiny-sd1, Version: ldm 0.1.0")
+                    f"Model hash: {row['model_hash']}, Model: tiny-sd1, RNG: CPU, Version: ldm 0.1.0")
 
 
 def test_a_random_seed_leaves_room_for_the_whole_run(monkeypatch):

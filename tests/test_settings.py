@@ -52,7 +52,7 @@ def test_infotext_layout_is_a1111s():
     assert s.to_infotext("0.1.0") == (
         "a fox\nNegative prompt: blurry, dark\n"
         "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1234, Size: 512x512, "
-        "Model hash: abcdef0123, Model: v1-5, Version: ldm 0.1.0")
+        "Model hash: abcdef0123, Model: v1-5, RNG: CPU, Version: ldm 0.1.0")
 
 
 @pytest.mark.parametrize("kw", [

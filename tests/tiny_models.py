@@ -146,3 +146,40 @@ def tiny_sd3_folder(folder: Path, variant: str = "sd3", t5: bool = True) -> Path
 def save(pipe, folder: Path) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# -- FLUX.1 dev / schnell ------------------------------------------------------------------------
+FLUX_SCHEDULERS = {  # FLUX.1's own scheduler configs: dev shifts by image size, schnell does not
+    "dev": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                max_image_seq_len=4096),
+    "schnell": dict(shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                    max_image_seq_len=4096),
+}
+
+
+def flux_vae(seed: int = 1):
+    """16 latent channels, FLUX's latent shift and scale, no quant convs (as FLUX's ae)."""
+    return vae(0.3611, seed, latent_channels=16, shift_factor=0.1159, use_quant_conv=False,
+               use_post_quant_conv=False)
+
+
+def flux_transformer(variant: str = "dev", seed: int = 7):
+    """FLUX's transformer at toy width: one double-stream and one single-stream block, rotary
+    axes (4, 6, 6) over 16-wide heads; dev has the guidance embedding."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                                  pooled_projection_dim=CLIP_L, guidance_embeds=variant == "dev",
+                                  axes_dims_rope=(4, 6, 6)).eval()
+
+
+def flux_pipeline(variant: str = "dev", t5: bool = True):
+    """A FluxPipeline with FLUX.1 dev's or schnell's scheduler; t5=False leaves text_encoder_2 out."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(transformer=flux_transformer(variant), vae=flux_vae(),
+                        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS[variant]),
+                        text_encoder=text_encoder(seed=3, width=CLIP_L), tokenizer=tokenizer(),
+                        text_encoder_2=t5_encoder() if t5 else None, tokenizer_2=t5_tokenizer() if t5 else None)

@@ -8,7 +8,9 @@ positive halves for classifier-free guidance without knowing what is inside.
 `flow` says how the denoiser was trained. Noise-prediction families (SD1, SD2, SDXL) predict
 noise or v over a DDPM beta schedule; flow-matching families (SD3) predict the velocity from
 image to noise along x_s = (1 - s) x + s noise, sigma s in [0, 1]. It picks the scheduler
-classes (schedulers.py) and nothing else: the loop only asks the scheduler.
+classes (schedulers.py) and nothing else: the loop only asks the scheduler. A family whose
+denoiser takes latents in another layout (FLUX's packed 2x2 patches) converts them inside its
+`predict`, so the loop, the schedulers and inpainting all keep the (N, C, h, w) layout.
 """
 from __future__ import annotations
 
@@ -36,12 +38,20 @@ class Family:
     # dtype on CUDA when none is asked for
     cuda_dtype: str = "fp16"
     flow: bool = False  # trained with flow matching (velocity over sigma in [0, 1])
+    # latent pixels per token side when the denoiser packs patches itself (FLUX's transformer
+    # says patch_size 1 but predict packs 2x2); None: its config's patch_size, if any
+    patch_size: int | None = None
+    # native latent side when the denoiser's config has no sample_size (FLUX: 128, 1024 pixels)
+    sample_size: int | None = None
+    # steps -> the sigmas before the shift that the family's diffusers pipeline gives the
+    # scheduler (FLUX: 1 to 1/steps); None: the scheduler's own spacing (SD3)
+    sigmas: Callable[[int], list[float]] | None = None
 
 
 def get(name: str) -> Family:
-    from ldm_cli.families import sd, sd3, sdxl
+    from ldm_cli.families import flux, sd, sd3, sdxl
 
-    registry = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL, sd3.SD3)}
+    registry = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL, sd3.SD3, flux.FLUX)}
     if name not in registry:
         from ldm_cli.errors import LdmError
 

@@ -1,26 +1,28 @@
 """SDXL base: two text encoders (penultimate hidden states, concatenated), the second one's
-pooled embedding, and size/crop conditioning ("time ids")."""
+pooled embedding, and size/crop conditioning ("time ids"). Prompts are read as A1111 reads
+them (clip_text.py), each encoder chunking its own tokens; the pooled embedding is the first
+chunk's, as A1111 takes it. --clip-skip does not apply, as in A1111."""
 from __future__ import annotations
 
 import torch
 
-from ldm_cli.families import Cond, Family, unet
+from ldm_cli.families import Cond, Family, clip_text, sd, unet
 from ldm_cli.settings import Settings
+
+PENULTIMATE = clip_text.Layer(skip=2, normed=False)
 
 
 def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
+    sd.ignored_clip_skip(s, "SDXL")
     hidden, pooled = [], None
-    with torch.inference_mode():
-        for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
-            out = encoder(unet.tokenize(tokenizer, texts, encoder.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            if out[0].ndim == 2:  # the projection encoder's pooled text embedding
-                pooled = out[0]
+    for index, (tokenizer, encoder) in enumerate(zip(model.tokenizers, model.text_encoders)):
+        states, projected = clip_text.encode(encoder, tokenizer, texts, PENULTIMATE, model.embeddings, index)
+        hidden.append(states)
+        pooled = projected if projected is not None else pooled
     cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
-    if negative and model.options.get("force_zeros_for_empty_prompt", True):
+    if negative and model.options.get("force_zeros_for_empty_prompt", True) and all(t == "" for t in texts):
         # SDXL was trained with zeroed conditioning for an empty negative prompt.
-        empty = torch.tensor([t == "" for t in texts], device=pooled.device)
-        cond = {k: torch.where(empty.view(-1, *[1] * (v.ndim - 1)), torch.zeros_like(v), v) for k, v in cond.items()}
+        cond = {k: torch.zeros_like(v) for k, v in cond.items()}
     # (original size, crop top-left, target size), as (height, width) pairs: no crop, no resize.
     ids = torch.tensor([s.height, s.width, 0, 0, s.height, s.width], dtype=pooled.dtype, device=pooled.device)
     cond["time_ids"] = ids.repeat(len(texts), 1)

@@ -11,6 +11,8 @@ from ldm_cli import files
 from ldm_cli.errors import LdmError
 
 BUILTIN = Path(__file__).resolve().parent.parent / "assets" / "builtin.safetensors"
+# denoisers that take latents in patches their config's patch_size does not show (families.flux packs 2x2)
+PACKED = {"FluxTransformer2DModel": 2}
 
 
 @dataclass
@@ -23,6 +25,9 @@ class LoadOptions:
     dtype: str = "auto"
     text_encoders: list[str] = field(default_factory=list)  # text-encoder files (CLIP-L, CLIP-G, T5), any order
     compile: bool = False  # torch.compile the denoiser (speed.py, compiling.py)
+    offload: str = "none"  # none, model or sequential (memory.py)
+    weights: str | None = None  # fp8: the denoiser and T5 stored in float8 (memory.py)
+    vae_tiling: bool = False
 
 
 def load(source: str | None, options: LoadOptions | None = None):
@@ -44,9 +49,11 @@ def load(source: str | None, options: LoadOptions | None = None):
         model = single_file.load_single_file(path, device, options)
     if source is None:
         model.name = "ldm-builtin"
-    model.modules = [Path(p).name.removesuffix(".safetensors") for p in [options.vae, *options.text_encoders] if p]
-    from ldm_cli import speed
+    model.modules = [Path(p).name.removesuffix(".safetensors").removesuffix(".gguf")
+                     for p in [options.vae, *options.text_encoders] if p]
+    from ldm_cli import memory, speed
 
+    memory.place(model, device, options)
     speed.apply(model, options.compile)
     return model
 
@@ -56,6 +63,9 @@ def check(path: Path, options: LoadOptions) -> None:
     FIFO would hang the read)."""
     if options.prediction not in (None, "epsilon", "v"):
         raise LdmError(f"unknown --prediction {options.prediction!r}; choose epsilon or v")
+    from ldm_cli import memory
+
+    memory.check(options.offload, options.weights, options.compile)
     if not path.exists():
         raise LdmError(f"model not found: {str(path)!r}; pass a .safetensors file or a diffusers folder with --model")
     files.check_openable(path, folders=True)
@@ -79,18 +89,20 @@ def size_multiple(source: str | None) -> int:
     if path.is_dir():
         config = path / "transformer" / "config.json"
         try:
-            return 8 * (json.loads(config.read_text()).get("patch_size", 1) if config.is_file() else 1)
+            data = json.loads(config.read_text()) if config.is_file() else {}
+            return 8 * PACKED.get(data.get("_class_name"), data.get("patch_size", 1))
         except (OSError, ValueError, AttributeError):
             return 8
     if not path.is_file():  # not there, or a FIFO that would hang the read: load says which
         return 8
-    from ldm_cli.loading import mmdit, tensors
+    from ldm_cli.loading import flux, mmdit, tensors
 
     try:
-        header = tensors.read_header(path)[0]
+        shapes = tensors.shapes_of(path)
     except (OSError, LdmError):
         return 8
-    shapes = {k: tuple(e.get("shape", ())) for k, e in header.items() if isinstance(e, dict)}
+    if flux.prefix_of(shapes) is not None:
+        return 16  # latents packed in 2x2 patches
     prefix = mmdit.prefix_of(shapes)
     return 8 * (mmdit.config(shapes, prefix)["patch_size"] if prefix is not None else 1)
 

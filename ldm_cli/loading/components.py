@@ -3,8 +3,8 @@ as ComfyUI users keep them (`--text-encoder FILE`, repeatable, beside `--vae FIL
 
 A text-encoder file is recognised by its tensors, never by its name: a CLIP by its layer names
 (Hugging Face's or open_clip's), told L from G by its width (and depth) against the model's
-configs; a T5 by its encoder blocks. Everything here reads headers only, so a wrong file is
-one clear error before any weight is read.
+configs; a T5 by its encoder blocks (Hugging Face's names, or llama.cpp's in a GGUF file).
+Everything here reads headers only, so a wrong file is one clear error before any weight is read.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import detect, keymap, mmdit, tensors
+from ldm_cli.loading import detect, flux, keymap, mmdit, tensors
 from ldm_cli.loading.keymap import Slot
 from ldm_cli.notes import note
 
@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 
 SIGNATURES = keymap.TEXT_SIGNATURES
 LAYERS = {"clip": r"text_model\.encoder\.layers\.(\d+)\.", "openclip": r"transformer\.resblocks\.(\d+)\.",
-          "t5": r"encoder\.block\.(\d+)\."}
+          "t5": r"encoder\.block\.(\d+)\.", "t5_gguf": r"enc\.blk\.(\d+)\."}
 LABELS = {"sd3": {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"},
-          "sdxl": {"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-G"}}
+          "sdxl": {"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-G"},
+          "flux": {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"}}
 OPTIONAL = {"text_encoder_3"}  # SD3 runs without T5 (its part of the context is zeros)
 VAE_PREFIXES = ("", keymap.VAE.prefix, "vae.")  # a bare VAE file, or one cut out of a checkpoint
 FILE_NAMES = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5-XXL": "t5xxl_fp16.safetensors"}
@@ -76,9 +77,14 @@ def layout(kind: str) -> str:
     return "clip" if kind == "clip_unprojected" else kind
 
 
+def is_t5(kind: str) -> bool:
+    return kind in ("t5", "t5_gguf")
+
+
 def check_complete(r: Recipe, present: dict[str, Source], checkpoint: tensors.Checkpoint, vae_given: bool) -> None:
     if "vae" not in present and not vae_given:
-        raise LdmError(f"{checkpoint.name} has no VAE; pass one with --vae (the model's own VAE file)")
+        example = "e.g. ae.safetensors" if r.family == "flux" else "the model's own VAE file"
+        raise LdmError(f"{checkpoint.name} has no VAE; pass one with --vae ({example})")
     for name in r.text_encoders:
         if name in present:
             continue
@@ -139,16 +145,14 @@ def text_encoder_file(path: Path, r: Recipe, allow_pickle: bool) -> dict[str, So
 
 def refuse_non_encoders(checkpoint: tensors.Checkpoint) -> None:
     keys = checkpoint.shapes
-    if mmdit.prefix_of(keys) is not None or any(k.startswith(keymap.UNET.prefix) for k in keys):
+    if mmdit.prefix_of(keys) is not None or flux.prefix_of(keys) is not None or any(
+            k.startswith(keymap.UNET.prefix) for k in keys):
         raise LdmError(f"--text-encoder {checkpoint.name} is a whole model checkpoint, not a text encoder; "
                        "pass it with --model")
     if any("lora" in k.lower() for k in list(keys)[:50]):
         raise LdmError(f"--text-encoder {checkpoint.name} is a LoRA, not a text encoder")
     if "encoder.conv_in.weight" in keys or keymap.VAE.prefix + "encoder.conv_in.weight" in keys:
         raise LdmError(f"--text-encoder {checkpoint.name} is a VAE, not a text encoder; pass it with --vae")
-    if any(k.endswith((".scale_weight", "scaled_fp8")) for k in keys):
-        raise LdmError(f"--text-encoder {checkpoint.name} holds scaled float8 weights, which ldm does not read; "
-                       "use the encoder's fp16 or plain fp8_e4m3fn file")
 
 
 def encoders_in(checkpoint: tensors.Checkpoint) -> list[tuple[str, str]]:
@@ -161,13 +165,13 @@ def matching_slot(checkpoint: tensors.Checkpoint, kind: str, prefix: str, r: Rec
     """The model's text-encoder slot this encoder fills: T5 the T5; a CLIP the one of its width
     (and, between two of one width, its depth)."""
     width, depth = checkpoint.shapes[prefix + SIGNATURES[kind]][-1], layer_count(checkpoint, kind, prefix)
-    slots = [s for s in keymap.LAYOUTS[r.family] if s.kind in keymap.TEXT_KINDS and (s.kind == "t5") == (kind == "t5")]
+    slots = [s for s in keymap.LAYOUTS[r.family] if s.kind in keymap.TEXT_KINDS and is_t5(s.kind) == is_t5(kind)]
     fits = [s for s in slots if text_width(r.configs[s.name]) == width]
     if len(fits) > 1:
         fits = [s for s in fits if r.configs[s.name].get("num_hidden_layers", r.configs[s.name].get("num_layers")) == depth]
     if len(fits) != 1:
         wanted = ", ".join(f"{label(r.family, s.name)} ({text_width(r.configs[s.name])} wide)" for s in slots) or "none"
-        raise LdmError(f"--text-encoder {checkpoint.name} holds a {'T5' if kind == 't5' else 'CLIP'} text encoder "
+        raise LdmError(f"--text-encoder {checkpoint.name} holds a {'T5' if is_t5(kind) else 'CLIP'} text encoder "
                        f"{width} wide with {depth} layers, which this {r.family} model does not use; it takes: {wanted}")
     slot = fits[0]
     # SD3's CLIP-L stays unprojected whatever the file's layout calls it

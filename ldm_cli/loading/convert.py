@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import keymap
+from ldm_cli.loading import keymap, quantized
 from ldm_cli.loading.keymap import Origin, Slot
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def export(slot: Slot, module) -> dict[str, torch.Tensor]:
         else:
             fused[slot.prefix + origin.key][origin.part] = t
     for key, parts in fused.items():
-        out[key] = torch.cat([parts[i] for i in range(3)])
+        out[key] = torch.cat([parts[i] for i in range(len(parts))])
     return out
 
 
@@ -103,6 +103,8 @@ def plan(slot: Slot, module, checkpoint: Checkpoint) -> dict[str, Planned]:
 def stored_shape(shape: tuple[int, ...], origin: Origin, ndim: int) -> tuple[int, ...]:
     """The shape a stored tensor has once turned into the module's form."""
     shape = tuple(shape)
+    if origin.part is not None and origin.split:
+        return (origin.split[origin.part], *shape[1:]) if shape and shape[0] == sum(origin.split) else shape
     if origin.part is not None:
         return (shape[0] // 3, *shape[1:]) if shape and shape[0] % 3 == 0 else shape
     if origin.transpose:
@@ -122,17 +124,28 @@ def fill(module, planned: dict[str, Planned], tensors: dict[str, torch.Tensor]):
             state[name] = torch.eye(*shape, dtype=like.dtype, device=like.device)
             continue
         t = tensors[key]
-        t = t.chunk(3)[origin.part] if origin.part is not None else t
+        t = part_of(t, origin)
         t = t.T if origin.transpose else t
         t = t.reshape(t.shape[:2]) if origin.conv else t
         t = swapped(t) if origin.swap else t
         state[name] = t.contiguous()
-    module.load_state_dict(state, strict=True, assign=True)
+    rest = quantized.place(module, state)  # GGUF weights go in as they are, the rest by assignment
+    missing, unexpected = module.load_state_dict(rest, strict=False, assign=True)
+    if set(missing) - set(state) or unexpected:
+        raise ValueError(f"{type(module).__name__}: no weights for {sorted(set(missing) - set(state))[:3]}, "
+                         f"none wanted for {unexpected[:3]}")
     if any(t.is_meta for t in module.buffers()):
         raise ValueError(f"{type(module).__name__} has buffers no file fills; build it with its buffers")
     if hasattr(module, "tie_weights"):  # T5: `shared` and the encoder's embedding are one tensor again
         module.tie_weights()
     return module
+
+
+def part_of(t: torch.Tensor, origin: Origin) -> torch.Tensor:
+    """The module's rows of a fused stored tensor (rows split stay whole blocks of a quantized one)."""
+    if origin.part is None:
+        return t
+    return (t.split(list(origin.split)) if origin.split else t.chunk(3))[origin.part]
 
 
 def swapped(t: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """diffusers-layout folders: model_index.json plus one subfolder per component.
 
 SD1/SD2 and SDXL folders hold a `unet/`; SD3 folders a `transformer/` and up to three text
-encoders, of which the third (T5) may be left out: the model then runs without T5."""
+encoders, of which the third (T5) may be left out: the model then runs without T5. FLUX folders
+hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, which may be left out likewise)."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ PIPELINE_FAMILIES = {
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3",
     "StableDiffusion3InpaintPipeline": "sd3",
+    "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
 }
 T5_TOKENIZER = Path(__file__).resolve().parent / "configs" / "t5_tokenizer"
 
@@ -72,44 +74,63 @@ def _sd3_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
     encoders = [CLIPTextModelWithProjection.from_pretrained(folder / sub, dtype=dtype, local_files_only=True)
                 for sub in ("text_encoder", "text_encoder_2")]
     tokenizers = [load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2")]
-    t5, t5_tokenizer = _t5(folder, dtype)
+    t5, t5_tokenizer = _t5(folder, dtype, "3")
     return transformer, [*encoders, t5], [*tokenizers, t5_tokenizer]
 
 
-def _t5(folder: Path, dtype: torch.dtype) -> tuple:
-    """(T5 encoder, its tokenizer), or (None, None) with a note when the folder has no T5 weights."""
+def _flux_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
+    """(transformer, [CLIP-L, T5 or None], their tokenizers) of a FLUX folder."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
+                                                         local_files_only=True)
+    clip = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
+    t5, t5_tokenizer = _t5(folder, dtype, "2")
+    return transformer, [clip, t5], [load_tokenizer(folder / "tokenizer"), t5_tokenizer]
+
+
+def _t5(folder: Path, dtype: torch.dtype, number: str) -> tuple:
+    """(T5 encoder, its tokenizer) from text_encoder_<number>/, or (None, None) with a note when
+    the folder has no T5 weights."""
     from transformers import T5EncoderModel, T5TokenizerFast
 
-    if not (folder / "text_encoder_3" / "config.json").exists():
-        note(f"{folder.name} has no T5 text encoder (text_encoder_3): running without T5, as --no-t5 does")
+    if not (folder / f"text_encoder_{number}" / "config.json").exists():
+        note(f"{folder.name} has no T5 text encoder (text_encoder_{number}): running without T5, as --no-t5 does")
         return None, None
-    tokenizer_folder = folder / "tokenizer_3" if (folder / "tokenizer_3").is_dir() else T5_TOKENIZER
-    return (T5EncoderModel.from_pretrained(folder / "text_encoder_3", dtype=dtype, local_files_only=True),
+    tokenizer_folder = folder / f"tokenizer_{number}"
+    tokenizer_folder = tokenizer_folder if tokenizer_folder.is_dir() else T5_TOKENIZER
+    return (T5EncoderModel.from_pretrained(folder / f"text_encoder_{number}", dtype=dtype, local_files_only=True),
             T5TokenizerFast.from_pretrained(str(tokenizer_folder), local_files_only=True))
 
 
-def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list) -> dict:
-    """SD3's recommended settings; a folder cannot say it holds the turbo model but by its name."""
+def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, denoiser) -> dict:
+    """SD3's and FLUX's recommended settings; a folder cannot say it holds SD3's turbo model but by its name."""
+    from ldm_cli.families import flux, sd3
+
+    if name == "flux":
+        return flux.defaults(flux.variant(denoiser.config), scheduler_config, encoders[1] is not None)
     if name != "sd3":
         return {}
-    from ldm_cli.families import sd3
-
     return sd3.defaults("turbo" in folder.name.lower(), scheduler_config.get("shift", 3.0), encoders[2] is not None)
 
 
 def _options(index: dict, denoiser, name: str) -> dict:
-    if name == "sd3":
-        from ldm_cli.families import sd3
+    from ldm_cli.families import flux, sd3
 
-        return {"variant": sd3.variant(denoiser.config)}
+    if name in ("sd3", "flux"):
+        return {"variant": (sd3 if name == "sd3" else flux).variant(denoiser.config)}
     return {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
+
+
+PARTS = {"sd3": _sd3_parts, "flux": _flux_parts}  # DiT families: a transformer/, not a unet/
 
 
 def load_folder(folder: Path, device: torch.device, options) -> Model:
     from diffusers import AutoencoderKL
 
     from ldm_cli import device as devices
-    from ldm_cli import families, hashing
+    from ldm_cli import families, hashing, memory
     from ldm_cli.model import Model
 
     index = read_json(folder / "model_index.json")
@@ -119,23 +140,23 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
     name = kind if kind != "sd" else sd_family_name(read_json(folder / "text_encoder" / "config.json"))
     family = families.get(name)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
-    denoiser, encoders, tokenizers = (_sd3_parts if name == "sd3" else _unet_parts)(folder, name, dtype)
+    denoiser, encoders, tokenizers = PARTS.get(name, _unet_parts)(folder, name, dtype)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     if options.prediction:
         scheduler_config["prediction_type"] = {"v": "v_prediction"}.get(options.prediction, options.prediction)
-    weights = next((folder / ("transformer" if name == "sd3" else "unet")).glob("*.safetensors"), None)
+    weights = next((folder / ("transformer" if name in PARTS else "unet")).glob("*.safetensors"), None)
     model = Model(family=family, denoiser=denoiser, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                   scheduler_config=scheduler_config, name=folder.name,
                   hash=hashing.short_hash(weights) if weights else None, path=str(folder),
-                  defaults=_defaults(folder, name, scheduler_config, encoders),
+                  defaults=_defaults(folder, name, scheduler_config, encoders, denoiser),
                   options=_options(index, denoiser, name))
     if options.vae:
         from ldm_cli.loading import single_file
 
         # a single-file VAE has no config: it takes the replaced VAE's (its latent scaling)
         model.vae = single_file.load_vae(Path(options.vae), dtype, dict(model.vae.config), options.allow_pickle)
-    return to_device(model, device)
+    return to_device(model, memory.load_device(device, options))
 
 
 def to_device(model, device: torch.device):

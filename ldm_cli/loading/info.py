@@ -1,6 +1,7 @@
 """`ldm info CHECKPOINT`: what a single file holds, from its header (plus, for an SD2 file
-with nothing else to go on, the same probe forward pass loading runs), and for a model shipped
-in parts (SD3) which parts it still needs and the flag that supplies each."""
+with nothing else to go on, the same probe forward pass loading runs): each part's storage
+(dtype, float8, scaled float8 or GGUF quantization), and for a model shipped in parts (SD3,
+FLUX) which parts it still needs and the flag that supplies each."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import components, convert, detect, keymap, mmdit, prediction, recipe, single_file, tensors
+from ldm_cli.loading import (components, convert, detect, flux, keymap, mmdit, prediction, quantized, recipe,
+                              single_file, tensors)
 
 
 def describe(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:
@@ -30,6 +32,7 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
     return {"file": path.name, "family": found.family, **({"variant": found.variant} if found.variant else {}),
             "model": label(found, checkpoint), "prediction": chosen, "prediction_from": why,
             "native_size": native_size(r), "dtype": tensors.dtype_name(checkpoint, found.denoiser_slot.prefix),
+            "storage": {s.name: quantized.storage(checkpoint, s.prefix) for s in held},
             **{f"parameters_{name}": n for name, n in sizes.items()},
             "components": [s.name for s in held], "needs": needs(r, [s.name for s in held]),
             "hash": hashing.short_hash(path), "ema": found.ema}
@@ -38,6 +41,8 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
 def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
     from ldm_cli import families
 
+    if found.family == "flux":
+        return flux.VARIANTS[found.variant]
     if found.variant:
         return mmdit.VARIANTS[found.variant] + (" turbo" if single_file.turbo(checkpoint) else "")
     return families.get(found.family).label + (" inpainting" if found.inpainting else "")
@@ -66,7 +71,7 @@ def probe(r: recipe.Recipe, found: detect.Found, checkpoint: tensors.Checkpoint)
 
 
 def native_size(r: recipe.Recipe) -> str:
-    size = r.configs[r.denoiser]["sample_size"]
+    size = r.configs[r.denoiser].get("sample_size", flux.DEFAULT_LATENT)  # FLUX's config has none
     h, w = (size, size) if isinstance(size, int) else size
     factor = 2 ** (len(r.configs["vae"]["block_out_channels"]) - 1)
     return f"{w * factor}x{h * factor}"

@@ -10,6 +10,7 @@ each origin. The one mapping serves both directions, so they cannot drift apart.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -19,7 +20,8 @@ from ldm_cli.errors import LdmError
 
 class Origin(NamedTuple):
     key: str  # without the component prefix
-    part: int | None = None  # which third of a fused q/k/v tensor (rows)
+    part: int | None = None  # which part of a fused tensor (rows): a third of q/k/v unless `split` says
+    split: tuple[int, ...] | None = None  # the rows of each part, when they differ (FLUX's q, k, v, mlp)
     transpose: bool = False  # stored as x @ W rather than a Linear's W
     conv: bool = False  # stored as a 1x1 convolution kernel
     swap: bool = False  # stored as (shift, scale) halves; diffusers reads (scale, shift)
@@ -37,6 +39,7 @@ class Slot:
 
 UNET = Slot("unet", "model.diffusion_model.", "unet")
 MMDIT = Slot("transformer", "model.diffusion_model.", "mmdit")
+FLUX = Slot("transformer", "model.diffusion_model.", "flux")
 VAE = Slot("vae", "first_stage_model.", "vae")
 LAYOUTS: dict[str, tuple[Slot, ...]] = {
     "sd1": (UNET, VAE, Slot("text_encoder", "cond_stage_model.transformer.", "clip")),
@@ -46,12 +49,16 @@ LAYOUTS: dict[str, tuple[Slot, ...]] = {
     "sd3": (MMDIT, VAE, Slot("text_encoder", "text_encoders.clip_l.transformer.", "clip_unprojected"),
             Slot("text_encoder_2", "text_encoders.clip_g.transformer.", "clip"),
             Slot("text_encoder_3", "text_encoders.t5xxl.transformer.", "t5")),
+    # ComfyUI's all-in-one FLUX files; Black Forest Labs ship the transformer's keys alone
+    "flux": (FLUX, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.clip_l.transformer.", "clip"),
+             Slot("text_encoder_2", "text_encoders.t5xxl.transformer.", "t5")),
 }
-TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5")
+TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf")
 # a key every text encoder of the layout has (its width is the last dimension)
 TEXT_SIGNATURES = {"clip": "text_model.encoder.layers.0.self_attn.q_proj.weight",
                    "openclip": "transformer.resblocks.0.attn.in_proj_weight",
-                   "t5": "encoder.block.0.layer.0.SelfAttention.q.weight"}
+                   "t5": "encoder.block.0.layer.0.SelfAttention.q.weight",
+                   "t5_gguf": "enc.blk.0.attn_q.weight"}  # llama.cpp's names (city96's T5 .gguf files)
 
 
 def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
@@ -62,8 +69,10 @@ def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
         return VaeNames(config).origin
     if kind == "mmdit":
         return MMDiTNames(config).origin
+    if kind == "flux":
+        return FluxNames(config).origin
     return {"clip": clip_origin, "clip_unprojected": unprojected_clip_origin, "openclip": openclip_origin,
-            "t5": t5_origin, "diffusers": Origin}[kind]
+            "t5": t5_origin, "t5_gguf": t5_gguf_origin, "diffusers": Origin}[kind]
 
 
 def unsupported(what: str, key: str) -> LdmError:
@@ -180,6 +189,26 @@ def t5_origin(key: str) -> Origin:
     return Origin("shared.weight" if key == "encoder.embed_tokens.weight" else key)
 
 
+def t5_gguf_origin(key: str) -> Origin:
+    """Hugging Face's T5 encoder under llama.cpp's tensor names, as the gguf package maps them
+    (its map asked for block 0 and renumbered: one map serves every depth)."""
+    module, _, leaf = t5_origin(key).key.rpartition(".")
+    block = re.match(r"encoder\.block\.(\d+)\.", module)
+    name = _gguf_t5_names().get_name(module.replace(block[0], "encoder.block.0.", 1) if block else module)
+    if name is None:
+        raise unsupported("T5", key)
+    if block:
+        name = name.replace("enc.blk.0.", f"enc.blk.{block[1]}.", 1)
+    return Origin(f"{name}.{leaf}")
+
+
+@functools.lru_cache(maxsize=1)
+def _gguf_t5_names():
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5ENCODER, 1)
+
+
 OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
                 "embeddings.position_embedding.weight": "positional_embedding",
                 "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
@@ -245,3 +274,56 @@ class MMDiTNames:
         stream, name, part = MMDIT_BLOCK[module]
         swap = module == "norm1_context.linear" and int(m[1]) == self.last
         return Origin(f"joint_blocks.{m[1]}.{stream}_block.{name}.{leaf}", part=part, swap=swap)
+
+
+FLUX_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+            "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+            "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+            "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+            "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+            "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+            "context_embedder": "txt_in", "x_embedder": "img_in", "norm_out.linear": "final_layer.adaLN_modulation.1",
+            "proj_out": "final_layer.linear"}
+# diffusers module in a double block -> (original module, which third of its fused q/k/v)
+FLUX_DOUBLE = {"norm1.linear": ("img_mod.lin", None), "norm1_context.linear": ("txt_mod.lin", None),
+               "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+               "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+               "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.norm_q": ("img_attn.norm.query_norm", None),
+               "attn.norm_k": ("img_attn.norm.key_norm", None), "attn.norm_added_q": ("txt_attn.norm.query_norm", None),
+               "attn.norm_added_k": ("txt_attn.norm.key_norm", None), "attn.to_out.0": ("img_attn.proj", None),
+               "attn.to_add_out": ("txt_attn.proj", None), "ff.net.0.proj": ("img_mlp.0", None),
+               "ff.net.2": ("img_mlp.2", None), "ff_context.net.0.proj": ("txt_mlp.0", None),
+               "ff_context.net.2": ("txt_mlp.2", None)}
+# in a single block, linear1 holds q, k, v and the MLP's input projection, one after the other
+FLUX_SINGLE = {"norm.linear": ("modulation.lin", None), "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1),
+               "attn.to_v": ("linear1", 2), "proj_mlp": ("linear1", 3), "attn.norm_q": ("norm.query_norm", None),
+               "attn.norm_k": ("norm.key_norm", None), "proj_out": ("linear2", None)}
+FLUX_MLP_RATIO = 4  # FluxSingleTransformerBlock's, fixed in diffusers as in Black Forest Labs' code
+
+
+class FluxNames:
+    """FLUX's transformer as Black Forest Labs ship it: double blocks (an image and a text stream,
+    each with one fused q/k/v), single blocks whose linear1 fuses q, k, v and the MLP input (rows
+    of the model's own width, read from its config, not assumed), RMS norms stored as `scale`, and
+    the final adaptive norm stored (shift, scale)."""
+
+    def __init__(self, config: dict):
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        self.single_split = (width, width, width, FLUX_MLP_RATIO * width)
+
+    def origin(self, key: str) -> Origin:
+        if m := re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.(weight|bias)", key):
+            return self._block(m[1] == "single_transformer_blocks", m[2], m[3], m[4], key)
+        module, _, leaf = key.rpartition(".")
+        if module not in FLUX_TOP:
+            raise unsupported("FLUX transformer", key)
+        return Origin(f"{FLUX_TOP[module]}.{leaf}", swap=module == "norm_out.linear")
+
+    def _block(self, single: bool, index: str, module: str, leaf: str, key: str) -> Origin:
+        table = FLUX_SINGLE if single else FLUX_DOUBLE
+        if module not in table:
+            raise unsupported("FLUX transformer", key)
+        name, part = table[module]
+        leaf = "scale" if name.endswith("_norm") else leaf
+        split = self.single_split if single and part is not None else None
+        return Origin(f"{'single' if single else 'double'}_blocks.{index}.{name}.{leaf}", part=part, split=split)

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import torch
 
-from ldm_cli.loading.tensors import Checkpoint, is_float
+from ldm_cli.loading import quantized
+from ldm_cli.loading.tensors import Checkpoint
 
 
 def in_background(function: Callable, *args) -> Callable[[], Any]:
@@ -41,13 +42,14 @@ def in_background(function: Callable, *args) -> Callable[[], Any]:
 
 
 class Prefetch:
-    """The floating-point tensors under `prefixes`, each copied once into `dtype` on `device`.
+    """The weights under `prefixes`, each copied once into `dtype` on `device` (dequantized,
+    or still quantized: quantized.read).
 
     Use as a context manager: leaving it early (an error elsewhere) stops the reading rather
     than finishing a few GB for nothing."""
 
     def __init__(self, checkpoint: Checkpoint, prefixes: list[str], dtype: torch.dtype, device: torch.device):
-        keys = [k for k in checkpoint.shapes if k.startswith(tuple(prefixes)) and is_float(checkpoint.dtypes[k])]
+        keys = quantized.weight_keys(checkpoint, prefixes)
         self._stop = threading.Event()
         self._threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -58,7 +60,7 @@ class Prefetch:
         for key in keys:
             if self._stop.is_set():
                 break
-            tensors[key] = checkpoint.get(key).to(device=device, dtype=dtype, copy=True)
+            tensors[key] = quantized.read(checkpoint, key, dtype, device)
             checkpoint.release(key)
         return tensors
 

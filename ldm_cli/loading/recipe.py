@@ -53,10 +53,10 @@ def resolve(found: Found, metadata: dict[str, str], config_dir: str | None) -> R
 
 
 def shipped(found: Found) -> Recipe:
-    folder = SHIPPED / found.family
+    folder = SHIPPED / (f"flux-{found.variant}" if found.family == "flux" else found.family)  # dev, schnell: two configs
     configs = {name: read_json(config_file(folder, name)) for name in components(found.family)}
     denoiser = keymap.LAYOUTS[found.family][0].name
-    # the inpainting variants differ only in in_channels; SD3's shapes say the whole config
+    # the inpainting variants differ only in in_channels; SD3's and FLUX's shapes say the whole config
     configs[denoiser].update(found.denoiser_config or {"in_channels": found.in_channels})
     tokenizers = [tokenizer_for(s, configs[s.name]) for s in text_slots(found.family)]
     index = read_json(folder / "model_index.json")
@@ -117,6 +117,6 @@ def from_folder(folder: Path, r: Recipe) -> dict[str, dict]:
 
 def check_family(index: dict, family: str, folder: Path) -> None:
     kind = PIPELINE_FAMILIES.get(index.get("_class_name"))
-    if kind is not None and kind != (family if family in ("sdxl", "sd3") else "sd"):
+    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux") else "sd"):
         raise LdmError(f"--config {str(folder)!r} describes a {index['_class_name']}, but the checkpoint is {family}; "
                        "pass a config folder of the same family")

@@ -14,14 +14,17 @@ from pathlib import Path
 
 from ldm_cli.errors import LdmError
 
+GGUF_MAGIC = b"GGUF"  # llama.cpp's format (quantized FLUX and T5 files)
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format (a zip holding a pickle)
 PICKLE_PROTOCOLS = range(2, 6)  # b"\x80" then the protocol byte opens every modern pickle
 
 
 def sniff(path: Path) -> str:
-    """'safetensors', 'pickle' or 'unknown', from the first bytes."""
+    """'safetensors', 'gguf', 'pickle' or 'unknown', from the first bytes."""
     with open(path, "rb") as f:
         head = f.read(9)
+    if head.startswith(GGUF_MAGIC):
+        return "gguf"
     if head.startswith(ZIP_MAGIC) or (head[:1] == b"\x80" and len(head) > 1 and head[1] in PICKLE_PROTOCOLS):
         return "pickle"
     # safetensors: an 8-byte little-endian header length, then the JSON header itself
@@ -37,8 +40,9 @@ def refusal(path: Path) -> LdmError:
         "(ldm then reads tensors only, with torch.load(weights_only=True))")
 
 
-def load_pickle(path: Path) -> dict:
-    """The tensors of a pickle checkpoint, unpickled with torch's weights-only unpickler."""
+def load_pickle(path: Path, tensors_only: bool = True) -> dict:
+    """The tensors of a pickle checkpoint, unpickled with torch's weights-only unpickler;
+    `tensors_only=False`: the whole dict as stored (an embedding nests its tensor)."""
     import torch
 
     try:
@@ -57,4 +61,4 @@ def load_pickle(path: Path) -> dict:
         obj = obj["state_dict"]  # Lightning-style checkpoints nest the weights
     if not isinstance(obj, dict):
         raise LdmError(f"{path.name} is a pickle but not a state dict of tensors; ldm cannot use it")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) or not tensors_only}

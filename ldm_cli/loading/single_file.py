@@ -28,7 +28,7 @@ DEFAULTS_KEY = "ldm.defaults"
 
 def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> Model:
     from ldm_cli import device as devices
-    from ldm_cli import families, hashing
+    from ldm_cli import families, hashing, memory
     from ldm_cli.model import Model
 
     checkpoint = tensors.open_checkpoint(path, options.allow_pickle)
@@ -38,6 +38,7 @@ def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> 
     digest = in_background(hashing.short_hash, path)  # a new file's first hash overlaps the load
     family = families.get(found.family)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
+    device = memory.load_device(device, options)  # the CPU, when memory.place puts the weights later
     parts = read(r, sources, dtype, device)
     settle_prediction(options.prediction, r, found, path, parts[r.denoiser])
     vae = load_vae(Path(options.vae), dtype, r.configs["vae"], options.allow_pickle) if options.vae else parts["vae"]
@@ -79,7 +80,7 @@ def keep_fp32(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     keep = getattr(module, "_keep_in_fp32_modules", None) or []
     if dtype == torch.float16:
         for name, param in module.named_parameters():
-            if any(part in keep for part in name.split(".")):
+            if param.is_floating_point() and any(part in keep for part in name.split(".")):
                 param.data = param.data.float()
     return module
 
@@ -101,11 +102,17 @@ TEXT_MODELS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection":
                "T5EncoderModel": "T5Config"}
 
 
+DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
 def constructor(name: str, config: dict):
     if name in ("unet", "transformer", "vae"):
         import diffusers
 
-        cls = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"}[name]
+        default = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"}[name]
+        cls = config.get("_class_name") or default  # the transformer's config names SD3's or FLUX's
+        if cls not in (*DENOISERS, "AutoencoderKL"):
+            raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(DENOISERS)} denoisers")
         return getattr(diffusers, cls).from_config
     import transformers
 
@@ -152,12 +159,16 @@ def tokenizer(folder: Path, overrides: tuple):
 
 def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dict | None = None) -> dict:
     """The steps, cfg and scheduler a file recommends in its metadata (ldm's built-in model
-    does), over its family's own (SD3's)."""
+    does), over its family's own (SD3's, FLUX's)."""
     base = {}
     if r is not None and r.family == "sd3":
         from ldm_cli.families import sd3
 
         base = sd3.defaults(turbo(checkpoint), r.configs["scheduler"].get("shift", 3.0), "text_encoder_3" in parts)
+    if r is not None and r.family == "flux":
+        from ldm_cli.families import flux
+
+        base = flux.defaults(r.options["variant"], r.configs["scheduler"], "text_encoder_2" in parts)
     text = checkpoint.metadata.get(DEFAULTS_KEY)
     if text is None:
         return base

@@ -90,9 +90,13 @@ def check_entries(path: Path, header: dict, data_size: int) -> None:
 
 
 def open_checkpoint(path: Path, allow_pickle: bool = False) -> Checkpoint:
-    """A safetensors file (or, with allow_pickle, a torch pickle), judged by its content."""
+    """A safetensors or GGUF file (or, with allow_pickle, a torch pickle), judged by its content."""
     files.check_openable(path)  # every checkpoint file is first opened here
     kind = safety.sniff(path)
+    if kind == "gguf":
+        from ldm_cli.loading import quantized
+
+        return Checkpoint(path, *quantized.read_gguf(path))
     if kind == "pickle":
         if not allow_pickle:
             raise safety.refusal(path)
@@ -103,11 +107,20 @@ def open_checkpoint(path: Path, allow_pickle: bool = False) -> Checkpoint:
     if kind != "safetensors":
         if path.stat().st_size < 9:
             raise corrupt(path, "it is empty")
-        raise LdmError(f"{path.name} is neither a safetensors file nor a PyTorch checkpoint; ldm cannot read it")
+        raise LdmError(f"{path.name} is neither a safetensors, GGUF nor PyTorch checkpoint file; ldm cannot read it")
     header, metadata, data_start = read_header(path)
     return Checkpoint(path, {k: tuple(e["shape"]) for k, e in header.items()},
                       {k: e["dtype"] for k, e in header.items()}, metadata,
                       *_safetensors_reader(path, header, data_start))
+
+
+def shapes_of(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a safetensors or GGUF file, from its header alone."""
+    if safety.sniff(path) == "gguf":
+        from ldm_cli.loading import quantized
+
+        return quantized.read_gguf(path)[0]
+    return {k: tuple(e.get("shape", ())) for k, e in read_header(path)[0].items() if isinstance(e, dict)}
 
 
 def _safetensors_reader(path: Path, header: dict, data_start: int) -> tuple[Callable[[str], Any], Callable[[str], None]]:
@@ -135,10 +148,6 @@ def _safetensors_reader(path: Path, header: dict, data_start: int) -> tuple[Call
         if stop > start and hasattr(mmap, "MADV_DONTNEED"):  # clean private pages: read again if touched
             mapped.madvise(mmap.MADV_DONTNEED, start, stop - start)
     return view, release
-
-
-def is_float(dtype: str) -> bool:
-    return dtype.startswith(("F", "BF"))
 
 
 def dtype_name(checkpoint: Checkpoint, prefix: str = "") -> str:

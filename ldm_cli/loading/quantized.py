@@ -1,0 +1,163 @@
+"""Weights stored in fewer bits than they compute in, the one place that knows each format:
+
+- float8 (e4m3fn, e5m2): upcast to the compute dtype as they are read.
+- ComfyUI's scaled float8 (`*_fp8_scaled` files: a `scaled_fp8` marker, and beside each float8
+  weight a `.scale_weight` it must be multiplied by; without the multiply the weights are far too
+  small and images come out white). The multiply happens as the stored tensor is read, before a
+  fused tensor is split. `.scale_input` only serves float8 matmuls, which ldm does not run.
+- GGUF (llama.cpp's format; city96's FLUX and T5 files), read with the `gguf` package: quantized
+  weights stay quantized in memory as diffusers' GGUFParameter, their Linear layers become
+  diffusers' GGUFLinear, which dequantizes at each call; weights stored F32/F16/BF16 are plain.
+  Layers a model keeps in fp32 (T5's `wo`) and non-Linear weights are dequantized once, as
+  diffusers' GGUF quantizer does.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ldm_cli.errors import LdmError
+
+if TYPE_CHECKING:
+    import torch
+
+SIDE_TENSORS = (".scale_weight", ".scale_input", "scaled_fp8")  # scaled float8's bookkeeping, never a weight
+FLOAT8 = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
+PLAIN = ("F32", "F16", "BF16")  # GGUF types that are not quantized
+
+
+def is_quantized(dtype: str) -> bool:
+    """A GGUF block quantization (Q8_0, Q4_K, IQ4_XS, ...), as opposed to a float or integer dtype."""
+    return dtype.startswith(("Q", "IQ", "TQ"))
+
+
+def weight_keys(checkpoint, prefixes: list[str]) -> list[str]:
+    """The keys under `prefixes` that hold weights: floats or quantized blocks, not scales."""
+    return [k for k, d in checkpoint.dtypes.items() if k.startswith(tuple(prefixes)) and not k.endswith(SIDE_TENSORS)
+            and (d.startswith(("F", "BF")) or is_quantized(d))]
+
+
+def scale_key(checkpoint, key: str) -> str | None:
+    """Where the scale of a scaled-float8 weight lies, if it has one."""
+    scale = key.removesuffix("weight") + "scale_weight"
+    return scale if key.endswith(".weight") and scale in checkpoint.shapes else None
+
+
+def read(checkpoint, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The weight at `key` on `device`, dequantized to `dtype`, or still quantized (GGUF) and copied."""
+    import torch
+
+    stored = checkpoint.get(key)
+    if is_quantized(checkpoint.dtypes[key]):
+        return stored.to(device=device, copy=True)
+    if (scale := scale_key(checkpoint, key)) is None:
+        return stored.to(device=device, dtype=dtype, copy=True)
+    factor = checkpoint.get(scale).to(device=device, dtype=torch.float32)
+    rows = factor.reshape(-1, *[1] * (stored.dim() - 1)) if factor.numel() > 1 else factor  # per-row or one
+    return (stored.to(device=device, dtype=torch.float32) * rows).to(dtype)
+
+
+def storage(checkpoint, prefix: str) -> str:
+    """How most of the weights under `prefix` are stored: bf16, fp8_e4m3fn, fp8_e4m3fn scaled, Q8_0, ..."""
+    counts: dict[str, int] = {}
+    for key in weight_keys(checkpoint, [prefix]):
+        counts[checkpoint.dtypes[key]] = counts.get(checkpoint.dtypes[key], 0) + math.prod(checkpoint.shapes[key])
+    top = max(counts, key=counts.get) if counts else "?"
+    scaled = top in FLOAT8 and any(k.startswith(prefix) and k.endswith(".scale_weight") for k in checkpoint.shapes)
+    names = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", **FLOAT8}
+    return names.get(top, top) + (" scaled" if scaled else "")
+
+
+# -- GGUF -------------------------------------------------------------------------------------------
+def read_gguf(path: Path) -> tuple[dict, dict, dict, Callable[[str], Any]]:
+    """(shapes, dtypes, metadata, key -> tensor) of a .gguf file; shapes as the model sees them
+    (GGUF lists dimensions innermost first)."""
+    reader = gguf_reader(path)
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    tensors = {t.name: t for t in reader.tensors}
+    for t in tensors.values():
+        if t.tensor_type.name not in PLAIN and t.tensor_type not in SUPPORTED_GGUF_QUANT_TYPES:
+            supported = ", ".join(sorted(q.name for q in SUPPORTED_GGUF_QUANT_TYPES if q.name not in PLAIN))
+            raise LdmError(f"{path.name} stores {t.name!r} as GGUF {t.tensor_type.name}, which ldm cannot dequantize; "
+                           f"use a file quantized as one of {supported}")
+    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
+    dtypes = {name: t.tensor_type.name for name, t in tensors.items()}
+    return shapes, dtypes, {}, lambda key: gguf_tensor(tensors[key])  # no ldm metadata lives in GGUF files
+
+
+def gguf_reader(path: Path):
+    try:
+        import gguf
+    except ImportError:
+        raise LdmError(f"{path.name} is a GGUF file, which needs the gguf package: pip install gguf") from None
+    try:
+        return gguf.GGUFReader(path, "c")  # copy-on-write: never writes the file
+    except ValueError as e:
+        if "GGMLQuantizationType" in str(e):  # a type newer than the installed gguf package
+            raise LdmError(f"{path.name} uses a GGUF quantization type the installed gguf package cannot read "
+                           f"({e}); update gguf (pip install -U gguf) or use a Q8_0/Q5_K/Q4_K file") from None
+        raise corrupt_gguf(path) from None
+    except (IndexError, KeyError, TypeError, OSError):
+        raise corrupt_gguf(path) from None
+
+
+def corrupt_gguf(path: Path) -> LdmError:
+    return LdmError(f"{path.name} is truncated or corrupt (its GGUF header or tensor data is cut short or malformed); "
+                    "download it again")
+
+
+def gguf_tensor(t) -> torch.Tensor:
+    """A view into the mapped file: a plain tensor, or the raw blocks as a GGUFParameter."""
+    import torch
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    data = torch.from_numpy(t.data)
+    if t.tensor_type.name == "BF16":  # stored as raw bytes
+        return data.view(torch.bfloat16)
+    if t.tensor_type.name in PLAIN:
+        return data
+    return GGUFParameter(data, quant_type=t.tensor_type)
+
+
+def place(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Put the quantized weights of `state` into `module` (their Linear layers becoming GGUFLinear)
+    and return the rest, for load_state_dict; weights GGUFLinear cannot hold are dequantized."""
+    import torch
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+
+    quantized = {k for k, v in state.items() if isinstance(v, GGUFParameter)}
+    if not quantized:
+        return state
+    compute = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    kept = {k for k in quantized if stays_quantized(module, k)}
+    rest = {k: (dequantize_gguf_tensor(v).to(compute) if k in quantized - kept else v)
+            for k, v in state.items() if k not in kept}
+    for key in kept:
+        owner = to_gguf_linear(module, key.removesuffix(".weight"), compute)
+        owner._parameters["weight"] = state[key]
+    return rest
+
+
+def stays_quantized(module: torch.nn.Module, key: str) -> bool:
+    import torch
+
+    path, _, leaf = key.rpartition(".")
+    fp32 = getattr(module, "_keep_in_fp32_modules", None) or []
+    return (leaf == "weight" and isinstance(module.get_submodule(path), torch.nn.Linear)
+            and not any(part in fp32 for part in path.split(".")))
+
+
+def to_gguf_linear(module: torch.nn.Module, path: str, compute: torch.dtype) -> torch.nn.Module:
+    """Replace the Linear at `path` by diffusers' GGUFLinear, built empty."""
+    from accelerate import init_empty_weights
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    parent, _, name = path.rpartition(".")
+    old = module.get_submodule(path)
+    with init_empty_weights():
+        new = GGUFLinear(old.in_features, old.out_features, old.bias is not None, compute_dtype=compute)
+    new.requires_grad_(False)
+    module.get_submodule(parent)._modules[name] = new
+    return new

@@ -1,0 +1,101 @@
+"""Where LoRA and embedding files are found, and a name found among them.
+
+A name is a file's stem (`fox` for `loras/animals/fox.safetensors`), searched recursively, as
+A1111 lists its Lora and embeddings folders. Folders, first match wins:
+  LoRAs:      files given with --lora, then --lora-dir, a `loras` folder beside the model, $LDM_LORA_DIR
+  embeddings: --embeddings-dir, an `embeddings` folder beside the model, $LDM_EMBEDDINGS_DIR
+(the variables may hold several folders, separated as in PATH).
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ldm_cli.errors import LdmError
+
+LORA_ENV = "LDM_LORA_DIR"
+EMBEDDINGS_ENV = "LDM_EMBEDDINGS_DIR"
+SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")  # pickles load only with --allow-pickle
+
+
+@dataclass
+class NetworkOptions:
+    lora_files: list[str] = field(default_factory=list)  # --lora FILE[:W], as given
+    lora_dirs: list[str] = field(default_factory=list)
+    embeddings_dirs: list[str] = field(default_factory=list)
+    allow_pickle: bool = False
+
+
+def lora_folders(options: NetworkOptions, model: str | None) -> list[Path]:
+    return _folders(options.lora_dirs, model, "loras", LORA_ENV)
+
+
+def embedding_folders(options: NetworkOptions, model: str | None) -> list[Path]:
+    return _folders(options.embeddings_dirs, model, "embeddings", EMBEDDINGS_ENV)
+
+
+def _folders(given: list[str], model: str | None, sibling: str, variable: str) -> list[Path]:
+    folders = [Path(d).expanduser() for d in given]
+    if model:  # beside a checkpoint file, or beside a diffusers folder
+        folders.append(Path(model).expanduser().absolute().parent / sibling)
+    folders += [Path(d).expanduser() for d in os.environ.get(variable, "").split(os.pathsep) if d]
+    return list(dict.fromkeys(folders))
+
+
+def check_folders(options: NetworkOptions) -> None:
+    """The folders given as flags exist (the default ones may not)."""
+    for flag, folders in (("--lora-dir", options.lora_dirs), ("--embeddings-dir", options.embeddings_dirs)):
+        for folder in folders:
+            if not Path(folder).expanduser().is_dir():
+                raise LdmError(f"{flag} {folder!r} is not a folder")
+
+
+def find_lora(name: str, options: NetworkOptions, model: str | None) -> Path:
+    """The file of the LoRA `name`: a --lora file of that stem, else the first in the folders."""
+    from ldm_cli.networks import tags
+
+    for path, _ in map(tags.parse_flag, options.lora_files):
+        if path.stem == name:
+            if not path.exists():
+                raise LdmError(f"--lora {str(path)!r}: no such file")
+            return path
+    folders = lora_folders(options, model)
+    found = index(tuple(folders))
+    if name in found:
+        return found[name]
+    close = difflib.get_close_matches(name, found, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    where = ", ".join(str(f) for f in folders) or "no LoRA folder"
+    raise LdmError(f"LoRA {name!r} not found in {where}{hint}; put {name}.safetensors there, "
+                   "or pass --lora-dir DIR or --lora FILE")
+
+
+def embedding_files(options: NetworkOptions, model: str | None) -> dict[str, Path]:
+    """stem -> file of every embedding in the folders, the first folder's winning a stem."""
+    return index(tuple(embedding_folders(options, model)))
+
+
+@functools.lru_cache(maxsize=16)  # a batch asks once per line; files added during a run are not seen
+def index(folders: tuple[Path, ...]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for path in _walk(folder):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def _walk(folder: Path) -> list[Path]:
+    """The network files under `folder`, recursively, symlinked folders followed once."""
+    out, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        out += [Path(root) / n for n in sorted(names) if n.lower().endswith(SUFFIXES) and not n.startswith(".")]
+    return out

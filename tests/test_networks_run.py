@@ -1,0 +1,152 @@
+"""LoRAs and embeddings in a run: names found in folders, A1111's hashes in the PNG, --from-png
+finding them again, `ldm batch` switching sets without reloading, and every user error one
+line before anything renders."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from ldm_cli import loading, pipeline
+from ldm_cli.cli import app
+from ldm_cli.errors import LdmError
+from ldm_cli.networks import hashes, lookup, merge, tags
+from ldm_cli.networks.lookup import NetworkOptions
+from tests import lora_files, tiny_models
+
+UNET = ("attn1.to_q", "attn2.to_k", "attn2.to_v", "resnets.0.conv1")
+
+
+@pytest.fixture
+def model_dir(sd1_folder, tmp_path):
+    """The tiny SD1 model seen from tmp_path (its default `loras` folder is tmp_path/loras)."""
+    (tmp_path / "model").symlink_to(sd1_folder)
+    return tmp_path / "model"
+
+
+def sd1_lora(path, seed=0, scale=1.0):
+    unet = tiny_models.unet()
+    chosen = lora_files.layers(unet, UNET)
+    return lora_files.write(path, {k: v * scale for k, v in lora_files.kohya(chosen, "lora_unet_", seed=seed).items()})
+
+
+def run(*args):
+    return CliRunner().invoke(app, [*map(str, args)])
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def test_names_are_file_stems_found_recursively_first_folder_first(tmp_path, monkeypatch):
+    for folder in ("flag", "beside/loras/deep", "env"):
+        (tmp_path / folder).mkdir(parents=True)
+    for path in ("flag/a.safetensors", "beside/loras/deep/a.safetensors", "beside/loras/deep/b.pt", "env/c.safetensors"):
+        (tmp_path / path).write_bytes(b"x")
+    monkeypatch.setenv(lookup.LORA_ENV, str(tmp_path / "env"))
+    options = NetworkOptions(lora_dirs=[str(tmp_path / "flag")], lora_files=[str(tmp_path / "elsewhere/z.safetensors:0.5")])
+    model = str(tmp_path / "beside" / "model.safetensors")
+    assert lookup.find_lora("a", options, model) == tmp_path / "flag/a.safetensors"
+    assert lookup.find_lora("b", options, model) == tmp_path / "beside/loras/deep/b.pt"
+    assert lookup.find_lora("c", options, model) == tmp_path / "env/c.safetensors"
+    with pytest.raises(LdmError, match=r"'cc' not found in .*flag.*beside/loras.*env \(did you mean 'c'\?\)"):
+        lookup.find_lora("cc", options, model)
+    with pytest.raises(LdmError, match="--lora .*z.safetensors'.*no such file"):
+        lookup.find_lora("z", options, model)
+
+
+def test_tags_and_the_lora_flag_as_a1111_reads_them():
+    assert tags.lora_tags("a <lora:fox:0.8>, <lyco:snow:0.5:1.5> <lora:x> <lora:y:unet=0.3> <hypernet:h:1>") == [
+        tags.LoraTag("fox", 0.8, 0.8), tags.LoraTag("snow", 0.5, 1.5), tags.LoraTag("x"), tags.LoraTag("y", 1, 0.3)]
+    with pytest.raises(LdmError, match="'abc' is not a number"):
+        tags.lora_tags("<lora:fox:abc>")
+    assert tags.parse_flag("C:\\loras\\fox.safetensors")[1] == 1.0
+    assert tags.with_flag_loras("a fox", ["/l/fox.safetensors:0.75", "/l/snow.safetensors"]) == \
+        "a fox<lora:fox:0.75><lora:snow:1>"
+    assert tags.with_flag_loras("a <lora:fox:0.3>", ["/l/fox.safetensors:0.75"]) == "a <lora:fox:0.3>"
+
+
+def test_hashes_are_a1111s(tmp_path):
+    path = sd1_lora(tmp_path / "fox.safetensors")
+    data = path.read_bytes()
+    body = data[8 + int.from_bytes(data[:8], "little"):]
+    assert hashes.lora_hash(path) == hashlib.sha256(body).hexdigest()[:12]  # the header left out
+    assert hashes.embedding_hash(path) == hashlib.sha256(data).hexdigest()[:12]
+    tagged = lora_files.write(tmp_path / "t.safetensors", {"lora_unet_x.lora_down.weight": torch.zeros(1, 2)},
+                              {"sshs_model_hash": "abcdef0123456789"})
+    assert hashes.lora_hash(tagged) == "abcdef012345"  # what kohya's trainer recorded wins, as in A1111
+    recorded = hashes.record([("a:b,c", "111111111111"), ("d", "222222222222")])
+    assert recorded == "abc: 111111111111, d: 222222222222"
+    assert hashes.parse(recorded) == {"abc": "111111111111", "d": "222222222222"}
+
+
+def test_generate_records_the_lora_and_from_png_finds_it_again(model_dir, tmp_path):
+    fox = sd1_lora(tmp_path / "loras" / "animals" / "fox.safetensors")
+    base = ("--model", model_dir, "--steps", 2, "--seed", 3, "--json")
+    tagged = run("generate", "a red fox <lora:fox:0.8>", *base, "--out", tmp_path / "a")
+    flagged = run("generate", "a red fox", "--lora", f"{fox}:0.8", *base, "--out", tmp_path / "b")
+    plain = run("generate", "a red fox", *base, "--out", tmp_path / "c")
+    assert tagged.exit_code == flagged.exit_code == plain.exit_code == 0, tagged.output + flagged.output
+    a, b, c = (json.loads(r.stdout)["path"] for r in (tagged, flagged, plain))
+    text = Image.open(a).text["parameters"]
+    assert text.startswith("a red fox <lora:fox:0.8>\n")
+    assert f'Lora hashes: "fox: {hashes.lora_hash(fox)}", Version' in text
+    assert Image.open(b).text["parameters"].startswith("a red fox<lora:fox:0.8>\n")
+    assert np.array_equal(pixels(a), pixels(b))  # the tag is not text the encoder reads
+    assert np.abs(pixels(a) - pixels(c)).max() > 20
+    sd1_lora(fox, seed=1)  # the file changed since
+    again = run("generate", "--from-png", a, "--out", tmp_path / "d", "--json")
+    assert again.exit_code == 0, again.output
+    assert "warning: the LoRA 'fox'" in again.output and hashes.lora_hash(fox) in again.output
+
+
+def test_user_errors_are_one_line_and_render_nothing(model_dir, tmp_path):
+    xl = tiny_models.unet(64, sdxl=True)
+    lora_files.write(tmp_path / "loras" / "xl.safetensors",
+                     lora_files.kohya(lora_files.layers(xl, ("attn2.to_k",)), "lora_unet_"))
+    (tmp_path / "notes.txt").write_text("not a lora")
+    for args, message in ((["a <lora:nope:1>"], "LoRA 'nope' not found"),
+                          (["a <lora:xl:1>"], "made for another model family"),
+                          (["a", "--lora", tmp_path / "notes.txt"], "it is not a LoRA"),
+                          (["a", "--lora-dir", tmp_path / "missing"], "--lora-dir .* is not a folder")):
+        result = run("generate", *args, "--model", model_dir, "--steps", 1, "--out", tmp_path / "out")
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.startswith("ldm: error:")]
+        assert len(lines) == 1 and __import__("re").search(message, lines[0]), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_groups_lines_by_lora_set_and_restores_between(model_dir, tmp_path, monkeypatch):
+    sd1_lora(tmp_path / "loras" / "a.safetensors", seed=1)
+    sd1_lora(tmp_path / "loras" / "b.safetensors", seed=2)
+    file = tmp_path / "p.txt"
+    file.write_text("a fox <lora:a:1>\na cat\na dog <lora:b:0.5>\na bird <lora:a:1>\n")
+    drawn, merges, loads = [], [], []
+    real_draw, real_merge, real_load = pipeline.text_to_image, merge.Merger.merge, loading.load
+    monkeypatch.setattr(pipeline, "text_to_image", lambda m, g, on_step=None: drawn.append(
+        [s.prompt for s in g]) or real_draw(m, g, on_step))
+    monkeypatch.setattr(merge.Merger, "merge", lambda self, c, p: merges.append(len(p)) or real_merge(self, c, p))
+    monkeypatch.setattr(loading, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    result = run("batch", file, "--model", model_dir, "--steps", 2, "--batch-size", 4, "--out", tmp_path / "out",
+                 "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert drawn == [["a fox <lora:a:1>", "a bird <lora:a:1>"], ["a cat"], ["a dog <lora:b:0.5>"]]
+    assert len(merges) == 2 and len(loads) == 1  # a, then b: switching sets reloads nothing
+    for row in map(json.loads, result.stdout.splitlines()):
+        alone = run("generate", row["prompt"], "--model", model_dir, "--steps", 2, "--seed", row["seed"],
+                    "--out", tmp_path / "alone", "--json")
+        assert np.abs(pixels(json.loads(alone.stdout)["path"]) - pixels(row["path"])).max() <= 2  # batched: rounding
+
+
+def test_batch_checks_every_line_before_loading(model_dir, tmp_path, monkeypatch):
+    sd1_lora(tmp_path / "loras" / "a.safetensors")
+    file = tmp_path / "p.txt"
+    file.write_text("a fox <lora:a:1>\n--prompt \"a cat <lora:missing:1>\"\na dog <lora:a:x>\n")
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("a model loaded for a bad file"))
+    result = run("batch", file, "--model", model_dir, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "p.txt:2: LoRA 'missing' not found" in result.output and "p.txt:3: <lora:a:x>" in result.output
+    assert not (tmp_path / "out").exists()
