@@ -9,7 +9,9 @@ started before the run and stopped after it. The policies:
   new  ldm's own choice (nothing set): idle threads sleep (OMP_WAIT_POLICY=PASSIVE), and each
        process takes its share of the cores it may run on.
 Configurations take turns, round after round, so a change in the machine's load hits all alike;
-the table shows medians.
+the table shows medians, and how many cores other work on the machine kept busy meanwhile
+(the machine's busy CPU time, from /proc/stat, less this script's children's), as the figures
+mean little when that is high.
 
     python bench/busy_cpu.py [--runs 3]
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -32,19 +35,30 @@ POLICIES = {"old": {"OMP_NUM_THREADS": str(os.cpu_count()), "GOMP_SPINCOUNT": "3
 NEIGHBOUR = [sys.executable, "-c", "while True: pass"]
 
 
-def timed(workload: list[str], policy: dict[str, str], busy: bool) -> float:
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, those of this script's finished children)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"), children.ru_utime + children.ru_stime
+
+
+def timed(workload: list[str], policy: dict[str, str], busy: bool) -> tuple[float, float]:
+    """(wall seconds of one run, cores other work kept busy meanwhile)."""
     env = {k: v for k, v in os.environ.items() if k not in OWN} | policy | {"HF_HUB_OFFLINE": "1"}
+    machine, mine = cpu_seconds()
+    start = time.perf_counter()
     neighbour = subprocess.Popen(NEIGHBOUR) if busy else None
     try:
         with tempfile.TemporaryDirectory() as out:
-            start = time.perf_counter()
-            subprocess.run([*LDM, *workload, "--out", out], cwd=ROOT, env=env, check=True,
-                           stdout=subprocess.DEVNULL)
-            return time.perf_counter() - start
+            subprocess.run([*LDM, *workload, "--out", out], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     finally:
         if neighbour:
             neighbour.kill()
             neighbour.wait()
+    wall = time.perf_counter() - start
+    machine_after, mine_after = cpu_seconds()
+    return wall, max(0.0, (machine_after - machine) - (mine_after - mine)) / wall
 
 
 def main() -> None:
@@ -52,19 +66,23 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     configs = [(w, p, busy) for w in WORKLOADS for p in POLICIES for busy in (False, True)]
-    times: dict[tuple, list[float]] = {c: [] for c in configs}
+    walls: dict[tuple, list[float]] = {c: [] for c in configs}
+    others: dict[tuple, list[float]] = {c: [] for c in configs}
     for round_ in range(args.runs):
         for config in configs:
-            times[config].append(timed(WORKLOADS[config[0]], POLICIES[config[1]], config[2]))
-        print(f"round {round_ + 1}/{args.runs}: " + ", ".join(f"{t[-1]:.1f}" for t in times.values()),
+            wall, other = timed(WORKLOADS[config[0]], POLICIES[config[1]], config[2])
+            walls[config].append(wall)
+            others[config].append(other)
+        print(f"round {round_ + 1}/{args.runs}: " + ", ".join(f"{w[-1]:.1f}" for w in walls.values()),
               file=sys.stderr, flush=True)
-    print(f"`ldm generate`, built-in model, {os.cpu_count()} cores, median of {args.runs} (wall s)\n")
-    print("| workload | policy | idle (s) | beside a busy process (s) | busy / idle |")
-    print("|---|---|---|---|---|")
+    print(f"`ldm generate`, built-in model, {os.cpu_count()} cores, medians of {args.runs} runs\n")
+    print("| workload | policy | idle (s) | beside a busy process (s) | busy / idle | cores busy with other work (idle, busy runs) |")
+    print("|---|---|---|---|---|---|")
     for workload in WORKLOADS:
         for policy in POLICIES:
-            idle, busy = (statistics.median(times[(workload, policy, b)]) for b in (False, True))
-            print(f"| {workload} | {policy} | {idle:.1f} | {busy:.1f} | {busy / idle:.2f}x |")
+            idle, busy = (statistics.median(walls[(workload, policy, b)]) for b in (False, True))
+            other = " / ".join(f"{statistics.median(others[(workload, policy, b)]):.2f}" for b in (False, True))
+            print(f"| {workload} | {policy} | {idle:.1f} | {busy:.1f} | {busy / idle:.2f}x | {other} |")
 
 
 if __name__ == "__main__":

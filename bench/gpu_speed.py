@@ -1,7 +1,8 @@
 """ldm against diffusers' stock pipelines on one GPU, side by side in one run.
 
     python bench/gpu_speed.py                       # CUDA: SD1.5 at 512x512, SDXL at 1024x1024, 30 steps, fp16
-    python bench/gpu_speed.py --tiny --device cpu   # tiny models at 64x64, 2 steps: what the tests run
+    python bench/gpu_speed.py --tiny --device cpu   # tiny models at 64x64, 2 steps (the tests compile
+                                                    # only SD1.5: --compile-models sd15)
 
 Random weights in the real architectures (the configs shipped in ldm_cli/loading/configs); nothing
 is downloaded. For each model, in this order, in one process (the fast path changes the modules in
@@ -71,7 +72,8 @@ TINY = {"sd15": Spec("SD1.5 (tiny)", "sd1", 64, 2, True), "sdxl": Spec("SDXL (ti
 
 # -- random-weight models ---------------------------------------------------------------------
 def tiny_configs(family: str) -> dict[str, dict]:
-    """The real architectures at toy width: 64x64 images, 8x8x4 latents, 32-wide CLIP encoders."""
+    """The real architectures at toy width: 64x64 images, 8x8x4 latents, 32-wide CLIP encoders.
+    SD1's U-Net is tests/tiny_models.py's, so the tests' compile cache holds its compiled code."""
     xl = family == "sdxl"
     unet = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
                 norm_num_groups=8, cross_attention_dim=64 if xl else 32, attention_head_dim=(2, 4) if xl else 4,
@@ -93,7 +95,7 @@ def tiny_configs(family: str) -> dict[str, dict]:
 
 def shipped_configs(family: str) -> dict[str, dict]:
     names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
-    return {n: folders.read_json(recipe.config_file(recipe.SHIPPED / family, n)) for n in names}
+    return {n: recipe.read_json(recipe.config_file(recipe.SHIPPED / family, n)) for n in names}
 
 
 def build_modules(configs: dict[str, dict], device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
@@ -118,7 +120,7 @@ def build_model(spec: Spec, device: torch.device, dtype: torch.dtype) -> Model:
     encoders = [modules[n] for n in ("text_encoder", "text_encoder_2") if n in modules]
     tokenizers = [folders.load_tokenizer(recipe.TOKENIZER, **(recipe.OPENCLIP_TOKENS if e.config.hidden_act == "gelu" else {}))
                   for e in encoders]
-    scheduler = folders.read_json(recipe.config_file(recipe.SHIPPED / spec.family, "scheduler"))
+    scheduler = recipe.read_json(recipe.config_file(recipe.SHIPPED / spec.family, "scheduler"))
     return Model(family=families.get(spec.family), denoiser=modules["unet"], vae=modules["vae"],
                  text_encoders=encoders, tokenizers=tokenizers, scheduler_config=scheduler, name=f"random-{spec.family}")
 
@@ -355,16 +357,32 @@ def compiled(model: Model, spec: Spec, device: torch.device, runs: int, base: Ro
     return compared(row, base, render, device)
 
 
+def precision_settings() -> list[tuple[object, str, object]]:
+    """(namespace, attribute, the value for true fp32) of torch's fp32 precision settings: the
+    fp32_precision strings of torch >= 2.9 (mixed with the allow_tf32 switches they would leave
+    cuDNN's flags unreadable), else the switches."""
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision"):
+        return [(space, "fp32_precision", "ieee") for space in (b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn)]
+    return [(b.cuda.matmul, "allow_tf32", False), (b.cudnn, "allow_tf32", False)]
+
+
 @contextlib.contextmanager
 def true_fp32():
     """fp32 arithmetic throughout: cuDNN's convolutions default to TF32, whose rounding would be
-    compared instead of the two pipelines."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    compared instead of the two pipelines. Afterwards every setting is put back as it was, not
+    merely to an equivalent: inductor's cache key holds the matmul precision, and restoring
+    `allow_tf32 = False` leaves "ieee" where the default is "none", so the stages compiled after
+    this one filled cache entries a fresh `ldm` process never looks up, and it compiled again."""
+    settings = precision_settings()
+    saved = [getattr(space, name) for space, name, _ in settings]
+    for space, name, value in settings:
+        setattr(space, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        for (space, name, _), value in zip(settings, saved):
+            setattr(space, name, value)
 
 
 def bench_fp32(spec: Spec, device: torch.device, table: Table) -> None:
@@ -414,15 +432,23 @@ def parse(argv: list[str] | None):
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile-models", help="comma-separated: the models to run --compile and the fresh "
+                        "process for (default: all of --models)")
+    parser.add_argument("--no-compile", dest="compile_models", action="store_const", const="")
     parser.add_argument("--no-fresh", dest="fresh", action="store_false", help="skip the fresh-process run")
     parser.add_argument("--no-fp32", dest="fp32", action="store_false", help="skip the fp32 parity run")
     default_out = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "out"
     parser.add_argument("--out", type=Path, default=default_out / "gpu_speed.md")
     args = parser.parse_args(argv)
-    if not args.compile:
-        args.fresh = False  # the fresh process measures a warm compile cache
+    args.compile_models = args.models if args.compile_models is None else args.compile_models
     return args
+
+
+def for_model(args, key: str) -> argparse.Namespace:
+    """`args` as one model's stages read them: `compile`, and `fresh` (the fresh process measures
+    a warm compile cache) only where --compile-models names the model."""
+    wanted = key in args.compile_models.split(",")
+    return argparse.Namespace(**{**vars(args), "compile": wanted, "fresh": args.fresh and wanted})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -437,7 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as work:
         for key in args.models.split(","):
             spec = specs[key]
-            guarded(table, spec.name, lambda: bench_model(spec, device, dtype, args, table, Path(work)), device)
+            guarded(table, spec.name, lambda: bench_model(spec, device, dtype, for_model(args, key), table, Path(work)),
+                    device)
             if key == "sd15" and args.fp32:
                 small = Spec(spec.name, spec.family, spec.size, spec.steps if spec.tiny else 10, spec.tiny)
                 guarded(table, spec.name + " fp32", lambda: bench_fp32(small, device, table), device)

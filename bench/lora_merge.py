@@ -71,40 +71,47 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     from ldm_cli import families
     from ldm_cli.model import Model
-    from ldm_cli.networks import formats, merge, targets
 
     unet = random_unet()
     model = Model(families.get("sdxl"), unet, None, [], [], {}, "sdxl-random")
     with tempfile.TemporaryDirectory() as folder:
         paths = [Path(folder) / f"{name}.safetensors" for name in "ab"]
-        layers = [write_lora(unet, p, seed) for seed, p in enumerate(paths)]
+        layers = [write_lora(unet, p, seed) for seed, p in enumerate(paths)][0]
         size_mb = paths[0].stat().st_size / 2**20
-        probe = next(n for n, m in unet.named_modules() if n.endswith("attn2.to_k"))
-        original = unet.get_submodule(probe).weight.clone()
-        components, merger = targets.components(model), merge.Merger()
-
-        def planned(path):
-            lora = formats.open_lora(path, False)
-            return lora, merge.plan(components, targets.table(model), [merge.Applied(lora, 1.0, 0.8)])
-
-        t_plan, (lora_a, plan_a) = timed(lambda: planned(paths[0]))
-        t_merge, _ = timed(lambda: merger.merge(components, plan_a))
-        check(unet, probe, original, lora_a)
-        backup_gb = sum(o.numel() * o.element_size() for _, o in merger.originals.values()) / 2**30
-        _, (_, plan_b) = timed(lambda: planned(paths[1]))
-        t_switch, _ = timed(lambda: (merger.restore(), merger.merge(components, plan_b)))
-        t_restore, _ = timed(merger.restore)
-    assert torch.equal(unet.get_submodule(probe).weight, original), "restore is not exact"
+        times, backup_gb, changed = measure(model, paths)
     params = sum(p.numel() for p in unet.parameters())
-    changed = sum(unet.get_submodule(m).weight.numel() for _, m in plan_a)
-    print(f"SDXL U-Net, random fp16: {params / 1e9:.2f} B parameters; LoRA rank {RANK} on {layers[0]} layers "
-          f"({changed / params:.0%} of the weights), {size_mb:.0f} MB fp16; {torch.get_num_threads()} threads")
+    print(f"SDXL U-Net, random fp16: {params / 1e9:.2f} B parameters; LoRA rank {RANK} on {layers} layers "
+          f"({changed / params:.1%} of the weights), {size_mb:.0f} MB fp16; {torch.get_num_threads()} threads")
     print("| step | seconds |\n|---|---|")
-    for label, seconds in (("read + plan (header, shapes checked)", t_plan), ("merge (fp32 sums, cast to fp16)", t_merge),
-                           ("switch to another LoRA (restore + merge)", t_switch), ("restore (exact)", t_restore)):
+    for label, seconds in times.items():
         print(f"| {label} | {seconds:.1f} |")
     print(f"originals kept on the CPU: {backup_gb:.2f} GB; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
+
+
+def measure(model, paths: list[Path]) -> tuple[dict[str, float], float, int]:
+    """(seconds per step, GB of originals kept, weights changed), checking the merge and restore."""
+    from ldm_cli.networks import formats, merge, targets
+
+    unet, components, merger = model.denoiser, targets.components(model), merge.Merger()
+    probe = next(n for n, m in unet.named_modules() if n.endswith("attn2.to_k"))
+    original = unet.get_submodule(probe).weight.clone()
+
+    def planned(path):
+        lora = formats.open_lora(path, False)
+        return lora, merge.plan(components, targets.table(model), [merge.Applied(lora, 1.0, 0.8)])
+
+    t_plan, (lora_a, plan_a) = timed(lambda: planned(paths[0]))
+    t_merge, _ = timed(lambda: merger.merge(components, plan_a))
+    check(unet, probe, original, lora_a)
+    backup_gb = sum(o.numel() * o.element_size() for _, o in merger.originals.values()) / 2**30
+    _, (_, plan_b) = timed(lambda: planned(paths[1]))
+    t_switch, _ = timed(lambda: (merger.restore(), merger.merge(components, plan_b)))
+    t_restore, _ = timed(merger.restore)
+    assert torch.equal(unet.get_submodule(probe).weight, original), "restore is not exact"
+    times = {"read + plan (header, shapes checked)": t_plan, "merge (fp32 sums, cast to fp16)": t_merge,
+             "switch to another LoRA (restore + merge)": t_switch, "restore (exact)": t_restore}
+    return times, backup_gb, sum(unet.get_submodule(m).weight.numel() for _, m in plan_a)
 
 
 def check(unet, probe: str, original: torch.Tensor, lora) -> None:

@@ -28,11 +28,10 @@ def random_like(name: str, shape: torch.Size, generator: torch.Generator) -> tor
 
 def components(family: str = "sd1"):
     """The SD1.5 UNet, VAE and text encoder, on the meta device, from ldm's shipped configs."""
-    from ldm_cli.loading import recipe, single_file
-    from ldm_cli.loading.folder import read_json
+    from ldm_cli.loading import convert, recipe
 
     folder = recipe.SHIPPED / family
-    return [single_file.empty(name, read_json(recipe.config_file(folder, name)))
+    return [convert.empty(name, recipe.read_json(recipe.config_file(folder, name)))
             for name in ("unet", "vae", "text_encoder")]
 
 

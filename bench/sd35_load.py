@@ -71,9 +71,8 @@ pipe(prompt, num_inference_steps=28, height=1024, width=1024)
 # -- making the file ----------------------------------------------------------------------------------
 def shipped(name: str) -> dict:
     from ldm_cli.loading import recipe
-    from ldm_cli.loading.folder import read_json
 
-    return read_json(recipe.config_file(recipe.SHIPPED / "sd3", name))
+    return recipe.read_json(recipe.config_file(recipe.SHIPPED / "sd3", name))
 
 
 def transformer_config(layers: int) -> dict:
@@ -84,14 +83,14 @@ def transformer_config(layers: int) -> dict:
 
 def layout(config: dict) -> dict[str, dict[str, tuple[int, ...]]]:
     """file -> original key -> shape, from the components built on the meta device."""
-    from ldm_cli.loading import convert, keymap, single_file
+    from ldm_cli.loading import convert, keymap
 
     def shapes(slot, module):
         return {k: tuple(v.shape) for k, v in convert.export(slot, module).items()}
 
-    model = {**shapes(keymap.MMDIT, single_file.empty("transformer", config)),
-             **shapes(keymap.VAE, single_file.empty("vae", shipped("vae")))}
-    clips = {name: shapes(keymap.Slot(name, "", "clip"), single_file.empty(name, shipped(name)))
+    model = {**shapes(keymap.MMDIT, convert.empty("transformer", config)),
+             **shapes(keymap.VAE, convert.empty("vae", shipped("vae")))}
+    clips = {name: shapes(keymap.Slot(name, "", "clip"), convert.empty(name, shipped(name)))
              for name in ("text_encoder", "text_encoder_2")}
     return {"model": model, **clips}
 

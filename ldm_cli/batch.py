@@ -172,10 +172,8 @@ def render_model(source: str | None, group: list[Task], manifest: Manifest, opti
 def line_resolved(task: Task, model) -> Settings:
     """The task's settings completed for the loaded model; an error (a LoRA or an embedding
     that does not fit this model) names the line, and comes before any image of the model."""
-    from ldm_cli import commands
-
     try:
-        return commands.resolved(task.settings, model)
+        return render.resolved(task.settings, model)
     except LdmError as e:
         raise LdmError(f"line {task.job.line}: {e}") from None
 

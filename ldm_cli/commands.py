@@ -70,27 +70,6 @@ def with_lora_flags(settings: Settings, options: RunOptions) -> Settings:
     return settings.merged(prompt=tags.with_flag_loras(settings.prompt, options.networks.lora_files))
 
 
-def resolved(settings: Settings, model) -> Settings:
-    out = settings.resolve(model.defaults, model.native_size, model.train_timesteps)
-    out.model_name, out.model_hash = model.name, model.hash
-    out.model = model.path
-    out.modules = ", ".join(model.modules) or None
-    _check_negative_used(out)
-    if model.networks is not None:  # the LoRAs and embeddings fit the model; their hashes recorded
-        out = model.networks.resolve(out)
-    return out
-
-
-def _check_negative_used(s: Settings) -> None:
-    """At --cfg 1 no negative pass runs (FLUX's default: dev steers by --guidance instead)."""
-    from ldm_cli import conditioning
-    from ldm_cli.notes import note_once
-
-    if s.negative and not conditioning.uses_negative(s):
-        note_once("the negative prompt is unused at --cfg 1, which runs no negative pass; "
-                  "give --cfg above 1 for real classifier-free guidance")
-
-
 def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]:
     """Render options.num_images images; image i uses seed + i. Yields each as it is saved."""
     from ldm_cli.progress import Progress
@@ -99,7 +78,7 @@ def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]
     images.check_writable(options.out)
     settings = with_lora_flags(settings, options)
     model = load_model(settings, options)
-    s = resolved(settings, model)
+    s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
     with Progress(s.steps * len(jobs), len(jobs), options.quiet) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress)
@@ -158,7 +137,7 @@ def _run(settings: Settings, options: RunOptions, make) -> Iterator[render.Resul
     images.check_writable(options.out)
     settings = with_lora_flags(settings, options)
     model = load_model(settings, options)
-    s = resolved(settings, model)
+    s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
     with Progress(_steps_run(s, model.family.flow) * len(jobs), len(jobs), options.quiet) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress, make)

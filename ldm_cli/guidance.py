@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm_cli.families import Cond
+from ldm_cli.families.family import Cond
 
 FOREVER = 2**62  # the end step of a conditioning that never changes
 
@@ -137,7 +137,7 @@ class Guidance:
         result = uncond.clone()
         for rows, images, scale in self._combine:
             if isinstance(scale, torch.Tensor):
-                scale = scale.to(out.device)
+                scale = scale.to(out.device, out.dtype)
             result[images] += (out[rows] - uncond[images]) * scale
         return result
 

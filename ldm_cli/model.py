@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ldm_cli.families import Family
+from ldm_cli.families.family import Family
 
 
 @dataclass

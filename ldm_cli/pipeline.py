@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm_cli import memory, sampling, schedulers, vae
+from ldm_cli import conditioning, memory, sampling, schedulers, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
@@ -45,14 +45,13 @@ def generators_for(group: list[Settings]) -> list[torch.Generator]:
 
 
 def encode_prompts(model, group: list[Settings]):
-    """(positive, negative) conditioning; no negative pass at cfg 1. The group's LoRAs are
-    merged into the model first (its text encoders' layers too)."""
-    from ldm_cli import conditioning
-
+    """(positive, negative) conditioning, prompts read as A1111 reads them (conditioning.py); no
+    negative pass where guidance needs none (cfg 1). The group's LoRAs are merged into the model
+    first (its text encoders' layers too)."""
     s = group[0]
     if model.networks is not None:
         model.networks.activate(s.prompt)
-    encoded = conditioning.encode(model, group)  # A1111's prompt syntax: weights, AND, prompt editing
+    encoded = conditioning.encode(model, group)
     memory.release_text_encoders(model)  # off the GPU where offloaded: the denoiser takes its place
     return encoded
 

@@ -75,6 +75,29 @@ def check_recorded(path: Path, recorded: Settings, overridden: set[str]) -> None
                                f"; override it with {flags}" + (e.hint if e.field == "size" else ""))) from None
 
 
+def resolved(settings: Settings, model) -> Settings:
+    """The settings completed for the loaded model (its defaults, name, hash and modules) and
+    checked against its LoRAs and embeddings, whose hashes they record."""
+    out = settings.resolve(model.defaults, model.native_size, model.train_timesteps)
+    out.model_name, out.model_hash = model.name, model.hash
+    out.model = model.path
+    out.modules = ", ".join(model.modules) or None
+    _check_negative_used(out)
+    if model.networks is not None:  # the LoRAs and embeddings fit the model; their hashes recorded
+        out = model.networks.resolve(out)
+    return out
+
+
+def _check_negative_used(s: Settings) -> None:
+    """At --cfg 1 no negative pass runs (FLUX's default: dev steers by --guidance instead)."""
+    from ldm_cli import conditioning
+    from ldm_cli.notes import note_once
+
+    if s.negative and not conditioning.uses_negative(s):
+        note_once("the negative prompt is unused at --cfg 1, which runs no negative pass; "
+                  "give --cfg above 1 for real classifier-free guidance")
+
+
 def per_image(base: Settings, count: int) -> list[Settings]:
     """Image i of a run uses seed + i."""
     return [base.merged(seed=base.seed + i) for i in range(count)]

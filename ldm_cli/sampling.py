@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ldm_cli.families import Cond
+from ldm_cli.families.family import Cond
 from ldm_cli.guidance import Call, Guidance, Parts, Schedule
 
 # (latents after step i, i) -> latents; used by inpainting with an ordinary model

@@ -10,12 +10,9 @@ import difflib
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from ldm_cli.errors import LdmError
-
-if TYPE_CHECKING:
-    from ldm_cli.families import Family
 
 # Sigma schedules: our name -> (constructor flag, A1111 "Schedule type" label).
 SCHEDULES: dict[str, tuple[str, str]] = {
@@ -149,12 +146,19 @@ def check_schedule(name: str, schedule: str | None) -> None:
         raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
 
 
+class SpacedFamily(Protocol):
+    """What check_for_model reads of a model's family: a families.family.Family, not imported
+    because families sit above the settings, which import this module."""
+    label: str
+    sigmas: Callable[[int], list[float]] | None
+
+
 def flow_names(own_sigmas: bool = False) -> list[str]:
     """The schedulers a flow-matching model takes; `own_sigmas`: one whose family gives its spacing."""
     return [n for n, spec in FLOW_SCHEDULERS.items() if not (own_sigmas and spec.shift_only)]
 
 
-def check_for_model(name: str, schedule: str | None, flow: bool, family: Family | None = None) -> None:
+def check_for_model(name: str, schedule: str | None, flow: bool, family: SpacedFamily | None = None) -> None:
     """A flow-matching model takes only the names of FLOW_SCHEDULERS, and their schedules; a
     family with a sigma spacing of its own (FLUX) only those that can take it."""
     if not flow:

@@ -17,8 +17,9 @@ from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_SEED
 
 FALLBACK_DEFAULTS = {"steps": 30, "cfg": 7.5, "scheduler": schedulers.DEFAULT_SCHEDULER,
-                     "schedule": schedulers.DEFAULT_SCHEDULE, "rng": "cpu"}
-# --rng: where the starting noise comes from, and A1111's infotext label of each
+                     "schedule": schedulers.DEFAULT_SCHEDULE}
+# --rng: where the starting noise comes from (None: cpu, so that records from before it match),
+# and A1111's infotext label of each
 RNG_LABELS = {"cpu": "CPU", "nv": "NV"}
 KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 # How A1111's infotext names each field; a PNG's bad value is named so ("size" is width and height).
@@ -187,8 +188,7 @@ class Settings:
         if self.clip_skip is not None and self.clip_skip > 1:  # A1111 leaves out its default, 1
             p["Clip skip"] = str(self.clip_skip)
         p.update(self._text_options())
-        if self.rng:
-            p["RNG"] = RNG_LABELS[self.rng]
+        p["RNG"] = RNG_LABELS[self.rng or "cpu"]
         if self.lora_hashes:  # A1111's names and place, just before the version
             p["Lora hashes"] = self.lora_hashes
         if self.ti_hashes:
@@ -242,10 +242,9 @@ def _recorded_rng(p: dict[str, str]) -> str | None:
     label = p.get("RNG")
     if label is None:
         return None if p.get("Version", "").startswith("ldm") else "nv"
-    rng = {"CPU": "cpu", "NV": "nv", "GPU": "nv"}.get(label)
-    if rng is None:
+    if label not in ("CPU", "NV", "GPU"):
         raise BadSetting("rng", shown(label), "must be CPU, NV or GPU")
-    return rng
+    return None if label == "CPU" else "nv"  # None is CPU noise, ldm's default
 
 
 def field_kinds() -> dict[str, type]:

@@ -1,5 +1,6 @@
 """`ldm batch` on a tiny model: shared batches equal `ldm generate`, the manifest, resuming,
-contact sheets, img2img and inpaint lines, stopping cleanly, and two processes sharing a file."""
+contact sheets, img2img and inpaint lines, stopping cleanly, two processes sharing a file, runs
+sharing a folder, seeds that stay when -n grows, and threads on a shared CPU."""
 import json
 import os
 import shutil

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from ldm_cli import loading, pipeline
 from ldm_cli.cli import app
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import LoadOptions, convert, detect, keymap, recipe, single_file
+from ldm_cli.loading import LoadOptions, convert, detect, keymap, recipe
 from ldm_cli.loading.tensors import Checkpoint
 from ldm_cli.settings import Settings
 from tests import original_layout, tiny_models
@@ -110,7 +110,7 @@ def test_keymap_agrees_with_diffusers_converter():
     config = {**RELEASED, "num_layers": 2, "num_single_layers": 2, "guidance_embeds": True}
     generator = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape[0], *([3] if v.dim() > 1 else []), generator=generator)
-             for k, v in single_file.empty("transformer", config).state_dict().items()}
+             for k, v in convert.empty("transformer", config).state_dict().items()}
     original = convert.export(keymap.FLUX, SimpleNamespace(config=config, state_dict=lambda: state))
     assert "model.diffusion_model.single_blocks.1.linear1.weight" in original
     theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(original))
@@ -121,7 +121,7 @@ def test_keymap_agrees_with_diffusers_converter():
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
 def test_released_variants_and_configs_from_shapes(variant):
     shipped = recipe.read_json(recipe.SHIPPED / f"flux-{variant}" / "transformer" / "config.json")
-    header = {k: tuple(v.shape) for k, v in convert.export(BARE, single_file.empty("transformer", shipped)).items()}
+    header = {k: tuple(v.shape) for k, v in convert.export(BARE, convert.empty("transformer", shipped)).items()}
     assert header["img_in.weight"] == (3072, 64) and ("guidance_in.in_layer.weight" in header) == (variant == "dev")
     for shapes in (header, {"model.diffusion_model." + k: v for k, v in header.items()}):
         found = detect.detect(Checkpoint(Path("flux1.safetensors"), shapes, {}))
@@ -133,7 +133,7 @@ def test_released_variants_and_configs_from_shapes(variant):
 def test_any_width_is_read_from_the_shapes(width):
     transformer = tiny_models.flux_transformer("schnell")
     config = {**transformer.config, "_class_name": "FluxTransformer2DModel", "num_attention_heads": width, "num_single_layers": 3}
-    shapes = {k: tuple(v.shape) for k, v in convert.export(BARE, single_file.empty("transformer", config)).items()}
+    shapes = {k: tuple(v.shape) for k, v in convert.export(BARE, convert.empty("transformer", config)).items()}
     found = detect.detect(Checkpoint(Path("x.safetensors"), shapes, {}))
     same = ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
             "pooled_projection_dim", "in_channels", "guidance_embeds")
@@ -222,7 +222,7 @@ def test_scaled_float8_multiplies_each_weight_by_its_scale(made, tmp_path):
 def from_original(like: torch.nn.Module, slot: keymap.Slot, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """`like`'s class holding `state` (original layout, float32), placed by the keymap the
     converter test checks."""
-    module = single_file.empty(slot.name, like.config.to_dict() if hasattr(like.config, "to_dict") else dict(like.config))
+    module = convert.empty(slot.name, like.config.to_dict() if hasattr(like.config, "to_dict") else dict(like.config))
     return convert.fill(module, convert.plan(slot, module, Checkpoint(Path("x"), {k: tuple(v.shape) for k, v in state.items()}, {})),
                         state).eval()
 

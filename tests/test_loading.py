@@ -14,7 +14,7 @@ import torch
 
 from ldm_cli import hashing, loading, pipeline
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import LoadOptions, convert, detect, keymap, single_file
+from ldm_cli.loading import LoadOptions, convert, detect, keymap
 from ldm_cli.loading.tensors import Checkpoint
 from ldm_cli.settings import Settings
 from tests import original_layout
@@ -194,12 +194,11 @@ PARAMETERS = {"sd1": (859520964, 83653863, 123060480), "sd2": (865910724, 836538
 def released_header(family: str, in_channels: int = 4) -> tuple[Checkpoint, list[torch.nn.Module]]:
     """A header-only Checkpoint of the full-size model, built on the meta device (no weights)."""
     from ldm_cli.loading import recipe
-    from ldm_cli.loading.folder import read_json
 
     built = []
     for slot in keymap.LAYOUTS[family]:
-        config = read_json(recipe.config_file(recipe.SHIPPED / family, slot.name))
-        built.append(single_file.empty(slot.name, {**config, "in_channels": in_channels} if slot.name == "unet" else config))
+        config = recipe.read_json(recipe.config_file(recipe.SHIPPED / family, slot.name))
+        built.append(convert.empty(slot.name, {**config, "in_channels": in_channels} if slot.name == "unet" else config))
     state = convert.to_original(family, built[0], built[1], built[2:])
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     return Checkpoint(Path(f"{family}.safetensors"), shapes, dict.fromkeys(shapes, "F16")), built

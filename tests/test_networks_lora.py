@@ -212,6 +212,25 @@ def test_sd3_peft_and_fused_qkv_names(tmp_path):
         assert torch.allclose(transformer.state_dict()[weight], before[weight] + rows, atol=1e-5)
 
 
+def test_flux_kohya_fused_linear1_split_in_unequal_parts(tmp_path):
+    from ldm_cli import families
+    from ldm_cli.model import Model
+    from tests import tiny_models
+
+    transformer = tiny_models.flux_transformer()
+    model = Model(families.get("flux"), transformer, None, [], [], {}, "tiny-flux")
+    block = transformer.single_transformer_blocks[0]
+    parts = [block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp]  # q, k, v, then the MLP's input
+    key = "lora_unet_single_blocks_0_linear1"
+    fused = {f"{key}.lora_down.weight": torch.randn(4, block.attn.to_q.in_features),
+             f"{key}.lora_up.weight": torch.randn(sum(p.out_features for p in parts), 4)}
+    before = [p.weight.clone() for p in parts]
+    merged(model, lora_files.write(tmp_path / "flux.safetensors", fused), unet=0.5)
+    rows = (0.5 * fused[f"{key}.lora_up.weight"] @ fused[f"{key}.lora_down.weight"]).split([p.out_features for p in parts])
+    for part, old, delta in zip(parts, before, rows):
+        assert torch.allclose(part.weight, old + delta, atol=1e-5)
+
+
 def test_a_lora_for_another_family_is_refused_before_any_change(sd1_folder, tmp_path):
     from tests import tiny_models
 

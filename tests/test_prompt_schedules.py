@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm_cli import conditioning, guidance, loading, pipeline, sampling
-from ldm_cli.families import Family
+from ldm_cli.families.family import Family
 from ldm_cli.guidance import Schedule
 from ldm_cli.settings import Settings
 

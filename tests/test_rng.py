@@ -51,7 +51,7 @@ A1111_TEXT = ("a fox\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Sch
 def test_a1111_images_without_an_rng_entry_drew_gpu_noise():
     s = Settings.from_infotext(A1111_TEXT)
     assert (s.rng, s.clip_skip) == ("nv", 2)
-    assert Settings.from_infotext(A1111_TEXT.replace("Version", "RNG: CPU, Version")).rng == "cpu"
+    assert Settings.from_infotext(A1111_TEXT.replace("Version", "RNG: CPU, Version")).rng is None  # CPU noise
     assert Settings.from_infotext(A1111_TEXT.replace("Version", "RNG: NV, Version")).rng == "nv"
     with pytest.raises(LdmError, match="must be CPU, NV or GPU"):
         Settings.from_infotext(A1111_TEXT.replace("Version", "RNG: Perlin, Version"))
@@ -64,9 +64,9 @@ def test_ldm_records_both_and_reads_them_back():
     back = Settings.from_infotext(text)
     assert (back.clip_skip, back.rng) == (2, "nv")
     plain = Settings(prompt="a fox", steps=20, seed=1).resolve({}, (64, 64))
-    assert plain.rng == "cpu" and "RNG: CPU" in plain.to_infotext("1.0") and "Clip skip" not in plain.to_infotext("1.0")
+    assert plain.rng is None and "RNG: CPU" in plain.to_infotext("1.0") and "Clip skip" not in plain.to_infotext("1.0")
     older = plain.to_infotext("0.1").replace(", RNG: CPU", "")  # ldm's images before --rng: CPU noise
-    assert Settings.from_infotext(older).rng is None and Settings.from_dict(json.loads(plain.to_json())).rng == "cpu"
+    assert Settings.from_infotext(older).rng is None
 
 
 def test_a_png_replays_as_recorded(tmp_path):
@@ -76,7 +76,7 @@ def test_a_png_replays_as_recorded(tmp_path):
     older = json.loads(ours.to_json())
     del older["rng"]  # a PNG ldm wrote before --rng existed
     path = images.save_png(images.Image.new("RGB", (64, 64)), tmp_path, "2", {"ldm": json.dumps(older)})
-    assert render.settings_from_png(path).resolve({}, (64, 64)).rng == "cpu"
+    assert render.settings_from_png(path).resolve({}, (64, 64)).rng is None  # None: CPU noise
 
 
 @pytest.mark.parametrize("args, words", [

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from ldm_cli import loading, pipeline
 from ldm_cli.cli import app
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import LoadOptions, convert, detect, keymap, mmdit, single_file
+from ldm_cli.loading import LoadOptions, convert, detect, keymap, mmdit
 from ldm_cli.loading.tensors import Checkpoint
 from ldm_cli.settings import Settings
 from tests import original_layout, tiny_models
@@ -139,7 +139,7 @@ COMMON = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels"
 def released_header(variant: str) -> Checkpoint:
     """The header of a released file (transformer only), from its config on the meta device."""
     config = {"_class_name": "SD3Transformer2DModel", **COMMON, **RELEASED[variant]}
-    state = convert.export(keymap.MMDIT, single_file.empty("transformer", config))
+    state = convert.export(keymap.MMDIT, convert.empty("transformer", config))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     return Checkpoint(Path(f"{variant}.safetensors"), shapes, dict.fromkeys(shapes, "F16"))
 

@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from ldm_cli import compiling, img2img, inpaint, loading, pipeline, schedulers, speed
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
+from tests import compile_cache
 from tests import tiny_models
 
 
@@ -193,23 +194,39 @@ def test_compile_flag_reaches_the_loader(monkeypatch, tmp_path):
     assert seen == [True, True, False]
 
 
+@pytest.fixture
+def warm_cache(tmp_path_factory, sd1_folder):
+    return compile_cache.first_run(tmp_path_factory, sd1_folder)
+
+
 @pytest.mark.slow
-def test_compiled_denoiser_renders_the_same_image_and_compiles_once(sd1_folder, model, monkeypatch, request):
-    """torch.compile on the CPU (inductor builds C++): the same image, and a second batch of the
-    same shape compiles nothing. The cache persists in pytest's cache folder, so only a first run
-    pays the minutes of compiling."""
+def test_a_second_process_compiles_nothing(warm_cache, sd1_folder, tmp_path):
+    """The promise of --compile: a first `ldm` process compiles (into a cache that started empty)
+    and a second finds everything it runs compiled, and renders the same image."""
+    cache, first = warm_cache
+    assert first.misses >= 1 and first.hits == 0
+    second = compile_cache.generate(sd1_folder, cache, tmp_path)
+    assert second.misses == 0 and second.hits >= 1
+    assert np.array_equal(second.pixels, first.pixels)
+
+
+@pytest.mark.slow
+def test_compiled_denoiser_renders_the_same_image_and_compiles_once(warm_cache, sd1_folder, model, monkeypatch):
+    """torch.compile on the CPU (inductor builds C++): the same image as eager, the code a CLI
+    process compiled is reused in-process, and a second batch of the same shape compiles nothing."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("LDM_CACHE_DIR", str(request.config.cache.mkdir("ldm-cache")))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LDM_CACHE_DIR", str(warm_cache[0]))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # unset for ldm; put back after prepare_cache sets it
     fast = loading.load(str(sd1_folder), loading.LoadOptions(device="cpu", compile=True))
     s = settings(model)
     plain = pixels(pipeline.text_to_image(model, [s]))
+    misses = counters["inductor"]["fxgraph_cache_miss"]
     assert np.abs(pixels(pipeline.text_to_image(fast, [s])) - plain).max() <= 1
+    assert counters["inductor"]["fxgraph_cache_miss"] == misses, "compiled again what the first process cached"
     graphs = counters["stats"]["unique_graphs"]
     pipeline.text_to_image(fast, [settings(model, seed=4, prompt="a blue cat")])
     assert counters["stats"]["unique_graphs"] == graphs
-    assert (compiling.cache_dir() / "fxgraph").is_dir()
 
 
 # -- no host syncs in ldm's loop ----------------------------------------------------------------

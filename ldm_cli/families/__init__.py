@@ -1,51 +1,10 @@
-"""Model families. A family is data plus two functions: how a prompt becomes conditioning, and
-how the denoiser is called. The sampling loop knows nothing else about a model, so a DiT family
-(SD3's MMDiT, FLUX) is one more module here, not a change to the loop.
-
-Conditioning is a dict of tensors batched along dim 0, so the loop can stack the negative and
-positive halves for classifier-free guidance without knowing what is inside.
-
-`flow` says how the denoiser was trained. Noise-prediction families (SD1, SD2, SDXL) predict
-noise or v over a DDPM beta schedule; flow-matching families (SD3) predict the velocity from
-image to noise along x_s = (1 - s) x + s noise, sigma s in [0, 1]. It picks the scheduler
-classes (schedulers.py) and nothing else: the loop only asks the scheduler. A family whose
-denoiser takes latents in another layout (FLUX's packed 2x2 patches) converts them inside its
-`predict`, so the loop, the schedulers and inpainting all keep the (N, C, h, w) layout.
+"""Model families, by name. Each is one module here (family.py says what a family is), so a DiT
+family (SD3's MMDiT, FLUX) is one more module, not a change to the sampling loop, which knows
+nothing else about a model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
-
-if TYPE_CHECKING:
-    import torch
-
-    from ldm_cli.model import Model
-    from ldm_cli.settings import Settings
-
-Cond = dict[str, "torch.Tensor"]
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    label: str
-    # (model, texts, the batch's settings, negative) -> conditioning for len(texts) images; the
-    # settings give the size (SDXL's size conditioning) and the text options (SD3's T5 length)
-    encode: Callable[[Model, list[str], Settings, bool], Cond]
-    # (model, latents, timestep, conditioning) -> the denoiser's raw output
-    predict: Callable[[Model, torch.Tensor, torch.Tensor, Cond], torch.Tensor]
-    # dtype on CUDA when none is asked for
-    cuda_dtype: str = "fp16"
-    flow: bool = False  # trained with flow matching (velocity over sigma in [0, 1])
-    # latent pixels per token side when the denoiser packs patches itself (FLUX's transformer
-    # says patch_size 1 but predict packs 2x2); None: its config's patch_size, if any
-    patch_size: int | None = None
-    # native latent side when the denoiser's config has no sample_size (FLUX: 128, 1024 pixels)
-    sample_size: int | None = None
-    # steps -> the sigmas before the shift that the family's diffusers pipeline gives the
-    # scheduler (FLUX: 1 to 1/steps); None: the scheduler's own spacing (SD3)
-    sigmas: Callable[[int], list[float]] | None = None
+from ldm_cli.families.family import Family
 
 
 def get(name: str) -> Family:

@@ -53,7 +53,8 @@ class _Chunker:
 
     def __init__(self, tokenizer):
         self.start, self.end = tokenizer.bos_token_id, tokenizer.eos_token_id
-        self.comma = tokenizer.get_vocab().get(",</w>")
+        comma = tokenizer.convert_tokens_to_ids(",</w>")
+        self.comma = None if comma == tokenizer.unk_token_id else comma
         self.chunks: list[Chunk] = []
         self._open()
 
@@ -80,9 +81,19 @@ class _Chunker:
         if len(self.tokens) == CHUNK:
             self.close()
 
-    def add(self, token: int, weight: float) -> None:
-        self.tokens.append(token)
-        self.weights.append(weight)
+    def lay(self, tokens: list[int], weight: float, lookup: EmbeddingLookup | None, encoder: int) -> None:
+        """One fragment's tokens, an embedding's name taking its vectors' places."""
+        position = 0
+        while position < len(tokens):
+            self.before(tokens[position])
+            found = lookup.find(tokens, position, encoder) if lookup is not None else None
+            if found is None:
+                self.tokens.append(tokens[position])
+                self.weights.append(weight)
+                position += 1
+            else:
+                self.add_embedding(found[0], weight)
+                position += found[1]
 
     def add_embedding(self, vectors: torch.Tensor, weight: float) -> None:
         if len(self.tokens) + len(vectors) > CHUNK:
@@ -100,17 +111,8 @@ def chunks(tokenizer, text: str, lookup: EmbeddingLookup | None = None, encoder:
     for tokens, (fragment, weight) in zip(ids, fragments):
         if fragment == BREAK and weight == BREAK_WEIGHT:
             out.close()
-            continue
-        position = 0
-        while position < len(tokens):
-            out.before(tokens[position])
-            found = lookup.find(tokens, position, encoder) if lookup is not None else None
-            if found is None:
-                out.add(tokens[position], weight)
-                position += 1
-            else:
-                out.add_embedding(found[0], weight)
-                position += found[1]
+        else:
+            out.lay(tokens, weight, lookup, encoder)
     if out.tokens or not out.chunks:
         out.close()
     return out.chunks

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ldm_cli.families import Cond, Family, t5, unet
+from ldm_cli.families import t5, unet
+from ldm_cli.families.family import Cond, Family
 from ldm_cli.settings import Settings
 
 MAX_SEQUENCE_LENGTH = 512  # diffusers' FluxPipeline default

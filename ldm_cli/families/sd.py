@@ -7,7 +7,8 @@ layers before the last, through the final layer norm); A1111 ignores it for SD2 
 """
 from __future__ import annotations
 
-from ldm_cli.families import Cond, Family, clip_text, unet
+from ldm_cli.families import clip_text, unet
+from ldm_cli.families.family import Cond, Family
 from ldm_cli.notes import note_once
 from ldm_cli.settings import Settings
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ldm_cli.families import Cond, Family, t5, unet
+from ldm_cli.families import t5, unet
+from ldm_cli.families.family import Cond, Family
 from ldm_cli.settings import Settings
 
 MAX_SEQUENCE_LENGTH = 256  # diffusers' default for SD3

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ldm_cli.families import Cond, Family, clip_text, sd, unet
+from ldm_cli.families import clip_text, sd, unet
+from ldm_cli.families.family import Cond, Family
 from ldm_cli.settings import Settings
 
 PENULTIMATE = clip_text.Layer(skip=2, normed=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ldm_cli.families import Cond
+from ldm_cli.families.family import Cond
 
 ADDED_KEYS = ("text_embeds", "time_ids")  # SDXL's pooled text and size/crop conditioning
 

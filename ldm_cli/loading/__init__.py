@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm_cli import files
 from ldm_cli.errors import LdmError
+from ldm_cli.loading.options import LoadOptions, quiet_libraries  # callers take both from here
 
 BUILTIN = Path(__file__).resolve().parent.parent / "assets" / "builtin.safetensors"
 # denoisers that take latents in patches their config's patch_size does not show (families.flux packs 2x2)
 PACKED = {"FluxTransformer2DModel": 2}
-
-
-@dataclass
-class LoadOptions:
-    vae: str | None = None  # a separate VAE file or folder replacing the model's own
-    config: str | None = None  # a diffusers-layout folder describing a non-standard checkpoint
-    prediction: str | None = None  # "epsilon" or "v", overriding what the model says
-    allow_pickle: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    text_encoders: list[str] = field(default_factory=list)  # text-encoder files (CLIP-L, CLIP-G, T5), any order
-    compile: bool = False  # torch.compile the denoiser (speed.py, compiling.py)
-    offload: str = "none"  # none, model or sequential (memory.py)
-    weights: str | None = None  # fp8: the denoiser and T5 stored in float8 (memory.py)
-    vae_tiling: bool = False
 
 
 def load(source: str | None, options: LoadOptions | None = None):
@@ -105,14 +90,3 @@ def size_multiple(source: str | None) -> int:
         return 16  # latents packed in 2x2 patches
     prefix = mmdit.prefix_of(shapes)
     return 8 * (mmdit.config(shapes, prefix)["patch_size"] if prefix is not None else 1)
-
-
-def quiet_libraries() -> None:
-    """diffusers and transformers draw their own loading bars; ldm draws one bar, its own."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()

@@ -19,7 +19,7 @@ from ldm_cli.loading.keymap import Slot
 from ldm_cli.notes import note
 
 if TYPE_CHECKING:
-    from ldm_cli.loading import LoadOptions
+    from ldm_cli.loading.options import LoadOptions
     from ldm_cli.loading.recipe import Recipe
 
 SIGNATURES = keymap.TEXT_SIGNATURES

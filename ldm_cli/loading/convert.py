@@ -79,6 +79,45 @@ def save_single_file(state_dict: dict[str, torch.Tensor], path: Path, metadata: 
         tmp.unlink(missing_ok=True)
 
 
+def empty(name: str, config: dict) -> torch.nn.Module:
+    """A component with its weights on the meta device: built in milliseconds, filled by assignment."""
+    from accelerate import init_empty_weights
+
+    try:
+        # SD3's one buffer, its position table, is in the file: computing it (0.9 GB for SD3.5
+        # medium) only to replace it would cost seconds; other components' buffers are not stored
+        with init_empty_weights(include_buffers=name == "transformer"):
+            return constructor(name, config)(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise LdmError(f"the {name} config does not describe a model ldm can build ({e})") from None
+
+
+TEXT_MODELS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
+               "T5EncoderModel": "T5Config"}
+
+
+DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def constructor(name: str, config: dict):
+    if name in ("unet", "transformer", "vae"):
+        import diffusers
+
+        default = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"}[name]
+        cls = config.get("_class_name") or default  # the transformer's config names SD3's or FLUX's
+        if cls not in (*DENOISERS, "AutoencoderKL"):
+            raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(DENOISERS)} denoisers")
+        return getattr(diffusers, cls).from_config
+    import transformers
+
+    # the config names its class; configs without one are SD's: SDXL's second encoder projects
+    default = "CLIPTextModelWithProjection" if name == "text_encoder_2" else "CLIPTextModel"
+    cls = (config.get("architectures") or [default])[0]
+    if cls not in TEXT_MODELS:
+        raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(TEXT_MODELS)} text encoders")
+    return lambda c: getattr(transformers, cls)(getattr(transformers, TEXT_MODELS[cls]).from_dict(c))
+
+
 def plan(slot: Slot, module, checkpoint: Checkpoint) -> dict[str, Planned]:
     """Each of the module's weights -> where it lies in the checkpoint, shapes checked."""
     mapping = keymap.mapper(slot.kind, module.config)

@@ -5,37 +5,19 @@ encoders, of which the third (T5) may be left out: the model then runs without T
 hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, which may be left out likewise)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ldm_cli.errors import LdmError
+from ldm_cli.loading.recipe import PIPELINE_FAMILIES, read_json
 from ldm_cli.notes import note
 
 if TYPE_CHECKING:
     from ldm_cli.model import Model
 
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd", "StableDiffusionInpaintPipeline": "sd",
-    "StableDiffusionImg2ImgPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLInpaintPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3",
-    "StableDiffusion3InpaintPipeline": "sd3",
-    "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
-}
 T5_TOKENIZER = Path(__file__).resolve().parent / "configs" / "t5_tokenizer"
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LdmError(f"{str(path.parent)!r} is not a diffusers model folder: it has no {path.name}") from None
-    except (OSError, ValueError) as e:
-        raise LdmError(f"cannot read {str(path)!r} ({e})") from None
 
 
 def sd_family_name(text_encoder_config: dict) -> str:
@@ -152,10 +134,10 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
                   defaults=_defaults(folder, name, scheduler_config, encoders, denoiser),
                   options=_options(index, denoiser, name))
     if options.vae:
-        from ldm_cli.loading import single_file
+        from ldm_cli.loading import vae_file
 
         # a single-file VAE has no config: it takes the replaced VAE's (its latent scaling)
-        model.vae = single_file.load_vae(Path(options.vae), dtype, dict(model.vae.config), options.allow_pickle)
+        model.vae = vae_file.load_vae(Path(options.vae), dtype, dict(model.vae.config), options.allow_pickle)
     return to_device(model, memory.load_device(device, options))
 
 

@@ -60,7 +60,7 @@ def needs(r: recipe.Recipe, held: list[str]) -> list[str]:
 
 def parameters(r: recipe.Recipe, slot: keymap.Slot, checkpoint: tensors.Checkpoint) -> int:
     """The component's size as ldm builds it (checked against the file, so a damaged one fails here)."""
-    module = single_file.empty(slot.name, r.configs[slot.name])
+    module = convert.empty(slot.name, r.configs[slot.name])
     convert.plan(slot, module, checkpoint)
     return sum(math.prod(p.shape) for p in module.parameters())  # weights, not buffers (SD3's position table)
 

@@ -13,13 +13,22 @@ from pathlib import Path
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import keymap
 from ldm_cli.loading.detect import Found, text_slots
-from ldm_cli.loading.folder import PIPELINE_FAMILIES, read_json
 
 SHIPPED = Path(__file__).resolve().parent / "configs"
 TOKENIZER = SHIPPED / "clip_tokenizer"
 T5_TOKENIZER = SHIPPED / "t5_tokenizer"
 OPENCLIP_TOKENS = {"pad_token": "!"}  # OpenCLIP pads with "!"; OpenAI's CLIP repeats the end token
 METADATA_KEY = "ldm.config"
+# model_index.json's pipeline class -> the family it holds ("sd": SD1 or SD2, told by the text encoder)
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd", "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3",
+    "StableDiffusion3InpaintPipeline": "sd3",
+    "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
+}
 
 
 @dataclass
@@ -37,6 +46,16 @@ class Recipe:
     @property
     def denoiser(self) -> str:
         return keymap.LAYOUTS[self.family][0].name
+
+
+def read_json(path: Path) -> dict:
+    """A config of a diffusers-layout folder (shipped, --config's, or a model's own)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LdmError(f"{str(path.parent)!r} is not a diffusers model folder: it has no {path.name}") from None
+    except (OSError, ValueError) as e:
+        raise LdmError(f"cannot read {str(path)!r} ({e})") from None
 
 
 def components(family: str) -> list[str]:

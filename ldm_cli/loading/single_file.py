@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import components, convert, detect, keymap, prediction, recipe, tensors
-from ldm_cli.loading.recipe import Recipe
-from ldm_cli.loading.folder import load_tokenizer, read_json, to_device
+from ldm_cli.loading import components, convert, detect, keymap, prediction, recipe, tensors, vae_file
+from ldm_cli.loading.folder import load_tokenizer, to_device
+from ldm_cli.loading.options import quiet_libraries
 from ldm_cli.loading.prefetch import Prefetch, in_background
+from ldm_cli.loading.recipe import Recipe, read_json
 
 if TYPE_CHECKING:
-    from ldm_cli.loading import LoadOptions
+    from ldm_cli.loading.options import LoadOptions
     from ldm_cli.model import Model
 
 DEFAULTS_KEY = "ldm.defaults"
@@ -41,7 +42,7 @@ def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> 
     device = memory.load_device(device, options)  # the CPU, when memory.place puts the weights later
     parts = read(r, sources, dtype, device)
     settle_prediction(options.prediction, r, found, path, parts[r.denoiser])
-    vae = load_vae(Path(options.vae), dtype, r.configs["vae"], options.allow_pickle) if options.vae else parts["vae"]
+    vae = vae_file.load_vae(Path(options.vae), dtype, r.configs["vae"], options.allow_pickle) if options.vae else parts["vae"]
     model = Model(family=family, denoiser=parts[r.denoiser], vae=vae, text_encoders=[parts.get(n) for n in r.text_encoders],
                   tokenizers=tokenizers(r, parts), scheduler_config=r.configs["scheduler"], name=path.stem,
                   hash=digest(), path=str(path), defaults=defaults(checkpoint, r, parts), options=r.options,
@@ -64,11 +65,9 @@ def read(r: Recipe, sources: dict[str, components.Source], dtype: torch.dtype,
 def build(r: Recipe, checkpoint: tensors.Checkpoint, slots: list[keymap.Slot], dtype: torch.dtype,
           device: torch.device) -> dict[str, torch.nn.Module]:
     """Every component under `slots` in this file, planned (and so checked) while it is read."""
-    from ldm_cli.loading import quiet_libraries
-
     with Prefetch(checkpoint, [s.prefix for s in slots], dtype, device) as reading:
         quiet_libraries()  # importing diffusers and transformers overlaps the reading
-        modules = {s.name: empty(s.name, r.configs[s.name]) for s in slots}
+        modules = {s.name: convert.empty(s.name, r.configs[s.name]) for s in slots}
         plans = {s.name: convert.plan(s, modules[s.name], checkpoint) for s in slots}
         tensors_read = reading.result()
     return {n: keep_fp32(convert.fill(modules[n], plans[n], tensors_read), dtype) for n in modules}
@@ -83,45 +82,6 @@ def keep_fp32(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
             if param.is_floating_point() and any(part in keep for part in name.split(".")):
                 param.data = param.data.float()
     return module
-
-
-def empty(name: str, config: dict) -> torch.nn.Module:
-    """A component with its weights on the meta device: built in milliseconds, filled by assignment."""
-    from accelerate import init_empty_weights
-
-    try:
-        # SD3's one buffer, its position table, is in the file: computing it (0.9 GB for SD3.5
-        # medium) only to replace it would cost seconds; other components' buffers are not stored
-        with init_empty_weights(include_buffers=name == "transformer"):
-            return constructor(name, config)(config)
-    except (TypeError, ValueError, KeyError) as e:
-        raise LdmError(f"the {name} config does not describe a model ldm can build ({e})") from None
-
-
-TEXT_MODELS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
-               "T5EncoderModel": "T5Config"}
-
-
-DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
-
-
-def constructor(name: str, config: dict):
-    if name in ("unet", "transformer", "vae"):
-        import diffusers
-
-        default = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"}[name]
-        cls = config.get("_class_name") or default  # the transformer's config names SD3's or FLUX's
-        if cls not in (*DENOISERS, "AutoencoderKL"):
-            raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(DENOISERS)} denoisers")
-        return getattr(diffusers, cls).from_config
-    import transformers
-
-    # the config names its class; configs without one are SD's: SDXL's second encoder projects
-    default = "CLIPTextModelWithProjection" if name == "text_encoder_2" else "CLIPTextModel"
-    cls = (config.get("architectures") or [default])[0]
-    if cls not in TEXT_MODELS:
-        raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(TEXT_MODELS)} text encoders")
-    return lambda c: getattr(transformers, cls)(getattr(transformers, TEXT_MODELS[cls]).from_dict(c))
 
 
 def settle_prediction(flag: str | None, r: Recipe, found: detect.Found, path: Path, denoiser) -> None:
@@ -185,32 +145,3 @@ def turbo(checkpoint: tensors.Checkpoint) -> bool:
     """A distilled few-step model, as its ModelSpec metadata says (SD3.5 large turbo's shapes are large's)."""
     return any("turbo" in value.lower() for key, value in checkpoint.metadata.items()
                if key.startswith("modelspec.") and isinstance(value, str))
-
-
-def load_vae(path: Path, dtype, config: dict | None = None, allow_pickle: bool = False):
-    """A VAE replacing a model's own: a diffusers VAE folder, or a single file in the original or
-    diffusers layout. A single file has no config: `config` (the replaced VAE's, whose latent
-    scaling the model was trained with) describes it, else SD's."""
-    path = Path(path).expanduser()
-    config = config or read_json(recipe.config_file(recipe.SHIPPED / "sd1", "vae"))
-    if path.is_dir():
-        vae = vae_folder(path, dtype)
-        components.check_channels(path.name, vae.config.latent_channels, config)
-        return vae
-    checkpoint, slot = components.vae_file(path, config, allow_pickle)
-    module = empty("vae", config)
-    planned = convert.plan(slot, module, checkpoint)
-    with Prefetch(checkpoint, [slot.prefix], dtype, torch.device("cpu")) as reading:
-        return convert.fill(module, planned, reading.result())
-
-
-def vae_folder(path: Path, dtype):
-    from diffusers import AutoencoderKL
-
-    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-    if subfolder is None and not (path / "config.json").is_file():
-        raise LdmError(f"--vae {str(path)!r} is a folder without config.json (or vae/config.json); pass a diffusers VAE folder")
-    try:
-        return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise LdmError(f"--vae {str(path)!r}: cannot load it ({str(e).splitlines()[0]})") from None

@@ -71,7 +71,8 @@ class Session:
     def resolve(self, s: Settings) -> Settings:
         """`s` with A1111's hash records, after checking the LoRAs and embeddings fit the model."""
         loras = self.applied(s.prompt)
-        self.plan(loras)
+        if loras:
+            self.plan(loras)
         found = {a.lora.name: self._hash(hashes.lora_hash, a.lora.path) for a in loras}
         used = self.used_embeddings(s.prompt, s.steps) + self.used_embeddings(s.negative, s.steps, negative=True)
         ti = [(e.name, self._hash(hashes.embedding_hash, e.path)) for e in used]
