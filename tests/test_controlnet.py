@@ -1,0 +1,130 @@
+"""ControlNet: images equal diffusers' ControlNet pipelines (single and multi, folder and single
+file), control images fitted as A1111 fits them, and a ControlNet that does not fit refused."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_cli import control, loading, pipeline
+from ldm_cli.errors import LdmError
+from ldm_cli.loading import controlnet as controlnet_loading
+from ldm_cli.settings import Settings
+
+
+def tiny_controlnet(unet, seed: int):
+    """A ControlNet copied from `unet`, its zero-initialised output convs made random so it acts."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.normal_(0, 0.3)
+    return net.eval()
+
+
+def pattern(seed: int, size=(64, 64)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def setups(sd1_folder, sdxl_folder, tmp_path_factory):
+    """Per family: our model, the folder, and two tiny ControlNets saved as diffusers folders."""
+    out = {}
+    for name, folder in [("sd1", sd1_folder), ("sdxl", sdxl_folder)]:
+        ours = loading.load(str(folder))
+        nets = []
+        for seed in (11, 12):
+            path = tmp_path_factory.mktemp(f"cn-{name}-{seed}")
+            tiny_controlnet(ours.denoiser, seed).save_pretrained(path)
+            nets.append(path)
+        out[name] = (ours, folder, nets)
+    return out
+
+
+def diffusers_image(family, folder, net_paths, images, scales, starts, ends, s):
+    from diffusers import (ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,
+                           StableDiffusionXLControlNetPipeline)
+
+    nets = [ControlNetModel.from_pretrained(p) for p in net_paths]
+    cls = StableDiffusionXLControlNetPipeline if family == "sdxl" else StableDiffusionControlNetPipeline
+    pipe = cls.from_pretrained(folder, controlnet=nets if len(nets) > 1 else nets[0], local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    single = len(nets) == 1
+    ref = pipe(s.prompt, negative_prompt=s.negative or None, image=images[0] if single else images,
+               num_inference_steps=s.steps, guidance_scale=s.cfg, height=64, width=64,
+               controlnet_conditioning_scale=scales[0] if single else scales,
+               control_guidance_start=starts[0] if single else starts, control_guidance_end=ends[0] if single else ends,
+               generator=torch.Generator("cpu").manual_seed(s.seed), output_type="np").images[0]
+    return (ref * 255).round().astype(np.int16)
+
+
+def ours_image(model, nets, image_paths, scales, starts, ends, s):
+    units = [control.ControlUnit(str(n), str(i), sc, st, en) for n, i, sc, st, en in
+             zip(nets, image_paths, scales, starts, ends)]
+    model.controls = [(u, controlnet_loading.load(u.controlnet, model)) for u in units]
+    try:
+        return np.asarray(pipeline.text_to_image(model, [s])[0]).astype(np.int16)
+    finally:
+        model.controls = []
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("multi", [False, True])
+def test_matches_diffusers_controlnet_pipeline(setups, tmp_path, family, multi):
+    model, folder, net_dirs = setups[family]
+    n = 2 if multi else 1
+    images = [pattern(i) for i in range(n)]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"control{i}.png")
+        image.save(paths[-1])
+    scales, starts, ends = [0.8, 1.3][:n], [0.0, 0.25][:n], [0.6, 1.0][:n]
+    # the single case loads the lone safetensors file (config derived from the base UNet)
+    ours_nets = [d / controlnet_loading.FILE_NAME for d in net_dirs[:n]] if not multi else net_dirs[:n]
+    s = Settings(prompt="a red fox", negative="blurry" if family == "sd1" else "", steps=4, cfg=6.0, seed=99,
+                 scheduler="ddim").resolve({}, model.native_size)
+    mine = ours_image(model, ours_nets, paths, scales, starts, ends, s)
+    plain = np.asarray(pipeline.text_to_image(model, [s])[0]).astype(np.int16)
+    ref = diffusers_image(family, folder, net_dirs[:n], images, scales, starts, ends, s)
+    assert mine.std() > 1
+    assert np.abs(mine - plain).max() > 8  # the ControlNet changed the image
+    assert np.abs(mine - ref).max() <= 2
+
+
+def test_crop_and_resize_covers_then_centre_crops():
+    image = Image.new("RGB", (200, 100), "black")
+    image.paste((255, 0, 0), (50, 0, 150, 100))  # a red centre square between black sides
+    out = control.crop_and_resize(image, 64, 64)
+    assert out.size == (64, 64)
+    assert np.asarray(out)[:, :, 0].min() > 200  # only the centre survives the crop
+
+
+def test_canny_draws_edges_only_where_the_image_changes():
+    image = Image.new("RGB", (64, 64), "black")
+    image.paste((255, 255, 255), (16, 16, 48, 48))
+    edges = np.asarray(control.canny(image))[:, :, 0]
+    assert set(np.unique(edges)) == {0, 255}
+    assert edges[32, 32] == 0 and edges[2, 2] == 0
+    assert edges[16, 16:48].max() == 255 or edges[15, 16:48].max() == 255
+
+
+def test_controlnet_of_another_width_is_refused(setups):
+    sd1, _, sd1_nets = setups["sd1"]
+    sdxl, _, _ = setups["sdxl"]
+    with pytest.raises(LdmError, match="SD1/SD2 models with cross-attention width 32"):
+        controlnet_loading.load(str(sd1_nets[0]), sdxl)
+    with pytest.raises(LdmError, match="SD1/SD2"):
+        controlnet_loading.load(str(sd1_nets[0] / controlnet_loading.FILE_NAME), sdxl)
+
+
+def test_counts_and_options_checked(tmp_path):
+    with pytest.raises(LdmError, match="each --controlnet needs its --control-image"):
+        control.units_from_flags(["a"], [], [], [], [], [])
+    with pytest.raises(LdmError, match="does not exist"):
+        control.units_from_flags([str(tmp_path / "missing")], [str(tmp_path)], [], [], [], [])
+    with pytest.raises(LdmError, match="--control-scale is given 2 times"):
+        control.units_from_flags([str(tmp_path)], [str(tmp_path)], [1.0, 2.0], [], [], [])
