@@ -1,6 +1,6 @@
 """ControlNet units: what the user asked for, their control images, and their residuals in the loop.
 
-A unit pairs a ControlNet with a control image, a scale and a window of steps. Its image is
+A unit (control_units.py) pairs a ControlNet with a control image, a scale and a window of steps. Its image is
 fitted to the render size as A1111's "Crop and Resize" (scaled to cover, centre-cropped) and may
 be turned into an edge map first (`canny`, A1111's thresholds 100 and 200). Depth and pose maps
 need their own detector models: such units take preprocessed images.
@@ -19,53 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_cli.errors import LdmError
-
-PREPROCESSORS = ("none", "canny")
-CANNY_THRESHOLDS = (100, 200)  # A1111's sd-webui-controlnet defaults
-
-
-@dataclass
-class ControlUnit:
-    """One --controlnet and its options, as given."""
-    controlnet: str
-    image: str
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    preprocess: str = "none"
-
-    def validate(self) -> None:
-        if self.preprocess not in PREPROCESSORS:
-            raise LdmError(f"--control-preprocess must be {' or '.join(PREPROCESSORS)} (got {self.preprocess!r})")
-        if not 0.0 <= self.start < self.end <= 1.0:
-            raise LdmError(f"--control-start and --control-end must satisfy 0 <= start < end <= 1 "
-                           f"(got {self.start:g} and {self.end:g})")
-        if not -10.0 <= self.scale <= 10.0:
-            raise LdmError(f"--control-scale must be between -10 and 10 (got {self.scale:g})")
-        for flag, path in (("--controlnet", self.controlnet), ("--control-image", self.image)):
-            if not Path(path).expanduser().exists():
-                raise LdmError(f"{flag} {path!r} does not exist")
-
-
-def units_from_flags(controlnets: list[str], images: list[str], scales: list[float], starts: list[float],
-                     ends: list[float], preprocesses: list[str]) -> list[ControlUnit]:
-    """The i-th --controlnet with the i-th --control-image; each other option is given not at all
-    (its default), once (for every unit) or once per unit."""
-    if len(controlnets) != len(images):
-        raise LdmError(f"each --controlnet needs its --control-image (got {len(controlnets)} --controlnet "
-                       f"and {len(images)} --control-image)")
-    n = len(controlnets)
-    options = {"scale": scales, "start": starts, "end": ends, "preprocess": preprocesses}
-    for name, values in options.items():
-        if len(values) not in (0, 1, n) or (values and not n):
-            raise LdmError(f"--control-{name} is given {len(values)} times for {n} --controlnet; "
-                           "give it once, or once per --controlnet")
-    units = [ControlUnit(c, i, **{k: v[0 if len(v) == 1 else j] for k, v in options.items() if v})
-             for j, (c, i) in enumerate(zip(controlnets, images))]
-    for unit in units:
-        unit.validate()
-    return units
+from ldm_cli.control_units import CANNY_THRESHOLDS, ControlUnit
 
 
 def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_cli import control, loading, pipeline
+from ldm_cli import control, control_units, loading, pipeline
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import controlnet as controlnet_loading
 from ldm_cli.settings import Settings
@@ -63,7 +63,7 @@ def diffusers_image(family, folder, net_paths, images, scales, starts, ends, s):
 
 
 def ours_image(model, nets, image_paths, scales, starts, ends, s):
-    units = [control.ControlUnit(str(n), str(i), sc, st, en) for n, i, sc, st, en in
+    units = [control_units.ControlUnit(str(n), str(i), sc, st, en) for n, i, sc, st, en in
              zip(nets, image_paths, scales, starts, ends)]
     model.controls = [(u, controlnet_loading.load(u.controlnet, model)) for u in units]
     try:
@@ -123,8 +123,56 @@ def test_controlnet_of_another_width_is_refused(setups):
 
 def test_counts_and_options_checked(tmp_path):
     with pytest.raises(LdmError, match="each --controlnet needs its --control-image"):
-        control.units_from_flags(["a"], [], [], [], [], [])
+        control_units.units_from_flags(["a"], [], [], [], [], [])
     with pytest.raises(LdmError, match="does not exist"):
-        control.units_from_flags([str(tmp_path / "missing")], [str(tmp_path)], [], [], [], [])
+        control_units.units_from_flags([str(tmp_path / "missing")], [str(tmp_path)], [], [], [], [])
     with pytest.raises(LdmError, match="--control-scale is given 2 times"):
-        control.units_from_flags([str(tmp_path)], [str(tmp_path)], [1.0, 2.0], [], [], [])
+        control_units.units_from_flags([str(tmp_path)], [str(tmp_path)], [1.0, 2.0], [], [], [])
+
+
+def test_cli_records_and_replays_the_units(setups, sd1_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ldm_cli import images
+    from ldm_cli.cli import app
+
+    _, _, nets = setups["sd1"]
+    photo = tmp_path / "photo.png"
+    pattern(3, (96, 64)).save(photo)  # another shape: crop and resize, then canny
+    runner = CliRunner()
+    args = ["generate", "a fox", "--model", str(sd1_folder), "--steps", "2", "--seed", "5", "--scheduler", "ddim",
+            "--controlnet", str(nets[0]), "--control-image", str(photo), "--control-scale", "0.8",
+            "--control-end", "0.6", "--control-preprocess", "canny", "--json", "--quiet"]
+    first = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    png = json.loads(first.output.splitlines()[-1])["path"]
+    text = images.read_text_chunks(png)["parameters"]
+    assert f'ControlNet 0: "Module: canny, Model: {nets[0].name} [' in text
+    assert "Weight: 0.8, Resize Mode: Crop and Resize" in text and "Guidance Start: 0, Guidance End: 0.6" in text
+    unit = json.loads(json.loads(images.read_text_chunks(png)["ldm"])["controlnet"])[0]
+    assert len(unit["image_hash"]) == 10 and unit["controlnet"] == str(nets[0])
+    again = runner.invoke(app, ["generate", "--from-png", png, "--out", str(tmp_path / "b"), "--json", "--quiet"])
+    assert again.exit_code == 0, again.output
+    replay = json.loads(again.output.splitlines()[-1])["path"]
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(replay)))
+    pattern(4, (96, 64)).save(photo)  # the control image changed: the replay is refused
+    changed = runner.invoke(app, ["generate", "--from-png", png, "--out", str(tmp_path / "c")])
+    assert changed.exit_code == 2 and "has changed since it was recorded" in changed.output
+
+
+def test_cli_refuses_a_controlnet_of_another_family(setups, sd1_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    _, _, xl_nets = setups["sdxl"]
+    image = tmp_path / "c.png"
+    pattern(1).save(image)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["generate", "a fox", "--model", str(sd1_folder), "--steps", "1", "--out", str(out),
+                                      "--controlnet", str(xl_nets[0]), "--control-image", str(image)])
+    assert result.exit_code == 2
+    assert "is for SDXL models" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists() or not list(out.iterdir())

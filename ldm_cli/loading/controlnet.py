@@ -100,3 +100,27 @@ def check_fits(path: str, config: dict, model) -> None:
         kind = "SDXL" if their_xl else "SD1/SD2"
         raise LdmError(f"--controlnet {path!r} is for {kind} models with cross-attention width {theirs}; "
                        f"this {model.family.label} model has width {ours}")
+
+
+def attach(model, units: list) -> None:
+    """Load each unit's ControlNet onto `model` (model.controls), recording its name and hashes;
+    a control image that no longer matches its recorded hash (--from-png) is refused."""
+    model.controls = [(_recorded(unit), load(unit.controlnet, model)) for unit in units]
+
+
+def _recorded(unit):
+    """The unit with its ControlNet's name and short hash and its control image's hash."""
+    from dataclasses import replace
+
+    from ldm_cli import hashing
+
+    path = Path(unit.controlnet).expanduser()
+    weights = path / FILE_NAME if path.is_dir() else path
+    # a folder, or a lone diffusers file, is known by its folder's name; any other file by its own
+    name = path.name if path.is_dir() else path.parent.name if path.name == FILE_NAME else path.stem
+    image_hash = hashing.sha256_file(Path(unit.image).expanduser())[:10]
+    if unit.image_hash and unit.image_hash != image_hash:
+        raise LdmError(f"the control image {unit.image!r} has changed since it was recorded (hash {image_hash}, "
+                       f"recorded {unit.image_hash}); give --control-image again")
+    model_hash = hashing.sha256_file(weights)[:8] if weights.exists() else None
+    return replace(unit, model_name=name, model_hash=model_hash, image_hash=image_hash)
