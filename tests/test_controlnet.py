@@ -176,3 +176,36 @@ def test_cli_refuses_a_controlnet_of_another_family(setups, sd1_folder, tmp_path
     assert result.exit_code == 2
     assert "is for SDXL models" in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_img2img_matches_diffusers_controlnet_img2img_pipeline(setups, tmp_path, family):
+    from diffusers import (ControlNetModel, DDIMScheduler, StableDiffusionControlNetImg2ImgPipeline,
+                           StableDiffusionXLControlNetImg2ImgPipeline)
+
+    from ldm_cli import img2img
+    from tests.test_img2img import picture
+
+    model, folder, net_dirs = setups[family]
+    hint = pattern(7)
+    hint.save(tmp_path / "hint.png")
+    s = Settings(prompt="a red fox", negative="blurry", steps=4, cfg=6.0, seed=3, scheduler="ddim",
+                 strength=0.75, width=64, height=64).resolve({}, model.native_size)
+    unit = control_units.ControlUnit(str(net_dirs[0]), str(tmp_path / "hint.png"), 1.2, 0.0, 0.8)
+    model.controls = [(unit, controlnet_loading.load(unit.controlnet, model))]
+    try:
+        mine = np.asarray(img2img.image_to_image(model, [s], [picture()])[0]).astype(np.int16)
+    finally:
+        model.controls = []
+    plain = np.asarray(img2img.image_to_image(model, [s], [picture()])[0]).astype(np.int16)
+    assert np.abs(mine - plain).max() > 8  # the ControlNet changed the image
+    cls = StableDiffusionXLControlNetImg2ImgPipeline if family == "sdxl" else StableDiffusionControlNetImg2ImgPipeline
+    pipe = cls.from_pretrained(folder, controlnet=ControlNetModel.from_pretrained(net_dirs[0]), local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(s.prompt, negative_prompt=s.negative, image=picture(), control_image=hint, strength=0.75,
+               num_inference_steps=4, guidance_scale=6.0, controlnet_conditioning_scale=1.2, control_guidance_end=0.8,
+               height=64, width=64, generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    ref = (ref * 255).round().astype(np.int16)
+    assert mine.std() > 1
+    assert np.abs(mine - ref).max() <= 2
