@@ -209,3 +209,36 @@ def test_img2img_matches_diffusers_controlnet_img2img_pipeline(setups, tmp_path,
     ref = (ref * 255).round().astype(np.int16)
     assert mine.std() > 1
     assert np.abs(mine - ref).max() <= 2
+
+
+def test_inpaint_matches_diffusers_controlnet_inpaint_pipeline(setups, tmp_path):
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetInpaintPipeline
+
+    from ldm_cli import inpaint
+    from tests.test_img2img import picture
+    from tests.test_inpaint import box_mask
+
+    model, folder, net_dirs = setups["sd1"]
+    hint = pattern(8)
+    hint.save(tmp_path / "hint.png")
+    s = Settings(prompt="a red fox", negative="blurry", steps=4, cfg=6.0, seed=4, scheduler="ddim", strength=1.0,
+                 mask_blur=0, only_masked=False, width=64, height=64).resolve({}, model.native_size)
+    unit = control_units.ControlUnit(str(net_dirs[1]), str(tmp_path / "hint.png"), 1.0, 0.25, 1.0)
+    model.controls = [(unit, controlnet_loading.load(unit.controlnet, model))]
+    try:
+        mine = np.asarray(inpaint.inpaint(model, [s], [picture()], [box_mask()])[0]).astype(np.int16)
+    finally:
+        model.controls = []
+    plain = np.asarray(inpaint.inpaint(model, [s], [picture()], [box_mask()])[0]).astype(np.int16)
+    pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
+        folder, controlnet=ControlNetModel.from_pretrained(net_dirs[1]), local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(s.prompt, negative_prompt=s.negative, image=picture(), mask_image=box_mask(), control_image=hint,
+               controlnet_conditioning_scale=1.0,  # this pipeline's default is 0.5
+               strength=1.0, num_inference_steps=4, guidance_scale=6.0, control_guidance_start=0.25, height=64,
+               width=64, generator=torch.Generator("cpu").manual_seed(4), output_type="np").images[0]
+    ref = (ref * 255).round().astype(np.int16)
+    inside = np.asarray(box_mask()) >= 128
+    assert np.abs(mine - plain)[inside].max() > 8  # the ControlNet changed the repainted part
+    assert np.abs(mine - ref)[inside].max() <= 2
