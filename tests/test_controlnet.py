@@ -242,3 +242,40 @@ def test_inpaint_matches_diffusers_controlnet_inpaint_pipeline(setups, tmp_path)
     inside = np.asarray(box_mask()) >= 128
     assert np.abs(mine - plain)[inside].max() > 8  # the ControlNet changed the repainted part
     assert np.abs(mine - ref)[inside].max() <= 2
+
+
+def original_layout(net) -> dict:
+    """lllyasviel's layout of a diffusers ControlNet, in fp16 as the "pruned" copies ship."""
+    from ldm_cli.loading.keymap import UNetNames
+
+    names, out = UNetNames({**net.config, "up_block_types": ()}), {}  # the encoder half alone
+    blocks = len(net.controlnet_cond_embedding.blocks)
+    for key, value in net.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        parts = module.split(".")
+        if parts[0] == "controlnet_cond_embedding":
+            index = {"conv_in": 0, "conv_out": 2 * (blocks + 1)}.get(parts[1]) if parts[1] != "blocks" else 2 * (int(parts[2]) + 1)
+            name = f"input_hint_block.{index}.{leaf}"
+        elif parts[0] == "controlnet_down_blocks":
+            name = f"zero_convs.{parts[1]}.0.{leaf}"
+        elif parts[0] == "controlnet_mid_block":
+            name = f"middle_block_out.0.{leaf}"
+        else:
+            name = names.origin(key).key
+        out["control_model." + name] = value.half().contiguous()
+    return out
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_original_layout_file_loads_every_tensor_in_place(setups, tmp_path, family):
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    model, _, net_dirs = setups[family]
+    net = ControlNetModel.from_pretrained(net_dirs[0])
+    save_file(original_layout(net), tmp_path / "control_sd_test.safetensors")
+    loaded = controlnet_loading.load(str(tmp_path / "control_sd_test.safetensors"), model)
+    theirs, ours = net.state_dict(), loaded.state_dict()
+    assert theirs.keys() == ours.keys()
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value.half().float()), key

@@ -17,7 +17,8 @@ import torch
 from ldm_cli.errors import LdmError
 
 HINT_KEY = "controlnet_cond_embedding.conv_in.weight"  # diffusers' layout
-ORIGINAL_PREFIX = "control_model."  # lllyasviel's original layout
+ORIGINAL_PREFIX = "control_model."  # lllyasviel's 1.0 files; 1.1's keys start at the blocks
+ORIGINAL_HINT = "input_hint_block.0.weight"
 FILE_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -47,10 +48,11 @@ def _from_file(path: str, model):
         state = load_file(str(Path(path).expanduser()))
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise LdmError(f"--controlnet {path!r} is not a readable safetensors file ({e})") from None
+    state = {k.removeprefix(ORIGINAL_PREFIX): v for k, v in state.items()}
+    if ORIGINAL_HINT in state:
+        state = from_original(state, model.denoiser.config)
     if HINT_KEY not in state:
-        kind = "an original-layout (control_model.*) ControlNet, not supported yet" \
-            if any(k.startswith(ORIGINAL_PREFIX) for k in state) else "not a ControlNet"
-        raise LdmError(f"--controlnet {path!r} is {kind}; give a diffusers ControlNet folder or file")
+        raise LdmError(f"--controlnet {path!r} is not a ControlNet; give a ControlNet folder or .safetensors file")
     config = config_for(state, model.denoiser.config)
     check_fits(path, config, model)
     net = ControlNetModel.from_config(config)
@@ -124,3 +126,52 @@ def _recorded(unit):
                        f"recorded {unit.image_hash}); give --control-image again")
     model_hash = hashing.sha256_file(weights)[:8] if weights.exists() else None
     return replace(unit, model_name=name, model_hash=model_hash, image_hash=image_hash)
+
+
+def from_original(state: dict[str, torch.Tensor], unet_config) -> dict[str, torch.Tensor]:
+    """lllyasviel's layout in diffusers' names: the encoder copy is named as the UNet's input and
+    middle blocks (keymap.UNetNames), plus the hint encoder, zero convs and middle-block output.
+    A tensor with no place is left under its own name, so the strict load names it."""
+    from diffusers import ControlNetModel
+
+    from ldm_cli.loading.keymap import UNetNames
+
+    hints = sorted({int(k.split(".")[1]) for k in state if k.startswith("input_hint_block.")})
+    config = {k: v for k, v in dict(unet_config).items() if k in inspect.signature(ControlNetModel.__init__).parameters}
+    config["conditioning_embedding_out_channels"] = [state[f"input_hint_block.{hints[i]}.weight"].shape[0]
+                                                     for i in range(0, len(hints) - 1, 2)]
+    names, out = UNetNames(dict(unet_config)), dict(state)
+    special = {"controlnet_cond_embedding.conv_in": f"input_hint_block.{hints[0]}",
+               "controlnet_cond_embedding.conv_out": f"input_hint_block.{hints[-1]}",
+               "controlnet_mid_block": "middle_block_out.0",
+               **{f"controlnet_cond_embedding.blocks.{i}": f"input_hint_block.{h}" for i, h in enumerate(hints[1:-1])},
+               **{f"controlnet_down_blocks.{k.split('.')[1]}": f"zero_convs.{k.split('.')[1]}.0"
+                  for k in state if k.startswith("zero_convs.")}}
+    with torch.device("meta"):
+        keys = ControlNetModel.from_config({**config, **_original_shape(state, config, names)}).state_dict()
+    for key in keys:
+        module, _, leaf = key.rpartition(".")
+        original = f"{special[module]}.{leaf}" if module in special else _unet_name(names, key)
+        if original in out:
+            out[key] = out.pop(original)
+    return out
+
+
+def _unet_name(names, key: str) -> str | None:
+    try:
+        return names.origin(key).key
+    except LdmError:
+        return None
+
+
+def _original_shape(state: dict[str, torch.Tensor], config: dict, names) -> dict:
+    """What the base UNet's config may get wrong for an original file: SDXL's extra inputs and the
+    transformer depth, read from the input blocks (each level's first block)."""
+    shape, depth = {}, []
+    for level in range(len(config["down_block_types"])):
+        prefix = f"input_blocks.{names.down(level, 0)}.1.transformer_blocks."
+        depth.append(len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)}) or 1)
+    shape["transformer_layers_per_block"] = depth
+    if "label_emb.0.0.weight" not in state:
+        shape.update(addition_embed_type=None, projection_class_embeddings_input_dim=None)
+    return shape
