@@ -17,7 +17,7 @@ from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
 BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule", "strength", "shift",
-                "max_sequence_length", "no_t5", "guidance")
+                "max_sequence_length", "no_t5", "guidance", "controlnet")
 
 
 def batch_key(s: Settings) -> tuple:

@@ -83,8 +83,10 @@ def resolved(settings: Settings, model) -> Settings:
     out.model = model.path
     out.modules = ", ".join(model.modules) or None
     _check_negative_used(out)
-    if model.controls:  # the ControlNets' names and hashes, as read when they loaded
-        out.controlnet = control_units.to_text([unit for unit, _ in model.controls])
+    if out.controlnet:  # the ControlNets' names and hashes, the control images checked
+        from ldm_cli.loading import controlnet
+
+        out.controlnet = control_units.to_text([controlnet.recorded(u) for u in control_units.from_text(out.controlnet)])
     if model.networks is not None:  # the LoRAs and embeddings fit the model; their hashes recorded
         out = model.networks.resolve(out)
     return out

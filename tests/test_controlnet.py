@@ -279,3 +279,36 @@ def test_original_layout_file_loads_every_tensor_in_place(setups, tmp_path, fami
     assert theirs.keys() == ours.keys()
     for key, value in theirs.items():
         assert torch.equal(ours[key], value.half().float()), key
+
+
+def test_batch_lines_each_with_their_own_unit(setups, sd1_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ldm_cli import images
+    from ldm_cli.cli import app
+
+    _, _, nets = setups["sd1"]
+    pattern(1).save(tmp_path / "hint.png")
+    lines = [f'--prompt "a fox" --seed 5 --controlnet {nets[0]} --control_image hint.png --control_scale 0.7',
+             '--prompt "a fox" --seed 5',
+             json.dumps({"prompt": "a fox", "seed": 5, "controlnet": str(nets[1]), "control_image": "hint.png"})]
+    (tmp_path / "a.txt").write_text("\n".join(lines[:2]) + "\n")
+    (tmp_path / "b.jsonl").write_text(lines[2] + "\n")
+    runner = CliRunner()
+    saved = []
+    for name in ("a.txt", "b.jsonl"):
+        result = runner.invoke(app, ["batch", str(tmp_path / name), "--model", str(sd1_folder), "--steps", "2",
+                                     "--out", str(tmp_path / name.split(".")[0]), "--json", "--quiet"])
+        assert result.exit_code == 0, result.output
+        saved += [json.loads(line)["path"] for line in result.output.splitlines() if line.startswith("{")]
+    pictures = [np.asarray(Image.open(p)).astype(np.int16) for p in saved]
+    assert len(pictures) == 3
+    assert np.abs(pictures[0] - pictures[1]).max() > 8 and np.abs(pictures[2] - pictures[1]).max() > 8
+    assert 'ControlNet 0: "Module: none, Model: ' in images.read_text_chunks(saved[0])["parameters"]
+    assert "ControlNet 0" not in images.read_text_chunks(saved[1])["parameters"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f'--prompt "a fox" --controlnet {nets[0]}\n')
+    result = runner.invoke(app, ["batch", str(bad), "--model", str(sd1_folder), "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "bad.txt:1: each --controlnet needs its --control-image" in result.output

@@ -7,6 +7,7 @@ widths, transformer depth per block, cross-attention width). Recognised from ten
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -105,12 +106,14 @@ def check_fits(path: str, config: dict, model) -> None:
 
 
 def attach(model, units: list) -> None:
-    """Load each unit's ControlNet onto `model` (model.controls), recording its name and hashes;
-    a control image that no longer matches its recorded hash (--from-png) is refused."""
-    model.controls = [(_recorded(unit), load(unit.controlnet, model)) for unit in units]
+    """Put the units' ControlNets on `model` (model.controls), each file loaded once per model."""
+    for unit in units:
+        if unit.controlnet not in model.controlnets:
+            model.controlnets[unit.controlnet] = load(unit.controlnet, model)
+    model.controls = [(unit, model.controlnets[unit.controlnet]) for unit in units]
 
 
-def _recorded(unit):
+def recorded(unit):
     """The unit with its ControlNet's name and short hash and its control image's hash."""
     from dataclasses import replace
 
@@ -124,8 +127,16 @@ def _recorded(unit):
     if unit.image_hash and unit.image_hash != image_hash:
         raise LdmError(f"the control image {unit.image!r} has changed since it was recorded (hash {image_hash}, "
                        f"recorded {unit.image_hash}); give --control-image again")
-    model_hash = hashing.sha256_file(weights)[:8] if weights.exists() else None
+    model_hash = _short_hash(weights) if weights.exists() else None
     return replace(unit, model_name=name, model_hash=model_hash, image_hash=image_hash)
+
+
+@functools.lru_cache(maxsize=64)
+def _short_hash(weights: Path) -> str:
+    """sd-webui-controlnet's 8 hex digits; once per file in a run (a batch names it on every line)."""
+    from ldm_cli import hashing
+
+    return hashing.sha256_file(weights)[:8]
 
 
 def from_original(state: dict[str, torch.Tensor], unet_config) -> dict[str, torch.Tensor]:
