@@ -46,7 +46,8 @@ class ControlUnit:
     def infotext(self) -> str:
         """sd-webui-controlnet's entry for the unit (its fixed fields as it writes them for ours)."""
         low, high = CANNY_THRESHOLDS if self.preprocess == "canny" else (-1, -1)
-        return (f"Module: {self.preprocess}, Model: {self.model_name} [{self.model_hash}], Weight: {self.scale:g}, "
+        model = f"{self.model_name} [{self.model_hash}]" if self.model_hash else self.model_name
+        return (f"Module: {self.preprocess}, Model: {model}, Weight: {self.scale:g}, "
                 f"Resize Mode: Crop and Resize, Processor Res: 512, Threshold A: {low}, Threshold B: {high}, "
                 f"Guidance Start: {self.start:g}, Guidance End: {self.end:g}, Pixel Perfect: False, "
                 "Control Mode: Balanced")

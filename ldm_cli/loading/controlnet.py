@@ -31,10 +31,9 @@ def load(path: str, model):
         raise LdmError(f"--controlnet works with SD1, SD2 and SDXL models only (this one is {model.family.label})")
     folder = Path(path).expanduser()
     if folder.is_dir():
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else None
-        if config is None:
+        if not (folder / "config.json").exists():
             raise LdmError(f"--controlnet {path!r} is a folder without config.json (not a diffusers ControlNet)")
-        check_fits(path, config, model)
+        check_fits(path, json.loads((folder / "config.json").read_text()), model)
         net = ControlNetModel.from_pretrained(folder, local_files_only=True)
     else:
         net = _from_file(path, model)
