@@ -312,3 +312,16 @@ def test_batch_lines_each_with_their_own_unit(setups, sd1_folder, tmp_path):
     bad.write_text(f'--prompt "a fox" --controlnet {nets[0]}\n')
     result = runner.invoke(app, ["batch", str(bad), "--model", str(sd1_folder), "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "bad.txt:1: each --controlnet needs its --control-image" in result.output
+
+
+def test_cli_refuses_unpaired_flags_before_loading(tmp_path):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "a fox", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                                      "--controlnet", str(tmp_path), "--controlnet", str(tmp_path),
+                                      "--control-image", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("ldm: error: each --controlnet needs its --control-image "
+                                     "(got 2 --controlnet and 1 --control-image)")
