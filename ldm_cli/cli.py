@@ -209,14 +209,8 @@ class RenderFlags(dict):
         from ldm_cli import commands
         from ldm_cli.settings import Settings
 
-        flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own, controlnet=self.controlnet())
+        flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own, controlnet=controlnet_text(self))
         return commands.base_settings(flags, self["from_png"])
-
-    def controlnet(self) -> str | None:
-        """The ControlNet units given as flags, as Settings keep them (None: none given)."""
-        from ldm_cli import control_units
-
-        return control_units.to_text(control_units.units_from_flags(*(list(self[k] or []) for k in CONTROL_FLAGS)))
 
     def run_options(self):
         return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
@@ -224,6 +218,13 @@ class RenderFlags(dict):
 
     def print(self, results) -> None:
         print_results(results, self["as_json"])
+
+
+def controlnet_text(flags: dict) -> str | None:
+    """The ControlNet units given as flags, as Settings keep them (None: none given)."""
+    from ldm_cli import control_units
+
+    return control_units.to_text(control_units.units_from_flags(*(list(flags[k] or []) for k in CONTROL_FLAGS)))
 
 
 def renders(command: Callable[..., None]) -> Callable[..., None]:
@@ -350,18 +351,24 @@ def batch(
     allow_pickle: AllowPickle = False, lora: Lora = None, lora_dir: LoraDir = None, embeddings_dir: EmbeddingsDir = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder, with the manifest [default: outputs/<FILE's name>].")] = None,
     device: Device = "auto", dtype: Dtype = "auto", compile: Compile = False, offload: Offload = "none",
-    weights: Weights = None, vae_tiling: VaeTiling = False,
+    weights: Weights = None, vae_tiling: VaeTiling = False, controlnet: ControlNet = None,
+    control_image: ControlImage = None, control_scale: ControlScale = None, control_start: ControlStart = None,
+    control_end: ControlEnd = None, control_preprocess: ControlPreprocess = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet per line of several images, in OUT/grids.")] = False,
     as_json: AsJson = False, quiet: Quiet = False,
 ) -> None:
     """Render a prompts file: each model loaded once, shared batches, resumable by rerunning;
-    `accelerate launch -m ldm_cli batch ...` shares the work among processes."""
+    `accelerate launch -m ldm_cli batch ...` shares the work among processes. --controlnet units
+    apply to the lines that name none of their own."""
     from ldm_cli import commands
     from ldm_cli.settings import Settings
 
     defaults = Settings(negative=negative or "", steps=steps, cfg=cfg, seed=seed, width=width, height=height,
                         scheduler=scheduler, schedule=schedule, shift=shift, max_sequence_length=max_sequence_length,
-                        no_t5=no_t5, guidance=guidance, clip_skip=clip_skip, rng=rng, model=model)
+                        no_t5=no_t5, guidance=guidance, clip_skip=clip_skip, rng=rng, model=model,
+                        controlnet=controlnet_text(dict(
+                            controlnet=controlnet, control_image=control_image, control_scale=control_scale,
+                            control_start=control_start, control_end=control_end, control_preprocess=control_preprocess)))
     options = run_options(num_images, batch_size, out or Path("outputs") / file.stem, quiet, dict(
         vae=vae, text_encoder=text_encoder, config=config, prediction=prediction, allow_pickle=allow_pickle,
         device=device, dtype=dtype, compile=compile, offload=offload, weights=weights, vae_tiling=vae_tiling), dict(lora=lora, lora_dir=lora_dir, embeddings_dir=embeddings_dir))

@@ -308,6 +308,14 @@ def test_batch_lines_each_with_their_own_unit(setups, sd1_folder, tmp_path):
     assert np.abs(pictures[0] - pictures[1]).max() > 8 and np.abs(pictures[2] - pictures[1]).max() > 8
     assert 'ControlNet 0: "Module: none, Model: ' in images.read_text_chunks(saved[0])["parameters"]
     assert "ControlNet 0" not in images.read_text_chunks(saved[1])["parameters"]
+    with_flags = runner.invoke(app, ["batch", str(tmp_path / "a.txt"), "--model", str(sd1_folder), "--steps", "2",
+                                     "--out", str(tmp_path / "f"), "--json", "--quiet", "--controlnet", str(nets[1]),
+                                     "--control-image", str(tmp_path / "hint.png")])
+    assert with_flags.exit_code == 0, with_flags.output
+    texts = sorted(images.read_text_chunks(json.loads(line)["path"])["parameters"]
+                   for line in with_flags.output.splitlines() if line.startswith("{"))
+    assert [f"Model: {nets[0].name} [" in t for t in texts].count(True) == 1  # the line's own unit replaces
+    assert [f"Model: {nets[1].name} [" in t for t in texts].count(True) == 1  # the command's, for the other line
     bad = tmp_path / "bad.txt"
     bad.write_text(f'--prompt "a fox" --controlnet {nets[0]}\n')
     result = runner.invoke(app, ["batch", str(bad), "--model", str(sd1_folder), "--out", str(tmp_path / "bad")])
