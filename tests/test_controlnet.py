@@ -30,10 +30,10 @@ def pattern(seed: int, size=(64, 64)) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def setups(sd1_folder, sdxl_folder, tmp_path_factory):
+def setups(sd1_folder, sd2_folder, sdxl_folder, tmp_path_factory):
     """Per family: our model, the folder, and two tiny ControlNets saved as diffusers folders."""
     out = {}
-    for name, folder in [("sd1", sd1_folder), ("sdxl", sdxl_folder)]:
+    for name, folder in [("sd1", sd1_folder), ("sd2", sd2_folder), ("sdxl", sdxl_folder)]:
         ours = loading.load(str(folder))
         nets = []
         for seed in (11, 12):
@@ -72,8 +72,8 @@ def ours_image(model, nets, image_paths, scales, starts, ends, s):
         model.controls = []
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize("family, multi", [("sd1", False), ("sd1", True), ("sd2", False), ("sdxl", False),
+                                           ("sdxl", True)])
 def test_matches_diffusers_controlnet_pipeline(setups, tmp_path, family, multi):
     model, folder, net_dirs = setups[family]
     n = 2 if multi else 1
@@ -85,7 +85,7 @@ def test_matches_diffusers_controlnet_pipeline(setups, tmp_path, family, multi):
     scales, starts, ends = [0.8, 1.3][:n], [0.0, 0.25][:n], [0.6, 1.0][:n]
     # the single case loads the lone safetensors file (config derived from the base UNet)
     ours_nets = [d / controlnet_loading.FILE_NAME for d in net_dirs[:n]] if not multi else net_dirs[:n]
-    s = Settings(prompt="a red fox", negative="blurry" if family == "sd1" else "", steps=4, cfg=6.0, seed=99,
+    s = Settings(prompt="a red fox", negative="" if family == "sdxl" else "blurry", steps=4, cfg=6.0, seed=99,
                  scheduler="ddim").resolve({}, model.native_size)
     mine = ours_image(model, ours_nets, paths, scales, starts, ends, s)
     plain = np.asarray(pipeline.text_to_image(model, [s])[0]).astype(np.int16)
