@@ -128,6 +128,21 @@ EmbeddingsDir = Annotated[Optional[list[str]], typer.Option(
     "--embeddings-dir", metavar="DIR", help="A folder of textual-inversion embeddings, each used where its file "
                                             "name is a word of the prompt; repeatable [default: 'embeddings' beside "
                                             "the model, and $LDM_EMBEDDINGS_DIR].")]
+ControlNet = Annotated[Optional[list[str]], typer.Option(
+    "--controlnet", metavar="FILE_OR_DIR", help="A ControlNet (diffusers folder or .safetensors file) steering the image "
+                                                "by the matching --control-image; repeatable (their effects add up).")]
+ControlImage = Annotated[Optional[list[str]], typer.Option(
+    "--control-image", metavar="IMAGE", help="The i-th --controlnet's control image, fitted to the render size by "
+                                             "crop and resize. Depth and pose ControlNets take preprocessed maps.")]
+ControlScale = Annotated[Optional[list[float]], typer.Option(
+    "--control-scale", metavar="W", help="A ControlNet's weight; once for all, or once per --controlnet [default: 1].")]
+ControlStart = Annotated[Optional[list[float]], typer.Option(
+    "--control-start", metavar="FRACTION", help="Fraction of the steps at which a ControlNet starts acting [default: 0].")]
+ControlEnd = Annotated[Optional[list[float]], typer.Option(
+    "--control-end", metavar="FRACTION", help="Fraction of the steps after which a ControlNet stops acting [default: 1].")]
+ControlPreprocess = Annotated[Optional[list[str]], typer.Option(
+    "--control-preprocess", metavar="none|canny", help="none (the image is the control map) or canny (edges of a photo, thresholds "
+                                 "100 and 200) [default: none].")]
 
 # Options of the commands that start from an image.
 InitImage = Annotated[Path, typer.Argument(help="The starting image, at least 8 pixels a side; transparent parts read as white.")]
@@ -175,12 +190,15 @@ RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annota
     ("dtype", Dtype, "auto"), ("compile", Compile, False), ("offload", Offload, "none"), ("weights", Weights, None),
     ("vae_tiling", VaeTiling, False), ("as_json", AsJson, False), ("quiet", Quiet, False),
     ("from_png", FromPng, None), ("lora", Lora, None), ("lora_dir", LoraDir, None),
-    ("embeddings_dir", EmbeddingsDir, None))]
+    ("embeddings_dir", EmbeddingsDir, None), ("controlnet", ControlNet, None), ("control_image", ControlImage, None),
+    ("control_scale", ControlScale, None), ("control_start", ControlStart, None), ("control_end", ControlEnd, None),
+    ("control_preprocess", ControlPreprocess, None))]
 SETTINGS_FLAGS = ("negative", "steps", "cfg", "seed", "width", "height", "scheduler", "schedule", "shift",
                   "max_sequence_length", "no_t5", "guidance", "clip_skip", "rng", "model")
 LOAD_FLAGS = ("vae", "text_encoder", "config", "prediction", "allow_pickle", "device", "dtype", "compile", "offload",
               "weights", "vae_tiling")
 NETWORK_FLAGS = ("lora", "lora_dir", "embeddings_dir")
+CONTROL_FLAGS = ("controlnet", "control_image", "control_scale", "control_start", "control_end", "control_preprocess")
 
 
 class RenderFlags(dict):
@@ -191,7 +209,7 @@ class RenderFlags(dict):
         from ldm_cli import commands
         from ldm_cli.settings import Settings
 
-        flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own)
+        flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own, controlnet=controlnet_text(self))
         return commands.base_settings(flags, self["from_png"])
 
     def run_options(self):
@@ -200,6 +218,13 @@ class RenderFlags(dict):
 
     def print(self, results) -> None:
         print_results(results, self["as_json"])
+
+
+def controlnet_text(flags: dict) -> str | None:
+    """The ControlNet units given as flags, as Settings keep them (None: none given)."""
+    from ldm_cli import control_units
+
+    return control_units.to_text(control_units.units_from_flags(*(list(flags[k] or []) for k in CONTROL_FLAGS)))
 
 
 def renders(command: Callable[..., None]) -> Callable[..., None]:
@@ -326,18 +351,24 @@ def batch(
     allow_pickle: AllowPickle = False, lora: Lora = None, lora_dir: LoraDir = None, embeddings_dir: EmbeddingsDir = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder, with the manifest [default: outputs/<FILE's name>].")] = None,
     device: Device = "auto", dtype: Dtype = "auto", compile: Compile = False, offload: Offload = "none",
-    weights: Weights = None, vae_tiling: VaeTiling = False,
+    weights: Weights = None, vae_tiling: VaeTiling = False, controlnet: ControlNet = None,
+    control_image: ControlImage = None, control_scale: ControlScale = None, control_start: ControlStart = None,
+    control_end: ControlEnd = None, control_preprocess: ControlPreprocess = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet per line of several images, in OUT/grids.")] = False,
     as_json: AsJson = False, quiet: Quiet = False,
 ) -> None:
     """Render a prompts file: each model loaded once, shared batches, resumable by rerunning;
-    `accelerate launch -m ldm_cli batch ...` shares the work among processes."""
+    `accelerate launch -m ldm_cli batch ...` shares the work among processes. --controlnet units
+    apply to the lines that name none of their own."""
     from ldm_cli import commands
     from ldm_cli.settings import Settings
 
     defaults = Settings(negative=negative or "", steps=steps, cfg=cfg, seed=seed, width=width, height=height,
                         scheduler=scheduler, schedule=schedule, shift=shift, max_sequence_length=max_sequence_length,
-                        no_t5=no_t5, guidance=guidance, clip_skip=clip_skip, rng=rng, model=model)
+                        no_t5=no_t5, guidance=guidance, clip_skip=clip_skip, rng=rng, model=model,
+                        controlnet=controlnet_text(dict(
+                            controlnet=controlnet, control_image=control_image, control_scale=control_scale,
+                            control_start=control_start, control_end=control_end, control_preprocess=control_preprocess)))
     options = run_options(num_images, batch_size, out or Path("outputs") / file.stem, quiet, dict(
         vae=vae, text_encoder=text_encoder, config=config, prediction=prediction, allow_pickle=allow_pickle,
         device=device, dtype=dtype, compile=compile, offload=offload, weights=weights, vae_tiling=vae_tiling), dict(lora=lora, lora_dir=lora_dir, embeddings_dir=embeddings_dir))

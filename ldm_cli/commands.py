@@ -49,17 +49,22 @@ def base_settings(flags: Settings, from_png: Path | None) -> Settings:
 
 
 def load_model(settings: Settings, options: RunOptions):
-    """The model, with its LoRAs and embeddings session; the LoRAs the prompt names are found
-    before it loads."""
-    from ldm_cli import loading
+    """The model, with its LoRAs and embeddings session and its ControlNets; the LoRAs the prompt
+    names and the ControlNet files are found before it loads."""
+    from ldm_cli import control_units, loading
+    from ldm_cli.loading import controlnet
     from ldm_cli.networks import lookup, session
 
     if settings.seed is not None:  # checked before the load, like every other setting
         check_seed_room(settings.seed, options.num_images)
     lookup.check_folders(options.networks)
     session.check(settings, options.networks)
+    units = control_units.from_text(settings.controlnet)
+    for unit in units:  # its files found before the model loads
+        unit.validate()
     model = loading.load(settings.model, options.load)
     session.attach(model, options.networks, settings.model)
+    controlnet.attach(model, units)
     return model
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm_cli import images, inpaint, pipeline, sampling, vae
+from ldm_cli import control, images, inpaint, pipeline, sampling, vae
 from ldm_cli.strength import add_noise, check_inputs, strength_timesteps
 from ldm_cli.settings import Settings
 
@@ -64,7 +64,8 @@ def image_to_image(model, group: list[Settings], init_images: list[Image.Image],
     # 5. noise
     latents, _ = add_noise(model, group, scheduler, latents, generators, timesteps)
     # 6. denoise
+    units = control.for_batch(model, s.width, s.height, len(group))
     latents = sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators,
-                               timesteps, on_step=on_step)
+                               timesteps, on_step=on_step, control=units)
     # 7. decode
     return vae.decode(model, latents)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from ldm_cli import images, limits, pipeline, sampling, strength, vae
+from ldm_cli import control, images, limits, pipeline, sampling, strength, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
@@ -258,7 +258,9 @@ def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks:
     # 6. denoise: a 9-channel model sees mask and masked image; an ordinary one gets the kept part back
     extra = torch.cat([mask, masked], dim=1) if masked is not None else None
     blend = None if masked is not None else _blend(scheduler, image_latents, noise, mask, timesteps)
+    f = model.vae_scale_factor  # the render size: the region's with --only-masked
+    units = control.for_batch(model, latents.shape[-1] * f, latents.shape[-2] * f, len(group))
     latents = sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators, timesteps,
-                               extra_input=extra, blend=blend, on_step=on_step)
+                               extra_input=extra, blend=blend, on_step=on_step, control=units)
     # 7. decode, and paste into the originals
     return [paste(r, picture) for r, picture in zip(regions, vae.decode(model, latents))]

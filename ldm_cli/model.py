@@ -25,6 +25,8 @@ class Model:
     modules: list[str] = field(default_factory=list)  # parts given as separate files: Forge's "Module N"
     embeddings: Any = None  # textual inversion: a clip_text.EmbeddingLookup read as prompts are tokenized
     networks: Any = None  # its LoRAs and embeddings for the run (networks.session.Session)
+    controls: list[Any] = field(default_factory=list)  # (ControlUnit, its ControlNetModel) pairs acting now
+    controlnets: dict[str, Any] = field(default_factory=dict)  # ControlNetModels loaded, by path
     # where and in what dtype it computes, when its weights are kept elsewhere or in another
     # dtype (memory.py: offloaded to the CPU, stored in float8); None: where its weights are
     run_device: torch.device | None = None

@@ -12,12 +12,12 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm_cli import conditioning, memory, sampling, schedulers, vae
+from ldm_cli import conditioning, control, memory, sampling, schedulers, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
 BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule", "strength", "shift",
-                "max_sequence_length", "no_t5", "guidance")
+                "max_sequence_length", "no_t5", "guidance", "controlnet")
 
 
 def batch_key(s: Settings) -> tuple:
@@ -92,7 +92,8 @@ def text_to_image(model, group: list[Settings], on_step: Callable[[], None] | No
     generators = generators_for(group)
     latents = initial_noise(model, group, generators) * sampling.init_noise_sigma(scheduler)
     # 5. denoise
+    units = control.for_batch(model, group[0].width, group[0].height, len(group))
     latents = sampling.denoise(model, scheduler, latents, positive, negative, group[0].cfg,
-                               generators, scheduler.timesteps, on_step=on_step)
+                               generators, scheduler.timesteps, on_step=on_step, control=units)
     # 6. decode
     return vae.decode(model, latents)

@@ -46,7 +46,11 @@ KEYS: dict[str, Key] = {
     "guidance": Key(float, "guidance"), "distilled_cfg_scale": Key(float, "guidance"),
     # A1111's text encoding and noise source
     "clip_skip": Key(int, "clip_skip"), "rng": Key(str, "rng"),
+    # one ControlNet unit (control_units.py), as the command's flags give it
+    "controlnet": Key(str, None), "control_image": Key(str, None), "control_scale": Key(float, None),
+    "control_start": Key(float, None), "control_end": Key(float, None), "control_preprocess": Key(str, None),
 }
+CONTROL_KEYS = ("controlnet", "control_image", "control_scale", "control_start", "control_end", "control_preprocess")
 # A1111 accepts these too; ldm has nothing to map them to, so the error names them as such.
 A1111_ONLY = {"sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "styles", "subseed",
               "subseed_strength", "seed_resize_from_h", "seed_resize_from_w", "sampler_index",
@@ -208,7 +212,7 @@ def make_job(number: int, line: str, values: dict[str, Any], defaults: Settings,
     given = {KEYS[k].field: v for k, v in values.items() if KEYS[k].field}
     if "model" in given:
         given["model"] = str(existing(given["model"], folder, "model"))
-    settings = defaults.merged(**given)
+    settings = defaults.merged(**given, controlnet=line_controlnet(values, folder))
     if given.get("seed") == RANDOM_SEED:
         settings.seed = None
     try:
@@ -225,6 +229,18 @@ def make_job(number: int, line: str, values: dict[str, Any], defaults: Settings,
     if mask:
         check_mask(mask, init)
     return Job(number, settings, count, init, mask)
+
+
+def line_controlnet(values: dict[str, Any], folder: Path) -> str | None:
+    """The line's ControlNet unit as Settings keep it (None: the line names none); its files
+    found as the line's other files are."""
+    from ldm_cli import control_units
+
+    if not any(k in values for k in CONTROL_KEYS):
+        return None
+    files = [[str(existing(values[k], folder, k))] if k in values else [] for k in CONTROL_KEYS[:2]]
+    options = [[values[k]] if k in values else [] for k in CONTROL_KEYS[2:]]
+    return control_units.to_text(control_units.units_from_flags(*files, *options))
 
 
 def check_keys(values: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from ldm_cli import __version__, images
+from ldm_cli import __version__, control_units, images
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import LABELS, BadSetting, Settings, flag_name
 
@@ -83,6 +83,10 @@ def resolved(settings: Settings, model) -> Settings:
     out.model = model.path
     out.modules = ", ".join(model.modules) or None
     _check_negative_used(out)
+    if out.controlnet:  # the ControlNets' names and hashes, the control images checked
+        from ldm_cli.loading import controlnet
+
+        out.controlnet = control_units.to_text([controlnet.recorded(u) for u in control_units.from_text(out.controlnet)])
     if model.networks is not None:  # the LoRAs and embeddings fit the model; their hashes recorded
         out = model.networks.resolve(out)
     return out

@@ -5,6 +5,8 @@ them as eps = eps_neg + cfg * (eps_pos - eps_neg); at cfg 1 that is eps_pos, so 
 is skipped. The conditioning may change at given steps and hold several weighted positive parts
 (A1111's prompt editing and AND): guidance.py says what each step asks of the denoiser. img2img enters with fewer timesteps and noised image latents; inpainting adds input
 channels (dedicated 9-channel models) or blends the known region back after each step.
+ControlNet units (control.py) add their residuals to each denoiser call's conditioning, their
+control images indexed by the same rows as the latents, so both CFG halves see them.
 
 Noise-prediction and flow-matching models share it: what differs is the scheduler's. Flow-matching
 schedulers start from unscaled noise, take the model's input unscaled (they have no
@@ -17,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ldm_cli.control import Control
 from ldm_cli.families.family import Cond
 from ldm_cli.guidance import Call, Guidance, Parts, Schedule
 
@@ -39,7 +42,7 @@ def add_noise(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Te
 def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts],
             negative: Cond | list[Schedule] | None, cfg: float, generators: list[torch.Generator],
             timesteps: torch.Tensor, *, extra_input: torch.Tensor | None = None, blend: Blend | None = None,
-            on_step: Callable[[], None] | None = None) -> torch.Tensor:
+            on_step: Callable[[], None] | None = None, control: Control | None = None) -> torch.Tensor:
     """Run `timesteps` of `scheduler` from `latents`; returns the final latents. The conditioning
     is either batched (one cond per image, all steps) or per image: weighted AND parts and a
     negative, each a schedule over the steps (guidance.py)."""
@@ -47,10 +50,13 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts
     rows = _row_index(plan.row_images(), len(latents))
     if extra_input is not None:
         extra_input = _rows(extra_input, rows)
+    if control is not None:
+        control = control.for_rows(lambda image: _rows(image, rows))
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
         with torch.inference_mode():  # the scheduler's arithmetic too: no autograd bookkeeping anywhere
-            latents = _step(model, scheduler, latents, t, plan, plan.calls(i), rows, extra_input, step_kwargs)
+            at = control.at(i, len(timesteps)) if control is not None else None
+            latents = _step(model, scheduler, latents, t, plan, plan.calls(i), rows, extra_input, step_kwargs, at)
         if blend is not None:
             latents = blend(latents, i)
         if on_step is not None:
@@ -73,21 +79,27 @@ def _rows(x: torch.Tensor, rows: torch.Tensor | int) -> torch.Tensor:
 
 
 def _step(model, scheduler, latents: torch.Tensor, t: torch.Tensor, plan: Guidance, calls: list[Call],
-          rows: torch.Tensor | int, extra_input: torch.Tensor | None, step_kwargs: dict) -> torch.Tensor:
+          rows: torch.Tensor | int, extra_input: torch.Tensor | None, step_kwargs: dict,
+          control: Control | None = None) -> torch.Tensor:
     """The denoiser on every row (one call per conditioning shape), guidance, one scheduler step."""
     x = _rows(latents, rows)
     if hasattr(scheduler, "scale_model_input"):
         x = scheduler.scale_model_input(x, t)
+    latent_x = x  # a ControlNet reads the latents alone, without an inpainting model's extra channels
     if extra_input is not None:
         x = torch.cat([x, extra_input], dim=1)
-    out = _predict(model, x, t, calls)
+    out = _predict(model, x, t, calls, latent_x, control)
     return scheduler.step(plan.combine(out), t, latents, **step_kwargs, return_dict=False)[0]
 
 
-def _predict(model, x: torch.Tensor, t: torch.Tensor, calls: list[Call]) -> torch.Tensor:
+def _predict(model, x: torch.Tensor, t: torch.Tensor, calls: list[Call], latent_x: torch.Tensor,
+             control: Control | None) -> torch.Tensor:
+    def cond_of(call: Call, rows) -> Cond:
+        return call.cond if control is None else control.with_residuals(latent_x, t, call.cond, rows)
+
     if len(calls) == 1:
-        return model.family.predict(model, x, t, calls[0].cond)
-    parts = [(call.rows, model.family.predict(model, x[call.rows], t, call.cond)) for call in calls]
+        return model.family.predict(model, x, t, cond_of(calls[0], slice(None)))
+    parts = [(call.rows, model.family.predict(model, x[call.rows], t, cond_of(call, call.rows))) for call in calls]
     out = parts[0][1].new_empty((len(x), *parts[0][1].shape[1:]))
     for rows, part in parts:
         out[rows] = part

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ldm_cli import infotext, limits, schedulers
+from ldm_cli import control_units, infotext, limits, schedulers
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_SEED
 
@@ -97,6 +97,8 @@ class Settings:
     # A1111's records of the LoRA and embedding files used ("name: 12 hex, ..."), for --from-png
     lora_hashes: str | None = None
     ti_hashes: str | None = None
+    # ControlNet units (control_units.py: a JSON list, with their files' paths and hashes)
+    controlnet: str | None = None
 
     def merged(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied."""
@@ -189,6 +191,7 @@ class Settings:
             p["Clip skip"] = str(self.clip_skip)
         p.update(self._text_options())
         p["RNG"] = RNG_LABELS[self.rng or "cpu"]
+        p.update(control_units.infotext_params(self.controlnet))  # sd-webui-controlnet's entries
         if self.lora_hashes:  # A1111's names and place, just before the version
             p["Lora hashes"] = self.lora_hashes
         if self.ti_hashes:

@@ -6,12 +6,15 @@ import torch
 from ldm_cli.families.family import Cond
 
 ADDED_KEYS = ("text_embeds", "time_ids")  # SDXL's pooled text and size/crop conditioning
+# ControlNet residuals, put into the conditioning by the loop (control.py) when units act
+CONTROL_KEYS = ("down_block_additional_residuals", "mid_block_additional_residual")
 
 
 def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
     added = {k: cond[k] for k in ADDED_KEYS if k in cond}
+    control = {k: cond[k] for k in CONTROL_KEYS if k in cond}
     return model.denoiser(latents, t, encoder_hidden_states=cond["encoder_hidden_states"],
-                          added_cond_kwargs=added or None, return_dict=False)[0]
+                          added_cond_kwargs=added or None, **control, return_dict=False)[0]
 
 
 def tokenize(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:

@@ -1,0 +1,98 @@
+"""ControlNet units: what the user asked for, their control images, and their residuals in the loop.
+
+A unit (control_units.py) pairs a ControlNet with a control image, a scale and a window of steps. Its image is
+fitted to the render size as A1111's "Crop and Resize" (scaled to cover, centre-cropped) and may
+be turned into an edge map first (`canny`, A1111's thresholds 100 and 200). Depth and pose maps
+need their own detector models: such units take preprocessed images.
+
+In the loop each acting unit reads the scaled latents, the timestep, the same conditioning as the
+denoiser and its image, rows for rows (both CFG halves); the residuals of all units, each times
+its scale, are summed as diffusers' MultiControlNetModel sums them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm_cli.control_units import CANNY_THRESHOLDS, ControlUnit
+
+
+def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """A1111's "Crop and Resize": scaled to cover width x height, then centre-cropped to it."""
+    if image.size == (width, height):
+        return image
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def canny(image: Image.Image) -> Image.Image:
+    """White edges on black, from OpenCV's Canny detector with A1111's thresholds."""
+    import cv2
+
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), *CANNY_THRESHOLDS)
+    return Image.fromarray(edges).convert("RGB")
+
+
+def control_image(unit: ControlUnit, width: int, height: int) -> Image.Image:
+    """The unit's image as its ControlNet reads it at this render size."""
+    from ldm_cli import images
+
+    image = crop_and_resize(images.load_image(Path(unit.image).expanduser()), width, height)
+    return canny(image) if unit.preprocess == "canny" else image
+
+
+def as_tensor(image: Image.Image, count: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(count, 3, h, w) in [0, 1], as diffusers' control image processor gives it (no normalising)."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return array.repeat(count, 1, 1, 1).to(device, dtype)
+
+
+@dataclass
+class Control:
+    """The loaded units of one batch: ControlNets, their images (one row per latent row), scales
+    and step windows; `scales` are those of the current step (0: the unit rests)."""
+    nets: list[Any]
+    images: list[torch.Tensor]
+    scales: list[float]
+    windows: list[tuple[float, float]]
+
+    def for_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> Control:
+        return replace(self, images=[rows(image) for image in self.images])
+
+    def at(self, i: int, steps: int) -> Control:
+        """The scales at step i of `steps`: a unit acts where diffusers' controlnet_keep is 1."""
+        keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for start, end in self.windows]
+        return replace(self, scales=[s * k for s, k in zip(self.scales, keep)])
+
+    def with_residuals(self, x: torch.Tensor, t: torch.Tensor, cond: dict, rows) -> dict:
+        """`cond` with the summed residuals of the acting units for latent rows `x` (rows `rows`)."""
+        added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+        down, mid = None, None
+        for net, image, scale in zip(self.nets, self.images, self.scales):
+            if scale == 0.0:
+                continue
+            d, m = net(x, t, encoder_hidden_states=cond["encoder_hidden_states"], controlnet_cond=image[rows],
+                       conditioning_scale=scale, added_cond_kwargs=added or None, return_dict=False)
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if down is None:
+            return cond
+        return {**cond, "down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def for_batch(model, width: int, height: int, count: int) -> Control | None:
+    """The model's ControlNet units made ready for a batch of `count` images at this size."""
+    loaded = getattr(model, "controls", None) or []
+    if not loaded:
+        return None
+    images = [as_tensor(control_image(unit, width, height), count, model.device, model.dtype) for unit, _ in loaded]
+    return Control([net for _, net in loaded], images, [unit.scale for unit, _ in loaded],
+                   [(unit.start, unit.end) for unit, _ in loaded])
