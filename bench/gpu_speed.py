@@ -259,7 +259,9 @@ def fresh_process(spec: Spec, model_folder: Path, device: torch.device) -> Row:
                               capture_output=True, text=True, cwd=ROOT, timeout=900)
         wall = time.time() - start
         if done.returncode:
-            raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+            print(done.stderr[-3000:], file=sys.stderr)  # into the log: device time is too short to rerun
+            said = [line for line in done.stderr.strip().splitlines() if not line.startswith("LDM_")]
+            raise RuntimeError(f"exit {done.returncode}: {said[-1:]}")  # its error, not timed_ldm.py's marks
         marks = dict(line.split(" ", 1) for line in done.stderr.splitlines() if line.startswith("LDM_"))
         image = Image.open(next(Path(out).glob("*.png"))).convert("RGB")
     hits, misses = marks.get("LDM_FX_CACHE", "? ?").split()
@@ -351,10 +353,20 @@ def compared(row: Row, base: Row | None, render=None, device: torch.device | Non
 def compiled(model: Model, spec: Spec, device: torch.device, runs: int, base: Row | None) -> Row:
     speed.apply(model, compile=True)
     render = ldm_render(model, spec)
+    before = fx_graph_cache()
     first, _, _ = timed(render, device, spec.steps)
+    hits, misses = (now - then for now, then in zip(fx_graph_cache(), before))
     row = measure(spec.name, "ldm --compile", render, device, spec.steps, runs, 1)  # one more: graphs record
-    row.note = f"first image, compiling included: {first:.1f} s; mode {compiling.mode_for(device)}"
+    row.note = (f"first image, compiling included: {first:.1f} s, FX graph cache {hits} hit, {misses} miss; "
+                f"mode {compiling.mode_for(device)}")
     return compared(row, base, render, device)
+
+
+def fx_graph_cache() -> tuple[int, int]:
+    """Inductor's FX graph cache hits and misses so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
 def precision_settings() -> list[tuple[object, str, object]]:

@@ -14,7 +14,9 @@ recompile limit is raised so a prompts file of many sizes never falls back to ea
 Cache. Inductor's FX graph cache, AOTAutograd's cache and the Triton kernels live in
 <ldm cache>/compile (cache.root(): LDM_CACHE_DIR, else $XDG_CACHE_HOME/ldm, else ~/.cache/ldm),
 unless TORCHINDUCTOR_CACHE_DIR is set. A later process still traces the model (Dynamo has no
-disk cache outside an experimental mode) but compiles nothing. torch.compiler's
+disk cache outside an experimental mode) but compiles nothing, provided it runs with the same
+process-wide settings: inductor's cache key also holds the matmul precision (TF32) flags, its
+own config and, on the CPU, the thread count. torch.compiler's
 save_cache_artifacts ("mega-cache") is not used: it bundles these same on-disk caches to carry
 them to another machine, and would keep a second copy of them here.
 """
