@@ -14,6 +14,8 @@ from ldm_cli.cli import app
 from ldm_cli.errors import LdmError
 from ldm_cli.families import flux
 from ldm_cli.settings import Settings
+from tests import flow_parity
+from tests.flow_parity import as_pixels, close, load_pairs, pixels
 
 FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 # Built from diffusers' classes directly, independently of ldm's scheduler table.
@@ -25,20 +27,11 @@ THEIR_SCHEDULERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),
 def models(flux_dev_folder, flux_schnell_folder):
     from diffusers import FluxPipeline
 
-    out = {}
-    for variant, folder in [("dev", flux_dev_folder), ("schnell", flux_schnell_folder)]:
-        theirs = FluxPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-        theirs.set_progress_bar_config(disable=True)
-        theirs.original_scheduler_config = theirs.scheduler.config  # tests swap the scheduler
-        out[variant] = (loading.load(str(folder)), theirs)
-    return out
+    return load_pairs(FluxPipeline, {"dev": flux_dev_folder, "schnell": flux_schnell_folder})
 
 
 def their_scheduler(pipe, name, **extra):
-    import diffusers
-
-    cls, overrides = THEIR_SCHEDULERS[name]
-    return getattr(diffusers, cls).from_config(pipe.original_scheduler_config, **{**overrides, **extra})
+    return flow_parity.their_scheduler(pipe, THEIR_SCHEDULERS, name, **extra)
 
 
 def settings(model, **kw) -> Settings:
@@ -46,16 +39,8 @@ def settings(model, **kw) -> Settings:
     return Settings(**{**base, **kw}).resolve(model.defaults, model.native_size)
 
 
-def pixels(image) -> np.ndarray:
-    return np.asarray(image).astype(np.int16)
-
-
 def generator(s: Settings) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(s.seed)
-
-
-def as_pixels(ref: np.ndarray) -> np.ndarray:
-    return (ref * 255).round().astype(np.int16)
 
 
 def theirs_txt2img(pipe, s: Settings, **kw) -> np.ndarray:
@@ -63,12 +48,6 @@ def theirs_txt2img(pipe, s: Settings, **kw) -> np.ndarray:
     return as_pixels(pipe(s.prompt, negative_prompt=s.negative or None, true_cfg_scale=s.cfg,
                           num_inference_steps=s.steps, guidance_scale=s.guidance or 0.0, height=s.height,
                           width=s.width, generator=generator(s), output_type="np", **kw).images[0])
-
-
-def close(mine: np.ndarray, ref: np.ndarray) -> bool:
-    assert mine.shape == ref.shape
-    assert mine.std() > 1  # a real image, not a flat one that would match anything
-    return np.abs(mine - ref).max() <= 2
 
 
 @pytest.mark.parametrize("variant, name, kw", [

@@ -15,6 +15,8 @@ from ldm_cli.strength import steps_run
 from ldm_cli.cli import app
 from ldm_cli.families import sd3
 from ldm_cli.settings import Settings
+from tests import flow_parity
+from tests.flow_parity import as_pixels, close, load_pairs, pixels
 
 FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
 # Built from diffusers' classes directly, independently of ldm's scheduler table.
@@ -26,20 +28,11 @@ THEIR_SCHEDULERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {}), "heun": ("
 def models(sd3_folder, sd35_medium_folder):
     from diffusers import StableDiffusion3Pipeline
 
-    out = {}
-    for variant, folder in [("sd3", sd3_folder), ("sd35-medium", sd35_medium_folder)]:
-        theirs = StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-        theirs.set_progress_bar_config(disable=True)
-        theirs.original_scheduler_config = theirs.scheduler.config  # tests swap the scheduler
-        out[variant] = (loading.load(str(folder)), theirs)
-    return out
+    return load_pairs(StableDiffusion3Pipeline, {"sd3": sd3_folder, "sd35-medium": sd35_medium_folder})
 
 
 def their_scheduler(pipe, name, **extra):
-    import diffusers
-
-    cls, overrides = THEIR_SCHEDULERS[name]
-    return getattr(diffusers, cls).from_config(pipe.original_scheduler_config, **{**overrides, **extra})
+    return flow_parity.their_scheduler(pipe, THEIR_SCHEDULERS, name, **extra)
 
 
 def settings(model, **kw) -> Settings:
@@ -47,22 +40,11 @@ def settings(model, **kw) -> Settings:
     return Settings(**{**base, **kw}).resolve(model.defaults, model.native_size)
 
 
-def pixels(image) -> np.ndarray:
-    return np.asarray(image).astype(np.int16)
-
-
 def theirs_txt2img(pipe, s: Settings, **kw) -> np.ndarray:
     pipe.scheduler = their_scheduler(pipe, s.scheduler)
-    ref = pipe(s.prompt, negative_prompt=s.negative, num_inference_steps=s.steps, guidance_scale=s.cfg,
-               height=s.height, width=s.width, generator=torch.Generator("cpu").manual_seed(s.seed),
-               output_type="np", **kw).images[0]
-    return (ref * 255).round().astype(np.int16)
-
-
-def close(mine: np.ndarray, ref: np.ndarray) -> bool:
-    assert mine.shape == ref.shape
-    assert mine.std() > 1  # a real image, not a flat one that would match anything
-    return np.abs(mine - ref).max() <= 2
+    return as_pixels(pipe(s.prompt, negative_prompt=s.negative, num_inference_steps=s.steps, guidance_scale=s.cfg,
+                          height=s.height, width=s.width, generator=torch.Generator("cpu").manual_seed(s.seed),
+                          output_type="np", **kw).images[0])
 
 
 @pytest.mark.parametrize("variant", ["sd3", "sd35-medium"])
