@@ -40,16 +40,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ldm_cli import compiling, families, hashing, pipeline, sampling, schedulers, speed  # noqa: E402
-from ldm_cli.loading import folder as folders  # noqa: E402
+import random_models  # noqa: E402
+from timing import show, timed  # noqa: E402
+from ldm_cli import compiling, hashing, pipeline, sampling, schedulers, speed  # noqa: E402
 from ldm_cli.loading import quiet_libraries  # noqa: E402
-from ldm_cli.loading import recipe  # noqa: E402
 from ldm_cli.model import Model  # noqa: E402
 from ldm_cli.settings import Settings  # noqa: E402
 
@@ -70,61 +70,6 @@ REAL = {"sd15": Spec("SD1.5", "sd1", 512, 30), "sdxl": Spec("SDXL", "sdxl", 1024
 TINY = {"sd15": Spec("SD1.5 (tiny)", "sd1", 64, 2, True), "sdxl": Spec("SDXL (tiny)", "sdxl", 64, 2, True)}
 
 
-# -- random-weight models ---------------------------------------------------------------------
-def tiny_configs(family: str) -> dict[str, dict]:
-    """The real architectures at toy width: 64x64 images, 8x8x4 latents, 32-wide CLIP encoders.
-    SD1's U-Net is tests/tiny_models.py's, so the tests' compile cache holds its compiled code."""
-    xl = family == "sdxl"
-    unet = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-                norm_num_groups=8, cross_attention_dim=64 if xl else 32, attention_head_dim=(2, 4) if xl else 4,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    if xl:
-        unet.update(addition_embed_type="text_time", addition_time_embed_dim=8,
-                    projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True)
-    vae = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, block_out_channels=(8, 16, 16, 16),
-               layers_per_block=1, norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025 if xl else 0.18215)
-    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
-    configs = {"unet": unet, "vae": vae, "text_encoder": {**text, "hidden_act": "quick_gelu"}}
-    if xl:
-        configs["text_encoder_2"] = {**text, "hidden_act": "gelu"}
-    return configs
-
-
-def shipped_configs(family: str) -> dict[str, dict]:
-    names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
-    return {n: recipe.read_json(recipe.config_file(recipe.SHIPPED / family, n)) for n in names}
-
-
-def build_modules(configs: dict[str, dict], device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    """Every component with random weights, initialised on `device` (an SDXL U-Net in seconds on a GPU)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        modules = {"unet": UNet2DConditionModel.from_config(configs["unet"]),
-                   "vae": AutoencoderKL.from_config(configs["vae"])}
-        for name in ("text_encoder", "text_encoder_2"):
-            if name in configs:
-                cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
-                modules[name] = cls(CLIPTextConfig.from_dict(configs[name]))
-    return {n: m.to(dtype).eval().requires_grad_(False) for n, m in modules.items()}  # as ldm's loader leaves them
-
-
-def build_model(spec: Spec, device: torch.device, dtype: torch.dtype) -> Model:
-    configs = tiny_configs(spec.family) if spec.tiny else shipped_configs(spec.family)
-    modules = build_modules(configs, device, dtype)
-    encoders = [modules[n] for n in ("text_encoder", "text_encoder_2") if n in modules]
-    tokenizers = [folders.load_tokenizer(recipe.TOKENIZER, **(recipe.OPENCLIP_TOKENS if e.config.hidden_act == "gelu" else {}))
-                  for e in encoders]
-    scheduler = recipe.read_json(recipe.config_file(recipe.SHIPPED / spec.family, "scheduler"))
-    return Model(family=families.get(spec.family), denoiser=modules["unet"], vae=modules["vae"],
-                 text_encoders=encoders, tokenizers=tokenizers, scheduler_config=scheduler, name=f"random-{spec.family}")
-
-
 def stock_pipeline(model: Model):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -136,38 +81,6 @@ def stock_pipeline(model: Model):
         pipe = StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-# -- timing -----------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class StepClock:
-    """Denoiser it/s from the step callbacks; the device is synchronised at the first and last only."""
-
-    def __init__(self, device: torch.device, steps: int):
-        self.device, self.steps, self.count, self.stamps = device, steps, 0, []
-
-    def tick(self) -> None:
-        self.count += 1
-        if self.count in (1, self.steps):
-            synchronize(self.device)
-            self.stamps.append(time.perf_counter())
-
-    def rate(self) -> float:
-        return (self.steps - 1) / (self.stamps[-1] - self.stamps[0]) if len(self.stamps) == 2 else float("nan")
-
-
-def timed(render, device: torch.device, steps: int):
-    """(seconds, image, it/s) of one `render(on_step)` call."""
-    clock = StepClock(device, steps)
-    synchronize(device)
-    start = time.perf_counter()
-    image = render(clock.tick)
-    synchronize(device)
-    return time.perf_counter() - start, image, clock.rate()
 
 
 def ldm_render(model: Model, spec: Spec):
@@ -270,11 +183,6 @@ def fresh_process(spec: Spec, model_folder: Path, device: torch.device) -> Row:
 
 
 # -- the table --------------------------------------------------------------------------------
-def show(value, fmt: str, suffix: str = "") -> str:
-    """A figure, or nothing for one not measured (None, NaN)."""
-    return "" if value is None or value != value else format(value, fmt) + suffix
-
-
 class Table:
     COLUMNS = ("model", "variant", "s/image", "denoiser it/s", "it/s vs stock", "s/image vs stock",
                "peak GPU GiB", "max diff vs stock /255", "mean diff /255", "syncs in loop", "note")
@@ -320,7 +228,7 @@ def attempt(table: Table, model: str, variant: str, work) -> Row | None:
 
 # -- the stages -------------------------------------------------------------------------------
 def bench_model(spec: Spec, device: torch.device, dtype: torch.dtype, args, table: Table, work: Path) -> None:
-    model = build_model(spec, device, dtype)
+    model = random_models.build_model(spec.family, spec.tiny, device, dtype)
     stock = stock_pipeline(model)
     saved = None
     if args.fresh:  # before the fast path changes the modules
@@ -400,7 +308,7 @@ def true_fp32():
 def bench_fp32(spec: Spec, device: torch.device, table: Table) -> None:
     """Parity in fp32 (TF32 off): stock against ldm's default path, one image each."""
     name = f"{spec.name} fp32, {spec.size}px, {spec.steps} steps"
-    model = build_model(spec, device, torch.float32)
+    model = random_models.build_model(spec.family, spec.tiny, device, torch.float32)
     with true_fp32():
         base = attempt(table, name, "stock", lambda: measure(name, "stock", stock_render(stock_pipeline(model), spec),
                                                               device, spec.steps, 1, 0))

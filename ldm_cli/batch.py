@@ -154,19 +154,31 @@ def render_model(source: str | None, group: list[Task], manifest: Manifest, opti
                  progress: FileProgress) -> Iterator[render.Result]:
     """Load one model and render `group`, which all use it, in shared batches. Images that
     another run sharing the folder has claimed are left to it, and waited for at the end."""
+    from ldm_cli import ahead
+
+    model = loaded(source, options)
+    pending = [(task, line_resolved(task, model)) for task in group]
+    while pending:
+        if not model.text_encoders:  # freed by the pass before; a run that held images ended without them
+            model = None  # its memory back before the new copy loads
+            model = loaded(source, options)
+        planned = list(render.batches(by_lora_set(pending), options.batch_size, key=batch_key))
+        model.encoded = ahead.Ahead(model, [[settings for _, settings in batch] for batch in planned])
+        theirs = []
+        for batch in planned:
+            with claimed(batch, manifest, options.out) as (mine, held):
+                theirs += held
+                yield from render_batch(model, mine, manifest, options, progress)
+        pending = left_after_waiting(theirs, manifest, options)
+
+
+def loaded(source: str | None, options):
     from ldm_cli import loading
     from ldm_cli.networks import session
 
     model = loading.load(source, options.load)
     session.attach(model, options.networks, source)
-    pending = [(task, line_resolved(task, model)) for task in group]
-    while pending:
-        theirs = []
-        for batch in render.batches(by_lora_set(pending), options.batch_size, key=batch_key):
-            with claimed(batch, manifest, options.out) as (mine, held):
-                theirs += held
-                yield from render_batch(model, mine, manifest, options, progress)
-        pending = left_after_waiting(theirs, manifest, options)
+    return model
 
 
 def line_resolved(task: Task, model) -> Settings:

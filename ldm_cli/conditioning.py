@@ -4,15 +4,21 @@ For each image: the positive prompt without its `<lora:...>` tags, split into AN
 their weights; each part, and the negative prompt, turned into its prompt-editing schedule
 (prompt_syntax.py), whose prompts are encoded together by the model's family (one A1111 batch);
 an image's parts brought to one token length. A prompt that several images share is encoded
-once. The negative is encoded only where guidance needs it.
+once (per `Cache`: a batch's, or a whole run's when encoded ahead, ahead.py). The negative is
+encoded only where guidance needs it.
 """
 from __future__ import annotations
 
 from ldm_cli import guidance, prompt_syntax
 from ldm_cli.guidance import Parts, Schedule
+from ldm_cli.networks import session
 from ldm_cli.settings import Settings
 
-_Cache = dict[tuple, Schedule]
+# every Settings field a family's encode (or the prompt schedule) reads: two prompts with the same
+# text and these are the same conditioning (tests/test_ahead.py watches the families)
+ENCODING_FIELDS = ("steps", "clip_skip", "width", "height", "max_sequence_length", "no_t5", "guidance")
+
+Cache = dict[tuple, Schedule]
 
 
 def positive_text(prompt: str) -> str:
@@ -27,22 +33,35 @@ def uses_negative(s: Settings) -> bool:
     return guidance.needs_negative(s.cfg, [[(weight, None) for _, weight in parts]])
 
 
-def encode(model, group: list[Settings]) -> tuple[list[Parts], list[Schedule] | None]:
-    """(each image's weighted parts, each image's negative schedule or None when unguided)."""
-    cache: _Cache = {}
+def encode(model, group: list[Settings], cache: Cache | None = None) -> tuple[list[Parts], list[Schedule] | None]:
+    """(each image's weighted parts, each image's negative schedule or None when unguided);
+    schedules found in `cache` are not encoded again, those encoded are added to it."""
+    cache = {} if cache is None else cache
     positive = [_parts(model, s, cache) for s in group]
     if not guidance.needs_negative(group[0].cfg, positive):
         return positive, None
     return positive, [_schedule(model, s.negative, s, True, cache) for s in group]
 
 
-def _parts(model, s: Settings, cache: _Cache) -> Parts:
+def keys(group: list[Settings]) -> set[tuple]:
+    """The cache keys `encode` reads for `group`: what must be encoded to render it."""
+    out = {_key(text, s, False) for s in group for text, _ in prompt_syntax.and_parts(positive_text(s.prompt))}
+    if any(uses_negative(s) for s in group):
+        out |= {_key(s.negative, s, True) for s in group}
+    return out
+
+
+def _key(text: str, s: Settings, negative: bool) -> tuple:
+    return (text, negative, *(getattr(s, f) for f in ENCODING_FIELDS), session.lora_key(s.prompt))
+
+
+def _parts(model, s: Settings, cache: Cache) -> Parts:
     parts = prompt_syntax.and_parts(positive_text(s.prompt))
     return guidance.padded_parts([(w, _schedule(model, text, s, False, cache)) for text, w in parts])
 
 
-def _schedule(model, text: str, s: Settings, negative: bool, cache: _Cache) -> Schedule:
-    key = (text, negative, s.clip_skip)
+def _schedule(model, text: str, s: Settings, negative: bool, cache: Cache) -> Schedule:
+    key = _key(text, s, negative)
     if key not in cache:
         plan = prompt_syntax.schedule(text, s.steps)
         cond = model.family.encode(model, [prompt for _, prompt in plan], s, negative)

@@ -12,6 +12,8 @@ accelerate's own machinery, wired to ldm's model:
   (a few hundred MB) stays on the GPU.
 - Either way the text encoders go back to the CPU once a batch's prompts are encoded
   (`release_text_encoders`); their hooks bring them back if another batch needs them.
+- Once every prompt of a run is encoded (ahead.py) the text encoders are freed, offloaded or
+  not (`free_text_encoders`): their memory, GPU or CPU, is the system's again.
 - `--weights fp8`: diffusers' layerwise casting on the denoiser and T5: weights stored in float8
   e4m3fn, each layer cast to the compute dtype (bf16 on GPUs) for its forward. It combines with
   either offload (the float8 weights are what moves).
@@ -135,6 +137,43 @@ def release_text_encoders(model) -> None:
     for encoder in model.text_encoders:
         if encoder is not None and hasattr(encoder, "_hf_hook"):
             encoder.to("cpu")
+
+
+def free_text_encoders(model) -> None:
+    """Drop the model's text encoders and every reference ldm holds to them: the offload chain's
+    (the denoiser's hook sends the encoder before it back to the CPU) and the LoRA session's.
+    The model keeps an empty list: encoding with it again fails at once, never silently."""
+    import gc
+
+    import torch
+
+    freed = [e for e in model.text_encoders if e is not None]
+    for module in (model.denoiser, model.vae):
+        for hook in _offload_hooks(module):
+            if getattr(hook.prev_module_hook, "model", None) in freed:
+                hook.prev_module_hook = None
+    if model.networks is not None:
+        model.networks.drop_text_encoders()
+    model.text_encoders = []
+    hooked = any(_hooked(m) for e in freed for m in e.modules())
+    del freed
+    if hooked:  # a hook's wrapped forward refers back to its module: a cycle only the collector frees
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    return hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook")
+
+
+def _offload_hooks(module: torch.nn.Module) -> list:
+    """The accelerate CpuOffload hooks on `module` (cpu_offload_with_hook appends them)."""
+    from accelerate.hooks import CpuOffload, SequentialHook
+
+    hook = getattr(module, "_hf_hook", None)
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+    return [h for h in hooks if isinstance(h, CpuOffload)]
 
 
 def tile_if_needed(vae, latents: torch.Tensor, scale: int, dtype: torch.dtype) -> None:

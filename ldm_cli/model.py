@@ -14,7 +14,7 @@ class Model:
     family: Family
     denoiser: torch.nn.Module  # UNet2DConditionModel, or a DiT (SD3Transformer2DModel, FluxTransformer2DModel)
     vae: torch.nn.Module  # AutoencoderKL
-    text_encoders: list[torch.nn.Module | None]  # None: a part run without (SD3's T5)
+    text_encoders: list[torch.nn.Module | None]  # None: a part run without (SD3's T5); [] once freed
     tokenizers: list[Any]
     scheduler_config: dict[str, Any]
     name: str
@@ -25,6 +25,7 @@ class Model:
     modules: list[str] = field(default_factory=list)  # parts given as separate files: Forge's "Module N"
     embeddings: Any = None  # textual inversion: a clip_text.EmbeddingLookup read as prompts are tokenized
     networks: Any = None  # its LoRAs and embeddings for the run (networks.session.Session)
+    encoded: Any = None  # the run's prompts encoded ahead of its batches (ahead.Ahead)
     controls: list[Any] = field(default_factory=list)  # (ControlUnit, its ControlNetModel) pairs acting now
     controlnets: dict[str, Any] = field(default_factory=dict)  # ControlNetModels loaded, by path
     # where and in what dtype it computes, when its weights are kept elsewhere or in another

@@ -47,10 +47,12 @@ def generators_for(group: list[Settings]) -> list[torch.Generator]:
 def encode_prompts(model, group: list[Settings]):
     """(positive, negative) conditioning, prompts read as A1111 reads them (conditioning.py); no
     negative pass where guidance needs none (cfg 1). The group's LoRAs are merged into the model
-    first (its text encoders' layers too)."""
+    first (its text encoders' layers too). A run's batches are encoded ahead (ahead.py)."""
     s = group[0]
     if model.networks is not None:
         model.networks.activate(s.prompt)
+    if model.encoded is not None:  # a run planned ahead: its text encoders go once all is encoded
+        return model.encoded.encode(group)
     encoded = conditioning.encode(model, group)
     memory.release_text_encoders(model)  # off the GPU where offloaded: the denoiser takes its place
     return encoded

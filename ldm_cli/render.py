@@ -118,10 +118,12 @@ def batches(jobs: list[Settings], batch_size: int, key: Callable[[Settings], tup
 def render(model, jobs: list[Settings], batch_size: int, folder: Path, progress,
            make: Callable | None = None) -> Iterator[Result]:
     """`make(model, group, on_step)` renders one batch; text-to-image unless given (img2img, inpaint)."""
-    from ldm_cli import pipeline
+    from ldm_cli import ahead, pipeline
 
     make = make or pipeline.text_to_image
-    for group in batches(jobs, batch_size, pipeline.batch_key):
+    planned = list(batches(jobs, batch_size, pipeline.batch_key))
+    model.encoded = ahead.Ahead(model, planned)
+    for group in planned:
         pictures = make(model, group, on_step=progress.step)
         for picture, settings in zip(pictures, group):
             yield save(picture, settings, folder)

@@ -283,6 +283,24 @@ def test_bad_memory_flags_are_one_line(flux_schnell_folder, tmp_path, flags, mes
     assert not list(tmp_path.rglob("*.png"))
 
 
+def test_a_folder_without_t5_is_refused_as_a_file_without_it_is(flux_schnell_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-t5"
+    shutil.copytree(flux_schnell_folder, folder, ignore=shutil.ignore_patterns("text_encoder_2"))
+    result = cli("generate", "a fox", "--model", folder, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line == ("ldm: error: no-t5 has no T5-XXL text encoder (text_encoder_2/), which FLUX needs; "
+                    "add the release's text_encoder_2/ and tokenizer_2/ folders to it")
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_t5_is_sd3s_and_dropped_for_flux(models):
+    s = Settings(prompt="a fox", no_t5=True).resolve(models["dev"][0].defaults, (64, 64))
+    assert s.no_t5 is None and "No T5" not in s.to_infotext("x")
+
+
 def test_prompts_file_lines_take_guidance(tmp_path):
     from ldm_cli import prompts_file
 

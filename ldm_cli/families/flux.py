@@ -9,7 +9,7 @@ diffusers does on packed ones, and no other family needs to know.
 
 dev is guidance-distilled: the guidance scale (--guidance) is an input of the transformer, and
 real classifier-free guidance (--cfg) is off at its default 1. schnell has neither.
-Text encoders: [CLIP-L, T5 or None].
+Text encoders: [CLIP-L, T5].
 """
 from __future__ import annotations
 
@@ -30,13 +30,14 @@ def variant(config) -> str:
     return "dev" if config.get("guidance_embeds") else "schnell"
 
 
-def defaults(name: str, scheduler_config: dict, t5_present: bool = True) -> dict:
+def defaults(name: str, scheduler_config: dict) -> dict:
     """What BFL recommends: dev 28 steps at guidance 3.5, schnell 4; both without real CFG. The
-    shift is dev's resolution-dependent one (None) unless the schedule has a fixed one."""
+    shift is dev's resolution-dependent one (None) unless the schedule has a fixed one. No
+    `no_t5`: FLUX always runs with T5 (a model without it is refused), so --no-t5 is dropped."""
     dynamic = scheduler_config.get("use_dynamic_shifting", False)
     out = {"steps": 28, "cfg": 1.0, "scheduler": "euler", "schedule": "default",
            "shift": None if dynamic else scheduler_config.get("shift", 1.0),
-           "max_sequence_length": MAX_SEQUENCE_LENGTH, "no_t5": not t5_present}
+           "max_sequence_length": MAX_SEQUENCE_LENGTH}
     return {**out, "guidance": DEV_GUIDANCE} if name == "dev" else {**out, "steps": 4}
 
 
@@ -46,7 +47,7 @@ def sigmas(steps: int) -> list[float]:
 
 
 def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
-    clip, encoder = model.text_encoders[0], None if s.no_t5 else model.text_encoders[1]
+    clip, encoder = model.text_encoders
     with torch.inference_mode():
         pooled = clip(unet.tokenize(model.tokenizers[0], texts, clip.device)).pooler_output
     length = s.max_sequence_length or MAX_SEQUENCE_LENGTH

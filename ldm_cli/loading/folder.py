@@ -2,7 +2,7 @@
 
 SD1/SD2 and SDXL folders hold a `unet/`; SD3 folders a `transformer/` and up to three text
 encoders, of which the third (T5) may be left out: the model then runs without T5. FLUX folders
-hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, which may be left out likewise)."""
+hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, required: FLUX never runs without T5)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,28 +56,32 @@ def _sd3_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
     encoders = [CLIPTextModelWithProjection.from_pretrained(folder / sub, dtype=dtype, local_files_only=True)
                 for sub in ("text_encoder", "text_encoder_2")]
     tokenizers = [load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2")]
-    t5, t5_tokenizer = _t5(folder, dtype, "3")
+    t5, t5_tokenizer = _t5(folder, dtype, "3", optional=True)
     return transformer, [*encoders, t5], [*tokenizers, t5_tokenizer]
 
 
 def _flux_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
-    """(transformer, [CLIP-L, T5 or None], their tokenizers) of a FLUX folder."""
+    """(transformer, [CLIP-L, T5], their tokenizers) of a FLUX folder."""
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
                                                          local_files_only=True)
     clip = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
-    t5, t5_tokenizer = _t5(folder, dtype, "2")
+    t5, t5_tokenizer = _t5(folder, dtype, "2", optional=False)
     return transformer, [clip, t5], [load_tokenizer(folder / "tokenizer"), t5_tokenizer]
 
 
-def _t5(folder: Path, dtype: torch.dtype, number: str) -> tuple:
-    """(T5 encoder, its tokenizer) from text_encoder_<number>/, or (None, None) with a note when
-    the folder has no T5 weights."""
+def _t5(folder: Path, dtype: torch.dtype, number: str, optional: bool) -> tuple:
+    """(T5 encoder, its tokenizer) from text_encoder_<number>/; when the folder has none, (None,
+    None) with a note where the model runs without T5 (SD3), else an error (FLUX, which was never
+    trained without it: a single file without T5 is refused alike)."""
     from transformers import T5EncoderModel, T5TokenizerFast
 
     if not (folder / f"text_encoder_{number}" / "config.json").exists():
+        if not optional:
+            raise LdmError(f"{folder.name} has no T5-XXL text encoder (text_encoder_{number}/), which FLUX needs; "
+                           f"add the release's text_encoder_{number}/ and tokenizer_{number}/ folders to it")
         note(f"{folder.name} has no T5 text encoder (text_encoder_{number}): running without T5, as --no-t5 does")
         return None, None
     tokenizer_folder = folder / f"tokenizer_{number}"
@@ -91,7 +95,7 @@ def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, d
     from ldm_cli.families import flux, sd3
 
     if name == "flux":
-        return flux.defaults(flux.variant(denoiser.config), scheduler_config, encoders[1] is not None)
+        return flux.defaults(flux.variant(denoiser.config), scheduler_config)
     if name != "sd3":
         return {}
     return sd3.defaults("turbo" in folder.name.lower(), scheduler_config.get("shift", 3.0), encoders[2] is not None)

@@ -128,7 +128,7 @@ def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dic
     if r is not None and r.family == "flux":
         from ldm_cli.families import flux
 
-        base = flux.defaults(r.options["variant"], r.configs["scheduler"], "text_encoder_2" in parts)
+        base = flux.defaults(r.options["variant"], r.configs["scheduler"])
     text = checkpoint.metadata.get(DEFAULTS_KEY)
     if text is None:
         return base

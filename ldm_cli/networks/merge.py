@@ -55,6 +55,8 @@ def plan(components: dict[str, torch.nn.Module], table: dict[str, list[Target]],
                 missing.append(layer)
                 continue
             for target in table[layer]:
+                if target.component not in components:  # a text encoder freed once the prompts were encoded
+                    continue
                 weight = _weight(components, target)
                 out[(target.component, target.module)].append(_contribution(applied, layer, target, weight))
         _report_missing(applied.lora, missing, family)
@@ -140,6 +142,10 @@ class Merger:
         if c.target.swap:
             delta = torch.cat(delta.chunk(2)[::-1])
         return deltas.fitted(delta, tuple(weight.shape))
+
+    def forget(self, kept: set[str]) -> None:
+        """Drop the originals of every component but `kept` (their modules are gone)."""
+        self.originals = {key: v for key, v in self.originals.items() if key[0] in kept}
 
     def restore(self) -> None:
         """Every changed weight back to its original, exactly."""

@@ -103,6 +103,14 @@ class Session:
             self.merger.merge(self.components, self.plan(loras))
             self.current = key
 
+    def drop_text_encoders(self) -> None:
+        """Let go of the text encoders (memory.free_text_encoders): their layers are no longer
+        merged into or restored, and a later set's text-encoder layers are skipped, not missing."""
+        if self._table is None:  # built while the encoders are here, so their layer names stay known
+            self._table = targets.table(self.model)
+        self.components = {k: v for k, v in self.components.items() if k == targets.DENOISER}
+        self.merger.forget(set(self.components))
+
     def deactivate(self) -> None:
         self.merger.restore()
         self.current = ()

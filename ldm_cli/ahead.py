@@ -1,0 +1,64 @@
+"""A run's prompts encoded before its images are denoised, so the text encoders can go.
+
+FLUX's T5-XXL is 4.9B parameters (9.5 GB in bf16), SD3's the same: kept beside the denoiser it
+decides whether a model fits. A run (`ldm generate -n`, `ldm batch`) knows all its batches
+before the first one is denoised, so it encodes every prompt of them first, then frees the
+text encoders (memory.free_text_encoders) and denoises from the encoded conditioning.
+
+Two things bound how far ahead it reads:
+- the LoRA set: a LoRA merged into the text encoders changes what they compute, so prompts are
+  encoded ahead only with the set the current batch has merged (batches come grouped by set);
+- memory: the encoded conditioning stays on the model's device (FLUX: 4 MiB per prompt at 512
+  tokens), so no more than BUDGET bytes of it are encoded at once.
+When either stops it short, the encoders stay (moved off the GPU where offloaded) and the next
+batch not yet encoded encodes the next stretch; they are freed once no batch is left to encode.
+"""
+from __future__ import annotations
+
+from ldm_cli import conditioning, memory
+from ldm_cli.guidance import Parts, Schedule
+from ldm_cli.networks import session
+from ldm_cli.settings import Settings
+
+BUDGET = 2**30  # bytes of encoded conditioning held at once
+
+
+class Ahead:
+    """Encodes the planned batches in stretches: `groups[start:end]` are encoded now; batches
+    render in the planned order (some may be skipped: another run took them)."""
+
+    def __init__(self, model, groups: list[list[Settings]]):
+        self.model, self.groups = model, groups
+        self.end = 0
+        self.cache: conditioning.Cache = {}
+
+    def encode(self, group: list[Settings]) -> tuple[list[Parts], list[Schedule] | None]:
+        """`group`'s conditioning (`group`: a planned batch, or part of one)."""
+        wanted = conditioning.keys(group)
+        if not wanted <= self.cache.keys():
+            start = next((i for i in range(self.end, len(self.groups))
+                          if wanted <= conditioning.keys(self.groups[i])), None)
+            if start is None or not self.model.text_encoders:
+                raise RuntimeError("a batch came that was not planned, or after the text encoders were freed")
+            self._encode_stretch(start)
+        return conditioning.encode(self.model, group, self.cache)
+
+    def _encode_stretch(self, start: int) -> None:
+        """The planned batches from `start` on that share its LoRA set, within the budget; what
+        earlier stretches encoded is done with."""
+        self.cache.clear()
+        lora, end = session.lora_key(self.groups[start][0].prompt), start
+        while end < len(self.groups) and session.lora_key(self.groups[end][0].prompt) == lora and (
+                end == start or self._held_bytes() < BUDGET):
+            conditioning.encode(self.model, self.groups[end], self.cache)
+            end += 1
+        self.end = end
+        if end < len(self.groups):
+            memory.release_text_encoders(self.model)  # off the GPU where offloaded: the denoiser takes its place
+        else:
+            memory.free_text_encoders(self.model)
+
+    def _held_bytes(self) -> int:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # rows share their batch's
+                    for schedule in self.cache.values() for cond in schedule.conds for t in cond.values()}
+        return sum(storages.values())

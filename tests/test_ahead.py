@@ -1,0 +1,130 @@
+"""A run's prompts are encoded before its first image is denoised, then its text encoders are
+freed (ahead.py): the same images, each prompt encoded once, the encoders' memory given back,
+and what bounds the encoding ahead (LoRA sets, the memory budget)."""
+import dataclasses
+import weakref
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_cli import ahead, conditioning, loading, pipeline, render
+from ldm_cli.loading import LoadOptions
+from ldm_cli.networks import session
+from ldm_cli.networks.lookup import NetworkOptions
+from ldm_cli.progress import Progress
+from ldm_cli.settings import Settings
+from tests import lora_files
+
+PROMPTS = ["a red fox in snow", "a cat", "a red fox in snow", "a lighthouse at dusk"]
+
+
+def load(folder, **options):
+    return loading.load(str(folder), LoadOptions(device="cpu", **options))
+
+
+def jobs(model, prompts=PROMPTS, **kw) -> list[Settings]:
+    base = dict(steps=2, seed=7, width=64, height=64, negative="blurry")
+    return [Settings(prompt=p, **{**base, **kw}).resolve(model.defaults, model.native_size).merged(seed=7 + i)
+            for i, p in enumerate(prompts)]
+
+
+def watched(model, events: list) -> None:
+    """Record each family.encode (its texts) and each denoiser call, in order."""
+    family = model.family
+
+    def encode(m, texts, s, negative):
+        events.append(("encode", tuple(texts)))
+        return family.encode(m, texts, s, negative)
+
+    def predict(m, latents, t, cond, **kw):
+        events.append(("predict",))
+        return family.predict(m, latents, t, cond, **kw)
+
+    model.family = dataclasses.replace(family, encode=encode, predict=predict)
+
+
+def rendered(model, group_jobs, folder, batch_size=1) -> list[np.ndarray]:
+    with Progress(1, 1, quiet=True) as progress:
+        results = list(render.render(model, group_jobs, batch_size, folder, progress))
+    return [np.asarray(Image.open(r.path).convert("RGB")) for r in results]
+
+
+def alone(folder, group_jobs, **options) -> list[np.ndarray]:
+    """Each image drawn by a model of its own, without planning ahead."""
+    return [np.asarray(pipeline.text_to_image(load(folder, **options), [s])[0]) for s in group_jobs]
+
+
+@pytest.mark.parametrize("name", ["sd1_folder", "sdxl_folder", "sd3_folder", "flux_dev_folder"])
+def test_encoding_fields_name_everything_a_family_reads(request, name):
+    """The cache key (ENCODING_FIELDS) must hold every setting an encoder reads, or two prompts
+    encoded alike under different settings would share a conditioning."""
+    model = load(request.getfixturevalue(name))
+    read = set()
+
+    class Spy:
+        def __getattr__(self, field):
+            read.add(field)
+            return getattr(s, field)
+
+    s = jobs(model, ["a fox"], clip_skip=2, cfg=3.0)[0]
+    for negative in (False, True):
+        model.family.encode(model, ["a fox"], Spy(), negative)
+    assert read and read <= set(conditioning.ENCODING_FIELDS)
+
+
+@pytest.mark.parametrize("offload", ["none", "model"])
+def test_a_run_encodes_every_prompt_first_then_frees_the_text_encoders(flux_dev_folder, tmp_path, offload):
+    model = load(flux_dev_folder, offload=offload)
+    encoders = [weakref.ref(e) for e in model.text_encoders]
+    events: list = []
+    watched(model, events)
+    planned = jobs(model, cfg=2.0)  # real CFG: the negative is encoded too
+    images = rendered(model, planned, tmp_path)
+    first_step = events.index(("predict",))
+    assert all(e[0] == "encode" for e in events[:first_step]) and ("encode",) not in [e[:1] for e in events[first_step:]]
+    texts = [text for e in events[:first_step] for text in e[1]]
+    assert sorted(texts) == sorted({*PROMPTS, "blurry"})  # each once, the shared prompt too
+    assert model.text_encoders == [] and all(ref() is None for ref in encoders)
+    assert all(np.array_equal(a, b) for a, b in zip(images, alone(flux_dev_folder, planned, offload=offload)))
+
+
+def test_the_budget_splits_the_encoding_and_frees_after_the_last(sd1_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(ahead, "BUDGET", 1)  # one batch's prompts at a time
+    model = load(sd1_folder)
+    events: list = []
+    watched(model, events)
+    planned = jobs(model)
+    alive = []
+    real_free = ahead.memory.free_text_encoders
+    monkeypatch.setattr(ahead.memory, "free_text_encoders",
+                        lambda m: alive.append(sum(e[0] == "predict" for e in events)) or real_free(m))
+    images = rendered(model, planned, tmp_path)
+    encodes = [i for i, e in enumerate(events) if e[0] == "encode"]
+    assert encodes[-1] > events.index(("predict",))  # encoded as the batches came
+    assert alive == [3 * 2]  # freed before the last batch: 3 batches x 2 steps (one call for both CFG halves)
+    assert model.text_encoders == []
+    assert all(np.array_equal(a, b) for a, b in zip(images, alone(sd1_folder, planned)))
+
+
+def test_lora_sets_bound_the_encoding_and_a_text_encoder_lora_is_let_go(sd1_folder, tmp_path):
+    model = load(sd1_folder)
+    text = lora_files.layers(model.text_encoders[0], ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1"))
+    for i, name in enumerate("ab"):
+        lora_files.write(tmp_path / "loras" / f"{name}.safetensors", lora_files.kohya(text, "lora_te_", seed=i))
+    options = NetworkOptions(lora_dirs=[tmp_path / "loras"])
+    session.attach(model, options, None)
+    events: list = []
+    watched(model, events)
+    planned = jobs(model, ["a fox <lora:a:1>", "a cat <lora:a:1>", "a fox <lora:b:1>", "a fox"])
+    encoders = [weakref.ref(e) for e in model.text_encoders]
+    images = rendered(model, planned, tmp_path / "out")
+    predicts = [i for i, e in enumerate(events) if e[0] == "predict"]
+    encodes = [i for i, e in enumerate(events) if e[0] == "encode"]
+    # both lines of LoRA a and their negative first, then b's, then the plain line's, as each set came
+    assert encodes[:3] == [0, 1, 2] and sum(i > predicts[0] for i in encodes) == 4
+    assert all(ref() is None for ref in encoders)  # merged layers' kept originals let go too
+    for s, image in zip(planned, images):
+        fresh = load(sd1_folder)
+        session.attach(fresh, options, None)
+        assert np.array_equal(image, np.asarray(pipeline.text_to_image(fresh, [s])[0]))
