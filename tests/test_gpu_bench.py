@@ -23,12 +23,16 @@ def table_rows(text: str) -> list[dict[str, str]]:
     return [dict(zip(columns, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
 
 
-def gpu_speed():
-    spec = importlib.util.spec_from_file_location("gpu_speed", ROOT / "bench" / "gpu_speed.py")
+def bench_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_speed"] = module  # where its dataclasses look themselves up
+    sys.modules[name] = module  # where its dataclasses look themselves up
     spec.loader.exec_module(module)
     return module
+
+
+def gpu_speed():
+    return bench_script("gpu_speed")
 
 
 def fx_graph_cache(row: dict[str, str]) -> tuple[int, int]:
@@ -89,3 +93,23 @@ def test_compile_models_picks_the_models_that_compile():
         (True, True), (False, False)]
     assert not script.for_model(script.parse(["--no-compile"]), "sd15").compile
     assert script.for_model(script.parse([]), "sdxl").compile
+
+
+def test_flux_memory_dry_run_fills_every_row(tmp_path):
+    """bench/flux_memory.py on a toy FLUX on the CPU: ldm's rows all render (offload hooks and
+    float8 storage with the CPU as their device). diffusers' sequential offload cannot run with
+    the CPU as its execution device (accelerate fails re-wrapping a parameter), so its rows say
+    "failed" here; on a GPU they run."""
+    out = tmp_path / "flux_memory.md"
+    bench_script("flux_memory").main(["--tiny", "--device", "cpu", "--out", str(out)])
+    rows = table_rows(out.read_text())
+    assert [(r["flags"], r["side"]) for r in rows[:4]] == [
+        ("(none)", "diffusers"), ("(none)", "ldm"), ("--weights fp8", "diffusers"), ("--weights fp8", "ldm")]
+    assert len(rows) == 12
+    for row in rows:
+        if row["side"] == "diffusers" and "sequential" in row["flags"]:
+            assert row["note"].startswith("failed")
+            continue
+        assert float(row["s/image"]) > 0 and row["note"] == "", row
+        if row["side"] == "ldm":
+            assert row["vs diffusers"].endswith("x") or "sequential" in row["flags"]
