@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import lru_cache
 from itertools import groupby
@@ -156,12 +156,13 @@ def render_model(source: str | None, group: list[Task], manifest: Manifest, opti
     another run sharing the folder has claimed are left to it, and waited for at the end."""
     from ldm_cli import ahead
 
-    model = loaded(source, options)
+    without_t5 = all(task.settings.no_t5 for task in group)  # then SD3's T5 is not even read
+    model = loaded(source, options, without_t5)
     pending = [(task, line_resolved(task, model)) for task in group]
     while pending:
         if not model.text_encoders:  # freed by the pass before; a run that held images ended without them
             model = None  # its memory back before the new copy loads
-            model = loaded(source, options)
+            model = loaded(source, options, without_t5)
         planned = list(render.batches(by_lora_set(pending), options.batch_size, key=batch_key))
         model.encoded = ahead.Ahead(model, [[settings for _, settings in batch] for batch in planned])
         theirs = []
@@ -172,11 +173,11 @@ def render_model(source: str | None, group: list[Task], manifest: Manifest, opti
         pending = left_after_waiting(theirs, manifest, options)
 
 
-def loaded(source: str | None, options):
+def loaded(source: str | None, options, without_t5: bool = False):
     from ldm_cli import loading
     from ldm_cli.networks import session
 
-    model = loading.load(source, options.load)
+    model = loading.load(source, replace(options.load, without_t5=without_t5))
     session.attach(model, options.networks, source)
     return model
 

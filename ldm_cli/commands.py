@@ -1,7 +1,7 @@
 """What each command does, as plain functions of plain values; cli.py only parses and prints."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -62,7 +62,7 @@ def load_model(settings: Settings, options: RunOptions):
     units = control_units.from_text(settings.controlnet)
     for unit in units:  # its files found before the model loads
         unit.validate()
-    model = loading.load(settings.model, options.load)
+    model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5)))
     session.attach(model, options.networks, settings.model)
     controlnet.attach(model, units)
     return model

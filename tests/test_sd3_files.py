@@ -218,6 +218,39 @@ def test_without_t5_the_model_runs_with_zeros(made, capsys):
     assert image(model).shape == (64, 64, 3)
 
 
+def test_no_t5_for_a_whole_run_reads_no_t5(made, tmp_path, monkeypatch):
+    """`--no-t5` on every image: T5's weights are not read (nor its absence noted), from a
+    folder, a bundled file or a --text-encoder file; the image is the one drawn with T5 loaded."""
+    from PIL import Image
+
+    paths, seen = made("sd3"), []
+    real = loading.load
+    monkeypatch.setattr(loading, "load", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    common = ["--steps", "2", "--seed", "3", "-W", "64", "-H", "64", "--no-t5", "--json"]
+    runs = {"folder": ["--model", paths["folder"]], "bundled": ["--model", paths["bundled"], "--config", paths["folder"]],
+            "parts": ["--model", paths["transformer"], "--vae", paths["vae"], "--config", paths["folder"],
+                      *[x for n in ("clip_l", "clip_g", "t5") for x in ("--text-encoder", paths[n])]]}
+    pictures = {}
+    for name, flags in runs.items():
+        result = CliRunner().invoke(app, ["generate", "a fox", *map(str, flags), *common, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert "T5" not in result.stderr  # nothing to say: the user asked for no T5
+        assert seen[-1].defaults["no_t5"] and seen[-1].tokenizers[2] is None
+        pictures[name] = np.asarray(Image.open(next((tmp_path / name).glob("*.png"))))
+    full = loading.load(str(paths["folder"]))
+    s = Settings(prompt="a fox", steps=2, seed=3, width=64, height=64, no_t5=True).resolve(full.defaults, full.native_size)
+    alone = np.asarray(pipeline.text_to_image(full, [s])[0])
+    assert all(np.array_equal(alone, picture) for picture in pictures.values())
+    prompts = tmp_path / "p.txt"
+    for text, t5_read in (('--prompt "a fox" --no_t5 true\n--prompt "a cat" --no_t5 true\n', False),
+                          ('--prompt "a fox" --no_t5 true\na cat\n', True)):  # one line wants T5: it is read
+        prompts.write_text(text)
+        result = CliRunner().invoke(app, ["batch", str(prompts), "--model", str(paths["folder"]), "--steps", "1",
+                                          "-W", "64", "-H", "64", "--out", str(tmp_path / f"b{t5_read}"), "--quiet"])
+        assert result.exit_code == 0, result.output
+        assert (seen[-1].tokenizers[2] is not None) == t5_read
+
+
 def test_a_missing_part_names_its_flag(made):
     paths = made("sd3")
     with pytest.raises(LdmError, match="no CLIP-G text encoder; pass its file with --text-encoder"):

@@ -31,7 +31,7 @@ def load_tokenizer(folder: Path, **overrides):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **overrides)
 
 
-def _unet_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
+def _unet_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     """(U-Net, text encoders, tokenizers) of an SD1/SD2/SDXL folder."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -46,7 +46,7 @@ def _unet_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
     return unet, encoders, tokenizers
 
 
-def _sd3_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
+def _sd3_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     """(transformer, [CLIP-L, CLIP-G, T5 or None], their tokenizers) of an SD3 folder."""
     from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
@@ -56,11 +56,13 @@ def _sd3_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
     encoders = [CLIPTextModelWithProjection.from_pretrained(folder / sub, dtype=dtype, local_files_only=True)
                 for sub in ("text_encoder", "text_encoder_2")]
     tokenizers = [load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2")]
+    if options.without_t5:  # every image of the run asked --no-t5: T5's 9.5 GB are not read
+        return transformer, [*encoders, None], [*tokenizers, None]
     t5, t5_tokenizer = _t5(folder, dtype, "3", optional=True)
     return transformer, [*encoders, t5], [*tokenizers, t5_tokenizer]
 
 
-def _flux_parts(folder: Path, name: str, dtype: torch.dtype) -> tuple:
+def _flux_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     """(transformer, [CLIP-L, T5], their tokenizers) of a FLUX folder."""
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel
@@ -126,7 +128,7 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
     name = kind if kind != "sd" else sd_family_name(read_json(folder / "text_encoder" / "config.json"))
     family = families.get(name)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
-    denoiser, encoders, tokenizers = PARTS.get(name, _unet_parts)(folder, name, dtype)
+    denoiser, encoders, tokenizers = PARTS.get(name, _unet_parts)(folder, name, dtype, options)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     if options.prediction:

@@ -36,6 +36,8 @@ def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> 
     found = detect.detect(checkpoint)
     r = recipe.resolve(found, checkpoint.metadata, options.config)
     sources = components.sources(found, r, checkpoint, options)
+    if options.without_t5:  # every image of the run asked --no-t5: an optional T5 is not read
+        sources = {name: s for name, s in sources.items() if name not in components.OPTIONAL}
     digest = in_background(hashing.short_hash, path)  # a new file's first hash overlaps the load
     family = families.get(found.family)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
@@ -47,7 +49,8 @@ def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> 
                   tokenizers=tokenizers(r, parts), scheduler_config=r.configs["scheduler"], name=path.stem,
                   hash=digest(), path=str(path), defaults=defaults(checkpoint, r, parts), options=r.options,
                   modules=[Path(p).stem for p in [*([options.vae] if options.vae else []), *options.text_encoders]])
-    components.note_missing(r, sources, checkpoint)
+    if not options.without_t5:
+        components.note_missing(r, sources, checkpoint)
     return to_device(model, device)
 
 
