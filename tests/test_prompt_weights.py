@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_cli.families import clip_text, sd, sdxl
+from ldm_cli.families import clip_text, sd, sdxl, t5
 from ldm_cli.prompt_syntax import emphasis
 from ldm_cli.settings import Settings
 from tests import tiny_models
@@ -204,3 +204,83 @@ def test_an_embedding_takes_the_place_of_its_name(clip):
     assert lookup.seen and set(lookup.seen) == {0}
     chunk = clip_text.chunks(tokenizer, "a zzyzx", lookup)[0]
     assert chunk.tokens[2:4] == [clip_text.PLACEHOLDER] * 2 and chunk.fixes[0][0] == 1
+
+
+# -- T5, and the DiT families (SD3, FLUX) as Forge reads their prompts -----------------------------
+@pytest.fixture(scope="module")
+def t5_parts():
+    return tiny_models.t5_encoder(), tiny_models.t5_tokenizer()
+
+
+def t5_reference(encoder, tokenizer, text: str, length: int) -> torch.Tensor:
+    """Forge's T5 reading on diffusers' tokens: each weighted fragment tokenized alone, the end
+    token, pads to `length`; each state times its token's weight, the mean restored."""
+    tokens, weights = [], []
+    for fragment, weight in emphasis(text):
+        piece = tokenizer(fragment, add_special_tokens=False).input_ids
+        tokens, weights = tokens + piece, weights + [weight] * len(piece)
+    tokens, weights = tokens[:length - 1] + [1], weights[:length - 1] + [1.0]  # 1: T5's end token
+    tokens, weights = tokens + [0] * (length - len(tokens)), weights + [1.0] * (length - len(weights))
+    with torch.no_grad():
+        z = encoder(torch.tensor([tokens]))[0].double()
+    emphasized = z * torch.tensor(weights, dtype=torch.float64)[None, :, None]
+    return emphasized * (z.mean() / emphasized.mean())
+
+
+@pytest.mark.parametrize("text, length", [("a (red:1.5) fox, [snow], ((sky))", 32),
+                                          ("(a fox:0.7) " + LONG, 24)])  # cut: weights cut with their tokens
+def test_t5_weights_match_forges_reading(t5_parts, text, length):
+    encoder, tokenizer = t5_parts
+    got = t5.encode(tokenizer, encoder, [text], length, tiny_models.T5_WIDTH, torch.float32, torch.device("cpu"))
+    expected = t5_reference(encoder, tokenizer, text, length)
+    assert got.shape == expected.shape
+    assert np.allclose(got.double().numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    plain = t5.encode(tokenizer, encoder, [emphasis_free(text)], length, tiny_models.T5_WIDTH, torch.float32, "cpu")
+    assert not torch.allclose(got, plain, atol=1e-3)  # the weights did something
+
+
+def emphasis_free(text: str) -> str:
+    return "".join(fragment for fragment, _ in emphasis(text))
+
+
+@pytest.mark.parametrize("text", ["a red fox in snow", "", LONG])
+def test_t5_reads_a_plain_prompt_as_diffusers_tokenizes_it(t5_parts, text):
+    _, tokenizer = t5_parts
+    ids, weights = t5.tokenize(tokenizer, [text], 64)
+    expected = tokenizer([text], padding="max_length", max_length=64, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, expected) and bool((weights == 1).all())
+
+
+@pytest.fixture(scope="module")
+def dit_models(sd3_folder, flux_dev_folder):
+    from ldm_cli import loading
+    from ldm_cli.loading import LoadOptions
+
+    return {name: loading.load(str(folder), LoadOptions(device="cpu"))
+            for name, folder in (("sd3", sd3_folder), ("flux", flux_dev_folder))}
+
+
+def dit_encode(model, text: str, **kw):
+    s = Settings(prompt=text, steps=2, width=64, height=64, **kw).resolve(model.defaults, model.native_size)
+    return model.family.encode(model, [text], s, False)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_emphasis_marks_never_reach_the_dit_encoders(dit_models, name):
+    """A weight of 1 leaves only the words (as Forge gives them to the encoders); escaped brackets are words."""
+    model = dit_models[name]
+    marked, plain = dit_encode(model, r"a (red:1.0) fox \(x\)"), dit_encode(model, r"a red fox \(x\)")
+    assert not torch.equal(plain["encoder_hidden_states"], dit_encode(model, "a red fox x")["encoder_hidden_states"])
+    assert all(torch.equal(marked[k], plain[k]) for k in plain)
+    weighted_cond = dit_encode(model, r"a (red:1.6) fox \(x\)")
+    assert not torch.equal(weighted_cond["encoder_hidden_states"], plain["encoder_hidden_states"])
+    if name == "flux":  # the pooled embedding is CLIP's, from the words: weights leave it alone
+        assert torch.equal(weighted_cond["pooled_projections"], plain["pooled_projections"])
+
+
+def test_sd3_reads_long_prompts_and_break_in_chunks(dit_models):
+    model = dit_models["sd3"]
+    t5_tokens = model.defaults["max_sequence_length"]
+    for text in (LONG, "a red fox BREAK in snow"):
+        assert dit_encode(model, text)["encoder_hidden_states"].shape[1] == 154 + t5_tokens
+    assert dit_encode(model, "a red fox")["encoder_hidden_states"].shape[1] == 77 + t5_tokens

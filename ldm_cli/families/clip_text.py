@@ -1,4 +1,5 @@
-"""A CLIP text encoder read as A1111 reads it ("Original" emphasis), for SD1, SD2 and SDXL.
+"""A CLIP text encoder read as A1111 reads it ("Original" emphasis), for every family (SD1, SD2,
+SDXL and SD3's context; FLUX's pooled embedding), as A1111 and Forge read them.
 
 A prompt's weighted fragments (prompt_syntax.emphasis) are tokenized one by one and laid into
 chunks of 75 tokens, each framed by the start and end tokens into 77. A chunk that fills up
@@ -133,8 +134,9 @@ class Layer:
 @torch.inference_mode()
 def encode(encoder, tokenizer, texts: list[str], layer: Layer, lookup: EmbeddingLookup | None = None,
            index: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(states: len(texts) x 77k x width, the encoder's pooled projection of each text's first
-    chunk when it has one); `index` names the encoder to `lookup`."""
+    """(states: len(texts) x 77k x width, the pooled embedding of each text's first chunk: the
+    projection where the encoder has one, else the end token's final state); `index` names the
+    encoder to `lookup`."""
     check_layer(encoder, layer)
     rows = [chunks(tokenizer, text, lookup, index) for text in texts]
     states, pooled = [], None
@@ -167,7 +169,7 @@ def _encode_chunk(encoder, tokenizer, batch: list[Chunk], layer: Layer) -> tuple
     last = layer.skip == 1 and layer.normed
     with _spliced(encoder, [b.fixes for b in batch]):
         out = encoder(ids, attention_mask=mask, output_hidden_states=not last)
-    pooled = out[0] if out[0].ndim == 2 else None  # a projection model's text embedding
+    pooled = out[0] if out[0].ndim == 2 else out.pooler_output  # a projection model's text embedding, or the end token's state
     if last:
         return out.last_hidden_state, pooled
     states = out.hidden_states[-layer.skip]

@@ -9,6 +9,9 @@ diffusers does on packed ones, and no other family needs to know.
 
 dev is guidance-distilled: the guidance scale (--guidance) is an input of the transformer, and
 real classifier-free guidance (--cfg) is off at its default 1. schnell has neither.
+Prompts are read as Forge reads them for FLUX: CLIP-L's pooled embedding from the first 75-token
+chunk of the prompt without its emphasis marks (clip_text.py), A1111's emphasis on T5's states
+(t5.py); a prompt without weights gives FluxPipeline's conditioning exactly.
 Text encoders: [CLIP-L, T5].
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ldm_cli.families import t5, unet
+from ldm_cli.families import clip_text, t5
 from ldm_cli.families.family import Cond, Family
 from ldm_cli.settings import Settings
 
@@ -48,8 +51,7 @@ def sigmas(steps: int) -> list[float]:
 
 def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     clip, encoder = model.text_encoders
-    with torch.inference_mode():
-        pooled = clip(unet.tokenize(model.tokenizers[0], texts, clip.device)).pooler_output
+    _, pooled = clip_text.encode(clip, model.tokenizers[0], texts, clip_text.Layer(), model.embeddings)
     length = s.max_sequence_length or MAX_SEQUENCE_LENGTH
     context = t5.encode(model.tokenizers[1], encoder, texts, length, model.denoiser.config.joint_attention_dim,
                         pooled.dtype, pooled.device)

@@ -1,20 +1,24 @@
 """Stable Diffusion 3 and 3.5: an MMDiT (SD3Transformer2DModel) trained with flow matching, three
 text encoders, conditioning as diffusers' StableDiffusion3Pipeline builds it.
 
-The context is CLIP-L's and OpenCLIP bigG's penultimate hidden states (77 tokens each,
+The context is CLIP-L's and OpenCLIP bigG's penultimate hidden states (77 tokens a chunk,
 concatenated along the features and zero-padded to T5's width) followed by T5's states
 (--max-sequence-length tokens, zeros without T5); the pooled embedding is the two CLIP
-projections concatenated. Text encoders: [CLIP-L, bigG, T5 or None].
+projections of the first chunk concatenated. Prompts are read as Forge reads them for SD3:
+A1111's chunks and emphasis in the CLIPs (clip_text.py), emphasis in T5 (t5.py); a prompt of at
+most 75 tokens without weights gives diffusers' conditioning exactly (it cuts CLIP at 77 tokens,
+where A1111 and Forge go on in chunks). Text encoders: [CLIP-L, bigG, T5 or None].
 """
 from __future__ import annotations
 
 import torch
 
-from ldm_cli.families import t5, unet
+from ldm_cli.families import clip_text, t5
 from ldm_cli.families.family import Cond, Family
 from ldm_cli.settings import Settings
 
 MAX_SEQUENCE_LENGTH = 256  # diffusers' default for SD3
+PENULTIMATE = clip_text.Layer(skip=2, normed=False)
 
 
 def defaults(turbo: bool = False, shift: float = 3.0, t5_present: bool = True) -> dict:
@@ -32,13 +36,13 @@ def variant(config) -> str:
 
 
 def _clip(model, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate hidden states of both CLIPs concatenated, their pooled projections concatenated)."""
+    """(penultimate hidden states of both CLIPs concatenated, their pooled projections concatenated),
+    prompts read as A1111 and Forge read them (clip_text.py): 77 tokens a chunk."""
     hidden, pooled = [], []
-    with torch.inference_mode():
-        for tokenizer, encoder in zip(model.tokenizers[:2], model.text_encoders[:2]):
-            out = encoder(unet.tokenize(tokenizer, texts, encoder.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled.append(out[0])
+    for index, (tokenizer, encoder) in enumerate(zip(model.tokenizers[:2], model.text_encoders[:2])):
+        states, projected = clip_text.encode(encoder, tokenizer, texts, PENULTIMATE, model.embeddings, index)
+        hidden.append(states)
+        pooled.append(projected)
     return torch.cat(hidden, dim=-1), torch.cat(pooled, dim=-1)
 
 
