@@ -58,12 +58,23 @@ def encode_prompts(model, group: list[Settings]):
     return encoded
 
 
-def make_scheduler(model, group: list[Settings]):
-    s = group[0]
-    scheduler = schedulers.build(s.scheduler, s.schedule, model.scheduler_config, [g.seed for g in group],
-                                 flow=model.family.flow, shift=s.shift)
+def scheduler_run(model, s: Settings) -> schedulers.Run:
     tokens = (s.height // model.size_multiple) * (s.width // model.size_multiple)  # a size-dependent shift's input
-    schedulers.set_timesteps(scheduler, s.steps, model.device, model.scheduler_config, tokens, model.family.sigmas)
+    return schedulers.Run(s.scheduler, s.schedule, model.scheduler_config, model.family.flow, s.shift, tokens,
+                          model.family.sigmas)
+
+
+def check_steps(model, s: Settings) -> None:
+    """The sampler suits the model and can run s.steps with it: one line otherwise, before any image."""
+    schedulers.check_for_model(s.scheduler, s.schedule, model.family.flow, model.family)
+    schedulers.check_steps(scheduler_run(model, s), s.steps)
+
+
+def make_scheduler(model, group: list[Settings]):
+    s, run = group[0], scheduler_run(model, group[0])
+    scheduler = schedulers.build(run.name, run.schedule, run.model_config, [g.seed for g in group],
+                                 flow=run.flow, shift=run.shift)
+    schedulers.set_timesteps(scheduler, s.steps, model.device, run.model_config, run.image_tokens, run.spacing)
     return scheduler
 
 

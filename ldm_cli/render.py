@@ -77,8 +77,11 @@ def check_recorded(path: Path, recorded: Settings, overridden: set[str]) -> None
 
 def resolved(settings: Settings, model) -> Settings:
     """The settings completed for the loaded model (its defaults, name, hash and modules) and
-    checked against its LoRAs and embeddings, whose hashes they record."""
+    checked against its sampler, LoRAs and embeddings, whose hashes they record."""
+    from ldm_cli import pipeline
+
     out = settings.resolve(model.defaults, model.native_size, model.train_timesteps)
+    pipeline.check_steps(model, out)
     out.model_name, out.model_hash = model.name, model.hash
     out.model = model.path
     out.modules = ", ".join(model.modules) or None

@@ -175,6 +175,64 @@ def check_for_model(name: str, schedule: str | None, flow: bool, family: SpacedF
                        f"default{' or --scheduler euler' if name != 'euler' else ''}")
 
 
+@dataclass(frozen=True)
+class Run:
+    """A sampler run as a model's pipeline sets it up: what `finishes` needs to try it."""
+    name: str
+    schedule: str | None
+    model_config: dict[str, Any]
+    flow: bool = False
+    shift: float | None = None
+    image_tokens: int = 4096  # a size-dependent shift's input
+    spacing: Callable[[int], list[float]] | None = None  # the family's own sigma spacing (FLUX)
+
+
+def finishes(run: Run, steps: int) -> bool:
+    """Whether `steps` steps run to the end: tried on a one-pixel latent with a zero model output,
+    which fails as the real run would (diffusers raises, indexes past its tables, or divides by
+    a repeated sigma into NaN) at a thousandth of its cost. Remembered per run and step count."""
+    key = (run.name, run.schedule, repr(sorted(run.model_config.items())), run.flow, run.shift,
+           run.image_tokens, run.spacing, steps)
+    if key not in _FINISHED:
+        _FINISHED[key] = _try(run, steps)
+    return _FINISHED[key]
+
+
+_FINISHED: dict[tuple, bool] = {}
+
+
+def _try(run: Run, steps: int) -> bool:
+    import torch
+
+    try:
+        scheduler = build(run.name, run.schedule, run.model_config, [0], run.flow, run.shift)
+        set_timesteps(scheduler, steps, "cpu", run.model_config, run.image_tokens, run.spacing)
+        x = torch.ones(1, 1, 1, 1) * float(getattr(scheduler, "init_noise_sigma", 1.0))
+        takes = inspect.signature(scheduler.step).parameters
+        kwargs = {"generator": torch.Generator().manual_seed(0)} if "generator" in takes else {}
+        for t in scheduler.timesteps:
+            if hasattr(scheduler, "scale_model_input"):
+                x = scheduler.scale_model_input(x, t)
+            x = scheduler.step(torch.zeros_like(x), t, x, **kwargs).prev_sample
+        return bool(torch.isfinite(x).all())
+    except (ValueError, IndexError, AssertionError, ZeroDivisionError):
+        return False
+
+
+def check_steps(run: Run, steps: int) -> None:
+    """Refuse, in one line naming the most it takes, a step count the sampler cannot finish with
+    this model (LCM's 50-step distilled schedule; with SD's offset spacing, about as many steps
+    as training timesteps)."""
+    if finishes(run, steps):
+        return
+    low, high = 0, steps  # finishes(low) (or low is 0), not finishes(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if finishes(run, middle) else (low, middle)
+    raise LdmError(f"--steps {steps} is more than the {label(run.name)} sampler can run with this model "
+                   f"(at most {low}); use fewer steps or another --scheduler")
+
+
 def _scheduler_class(name: str, flow: bool = False) -> type:
     import diffusers
 
@@ -219,6 +277,11 @@ def set_timesteps(scheduler, steps: int, device, model_config: dict[str, Any], i
     if scheduler.config.get("use_dynamic_shifting"):
         kwargs["mu"] = dynamic_shift(image_tokens, model_config)
     scheduler.set_timesteps(steps, device=device, **kwargs)
+    if hasattr(scheduler, "set_begin_index"):
+        # the run starts at the first timestep, even where the schedule repeats it: many steps of a
+        # Beta schedule round several sigmas to one integer timestep, and diffusers' lookup of the
+        # first one would start at its repeat and step past the end (img2img sets its own start)
+        scheduler.set_begin_index(0)
 
 
 def dynamic_shift(image_tokens: int, config: dict[str, Any]) -> float:

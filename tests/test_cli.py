@@ -200,6 +200,21 @@ def test_steps_are_capped_at_the_models_training_timesteps(run, tmp_path, sd1_fo
     assert not list(tmp_path.rglob("*.png"))
 
 
+def test_steps_a_sampler_cannot_run_are_refused_in_one_line(run, tmp_path, sd1_folder):
+    """LCM's schedule has 50 steps (diffusers fails at 51, after the model loaded); a line of a
+    batch asking too many is named before any image renders."""
+    result = run("generate", "a fox", "--scheduler", "lcm", "--steps", 60, "--model", sd1_folder,
+                 "--out", tmp_path / "o", model=False)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["ldm: error: --steps 60 is more than the LCM sampler can run with this "
+                                          "model (at most 50); use fewer steps or another --scheduler"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text('a fox\n--prompt "a cat" --sampler_name LCM --steps 70\n')
+    result = run("batch", prompts, "--model", sd1_folder, "--steps", 1, "--out", tmp_path / "b", model=False)
+    assert result.exit_code == 2 and "line 2: --steps 70 is more than the LCM sampler" in result.stderr
+    assert not list(tmp_path.rglob("*.png"))
+
+
 def test_missing_model_and_unwritable_folder(tmp_path):
     runner = CliRunner()
     missing = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from ldm_cli import schedulers
@@ -66,3 +68,42 @@ def test_names_ignore_case_and_typos_get_a_suggestion():
         schedulers.validated("DPM++ 2M Karas", None)
     with pytest.raises(LdmError, match="no karras schedule"):
         schedulers.validated("Euler A", "KARRAS")
+
+
+SMALL = {**SCHEDULER, "num_train_timesteps": 100}  # the same limits at a tenth of the steps
+
+
+def run_all_steps(name: str, schedule: str, steps: int) -> bool:
+    """Whether a real-sized latent with a random model output gets through `steps` steps."""
+    import torch
+
+    s = schedulers.build(name, schedule, SMALL, seeds=[1])
+    g = torch.Generator().manual_seed(0)
+    kwargs = {"generator": torch.Generator().manual_seed(1)} if schedulers.SCHEDULERS[name].stochastic and name != "dpmpp_sde" else {}
+    try:
+        schedulers.set_timesteps(s, steps, "cpu", SMALL, 0)
+        x = torch.randn(1, 4, 8, 8, generator=g) * s.init_noise_sigma
+        for t in s.timesteps:
+            x = s.step(torch.randn(x.shape, generator=g), t, s.scale_model_input(x, t), **kwargs).prev_sample
+    except (ValueError, IndexError, AssertionError):
+        return False
+    return bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("name", list(schedulers.SCHEDULERS))
+def test_the_steps_a_sampler_is_refused_are_those_it_cannot_run(name):
+    """The one-pixel probe agrees with a real-sized run (random model outputs) on whether the run
+    gets through, at the edge: LCM's 50-step schedule; with SD's offset spacing, about as many
+    steps as timesteps (errors, or repeated sigmas dividing into NaN). A Beta schedule of many
+    steps repeats integer timesteps and must still run: it starts at the first."""
+    run = schedulers.Run(name, "default", SMALL)
+    steps = 100
+    if not schedulers.finishes(run, steps):
+        with pytest.raises(LdmError) as refused:
+            schedulers.check_steps(run, steps)
+        limit = int(re.search(r"at most (\d+)", str(refused.value)).group(1))
+        assert run_all_steps(name, "default", limit) and not run_all_steps(name, "default", limit + 1)
+        steps = limit
+    for schedule in ("default", *schedulers.SCHEDULERS[name].schedules):
+        assert run_all_steps(name, schedule, steps), schedule
+        schedulers.check_steps(schedulers.Run(name, schedule, SMALL), steps)
