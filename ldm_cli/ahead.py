@@ -7,7 +7,8 @@ text encoders (memory.free_text_encoders) and denoises from the encoded conditio
 
 Two things bound how far ahead it reads:
 - the LoRA set: a LoRA merged into the text encoders changes what they compute, so prompts are
-  encoded ahead only with the set the current batch has merged (batches come grouped by set);
+  encoded ahead only while the LoRAs' text-encoder parts equal those merged now (batches come
+  grouped by set; sets of denoiser-only LoRAs, most FLUX LoRAs, do not stop it);
 - memory: the encoded conditioning stays on the model's device (FLUX: 4 MiB per prompt at 512
   tokens), so no more than BUDGET bytes of it are encoded at once.
 When either stops it short, the encoders stay (moved off the GPU where offloaded) and the next
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 from ldm_cli import conditioning, memory
 from ldm_cli.guidance import Parts, Schedule
-from ldm_cli.networks import session
 from ldm_cli.settings import Settings
 
 BUDGET = 2**30  # bytes of encoded conditioning held at once
@@ -34,21 +34,21 @@ class Ahead:
 
     def encode(self, group: list[Settings]) -> tuple[list[Parts], list[Schedule] | None]:
         """`group`'s conditioning (`group`: a planned batch, or part of one)."""
-        wanted = conditioning.keys(group)
+        wanted = conditioning.keys(self.model, group)
         if not wanted <= self.cache.keys():
             start = next((i for i in range(self.end, len(self.groups))
-                          if wanted <= conditioning.keys(self.groups[i])), None)
+                          if wanted <= conditioning.keys(self.model, self.groups[i])), None)
             if start is None or not self.model.text_encoders:
                 raise RuntimeError("a batch came that was not planned, or after the text encoders were freed")
             self._encode_stretch(start)
         return conditioning.encode(self.model, group, self.cache)
 
     def _encode_stretch(self, start: int) -> None:
-        """The planned batches from `start` on that share its LoRA set, within the budget; what
-        earlier stretches encoded is done with."""
+        """The planned batches from `start` on whose LoRA sets change the text encoders as its
+        does (the one merged now), within the budget; what earlier stretches encoded is done with."""
         self.cache.clear()
-        lora, end = session.lora_key(self.groups[start][0].prompt), start
-        while end < len(self.groups) and session.lora_key(self.groups[end][0].prompt) == lora and (
+        lora, end = self._text_lora(start), start
+        while end < len(self.groups) and self._text_lora(end) == lora and (
                 end == start or self._held_bytes() < BUDGET):
             conditioning.encode(self.model, self.groups[end], self.cache)
             end += 1
@@ -57,6 +57,9 @@ class Ahead:
             memory.release_text_encoders(self.model)  # off the GPU where offloaded: the denoiser takes its place
         else:
             memory.free_text_encoders(self.model)
+
+    def _text_lora(self, index: int) -> tuple:
+        return conditioning.text_lora_key(self.model, self.groups[index][0].prompt)
 
     def _held_bytes(self) -> int:
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # rows share their batch's

@@ -43,16 +43,22 @@ def encode(model, group: list[Settings], cache: Cache | None = None) -> tuple[li
     return positive, [_schedule(model, s.negative, s, True, cache) for s in group]
 
 
-def keys(group: list[Settings]) -> set[tuple]:
+def keys(model, group: list[Settings]) -> set[tuple]:
     """The cache keys `encode` reads for `group`: what must be encoded to render it."""
-    out = {_key(text, s, False) for s in group for text, _ in prompt_syntax.and_parts(positive_text(s.prompt))}
+    out = {_key(model, text, s, False) for s in group
+           for text, _ in prompt_syntax.and_parts(positive_text(s.prompt))}
     if any(uses_negative(s) for s in group):
-        out |= {_key(s.negative, s, True) for s in group}
+        out |= {_key(model, s.negative, s, True) for s in group}
     return out
 
 
-def _key(text: str, s: Settings, negative: bool) -> tuple:
-    return (text, negative, *(getattr(s, f) for f in ENCODING_FIELDS), session.lora_key(s.prompt))
+def text_lora_key(model, prompt: str) -> tuple:
+    """What of a prompt's LoRA set changes its encoding (all of it when the model has no session to ask)."""
+    return model.networks.text_key(prompt) if model.networks is not None else session.lora_key(prompt)
+
+
+def _key(model, text: str, s: Settings, negative: bool) -> tuple:
+    return (text, negative, *(getattr(s, f) for f in ENCODING_FIELDS), text_lora_key(model, s.prompt))
 
 
 def _parts(model, s: Settings, cache: Cache) -> Parts:
@@ -61,7 +67,7 @@ def _parts(model, s: Settings, cache: Cache) -> Parts:
 
 
 def _schedule(model, text: str, s: Settings, negative: bool, cache: Cache) -> Schedule:
-    key = _key(text, s, negative)
+    key = _key(model, text, s, negative)
     if key not in cache:
         plan = prompt_syntax.schedule(text, s.steps)
         cond = model.family.encode(model, [prompt for _, prompt in plan], s, negative)

@@ -107,23 +107,27 @@ def test_the_budget_splits_the_encoding_and_frees_after_the_last(sd1_folder, tmp
     assert all(np.array_equal(a, b) for a, b in zip(images, alone(sd1_folder, planned)))
 
 
-def test_lora_sets_bound_the_encoding_and_a_text_encoder_lora_is_let_go(sd1_folder, tmp_path):
+def test_text_encoder_loras_bound_the_encoding_and_are_let_go(sd1_folder, tmp_path):
+    """A LoRA of the text encoders changes what they compute: its lines are encoded apart. One of
+    the denoiser alone changes nothing there: its lines and plain ones share one stretch, and
+    their shared prompts one encoding."""
     model = load(sd1_folder)
     text = lora_files.layers(model.text_encoders[0], ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1"))
-    for i, name in enumerate("ab"):
-        lora_files.write(tmp_path / "loras" / f"{name}.safetensors", lora_files.kohya(text, "lora_te_", seed=i))
+    lora_files.write(tmp_path / "loras" / "te.safetensors", lora_files.kohya(text, "lora_te_", seed=1))
+    unet = lora_files.layers(model.denoiser, ("attn2.to_k", "attn2.to_v"))
+    lora_files.write(tmp_path / "loras" / "unet.safetensors", lora_files.kohya(unet, "lora_unet_", seed=2))
     options = NetworkOptions(lora_dirs=[tmp_path / "loras"])
     session.attach(model, options, None)
     events: list = []
     watched(model, events)
-    planned = jobs(model, ["a fox <lora:a:1>", "a cat <lora:a:1>", "a fox <lora:b:1>", "a fox"])
+    planned = jobs(model, ["a fox <lora:te:1>", "a cat <lora:te:1>", "a fox <lora:unet:1>", "a fox"])
     encoders = [weakref.ref(e) for e in model.text_encoders]
     images = rendered(model, planned, tmp_path / "out")
-    predicts = [i for i, e in enumerate(events) if e[0] == "predict"]
-    encodes = [i for i, e in enumerate(events) if e[0] == "encode"]
-    # both lines of LoRA a and their negative first, then b's, then the plain line's, as each set came
-    assert encodes[:3] == [0, 1, 2] and sum(i > predicts[0] for i in encodes) == 4
-    assert all(ref() is None for ref in encoders)  # merged layers' kept originals let go too
+    encoded = [e[1] for e in events if e[0] == "encode"]
+    # te's two lines and their negative first; then "a fox" and "blurry" once for the other two
+    assert [e[0] for e in events[:3]] == ["encode"] * 3 and events[3] == ("predict",)
+    assert len(encoded) == 5 and encoded[3:] == [("a fox",), ("blurry",)]
+    assert model.text_encoders == [] and all(ref() is None for ref in encoders)  # merged layers' originals too
     for s, image in zip(planned, images):
         fresh = load(sd1_folder)
         session.attach(fresh, options, None)

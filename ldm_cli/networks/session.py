@@ -45,6 +45,7 @@ class Session:
         self._table: dict | None = None
         self._files: dict[Path, formats.LoraFile] = {}
         self._hashes: dict[Path, str] = {}
+        self._text_keys: dict[tuple, tuple] = {}
         self.embeddings = self._library() if model.family.name in EMBEDDING_FAMILIES else None
 
     def _library(self) -> embeddings.Library:
@@ -63,9 +64,22 @@ class Session:
         return self._files[path]
 
     def plan(self, loras: list[merge.Applied]) -> merge.Plan:
+        return merge.plan(self.components, self.table(), loras, self.model.family.label)
+
+    def table(self) -> dict[str, list[targets.Target]]:
         if self._table is None:
             self._table = targets.table(self.model)
-        return merge.plan(self.components, self._table, loras, self.model.family.label)
+        return self._table
+
+    def text_key(self, prompt: str) -> tuple:
+        """What of the prompt's LoRA set changes the text encoders: two prompts with equal keys
+        encode alike (a LoRA of the denoiser alone, or at te weight 0, changes no encoding)."""
+        tags = lora_key(prompt)
+        if tags not in self._text_keys:
+            table = self.table()
+            self._text_keys[tags] = tuple((a.lora.path, a.te) for a in self.applied(prompt) if a.te != 0 and any(
+                t.text for layer in a.lora.layers for t in table.get(layer, ())))
+        return self._text_keys[tags]
 
     # -- a run's settings -------------------------------------------------------------------
     def resolve(self, s: Settings) -> Settings:
@@ -106,8 +120,7 @@ class Session:
     def drop_text_encoders(self) -> None:
         """Let go of the text encoders (memory.free_text_encoders): their layers are no longer
         merged into or restored, and a later set's text-encoder layers are skipped, not missing."""
-        if self._table is None:  # built while the encoders are here, so their layer names stay known
-            self._table = targets.table(self.model)
+        self.table()  # built while the encoders are here, so their layer names stay known
         self.components = {k: v for k, v in self.components.items() if k == targets.DENOISER}
         self.merger.forget(set(self.components))
 
