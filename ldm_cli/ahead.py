@@ -30,7 +30,7 @@ class Ahead:
     def __init__(self, model, groups: list[list[Settings]]):
         self.model, self.groups = model, groups
         self.end = 0
-        self.cache: conditioning.Cache = {}
+        self.cache = _Held()
 
     def encode(self, group: list[Settings]) -> tuple[list[Parts], list[Schedule] | None]:
         """`group`'s conditioning (`group`: a planned batch, or part of one)."""
@@ -49,7 +49,7 @@ class Ahead:
         self.cache.clear()
         lora, end = self._text_lora(start), start
         while end < len(self.groups) and self._text_lora(end) == lora and (
-                end == start or self._held_bytes() < BUDGET):
+                end == start or self.cache.bytes < BUDGET):
             conditioning.encode(self.model, self.groups[end], self.cache)
             end += 1
         self.end = end
@@ -61,7 +61,24 @@ class Ahead:
     def _text_lora(self, index: int) -> tuple:
         return conditioning.text_lora_key(self.model, self.groups[index][0].prompt)
 
-    def _held_bytes(self) -> int:
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # rows share their batch's
-                    for schedule in self.cache.values() for cond in schedule.conds for t in cond.values()}
-        return sum(storages.values())
+
+class _Held(dict):
+    """A stretch's encoded schedules by key, counting the bytes their tensors hold as they come
+    (a schedule's rows share their encode call's storage: counted once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self._storages = 0, set()
+
+    def __setitem__(self, key: tuple, schedule: Schedule) -> None:
+        super().__setitem__(key, schedule)
+        for cond in schedule.conds:
+            for tensor in cond.values():
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in self._storages:
+                    self._storages.add(storage.data_ptr())
+                    self.bytes += storage.nbytes()
+
+    def clear(self) -> None:
+        super().clear()
+        self.bytes, self._storages = 0, set()

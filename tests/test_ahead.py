@@ -132,3 +132,20 @@ def test_text_encoder_loras_bound_the_encoding_and_are_let_go(sd1_folder, tmp_pa
         fresh = load(sd1_folder)
         session.attach(fresh, options, None)
         assert np.array_equal(image, np.asarray(pipeline.text_to_image(fresh, [s])[0]))
+
+
+def test_the_budget_counts_each_tensor_storage_once():
+    """A schedule's rows are views of their encode call's batch: it is held once, whatever the rows."""
+    import torch
+
+    from ldm_cli.guidance import Schedule, rows_of
+
+    held = ahead._Held()
+    batch = torch.zeros(3, 77, 8)
+    first, second, _ = rows_of({"encoder_hidden_states": batch})
+    held[("a",)], held[("b",)] = Schedule.fixed(first), Schedule.fixed(second)
+    assert held.bytes == batch.nbytes
+    held[("c",)] = Schedule.fixed({"encoder_hidden_states": torch.zeros(1, 77, 8)})
+    assert held.bytes == batch.nbytes + 77 * 8 * 4
+    held.clear()
+    assert held.bytes == 0 and not held
