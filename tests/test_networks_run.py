@@ -58,6 +58,29 @@ def test_names_are_file_stems_found_recursively_first_folder_first(tmp_path, mon
         lookup.find_lora("z", options, model)
 
 
+def test_a_lora_is_found_by_its_trainers_output_name_as_a1111_aliases_it(model_dir, tmp_path):
+    """kohya writes `ss_output_name`; A1111 knows the file by it too (`fox_v2-000010.safetensors`
+    as `fox_v2`), unless another file claims the same alias. Stems come first; the hash is
+    recorded under the name the prompt used, as A1111 records it."""
+    folder = tmp_path / "loras"
+    unet = lora_files.kohya(lora_files.layers(tiny_models.unet(), UNET), "lora_unet_")
+    epoch = lora_files.write(folder / "fox_v2-000010.safetensors", unet, {"ss_output_name": "fox_v2"})
+    lora_files.write(folder / "snow-a.safetensors", unet, {"ss_output_name": "snow"})
+    lora_files.write(folder / "snow-b.safetensors", unet, {"ss_output_name": "snow"})
+    stem = lora_files.write(folder / "cat.safetensors", unet)
+    lora_files.write(folder / "other.safetensors", unet, {"ss_output_name": "cat"})
+    options = NetworkOptions(lora_dirs=[str(folder)])
+    assert lookup.find_lora("fox_v2", options, None) == epoch
+    assert lookup.find_lora("cat", options, None) == stem  # a stem wins over another file's alias
+    with pytest.raises(LdmError, match="'snow' not found"):  # two files claim it: neither is meant
+        lookup.find_lora("snow", options, None)
+    result = run("generate", "a red fox <lora:fox_v2:0.8>", "--model", model_dir, "--steps", 1, "--seed", 3,
+                 "--lora-dir", folder, "--json", "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    text = Image.open(json.loads(result.stdout)["path"]).text["parameters"]
+    assert f'Lora hashes: "fox_v2: {hashes.lora_hash(epoch)}"' in text
+
+
 def test_tags_and_the_lora_flag_as_a1111_reads_them():
     assert tags.lora_tags("a <lora:fox:0.8>, <lyco:snow:0.5:1.5> <lora:x> <lora:y:unet=0.3> <hypernet:h:1>") == [
         tags.LoraTag("fox", 0.8, 0.8), tags.LoraTag("snow", 0.5, 1.5), tags.LoraTag("x"), tags.LoraTag("y", 1, 0.3)]

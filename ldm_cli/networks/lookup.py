@@ -1,7 +1,9 @@
 """Where LoRA and embedding files are found, and a name found among them.
 
 A name is a file's stem (`fox` for `loras/animals/fox.safetensors`), searched recursively, as
-A1111 lists its Lora and embeddings folders. Folders, first match wins:
+A1111 lists its Lora and embeddings folders; a LoRA is also found by its alias, the output name
+its trainer recorded (A1111's alias), when no stem matches and no other file has that alias.
+Folders, first match wins:
   LoRAs:      files given with --lora, then --lora-dir, a `loras` folder beside the model, $LDM_LORA_DIR
   embeddings: --embeddings-dir, an `embeddings` folder beside the model, $LDM_EMBEDDINGS_DIR
 (the variables may hold several folders, separated as in PATH).
@@ -66,11 +68,35 @@ def find_lora(name: str, options: NetworkOptions, model: str | None) -> Path:
     found = index(tuple(folders))
     if name in found:
         return found[name]
+    if name in (named := aliases(tuple(folders))):
+        return named[name]
     close = difflib.get_close_matches(name, found, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     where = ", ".join(str(f) for f in folders) or "no LoRA folder"
     raise LdmError(f"LoRA {name!r} not found in {where}{hint}; put {name}.safetensors there, "
                    "or pass --lora-dir DIR or --lora FILE")
+
+
+@functools.lru_cache(maxsize=16)
+def aliases(folders: tuple[Path, ...]) -> dict[str, Path]:
+    """A1111's second name for a LoRA: the `ss_output_name` its trainer (kohya) wrote into the
+    file, where no other file claims the same one. Read only when a name is no file's stem, and
+    from .safetensors headers only (a pickle's metadata would run its code)."""
+    claims: dict[str, list[Path]] = {}
+    for path in index(folders).values():
+        if path.suffix == ".safetensors" and (alias := _output_name(path)):
+            claims.setdefault(alias, []).append(path)
+    return {alias: paths[0] for alias, paths in claims.items() if len(paths) == 1}
+
+
+def _output_name(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("ss_output_name") or None
+    except Exception:  # noqa: BLE001 - an unreadable file has no alias; naming it by its stem still reports it
+        return None
 
 
 def embedding_files(options: NetworkOptions, model: str | None) -> dict[str, Path]:

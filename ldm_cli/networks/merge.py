@@ -31,6 +31,7 @@ class Applied:
     lora: formats.LoraFile
     te: float = 1.0
     unet: float = 1.0
+    mentioned: str = ""  # the name the prompt gave it (its stem or its alias): A1111 records hashes so
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class Session:
 
     # -- which LoRAs ------------------------------------------------------------------------
     def applied(self, prompt: str) -> list[merge.Applied]:
-        return [merge.Applied(self._lora(tag.name), tag.te, tag.unet) for tag in tags.lora_tags(prompt)]
+        return [merge.Applied(self._lora(tag.name), tag.te, tag.unet, tag.name) for tag in tags.lora_tags(prompt)]
 
     def _lora(self, name: str) -> formats.LoraFile:
         path = lookup.find_lora(name, self.options, self.source)
@@ -87,10 +87,10 @@ class Session:
         loras = self.applied(s.prompt)
         if loras:
             self.plan(loras)
-        found = {a.lora.name: self._hash(hashes.lora_hash, a.lora.path) for a in loras}
+        found = {a.mentioned: self._hash(hashes.lora_hash, a.lora.path) for a in loras}
         used = self.used_embeddings(s.prompt, s.steps) + self.used_embeddings(s.negative, s.steps, negative=True)
         ti = [(e.name, self._hash(hashes.embedding_hash, e.path)) for e in used]
-        _compare("LoRA", s.lora_hashes, found, {a.lora.name: a.lora.path for a in loras})
+        _compare("LoRA", s.lora_hashes, found, {a.mentioned: a.lora.path for a in loras})
         _compare("embedding", s.ti_hashes, dict(ti), {e.name: e.path for e in used})
         return dataclasses.replace(s, lora_hashes=hashes.record(list(found.items())), ti_hashes=hashes.record(ti))
 
