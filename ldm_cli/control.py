@@ -6,8 +6,11 @@ be turned into an edge map first (`canny`, A1111's thresholds 100 and 200). Dept
 need their own detector models: such units take preprocessed images.
 
 In the loop each acting unit reads the scaled latents, the timestep, the same conditioning as the
-denoiser and its image, rows for rows (both CFG halves); the residuals of all units, each times
-its scale, are summed as diffusers' MultiControlNetModel sums them.
+denoiser and its control input, rows for rows (both CFG halves); the residuals of all units, each
+times its scale, are summed as diffusers' MultiControlNetModel sums them. What a unit reads and
+adds is its family's (Family.control_input, control_residuals): a U-Net's ControlNet the image's
+pixels and residuals for the down and middle blocks, FLUX's the image's VAE latents and samples
+for the transformer's blocks.
 """
 from __future__ import annotations
 
@@ -72,27 +75,35 @@ class Control:
         keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for start, end in self.windows]
         return replace(self, scales=[s * k for s, k in zip(self.scales, keep)])
 
-    def with_residuals(self, x: torch.Tensor, t: torch.Tensor, cond: dict, rows) -> dict:
+    def with_residuals(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict, rows) -> dict:
         """`cond` with the summed residuals of the acting units for latent rows `x` (rows `rows`)."""
-        added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
-        down, mid = None, None
+        summed: dict | None = None
         for net, image, scale in zip(self.nets, self.images, self.scales):
             if scale == 0.0:
                 continue
-            d, m = net(x, t, encoder_hidden_states=cond["encoder_hidden_states"], controlnet_cond=image[rows],
-                       conditioning_scale=scale, added_cond_kwargs=added or None, return_dict=False)
-            down = d if down is None else [a + b for a, b in zip(down, d)]
-            mid = m if mid is None else mid + m
-        if down is None:
-            return cond
-        return {**cond, "down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            added = model.family.control_residuals(model, net, x, t, cond, image[rows], scale)
+            summed = added if summed is None else {k: _sum(summed[k], v) for k, v in added.items()}
+        return cond if summed is None else {**cond, **summed}
 
 
-def for_batch(model, width: int, height: int, count: int) -> Control | None:
-    """The model's ControlNet units made ready for a batch of `count` images at this size."""
+def _sum(a, b):
+    """Two units' residuals for one input: tensors, lists of them (one per block), or a flag both share."""
+    if isinstance(a, torch.Tensor):
+        return a + b
+    if isinstance(a, (list, tuple)):
+        return [_sum(x, y) for x, y in zip(a, b)]
+    return a
+
+
+def for_batch(model, width: int, height: int, generators: list[torch.Generator]) -> Control | None:
+    """The model's ControlNet units made ready for a batch (one generator per image) at this
+    size. Call it before drawing the starting noise: a ControlNet that reads VAE latents (FLUX's)
+    samples them from the images' generators first, as diffusers does."""
     loaded = getattr(model, "controls", None) or []
     if not loaded:
         return None
-    images = [as_tensor(control_image(unit, width, height), count, model.device, model.dtype) for unit, _ in loaded]
+    images = [model.family.control_input(
+        model, net, as_tensor(control_image(unit, width, height), len(generators), model.device, model.dtype), generators)
+        for unit, net in loaded]
     return Control([net for _, net in loaded], images, [unit.scale for unit, _ in loaded],
                    [(unit.start, unit.end) for unit, _ in loaded])

@@ -60,11 +60,11 @@ def image_to_image(model, group: list[Settings], init_images: list[Image.Image],
     timesteps = strength_timesteps(scheduler, s, model.family.flow)
     # 4. image latents
     generators = pipeline.generators_for(group)
+    units = control.for_batch(model, s.width, s.height, generators)  # before the image's sample, as diffusers
     latents = encode_images(model, group, init_images, generators)
     # 5. noise
     latents, _ = add_noise(model, group, scheduler, latents, generators, timesteps)
     # 6. denoise
-    units = control.for_batch(model, s.width, s.height, len(group))
     latents = sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators,
                                timesteps, on_step=on_step, control=units)
     # 7. decode

@@ -249,6 +249,8 @@ def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks:
     timesteps = strength.strength_timesteps(scheduler, s, model.family.flow)
     # 4. latents: image latents, then noise
     generators = pipeline.generators_for(group)
+    # at the render size (the region's with --only-masked), before the image's sample, as diffusers
+    units = control.for_batch(model, *regions[0].image.size, generators)
     pixels = vae.to_tensor([r.image for r in regions])
     latents, noise, image_latents = _latents(model, group, scheduler, timesteps, pixels, generators)
     # 5. the mask at latent size and the masked image
@@ -258,8 +260,6 @@ def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks:
     # 6. denoise: a 9-channel model sees mask and masked image; an ordinary one gets the kept part back
     extra = torch.cat([mask, masked], dim=1) if masked is not None else None
     blend = None if masked is not None else _blend(scheduler, image_latents, noise, mask, timesteps)
-    f = model.vae_scale_factor  # the render size: the region's with --only-masked
-    units = control.for_batch(model, latents.shape[-1] * f, latents.shape[-2] * f, len(group))
     latents = sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators, timesteps,
                                extra_input=extra, blend=blend, on_step=on_step, control=units)
     # 7. decode, and paste into the originals

@@ -103,9 +103,9 @@ def text_to_image(model, group: list[Settings], on_step: Callable[[], None] | No
     scheduler = make_scheduler(model, group)
     # 4. latents
     generators = generators_for(group)
+    units = control.for_batch(model, group[0].width, group[0].height, generators)  # before the noise, as diffusers
     latents = initial_noise(model, group, generators) * sampling.init_noise_sigma(scheduler)
     # 5. denoise
-    units = control.for_batch(model, group[0].width, group[0].height, len(group))
     latents = sampling.denoise(model, scheduler, latents, positive, negative, group[0].cfg,
                                generators, scheduler.timesteps, on_step=on_step, control=units)
     # 6. decode

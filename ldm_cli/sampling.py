@@ -95,7 +95,7 @@ def _step(model, scheduler, latents: torch.Tensor, t: torch.Tensor, plan: Guidan
 def _predict(model, x: torch.Tensor, t: torch.Tensor, calls: list[Call], latent_x: torch.Tensor,
              control: Control | None) -> torch.Tensor:
     def cond_of(call: Call, rows) -> Cond:
-        return call.cond if control is None else control.with_residuals(latent_x, t, call.cond, rows)
+        return call.cond if control is None else control.with_residuals(model, latent_x, t, call.cond, rows)
 
     if len(calls) == 1:
         return model.family.predict(model, x, t, cond_of(calls[0], slice(None)))

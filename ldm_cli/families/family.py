@@ -46,3 +46,10 @@ class Family:
     # steps -> the sigmas before the shift that the family's diffusers pipeline gives the
     # scheduler (FLUX: 1 to 1/steps); None: the scheduler's own spacing (SD3)
     sigmas: Callable[[int], list[float]] | None = None
+    # ControlNets, for a family that takes them (None: it does not): how one reads its control
+    # images (model, net, images in [0, 1] batched, generators) -> its control input (pixels for
+    # a U-Net's, VAE latents for FLUX's, drawn before the starting noise as diffusers draws them);
+    # and what it adds to a denoiser call (model, net, latents, timestep, conditioning, its
+    # control input for those rows, scale) -> the denoiser's extra inputs, summed over the units
+    control_input: Callable[[Any, Any, torch.Tensor, list], torch.Tensor] | None = None
+    control_residuals: Callable[[Any, Any, torch.Tensor, torch.Tensor, Cond, torch.Tensor, float], dict] | None = None

@@ -17,6 +17,19 @@ def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.
                           added_cond_kwargs=added or None, **control, return_dict=False)[0]
 
 
+def control_input(model, net, images: torch.Tensor, generators: list) -> torch.Tensor:
+    """A U-Net ControlNet reads the control image's pixels in [0, 1]."""
+    return images
+
+
+def control_residuals(model, net, x: torch.Tensor, t: torch.Tensor, cond: Cond, image: torch.Tensor,
+                      scale: float) -> dict:
+    added = {k: cond[k] for k in ADDED_KEYS if k in cond}
+    down, mid = net(x, t, encoder_hidden_states=cond["encoder_hidden_states"], controlnet_cond=image,
+                    conditioning_scale=scale, added_cond_kwargs=added or None, return_dict=False)
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
 def tokenize(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
