@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ldm_cli import vae
 from ldm_cli.families import clip_text, t5
 from ldm_cli.families.family import Cond, Family
 from ldm_cli.settings import Settings
@@ -84,17 +85,44 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch
     return ids.to(device, dtype)
 
 
-def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+def _inputs(latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> dict:
+    """What the transformer and its ControlNets both read for these latents."""
     n, _, h, w = latents.shape
     context = cond["encoder_hidden_states"]
-    out = model.denoiser(hidden_states=pack(latents), timestep=t.expand(n).to(latents.dtype) / 1000,
-                         guidance=cond.get("guidance"), pooled_projections=cond["pooled_projections"],
-                         encoder_hidden_states=context,
-                         txt_ids=torch.zeros(context.shape[1], 3, device=context.device, dtype=context.dtype),
-                         img_ids=image_ids(h, w, latents.device, latents.dtype), return_dict=False)[0]
-    return unpack(out, h, w)
+    return dict(hidden_states=pack(latents), timestep=t.expand(n).to(latents.dtype) / 1000,
+                pooled_projections=cond["pooled_projections"], encoder_hidden_states=context,
+                txt_ids=torch.zeros(context.shape[1], 3, device=context.device, dtype=context.dtype),
+                img_ids=image_ids(h, w, latents.device, latents.dtype))
+
+
+def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    control = {k: cond[k] for k in CONTROL_KEYS if k in cond}
+    out = model.denoiser(**_inputs(latents, t, cond), guidance=cond.get("guidance"), **control, return_dict=False)[0]
+    return unpack(out, *latents.shape[-2:])
+
+
+# ControlNet samples, put into the conditioning by the loop (control.py) when units act
+CONTROL_KEYS = ("controlnet_block_samples", "controlnet_single_block_samples", "controlnet_blocks_repeat")
+
+
+def control_input(model, net, images: torch.Tensor, generators: list) -> torch.Tensor:
+    """A FLUX ControlNet reads the control image's VAE latents, sampled from the images'
+    generators (InstantX's, Shakker's: FluxControlNetPipeline's order), or, with a hint encoder of
+    its own (XLabs'), the pixels in [-1, 1]."""
+    pixels = images * 2 - 1
+    return pixels if net.input_hint_block is not None else vae.encode(model, pixels, generators)
+
+
+def control_residuals(model, net, x: torch.Tensor, t: torch.Tensor, cond: Cond, image: torch.Tensor,
+                      scale: float) -> dict:
+    hinted = net.input_hint_block is not None
+    blocks, singles = net(**_inputs(x, t, cond), controlnet_cond=image if hinted else pack(image),
+                          guidance=cond.get("guidance") if net.config.guidance_embeds else None,
+                          conditioning_scale=scale, return_dict=False)
+    return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles,
+            "controlnet_blocks_repeat": hinted}
 
 
 # bf16: T5 v1.1 overflows in fp16, and BFL ship FLUX in bf16
 FLUX = Family("flux", "FLUX.1", encode, predict, cuda_dtype="bf16", flow=True, patch_size=PATCH, sample_size=128,
-              sigmas=sigmas)
+              sigmas=sigmas, control_input=control_input, control_residuals=control_residuals)

@@ -27,13 +27,20 @@ def load(path: str, model):
     """The ControlNet at `path` (folder or file), checked against `model`, on its device and dtype."""
     from diffusers import ControlNetModel
 
-    if getattr(model.denoiser.config, "cross_attention_dim", None) is None or not hasattr(model.denoiser, "down_blocks"):
-        raise LdmError(f"--controlnet works with SD1, SD2 and SDXL models only (this one is {model.family.label})")
+    if model.family.name == "flux":
+        from ldm_cli.loading import flux_controlnet
+
+        return flux_controlnet.load(path, model)
+    if model.family.control_residuals is None:
+        raise LdmError(f"--controlnet works with SD1, SD2, SDXL and FLUX models (this one is {model.family.label})")
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").exists():
             raise LdmError(f"--controlnet {path!r} is a folder without config.json (not a diffusers ControlNet)")
-        check_fits(path, json.loads((folder / "config.json").read_text()), model)
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("_class_name") == "FluxControlNetModel":
+            raise LdmError(f"--controlnet {path!r} is a FLUX ControlNet; this model is {model.family.label}")
+        check_fits(path, config, model)
         net = ControlNetModel.from_pretrained(folder, local_files_only=True)
     else:
         net = _from_file(path, model)
@@ -51,6 +58,8 @@ def _from_file(path: str, model):
     state = {k.removeprefix(ORIGINAL_PREFIX): v for k, v in state.items()}
     if ORIGINAL_HINT in state:
         state = from_original(state, model.denoiser.config)
+    if "controlnet_x_embedder.weight" in state:
+        raise LdmError(f"--controlnet {path!r} is a FLUX ControlNet; this model is {model.family.label}")
     if HINT_KEY not in state:
         raise LdmError(f"--controlnet {path!r} is not a ControlNet; give a ControlNet folder or .safetensors file")
     config = config_for(state, model.denoiser.config)

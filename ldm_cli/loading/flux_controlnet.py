@@ -1,0 +1,112 @@
+"""FLUX ControlNets (diffusers' FluxControlNetModel) as people download them, offline.
+
+InstantX's and Shakker's ship diffusers folders; a lone file in diffusers' names works too: a
+FLUX ControlNet is a few of its transformer's blocks, so its config is the transformer's with the
+depths, the guidance embedding and any hint encoder the file's tensors show. Union ControlNets
+(a mode embedding: one net for canny, depth, pose ...) need a mode ldm does not take yet, and
+XLabs' own layout (BFL's block names) is not read: both are refused in one line.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ldm_cli.errors import LdmError
+
+X_EMBEDDER = "controlnet_x_embedder.weight"  # diffusers' FLUX ControlNet layout
+XLABS_KEYS = ("double_blocks.0.img_attn.qkv.weight", "controlnet_blocks.0.weight")
+SD_HINT = "controlnet_cond_embedding.conv_in.weight"
+
+
+def load(path: str, model):
+    """The FLUX ControlNet at `path`, checked against `model`'s transformer."""
+    from diffusers import FluxControlNetModel
+
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        config = _folder_config(path, folder)
+        check_fits(path, config, model)
+        net = FluxControlNetModel.from_pretrained(folder, local_files_only=True)
+    else:
+        state = _read(path)
+        config = config_for(path, state, model.denoiser.config)
+        check_fits(path, config, model)
+        net = FluxControlNetModel.from_config(config)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            lines = str(e).splitlines()
+            raise LdmError(f"--controlnet {path!r} does not fit a FLUX ControlNet's layout "
+                           f"({(lines[1] if len(lines) > 1 else lines[0]).strip()})") from None
+    return net.to(model.device, model.dtype).eval().requires_grad_(False)
+
+
+def _folder_config(path: str, folder: Path) -> dict:
+    if not (folder / "config.json").exists():
+        raise LdmError(f"--controlnet {path!r} is a folder without config.json (not a diffusers ControlNet)")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("_class_name") != "FluxControlNetModel":
+        raise LdmError(f"--controlnet {path!r} holds a {config.get('_class_name')!r}, not a FLUX ControlNet "
+                       "(FluxControlNetModel)")
+    return config
+
+
+def _read(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(Path(path).expanduser()))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise LdmError(f"--controlnet {path!r} is not a readable safetensors file ({e})") from None
+    if X_EMBEDDER in state:
+        return state
+    if all(k in state for k in XLABS_KEYS):
+        raise LdmError(f"--controlnet {path!r} is in XLabs' own layout, which ldm does not read yet; use a "
+                       "diffusers-format FLUX ControlNet (InstantX's, Shakker's)")
+    if SD_HINT in state or any(k.startswith("control_model.") for k in state):
+        raise LdmError(f"--controlnet {path!r} is a ControlNet for SD1, SD2 or SDXL, not for FLUX")
+    raise LdmError(f"--controlnet {path!r} is not a ControlNet; give a ControlNet folder or .safetensors file")
+
+
+def config_for(path: str, state: dict[str, torch.Tensor], transformer_config) -> dict:
+    """A FluxControlNetModel config for the tensors `state`: the transformer's, as the file shows it."""
+    import inspect
+
+    from diffusers import FluxControlNetModel
+
+    accepted = set(inspect.signature(FluxControlNetModel.__init__).parameters)
+    config = {k: v for k, v in dict(transformer_config).items() if k in accepted}
+
+    def count(prefix: str) -> int:
+        return len({m.group(1) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k))})
+
+    config.update(num_layers=count("transformer_blocks"), num_single_layers=count("single_transformer_blocks"),
+                  in_channels=state["x_embedder.weight"].shape[1],
+                  joint_attention_dim=state["context_embedder.weight"].shape[1],
+                  pooled_projection_dim=state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+                  guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state)
+    if "controlnet_mode_embedder.weight" in state:
+        config["num_mode"] = state["controlnet_mode_embedder.weight"].shape[0]
+    if "input_hint_block.0.weight" in state:
+        config["conditioning_embedding_channels"] = state["input_hint_block.0.weight"].shape[0]
+    config["_inner"] = state["x_embedder.weight"].shape[0]
+    return config
+
+
+def check_fits(path: str, config: dict, model) -> None:
+    """A ControlNet of another width, text width or guidance than the model's cannot steer it;
+    a union ControlNet needs a mode."""
+    ours = model.denoiser.config
+    inner = config.pop("_inner", config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0))
+    if (inner, config.get("joint_attention_dim")) != (ours.num_attention_heads * ours.attention_head_dim,
+                                                      ours.joint_attention_dim):
+        raise LdmError(f"--controlnet {path!r} is for a FLUX model of width {inner}; this one is "
+                       f"{ours.num_attention_heads * ours.attention_head_dim} wide")
+    if config.get("guidance_embeds") and not ours.guidance_embeds:
+        raise LdmError(f"--controlnet {path!r} takes FLUX dev's distilled guidance; this model (schnell) has none")
+    if config.get("num_mode") is not None:
+        raise LdmError(f"--controlnet {path!r} is a union ControlNet ({config['num_mode']} modes), which needs a "
+                       "control mode ldm does not take yet; use a single-condition FLUX ControlNet")

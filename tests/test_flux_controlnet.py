@@ -1,0 +1,137 @@
+"""FLUX ControlNets: images equal diffusers' FluxControlNetPipeline (one net and several, a
+diffusers folder and a lone file), and ControlNets that cannot steer the model refused in one line."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ldm_cli import control_units, loading, pipeline
+from ldm_cli.errors import LdmError
+from ldm_cli.loading import controlnet as controlnet_loading
+from ldm_cli.settings import Settings
+from tests.flow_parity import as_pixels, close, pixels
+
+
+def tiny_flux_controlnet(transformer, seed: int, **extra):
+    """A FLUX ControlNet copied from `transformer`, its zero-initialised outputs made random so it acts."""
+    from diffusers import FluxControlNetModel
+
+    net = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                               attention_head_dim=transformer.config.attention_head_dim,
+                                               num_attention_heads=transformer.config.num_attention_heads)
+    if extra:
+        net = FluxControlNetModel.from_config(net.config, **extra)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                p.normal_(0, 0.3)
+    return net.eval()
+
+
+def pattern(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def setup(flux_dev_folder, tmp_path_factory):
+    model = loading.load(str(flux_dev_folder))
+    root = tmp_path_factory.mktemp("flux-cn")
+    nets = []
+    for seed in (21, 22):
+        folder = root / f"net{seed}"
+        tiny_flux_controlnet(model.denoiser, seed).save_pretrained(folder)
+        nets.append(folder)
+    images = []
+    for i in range(2):
+        images.append(root / f"control{i}.png")
+        pattern(i).save(images[-1])
+    return model, flux_dev_folder, nets, images
+
+
+def settings(model, **kw) -> Settings:
+    return Settings(prompt="a red fox", steps=3, seed=7, width=64, height=64, scheduler="euler",
+                    **kw).resolve(model.defaults, model.native_size)
+
+
+def ours(model, nets, images, scales, starts, ends, s) -> np.ndarray:
+    units = [control_units.ControlUnit(str(n), str(i), sc, st, en)
+             for n, i, sc, st, en in zip(nets, images, scales, starts, ends)]
+    controlnet_loading.attach(model, units)
+    try:
+        return pixels(pipeline.text_to_image(model, [s])[0])
+    finally:
+        model.controls = []
+
+
+def theirs(folder, nets, images, scales, starts, ends, s) -> np.ndarray:
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    loaded = [FluxControlNetModel.from_pretrained(n) for n in nets]
+    pipe = FluxControlNetPipeline.from_pretrained(folder, controlnet=loaded if len(loaded) > 1 else loaded[0],
+                                                  local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    one = len(loaded) == 1
+    out = pipe(s.prompt, control_image=Image.open(images[0]) if one else [Image.open(i) for i in images],
+               controlnet_conditioning_scale=scales[0] if one else scales,
+               control_guidance_start=starts[0] if one else starts, control_guidance_end=ends[0] if one else ends,
+               num_inference_steps=s.steps, guidance_scale=s.guidance, height=64, width=64,
+               generator=torch.Generator("cpu").manual_seed(s.seed), output_type="np")
+    return as_pixels(out.images[0])
+
+
+@pytest.mark.parametrize("count, lone_file", [(1, False), (1, True), (2, False)])
+def test_matches_diffusers_flux_controlnet_pipeline(setup, count, lone_file):
+    model, folder, nets, images = setup
+    scales, starts, ends = [0.8, 1.2][:count], [0.0, 0.34][:count], [0.67, 1.0][:count]
+    mine_nets = [n / controlnet_loading.FILE_NAME for n in nets[:count]] if lone_file else nets[:count]
+    s = settings(model)
+    mine = ours(model, mine_nets, images[:count], scales, starts, ends, s)
+    plain = pixels(pipeline.text_to_image(model, [s])[0])
+    assert np.abs(mine - plain).max() > 8  # the ControlNet changed the image
+    assert close(mine, theirs(folder, nets[:count], images[:count], scales, starts, ends, s))
+
+
+def test_controlnets_that_cannot_steer_the_model_are_refused(setup, sd1_folder, tmp_path):
+    model, _, nets, _ = setup
+    sd1 = loading.load(str(sd1_folder))
+    with pytest.raises(LdmError, match="is a FLUX ControlNet; this model is Stable Diffusion 1.x"):
+        controlnet_loading.load(str(nets[0]), sd1)
+    with pytest.raises(LdmError, match="is a FLUX ControlNet; this model is Stable Diffusion 1.x"):
+        controlnet_loading.load(str(nets[0] / controlnet_loading.FILE_NAME), sd1)
+    union = tmp_path / "union"
+    tiny_flux_controlnet(model.denoiser, 3, num_mode=4).save_pretrained(union)
+    with pytest.raises(LdmError, match="union ControlNet \\(4 modes\\)"):
+        controlnet_loading.load(str(union / controlnet_loading.FILE_NAME), model)
+    xlabs = tmp_path / "xlabs.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2), "controlnet_blocks.0.weight": torch.zeros(2, 2)},
+              str(xlabs))
+    with pytest.raises(LdmError, match="XLabs' own layout"):
+        controlnet_loading.load(str(xlabs), model)
+    from tests.test_controlnet import tiny_controlnet
+
+    sd_net = tmp_path / "sd.safetensors"
+    save_file(tiny_controlnet(sd1.denoiser, 1).state_dict(), str(sd_net))
+    with pytest.raises(LdmError, match="for SD1, SD2 or SDXL, not for FLUX"):
+        controlnet_loading.load(str(sd_net), model)
+
+
+def test_generate_and_img2img_take_a_flux_controlnet_and_record_it(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    _, folder, nets, images = setup
+    common = ["--model", str(folder), "--controlnet", str(nets[0]), "--control-image", str(images[0]),
+              "--steps", "2", "-W", "64", "-H", "64", "--seed", "5"]
+    made = CliRunner().invoke(app, ["generate", "a fox", *common, "--out", str(tmp_path / "g")])
+    assert made.exit_code == 0, made.output
+    [png] = (tmp_path / "g").glob("*.png")
+    assert f"ControlNet 0: \"Module: none, Model: {nets[0].name}" in Image.open(png).text["parameters"]
+    replayed = CliRunner().invoke(app, ["generate", "--from-png", str(png), "--out", str(tmp_path / "r")])
+    assert replayed.exit_code == 0, replayed.output
+    assert np.array_equal(pixels(Image.open(png)), pixels(Image.open(next((tmp_path / "r").glob("*.png")))))
+    redrawn = CliRunner().invoke(app, ["img2img", str(png), "a fox", *common, "--strength", "0.6",
+                                       "--out", str(tmp_path / "i")])
+    assert redrawn.exit_code == 0, redrawn.output
