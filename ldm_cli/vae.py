@@ -65,10 +65,12 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) * 2 - 1
 
 
-def encode(model, pixels: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """Encode [-1, 1] pixels; samples the latent distribution with `generators` (None: its mode)."""
+def encode(model, pixels: torch.Tensor, generators: list[torch.Generator] | None, shifted: bool = True) -> torch.Tensor:
+    """Encode [-1, 1] pixels; samples the latent distribution with `generators` (None: its mode).
+    `shifted`: less the VAE's shift factor before scaling (all but InstantX's SD3 ControlNets)."""
     vae = model.vae
     scaling, shift = _factors(vae)
+    shift = shift if shifted else 0.0
     dtype = compute_dtype(vae)
     with _running_in(vae, dtype), torch.inference_mode():
         dist = vae.encode(pixels.to(vae.device, dtype), return_dict=False)[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ldm_cli import vae
 from ldm_cli.families import clip_text, t5
 from ldm_cli.families.family import Cond, Family
 from ldm_cli.settings import Settings
@@ -61,8 +62,28 @@ def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
 def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
     return model.denoiser(hidden_states=latents, timestep=t.expand(latents.shape[0]),
                           encoder_hidden_states=cond["encoder_hidden_states"],
-                          pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+                          pooled_projections=cond["pooled_projections"],
+                          block_controlnet_hidden_states=cond.get("block_controlnet_hidden_states"),
+                          return_dict=False)[0]
+
+
+def control_input(model, net, images: torch.Tensor, generators: list) -> torch.Tensor:
+    """An SD3 ControlNet reads the control image's VAE latents: the distribution's mode (diffusers
+    samples it from the global RNG, so its images do not follow the seed), not shifted for
+    InstantX's nets (force_zeros_for_pooled_projection), shifted for Stability's, as diffusers."""
+    return vae.encode(model, images * 2 - 1, None, shifted=not net.config.force_zeros_for_pooled_projection)
+
+
+def control_residuals(model, net, x: torch.Tensor, t: torch.Tensor, cond: Cond, image: torch.Tensor,
+                      scale: float) -> dict:
+    pooled = cond["pooled_projections"]
+    samples = net(hidden_states=x, timestep=t.expand(x.shape[0]), controlnet_cond=image, conditioning_scale=scale,
+                  pooled_projections=torch.zeros_like(pooled) if net.config.force_zeros_for_pooled_projection else pooled,
+                  encoder_hidden_states=cond["encoder_hidden_states"] if net.config.joint_attention_dim else None,
+                  return_dict=False)[0]
+    return {"block_controlnet_hidden_states": samples}
 
 
 # bf16: T5 v1.1 overflows in fp16
-SD3 = Family("sd3", "Stable Diffusion 3", encode, predict, cuda_dtype="bf16", flow=True)
+SD3 = Family("sd3", "Stable Diffusion 3", encode, predict, cuda_dtype="bf16", flow=True,
+             control_input=control_input, control_residuals=control_residuals)

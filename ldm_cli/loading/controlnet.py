@@ -31,15 +31,20 @@ def load(path: str, model):
         from ldm_cli.loading import flux_controlnet
 
         return flux_controlnet.load(path, model)
+    if model.family.name == "sd3":
+        from ldm_cli.loading import sd3_controlnet
+
+        return sd3_controlnet.load(path, model)
     if model.family.control_residuals is None:
-        raise LdmError(f"--controlnet works with SD1, SD2, SDXL and FLUX models (this one is {model.family.label})")
+        raise LdmError(f"--controlnet works with SD1, SD2, SDXL, SD3 and FLUX models (this one is {model.family.label})")
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").exists():
             raise LdmError(f"--controlnet {path!r} is a folder without config.json (not a diffusers ControlNet)")
         config = json.loads((folder / "config.json").read_text())
-        if config.get("_class_name") == "FluxControlNetModel":
-            raise LdmError(f"--controlnet {path!r} is a FLUX ControlNet; this model is {model.family.label}")
+        if config.get("_class_name") in ("FluxControlNetModel", "SD3ControlNetModel"):
+            kind = "a FLUX" if config["_class_name"].startswith("Flux") else "an SD3"
+            raise LdmError(f"--controlnet {path!r} is {kind} ControlNet; this model is {model.family.label}")
         check_fits(path, config, model)
         net = ControlNetModel.from_pretrained(folder, local_files_only=True)
     else:

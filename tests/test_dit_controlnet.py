@@ -1,5 +1,6 @@
-"""FLUX ControlNets: images equal diffusers' FluxControlNetPipeline (one net and several, a
-diffusers folder and a lone file), and ControlNets that cannot steer the model refused in one line."""
+"""FLUX and SD3 ControlNets: images equal diffusers' FluxControlNetPipeline (one net and several,
+a diffusers folder and a lone file) and StableDiffusion3ControlNetPipeline (InstantX's and
+Stability's kinds), and ControlNets that cannot steer the model refused in one line."""
 import numpy as np
 import pytest
 import torch
@@ -135,3 +136,64 @@ def test_generate_and_img2img_take_a_flux_controlnet_and_record_it(setup, tmp_pa
     redrawn = CliRunner().invoke(app, ["img2img", str(png), "a fox", *common, "--strength", "0.6",
                                        "--out", str(tmp_path / "i")])
     assert redrawn.exit_code == 0, redrawn.output
+
+
+# -- SD3 --------------------------------------------------------------------------------------------
+def tiny_sd3_controlnet(transformer, seed: int, instantx: bool):
+    """An SD3 ControlNet of one block over `transformer`'s config, its zero-initialised parts made
+    random; InstantX's kind zeroes the pooled text and reads unshifted latents, Stability's not."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    net = SD3ControlNetModel.from_config(transformer.config, num_layers=1, extra_conditioning_channels=0,
+                                         force_zeros_for_pooled_projection=instantx)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_blocks", "pos_embed_input")):
+                p.normal_(0, 0.3)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def sd3_setup(sd3_folder, tmp_path_factory):
+    model = loading.load(str(sd3_folder))
+    root = tmp_path_factory.mktemp("sd3-cn")
+    nets = {}
+    for instantx in (True, False):
+        nets[instantx] = root / f"net-{instantx}"
+        tiny_sd3_controlnet(model.denoiser, 31, instantx).save_pretrained(nets[instantx])
+    image = root / "control.png"
+    pattern(5).save(image)
+    return model, sd3_folder, nets, image
+
+
+@pytest.mark.parametrize("instantx", [True, False])
+def test_sd3_matches_diffusers_sd3_controlnet_pipeline(sd3_setup, monkeypatch, instantx):
+    """diffusers samples the control latents from the global RNG; ldm takes their mode, so the
+    reference here takes it too."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    model, folder, nets, image = sd3_setup
+    s = Settings(prompt="a red fox", negative="blurry", steps=3, cfg=5.0, seed=7, width=64, height=64,
+                 scheduler="euler").resolve(model.defaults, model.native_size)
+    mine = ours(model, [nets[instantx]], [image], [0.9], [0.0], [1.0], s)
+    assert np.abs(mine - pixels(pipeline.text_to_image(model, [s])[0])).max() > 8
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    pipe = StableDiffusion3ControlNetPipeline.from_pretrained(
+        folder, controlnet=SD3ControlNetModel.from_pretrained(nets[instantx]), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(s.prompt, negative_prompt=s.negative, control_image=Image.open(image), controlnet_conditioning_scale=0.9,
+               num_inference_steps=s.steps, guidance_scale=s.cfg, height=64, width=64,
+               generator=torch.Generator("cpu").manual_seed(s.seed), output_type="np").images[0]
+    assert close(mine, as_pixels(ref))
+
+
+def test_sd3_controlnets_load_from_their_folders_only(sd3_setup, setup):
+    model, _, nets, _ = sd3_setup
+    with pytest.raises(LdmError, match="an SD3 ControlNet loads from its folder"):
+        controlnet_loading.load(str(nets[True] / controlnet_loading.FILE_NAME), model)
+    with pytest.raises(LdmError, match="holds a 'FluxControlNetModel', not an SD3 ControlNet"):
+        controlnet_loading.load(str(setup[2][0]), model)
+    with pytest.raises(LdmError, match="holds a 'SD3ControlNetModel', not a FLUX ControlNet"):
+        controlnet_loading.load(str(nets[True]), setup[0])
