@@ -1,13 +1,14 @@
 """ldm's denoising loop against diffusers' pipeline on the same model, per step, in one process.
 
-Small random SD3 (4 MMDiT layers, width 256), FLUX.1-dev (2 double + 4 single blocks, width 256)
-and SD1 with one ControlNet copied from its UNet: the same weights, prompt, seed, scheduler,
-steps, cfg and size in both; after one warm-up each, runs alternate ldm / diffusers, the side
-that goes first alternating too. A step is the time between step callbacks ((last - first) /
-(steps - 1)), so text encoding and VAE decoding are left out. The two images must agree within
-2/255 per pixel, so the comparison is like for like.
+Small random SD3 (4 MMDiT layers, width 256), FLUX.1-dev (2 double + 4 single blocks, width 256),
+SD1 with one ControlNet copied from its UNet and that FLUX with a ControlNet of its blocks: the
+same weights, prompt, seed, scheduler, steps, cfg and size in both; after one warm-up each, runs
+alternate ldm / diffusers, the side that goes first alternating too. A step is the time between
+step callbacks ((last - first) / (steps - 1)), so text encoding and VAE decoding are left out.
+The two images must agree within 2/255 per pixel, so the comparison is like for like.
 
     python bench/loop_vs_diffusers.py --runs 5
+    python bench/loop_vs_diffusers.py --runs 5 --only ControlNet
 """
 from __future__ import annotations
 
@@ -97,6 +98,31 @@ def sd1_controlnet_pipes(folder: Path, size: int):
     return theirs, ours, image
 
 
+def flux_controlnet_pipes(folder: Path, size: int):
+    """The small FLUX.1-dev saved with a ControlNet of its first blocks; (diffusers' pipeline,
+    ldm's model with the unit, the control image)."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    from PIL import Image
+
+    base = flux_pipe()
+    base.save_pretrained(folder / "flux-cn-base", safe_serialization=True)
+    net = FluxControlNetModel.from_transformer(base.transformer, num_layers=1, num_single_layers=2,
+                                               attention_head_dim=64, num_attention_heads=4)
+    torch.manual_seed(12)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                p.normal_(0, 0.05)
+    net.eval().save_pretrained(folder / "flux-cn")
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    image.save(folder / "flux-control.png")
+    theirs = FluxControlNetPipeline(**base.components, controlnet=FluxControlNetModel.from_pretrained(folder / "flux-cn"))
+    ours = loading.load(str(folder / "flux-cn-base"))
+    unit = control_units.ControlUnit(str(folder / "flux-cn"), str(folder / "flux-control.png"), 1.0, 0.0, 1.0)
+    ours.controls = [(unit, controlnet_loading.load(unit.controlnet, ours))]
+    return theirs, ours, image
+
+
 def per_step(run) -> tuple[float, np.ndarray]:
     stamps: list[float] = []
     image = run(lambda: stamps.append(time.perf_counter()))
@@ -140,6 +166,12 @@ def cases(folder: Path, size: int, steps: int):
                  height=size).resolve({}, ours.native_size)
     out.append(("SD1 small + 1 ControlNet, cfg 7.5", ldm_run(ours, s),
                 diffusers_run(theirs, s, guidance_scale=7.5, negative_prompt="blurry", image=image)))
+    theirs, ours, image = flux_controlnet_pipes(folder, size)
+    theirs.set_progress_bar_config(disable=True)
+    s = Settings(prompt=PROMPT, steps=steps, seed=SEED, scheduler="euler", width=size, height=size,
+                 guidance=3.5).resolve(ours.defaults, ours.native_size)
+    out.append(("FLUX.1-dev small + 1 ControlNet (1+2 blocks)", ldm_run(ours, s),
+                diffusers_run(theirs, s, guidance_scale=3.5, control_image=image)))
     return out
 
 
@@ -148,10 +180,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", default="", help="run the cases whose name contains this text")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, ours, theirs in cases(Path(tmp), args.size, args.steps):
+            if args.only not in name:
+                continue
             times = {"ldm": [], "diffusers": []}
             for run in (ours, theirs):  # warm-up: first-call allocations and caches
                 per_step(run)
