@@ -143,6 +143,10 @@ ControlEnd = Annotated[Optional[list[float]], typer.Option(
 ControlPreprocess = Annotated[Optional[list[str]], typer.Option(
     "--control-preprocess", metavar="none|canny", help="none (the image is the control map) or canny (edges of a photo, thresholds "
                                  "100 and 200) [default: none].")]
+ControlMode = Annotated[Optional[list[str]], typer.Option(
+    "--control-mode", metavar="TYPE", help="A union ControlNet's control type: canny, tile, depth, blur, pose, gray, lq "
+                                           "(InstantX's and Shakker's FLUX union order) or its number; once per "
+                                           "--controlnet, or once for all.")]
 
 # Options of the commands that start from an image.
 InitImage = Annotated[Path, typer.Argument(help="The starting image, at least 8 pixels a side; transparent parts read as white.")]
@@ -192,13 +196,14 @@ RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annota
     ("from_png", FromPng, None), ("lora", Lora, None), ("lora_dir", LoraDir, None),
     ("embeddings_dir", EmbeddingsDir, None), ("controlnet", ControlNet, None), ("control_image", ControlImage, None),
     ("control_scale", ControlScale, None), ("control_start", ControlStart, None), ("control_end", ControlEnd, None),
-    ("control_preprocess", ControlPreprocess, None))]
+    ("control_preprocess", ControlPreprocess, None), ("control_mode", ControlMode, None))]
 SETTINGS_FLAGS = ("negative", "steps", "cfg", "seed", "width", "height", "scheduler", "schedule", "shift",
                   "max_sequence_length", "no_t5", "guidance", "clip_skip", "rng", "model")
 LOAD_FLAGS = ("vae", "text_encoder", "config", "prediction", "allow_pickle", "device", "dtype", "compile", "offload",
               "weights", "vae_tiling")
 NETWORK_FLAGS = ("lora", "lora_dir", "embeddings_dir")
-CONTROL_FLAGS = ("controlnet", "control_image", "control_scale", "control_start", "control_end", "control_preprocess")
+CONTROL_FLAGS = ("controlnet", "control_image", "control_scale", "control_start", "control_end", "control_preprocess",
+                 "control_mode")
 
 
 class RenderFlags(dict):
@@ -353,7 +358,7 @@ def batch(
     device: Device = "auto", dtype: Dtype = "auto", compile: Compile = False, offload: Offload = "none",
     weights: Weights = None, vae_tiling: VaeTiling = False, controlnet: ControlNet = None,
     control_image: ControlImage = None, control_scale: ControlScale = None, control_start: ControlStart = None,
-    control_end: ControlEnd = None, control_preprocess: ControlPreprocess = None,
+    control_end: ControlEnd = None, control_preprocess: ControlPreprocess = None, control_mode: ControlMode = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet per line of several images, in OUT/grids.")] = False,
     as_json: AsJson = False, quiet: Quiet = False,
 ) -> None:
@@ -368,7 +373,8 @@ def batch(
                         no_t5=no_t5, guidance=guidance, clip_skip=clip_skip, rng=rng, model=model,
                         controlnet=controlnet_text(dict(
                             controlnet=controlnet, control_image=control_image, control_scale=control_scale,
-                            control_start=control_start, control_end=control_end, control_preprocess=control_preprocess)))
+                            control_start=control_start, control_end=control_end, control_preprocess=control_preprocess,
+                            control_mode=control_mode)))
     options = run_options(num_images, batch_size, out or Path("outputs") / file.stem, quiet, dict(
         vae=vae, text_encoder=text_encoder, config=config, prediction=prediction, allow_pickle=allow_pickle,
         device=device, dtype=dtype, compile=compile, offload=offload, weights=weights, vae_tiling=vae_tiling), dict(lora=lora, lora_dir=lora_dir, embeddings_dir=embeddings_dir))

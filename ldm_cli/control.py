@@ -66,6 +66,7 @@ class Control:
     images: list[torch.Tensor]
     scales: list[float]
     windows: list[tuple[float, float]]
+    modes: list[int | None]  # a union net's control type
 
     def for_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> Control:
         return replace(self, images=[rows(image) for image in self.images])
@@ -78,10 +79,10 @@ class Control:
     def with_residuals(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict, rows) -> dict:
         """`cond` with the summed residuals of the acting units for latent rows `x` (rows `rows`)."""
         summed: dict | None = None
-        for net, image, scale in zip(self.nets, self.images, self.scales):
+        for net, image, scale, mode in zip(self.nets, self.images, self.scales, self.modes):
             if scale == 0.0:
                 continue
-            added = model.family.control_residuals(model, net, x, t, cond, image[rows], scale)
+            added = model.family.control_residuals(model, net, x, t, cond, image[rows], scale, mode)
             summed = added if summed is None else {k: _sum(summed[k], v) for k, v in added.items()}
         return cond if summed is None else {**cond, **summed}
 
@@ -106,4 +107,4 @@ def for_batch(model, width: int, height: int, generators: list[torch.Generator])
         model, net, as_tensor(control_image(unit, width, height), len(generators), model.device, model.dtype), generators)
         for unit, net in loaded]
     return Control([net for _, net in loaded], images, [unit.scale for unit, _ in loaded],
-                   [(unit.start, unit.end) for unit, _ in loaded])
+                   [(unit.start, unit.end) for unit, _ in loaded], [unit.mode for unit, _ in loaded])

@@ -16,6 +16,8 @@ from ldm_cli.errors import LdmError
 
 PREPROCESSORS = ("none", "canny")
 CANNY_THRESHOLDS = (100, 200)  # A1111's sd-webui-controlnet defaults
+# a union ControlNet's modes by name, in InstantX's and Shakker's FLUX union order (a number works for any net)
+UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
 
 
 @dataclass
@@ -27,6 +29,7 @@ class ControlUnit:
     start: float = 0.0
     end: float = 1.0
     preprocess: str = "none"
+    mode: int | None = None  # a union ControlNet's control type (UNION_MODES), None for others
     model_name: str | None = None
     model_hash: str | None = None  # sd-webui-controlnet's: 8 hex of the weights' sha256
     image_hash: str | None = None  # 10 hex of the control image file's sha256, as A1111's init image hash
@@ -39,6 +42,8 @@ class ControlUnit:
                            f"(got {self.start:g} and {self.end:g})")
         if not -10.0 <= self.scale <= 10.0:
             raise LdmError(f"--control-scale must be between -10 and 10 (got {self.scale:g})")
+        if self.mode is not None and not 0 <= self.mode < 100:
+            raise LdmError(f"--control-mode must be one of {', '.join(UNION_MODES)} or a number from 0 (got {self.mode})")
         for flag, path in (("--controlnet", self.controlnet), ("--control-image", self.image)):
             if not Path(path).expanduser().exists():
                 raise LdmError(f"{flag} {path!r} does not exist")
@@ -53,15 +58,26 @@ class ControlUnit:
                 "Control Mode: Balanced")
 
 
+def mode_number(text: str | int) -> int:
+    """A --control-mode: a name of UNION_MODES or the number itself."""
+    name = str(text).strip().lower()
+    if name in UNION_MODES:
+        return UNION_MODES.index(name)
+    if name.isdigit():
+        return int(name)
+    raise LdmError(f"--control-mode must be one of {', '.join(UNION_MODES)} or a number (got {text!r})")
+
+
 def units_from_flags(controlnets: list[str], images: list[str], scales: list[float], starts: list[float],
-                     ends: list[float], preprocesses: list[str]) -> list[ControlUnit]:
+                     ends: list[float], preprocesses: list[str], modes: list[str] = ()) -> list[ControlUnit]:
     """The i-th --controlnet with the i-th --control-image; each other option is given not at all
     (its default), once (for every unit) or once per unit."""
     if len(controlnets) != len(images):
         raise LdmError(f"each --controlnet needs its --control-image (got {len(controlnets)} --controlnet "
                        f"and {len(images)} --control-image)")
     n = len(controlnets)
-    options = {"scale": scales, "start": starts, "end": ends, "preprocess": preprocesses}
+    options = {"scale": scales, "start": starts, "end": ends, "preprocess": preprocesses,
+               "mode": [mode_number(m) for m in modes]}
     for name, values in options.items():
         if len(values) not in (0, 1, n) or (values and not n):
             raise LdmError(f"--control-{name} is given {len(values)} times for {n} --controlnet; "

@@ -49,8 +49,10 @@ KEYS: dict[str, Key] = {
     # one ControlNet unit (control_units.py), as the command's flags give it
     "controlnet": Key(str, None), "control_image": Key(str, None), "control_scale": Key(float, None),
     "control_start": Key(float, None), "control_end": Key(float, None), "control_preprocess": Key(str, None),
+    "control_mode": Key(str, None),
 }
-CONTROL_KEYS = ("controlnet", "control_image", "control_scale", "control_start", "control_end", "control_preprocess")
+CONTROL_KEYS = ("controlnet", "control_image", "control_scale", "control_start", "control_end", "control_preprocess",
+                "control_mode")
 # A1111 accepts these too; ldm has nothing to map them to, so the error names them as such.
 A1111_ONLY = {"sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "styles", "subseed",
               "subseed_strength", "seed_resize_from_h", "seed_resize_from_w", "sampler_index",

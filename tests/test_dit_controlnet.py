@@ -1,6 +1,8 @@
 """FLUX and SD3 ControlNets: images equal diffusers' FluxControlNetPipeline (one net and several,
 a diffusers folder and a lone file) and StableDiffusion3ControlNetPipeline (InstantX's and
 Stability's kinds), and ControlNets that cannot steer the model refused in one line."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -56,8 +58,8 @@ def settings(model, **kw) -> Settings:
                     **kw).resolve(model.defaults, model.native_size)
 
 
-def ours(model, nets, images, scales, starts, ends, s) -> np.ndarray:
-    units = [control_units.ControlUnit(str(n), str(i), sc, st, en)
+def ours(model, nets, images, scales, starts, ends, s, mode=None) -> np.ndarray:
+    units = [control_units.ControlUnit(str(n), str(i), sc, st, en, mode=mode)
              for n, i, sc, st, en in zip(nets, images, scales, starts, ends)]
     controlnet_loading.attach(model, units)
     try:
@@ -66,7 +68,7 @@ def ours(model, nets, images, scales, starts, ends, s) -> np.ndarray:
         model.controls = []
 
 
-def theirs(folder, nets, images, scales, starts, ends, s) -> np.ndarray:
+def theirs(folder, nets, images, scales, starts, ends, s, **kw) -> np.ndarray:
     from diffusers import FluxControlNetModel, FluxControlNetPipeline
 
     loaded = [FluxControlNetModel.from_pretrained(n) for n in nets]
@@ -78,7 +80,7 @@ def theirs(folder, nets, images, scales, starts, ends, s) -> np.ndarray:
                controlnet_conditioning_scale=scales[0] if one else scales,
                control_guidance_start=starts[0] if one else starts, control_guidance_end=ends[0] if one else ends,
                num_inference_steps=s.steps, guidance_scale=s.guidance, height=64, width=64,
-               generator=torch.Generator("cpu").manual_seed(s.seed), output_type="np")
+               generator=torch.Generator("cpu").manual_seed(s.seed), output_type="np", **kw)
     return as_pixels(out.images[0])
 
 
@@ -94,6 +96,56 @@ def test_matches_diffusers_flux_controlnet_pipeline(setup, count, lone_file):
     assert close(mine, theirs(folder, nets[:count], images[:count], scales, starts, ends, s))
 
 
+@pytest.fixture(scope="module")
+def union(setup, tmp_path_factory):
+    """A union FLUX ControlNet of 4 control types, as a lone file (its modes read from the tensors)."""
+    folder = tmp_path_factory.mktemp("union")
+    tiny_flux_controlnet(setup[0].denoiser, 3, num_mode=4).save_pretrained(folder)
+    return folder
+
+
+def test_a_union_controlnet_draws_its_mode_as_diffusers(setup, union):
+    model, folder, _, images = setup
+    s = settings(model)
+    depth = ours(model, [union / controlnet_loading.FILE_NAME], images[:1], [1.0], [0.0], [1.0], s,
+                 mode=control_units.mode_number("depth"))
+    assert close(depth, theirs(folder, [union], images[:1], [1.0], [0.0], [1.0], s, control_mode=2))
+    from ldm_cli.families import flux
+
+    net = controlnet_loading.load(str(union), model)  # the mode reaches the net: its samples differ
+    cond = model.family.encode(model, [s.prompt], s, False)
+    g = torch.Generator().manual_seed(0)
+    x, image, t = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g), torch.tensor(500.0)
+    canny, depth = (flux.control_residuals(model, net, x, t, cond, image, 1.0, mode) for mode in (0, 2))
+    assert (canny["controlnet_block_samples"][0] - depth["controlnet_block_samples"][0]).abs().max() > 1e-3
+
+
+def test_control_modes_and_union_nets_must_agree(setup, union, tmp_path):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    model, folder, nets, images = setup
+    common = ["generate", "a fox", "--model", str(folder), "--control-image", str(images[0]), "--steps", "1",
+              "-W", "64", "-H", "64", "--out", str(tmp_path / "o")]
+    for flags, message in (
+            ([], "is a union ControlNet of 4 control types: give --control-mode (canny, tile, depth, blur, or a "
+                 "number below 4)"),
+            (["--control-mode", "pose"], "give --control-mode (canny, tile, depth, blur, or a number below 4) (got 4)"),
+            (["--control-mode", "sketch"], "--control-mode must be one of canny, tile, depth, blur, pose, gray, lq or "
+                                           "a number (got 'sketch')")):
+        result = CliRunner().invoke(app, [*common, "--controlnet", str(union), *flags])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    result = CliRunner().invoke(app, [*common, "--controlnet", str(nets[0]), "--control-mode", "1"])
+    assert result.exit_code == 2 and "--control-mode is for union ControlNets" in result.stderr
+    assert not (tmp_path / "o").exists()
+    result = CliRunner().invoke(app, [*common, "--controlnet", str(union), "--control-mode", "Depth", "--json"])
+    assert result.exit_code == 0, result.output
+    replay = CliRunner().invoke(app, ["generate", "--from-png", json.loads(result.stdout)["path"], "--json",
+                                      "--out", str(tmp_path / "r")])
+    assert replay.exit_code == 0 and json.loads(replay.stdout)["controlnet"] == json.loads(result.stdout)["controlnet"]
+
+
 def test_controlnets_that_cannot_steer_the_model_are_refused(setup, sd1_folder, tmp_path):
     model, _, nets, _ = setup
     sd1 = loading.load(str(sd1_folder))
@@ -101,10 +153,6 @@ def test_controlnets_that_cannot_steer_the_model_are_refused(setup, sd1_folder, 
         controlnet_loading.load(str(nets[0]), sd1)
     with pytest.raises(LdmError, match="is a FLUX ControlNet; this model is Stable Diffusion 1.x"):
         controlnet_loading.load(str(nets[0] / controlnet_loading.FILE_NAME), sd1)
-    union = tmp_path / "union"
-    tiny_flux_controlnet(model.denoiser, 3, num_mode=4).save_pretrained(union)
-    with pytest.raises(LdmError, match="union ControlNet \\(4 modes\\)"):
-        controlnet_loading.load(str(union / controlnet_loading.FILE_NAME), model)
     xlabs = tmp_path / "xlabs.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2), "controlnet_blocks.0.weight": torch.zeros(2, 2)},
               str(xlabs))

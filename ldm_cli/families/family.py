@@ -50,6 +50,8 @@ class Family:
     # images (model, net, images in [0, 1] batched, generators) -> its control input (pixels for
     # a U-Net's, VAE latents for FLUX's, drawn before the starting noise as diffusers draws them);
     # and what it adds to a denoiser call (model, net, latents, timestep, conditioning, its
-    # control input for those rows, scale) -> the denoiser's extra inputs, summed over the units
+    # control input for those rows, scale, a union net's mode) -> the denoiser's extra inputs,
+    # summed over the units
     control_input: Callable[[Any, Any, torch.Tensor, list], torch.Tensor] | None = None
-    control_residuals: Callable[[Any, Any, torch.Tensor, torch.Tensor, Cond, torch.Tensor, float], dict] | None = None
+    control_residuals: Callable[[Any, Any, torch.Tensor, torch.Tensor, Cond, torch.Tensor, float, int | None],
+                                dict] | None = None

@@ -114,10 +114,11 @@ def control_input(model, net, images: torch.Tensor, generators: list) -> torch.T
 
 
 def control_residuals(model, net, x: torch.Tensor, t: torch.Tensor, cond: Cond, image: torch.Tensor,
-                      scale: float) -> dict:
+                      scale: float, mode: int | None = None) -> dict:
     hinted = net.input_hint_block is not None
+    kind = None if mode is None else torch.full((x.shape[0], 1), mode, dtype=torch.long, device=x.device)
     blocks, singles = net(**_inputs(x, t, cond), controlnet_cond=image if hinted else pack(image),
-                          guidance=cond.get("guidance") if net.config.guidance_embeds else None,
+                          controlnet_mode=kind, guidance=cond.get("guidance") if net.config.guidance_embeds else None,
                           conditioning_scale=scale, return_dict=False)
     return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles,
             "controlnet_blocks_repeat": hinted}

@@ -75,7 +75,7 @@ def control_input(model, net, images: torch.Tensor, generators: list) -> torch.T
 
 
 def control_residuals(model, net, x: torch.Tensor, t: torch.Tensor, cond: Cond, image: torch.Tensor,
-                      scale: float) -> dict:
+                      scale: float, mode: int | None = None) -> dict:
     pooled = cond["pooled_projections"]
     samples = net(hidden_states=x, timestep=t.expand(x.shape[0]), controlnet_cond=image, conditioning_scale=scale,
                   pooled_projections=torch.zeros_like(pooled) if net.config.force_zeros_for_pooled_projection else pooled,

@@ -23,7 +23,7 @@ def control_input(model, net, images: torch.Tensor, generators: list) -> torch.T
 
 
 def control_residuals(model, net, x: torch.Tensor, t: torch.Tensor, cond: Cond, image: torch.Tensor,
-                      scale: float) -> dict:
+                      scale: float, mode: int | None = None) -> dict:
     added = {k: cond[k] for k in ADDED_KEYS if k in cond}
     down, mid = net(x, t, encoder_hidden_states=cond["encoder_hidden_states"], controlnet_cond=image,
                     conditioning_scale=scale, added_cond_kwargs=added or None, return_dict=False)

@@ -123,7 +123,21 @@ def attach(model, units: list) -> None:
     for unit in units:
         if unit.controlnet not in model.controlnets:
             model.controlnets[unit.controlnet] = load(unit.controlnet, model)
+        check_mode(unit, model.controlnets[unit.controlnet])
     model.controls = [(unit, model.controlnets[unit.controlnet]) for unit in units]
+
+
+def check_mode(unit, net) -> None:
+    """A union ControlNet (one net, several control types) needs its unit's --control-mode; no other takes one."""
+    from ldm_cli.control_units import UNION_MODES
+
+    modes = getattr(net.config, "num_mode", None)
+    if modes is None and unit.mode is not None:
+        raise LdmError(f"--control-mode is for union ControlNets; {unit.controlnet!r} is not one")
+    if modes is not None and (unit.mode is None or unit.mode >= modes):
+        names = ", ".join(UNION_MODES[:modes])
+        raise LdmError(f"{unit.controlnet!r} is a union ControlNet of {modes} control types: give --control-mode "
+                       f"({names}, or a number below {modes})" + ("" if unit.mode is None else f" (got {unit.mode})"))
 
 
 def recorded(unit):

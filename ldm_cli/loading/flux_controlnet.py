@@ -2,9 +2,8 @@
 
 InstantX's and Shakker's ship diffusers folders; a lone file in diffusers' names works too: a
 FLUX ControlNet is a few of its transformer's blocks, so its config is the transformer's with the
-depths, the guidance embedding and any hint encoder the file's tensors show. Union ControlNets
-(a mode embedding: one net for canny, depth, pose ...) need a mode ldm does not take yet, and
-XLabs' own layout (BFL's block names) is not read: both are refused in one line.
+depths, the guidance embedding, the union modes and any hint encoder the file's tensors show.
+XLabs' own layout (BFL's block names) is not read: it is refused in one line.
 """
 from __future__ import annotations
 
@@ -97,8 +96,7 @@ def config_for(path: str, state: dict[str, torch.Tensor], transformer_config) ->
 
 
 def check_fits(path: str, config: dict, model) -> None:
-    """A ControlNet of another width, text width or guidance than the model's cannot steer it;
-    a union ControlNet needs a mode."""
+    """A ControlNet of another width, text width or guidance than the model's cannot steer it."""
     ours = model.denoiser.config
     inner = config.pop("_inner", config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0))
     if (inner, config.get("joint_attention_dim")) != (ours.num_attention_heads * ours.attention_head_dim,
@@ -107,6 +105,3 @@ def check_fits(path: str, config: dict, model) -> None:
                        f"{ours.num_attention_heads * ours.attention_head_dim} wide")
     if config.get("guidance_embeds") and not ours.guidance_embeds:
         raise LdmError(f"--controlnet {path!r} takes FLUX dev's distilled guidance; this model (schnell) has none")
-    if config.get("num_mode") is not None:
-        raise LdmError(f"--controlnet {path!r} is a union ControlNet ({config['num_mode']} modes), which needs a "
-                       "control mode ldm does not take yet; use a single-condition FLUX ControlNet")
