@@ -245,3 +245,19 @@ def test_sd3_controlnets_load_from_their_folders_only(sd3_setup, setup):
         controlnet_loading.load(str(setup[2][0]), model)
     with pytest.raises(LdmError, match="holds a 'SD3ControlNetModel', not a FLUX ControlNet"):
         controlnet_loading.load(str(nets[True]), setup[0])
+
+
+def test_a_controlnet_given_as_the_model_says_so(setup, sd1_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+    from tests.test_controlnet import tiny_controlnet
+
+    sd_net = tmp_path / "control_sd15_canny.safetensors"
+    save_file(tiny_controlnet(loading.load(str(sd1_folder)).denoiser, 1).state_dict(), str(sd_net))
+    for path in (setup[2][0] / controlnet_loading.FILE_NAME, sd_net):
+        for command in (["info", str(path)], ["generate", "a fox", "--model", str(path), "--out", str(tmp_path / "o")]):
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code == 2
+            assert result.stderr.splitlines() == [f"ldm: error: {path.name} is a ControlNet, not a model; pass it with "
+                                                  "--controlnet next to a model"], result.output

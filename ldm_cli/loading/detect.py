@@ -107,10 +107,17 @@ def check_context(checkpoint: Checkpoint, family: str) -> None:
                        f"give {'+'.join(map(str, widths))}; the file mixes parts of different models")
 
 
+# what only ControlNets hold: diffusers' U-Net, FLUX and SD3 layouts, lllyasviel's originals
+CONTROLNET_KEYS = ("controlnet_cond_embedding.", "controlnet_x_embedder.", "pos_embed_input.", "control_model.",
+                   "input_hint_block.")
+
+
 def not_a_model(checkpoint: Checkpoint) -> str:
     keys = list(checkpoint.shapes)
     if any("lora" in k.lower() for k in keys[:50]):
         return f"{checkpoint.name} is a LoRA, not a full checkpoint; ldm loads full Stable Diffusion checkpoints"
+    if any(k.startswith(CONTROLNET_KEYS) for k in keys):
+        return f"{checkpoint.name} is a ControlNet, not a model; pass it with --controlnet next to a model"
     if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "model_ema."))
                     for k in keys):
         return f"{checkpoint.name} holds only a VAE; pass it with --vae next to a full model"
