@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import LdmError
+from ldm_cli.loading.detect import CONTROLNET_HINT as HINT_KEY
+from ldm_cli.loading.detect import FLUX_CONTROLNET_KEY
+from ldm_cli.loading.detect import ORIGINAL_CONTROLNET_HINT as ORIGINAL_HINT
+from ldm_cli.loading.detect import ORIGINAL_CONTROLNET_PREFIX as ORIGINAL_PREFIX
 
-HINT_KEY = "controlnet_cond_embedding.conv_in.weight"  # diffusers' layout
-ORIGINAL_PREFIX = "control_model."  # lllyasviel's 1.0 files; 1.1's keys start at the blocks
-ORIGINAL_HINT = "input_hint_block.0.weight"
 FILE_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -27,21 +28,19 @@ def load(path: str, model):
     """The ControlNet at `path` (folder or file), checked against `model`, on its device and dtype."""
     from diffusers import ControlNetModel
 
+    folder = Path(path).expanduser()
+    config = folder_config(path, folder) if folder.is_dir() else None
     if model.family.name == "flux":
         from ldm_cli.loading import flux_controlnet
 
-        return flux_controlnet.load(path, model)
+        return flux_controlnet.load(path, model, config)
     if model.family.name == "sd3":
         from ldm_cli.loading import sd3_controlnet
 
-        return sd3_controlnet.load(path, model)
+        return sd3_controlnet.load(path, model, config)
     if model.family.control_residuals is None:
         raise LdmError(f"--controlnet works with SD1, SD2, SDXL, SD3 and FLUX models (this one is {model.family.label})")
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").exists():
-            raise LdmError(f"--controlnet {path!r} is a folder without config.json (not a diffusers ControlNet)")
-        config = json.loads((folder / "config.json").read_text())
+    if config is not None:
         if config.get("_class_name") in ("FluxControlNetModel", "SD3ControlNetModel"):
             kind = "a FLUX" if config["_class_name"].startswith("Flux") else "an SD3"
             raise LdmError(f"--controlnet {path!r} is {kind} ControlNet; this model is {model.family.label}")
@@ -50,6 +49,13 @@ def load(path: str, model):
     else:
         net = _from_file(path, model)
     return net.to(model.device, model.dtype).eval().requires_grad_(False)
+
+
+def folder_config(path: str, folder: Path) -> dict:
+    """A diffusers ControlNet folder's config.json, whatever the family."""
+    if not (folder / "config.json").exists():
+        raise LdmError(f"--controlnet {path!r} is a folder without config.json (not a diffusers ControlNet)")
+    return json.loads((folder / "config.json").read_text())
 
 
 def _from_file(path: str, model):
@@ -63,7 +69,7 @@ def _from_file(path: str, model):
     state = {k.removeprefix(ORIGINAL_PREFIX): v for k, v in state.items()}
     if ORIGINAL_HINT in state:
         state = from_original(state, model.denoiser.config)
-    if "controlnet_x_embedder.weight" in state:
+    if FLUX_CONTROLNET_KEY in state:
         raise LdmError(f"--controlnet {path!r} is a FLUX ControlNet; this model is {model.family.label}")
     if HINT_KEY not in state:
         raise LdmError(f"--controlnet {path!r} is not a ControlNet; give a ControlNet folder or .safetensors file")

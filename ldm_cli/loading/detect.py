@@ -107,9 +107,15 @@ def check_context(checkpoint: Checkpoint, family: str) -> None:
                        f"give {'+'.join(map(str, widths))}; the file mixes parts of different models")
 
 
-# what only ControlNets hold: diffusers' U-Net, FLUX and SD3 layouts, lllyasviel's originals
-CONTROLNET_KEYS = ("controlnet_cond_embedding.", "controlnet_x_embedder.", "pos_embed_input.", "control_model.",
-                   "input_hint_block.")
+# ControlNets, by what only they hold: a U-Net one's hint encoder (diffusers' layout), a FLUX
+# one's input projection, lllyasviel's originals' prefix (1.0) and hint encoder (1.1)
+CONTROLNET_HINT = "controlnet_cond_embedding.conv_in.weight"
+FLUX_CONTROLNET_KEY = "controlnet_x_embedder.weight"
+ORIGINAL_CONTROLNET_PREFIX = "control_model."
+ORIGINAL_CONTROLNET_HINT = "input_hint_block.0.weight"
+# the modules of those (and SD3's input projection) a file given as a model is told apart by
+CONTROLNET_KEYS = ("controlnet_cond_embedding.", "controlnet_x_embedder.", "pos_embed_input.",
+                   ORIGINAL_CONTROLNET_PREFIX, "input_hint_block.")
 
 
 def not_a_model(checkpoint: Checkpoint) -> str:

@@ -7,32 +7,30 @@ XLabs' own layout (BFL's block names) is not read: it is refused in one line.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from ldm_cli.errors import LdmError
+from ldm_cli.loading.detect import CONTROLNET_HINT, FLUX_CONTROLNET_KEY, ORIGINAL_CONTROLNET_PREFIX
 
-X_EMBEDDER = "controlnet_x_embedder.weight"  # diffusers' FLUX ControlNet layout
 XLABS_KEYS = ("double_blocks.0.img_attn.qkv.weight", "controlnet_blocks.0.weight")
-SD_HINT = "controlnet_cond_embedding.conv_in.weight"
 
 
-def load(path: str, model):
-    """The FLUX ControlNet at `path`, checked against `model`'s transformer."""
+def load(path: str, model, config: dict | None):
+    """The FLUX ControlNet at `path`, checked against `model`'s transformer; `config`: its
+    folder's config.json (None: a lone file, whose config is read from its tensors)."""
     from diffusers import FluxControlNetModel
 
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        config = _folder_config(path, folder)
-        check_fits(path, config, model)
-        net = FluxControlNetModel.from_pretrained(folder, local_files_only=True)
+    if config is not None:
+        _check_class(path, config)
+        check_fits(path, config, model, _width(config))
+        net = FluxControlNetModel.from_pretrained(Path(path).expanduser(), local_files_only=True)
     else:
         state = _read(path)
-        config = config_for(path, state, model.denoiser.config)
-        check_fits(path, config, model)
+        config = config_for(state, model.denoiser.config)
+        check_fits(path, config, model, state["x_embedder.weight"].shape[0])
         net = FluxControlNetModel.from_config(config)
         try:
             net.load_state_dict(state, strict=True)
@@ -43,14 +41,14 @@ def load(path: str, model):
     return net.to(model.device, model.dtype).eval().requires_grad_(False)
 
 
-def _folder_config(path: str, folder: Path) -> dict:
-    if not (folder / "config.json").exists():
-        raise LdmError(f"--controlnet {path!r} is a folder without config.json (not a diffusers ControlNet)")
-    config = json.loads((folder / "config.json").read_text())
+def _check_class(path: str, config: dict) -> None:
     if config.get("_class_name") != "FluxControlNetModel":
         raise LdmError(f"--controlnet {path!r} holds a {config.get('_class_name')!r}, not a FLUX ControlNet "
                        "(FluxControlNetModel)")
-    return config
+
+
+def _width(config: dict) -> int:
+    return config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
 
 
 def _read(path: str) -> dict[str, torch.Tensor]:
@@ -60,17 +58,17 @@ def _read(path: str) -> dict[str, torch.Tensor]:
         state = load_file(str(Path(path).expanduser()))
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise LdmError(f"--controlnet {path!r} is not a readable safetensors file ({e})") from None
-    if X_EMBEDDER in state:
+    if FLUX_CONTROLNET_KEY in state:
         return state
     if all(k in state for k in XLABS_KEYS):
         raise LdmError(f"--controlnet {path!r} is in XLabs' own layout, which ldm does not read yet; use a "
                        "diffusers-format FLUX ControlNet (InstantX's, Shakker's)")
-    if SD_HINT in state or any(k.startswith("control_model.") for k in state):
+    if CONTROLNET_HINT in state or any(k.startswith(ORIGINAL_CONTROLNET_PREFIX) for k in state):
         raise LdmError(f"--controlnet {path!r} is a ControlNet for SD1, SD2 or SDXL, not for FLUX")
     raise LdmError(f"--controlnet {path!r} is not a ControlNet; give a ControlNet folder or .safetensors file")
 
 
-def config_for(path: str, state: dict[str, torch.Tensor], transformer_config) -> dict:
+def config_for(state: dict[str, torch.Tensor], transformer_config) -> dict:
     """A FluxControlNetModel config for the tensors `state`: the transformer's, as the file shows it."""
     import inspect
 
@@ -91,14 +89,12 @@ def config_for(path: str, state: dict[str, torch.Tensor], transformer_config) ->
         config["num_mode"] = state["controlnet_mode_embedder.weight"].shape[0]
     if "input_hint_block.0.weight" in state:
         config["conditioning_embedding_channels"] = state["input_hint_block.0.weight"].shape[0]
-    config["_inner"] = state["x_embedder.weight"].shape[0]
     return config
 
 
-def check_fits(path: str, config: dict, model) -> None:
-    """A ControlNet of another width, text width or guidance than the model's cannot steer it."""
+def check_fits(path: str, config: dict, model, inner: int) -> None:
+    """A ControlNet of another width (`inner`), text width or guidance than the model's cannot steer it."""
     ours = model.denoiser.config
-    inner = config.pop("_inner", config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0))
     if (inner, config.get("joint_attention_dim")) != (ours.num_attention_heads * ours.attention_head_dim,
                                                       ours.joint_attention_dim):
         raise LdmError(f"--controlnet {path!r} is for a FLUX model of width {inner}; this one is "

@@ -6,7 +6,6 @@ unshifted, InstantX's way), so a lone weights file is refused with that reason.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ldm_cli.errors import LdmError
@@ -14,20 +13,18 @@ from ldm_cli.errors import LdmError
 CLASS = "SD3ControlNetModel"
 
 
-def load(path: str, model):
-    """The SD3 ControlNet in the folder `path`, checked against `model`'s transformer."""
+def load(path: str, model, config: dict | None):
+    """The SD3 ControlNet in the folder `path` (`config`: its config.json; None: not a folder),
+    checked against `model`'s transformer."""
     from diffusers import SD3ControlNetModel
 
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
+    if config is None:
         raise LdmError(f"--controlnet {path!r}: an SD3 ControlNet loads from its folder (config.json beside its "
                        "weights), which says how it reads the pooled text and the latents")
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else {}
     if config.get("_class_name") != CLASS:
         raise LdmError(f"--controlnet {path!r} holds a {config.get('_class_name')!r}, not an SD3 ControlNet ({CLASS})")
     check_fits(path, config, model)
-    net = SD3ControlNetModel.from_pretrained(folder, local_files_only=True)
+    net = SD3ControlNetModel.from_pretrained(Path(path).expanduser(), local_files_only=True)
     return net.to(model.device, model.dtype).eval().requires_grad_(False)
 
 
