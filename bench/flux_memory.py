@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import random_models  # noqa: E402
-from timing import show, synchronize  # noqa: E402
+from timing import bench_device, show, synchronize  # noqa: E402
 from ldm_cli import ahead, memory, pipeline, speed  # noqa: E402
 from ldm_cli.loading import LoadOptions, quiet_libraries  # noqa: E402
 from ldm_cli.settings import Settings  # noqa: E402
@@ -206,9 +206,7 @@ def chosen(spec: str | None) -> list[tuple[str, str | None]]:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     quiet_libraries()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("no CUDA device: run with --tiny --device cpu")
+    device = bench_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     weights = random_models.flux_modules(args.tiny, device, dtype)
     reset(device)

@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import random_models  # noqa: E402
-from timing import show, timed  # noqa: E402
+from timing import bench_device, show, timed  # noqa: E402
 from ldm_cli import compiling, hashing, pipeline, sampling, schedulers, speed  # noqa: E402
 from ldm_cli.loading import quiet_libraries  # noqa: E402
 from ldm_cli.model import Model  # noqa: E402
@@ -374,9 +374,7 @@ def for_model(args, key: str) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     quiet_libraries()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("no CUDA device: run with --tiny --device cpu")
+    device = bench_device(args.device)
     specs = TINY if args.tiny else REAL
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     table = Table(args.out, header(device, dtype, args))

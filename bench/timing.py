@@ -2,9 +2,19 @@
 how a figure prints. Shared by the GPU benchmarks (gpu_speed.py, flux_memory.py)."""
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
+
+
+def bench_device(name: str) -> torch.device:
+    """The device a benchmark measures on; asked for CUDA where there is none, it stops and says
+    how to dry-run instead."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --tiny --device cpu")
+    return device
 
 
 def synchronize(device: torch.device) -> None:

@@ -71,11 +71,7 @@ def check_steps(model, s: Settings) -> None:
 
 
 def make_scheduler(model, group: list[Settings]):
-    s, run = group[0], scheduler_run(model, group[0])
-    scheduler = schedulers.build(run.name, run.schedule, run.model_config, [g.seed for g in group],
-                                 flow=run.flow, shift=run.shift)
-    schedulers.set_timesteps(scheduler, s.steps, model.device, run.model_config, run.image_tokens, run.spacing)
-    return scheduler
+    return schedulers.prepared(scheduler_run(model, group[0]), group[0].steps, model.device, [g.seed for g in group])
 
 
 def initial_noise(model, group: list[Settings], generators: list[torch.Generator]) -> torch.Tensor:

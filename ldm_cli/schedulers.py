@@ -205,8 +205,7 @@ def _try(run: Run, steps: int) -> bool:
     import torch
 
     try:
-        scheduler = build(run.name, run.schedule, run.model_config, [0], run.flow, run.shift)
-        set_timesteps(scheduler, steps, "cpu", run.model_config, run.image_tokens, run.spacing)
+        scheduler = prepared(run, steps, "cpu", [0])
         x = torch.ones(1, 1, 1, 1) * float(getattr(scheduler, "init_noise_sigma", 1.0))
         takes = inspect.signature(scheduler.step).parameters
         kwargs = {"generator": torch.Generator().manual_seed(0)} if "generator" in takes else {}
@@ -217,6 +216,13 @@ def _try(run: Run, steps: int) -> bool:
         return bool(torch.isfinite(x).all())
     except (ValueError, IndexError, AssertionError, ZeroDivisionError):
         return False
+
+
+def prepared(run: Run, steps: int, device, seeds: list[int]):
+    """A fresh scheduler for `run`, its timesteps set for `steps` on `device` (one seed per image)."""
+    scheduler = build(run.name, run.schedule, run.model_config, seeds, run.flow, run.shift)
+    set_timesteps(scheduler, steps, device, run.model_config, run.image_tokens, run.spacing)
+    return scheduler
 
 
 def check_steps(run: Run, steps: int) -> None:
