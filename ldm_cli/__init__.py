@@ -25,3 +25,8 @@ if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
 os.environ.setdefault("OMP_NUM_THREADS", str(_cpu_threads()))
 
 __version__ = "0.1.0"
+
+# Importing diffusers costs only the modules a run uses (libraries.py).
+from ldm_cli import libraries  # noqa: E402
+
+libraries.install()

@@ -202,12 +202,15 @@ def by_lora_set(pending: list[tuple[Task, Settings]]) -> list[tuple[Task, Settin
 def render_batch(model, batch: list[tuple[Task, Settings]], manifest: Manifest, options,
                  progress: FileProgress) -> Iterator[render.Result]:
     from ldm_cli import control_units
-    from ldm_cli.loading import controlnet
 
     if not batch:
         return
     steps = steps_run(batch[0][0].job, batch[0][1], model.family.flow)
-    controlnet.attach(model, control_units.from_text(batch[0][1].controlnet))  # a batch shares its units
+    units = control_units.from_text(batch[0][1].controlnet)  # a batch shares its units
+    if units or model.controls:  # ControlNet code is imported only for a file that asks for one
+        from ldm_cli.loading import controlnet
+
+        controlnet.attach(model, units)
     pictures = draw(model, batch, progress.batch(len(batch), steps))
     for picture, (task, settings) in zip(pictures, batch):
         with signals_held():  # an image saved is an image recorded

@@ -52,7 +52,6 @@ def load_model(settings: Settings, options: RunOptions):
     """The model, with its LoRAs and embeddings session and its ControlNets; the LoRAs the prompt
     names and the ControlNet files are found before it loads."""
     from ldm_cli import control_units, loading
-    from ldm_cli.loading import controlnet
     from ldm_cli.networks import lookup, session
 
     if settings.seed is not None:  # checked before the load, like every other setting
@@ -64,7 +63,10 @@ def load_model(settings: Settings, options: RunOptions):
         unit.validate()
     model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5)))
     session.attach(model, options.networks, settings.model)
-    controlnet.attach(model, units)
+    if units:  # ControlNet code is imported only for a run that asks for one
+        from ldm_cli.loading import controlnet
+
+        controlnet.attach(model, units)
     return model
 
 

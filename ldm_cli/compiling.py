@@ -82,6 +82,9 @@ def configure() -> None:
     import torch._functorch.config as functorch
     import torch._inductor.config as inductor
 
+    from ldm_cli import libraries
+
+    libraries.prepare_compile()  # diffusers' compiler marks, recorded while the compiler was not loaded
     inductor.fx_graph_cache = True  # the defaults of recent torch; older ones had them off
     if hasattr(functorch, "enable_autograd_cache"):  # torch >= 2.6
         functorch.enable_autograd_cache = True

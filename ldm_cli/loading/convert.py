@@ -8,7 +8,9 @@ built on the meta device: no second full copy of the model ever exists.
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -86,10 +88,45 @@ def empty(name: str, config: dict) -> torch.nn.Module:
     try:
         # SD3's one buffer, its position table, is in the file: computing it (0.9 GB for SD3.5
         # medium) only to replace it would cost seconds; other components' buffers are not stored
-        with init_empty_weights(include_buffers=name == "transformer"):
-            return constructor(name, config)(config)
+        build = constructor(name, config)  # its classes imported first: uninitialised() patches them
+        with init_empty_weights(include_buffers=name == "transformer"), uninitialised():
+            return build(config)
     except (TypeError, ValueError, KeyError) as e:
         raise LdmError(f"the {name} config does not describe a model ldm can build ({e})") from None
+
+
+INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                  "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                  "sparse_")
+
+
+@contextmanager
+def uninitialised():
+    """Layers built without drawing their random initial weights: every weight is assigned from
+    the file, and drawing into meta tensors runs torch's Python reference ops, which import its
+    compiler (seconds). transformers' own initialisation is skipped too; tying shared weights
+    (T5's embedding) still happens in post_init."""
+    import torch.nn.init as init
+
+    saved = {name: getattr(init, name) for name in INIT_FUNCTIONS if hasattr(init, name)}
+    pretrained = sys.modules.get("transformers.modeling_utils")
+    model_class = getattr(pretrained, "PreTrainedModel", None)
+    initialize = model_class.__dict__.get("initialize_weights") if model_class else None
+    for name in saved:
+        setattr(init, name, _skip)
+    if initialize is not None:
+        model_class.initialize_weights = _skip
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(init, name, function)
+        if initialize is not None:
+            model_class.initialize_weights = initialize
+
+
+def _skip(*args, **kwargs) -> None:
+    return None
 
 
 TEXT_MODELS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
@@ -115,7 +152,8 @@ def constructor(name: str, config: dict):
     cls = (config.get("architectures") or [default])[0]
     if cls not in TEXT_MODELS:
         raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(TEXT_MODELS)} text encoders")
-    return lambda c: getattr(transformers, cls)(getattr(transformers, TEXT_MODELS[cls]).from_dict(c))
+    model_class, config_class = getattr(transformers, cls), getattr(transformers, TEXT_MODELS[cls])
+    return lambda c: model_class(config_class.from_dict(c))
 
 
 def plan(slot: Slot, module, checkpoint: Checkpoint) -> dict[str, Planned]:
