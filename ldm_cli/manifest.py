@@ -93,7 +93,8 @@ class Manifest:
             with _locked(self.folder / NAME, fcntl.LOCK_SH):
                 _append(self.own, (json.dumps(record, ensure_ascii=False) + "\n").encode())
         except OSError as e:  # a full disk: the images recorded before are kept
-            raise LdmError(f"cannot record {record['path']} in {str(self.own)!r} ({e.strerror or e})") from None
+            raise LdmError(f"cannot record {record['path']} in {str(self.own)!r} ({e.strerror or e}); the images "
+                           "recorded before it are kept") from None
         self._index(record)
 
     def count_new(self) -> int:
