@@ -22,7 +22,8 @@ def run(sd1_folder):
     def invoke(command, *args):
         result = CliRunner().invoke(app, [command, *map(str, args), "--model", str(sd1_folder), "--steps", "1",
                                           "--quiet"])
-        assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+        assert "Traceback" not in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
         return result
     return invoke
 
