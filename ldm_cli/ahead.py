@@ -5,12 +5,16 @@ decides whether a model fits. A run (`ldm generate -n`, `ldm batch`) knows all i
 before the first one is denoised, so it encodes every prompt of them first, then frees the
 text encoders (memory.free_text_encoders) and denoises from the encoded conditioning.
 
-Two things bound how far ahead it reads:
+Three things bound how far ahead it reads:
 - the LoRA set: a LoRA merged into the text encoders changes what they compute, so prompts are
   encoded ahead only while the LoRAs' text-encoder parts equal those merged now (batches come
   grouped by set; sets of denoiser-only LoRAs, most FLUX LoRAs, do not stop it);
 - memory: the encoded conditioning stays on the model's device (FLUX: 4 MiB per prompt at 512
-  tokens), so no more than BUDGET bytes of it are encoded at once.
+  tokens), so no more than BUDGET bytes of it are encoded at once;
+- the count: a stretch holds at most FIRST_STRETCH images, doubling with each stretch up to
+  MOST_STRETCH, so the first image of a 100,000-line file comes within seconds (and a kill
+  loses little), while later stretches are long enough that moving the encoders on and off
+  the GPU stays rare.
 When either stops it short, the encoders stay (moved off the GPU where offloaded) and the next
 batch not yet encoded encodes the next stretch; they are freed once no batch is left to encode.
 """
@@ -21,6 +25,8 @@ from ldm_cli.guidance import Parts, Schedule
 from ldm_cli.settings import Settings
 
 BUDGET = 2**30  # bytes of encoded conditioning held at once
+FIRST_STRETCH = 16  # images encoded ahead by the first stretch
+MOST_STRETCH = 1024  # images encoded ahead by any stretch
 
 
 class Ahead:
@@ -30,6 +36,7 @@ class Ahead:
     def __init__(self, model, groups: list[list[Settings]]):
         self.model, self.groups = model, groups
         self.end = 0
+        self.stretch = FIRST_STRETCH  # the images the next stretch may encode
         self.cache = _Held()
 
     def encode(self, group: list[Settings]) -> tuple[list[Parts], list[Schedule] | None]:
@@ -45,14 +52,16 @@ class Ahead:
 
     def _encode_stretch(self, start: int) -> None:
         """The planned batches from `start` on whose LoRA sets change the text encoders as its
-        does (the one merged now), within the budget; what earlier stretches encoded is done with."""
+        does (the one merged now), within the budget and the count; what earlier stretches encoded
+        is done with."""
         self.cache.clear()
-        lora, end = self._text_lora(start), start
+        lora, end, count = self._text_lora(start), start, 0
         while end < len(self.groups) and self._text_lora(end) == lora and (
-                end == start or self.cache.bytes < BUDGET):
+                end == start or (self.cache.bytes < BUDGET and count < self.stretch)):
             conditioning.encode(self.model, self.groups[end], self.cache)
+            count += len(self.groups[end])
             end += 1
-        self.end = end
+        self.end, self.stretch = end, min(2 * self.stretch, MOST_STRETCH)
         if end < len(self.groups):
             memory.release_text_encoders(self.model)  # off the GPU where offloaded: the denoiser takes its place
         else:

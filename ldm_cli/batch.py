@@ -109,6 +109,8 @@ def run(jobs: list[Job], options, grid_name: str | None = None) -> Iterator[rend
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     if main:
         prepare(options.out, world)
+        if grid_name:
+            grids_folder(options.out)  # refused before the first image, not after the last
     manifest = Manifest(options.out, rank, world)
     every = tasks(jobs)
     todo = [t for t in every if manifest.find(t.identity()) is None]
@@ -205,19 +207,41 @@ def render_batch(model, batch: list[tuple[Task, Settings]], manifest: Manifest, 
 
     if not batch:
         return
-    steps = steps_run(batch[0][0].job, batch[0][1], model.family.flow)
-    units = control_units.from_text(batch[0][1].controlnet)  # a batch shares its units
-    if units or model.controls:  # ControlNet code is imported only for a file that asks for one
-        from ldm_cli.loading import controlnet
+    with lines_named(batch):
+        steps = steps_run(batch[0][0].job, batch[0][1], model.family.flow)
+        units = control_units.from_text(batch[0][1].controlnet)  # a batch shares its units
+        if units or model.controls:  # ControlNet code is imported only for a file that asks for one
+            from ldm_cli.loading import controlnet
 
-        controlnet.attach(model, units)
-    pictures = draw(model, batch, progress.batch(len(batch), steps))
-    for picture, (task, settings) in zip(pictures, batch):
-        with signals_held():  # an image saved is an image recorded
-            result = render.save(picture, settings, options.out)
-            manifest.add({"path": result.path.name, **task.identity(settings), "base_seed": task.job.settings.seed})
-        yield result
+            controlnet.attach(model, units)
+        pictures = draw(model, batch, progress.batch(len(batch), steps))
+        for picture, (task, settings) in zip(pictures, batch):
+            with signals_held():  # an image saved is an image recorded
+                result = render.save(picture, settings, options.out)
+                recorded(result, {"path": result.path.name, **task.identity(settings),
+                                  "base_seed": task.job.settings.seed}, manifest)
+            yield result
     progress.batch_done()
+
+
+@contextmanager
+def lines_named(batch: list[tuple[Task, Settings]]) -> Iterator[None]:
+    """An error while rendering `batch` names its lines; what earlier batches saved stays recorded."""
+    try:
+        yield
+    except LdmError as e:
+        lines = sorted({task.job.line for task, _ in batch})
+        raise LdmError(f"line{'s' * (len(lines) > 1)} {', '.join(map(str, lines))}: {e}") from None
+
+
+def recorded(result: render.Result, record: dict, manifest: Manifest) -> None:
+    """Record a saved image; one that cannot be (a full disk) is removed, since a rerun, finding no
+    record, would render it again beside it."""
+    try:
+        manifest.add(record)
+    except LdmError:
+        result.path.unlink(missing_ok=True)
+        raise
 
 
 def identity(item: tuple[Task, Settings]) -> dict:
@@ -337,7 +361,7 @@ def write_grids(jobs: list[Job], manifest: Manifest, folder: Path, name: str) ->
         if None in records:
             continue
         paths = [r["path"] for r in records]
-        target = folder / "grids" / f"{name}-{job.line:05d}.png"
+        target = grids_folder(folder) / f"{name}-{job.line:05d}.png"
         if grid_sources(target) == paths:
             continue
         sheet = images.grid([images.load_image(folder / p) for p in paths])
@@ -346,7 +370,19 @@ def write_grids(jobs: list[Job], manifest: Manifest, folder: Path, name: str) ->
         images.replace_png(sheet, target, chunks)
 
 
+def grids_folder(folder: Path) -> Path:
+    """OUT/grids, unless something other than a folder is there: a link would have the sheets
+    written wherever it leads."""
+    grids = folder / "grids"
+    if os.path.lexists(grids) and (grids.is_symlink() or not grids.is_dir()):
+        raise LdmError(f"{str(grids)!r} is not a folder (a symbolic link or a file); --grid writes its contact "
+                       "sheets there: remove or rename it")
+    return grids
+
+
 def grid_sources(path: Path) -> list[str] | None:
+    if path.is_symlink() or not path.is_file():  # replaced, never read: a FIFO there would block
+        return None
     try:
         with Image.open(path) as im:
             return json.loads(im.info.get(GRID_KEY, "null"))

@@ -7,7 +7,8 @@ free at once; the files it leaves are removed by the next run (remove_free). The
 the file while still holding it, and a claimer checks after locking that the file it locked is
 still the one at that path, so a removed file is never mistaken for a claim. A claim is no
 record: whoever takes one still asks the manifest, as the image may have been finished just
-before.
+before. Claim files are opened without following links (files.open_regular): a link planted in
+the folder under a claim's name is refused, never written through.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import json
 import os
 import socket
 from pathlib import Path
+
+from ldm_cli import files
+from ldm_cli.errors import LdmError
 
 PREFIX = ".ldm-claim-"
 
@@ -58,7 +62,7 @@ def remove_free(folder: Path) -> None:
 
 def _take(path: Path, wait: bool) -> Claim | None:
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = files.open_regular(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             if _same_file(fd, path):
@@ -82,9 +86,13 @@ def wait(folder: Path, identity: dict) -> None:
 def holder(folder: Path, identity: dict) -> str:
     """Who holds the claim, as its holder wrote it ("pid 123 on host")."""
     try:
-        return path_of(folder, identity).read_text().strip() or "another process"
-    except OSError:
+        fd = files.open_regular(path_of(folder, identity), os.O_RDONLY)
+    except (OSError, LdmError):
         return "another process"
+    try:
+        return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:

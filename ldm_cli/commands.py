@@ -74,6 +74,8 @@ def with_lora_flags(settings: Settings, options: RunOptions) -> Settings:
     """The prompt with a `<lora:NAME:W>` tag for each --lora FILE[:W] it does not name already."""
     from ldm_cli.networks import tags
 
+    if not options.networks.lora_files and settings.prompt is not None:  # a copy per line of a long file costs seconds
+        return settings
     return settings.merged(prompt=tags.with_flag_loras(settings.prompt, options.networks.lora_files))
 
 
@@ -238,8 +240,18 @@ def batch(path: Path, defaults: Settings, options: RunOptions, grid: bool = Fals
     defaults.validate()
     lookup.check_folders(options.networks)
     jobs = prompts_file.read(path, defaults, options.num_images, lambda s: _line_networks(s, options))
+    _check_model_files(jobs, options)
     images.check_writable(options.out)
     yield from batching.run(jobs, options, path.stem if grid else None)
+
+
+def _check_model_files(jobs: list, options: RunOptions) -> None:
+    """Every model the file names, with the --vae and --text-encoder files, passes the check each
+    load makes, before the first model loads: a bad second model is no error after hours."""
+    from ldm_cli import loading
+
+    for source in dict.fromkeys(job.settings.model for job in jobs):
+        loading.check(loading.source_path(source), options.load)
 
 
 def _line_networks(settings: Settings, options: RunOptions) -> Settings:

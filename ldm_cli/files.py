@@ -1,8 +1,11 @@
 """What a path is, checked before it is opened: reading a FIFO blocks until something writes
 to it (forever, for a user who passed one by mistake) and a device reads as endless or empty
-data, so ldm reads only regular files and folders."""
+data, so ldm reads only regular files and folders. The files ldm keeps in an output folder
+(manifest, claims) are opened by open_regular, which never follows a link: a link planted there
+would have ldm write to whatever file it points at."""
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -27,3 +30,26 @@ def check_openable(path: Path, folders: bool = False) -> None:
     kind = next((name for test, name in KINDS if test(mode)), "a special file")
     wanted = "a file or folder" if folders else "a file"
     raise LdmError(f"{str(path)!r} is {kind}, not {wanted}; ldm reads only regular files{' and folders' * folders}")
+
+
+def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+    """A descriptor on the regular file `path`, opened with `flags` without following a symbolic
+    link or blocking on a FIFO; anything else there is one line. FileNotFoundError is raised as
+    is (without O_CREAT a missing file is the caller's to handle)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LdmError(f"{str(path)!r} is a symbolic link; ldm does not follow links to the files it keeps "
+                           "in an output folder: remove it") from None
+        if e.errno == errno.EISDIR:
+            raise LdmError(f"{str(path)!r} is a folder, not a file; remove or rename it") from None
+        raise LdmError(f"cannot open {str(path)!r} ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((name for test, name in KINDS if test(mode)), "a special file")
+        raise LdmError(f"{str(path)!r} is {kind}, not a file; remove or rename it")
+    return fd

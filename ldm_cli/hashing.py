@@ -10,9 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from ldm_cli.cache import root as cache_root
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def cache_file() -> Path:
@@ -40,11 +44,8 @@ def cached_sha256(path: Path, after_header: bool = False) -> str:
     stat = path.stat()
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}" + ("|after-header" if after_header else "")
     cache = cache_file()
-    try:
-        table = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        table = {}
-    if key not in table:
+    table = _read_table(cache)
+    if not _is_digest(table.get(key)):
         table[key] = sha256_file(path, after_header)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -54,3 +55,19 @@ def cached_sha256(path: Path, after_header: bool = False) -> str:
         except OSError:
             pass  # a read-only home only costs the next run a re-hash
     return table[key]
+
+
+def _read_table(cache: Path) -> dict:
+    """The cache's table; a file that does not parse or is not a table (edited, or written by
+    something else) reads as empty and is rewritten, never an error."""
+    if not cache.is_file():  # missing, or a FIFO whose read would block
+        return {}
+    try:
+        table = json.loads(cache.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _is_digest(value) -> bool:
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None

@@ -23,6 +23,9 @@ def check_writable(folder: Path) -> None:
     """Fail before any work if images could not be saved in `folder`. Nothing is created: the
     folder is made when the first image is saved, so a failed run leaves no empty folder."""
     existing = _nearest_existing(folder)
+    if existing.is_symlink() and not existing.exists():  # mkdir would fail on it after the render
+        raise LdmError(f"cannot write to output folder {str(folder)!r} ({str(existing)!r} is a symbolic link to "
+                       f"{os.readlink(existing)!r}, which does not exist); choose another with --out")
     try:
         if not existing.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
@@ -33,9 +36,9 @@ def check_writable(folder: Path) -> None:
 
 
 def _nearest_existing(path: Path) -> Path:
-    """`path`, or its closest ancestor that exists."""
+    """`path`, or its closest ancestor that exists (a link that leads nowhere counts)."""
     path = path.absolute()
-    while not path.exists() and path != path.parent:
+    while not os.path.lexists(path) and path != path.parent:
         path = path.parent
     return path
 
@@ -56,7 +59,7 @@ def _write_temporary(image: Image.Image, folder: Path, text_chunks: dict[str, st
     """The PNG, complete and synced, under a hidden name in `folder`; the caller moves it into place."""
     # os.open honours the umask, so the PNG gets the user's usual permissions (mkstemp's are 0600)
     tmp = str(folder / f".ldm-{uuid.uuid4().hex}.png.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=png_info(text_chunks))
@@ -74,21 +77,33 @@ def save_png(image: Image.Image, folder: Path, stem: str, text_chunks: dict[str,
     The image goes to a hidden temporary file first and is then hard-linked to its final name;
     a link never replaces an existing file, so two runs sharing a folder cannot overwrite each
     other, and an interrupted run leaves no partial PNG under a real name. The folder is made
-    here, with the first image.
+    here, with the first image. Neither step follows a link planted in the folder: the temporary
+    is created exclusively (O_EXCL) and a link's name is taken, so the next number is used. A
+    write that fails (a full disk, a folder made read-only) is one line; the images saved
+    before are kept.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temporary(image, folder, text_chunks)
     try:
-        number = _next_number(folder)
-        while True:
-            final = folder / f"{number:05d}-{stem}.png"
-            try:
-                os.link(tmp, final)
-                return final
-            except FileExistsError:
-                number += 1
-    finally:
-        os.unlink(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = _write_temporary(image, folder, text_chunks)
+        try:
+            return _linked(tmp, folder, stem)
+        finally:
+            os.unlink(tmp)
+    except OSError as e:
+        raise LdmError(f"cannot save an image in {str(folder)!r} ({e.strerror or e}); the images saved before "
+                       "it are kept") from None
+
+
+def _linked(tmp: str, folder: Path, stem: str) -> Path:
+    """`tmp` hard-linked under the first free `NNNNN-<stem>.png` name."""
+    number = _next_number(folder)
+    while True:
+        final = folder / f"{number:05d}-{stem}.png"
+        try:
+            os.link(tmp, final, follow_symlinks=False)
+            return final
+        except FileExistsError:
+            number += 1
 
 
 def read_text_chunks(path: Path) -> dict[str, str]:
@@ -193,12 +208,16 @@ def grid(pictures: list[Image.Image], columns: int | None = None) -> Image.Image
 
 
 def replace_png(image: Image.Image, path: Path, text_chunks: dict[str, str]) -> Path:
-    """Write `path` whole or not at all (a temporary file renamed over it), replacing what was there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temporary(image, path.parent, text_chunks)
+    """Write `path` whole or not at all (a temporary file renamed over it, which replaces a link
+    there rather than its target), replacing what was there."""
     try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _write_temporary(image, path.parent, text_chunks)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise LdmError(f"cannot save {str(path)!r} ({e.strerror or e})") from None
     return path

@@ -13,6 +13,14 @@ run, reading takes every file. Other runs may share the folder (batch.py's claim
 from rendering an image twice), so `manifest.jsonl` is only ever appended to, and a merge holds
 an exclusive lock on it while appenders hold a shared one: a merge never removes a part that
 another run is writing.
+
+A record is appended whole, in one write, after a newline when the file does not end with one:
+a line torn by a kill or a full disk stays a line apart, skipped on reading, and never swallows
+the record after it. A line that is not a record ldm wrote (torn, or edited into a `line` that is
+a list, a `path` that is a number or leads out of the folder) is skipped too: its image, if any,
+is rendered again, which costs one image, where refusing the whole manifest would leave the user
+to repair it by hand before anything could resume. The files are opened without following links
+and must be regular files (files.open_regular): ldm never appends through a planted link.
 """
 from __future__ import annotations
 
@@ -23,6 +31,9 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from ldm_cli import files
+from ldm_cli.errors import LdmError
 
 NAME = "manifest.jsonl"
 PART = "manifest.part{}.jsonl"
@@ -39,22 +50,24 @@ class Manifest:
         self._at_start = len(self._known)
 
     def files(self) -> list[Path]:
+        """Every manifest file there, whatever it is: one that is not a regular file is refused on reading."""
         main = self.folder / NAME
-        return ([main] if main.is_file() else []) + sorted(self.folder.glob(PART.format("*")))
+        return ([main] if os.path.lexists(main) else []) + sorted(self.folder.glob(PART.format("*")))
 
     def refresh(self) -> None:
         """Read the records every file gained since it was last read, whichever process or run
         wrote them; a part merged away and written anew is read from its start."""
         for path in self.files():
             try:
-                with open(path, "rb") as f:
-                    inode = os.fstat(f.fileno()).st_ino
-                    seen, start = self._read.get(path, (inode, 0))
-                    start = start if seen == inode else 0
-                    f.seek(start)
-                    data = f.read()
+                fd = files.open_regular(path, os.O_RDONLY)
             except FileNotFoundError:
                 continue  # a part merged meanwhile; its records are in manifest.jsonl
+            with os.fdopen(fd, "rb") as f:
+                inode = os.fstat(fd).st_ino
+                seen, start = self._read.get(path, (inode, 0))
+                start = start if seen == inode else 0
+                f.seek(start)
+                data = f.read()
             whole = data[:data.rfind(b"\n") + 1]  # a line still being written is read next time
             self._read[path] = (inode, start + len(whole))
             for record in parse(whole):
@@ -76,8 +89,12 @@ class Manifest:
 
     def add(self, record: dict) -> None:
         """Append one record and sync it: a finished image is on record before the next starts."""
-        with _locked(self.folder / NAME, fcntl.LOCK_SH):
-            _append(self.own, (json.dumps(record, ensure_ascii=False) + "\n").encode())
+        try:
+            with _locked(self.folder / NAME, fcntl.LOCK_SH):
+                _append(self.own, (json.dumps(record, ensure_ascii=False) + "\n").encode())
+        except OSError as e:  # a full disk: the images recorded before are kept
+            raise LdmError(f"cannot record {record['path']} in {str(self.own)!r} ({e.strerror or e}); the images "
+                           "recorded before it are kept") from None
         self._index(record)
 
     def count_new(self) -> int:
@@ -94,14 +111,11 @@ class Manifest:
             return main
         with _locked(main, fcntl.LOCK_EX):
             parts = [p for p in self.files() if p != main]
-            text = main.read_bytes()
-            there = {_key(r) for r in parse(text)}
-            records = sorted((r for p in parts for r in parse(p.read_bytes())),
-                             key=lambda r: (r.get("line", 0), r.get("index", 0)))
+            there = {_key(r) for r in parse(_read(main))}
+            records = sorted((r for p in parts for r in parse(_read(p))), key=lambda r: (r["line"], r["index"]))
             lines = dict.fromkeys(json.dumps(r, ensure_ascii=False) + "\n" for r in records if _key(r) not in there)
             if lines:
-                torn = text and not text.endswith(b"\n")  # a line cut by a power failure stays apart
-                _append(main, ("\n" if torn else "").encode() + "".join(lines).encode())
+                _append(main, "".join(lines).encode())
             for part in parts:
                 part.unlink()
         return main
@@ -113,7 +127,7 @@ def _key(record: dict) -> str:
 
 @contextmanager
 def _locked(path: Path, how: int) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = files.open_regular(path, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, how)
         yield
@@ -122,24 +136,43 @@ def _locked(path: Path, how: int) -> Iterator[None]:
 
 
 def _append(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """`data` (whole lines) appended in one write, after a newline if the file's last line is torn."""
+    fd = files.open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
-        while data:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        while data:  # one write, unless the disk takes only part of it (then the next one fails)
             data = data[os.write(fd, data):]
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _read(path: Path) -> bytes:
+    with os.fdopen(files.open_regular(path, os.O_RDONLY), "rb") as f:
+        return f.read()
+
+
 def parse(data: bytes) -> list[dict]:
-    """The records of a manifest file. A line that is not a JSON object (torn by a power cut
-    mid-write) is no record and is skipped."""
+    """The records of a manifest file. A line that is not one (torn by a kill mid-write, or
+    edited) is skipped: see the module's note."""
     records = []
     for line in data.decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
             continue
-        if isinstance(record, dict) and "path" in record:
+        if valid(record):
             records.append(record)
     return records
+
+
+def valid(record) -> bool:
+    """A record as ldm writes them: an object whose `path` names a file in the folder itself and
+    whose `line` and `index` are whole numbers."""
+    if not isinstance(record, dict):
+        return False
+    path, line, index = record.get("path"), record.get("line"), record.get("index")
+    return (isinstance(path, str) and path not in ("", ".", "..") and "/" not in path and "\\" not in path
+            and "\0" not in path and all(type(n) is int and n >= 0 for n in (line, index)))

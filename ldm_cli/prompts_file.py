@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ldm_cli import files
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_IMAGES
 from ldm_cli.settings import KIND_WORDS, MAX_SEED, BadSetting, Settings, check_seed_room, flag_name
@@ -292,6 +293,7 @@ def existing(text: str, folder: Path, name: str) -> Path:
     path = path if path.is_absolute() else folder.absolute() / path
     if not path.exists():
         raise LdmError(f"--{name}: no such file or folder {str(path)!r} (relative paths start at the prompts file's folder)")
+    files.check_openable(path, folders=True)  # /dev/zero as a model: refused with the line, not once it loads
     return path
 
 

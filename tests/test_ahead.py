@@ -149,3 +149,22 @@ def test_the_budget_counts_each_tensor_storage_once():
     assert held.bytes == batch.nbytes + 77 * 8 * 4
     held.clear()
     assert held.bytes == 0 and not held
+
+
+def test_a_long_file_saves_its_first_image_before_encoding_every_line(sd1_folder, tmp_path, monkeypatch):
+    """Stretches are bounded by a count too: a 20,000-line file's first image does not wait for
+    20,000 encodings (nor does a kill then lose them all)."""
+    from ldm_cli import commands
+
+    encoded = []
+    real = conditioning.encode
+    monkeypatch.setattr(conditioning, "encode", lambda model, group, cache=None: encoded.extend(
+        s.prompt for s in group) or real(model, group, cache))
+    file = tmp_path / "long.txt"
+    file.write_text("".join(f"a fox number {i}\n" for i in range(20_000)))
+    options = commands.RunOptions(out=tmp_path / "out", quiet=True)
+    run = commands.batch(file, Settings(model=str(sd1_folder), steps=1), options)
+    first = next(run)
+    run.close()
+    assert first.path.is_file() and first.settings.prompt == "a fox number 0"
+    assert len(set(encoded)) == ahead.FIRST_STRETCH  # the first stretch only

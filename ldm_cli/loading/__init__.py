@@ -18,7 +18,7 @@ PACKED = {"FluxTransformer2DModel": 2}
 def load(source: str | None, options: LoadOptions | None = None):
     """A ready-to-run `Model` on the chosen device and dtype."""
     options = options or LoadOptions()
-    path = Path(source).expanduser() if source else BUILTIN
+    path = source_path(source)
     check(path, options)
     from ldm_cli import device as devices  # imports torch, which takes seconds: after the checks
 
@@ -41,6 +41,11 @@ def load(source: str | None, options: LoadOptions | None = None):
     memory.place(model, device, options)
     speed.apply(model, options.compile)
     return model
+
+
+def source_path(source: str | None) -> Path:
+    """Where the model `source` names is read from (None: the built-in model)."""
+    return Path(source).expanduser() if source else BUILTIN
 
 
 def check(path: Path, options: LoadOptions) -> None:

@@ -101,6 +101,8 @@ class Library:
     def used(self, texts: list[str]) -> list[Embedding]:
         """The embeddings named in `texts` (each tokenized alone), in order of first use."""
         found: dict[str, Embedding] = {}
+        if not self._names():  # no embeddings: nothing to tokenize for (every line of a long file asks)
+            return []
         for text in texts:
             tokens = self.tokenizer(text, add_special_tokens=False).input_ids
             position = 0
