@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 
 from ldm_cli import __version__, stopping
 from ldm_cli.errors import LdmError
+from ldm_cli.notes import note
 
 try:  # typer >= 0.29 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -266,6 +267,8 @@ def info(
     if path.suffix.lower() == ".png":
         data = commands.png_info(path)
         print(json.dumps(data, ensure_ascii=False, indent=2) if as_json else data["parameters"])
+        if "problem" in data:
+            note(data["problem"])
         return
     data = commands.checkpoint_info(path, config, allow_pickle)
     if as_json:

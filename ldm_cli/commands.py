@@ -90,10 +90,17 @@ def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]
 
 
 def png_info(path: Path) -> dict:
-    """What an image was made with: the A1111 text and the parsed settings."""
+    """What an image was made with: the A1111 text and the parsed settings. A record ldm cannot
+    use is still shown where it has A1111's text, with a `problem` naming what is bad."""
     chunks = images.read_text_chunks(path)
-    settings = render.settings_from_png(path)
-    return {"parameters": chunks.get("parameters", settings.to_infotext("")), **settings.to_dict()}
+    try:
+        settings = render.settings_from_png(path)
+        render.check_recorded(path, settings, set())
+    except LdmError as e:
+        if "parameters" not in chunks:
+            raise
+        return {"parameters": chunks["parameters"], "problem": str(e)}
+    return {"parameters": chunks.get("parameters") or settings.to_infotext(""), **settings.to_dict()}
 
 
 def checkpoint_info(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:

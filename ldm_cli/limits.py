@@ -17,6 +17,8 @@ MAX_SIDE = 16384  # pixels on either side
 MAX_PIXELS_ENV = "LDM_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 4096 * 4096  # per image; people with the memory raise it with LDM_MAX_PIXELS
 MAX_IMAGES = 10_000  # per run or prompts-file line: each image's settings are listed up front
+MAX_JSON_CHARS = 2**20  # a PNG's ldm chunk, a prompts-file or manifest line: real ones are a few KB
+MAX_JSON_DEPTH = 20  # ldm's own JSON nests 3 deep; a safetensors header, 3
 
 # Inclusive (lowest, highest) of the numeric settings; steps and size have their own checks.
 RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),

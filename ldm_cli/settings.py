@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -117,6 +118,7 @@ class Settings:
         if self.rng is not None and self.rng.lower() not in RNG_LABELS:
             raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
         self.rng = self.rng and self.rng.lower()
+        control_units.from_text(self.controlnet)  # its units' fields typed (their files are checked at load)
 
     def _check_size(self) -> None:
         for side in ("width", "height"):
@@ -161,17 +163,22 @@ class Settings:
         return cls(**{k: _typed(k, v, kinds[k]) for k, v in data.items() if k in kinds and v is not None})
 
     def to_infotext(self, version: str) -> str:
-        p: dict[str, str] = {"Steps": str(self.steps),
-                             "Sampler": schedulers.label(self.scheduler)}
+        # a resolved Settings has every one of these; `ldm info` also shows a PNG's partial record
+        p: dict[str, str] = {} if self.steps is None else {"Steps": str(self.steps)}
+        if self.scheduler is not None:
+            p["Sampler"] = schedulers.label(self.scheduler)
         if (schedule := schedulers.schedule_label(self.schedule)) is not None:
             p["Schedule type"] = schedule
         elif self.shift is not None or self.max_sequence_length is not None:  # a flow model (SD3, FLUX)
             p["Schedule type"] = "Simple"  # Forge's label of its own spacing
-        p["CFG scale"] = infotext.format_number(self.cfg)
+        if self.cfg is not None:
+            p["CFG scale"] = infotext.format_number(self.cfg)
         if self.guidance is not None:  # Forge's name and place for FLUX's
             p["Distilled CFG Scale"] = infotext.format_number(self.guidance)
-        p["Seed"] = str(self.seed)
-        p["Size"] = f"{self.width}x{self.height}"
+        if self.seed is not None:
+            p["Seed"] = str(self.seed)
+        if self.width is not None and self.height is not None:
+            p["Size"] = f"{self.width}x{self.height}"
         if self.model_hash:
             p["Model hash"] = self.model_hash
         if self.model_name:
@@ -262,6 +269,8 @@ def _typed(name: str, value: Any, kind: type) -> Any:
     ok = {float: number, int: number and isinstance(value, int)}.get(kind, isinstance(value, kind))
     if not ok:
         raise BadSetting(name, shown(value), f"must be {KIND_WORDS[kind]}")
+    if kind is float and abs(value) > sys.float_info.max:  # a whole number float() cannot take
+        raise BadSetting(name, f"a number of {len(str(abs(value)))} digits", "must be a number a float can hold")
     return float(value) if kind is float else value
 
 
