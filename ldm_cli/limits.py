@@ -27,6 +27,14 @@ RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
           "guidance": (0, MAX_CFG), "clip_skip": (1, 12)}  # 12: CLIP-L's layers, A1111's slider
 
 
+IMAGE_PIXELS_FACTOR = 4  # an image read (init, mask, control, --from-png) may be this much larger: it is resized down
+
+
+def max_image_pixels() -> int:
+    """The most pixels an image ldm reads may have, checked from its header before it is decoded."""
+    return IMAGE_PIXELS_FACTOR * max_pixels()
+
+
 def max_pixels() -> int:
     """The most pixels one image may have: LDM_MAX_PIXELS (16777216 or 4096x4096), else 4096x4096."""
     text = os.environ.get(MAX_PIXELS_ENV, "").strip()
