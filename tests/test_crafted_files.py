@@ -1,0 +1,87 @@
+"""Checkpoint headers that lie (GGUF, safetensors): every count and length is checked against the
+file's size before anything is allocated, so a tiny forged file is one line, at once."""
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ldm_cli.cli import app
+from ldm_cli.errors import LdmError
+from ldm_cli.loading import gguf_header, quantized
+
+
+def one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ldm: error: "), result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def string(b: bytes) -> bytes:
+    return struct.pack("<Q", len(b)) + b
+
+
+def test_the_51_byte_gguf_claiming_2_to_the_40_elements_is_refused_at_once(tmp_path):
+    path = tmp_path / "bomb.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + string(b"xyz") + struct.pack("<IIQ", 9, 0, 2**40))
+    assert path.stat().st_size == 51
+    code = f"import sys; from ldm_cli import cli; sys.argv = ['ldm', 'info', {str(path)!r}]; cli.main()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "bomb.gguf is truncated or corrupt (its GGUF header is malformed: it claims 1,099,511,627,776 array " \
+           "elements after offset 51; the file has 51 bytes)" in done.stderr
+
+
+@pytest.fixture
+def good(tmp_path):
+    """A small GGUF file as the gguf package writes one: metadata with a string array, two tensors."""
+    import gguf
+
+    path = tmp_path / "good.gguf"
+    writer = gguf.GGUFWriter(str(path), "flux")
+    writer.add_array("tokenizer.tokens", ["a", "bc", "def"])
+    writer.add_string("general.name", "tiny")
+    writer.add_tensor("a.weight", np.ones((4, 32), np.float32))
+    writer.add_tensor("b.weight", np.ones((2, 64), np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        write()
+    return path
+
+
+def forged(path, tmp_path, find: bytes, skip: int, value: bytes):
+    """A copy of `path` with `value` written `skip` bytes after `find`."""
+    data = bytearray(path.read_bytes())
+    at = data.index(find) + len(find) + skip
+    data[at:at + len(value)] = value
+    out = tmp_path / "forged.gguf"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_sound_gguf_passes(good):
+    gguf_header.check(good)
+    shapes, dtypes, _, _ = quantized.read_gguf(good)
+    assert shapes == {"a.weight": (4, 32), "b.weight": (2, 64)} and dtypes["a.weight"] == "F32"
+
+
+@pytest.mark.parametrize("find, skip, value, words", [
+    (b"GGUF", 4, struct.pack("<Q", 2**62), "2**62 tensors"),  # tensor count
+    (b"GGUF", 12, struct.pack("<Q", 2**50), "key-value pairs"),
+    (b"tokenizer.tokens", 8, struct.pack("<Q", 2**40), "array elements"),  # after its type and item type
+    (b"tokenizer.tokens", 16, struct.pack("<Q", 2**40), "bytes of a string"),  # the first token's length
+    (b"tokenizer.tokens", 0, struct.pack("<I", 77), "value type 77"),
+    (b"a.weight", 0, struct.pack("<I", 10**6), "claims 1,000,000 dimensions"),
+    (b"a.weight", 4, struct.pack("<Q", 2**40), "tensor 'a.weight' claims"),  # a dimension
+    (b"b.weight", 4 + 16 + 4, struct.pack("<Q", 2**40), "tensor 'b.weight' claims 512 bytes at"),  # its offset
+])
+def test_every_count_in_a_gguf_header_is_checked(good, tmp_path, find, skip, value, words):
+    path = forged(good, tmp_path, find, skip, value)
+    words = words.replace("2**62", f"{2**62:,}")
+    with pytest.raises(LdmError, match="truncated or corrupt") as e:
+        gguf_header.check(path)
+    assert words in str(e.value)
+    one_line_error(CliRunner().invoke(app, ["info", str(path)]), "forged.gguf is truncated or corrupt")
