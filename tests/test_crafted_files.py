@@ -85,3 +85,29 @@ def test_every_count_in_a_gguf_header_is_checked(good, tmp_path, find, skip, val
         gguf_header.check(path)
     assert words in str(e.value)
     one_line_error(CliRunner().invoke(app, ["info", str(path)]), "forged.gguf is truncated or corrupt")
+
+
+def safetensors(path, header: dict | str, data: bytes = b"") -> str:
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("header, data, words", [
+    ('{"a": ' + "[" * 50_000 + "]" * 50_000 + "}", b"", "its header nests deeper than 20 levels"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"x": [1]}}, bytes(8),
+     "its __metadata__ is not a table of texts"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, bytes(8), "expects 16 bytes of tensor data; only 8"),
+    ({"a": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 8]}}, bytes(8), "is [1099511627776] F32 but gives it 8"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 1e400]}}, bytes(8), "entry for 'a' is malformed"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, int("9" * 400)]}}, bytes(8), "more than 308 digits"),
+])
+def test_a_lying_safetensors_header_is_one_line(tmp_path, header, data, words):
+    path = safetensors(tmp_path / "x.safetensors", header, data)
+    one_line_error(CliRunner().invoke(app, ["info", path]), "x.safetensors is truncated or corrupt", words)
+
+
+def test_a_header_longer_than_the_file_is_refused(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    one_line_error(CliRunner().invoke(app, ["info", str(path)]), "its header claims 1099511627776 bytes; the file has 10")
