@@ -17,6 +17,10 @@ MAX_SIDE = 16384  # pixels on either side
 MAX_PIXELS_ENV = "LDM_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 4096 * 4096  # per image; people with the memory raise it with LDM_MAX_PIXELS
 MAX_IMAGES = 10_000  # per run or prompts-file line: each image's settings are listed up front
+# Prompts (and negatives): SD3 attends over every CLIP chunk jointly, so cost grows with their
+# square; 64 chunks is 4,800 tokens, far past what A1111 users write, and a fraction of a second.
+MAX_PROMPT_BYTES = 32 * 1024
+MAX_PROMPT_CHUNKS = 64
 MAX_JSON_CHARS = 2**20  # a PNG's ldm chunk, a prompts-file or manifest line: real ones are a few KB
 MAX_JSON_DEPTH = 20  # ldm's own JSON nests 3 deep; a safetensors header, 3
 

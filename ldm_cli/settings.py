@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ldm_cli import control_units, infotext, limits, schedulers
+from ldm_cli import control_units, infotext, limits, prompt_syntax, schedulers
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_SEED
 
@@ -28,7 +28,7 @@ LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Den
           "mask_blur": "Mask blur", "padding": "Masked area padding", "size": "Size", "width": "Size",
           "height": "Size", "scheduler": "Sampler", "schedule": "Schedule type", "shift": "Shift",
           "max_sequence_length": "Max sequence length", "guidance": "Distilled CFG Scale",
-          "clip_skip": "Clip skip", "rng": "RNG"}
+          "clip_skip": "Clip skip", "rng": "RNG", "prompt": "prompt", "negative": "Negative prompt"}
 INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length",
                     "guidance", "clip_skip")
 # Settings only some families take (SD3's and FLUX's flow shift and T5 options, FLUX dev's
@@ -58,7 +58,7 @@ class BadSetting(LdmError):
 
 
 def flag_name(field: str) -> str:
-    return "the image size" if field == "size" else "--" + field.replace("_", "-")
+    return {"size": "the image size", "prompt": "the prompt"}.get(field) or "--" + field.replace("_", "-")
 
 
 def shown(value: Any) -> str:
@@ -114,6 +114,8 @@ class Settings:
         for name, (low, high) in limits.RANGES.items():
             _check_range(name, getattr(self, name), low, high)
         self._check_size()
+        for name in ("prompt", "negative"):
+            _check_prompt(name, getattr(self, name))
         self.scheduler, self.schedule = schedulers.validated(self.scheduler, self.schedule)
         if self.rng is not None and self.rng.lower() not in RNG_LABELS:
             raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
@@ -286,6 +288,18 @@ def _parsed_size(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise BadSetting("size", shown(text), "must be WIDTHxHEIGHT, such as 512x768")
     return int(parts[0]), int(parts[1])
+
+
+def _check_prompt(name: str, text: str | None) -> None:
+    """A prompt's size, in bytes and in 75-token chunks counted at the least (the tokenizer counts
+    them exactly once the model is loaded)."""
+    if text is None:
+        return
+    if (size := len(text.encode("utf-8", "surrogatepass"))) > limits.MAX_PROMPT_BYTES:
+        raise BadSetting(name, f"{size:,} bytes", f"must be at most {limits.MAX_PROMPT_BYTES:,} bytes")
+    if (chunks := prompt_syntax.least_chunks(text)) > limits.MAX_PROMPT_CHUNKS:
+        raise BadSetting(name, f"at least {chunks} chunks", f"must fit in {limits.MAX_PROMPT_CHUNKS} chunks of 75 "
+                         "tokens (BREAK starts a chunk)")
 
 
 def _check_range(name: str, value: float | None, low: float, high: float, hint: str = "") -> None:

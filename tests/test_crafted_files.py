@@ -111,3 +111,45 @@ def test_a_header_longer_than_the_file_is_refused(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
     one_line_error(CliRunner().invoke(app, ["info", str(path)]), "its header claims 1099511627776 bytes; the file has 10")
+
+
+def broken_folder(source, tmp_path, part: str, damage) -> str:
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder)
+    damage(folder / part)
+    return str(folder)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def sharded(path):
+    """The weights as the first of two shards, the second missing."""
+    path.rename(path.with_name("diffusion_pytorch_model-00001-of-00002.safetensors"))
+    shards = {"a": "diffusion_pytorch_model-00001-of-00002.safetensors", "b": "diffusion_pytorch_model-00002-of-00002.safetensors"}
+    path.with_name(path.name + ".index.json").write_text(json.dumps({"weight_map": shards}))
+
+
+def replace_by_folder(path):
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize("part, damage, words", [
+    ("unet/diffusion_pytorch_model.safetensors", lambda p: p.unlink(), "unet' has no weights (diffusion_pytorch_model"),
+    ("vae/diffusion_pytorch_model.safetensors", truncate, "diffusion_pytorch_model.safetensors is truncated or corrupt"),
+    ("text_encoder/model.safetensors", replace_by_folder, "model.safetensors' is a folder, not a file"),
+    ("vae/config.json", lambda p: p.write_text("{not json"), "config.json' is not valid JSON"),
+    ("unet/config.json", lambda p: p.write_text("[1, 2]"), "config.json' is not a JSON object"),
+    ("text_encoder/config.json", lambda p: p.unlink(), "has no config.json"),
+    ("model_index.json", lambda p: p.write_text("[" * 10_000), "model_index.json' nests deeper than 20 levels"),
+    ("unet/diffusion_pytorch_model.safetensors", sharded, "diffusion_pytorch_model-00002-of-00002.safetensors' is missing"),
+])
+def test_a_damaged_model_folder_is_one_line_before_loading(sd1_folder, tmp_path, part, damage, words):
+    folder = broken_folder(sd1_folder, tmp_path, part, damage)
+    result = CliRunner().invoke(app, ["generate", "a fox", "--model", folder, "--steps", "1", "--out", str(tmp_path / "o")])
+    one_line_error(result, words)
+    assert not (tmp_path / "o").exists()
