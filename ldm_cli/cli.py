@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 
 from ldm_cli import __version__, stopping
 from ldm_cli.errors import LdmError
+from ldm_cli.notes import note
 
 try:  # typer >= 0.29 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -97,6 +98,9 @@ ClipSkip = Annotated[Optional[int], typer.Option(help="SD1: use the text encoder
 Rng = Annotated[Optional[str], typer.Option(help="Starting noise: cpu (torch's CPU generator) or nv (CUDA's, as A1111 draws it by default) [default: cpu].")]
 NoT5 = Annotated[Optional[bool], typer.Option("--no-t5", help="Run SD3 without its T5 text encoder (zeros in its place) [default: when the model has no T5].")]
 ModelPath = Annotated[Optional[str], typer.Option("--model", "-m", help="A .safetensors checkpoint or a diffusers folder [default: the built-in model].")]
+ModelsDir = Annotated[Optional[str], typer.Option(
+    "--models-dir", metavar="DIR", help="Where --from-png finds a recorded model that is not at its recorded path, by "
+                                        "name and hash (A1111's and ComfyUI's layouts too) [default: $LDM_MODELS_DIR].")]
 Vae = Annotated[Optional[str], typer.Option(help="A VAE file or folder replacing the model's own.")]
 TextEncoder = Annotated[Optional[list[str]], typer.Option(
     "--text-encoder", metavar="FILE",
@@ -188,7 +192,7 @@ RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annota
     ("num_images", NumImages, 1), ("batch_size", BatchSize, 1), ("width", Width, None), ("height", Height, None),
     ("scheduler", Scheduler, None), ("schedule", Schedule, None), ("shift", Shift, None),
     ("max_sequence_length", MaxSequenceLength, None), ("no_t5", NoT5, None), ("guidance", Guidance, None),
-    ("clip_skip", ClipSkip, None), ("rng", Rng, None), ("model", ModelPath, None),
+    ("clip_skip", ClipSkip, None), ("rng", Rng, None), ("model", ModelPath, None), ("models_dir", ModelsDir, None),
     ("vae", Vae, None), ("text_encoder", TextEncoder, None), ("config", Config, None), ("prediction", Prediction, None),
     ("allow_pickle", AllowPickle, False), ("out", Out, Path("outputs")), ("device", Device, "auto"),
     ("dtype", Dtype, "auto"), ("compile", Compile, False), ("offload", Offload, "none"), ("weights", Weights, None),
@@ -215,7 +219,7 @@ class RenderFlags(dict):
         from ldm_cli.settings import Settings
 
         flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own, controlnet=controlnet_text(self))
-        return commands.base_settings(flags, self["from_png"])
+        return commands.base_settings(flags, self["from_png"], self["models_dir"])
 
     def run_options(self):
         return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
@@ -266,6 +270,8 @@ def info(
     if path.suffix.lower() == ".png":
         data = commands.png_info(path)
         print(json.dumps(data, ensure_ascii=False, indent=2) if as_json else data["parameters"])
+        if "problem" in data:
+            note(data["problem"])
         return
     data = commands.checkpoint_info(path, config, allow_pickle)
     if as_json:

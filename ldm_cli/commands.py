@@ -7,7 +7,7 @@ from typing import Iterator
 
 from PIL import Image
 
-from ldm_cli import files, images, render
+from ldm_cli import files, images, model_lookup, render
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_IMAGES
 from ldm_cli.loading import LoadOptions
@@ -33,11 +33,12 @@ class RunOptions:
             raise LdmError(f"--batch-size must be at least 1 (got {self.batch_size})")
 
 
-def base_settings(flags: Settings, from_png: Path | None) -> Settings:
-    """The settings of --from-png (if any) with every flag given on top."""
+def base_settings(flags: Settings, from_png: Path | None, models_dir: str | None = None) -> Settings:
+    """The settings of --from-png (if any) with every flag given on top; a recorded model no
+    longer at its path is found by name in the models folders (model_lookup), else refused."""
     base = render.settings_from_png(from_png) if from_png else Settings()
-    if from_png and flags.model is None and base.model and not Path(base.model).exists():
-        base.model = None  # recorded path gone: fall back to --model or the built-in model
+    if from_png and flags.model is None:
+        base.model = model_lookup.recorded_model(base.model, base.model_name, base.model_hash, from_png, models_dir)
     given = {k: v for k, v in flags.to_dict().items() if k != "prompt" or v}
     if from_png:
         render.check_recorded(from_png, base, set(given))  # a bad recorded value is the PNG's, unless overridden
@@ -94,10 +95,17 @@ def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]
 
 
 def png_info(path: Path) -> dict:
-    """What an image was made with: the A1111 text and the parsed settings."""
+    """What an image was made with: the A1111 text and the parsed settings. A record ldm cannot
+    use is still shown where it has A1111's text, with a `problem` naming what is bad."""
     chunks = images.read_text_chunks(path)
-    settings = render.settings_from_png(path)
-    return {"parameters": chunks.get("parameters", settings.to_infotext("")), **settings.to_dict()}
+    try:
+        settings = render.settings_from_png(path)
+        render.check_recorded(path, settings, set())
+    except LdmError as e:
+        if "parameters" not in chunks:
+            raise
+        return {"parameters": chunks["parameters"], "problem": str(e)}
+    return {"parameters": chunks.get("parameters") or settings.to_infotext(""), **settings.to_dict()}
 
 
 def checkpoint_info(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:

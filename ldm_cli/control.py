@@ -31,9 +31,13 @@ def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
         return image
     scale = max(width / image.width, height / image.height)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)
     left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    # Straight to the target: the crop's box in the image's own pixels gives the pixels that
+    # scaling the whole image and cropping gives, without the whole scaled image (a 1x60000
+    # image covering 64x64 would be 64x3840000 of them).
+    sx, sy = image.width / size[0], image.height / size[1]
+    box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
 
 
 def canny(image: Image.Image) -> Image.Image:

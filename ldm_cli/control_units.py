@@ -11,7 +11,9 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ldm_cli import untrusted_json
 from ldm_cli.errors import LdmError
 
 PREPROCESSORS = ("none", "canny")
@@ -103,13 +105,34 @@ def to_text(units: list[ControlUnit]) -> str | None:
 
 
 def from_text(text: str | None) -> list[ControlUnit]:
-    """The units of a Settings' `controlnet` text; a malformed record is an error naming it."""
+    """The units of a Settings' `controlnet` text (a PNG or a manifest may hold anything there):
+    a malformed record, or a field of the wrong type, is an error naming it."""
     if not text:
         return []
     try:
-        return [ControlUnit(**unit) for unit in json.loads(text)]
-    except (ValueError, TypeError) as e:
+        data = untrusted_json.loads(text, "the record")
+        if not isinstance(data, list) or not all(isinstance(unit, dict) for unit in data):
+            raise LdmError("not a list of units")
+        return [_typed_unit(unit) for unit in data]
+    except LdmError as e:
         raise LdmError(f"the recorded ControlNet units are malformed ({e}); give --controlnet again") from None
+
+
+# What each field of a recorded unit must hold (by its dataclass type, as text under `annotations`).
+_KINDS = {"str": (str,), "str | None": (str, type(None)), "float": (int, float), "int | None": (int, type(None))}
+_WORDS = {"str": "text", "float": "a number", "int": "a whole number"}
+
+
+def _typed_unit(record: dict[str, Any]) -> ControlUnit:
+    fields = {f.name: f.type for f in dataclasses.fields(ControlUnit)}
+    if unknown := [k for k in record if k not in fields]:
+        raise LdmError(f"unknown field {unknown[0]!r}")
+    if missing := [k for k in ("controlnet", "image") if k not in record]:
+        raise LdmError(f"a unit has no {missing[0]!r}")
+    for key, value in record.items():
+        if isinstance(value, bool) or not isinstance(value, _KINDS[fields[key]]):
+            raise LdmError(f"{key!r} is {json.dumps(value)[:40]}, not {_WORDS[fields[key].split(' ')[0]]}")
+    return ControlUnit(**{k: float(v) if fields[k] == "float" else v for k, v in record.items()})
 
 
 def infotext_params(text: str | None) -> dict[str, str]:

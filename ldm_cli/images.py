@@ -7,13 +7,16 @@ import math
 import os
 import re
 import tempfile
-import uuid
 import time
+import uuid
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from PIL import ExifTags, Image, ImageOps, PngImagePlugin
 
-from ldm_cli import files, image_modes
+from ldm_cli import files, image_modes, limits
 from ldm_cli.errors import LdmError
 
 _NUMBERED = re.compile(r"^(\d{5,})-")
@@ -106,11 +109,28 @@ def _linked(tmp: str, folder: Path, stem: str) -> Path:
             number += 1
 
 
+@contextmanager
+def opened(path: Path) -> Iterator[Image.Image]:
+    """The image at `path`, its header read: every image ldm reads is opened here, so that one
+    of more than limits.max_image_pixels() is refused before its pixels are decoded (Pillow's
+    decompression-bomb limit, set from ldm's; its warning, past the limit, is the refusal)."""
+    files.check_openable(path)
+    Image.MAX_IMAGE_PIXELS = limit = limits.max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise LdmError(f"{str(path)!r} has more than {limit:,} pixels, more than ldm reads (4 times the largest "
+                       f"image it makes); set {limits.MAX_PIXELS_ENV} to allow more, or use a smaller image") from None
+    with im:
+        yield im
+
+
 def read_text_chunks(path: Path) -> dict[str, str]:
     """The PNG's text chunks; a clear error for anything that is not a readable image."""
-    files.check_openable(path)
     try:
-        with Image.open(path) as im:
+        with opened(path) as im:
             im.load()
             return {k: v for k, v in getattr(im, "text", {}).items() if isinstance(v, str)}
     except FileNotFoundError:
@@ -123,16 +143,15 @@ def load_image(path: Path, mode: str = "RGB") -> Image.Image:
     """The image at `path`, fully read and upright (EXIF orientation applied): mode "RGB" an 8-bit
     picture, mode "L" an 8-bit mask (image_modes says how each source mode is read); a clear
     error for a missing, unreadable or non-image file."""
-    files.check_openable(path)
     convert = {"RGB": image_modes.picture, "L": image_modes.mask}[mode]
     try:
-        with Image.open(path) as im:
+        with opened(path) as im:
             turned = _orientation(im) != 1
             im.load()
             return convert(ImageOps.exif_transpose(im) if turned else im, repr(str(path)))
     except FileNotFoundError:
         raise LdmError(f"no such file: {str(path)!r}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise LdmError(f"{str(path)!r} is not a readable image ({e})") from None
 
 
@@ -146,8 +165,7 @@ def _orientation(im: Image.Image) -> int:
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) of the image load_image returns, from the file's header alone."""
-    files.check_openable(path)
-    with Image.open(path) as im:
+    with opened(path) as im:
         width, height = im.size
         return (height, width) if _orientation(im) in (5, 6, 7, 8) else (width, height)
 

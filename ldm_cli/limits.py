@@ -17,12 +17,26 @@ MAX_SIDE = 16384  # pixels on either side
 MAX_PIXELS_ENV = "LDM_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 4096 * 4096  # per image; people with the memory raise it with LDM_MAX_PIXELS
 MAX_IMAGES = 10_000  # per run or prompts-file line: each image's settings are listed up front
+# Prompts (and negatives): SD3 attends over every CLIP chunk jointly, so cost grows with their
+# square; 64 chunks is 4,800 tokens, far past what A1111 users write, and a fraction of a second.
+MAX_PROMPT_BYTES = 32 * 1024
+MAX_PROMPT_CHUNKS = 64
+MAX_JSON_CHARS = 2**20  # a PNG's ldm chunk, a prompts-file or manifest line: real ones are a few KB
+MAX_JSON_DEPTH = 20  # ldm's own JSON nests 3 deep; a safetensors header, 3
 
 # Inclusive (lowest, highest) of the numeric settings; steps and size have their own checks.
 RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
           "mask_blur": (0, MAX_SIDE), "padding": (0, MAX_SIDE),
           "shift": (0.01, 100), "max_sequence_length": (1, 512),  # 512: T5's tokenizer limit
           "guidance": (0, MAX_CFG), "clip_skip": (1, 12)}  # 12: CLIP-L's layers, A1111's slider
+
+
+IMAGE_PIXELS_FACTOR = 4  # an image read (init, mask, control, --from-png) may be this much larger: it is resized down
+
+
+def max_image_pixels() -> int:
+    """The most pixels an image ldm reads may have, checked from its header before it is decoded."""
+    return IMAGE_PIXELS_FACTOR * max_pixels()
 
 
 def max_pixels() -> int:

@@ -261,6 +261,17 @@ def _add_text(frags: list[list], text: str) -> None:
         frags.append([piece, 1.0])
 
 
+# A run of letters or one digit: CLIP's tokenizer makes at least one token of each.
+_LEAST_TOKEN = re.compile(r"[^\W\d_]+|\d")
+
+
+def least_chunks(text: str, size: int = 75) -> int:
+    """The chunks of `size` tokens a prompt takes at the least (each word or digit a token at the
+    least, each BREAK closing a chunk), told without a tokenizer, so a prompt far too long is
+    refused before any model loads. The whole text counts, AND parts and edits alike."""
+    return sum(max(1, -(-len(_LEAST_TOKEN.findall(piece)) // size)) for piece in _BREAK_WORD.split(text))
+
+
 def _joined(frags: list[list]) -> list[tuple[str, float]]:
     out: list[list] = []
     for text, weight in frags:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ldm_cli import files
+from ldm_cli import files, untrusted_json
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_IMAGES
 from ldm_cli.settings import KIND_WORDS, MAX_SEED, BadSetting, Settings, check_seed_room, flag_name
@@ -156,10 +156,7 @@ def _value_words(words: list[str], start: int, name: str) -> int:
 
 
 def json_values(line: str) -> dict[str, Any]:
-    try:
-        data = json.loads(line)
-    except ValueError as e:
-        raise LdmError(f"not valid JSON ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')})") from None
+    data = untrusted_json.loads(line, "the line")
     if not isinstance(data, dict):
         raise LdmError('each line must be one JSON object, such as {"prompt": "a fox", "steps": 20}')
     values: dict[str, Any] = {}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from ldm_cli import __version__, control_units, images
+from ldm_cli import __version__, control_units, images, untrusted_json
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import LABELS, BadSetting, Settings, flag_name
 
@@ -38,7 +37,12 @@ def settings_from_png(path: Path) -> Settings:
     """The settings an image was made with: ours exactly, or parsed from A1111's text. A value of
     the wrong type is an error naming the PNG and the field; `check_recorded` checks the ranges."""
     chunks = images.read_text_chunks(path)
-    ours = _ldm_chunk(chunks)
+    try:
+        ours = ldm_chunk(chunks, path)
+    except LdmError:
+        if "parameters" not in chunks:
+            raise
+        ours = None  # A1111's text says the same, and is read instead
     if ours is not None:
         try:
             return Settings.from_dict(ours)
@@ -52,13 +56,15 @@ def settings_from_png(path: Path) -> Settings:
         raise LdmError(e.named(f"the {LABELS[e.field]} recorded in {str(path)!r}")) from None
 
 
-def _ldm_chunk(chunks: dict[str, str]) -> dict | None:
-    """Our JSON chunk as a dict; None when absent or not a JSON object (then A1111's text is read)."""
-    try:
-        data = json.loads(chunks[METADATA_KEY]) if METADATA_KEY in chunks else None
-    except ValueError:
+def ldm_chunk(chunks: dict[str, str], path: Path) -> dict | None:
+    """Our JSON chunk as a dict (None when absent); an error naming the PNG when it is not a
+    JSON object ldm reads (too large, too deep, malformed)."""
+    if METADATA_KEY not in chunks:
         return None
-    return data if isinstance(data, dict) else None
+    data = untrusted_json.loads(chunks[METADATA_KEY], f"the {METADATA_KEY} metadata of {str(path)!r}")
+    if not isinstance(data, dict):
+        raise LdmError(f"the {METADATA_KEY} metadata of {str(path)!r} is not a JSON object")
+    return data
 
 
 def check_recorded(path: Path, recorded: Settings, overridden: set[str]) -> None:
@@ -73,6 +79,8 @@ def check_recorded(path: Path, recorded: Settings, overridden: set[str]) -> None
         raise LdmError(e.named(f"the {LABELS.get(e.field, e.field)} recorded in {str(path)!r}",
                                f"{recorded.width}x{recorded.height}" if size else None,
                                f"; override it with {flags}" + (e.hint if e.field == "size" else ""))) from None
+    except LdmError as e:  # a scheduler or ControlNet record no flag names
+        raise LdmError(f"{str(path)!r} records settings ldm cannot use: {e}") from None
 
 
 def resolved(settings: Settings, model) -> Settings:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ldm_cli import control_units, infotext, limits, schedulers
+from ldm_cli import control_units, infotext, limits, prompt_syntax, schedulers
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_SEED
 
@@ -27,7 +28,7 @@ LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Den
           "mask_blur": "Mask blur", "padding": "Masked area padding", "size": "Size", "width": "Size",
           "height": "Size", "scheduler": "Sampler", "schedule": "Schedule type", "shift": "Shift",
           "max_sequence_length": "Max sequence length", "guidance": "Distilled CFG Scale",
-          "clip_skip": "Clip skip", "rng": "RNG"}
+          "clip_skip": "Clip skip", "rng": "RNG", "prompt": "prompt", "negative": "Negative prompt"}
 INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length",
                     "guidance", "clip_skip")
 # Settings only some families take (SD3's and FLUX's flow shift and T5 options, FLUX dev's
@@ -57,7 +58,7 @@ class BadSetting(LdmError):
 
 
 def flag_name(field: str) -> str:
-    return "the image size" if field == "size" else "--" + field.replace("_", "-")
+    return {"size": "the image size", "prompt": "the prompt"}.get(field) or "--" + field.replace("_", "-")
 
 
 def shown(value: Any) -> str:
@@ -113,10 +114,13 @@ class Settings:
         for name, (low, high) in limits.RANGES.items():
             _check_range(name, getattr(self, name), low, high)
         self._check_size()
+        for name in ("prompt", "negative"):
+            _check_prompt(name, getattr(self, name))
         self.scheduler, self.schedule = schedulers.validated(self.scheduler, self.schedule)
         if self.rng is not None and self.rng.lower() not in RNG_LABELS:
             raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
         self.rng = self.rng and self.rng.lower()
+        control_units.from_text(self.controlnet)  # its units' fields typed (their files are checked at load)
 
     def _check_size(self) -> None:
         for side in ("width", "height"):
@@ -161,17 +165,22 @@ class Settings:
         return cls(**{k: _typed(k, v, kinds[k]) for k, v in data.items() if k in kinds and v is not None})
 
     def to_infotext(self, version: str) -> str:
-        p: dict[str, str] = {"Steps": str(self.steps),
-                             "Sampler": schedulers.label(self.scheduler)}
+        # a resolved Settings has every one of these; `ldm info` also shows a PNG's partial record
+        p: dict[str, str] = {} if self.steps is None else {"Steps": str(self.steps)}
+        if self.scheduler is not None:
+            p["Sampler"] = schedulers.label(self.scheduler)
         if (schedule := schedulers.schedule_label(self.schedule)) is not None:
             p["Schedule type"] = schedule
         elif self.shift is not None or self.max_sequence_length is not None:  # a flow model (SD3, FLUX)
             p["Schedule type"] = "Simple"  # Forge's label of its own spacing
-        p["CFG scale"] = infotext.format_number(self.cfg)
+        if self.cfg is not None:
+            p["CFG scale"] = infotext.format_number(self.cfg)
         if self.guidance is not None:  # Forge's name and place for FLUX's
             p["Distilled CFG Scale"] = infotext.format_number(self.guidance)
-        p["Seed"] = str(self.seed)
-        p["Size"] = f"{self.width}x{self.height}"
+        if self.seed is not None:
+            p["Seed"] = str(self.seed)
+        if self.width is not None and self.height is not None:
+            p["Size"] = f"{self.width}x{self.height}"
         if self.model_hash:
             p["Model hash"] = self.model_hash
         if self.model_name:
@@ -262,6 +271,8 @@ def _typed(name: str, value: Any, kind: type) -> Any:
     ok = {float: number, int: number and isinstance(value, int)}.get(kind, isinstance(value, kind))
     if not ok:
         raise BadSetting(name, shown(value), f"must be {KIND_WORDS[kind]}")
+    if kind is float and abs(value) > sys.float_info.max:  # a whole number float() cannot take
+        raise BadSetting(name, f"a number of {len(str(abs(value)))} digits", "must be a number a float can hold")
     return float(value) if kind is float else value
 
 
@@ -277,6 +288,18 @@ def _parsed_size(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise BadSetting("size", shown(text), "must be WIDTHxHEIGHT, such as 512x768")
     return int(parts[0]), int(parts[1])
+
+
+def _check_prompt(name: str, text: str | None) -> None:
+    """A prompt's size, in bytes and in 75-token chunks counted at the least (the tokenizer counts
+    them exactly once the model is loaded)."""
+    if text is None:
+        return
+    if (size := len(text.encode("utf-8", "surrogatepass"))) > limits.MAX_PROMPT_BYTES:
+        raise BadSetting(name, f"{size:,} bytes", f"must be at most {limits.MAX_PROMPT_BYTES:,} bytes")
+    if (chunks := prompt_syntax.least_chunks(text)) > limits.MAX_PROMPT_CHUNKS:
+        raise BadSetting(name, f"at least {chunks} chunks", f"must fit in {limits.MAX_PROMPT_CHUNKS} chunks of 75 "
+                         "tokens (BREAK starts a chunk)")
 
 
 def _check_range(name: str, value: float | None, low: float, high: float, hint: str = "") -> None:

@@ -245,3 +245,28 @@ def test_prompt_file_masks_are_checked_against_the_upright_image(tmp_path):
     (tmp_path / "p.txt").write_text("--prompt x --init_image photo.jpg --mask mask.png\n")
     [job] = prompts_file.read(tmp_path / "p.txt", Settings())
     assert job.mask == tmp_path / "mask.png"
+
+
+def test_an_image_past_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    """Every image ldm opens (init images, masks, control images, PNGs for info and --from-png)
+    may have 4 times the largest render's pixels: LDM_MAX_PIXELS 64x64 lets 128x128 through."""
+    monkeypatch.setenv("LDM_MAX_PIXELS", "64x64")
+    Image.new("RGB", (128, 128)).save(tmp_path / "ok.png")
+    Image.new("RGB", (129, 128)).save(tmp_path / "big.png")
+    assert images.load_image(tmp_path / "ok.png").size == images.image_size(tmp_path / "ok.png") == (128, 128)
+    for read in (images.load_image, images.image_size, images.read_text_chunks):
+        with pytest.raises(LdmError, match="'.*big.png' has more than 16,384 pixels"):
+            read(tmp_path / "big.png")
+
+
+def test_the_cli_refuses_a_huge_image_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    huge, out = str(tmp_path / "huge.png"), str(tmp_path / "o")
+    Image.new("1", (9000, 8000)).save(huge)  # 72 M pixels, a few KB
+    for args in (["info", huge], ["img2img", huge, "a fox", "--out", out], ["generate", "--from-png", huge, "--out", out]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "has more than 67,108,864 pixels" in result.stderr, result.output
+        assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -138,6 +138,9 @@ def test_jsonl_takes_the_same_keys_with_json_types(tmp_path):
     ('["x"]', "one JSON object"),
     ('{"prompt": "x",}', "not valid JSON"),
     ('a fox', "not valid JSON"),
+    ('{"prompt": "x", "cfg_scale": 1' + "0" * 400 + "}", "the line holds a number of more than 308 digits"),
+    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "the line nests deeper than 20 levels"),
+    ('{"prompt": "' + "x" * 2**20 + '"}', "characters long; at most 1,048,576 are read"),
 ])
 def test_bad_jsonl_lines(tmp_path, row, words):
     with pytest.raises(LdmError, match="p.jsonl:1: ") as e:

@@ -139,3 +139,47 @@ def test_from_dict_checks_each_fields_type(data, field, words):
 def test_from_dict_keeps_good_values_and_skips_unknown_keys():
     s = Settings.from_dict({"prompt": "x", "steps": 3, "cfg": 7, "only_masked": True, "future_key": [1], "seed": None})
     assert (s.steps, s.cfg, s.only_masked, s.seed) == (3, 7.0, True, None) and isinstance(s.cfg, float)
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative"])
+@pytest.mark.parametrize("text, message", [
+    ("x" * (32 * 1024 + 1), "must be at most 32,768 bytes (got 32,769 bytes)"),
+    ("x BREAK " * 200, "must fit in 64 chunks of 75 tokens (BREAK starts a chunk) (got at least 201 chunks)"),
+    ("word " * 4801, "must fit in 64 chunks of 75 tokens (BREAK starts a chunk) (got at least 65 chunks)"),
+])
+def test_a_prompt_too_long_is_refused_before_loading(field, text, message):
+    with pytest.raises(BadSetting, match=re.escape(message)) as e:
+        Settings(**{"prompt": "a fox", field: text}).validate()
+    assert e.value.field == field
+
+
+def test_a_few_thousand_tokens_still_pass():
+    Settings(prompt="a red fox, " * 1000, negative="blurry BREAK " * 40).validate()  # 4000 tokens; 41 chunks
+
+
+def test_the_tokenizer_counts_chunks_exactly_once_loaded():
+    """Marks the tokenizer splits finely are counted as nothing before it runs."""
+    from ldm_cli.families import clip_text
+    from tests import tiny_models
+
+    assert Settings(prompt="!? " * 6000).validate() is None
+    with pytest.raises(LdmError, match="takes 80 chunks of 75 tokens; at most 64 are encoded"):
+        clip_text.chunks(tiny_models.tokenizer(), "!? " * 6000)
+
+
+def test_a_forged_png_prompt_is_refused_in_one_line(tmp_path):
+    from PIL import Image, PngImagePlugin
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a fox, " * 1_500_000 + "\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png", pnginfo=info)  # a 10 MB prompt
+    result = CliRunner().invoke(app, ["generate", "--from-png", str(tmp_path / "x.png"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        f"ldm: error: the prompt recorded in '{tmp_path / 'x.png'}' must be at most 32,768 bytes (got 10,500,000 bytes); "
+        "override it with the prompt"]
+    result = CliRunner().invoke(app, ["generate", "a fox BREAK " * 1000, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "the prompt must fit in 64 chunks" in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -25,6 +25,7 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
+from ldm_cli import limits
 from ldm_cli.errors import LdmError
 from ldm_cli.prompt_syntax import BREAK, BREAK_WEIGHT, emphasis
 
@@ -116,6 +117,9 @@ def chunks(tokenizer, text: str, lookup: EmbeddingLookup | None = None, encoder:
             out.lay(tokens, weight, lookup, encoder)
     if out.tokens or not out.chunks:
         out.close()
+    if len(out.chunks) > limits.MAX_PROMPT_CHUNKS:  # Settings.validate counted them at the least
+        raise LdmError(f"a prompt ({text[:40]!r}...) takes {len(out.chunks)} chunks of 75 tokens; at most "
+                       f"{limits.MAX_PROMPT_CHUNKS} are encoded (cost grows with their square); shorten it")
     return out.chunks
 
 

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ldm_cli import files
 from ldm_cli.errors import LdmError
+from ldm_cli.loading import tensors
 from ldm_cli.loading.recipe import PIPELINE_FAMILIES, read_json
 from ldm_cli.notes import note
 
@@ -112,6 +114,43 @@ def _options(index: dict, denoiser, name: str) -> dict:
 
 
 PARTS = {"sd3": _sd3_parts, "flux": _flux_parts}  # DiT families: a transformer/, not a unet/
+# the subfolders each family loads (T5's, optional in SD3 and checked by _t5 in FLUX, when present)
+SUBFOLDERS = {"sd1": ["unet", "vae", "text_encoder"], "sd2": ["unet", "vae", "text_encoder"],
+              "sdxl": ["unet", "vae", "text_encoder", "text_encoder_2"],
+              "sd3": ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"],
+              "flux": ["transformer", "vae", "text_encoder", "text_encoder_2"]}
+T5_PARTS = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}
+
+
+def check_parts(folder: Path, name: str, options) -> None:
+    """Each part the folder's family loads, before any is: its config.json a JSON object and its
+    weights there, regular files with sound safetensors headers (as a single file's are checked),
+    so a missing or truncated part is one line naming it rather than a library's traceback."""
+    for sub in SUBFOLDERS[name]:
+        if sub == T5_PARTS.get(name) and not (folder / sub / "config.json").exists():
+            continue  # _t5 says what a missing T5 means for the family
+        if sub == T5_PARTS.get(name) and options.without_t5 and name == "sd3":
+            continue  # not read: SD3 runs without it
+        read_json(folder / sub / "config.json")
+        for weights in _weight_files(folder / sub):
+            files.check_openable(weights)
+            if not weights.exists():
+                raise LdmError(f"{str(weights)!r} is missing; the model folder is incomplete, download it again")
+            tensors.read_header(weights)
+
+
+def _weight_files(part: Path) -> list[Path]:
+    """The safetensors files a part's library reads: one file, or the shards its index names."""
+    stem = "model" if part.name.startswith("text_encoder") else "diffusion_pytorch_model"
+    single, index = part / f"{stem}.safetensors", part / f"{stem}.safetensors.index.json"
+    if index.exists():
+        shards = read_json(index).get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(v, str) and "/" not in v for v in shards.values()):
+            raise LdmError(f"{str(index)!r} has no weight_map of file names; download it again")
+        return [part / shard for shard in sorted(set(shards.values()))]
+    if single.exists() or (part / f"{stem}.bin").exists():  # a .bin is the library's own to refuse or read
+        return [single] if single.exists() else []
+    raise LdmError(f"{str(part)!r} has no weights ({single.name}); the model folder is incomplete, download it again")
 
 
 def load_folder(folder: Path, device: torch.device, options) -> Model:
@@ -126,6 +165,7 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
     if kind is None:
         raise LdmError(f"{str(folder)!r} holds a {index.get('_class_name')!r}, which ldm does not run; supported: {', '.join(sorted(PIPELINE_FAMILIES))}")
     name = kind if kind != "sd" else sd_family_name(read_json(folder / "text_encoder" / "config.json"))
+    check_parts(folder, name, options)
     family = families.get(name)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
     denoiser, encoders, tokenizers = PARTS.get(name, _unet_parts)(folder, name, dtype, options)

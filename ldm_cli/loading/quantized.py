@@ -92,6 +92,9 @@ def gguf_reader(path: Path):
         import gguf
     except ImportError:
         raise LdmError(f"{path.name} is a GGUF file, which needs the gguf package: pip install gguf") from None
+    from ldm_cli.loading import gguf_header
+
+    gguf_header.check(path)  # every count in the header fits the file, before the reader allocates
     try:
         return gguf.GGUFReader(path, "c")  # copy-on-write: never writes the file
     except ValueError as e:

@@ -6,10 +6,10 @@ does.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldm_cli import files, limits, untrusted_json
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import keymap
 from ldm_cli.loading.detect import Found, text_slots
@@ -49,13 +49,19 @@ class Recipe:
 
 
 def read_json(path: Path) -> dict:
-    """A config of a diffusers-layout folder (shipped, --config's, or a model's own)."""
+    """A config of a diffusers-layout folder (shipped, --config's, or a model's own): a JSON
+    object, read with untrusted_json's bounds (a FIFO or a huge file is never read whole)."""
+    files.check_openable(path)
     try:
-        return json.loads(path.read_text())
+        with open(path, "rb") as f:
+            data = untrusted_json.loads(f.read(limits.MAX_JSON_CHARS + 1), f"{str(path)!r}")
     except FileNotFoundError:
         raise LdmError(f"{str(path.parent)!r} is not a diffusers model folder: it has no {path.name}") from None
-    except (OSError, ValueError) as e:
-        raise LdmError(f"cannot read {str(path)!r} ({e})") from None
+    except OSError as e:
+        raise LdmError(f"cannot read {str(path)!r} ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise LdmError(f"{str(path)!r} is not a JSON object of settings; download it again")
+    return data
 
 
 def components(family: str) -> list[str]:
@@ -105,8 +111,8 @@ def overlay(r: Recipe, configs: dict[str, dict], source: str) -> None:
 def from_metadata(text: str, family: str) -> dict[str, dict]:
     """The configs a file carries in its own safetensors metadata (ldm's built-in model does)."""
     try:
-        data = json.loads(text)
-    except ValueError:
+        data = untrusted_json.loads(text, "the metadata", max_chars=len(text))  # the header's size was checked
+    except untrusted_json.BadJson:
         data = None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for k, v in data.items() if k != "family"):
         raise LdmError(f"the file's {METADATA_KEY} metadata is not a JSON table of component configs; the file is damaged")

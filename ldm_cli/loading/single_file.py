@@ -6,13 +6,13 @@ given beside it), the prediction type settled. Nothing touches the network.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 import torch
 
+from ldm_cli import untrusted_json
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import components, convert, detect, keymap, prediction, recipe, tensors, vae_file
 from ldm_cli.loading.folder import load_tokenizer, to_device
@@ -136,8 +136,8 @@ def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dic
     if text is None:
         return base
     try:
-        data = json.loads(text)
-    except ValueError:
+        data = untrusted_json.loads(text, "the metadata")
+    except untrusted_json.BadJson:
         data = None
     if not isinstance(data, dict):
         raise LdmError(f"{checkpoint.name}: its {DEFAULTS_KEY} metadata is not a JSON table; the file is damaged")

@@ -6,13 +6,12 @@ corrupt file or a header that lies about its data is one clear error, not a cras
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ldm_cli import files
+from ldm_cli import files, untrusted_json
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import safety
 
@@ -62,12 +61,14 @@ def read_header(path: Path) -> tuple[dict, dict, int]:
         if size < 8 or n > MAX_HEADER or 8 + n > size:
             raise corrupt(path, f"its header claims {n} bytes; the file has {size}")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError):
-            raise corrupt(path, "its header is not valid JSON") from None
+            header = untrusted_json.loads(f.read(n), "its header", max_chars=MAX_HEADER)
+        except untrusted_json.BadJson as e:
+            raise corrupt(path, str(e)) from None
     if not isinstance(header, dict):
         raise corrupt(path, "its header is not a table of tensors")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt(path, "its __metadata__ is not a table of texts")
     check_entries(path, header, size - 8 - n)
     return header, metadata, 8 + n
 

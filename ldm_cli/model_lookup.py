@@ -1,0 +1,77 @@
+"""A model found by the name (and hash) an image recorded: `--from-png` on a PNG whose model is
+not at its recorded path (another machine's, or A1111's `Model: sd_xl_base_1.0`).
+
+The models folders are `--models-dir DIR`, else $LDM_MODELS_DIR (several, separated as in PATH),
+else none. In each, A1111's `models/Stable-diffusion` and ComfyUI's `models/checkpoints` (or
+those folders given themselves) are searched when present, else the folder itself, recursively,
+for NAME.safetensors, NAME.ckpt, NAME.gguf or a diffusers folder NAME. When several match, the
+recorded `Model hash` (A1111's short sha256) picks. A model that cannot be found is refused,
+never replaced by another: only a PNG that recorded no model replays with the built-in one.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from ldm_cli.errors import LdmError
+
+MODELS_ENV = "LDM_MODELS_DIR"
+SUFFIXES = (".safetensors", ".ckpt", ".gguf")
+LAYOUTS = ("models/Stable-diffusion", "models/checkpoints", "Stable-diffusion", "checkpoints")  # A1111's, ComfyUI's
+BUILTIN_NAME = "ldm-builtin"  # the name the built-in model records
+
+
+def folders(models_dir: str | None) -> list[Path]:
+    """Where models are searched: --models-dir, else $LDM_MODELS_DIR, each as its layout has them."""
+    given = [models_dir] if models_dir else os.environ.get(MODELS_ENV, "").split(os.pathsep)
+    out = []
+    for root in (Path(d).expanduser() for d in given if d):
+        if models_dir and not root.is_dir():
+            raise LdmError(f"--models-dir {models_dir!r} is not a folder")
+        out += [root / sub for sub in LAYOUTS if (root / sub).is_dir()] or [root]
+    return out
+
+
+def find(name: str, short_hash: str | None, roots: list[Path]) -> Path | None:
+    """The model called `name` in `roots` (None: not there); among several, the one of `short_hash`."""
+    if not name or any(sep in name for sep in "/\\") or name.startswith("."):
+        return None  # a name, never a path out of the folders
+    matches = sorted({p for root in roots if root.is_dir() for p in _named(root, name)})
+    if len(matches) <= 1:
+        return matches[0] if matches else None
+    from ldm_cli import hashing
+
+    same = [p for p in matches if short_hash and p.is_file() and hashing.short_hash(p) == short_hash.lower()]
+    if not same:
+        listed = ", ".join(repr(str(p)) for p in matches[:4])
+        raise LdmError(f"several models are named {name!r} ({listed}) and none has the recorded hash "
+                       f"{short_hash or '(none recorded)'}; pass the one to use with --model")
+    return same[0]
+
+
+def _named(root: Path, name: str) -> list[Path]:
+    stem = glob.escape(name)
+    files = [p for suffix in SUFFIXES for p in root.rglob(stem + suffix) if p.is_file()]
+    return files + [p for p in root.rglob(stem) if (p / "model_index.json").is_file()]
+
+
+def recorded_model(model: str | None, name: str | None, short_hash: str | None, png: Path,
+                   models_dir: str | None) -> str | None:
+    """The model to replay a PNG with: its recorded path if still there, else the file its recorded
+    name (and hash) finds; None (the built-in model) only when it recorded none."""
+    if model and Path(model).expanduser().exists():
+        return model
+    name = name or (Path(model).name.removesuffix(Path(model).suffix) if model else None)
+    if not name or name == BUILTIN_NAME:
+        return None
+    roots = folders(models_dir)
+    found = find(name, short_hash, roots)
+    if found is not None:
+        return str(found)
+    made = f"{str(png)!r} was made with the model {name!r}{f' (hash {short_hash})' if short_hash else ''}"
+    gone = f"is not at {model!r} and " if model else ""
+    if not roots:
+        raise LdmError(f"{made}, which {gone}ldm cannot find without a models folder; pass it with --model, or the "
+                       f"folder holding it with --models-dir (or ${MODELS_ENV})")
+    raise LdmError(f"{made}, which {gone}is not in {', '.join(repr(str(r)) for r in roots)}; pass it with --model")
