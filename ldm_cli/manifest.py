@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ldm_cli import files
+from ldm_cli import files, untrusted_json
 from ldm_cli.errors import LdmError
 
 NAME = "manifest.jsonl"
@@ -160,8 +160,8 @@ def parse(data: bytes) -> list[dict]:
     records = []
     for line in data.decode("utf-8", errors="replace").splitlines():
         try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
+            record = untrusted_json.loads(line, "a manifest line")
+        except untrusted_json.BadJson:
             continue
         if valid(record):
             records.append(record)
