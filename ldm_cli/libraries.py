@@ -22,25 +22,33 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import importlib.abc
 import importlib.machinery
+import marshal
+import os
 import sys
 import types
 
+from ldm_cli import cache
+
 ROOTS = ("diffusers.", "transformers.")
-# Subpackages whose __init__ imports every sibling (the rest of diffusers is lazy already).
+# Subpackages whose __init__ imports every sibling, or scans for them.
 EAGER_PACKAGES = frozenset(f"diffusers.{p}" for p in (
-    "models.autoencoders", "models.controlnets", "models.transformers", "models.unets", "hooks"))
+    "models.autoencoders", "models.controlnets", "models.transformers", "models.unets", "hooks",
+)) | {"transformers.models"}  # it scans the folders of its ~600 model families
 TORCH_UTILS = "diffusers.utils.torch_utils"
 PEFT_UTILS = "diffusers.utils.peft_utils"
 DEFERRED_CHECKS = ("is_peft_available", "is_scipy_available", "is_torch_distributed_available",
                    "_check_distributed_checkpointing_available")
 COMPILER_MARKS = ("torch._dynamo.", "torch.compiler.disable", "torch.compiler.allow_in_graph")
 # Module-level `from X import name` of these become stand-ins: torch's compiler and distributed
-# tensors (both import sympy), and transformers' parallelism, which registers distributed styles.
+# tensors (both import sympy), transformers' parallelism (it registers distributed styles) and
+# its Auto classes (their package reads every file of its folder for names, ~0.5 s).
 DEFERRED_IMPORTS = ("torch._dynamo", "torch.distributed.tensor", "transformers.distributed.expert_parallel",
-                    "transformers.distributed.tensor_parallel")
-IMPORT_MARKERS = ("torch._dynamo", "torch.distributed.tensor", "expert_parallel import", "tensor_parallel import")
+                    "transformers.distributed.tensor_parallel", "transformers.models.auto")
+IMPORT_MARKERS = ("torch._dynamo", "torch.distributed.tensor", "expert_parallel import", "tensor_parallel import",
+                  "models.auto")
 _marks: list = []  # (cell or None, target, path, args, kwargs): compiler decorations owed
 
 
@@ -183,7 +191,7 @@ class _Transform(ast.NodeTransformer):
                 continue
             body.append(self.visit(node) if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else node)
         tree.body = body
-        return ast.fix_missing_locations(tree)
+        return tree
 
     def _deferred(self, node: ast.stmt):
         if isinstance(node, ast.If) and not node.orelse and isinstance(node.test, ast.Call) \
@@ -215,7 +223,8 @@ class _Transform(ast.NodeTransformer):
         if path is None or not path.startswith(COMPILER_MARKS):
             return decorator
         args = [ast.Constant(path), ast.Constant(called), *(decorator.args if called else [])]
-        return ast.Call(ast.Name("__ldm_compiler_mark__", ast.Load()), args, decorator.keywords if called else [])
+        mark = ast.Call(ast.Name("__ldm_compiler_mark__", ast.Load()), args, decorator.keywords if called else [])
+        return ast.fix_missing_locations(ast.copy_location(mark, decorator))  # the new nodes only: cheap
 
 
 class _Narrowed(importlib.abc.Loader):
@@ -239,11 +248,10 @@ class _Narrowed(importlib.abc.Loader):
         elif self.source is None:
             self.real.exec_module(module)
         else:
-            transform = _Transform(module.__file__, module.__package__ or "")
-            code = compile(transform.module(ast.parse(self.source)), module.__file__, "exec")
+            code, blocks = _transformed(module.__file__, module.__package__ or "", self.source)
             namespace = module.__dict__
             namespace["__ldm_compiler_mark__"] = compiler_mark
-            for block_code, names in transform.blocks:
+            for block_code, names in blocks:
                 block = _Block(block_code, namespace)
                 for name in names:
                     namespace[name] = _Deferred(block, name)
@@ -262,6 +270,31 @@ class _Narrowed(importlib.abc.Loader):
         module.maybe_allow_in_graph = _record_allow_in_graph
 
 
+def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeType, list]:
+    """The module's rewritten code and its deferred blocks, compiled once and then kept in ldm's
+    cache like Python keeps bytecode (rewriting and compiling them each run took ~0.8 s)."""
+    stamp = [filename, sys.version, __file__]
+    for path in (filename, __file__):  # a changed module, or a changed rewrite, is compiled anew
+        stat = os.stat(path)
+        stamp += [stat.st_mtime_ns, stat.st_size]
+    kept = cache.root() / "imports" / (hashlib.sha256(repr(stamp).encode()).hexdigest()[:32] + ".bin")
+    try:
+        return marshal.loads(kept.read_bytes())
+    except (OSError, ValueError, EOFError, TypeError):  # not kept yet, or damaged: compiled again
+        pass
+    transform = _Transform(filename, package)
+    code = compile(transform.module(ast.parse(source)), filename, "exec")
+    blocks = [(block, tuple(names)) for block, names in transform.blocks]
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_name(f".{kept.name}.{os.getpid()}")
+        partial.write_bytes(marshal.dumps((code, blocks)))
+        os.replace(partial, kept)
+    except OSError:  # no cache folder to write: compiled again next time
+        pass
+    return code, blocks
+
+
 class _LazyPackage(types.ModuleType):
     """A package whose submodules import alone; its __init__ runs when a missing name is asked for."""
 
@@ -270,7 +303,9 @@ class _LazyPackage(types.ModuleType):
         if init is None:
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
         init.exec_module(self)
-        return getattr(self, name)
+        # a package whose __init__ puts another module in its place (transformers' lazy modules)
+        return getattr(sys.modules.get(self.__name__, self), name) if sys.modules.get(self.__name__) is not self \
+            else getattr(self, name)
 
 
 class _HoldOffCompiler(importlib.abc.MetaPathFinder):
