@@ -27,6 +27,7 @@ import importlib.abc
 import importlib.machinery
 import marshal
 import os
+import shutil
 import sys
 import types
 
@@ -36,12 +37,17 @@ ROOTS = ("diffusers.", "transformers.")
 # Subpackages whose __init__ imports every sibling, or scans for them.
 EAGER_PACKAGES = frozenset(f"diffusers.{p}" for p in (
     "models.autoencoders", "models.controlnets", "models.transformers", "models.unets", "hooks",
-)) | {"transformers.models"}  # it scans the folders of its ~600 model families
+)) | {"transformers.models"}  # it reads the files of its ~600 model families
 TORCH_UTILS = "diffusers.utils.torch_utils"
 PEFT_UTILS = "diffusers.utils.peft_utils"
+IMPORT_UTILS = "transformers.utils.import_utils"
 DEFERRED_CHECKS = ("is_peft_available", "is_scipy_available", "is_torch_distributed_available",
-                   "_check_distributed_checkpointing_available")
+                   "_check_distributed_checkpointing_available",
+                   "is_transformers_available")  # diffusers' loaders import Auto classes with it
 COMPILER_MARKS = ("torch._dynamo.", "torch.compiler.disable", "torch.compiler.allow_in_graph")
+# A module-level `name = f(...)` of these becomes a stand-in: transformers' processors import a
+# second copy of the whole package with it (~0.6 s, most of it listing every model family).
+DEFERRED_CALLS = ("direct_transformers_import",)
 # Module-level `from X import name` of these become stand-ins: torch's compiler and distributed
 # tensors (both import sympy), transformers' parallelism (it registers distributed styles) and
 # its Auto classes (their package reads every file of its folder for names, ~0.5 s).
@@ -200,6 +206,9 @@ class _Transform(ast.NodeTransformer):
             statements = node.body
         elif isinstance(node, ast.ImportFrom) and _absolute(node, self.package).startswith(DEFERRED_IMPORTS):
             statements = [node]
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
+                and getattr(node.value.func, "id", None) in DEFERRED_CALLS:
+            statements = [node]
         else:
             return None
         names = _bound_names(statements)
@@ -258,6 +267,8 @@ class _Narrowed(importlib.abc.Loader):
             exec(code, namespace)
         if module.__name__ == PEFT_UTILS:
             _skip_unit_lora_scale(module)
+        if module.__name__ == IMPORT_UTILS:
+            _kept_listings(module)
 
     def _torch_utils(self, module) -> None:
         """diffusers' utilities try `from torch._dynamo import allow_in_graph`: held off, they fall
@@ -270,29 +281,69 @@ class _Narrowed(importlib.abc.Loader):
         module.maybe_allow_in_graph = _record_allow_in_graph
 
 
-def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeType, list]:
-    """The module's rewritten code and its deferred blocks, compiled once and then kept in ldm's
-    cache like Python keeps bytecode (rewriting and compiling them each run took ~0.8 s)."""
-    stamp = [filename, sys.version, __file__]
-    for path in (filename, __file__):  # a changed module, or a changed rewrite, is compiled anew
-        stat = os.stat(path)
-        stamp += [stat.st_mtime_ns, stat.st_size]
-    kept = cache.root() / "imports" / (hashlib.sha256(repr(stamp).encode()).hexdigest()[:32] + ".bin")
+def _kept(kind: str, stamp: list, compute):
+    """compute(), kept in ldm's cache under `stamp` (which names everything it depends on) as
+    Python keeps bytecode: marshalled, written whole, recomputed when missing or damaged."""
+    name = hashlib.sha256(repr(stamp).encode()).hexdigest()[:32] + ".bin"
+    kept = _generation() / kind / name
     try:
         return marshal.loads(kept.read_bytes())
-    except (OSError, ValueError, EOFError, TypeError):  # not kept yet, or damaged: compiled again
+    except (OSError, ValueError, EOFError, TypeError):  # not kept yet, or damaged
         pass
-    transform = _Transform(filename, package)
-    code = compile(transform.module(ast.parse(source)), filename, "exec")
-    blocks = [(block, tuple(names)) for block, names in transform.blocks]
+    value = compute()
     try:
+        if not kept.parent.parent.exists():  # a new Python or ldm: what older ones kept goes
+            for old in kept.parent.parent.parent.glob("*"):
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         kept.parent.mkdir(parents=True, exist_ok=True)
-        partial = kept.with_name(f".{kept.name}.{os.getpid()}")
-        partial.write_bytes(marshal.dumps((code, blocks)))
+        partial = kept.with_name(f".{name}.{os.getpid()}")
+        partial.write_bytes(marshal.dumps(value))
         os.replace(partial, kept)
-    except OSError:  # no cache folder to write: compiled again next time
+    except OSError:  # no cache folder to write: computed again next time
         pass
-    return code, blocks
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def _generation():
+    """This Python's and this ldm's folder of kept imports."""
+    return cache.root() / "imports" / hashlib.sha256(repr(_stamp(__file__)).encode()).hexdigest()[:16]
+
+
+def _stamp(*paths: str) -> list:
+    stamp = [sys.version, *paths]
+    for path in paths:
+        stat = os.stat(path)
+        stamp += [stat.st_mtime_ns, stat.st_size]
+    return stamp
+
+
+def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeType, list]:
+    """The module's rewritten code and its deferred blocks (rewriting and compiling them each run
+    took ~0.8 s); a changed module, or a changed rewrite, is compiled anew."""
+    def compute():
+        transform = _Transform(filename, package)
+        code = compile(transform.module(ast.parse(source)), filename, "exec")
+        return code, [(block, tuple(names)) for block, names in transform.blocks]
+    return _kept("code", _stamp(filename), compute)
+
+
+def _kept_listings(import_utils: types.ModuleType) -> None:
+    """transformers lists what each model folder exports by reading every file in it, at each
+    start (~0.5 s for the models folder and the Auto classes' folder); the listing depends on
+    nothing but those files, so it is kept, stamped with each file's time and size."""
+    original = import_utils.define_import_structure
+
+    @functools.lru_cache
+    def define_import_structure(module_path, prefix=None):
+        folder = module_path if os.path.isdir(module_path) else os.path.dirname(module_path)
+        stamp = [str(module_path), prefix]
+        for parent, folders, names in os.walk(folder):
+            folders.sort()
+            stamp += [(parent, n, *_stamp(os.path.join(parent, n))[-2:]) for n in sorted(names) if n.endswith(".py")]
+        return _kept("listings", stamp, lambda: original(module_path, prefix))
+
+    import_utils.define_import_structure = define_import_structure
 
 
 class _LazyPackage(types.ModuleType):
@@ -335,7 +386,7 @@ def _skip_unit_lora_scale(peft_utils: types.ModuleType) -> None:
 
 def _needs_change(source: str) -> bool:
     return any(f"\nif {check}():" in source for check in DEFERRED_CHECKS) \
-        or any(marker in source for marker in IMPORT_MARKERS) or any(f"@{mark}" in source for mark in COMPILER_MARKS)
+        or any(marker in source for marker in IMPORT_MARKERS + DEFERRED_CALLS) or any(f"@{mark}" in source for mark in COMPILER_MARKS)
 
 
 class _Narrowing(importlib.abc.MetaPathFinder):
@@ -347,7 +398,7 @@ class _Narrowing(importlib.abc.MetaPathFinder):
             return spec
         lazy = name in EAGER_PACKAGES
         source = None if lazy else spec.loader.get_data(spec.origin).decode("utf-8")
-        if lazy or name in (TORCH_UTILS, PEFT_UTILS) or _needs_change(source):
+        if lazy or name in (TORCH_UTILS, PEFT_UTILS, IMPORT_UTILS) or _needs_change(source):
             spec.loader = _Narrowed(spec.loader, source if source and _needs_change(source) else None, lazy)
         return spec
 
