@@ -42,7 +42,7 @@ TORCH_UTILS = "diffusers.utils.torch_utils"
 PEFT_UTILS = "diffusers.utils.peft_utils"
 IMPORT_UTILS = "transformers.utils.import_utils"
 DEFERRED_CHECKS = ("is_peft_available", "is_scipy_available", "is_torch_distributed_available",
-                   "_check_distributed_checkpointing_available",
+                   "_check_distributed_checkpointing_available", "is_jinja_available",
                    "is_transformers_available")  # diffusers' loaders import Auto classes with it
 COMPILER_MARKS = ("torch._dynamo.", "torch.compiler.disable", "torch.compiler.allow_in_graph")
 # A module-level `name = f(...)` of these becomes a stand-in: transformers' processors import a
@@ -180,7 +180,9 @@ def _dotted(node: ast.expr) -> str | None:
 
 
 class _Transform(ast.NodeTransformer):
-    """Rewrites a module's top level: deferred blocks out (recorded), compiler decorators deferred."""
+    """Rewrites a module's top level: deferrable statements become `__ldm_defer__(i)`, which binds
+    stand-ins for what block i defines (an availability check around a block is still evaluated,
+    so a missing package takes its else branch as before); compiler decorators are deferred."""
 
     def __init__(self, filename: str, package: str):
         self.filename, self.package, self.blocks = filename, package, []  # blocks: (code, names)
@@ -189,33 +191,33 @@ class _Transform(ast.NodeTransformer):
         # a name the module binds elsewhere too (say `torch`, by `import torch.distributed`) stays eager
         self.elsewhere = {name for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
                           for name in _bound_names([node]) or []}
-        body = []
-        for node in tree.body:
-            deferred = self._deferred(node)
-            if deferred is not None:
-                self.blocks.append(deferred)
-                continue
-            body.append(self.visit(node) if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else node)
-        tree.body = body
+        tree.body = [self._top(node) for node in tree.body]
         return tree
 
-    def _deferred(self, node: ast.stmt):
-        if isinstance(node, ast.If) and not node.orelse and isinstance(node.test, ast.Call) \
-                and isinstance(node.test.func, ast.Name) and node.test.func.id in DEFERRED_CHECKS \
-                and not node.test.args:
+    def _top(self, node: ast.stmt) -> ast.stmt:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            return self.visit(node)
+        checked = isinstance(node, ast.If) and isinstance(node.test, ast.Call) and not node.test.args \
+            and getattr(node.test.func, "id", None) in DEFERRED_CHECKS
+        if checked:
             statements = node.body
-        elif isinstance(node, ast.ImportFrom) and _absolute(node, self.package).startswith(DEFERRED_IMPORTS):
-            statements = [node]
-        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) \
-                and getattr(node.value.func, "id", None) in DEFERRED_CALLS:
+        elif (isinstance(node, ast.ImportFrom) and _absolute(node, self.package).startswith(DEFERRED_IMPORTS)) \
+                or (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                    and getattr(node.value.func, "id", None) in DEFERRED_CALLS):
             statements = [node]
         else:
-            return None
+            return node
         names = _bound_names(statements)
-        if not names or (statements[0] is not node and self.elsewhere.intersection(names)):
-            return None
-        code = compile(ast.Module(body=statements, type_ignores=[]), self.filename, "exec")
-        return code, names
+        if not names or (checked and self.elsewhere.intersection(names)):
+            return node
+        self.blocks.append((compile(ast.Module(body=statements, type_ignores=[]), self.filename, "exec"),
+                            tuple(dict.fromkeys(names))))
+        call = ast.Expr(ast.Call(ast.Name("__ldm_defer__", ast.Load()), [ast.Constant(len(self.blocks) - 1)], []))
+        call = ast.fix_missing_locations(ast.copy_location(call, statements[0]))
+        if checked:
+            node.body = [call]
+            return node
+        return call
 
     def visit_FunctionDef(self, node):
         node.decorator_list = [self._mark(d) for d in node.decorator_list]
@@ -259,11 +261,13 @@ class _Narrowed(importlib.abc.Loader):
         else:
             code, blocks = _transformed(module.__file__, module.__package__ or "", self.source)
             namespace = module.__dict__
-            namespace["__ldm_compiler_mark__"] = compiler_mark
-            for block_code, names in blocks:
-                block = _Block(block_code, namespace)
-                for name in names:
+
+            def defer(index: int) -> None:
+                block = _Block(blocks[index][0], namespace)
+                for name in blocks[index][1]:
                     namespace[name] = _Deferred(block, name)
+
+            namespace["__ldm_compiler_mark__"], namespace["__ldm_defer__"] = compiler_mark, defer
             exec(code, namespace)
         if module.__name__ == PEFT_UTILS:
             _skip_unit_lora_scale(module)
@@ -324,7 +328,7 @@ def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeTy
     def compute():
         transform = _Transform(filename, package)
         code = compile(transform.module(ast.parse(source)), filename, "exec")
-        return code, [(block, tuple(names)) for block, names in transform.blocks]
+        return code, transform.blocks
     return _kept("code", _stamp(filename), compute)
 
 
