@@ -41,8 +41,6 @@ def check_openable(path: Path, folders: bool = False) -> None:
         return
     except OSError as e:
         raise LdmError(f"cannot read {str(path)!r} ({e.strerror or e})") from None
-    except ValueError as e:  # a NUL in the name
-        raise LdmError(f"cannot read {str(path)!r} ({e})") from None
     if stat.S_ISREG(mode) or (folders and stat.S_ISDIR(mode)):
         return
     kind = next((name for test, name in KINDS if test(mode)), "a special file")
