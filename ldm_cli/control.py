@@ -15,7 +15,6 @@ for the transformer's blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -50,9 +49,9 @@ def canny(image: Image.Image) -> Image.Image:
 
 def control_image(unit: ControlUnit, width: int, height: int) -> Image.Image:
     """The unit's image as its ControlNet reads it at this render size."""
-    from ldm_cli import images
+    from ldm_cli import files, images
 
-    image = crop_and_resize(images.load_image(Path(unit.image).expanduser()), width, height)
+    image = crop_and_resize(images.load_image(files.user_path(unit.image)), width, height)
     return canny(image) if unit.preprocess == "canny" else image
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ldm_cli import untrusted_json
+from ldm_cli import files, untrusted_json
 from ldm_cli.errors import LdmError
 
 PREPROCESSORS = ("none", "canny")
@@ -47,7 +46,7 @@ class ControlUnit:
         if self.mode is not None and not 0 <= self.mode < 100:
             raise LdmError(f"--control-mode must be one of {', '.join(UNION_MODES)} or a number from 0 (got {self.mode})")
         for flag, path in (("--controlnet", self.controlnet), ("--control-image", self.image)):
-            if not Path(path).expanduser().exists():
+            if not files.exists(files.user_path(path)):
                 raise LdmError(f"{flag} {path!r} does not exist")
 
     def infotext(self) -> str:
@@ -93,7 +92,7 @@ def units_from_flags(controlnets: list[str], images: list[str], scales: list[flo
 
 def _absolute(path: str) -> str:
     """Recorded so, a --from-png replay finds the file from any folder."""
-    return str(Path(path).expanduser().absolute())
+    return str(files.user_path(path).absolute())
 
 
 def to_text(units: list[ControlUnit]) -> str | None:

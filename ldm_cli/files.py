@@ -16,6 +16,22 @@ KINDS = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (st
          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
 
 
+def user_path(text: str) -> Path:
+    """A path as a user (or a file: a prompts-file line, a PNG's record) wrote it, `~` expanded as
+    the shell does; `~name` of no known user stays as written, where pathlib's expanduser raises."""
+    return Path(os.path.expanduser(text))
+
+
+def exists(path: Path) -> bool:
+    """Whether anything is at `path`; a name no file can have (too long, holding a NUL) is
+    nothing there, where Path.exists raises."""
+    try:
+        os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def check_openable(path: Path, folders: bool = False) -> None:
     """Refuse `path` unless it is a regular file (or, with `folders`, a folder). A missing path
     passes: the caller's own message says what was expected there."""

@@ -28,8 +28,10 @@ def quote(value: str) -> str:
 def unquote(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] == '"':
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            text = json.loads(value)
+            text.encode("utf-8")  # a lone surrogate escape ("\ud800") is no text: kept as written
+            return text
+        except (json.JSONDecodeError, UnicodeEncodeError):
             return value
     return value
 

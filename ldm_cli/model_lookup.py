@@ -14,12 +14,14 @@ import glob
 import os
 from pathlib import Path
 
+from ldm_cli import files
 from ldm_cli.errors import LdmError
 
 MODELS_ENV = "LDM_MODELS_DIR"
 SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 LAYOUTS = ("models/Stable-diffusion", "models/checkpoints", "Stable-diffusion", "checkpoints")  # A1111's, ComfyUI's
 BUILTIN_NAME = "ldm-builtin"  # the name the built-in model records
+NAME_MAX = 255  # bytes in one file name, on every file system ldm runs on
 
 
 def folders(models_dir: str | None) -> list[Path]:
@@ -51,16 +53,25 @@ def find(name: str, short_hash: str | None, roots: list[Path]) -> Path | None:
 
 
 def _named(root: Path, name: str) -> list[Path]:
-    stem = glob.escape(name)
-    files = [p for suffix in SUFFIXES for p in root.rglob(stem + suffix) if p.is_file()]
-    return files + [p for p in root.rglob(stem) if (p / "model_index.json").is_file()]
+    names = [name + suffix for suffix in SUFFIXES if _possible(name + suffix)]
+    files = [p for file in names for p in root.rglob(glob.escape(file)) if p.is_file()]
+    folders = root.rglob(glob.escape(name)) if _possible(name) else []
+    return files + [p for p in folders if (p / "model_index.json").is_file()]
+
+
+def _possible(name: str) -> bool:
+    """Whether a file can have this name; rglob raises on those none can (too long, not text)."""
+    try:
+        return len(os.fsencode(name)) <= NAME_MAX
+    except UnicodeEncodeError:
+        return False
 
 
 def recorded_model(model: str | None, name: str | None, short_hash: str | None, png: Path,
                    models_dir: str | None) -> str | None:
     """The model to replay a PNG with: its recorded path if still there, else the file its recorded
     name (and hash) finds; None (the built-in model) only when it recorded none."""
-    if model and Path(model).expanduser().exists():
+    if model and files.exists(files.user_path(model)):
         return model
     name = name or (Path(model).name.removesuffix(Path(model).suffix) if model else None)
     if not name or name == BUILTIN_NAME:

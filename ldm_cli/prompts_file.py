@@ -286,9 +286,9 @@ def derived_seed(number: int, line: str) -> int:
 
 
 def existing(text: str, folder: Path, name: str) -> Path:
-    path = Path(text).expanduser()
+    path = files.user_path(text)
     path = path if path.is_absolute() else folder.absolute() / path
-    if not path.exists():
+    if not files.exists(path):
         raise LdmError(f"--{name}: no such file or folder {str(path)!r} (relative paths start at the prompts file's folder)")
     files.check_openable(path, folders=True)  # /dev/zero as a model: refused with the line, not once it loads
     return path

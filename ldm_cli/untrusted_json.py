@@ -1,7 +1,8 @@
 """JSON from files anyone could have made (a PNG's `ldm` chunk, a prompts-file line, a
 safetensors header, a manifest line), read with bounds: its size is capped before parsing, a
-nesting deeper than Python's recursion limit or than `max_depth` is refused, and an integer too
-large for a float is refused as it is read (converting it later would raise OverflowError)."""
+nesting deeper than Python's recursion limit or than `max_depth` is refused, an integer too
+large for a float is refused as it is read (converting it later would raise OverflowError), and
+so is a string that is no text (a lone surrogate escape)."""
 from __future__ import annotations
 
 import json
@@ -35,6 +36,8 @@ def loads(text: str | bytes, what: str, max_chars: int = limits.MAX_JSON_CHARS,
         raise BadJson(f"{what} is not valid JSON ({getattr(e, 'msg', e)}, column {getattr(e, 'colno', '?')})") from None
     if depth(value) > max_depth:
         raise BadJson(f"{what} nests deeper than {max_depth} levels")
+    if (bad := _not_text(value)) is not None:
+        raise BadJson(f"{what} holds {bad!r}, a lone surrogate (\\u escape) that is not text")
     return value
 
 
@@ -46,6 +49,30 @@ def _int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
         raise _TooLarge
     return int(text)
+
+
+def _not_text(value: Any) -> str | None:
+    """The first string (key or value) that is no Unicode text (JSON's "\\ud800" escape decodes
+    to one), which ldm could neither write to a PNG nor print; None when all are text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and not _is_text(item):
+            return item
+    return None
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def depth(value: Any) -> int:

@@ -45,7 +45,7 @@ def load(source: str | None, options: LoadOptions | None = None):
 
 def source_path(source: str | None) -> Path:
     """Where the model `source` names is read from (None: the built-in model)."""
-    return Path(source).expanduser() if source else BUILTIN
+    return files.user_path(source) if source else BUILTIN
 
 
 def check(path: Path, options: LoadOptions) -> None:
@@ -75,7 +75,7 @@ def size_multiple(source: str | None) -> int:
     """What width and height must be multiples of (the VAE's factor, 8, times a DiT's patch size),
     from the model's configs or file header alone, so sizes taken from an image are rounded right
     before anything loads. A file that cannot be read says so when it loads."""
-    path = Path(source).expanduser() if source else BUILTIN
+    path = files.user_path(source) if source else BUILTIN
     if path.is_dir():
         config = path / "transformer" / "config.json"
         try:

@@ -150,13 +150,13 @@ def recorded(unit):
     """The unit with its ControlNet's name and short hash and its control image's hash."""
     from dataclasses import replace
 
-    from ldm_cli import hashing
+    from ldm_cli import files, hashing
 
-    path = Path(unit.controlnet).expanduser()
+    path = files.user_path(unit.controlnet)
     weights = path / FILE_NAME if path.is_dir() else path
     # a folder, or a lone diffusers file, is known by its folder's name; any other file by its own
     name = path.name if path.is_dir() else path.parent.name if path.name == FILE_NAME else path.stem
-    image_hash = hashing.sha256_file(Path(unit.image).expanduser())[:10]
+    image_hash = hashing.sha256_file(files.user_path(unit.image))[:10]
     if unit.image_hash and unit.image_hash != image_hash:
         raise LdmError(f"the control image {unit.image!r} has changed since it was recorded (hash {image_hash}, "
                        f"recorded {unit.image_hash}); give --control-image again")

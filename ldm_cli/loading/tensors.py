@@ -16,6 +16,7 @@ from ldm_cli.errors import LdmError
 from ldm_cli.loading import safety
 
 MAX_HEADER = 100 * 2**20  # real headers are well under 1 MB
+MAX_SIZE = 2**63 - 1  # torch's sizes are int64: a larger dimension (of an empty tensor) cannot be made
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
                 "F8_E5M2": "float8_e5m2", "BOOL": "bool", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
                 "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8"}
@@ -78,7 +79,10 @@ def check_entries(path: Path, header: dict, data_size: int) -> None:
     for key, entry in header.items():
         try:
             begin, stop = entry["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in [*entry["shape"], begin, stop]):
+            # a list of whole numbers (JSON's true is none), each and their product within torch's int64
+            shape = entry["shape"]
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in [*shape, begin, stop]) \
+                    or math.prod(max(d, 1) for d in shape) > MAX_SIZE:
                 raise ValueError
             nbytes = math.prod(entry["shape"]) * ITEMSIZE[entry["dtype"]]
         except (KeyError, TypeError, ValueError):

@@ -36,6 +36,16 @@ def shape(kind: str, s: Shapes) -> tuple[int, ...]:
     return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
 
 
+def checked_shape(kind: str, s: Shapes) -> tuple[int, ...] | None:
+    """The shape `compute` gives the delta, found by running it on meta tensors (no memory, no
+    arithmetic); None when the factors' shapes do not fit together, as in a broken or forged file,
+    which `compute` would fail on half-way through a merge."""
+    try:
+        return tuple(compute(kind, {k: torch.empty(v, device="meta") for k, v in s.items()}).shape)
+    except (RuntimeError, IndexError, ValueError):
+        return None
+
+
 def _lokr_shape(s: Shapes, i: int) -> tuple[int, ...]:
     if f"lokr_w{i}" in s:
         return s[f"lokr_w{i}"]

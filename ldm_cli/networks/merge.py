@@ -14,6 +14,7 @@ model, or one whose layer shapes differ from the model's (made for another famil
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -71,14 +72,29 @@ def _contribution(applied: Applied, layer: str, target: Target, weight: torch.Te
                        "layer by layer (--offload sequential); use --offload model, or a model file in fp16/bf16")
     kind = formats.kind(factors)
     shapes = {f: lora.shapes[key] for f, key in factors.items()}
-    natural = _part_shape(deltas.shape(kind, shapes), target)
+    computed = deltas.checked_shape(kind, {f: s for f, s in shapes.items() if f != "alpha"})
+    if computed is None:
+        raise LdmError(f"the LoRA {lora.name!r} is broken: the factors of its layer {layer} have shapes that do not "
+                       f"fit together ({', '.join(f'{f} {list(s)}' for f, s in shapes.items())})")
+    natural = _part_shape(computed, target)
     if not deltas.fits(natural, tuple(weight.shape)):
         raise LdmError(f"the LoRA {lora.name!r} does not fit this model: its layer {layer} changes a "
                        f"{list(natural)} weight where the model's is {list(weight.shape)}; it was made for "
                        "another model family")
-    alpha = float(lora.read(factors["alpha"])) if "alpha" in factors else None
+    alpha = _alpha(lora, layer, factors["alpha"]) if "alpha" in factors else None
     multiplier = applied.te if target.text else applied.unet
     return Contribution(applied, layer, target, multiplier * deltas.scale(kind, shapes, alpha))
+
+
+def _alpha(lora: formats.LoraFile, layer: str, key: str) -> float:
+    """A layer's alpha: one finite number (a NaN would turn every weight it touches into NaN)."""
+    value = lora.read(key)
+    if value.numel() != 1:
+        raise LdmError(f"the LoRA {lora.name!r} is broken: the alpha of its layer {layer} holds {value.numel()} "
+                       "numbers, not one")
+    if not math.isfinite(alpha := float(value)):
+        raise LdmError(f"the LoRA {lora.name!r} is broken: the alpha of its layer {layer} is {alpha}")
+    return alpha
 
 
 def _report_missing(lora: formats.LoraFile, missing: list[str], family: str) -> None:
