@@ -45,28 +45,38 @@ class Prefetch:
     """The weights under `prefixes`, each copied once into `dtype` on `device` (dequantized,
     or still quantized: quantized.read).
 
+    A background thread starts reading at once; the thread that asks for the result joins in
+    until every key is taken (it has nothing else to do by then), so once the imports are done
+    both cores copy.
+
     Use as a context manager: leaving it early (an error elsewhere) stops the reading rather
     than finishing a few GB for nothing."""
 
     def __init__(self, checkpoint: Checkpoint, prefixes: list[str], dtype: torch.dtype, device: torch.device):
-        keys = quantized.weight_keys(checkpoint, prefixes)
+        self._keys = iter(quantized.weight_keys(checkpoint, prefixes))
+        self._lock = threading.Lock()
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._source = (checkpoint, dtype, device)
         self._stop = threading.Event()
         self._threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        self._wait = in_background(self._read, checkpoint, keys, dtype, device)
+        self._wait = in_background(self._drain)
 
-    def _read(self, checkpoint: Checkpoint, keys: list[str], dtype: torch.dtype, device: torch.device) -> dict:
-        tensors = {}
-        for key in keys:
-            if self._stop.is_set():
-                break
-            tensors[key] = quantized.read(checkpoint, key, dtype, device)
+    def _drain(self) -> None:
+        checkpoint, dtype, device = self._source
+        while not self._stop.is_set():
+            with self._lock:
+                key = next(self._keys, None)
+            if key is None:
+                return
+            self._tensors[key] = quantized.read(checkpoint, key, dtype, device)
             checkpoint.release(key)
-        return tensors
 
     def result(self) -> dict[str, torch.Tensor]:
         try:
-            return self._wait()
+            self._drain()
+            self._wait()
+            return self._tensors
         finally:
             torch.set_num_threads(self._threads)
 
@@ -76,4 +86,5 @@ class Prefetch:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         with contextlib.suppress(Exception):  # an error is raised by result(), or is already on its way
-            self.result()
+            self._wait()
+        torch.set_num_threads(self._threads)
