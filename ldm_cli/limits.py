@@ -17,6 +17,11 @@ MAX_SIDE = 16384  # pixels on either side
 MAX_PIXELS_ENV = "LDM_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 4096 * 4096  # per image; people with the memory raise it with LDM_MAX_PIXELS
 MAX_IMAGES = 10_000  # per run or prompts-file line: each image's settings are listed up front
+# A1111 bounds none of these; past them an image is only noise, and far past them fp16 overflows
+# into NaN (a black image). Either sign: A1111 takes negative weights.
+MAX_PROMPT_WEIGHT = 100  # a word's emphasis (nested brackets multiplied) and an AND part's weight
+MAX_PROMPT_NESTING = 100  # brackets open at once; (x) nested 49 deep already weighs 1.1**49 > 100
+MAX_LORA_WEIGHT = 20  # a LoRA's multiplier: slider LoRAs are used up to about 10
 
 # Inclusive (lowest, highest) of the numeric settings; steps and size have their own checks.
 RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),

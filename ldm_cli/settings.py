@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ldm_cli import control_units, infotext, limits, schedulers
+from ldm_cli import control_units, infotext, limits, prompt_syntax, schedulers
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_SEED
 
@@ -27,7 +27,7 @@ LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Den
           "mask_blur": "Mask blur", "padding": "Masked area padding", "size": "Size", "width": "Size",
           "height": "Size", "scheduler": "Sampler", "schedule": "Schedule type", "shift": "Shift",
           "max_sequence_length": "Max sequence length", "guidance": "Distilled CFG Scale",
-          "clip_skip": "Clip skip", "rng": "RNG"}
+          "clip_skip": "Clip skip", "rng": "RNG", "prompt": "prompt", "negative": "negative prompt"}
 INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length",
                     "guidance", "clip_skip")
 # Settings only some families take (SD3's and FLUX's flow shift and T5 options, FLUX dev's
@@ -57,7 +57,7 @@ class BadSetting(LdmError):
 
 
 def flag_name(field: str) -> str:
-    return "the image size" if field == "size" else "--" + field.replace("_", "-")
+    return {"size": "the image size", "prompt": "the prompt"}.get(field, "--" + field.replace("_", "-"))
 
 
 def shown(value: Any) -> str:
@@ -113,6 +113,7 @@ class Settings:
         for name, (low, high) in limits.RANGES.items():
             _check_range(name, getattr(self, name), low, high)
         self._check_size()
+        self._check_prompts()
         self.scheduler, self.schedule = schedulers.validated(self.scheduler, self.schedule)
         if self.rng is not None and self.rng.lower() not in RNG_LABELS:
             raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
@@ -128,6 +129,13 @@ class Settings:
         if self.width and self.height and self.width * self.height > (most := limits.max_pixels()):
             raise BadSetting("size", f"{self.width}x{self.height}", f"must be at most {most:,} pixels",
                              f"; set {limits.MAX_PIXELS_ENV} to allow more")
+
+    def _check_prompts(self) -> None:
+        """Weights that overflow (inf, or 1.1**1000 from nested brackets) would render black."""
+        steps = self.steps or limits.MAX_STEPS  # unresolved: every step a schedule can switch at
+        for field, positive in (("prompt", True), ("negative", False)):
+            if problem := prompt_syntax.weight_problem(getattr(self, field) or "", steps, positive):
+                raise BadSetting(field, problem[1], problem[0])
 
     def resolve(self, defaults: dict[str, Any], native_size: tuple[int, int],
                 max_steps: int = limits.MAX_STEPS) -> Settings:
