@@ -134,7 +134,11 @@ def test_user_errors_are_one_line_and_render_nothing(model_dir, tmp_path):
     for args, message in ((["a <lora:nope:1>"], "LoRA 'nope' not found"),
                           (["a <lora:xl:1>"], "made for another model family"),
                           (["a", "--lora", tmp_path / "notes.txt"], "it is not a LoRA"),
-                          (["a", "--lora-dir", tmp_path / "missing"], "--lora-dir .* is not a folder")):
+                          (["a", "--lora-dir", tmp_path / "missing"], "--lora-dir .* is not a folder"),
+                          (["a <lora:xl:1e30>"], r"<lora:xl:1e30>: a LoRA's weight must be between -20 and 20 \(got 1e\+30\)"),
+                          (["a <lora:xl:1:unet=-21>"], r"between -20 and 20 \(got -21\)"),
+                          (["a", "--lora", f"{tmp_path / 'loras' / 'xl.safetensors'}:1e30"],
+                           r"--lora .*xl.safetensors:1e30': a LoRA's weight must be between -20 and 20")):
         result = run("generate", *args, "--model", model_dir, "--steps", 1, "--out", tmp_path / "out")
         assert result.exit_code == 2, result.output
         lines = [line for line in result.output.splitlines() if line.startswith("ldm: error:")]
