@@ -2,6 +2,8 @@
 finding them again, `ldm batch` switching sets without reloading, and every user error one
 line before anything renders."""
 import hashlib
+import math
+import re
 import json
 
 import numpy as np
@@ -177,3 +179,42 @@ def test_batch_checks_every_line_before_loading(model_dir, tmp_path, monkeypatch
     assert result.exit_code == 2
     assert "p.txt:2: LoRA 'missing' not found" in result.output and "p.txt:3: <lora:a:x>" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"alpha": math.nan}, r"nan.safetensors is not a usable LoRA: lora_unet_\w+\.alpha is nan, not a finite number"),
+    ({"poison": True}, r"nan.safetensors is not a usable LoRA: its layer lora_unet_\w+ holds NaN or inf values"),
+    ({"alpha": 1e38, "scale": 100}, r"merging nan.safetensors \(scale 2\.5e\+37\) into \S+ overflows its float32 weight"),
+])
+def test_a_lora_that_would_make_nan_weights_is_refused(model_dir, tmp_path, change, words):
+    """NaN in a LoRA (or a sum past the dtype's range) would render black: one line, no PNG."""
+    tensors = {k: v * change.get("scale", 1) for k, v in
+               lora_files.kohya(lora_files.layers(tiny_models.unet(), UNET), "lora_unet_").items()}
+    if "alpha" in change:
+        tensors.update({k.replace("lora_down.weight", "alpha"): torch.tensor(change["alpha"]) for k in list(tensors)
+                        if k.endswith("lora_down.weight")})
+    if change.get("poison"):
+        tensors[next(k for k in tensors if k.endswith("lora_up.weight"))][0, 0] = math.nan
+    lora_files.write(tmp_path / "loras" / "nan.safetensors", tensors)
+    result = run("generate", "a fox <lora:nan:1>", "--model", model_dir, "--steps", 1, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and re.search("^ldm: error: " + words, result.stderr), result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_failed_merge_restores_every_weight(sd1_folder, tmp_path):
+    from ldm_cli.networks import formats, targets
+
+    model = loading.load(str(sd1_folder))
+    components, table = targets.components(model), targets.table(model)
+    tensors = lora_files.kohya(lora_files.layers(model.denoiser, UNET), "lora_unet_")
+    clean = lora_files.write(tmp_path / "clean.safetensors", tensors)
+    last = list(merge.plan(components, table, [merge.Applied(formats.open_lora(clean, False))]).values())[-1][0].layer
+    tensors[f"{last}.lora_up.weight"][0, 0] = math.inf  # every other layer is merged before it
+    late = lora_files.write(tmp_path / "late.safetensors", tensors)
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    merger = merge.Merger()
+    with pytest.raises(LdmError, match=f"late.safetensors is not a usable LoRA: its layer {last} holds NaN or inf"):
+        merger.merge(components, merge.plan(components, table, [merge.Applied(formats.open_lora(late, False))]))
+    assert all(torch.equal(before[k], v) for k, v in model.denoiser.state_dict().items())
+    assert not merger.originals
