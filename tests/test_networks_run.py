@@ -3,7 +3,12 @@ finding them again, `ldm batch` switching sets without reloading, and every user
 line before anything renders."""
 import hashlib
 import math
+import os
 import re
+import subprocess
+import sys
+import threading
+import time
 import json
 
 import numpy as np
@@ -15,8 +20,9 @@ from typer.testing import CliRunner
 from ldm_cli import loading, pipeline
 from ldm_cli.cli import app
 from ldm_cli.errors import LdmError
-from ldm_cli.networks import hashes, lookup, merge, tags
+from ldm_cli.networks import hashes, lookup, merge, session, tags
 from ldm_cli.networks.lookup import NetworkOptions
+from ldm_cli.settings import Settings
 from tests import lora_files, tiny_models
 
 UNET = ("attn1.to_q", "attn2.to_k", "attn2.to_v", "resnets.0.conv1")
@@ -218,3 +224,52 @@ def test_a_failed_merge_restores_every_weight(sd1_folder, tmp_path):
         merger.merge(components, merge.plan(components, table, [merge.Applied(formats.open_lora(late, False))]))
     assert all(torch.equal(before[k], v) for k, v in model.denoiser.state_dict().items())
     assert not merger.originals
+
+
+@pytest.fixture
+def unblocked_fifo(tmp_path):
+    """A FIFO named pipe.safetensors in tmp_path/loras; should a read of it block, a writer comes
+    after 60 s, so a test fails rather than hangs."""
+    path = tmp_path / "loras" / "pipe.safetensors"
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def unblock():
+        if not done.wait(60):
+            with open(path, "wb"):
+                pass
+    threading.Thread(target=unblock, daemon=True).start()
+    yield path
+    done.set()
+
+
+def test_the_alias_lookup_opens_no_fifo_and_walks_no_link_to_a_folder_above(unblocked_fifo, tmp_path):
+    """kohya's output name is read from every file's header: a FIFO among them blocked forever,
+    and a link to / walked the whole machine (and reached its FIFOs)."""
+    folder = unblocked_fifo.parent
+    epoch = sd1_lora(folder / "deep" / "fox_v2-000010.safetensors")
+    lora_files.write(epoch, lora_files.kohya(lora_files.layers(tiny_models.unet(), UNET), "lora_unet_"),
+                     {"ss_output_name": "fox_v2"})
+    for name, target in (("root", "/"), ("up", tmp_path), ("loop", folder)):
+        (folder / "deep" / name).symlink_to(target)
+    (tmp_path / "above.safetensors").write_bytes(b"x")
+    options = NetworkOptions(lora_dirs=[str(folder)])
+    start = time.monotonic()
+    assert lookup.find_lora("fox_v2", options, None) == epoch
+    assert time.monotonic() - start < 20
+    assert "above" not in lookup.index((folder,))  # under the link to tmp_path: not walked
+    with pytest.raises(LdmError, match="pipe.safetensors' is a FIFO"):
+        session.check(Settings(prompt="a <lora:pipe:1>"), options)
+
+
+def test_an_embeddings_folder_linking_to_root_does_not_hang_the_run(model_dir, tmp_path):
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "root").symlink_to("/")
+    os.mkfifo(tmp_path / "emb" / "pipe.safetensors")
+    command = [sys.executable, "-m", "ldm_cli", "generate", "a pipe fox", "--model", str(model_dir), "--steps", "1",
+               "--embeddings-dir", str(tmp_path / "emb"), "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)  # killed, not hung, on failure
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("ldm: error: ") and "pipe.safetensors' is a FIFO" in result.stderr
+    assert result.stderr.count("\n") == 1
