@@ -212,6 +212,9 @@ def test_sd3_peft_and_fused_qkv_names(tmp_path):
         weight = f"transformer_blocks.0.attn.{name}.weight"
         rows = delta[i * q.out_features:(i + 1) * q.out_features]
         assert torch.allclose(transformer.state_dict()[weight], before[weight] + rows, atol=1e-5)
+    fused[f"{key}.lora_up.weight"] = torch.randn(3 * q.out_features + 1, 4)  # one row more than q, k and v have
+    with pytest.raises(LdmError, match=f"its layer {key} changes a \\[{3 * q.out_features + 1}, {q.in_features}\\] weight"):
+        merged(model, lora_files.write(tmp_path / "crafted.safetensors", fused))
 
 
 def test_flux_kohya_fused_linear1_split_in_unequal_parts(tmp_path):

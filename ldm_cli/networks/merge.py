@@ -98,7 +98,9 @@ def _weight(components: dict[str, torch.nn.Module], target: Target) -> torch.Ten
 
 
 def _part_shape(natural: tuple[int, ...], target: Target) -> tuple[int, ...]:
-    if target.part is None:
+    """The shape of `target`'s rows of the delta; a fused delta whose rows are not its parts'
+    (a crafted file) keeps its own, which then fits no part."""
+    if target.part is None or sum(target.split or (natural[0] // 3,) * 3) != natural[0]:
         return natural
     rows = _rows(natural[0], target)
     return (rows.stop - rows.start, *natural[1:])
