@@ -276,7 +276,6 @@ def _joined(frags: list[list]) -> list[tuple[str, float]]:
     return [(text, weight) for text, weight in out]
 
 
-
 # -- 5. limits --------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)  # a batch validates each line's prompts, often the same ones
 def weight_problem(text: str, steps: int, positive: bool) -> tuple[str, str] | None:
@@ -291,7 +290,7 @@ def weight_problem(text: str, steps: int, positive: bool) -> tuple[str, str] | N
     for part, weight in and_parts(text) if positive else [(text, 1.0)]:
         if not -MAX_PROMPT_WEIGHT <= weight <= MAX_PROMPT_WEIGHT:
             return f"may weight an AND part by {bound}", f"{weight:g} on {_short(part.strip())!r}"
-        for prompt in {prompt for _, prompt in schedule(part, steps)}:
+        for prompt in dict.fromkeys(prompt for _, prompt in schedule(part, steps)):  # each distinct one, in order
             for fragment, w in emphasis(prompt):
                 if not -MAX_PROMPT_WEIGHT <= w <= MAX_PROMPT_WEIGHT:
                     return f"may weight words by {bound} (nested brackets multiply)", f"{w:g} on {_short(fragment)!r}"

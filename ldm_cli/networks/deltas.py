@@ -52,11 +52,13 @@ def problem(kind: str, s: Shapes) -> tuple[str, str] | None:
     if kind == "lora":
         return _lora_problem(s)
     if kind == "loha":
-        return _pair_problem(s, "hada_w1_a", "hada_w1_b", "hada_t1") or _pair_problem(s, "hada_w2_a", "hada_w2_b", "hada_t2") \
+        return _pair_problem(s, "hada_w1_a", "hada_w1_b", "hada_t1") \
+            or _pair_problem(s, "hada_w2_a", "hada_w2_b", "hada_t2") \
             or _same(s, "hada_w2_a", _hada_shape(s, 1), _hada_shape(s, 2))
     w1 = _lokr_shape(s, 1)
+    w1_name = "lokr_w1" if "lokr_w1" in s else "lokr_w1_b"
     return _pair_problem(s, "lokr_w1_a", "lokr_w1_b") or _pair_problem(s, "lokr_w2_a", "lokr_w2_b", "lokr_t2") \
-        or (None if len(w1) == 2 else ("lokr_w1" if "lokr_w1" in s else "lokr_w1_b", f"makes {list(w1)}: w1 is a matrix"))
+        or (None if len(w1) == 2 else (w1_name, f"makes {list(w1)}: w1 is a matrix"))
 
 
 def _lora_problem(s: Shapes) -> tuple[str, str] | None:

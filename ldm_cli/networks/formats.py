@@ -117,13 +117,15 @@ def check(path: Path, found: dict[str, dict[str, str]], shapes: dict[str, tuple[
         _check_layer(path, factors, shapes, dtypes)
 
 
-def _check_layer(path: Path, factors: dict[str, str], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
+def _check_layer(path: Path, factors: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                 dtypes: dict[str, str]) -> None:
     from ldm_cli.networks import deltas
 
     for factor, key in factors.items():
         wanted = NUMBERS if factor == "alpha" else FLOATS
         if dtypes.get(key, "F32") not in wanted:
-            raise LdmError(f"{path.name} is not a usable LoRA: {key} holds {dtypes[key]} values, not floating-point numbers")
+            raise LdmError(f"{path.name} is not a usable LoRA: {key} holds {dtypes[key]} values, "
+                           "not floating-point numbers")
     if "alpha" in factors and math.prod(shapes[factors["alpha"]]) != 1:
         raise LdmError(f"{path.name} is not a usable LoRA: {factors['alpha']} is {list(shapes[factors['alpha']])}, "
                        "not one number")

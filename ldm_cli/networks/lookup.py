@@ -101,8 +101,8 @@ def _output_name(path: Path) -> str | None:
             metadata = json.loads(f.read(size)).get("__metadata__") if size <= MAX_HEADER else None
         name = metadata.get("ss_output_name") if isinstance(metadata, dict) else None
         return name if isinstance(name, str) and name else None
-    except (OSError, ValueError, AttributeError, LdmError):  # no alias; named by its stem, it is still reported
-        return None
+    except (OSError, ValueError, AttributeError, RecursionError, LdmError):
+        return None  # no alias; named by its stem, the file is still reported
 
 
 def embedding_files(options: NetworkOptions, model: str | None) -> dict[str, Path]:

@@ -113,7 +113,7 @@ def _rows(total: int, target: Target) -> slice:
     return slice(start, start + sizes[target.part])
 
 
-def _check_finite(total: torch.Tensor, contributions: list[Contribution], dtype: torch.dtype) -> None:
+def _check_in_range(total: torch.Tensor, contributions: list[Contribution], dtype: torch.dtype) -> None:
     """The merged weight must hold in the model's dtype (fp16 ends at 65504), NaN nowhere."""
     if not bool((total.abs() <= torch.finfo(dtype).max).all()):
         names = ", ".join(dict.fromkeys(f"{c.applied.lora.path.name} (scale {c.scale:g})" for c in contributions))
@@ -140,7 +140,7 @@ class Merger:
                     total = weight.float()
                     for c in contributions:
                         total.add_(self._delta(c, weight, cache), alpha=c.scale)
-                    _check_finite(total, contributions, weight.dtype)
+                    _check_in_range(total, contributions, weight.dtype)
                     weight.copy_(total)
         except LdmError:
             self.restore()
