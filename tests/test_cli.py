@@ -172,7 +172,9 @@ def no_model_load(monkeypatch):
     (params(), {"prompt": "a fox", "steps": 999999999}, "the Steps recorded in {png} must be between 1 and 1000"),
     (params(), {"prompt": "a fox", "cfg": 1e30}, "the CFG scale recorded in {png} must be between 0 and 100 (got 1e+30)"),
     (params(), {"prompt": "a fox AND b:" + "9" * 400}, "the prompt recorded in {png} may weight an AND part by -100 to 100 "
-                                                     "(got inf on 'b'); override it with the prompt"),
+                                                     "(got inf on 'b'); override it with a prompt of your own"),
+    (params(), {"prompt": "a fox", "negative": "(" * 101}, "the negative prompt recorded in {png} may nest brackets at most "
+                                                          "100 deep (got 101); override it with --negative"),
 ])
 def test_a_forged_png_is_refused_before_any_model_loads(run, tmp_path, no_model_load, parameters, ldm, words):
     png = forged_png(tmp_path / "forged.png", parameters, ldm)
