@@ -9,6 +9,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from ldm_cli.errors import LdmError
 
@@ -43,9 +44,13 @@ def check_openable(path: Path, folders: bool = False) -> None:
         raise LdmError(f"cannot read {str(path)!r} ({e.strerror or e})") from None
     if stat.S_ISREG(mode) or (folders and stat.S_ISDIR(mode)):
         return
+    raise _refusal(path, mode, folders)
+
+
+def _refusal(path: Path, mode: int, folders: bool) -> LdmError:
     kind = next((name for test, name in KINDS if test(mode)), "a special file")
     wanted = "a file or folder" if folders else "a file"
-    raise LdmError(f"{str(path)!r} is {kind}, not {wanted}; ldm reads only regular files{' and folders' * folders}")
+    return LdmError(f"{str(path)!r} is {kind}, not {wanted}; ldm reads only regular files{' and folders' * folders}")
 
 
 def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
@@ -69,3 +74,22 @@ def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
         kind = next((name for test, name in KINDS if test(mode)), "a special file")
         raise LdmError(f"{str(path)!r} is {kind}, not a file; remove or rename it")
     return fd
+
+
+def is_regular(path: Path) -> bool:
+    """Whether `path` is (or links to) a regular file; never blocks, never raises."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_input(path: Path) -> BinaryIO:
+    """`path` opened for reading, refused unless a regular file. Opened without waiting
+    (O_NONBLOCK), so a FIFO put in its place after a check cannot block; OSError as open()'s."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _refusal(path, mode, False)
+    return os.fdopen(fd, "rb")  # O_NONBLOCK changes nothing for a regular file's reads

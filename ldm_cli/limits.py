@@ -23,6 +23,11 @@ MAX_PROMPT_BYTES = 32 * 1024
 MAX_PROMPT_CHUNKS = 64
 MAX_JSON_CHARS = 2**20  # a PNG's ldm chunk, a prompts-file or manifest line: real ones are a few KB
 MAX_JSON_DEPTH = 20  # ldm's own JSON nests 3 deep; a safetensors header, 3
+# A1111 bounds none of these; past them an image is only noise, and far past them fp16 overflows
+# into NaN (a black image). Either sign: A1111 takes negative weights.
+MAX_PROMPT_WEIGHT = 100  # a word's emphasis (nested brackets multiplied) and an AND part's weight
+MAX_PROMPT_NESTING = 100  # brackets open at once; (x) nested 49 deep already weighs 1.1**49 > 100
+MAX_LORA_WEIGHT = 20  # a LoRA's multiplier: slider LoRAs are used up to about 10
 
 # Inclusive (lowest, highest) of the numeric settings; steps and size have their own checks.
 RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),

@@ -13,11 +13,16 @@ A positive prompt is read in this order:
 4. Each of those prompts is split into weighted fragments (`emphasis`): `(x)` x1.1, `[x]` /1.1,
    `(x:w)` xw, nested ones multiplying, `\\(` and friends literal, unclosed brackets closed at the
    end; `BREAK` starts a new 75-token chunk. This never fails.
+5. `weight_problem` says what weighs or nests beyond limits.py's bounds (A1111 has none), so
+   Settings.validate can refuse it before a model loads.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
+
+from ldm_cli.limits import MAX_PROMPT_NESTING, MAX_PROMPT_WEIGHT
 
 # -- 1. extra networks ------------------------------------------------------------------------
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
@@ -281,3 +286,42 @@ def _joined(frags: list[list]) -> list[tuple[str, float]]:
             out.append([text, weight])
     return [(text, weight) for text, weight in out]
 
+
+# -- 5. limits --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)  # a batch validates each line's prompts, often the same ones
+def weight_problem(text: str, steps: int, positive: bool) -> tuple[str, str] | None:
+    """(the rule broken, the value that breaks it) when `text` nests brackets deeper than
+    MAX_PROMPT_NESTING, or weighs a word or (in a positive prompt) an AND part beyond
+    MAX_PROMPT_WEIGHT, inf and nan included; None when it does neither. Words are weighed in
+    every prompt its schedule over `steps` gives, as they are encoded."""
+    text = extra_networks(text)[0] if positive else text
+    if (depth := _nesting(text)) > MAX_PROMPT_NESTING:  # checked first: emphasis is quadratic in it
+        return f"may nest brackets at most {MAX_PROMPT_NESTING} deep", str(depth)
+    bound = f"-{MAX_PROMPT_WEIGHT} to {MAX_PROMPT_WEIGHT}"
+    for part, weight in and_parts(text) if positive else [(text, 1.0)]:
+        if not -MAX_PROMPT_WEIGHT <= weight <= MAX_PROMPT_WEIGHT:
+            return f"may weight an AND part by {bound}", f"{weight:g} on {_short(part.strip())!r}"
+        for prompt in dict.fromkeys(prompt for _, prompt in schedule(part, steps)):  # each distinct one, in order
+            for fragment, w in emphasis(prompt):
+                if not -MAX_PROMPT_WEIGHT <= w <= MAX_PROMPT_WEIGHT:
+                    return f"may weight words by {bound} (nested brackets multiply)", f"{w:g} on {_short(fragment)!r}"
+    return None
+
+
+def _nesting(text: str) -> int:
+    """The most brackets open at once, as `emphasis` opens and closes them."""
+    opened, deepest = {"(": 0, "[": 0}, 0
+    for m in _EMPHASIS_TOKEN.finditer(text):
+        token = m.group(0)
+        closes = "(" if token == ")" or (m.group(1) is not None and _is_number(m.group(1))) else \
+            "[" if token == "]" else None
+        if token in opened:
+            opened[token] += 1
+        elif closes and opened[closes]:
+            opened[closes] -= 1
+        deepest = max(deepest, sum(opened.values()))
+    return deepest
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -75,7 +75,7 @@ def check_recorded(path: Path, recorded: Settings, overridden: set[str]) -> None
         kept.validate()
     except BadSetting as e:
         size = LABELS.get(e.field) == "Size"
-        flags = "--width and --height" if size else flag_name(e.field)
+        flags = "--width and --height" if size else "a prompt of your own" if e.field == "prompt" else flag_name(e.field)
         raise LdmError(e.named(f"the {LABELS.get(e.field, e.field)} recorded in {str(path)!r}",
                                f"{recorded.width}x{recorded.height}" if size else None,
                                f"; override it with {flags}" + (e.hint if e.field == "size" else ""))) from None

@@ -116,6 +116,7 @@ class Settings:
         self._check_size()
         for name in ("prompt", "negative"):
             _check_prompt(name, getattr(self, name))
+        self._check_prompts()
         self.scheduler, self.schedule = schedulers.validated(self.scheduler, self.schedule)
         if self.rng is not None and self.rng.lower() not in RNG_LABELS:
             raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
@@ -132,6 +133,13 @@ class Settings:
         if self.width and self.height and self.width * self.height > (most := limits.max_pixels()):
             raise BadSetting("size", f"{self.width}x{self.height}", f"must be at most {most:,} pixels",
                              f"; set {limits.MAX_PIXELS_ENV} to allow more")
+
+    def _check_prompts(self) -> None:
+        """Weights that overflow (inf, or 1.1**1000 from nested brackets) would render black."""
+        steps = self.steps or limits.MAX_STEPS  # unresolved: every step a schedule can switch at
+        for field, positive in (("prompt", True), ("negative", False)):
+            if problem := prompt_syntax.weight_problem(getattr(self, field) or "", steps, positive):
+                raise BadSetting(field, problem[1], problem[0])
 
     def resolve(self, defaults: dict[str, Any], native_size: tuple[int, int],
                 max_steps: int = limits.MAX_STEPS) -> Settings:

@@ -2,6 +2,10 @@
 
 Latents are (z - shift_factor) * scaling_factor: 0.18215 for SD1/SD2, 0.13025 for SDXL, whatever
 the config says for the built-in model. Nothing here hard-codes a number.
+
+No image is made of values that are not finite (they would be saved as a black PNG): latents
+that went NaN or inf while sampling are an error before any decoding, and so is a decode that
+is still not finite after its fp32 retry.
 """
 from __future__ import annotations
 
@@ -12,6 +16,11 @@ import torch
 from PIL import Image
 
 from ldm_cli import memory
+from ldm_cli.errors import LdmError
+
+# what makes a denoiser's output NaN or inf, roughly most likely first
+SAMPLING_CAUSES = ("a model file with broken (NaN) weights, a LoRA, an embedding, a prompt or LoRA weight "
+                   "or --cfg far too high, or fp16 overflowing (try --dtype fp32 or bf16)")
 
 
 def _factors(vae) -> tuple[float, float]:
@@ -42,6 +51,9 @@ def _decode_in(vae, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def decode(model, latents: torch.Tensor) -> list[Image.Image]:
+    """The batch's images; LdmError when sampling or decoding gave values that are not finite."""
+    _check_finite(latents, f"sampling went to NaN or inf, so no image of this batch was decoded; likely causes: "
+                           f"{SAMPLING_CAUSES}")
     vae = model.vae
     scaling, shift = _factors(vae)
     z = latents / scaling + shift
@@ -50,7 +62,16 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
     pixels = _decode_in(vae, z, dtype)
     if dtype != torch.float32 and not torch.isfinite(pixels).all():
         pixels = _decode_in(vae, z, torch.float32)  # a NaN would be saved as a black image
+    _check_finite(pixels, "the VAE decoded NaN or inf even in fp32, so no image of this batch was saved; "
+                          "its weights are likely broken (try another --vae)")
     return to_pil(pixels)
+
+
+def _check_finite(values: torch.Tensor, problem: str) -> None:
+    if not torch.isfinite(values).all():
+        bad = [i + 1 for i, row in enumerate(values) if not torch.isfinite(row).all()]
+        which = "" if len(values) == 1 else f" (image{'s' * (len(bad) > 1)} {', '.join(map(str, bad))} of {len(values)})"
+        raise LdmError(f"{problem}{which}; images already saved are kept")
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

@@ -122,6 +122,8 @@ def test_two_runs_into_one_folder_keep_both(run, tmp_path):
     (["--seed", "4294967295", "-n", "2"], "--seed 4294967295 leaves no room for 2 images"),
     (["--device", "tpu"], "unknown --device"),
     (["--stepz", "3"], "No such option: --stepz"),
+    (["--negative", "(" * 1000 + "x"], "--negative may nest brackets at most 100 deep (got 1000)"),
+    (["--negative", "a AND b:" + "9" * 400 + " (c:" + "9" * 400 + ")"], "--negative may weight words by -100 to 100"),
 ])
 def test_bad_flags_fail_in_one_line_and_write_nothing(run, tmp_path, args, words):
     result = run("generate", "a fox", "--out", tmp_path / "o", *args)
@@ -169,6 +171,10 @@ def no_model_load(monkeypatch):
     (params(), {"prompt": "a fox", "steps": "many"}, "the \"steps\" in the ldm metadata of {png} must be a whole number (got 'many')"),
     (params(), {"prompt": "a fox", "steps": 999999999}, "the Steps recorded in {png} must be between 1 and 1000"),
     (params(), {"prompt": "a fox", "cfg": 1e30}, "the CFG scale recorded in {png} must be between 0 and 100 (got 1e+30)"),
+    (params(), {"prompt": "a fox AND b:" + "9" * 400}, "the prompt recorded in {png} may weight an AND part by -100 to 100 "
+                                                     "(got inf on 'b'); override it with a prompt of your own"),
+    (params(), {"prompt": "a fox", "negative": "(" * 101}, "the negative prompt recorded in {png} may nest brackets at most "
+                                                          "100 deep (got 101); override it with --negative"),
 ])
 def test_a_forged_png_is_refused_before_any_model_loads(run, tmp_path, no_model_load, parameters, ldm, words):
     png = forged_png(tmp_path / "forged.png", parameters, ldm)

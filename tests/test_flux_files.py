@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from typer.testing import CliRunner
 from ldm_cli import loading, pipeline
 from ldm_cli.cli import app
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import LoadOptions, convert, detect, keymap, recipe
+from ldm_cli.loading import LoadOptions, convert, detect, keymap, quantized, recipe
 from ldm_cli.loading.tensors import Checkpoint
 from ldm_cli.settings import Settings
 from tests import original_layout, tiny_models
@@ -319,6 +320,47 @@ def test_gguf_k_quant_renders_its_weights(made, tmp_path):
     assert (dequantize_gguf_tensor(weight).float() - expected).abs().max() <= 2e-3 * expected.abs().max()
     ref.denoiser = from_original(ref.denoiser, BARE, held)
     assert np.abs(image(ours) - image(ref)).max() <= 2
+
+
+@pytest.mark.parametrize("name", sorted(quantized.SCALE_OFFSETS))
+def test_a_nan_gguf_scale_is_found_where_gguf_reads_it(name):
+    """The table of scale offsets against the gguf package's own dequantizer: with those bytes
+    finite every weight is, and a NaN in any of them is found."""
+    import gguf
+
+    quant = gguf.GGMLQuantizationType[name]
+    size = gguf.GGML_QUANT_SIZES[quant][1]
+    codes = np.random.default_rng(0).integers(0, 256, (4, 3, size), dtype=np.uint8)
+    for offset in quantized.SCALE_OFFSETS[name]:
+        codes[..., offset:offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    checkpoint = SimpleNamespace(name="x.gguf", dtypes={"w": name})
+    assert np.isfinite(gguf.quants.dequantize(codes.reshape(4, -1), quant)).all()
+    quantized.check_scales(checkpoint, "w", torch.from_numpy(codes.reshape(4, -1)))
+    for offset in quantized.SCALE_OFFSETS[name]:
+        bad = codes.copy()
+        bad[2, 1, offset:offset + 2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)
+        assert np.isnan(gguf.quants.dequantize(bad.reshape(4, -1), quant)).any()
+        with pytest.raises(LdmError, match="x.gguf is corrupt: its GGUF tensor 'w' has NaN or inf scales"):
+            quantized.check_scales(checkpoint, "w", torch.from_numpy(bad.reshape(4, -1)))
+
+
+def test_a_gguf_file_with_one_nan_scale_is_refused_at_load(made, tmp_path):
+    import gguf
+
+    paths = made("schnell")
+    path = tmp_path / "flux1-schnell-Q8_0.gguf"
+    write_gguf(path, convert.export(BARE, reference(paths).denoiser), q8_where_possible)
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.tensor_type.name == "Q8_0")
+    data = bytearray(path.read_bytes())
+    data[tensor.data_offset + 34:tensor.data_offset + 36] = np.float16(np.nan).tobytes()  # the second block's d
+    path.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["generate", "a fox", "--model", str(path), "--config", str(paths["configs"]),
+                                      "--text-encoder", str(paths["clip_l"]), "--text-encoder", str(paths["t5"]),
+                                      "--vae", str(paths["vae"]), "--steps", "1", "-H", "64", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"ldm: error: {path.name} is corrupt: its GGUF tensor {tensor.name!r} has NaN or inf scales, "
+                             "which would make every image black; download it again\n")
+    assert not (tmp_path / "o").exists()
 
 
 # -- ldm info ---------------------------------------------------------------------------------------

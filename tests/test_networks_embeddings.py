@@ -71,3 +71,41 @@ def test_the_run_records_ti_hashes_and_refuses_another_familys_embedding(sd1):
     assert names == ["myfox", "my"] and all(len(item.split(": ")[1]) == 12 for item in out.ti_hashes.split(", "))
     with pytest.raises(LdmError, match="'xlonly'.*another model family"):
         sd1.networks.resolve(Settings(prompt="an xlonly cat", steps=2, width=64, height=64))
+
+
+@pytest.mark.parametrize("tensor, words", [
+    (torch.randn(200, 32), "holds 200 vectors; an embedding fills 1 to 75 token positions"),  # more than a chunk
+    (torch.randn(0, 32), "holds 0 vectors"),
+    (torch.full((2, 32), float("nan")), "holds NaN or inf values"),
+    (torch.tensor([[1.0] * 32, [float("inf")] * 32]), "holds NaN or inf values"),
+    (torch.randn(2, 31), "holds vectors 31 wide; this model takes vectors 32 wide"),
+])
+def test_embeddings_that_cannot_be_spliced_are_one_error(sd1, tmp_path, tensor, words):
+    save_file({"emb_params": tensor}, str(tmp_path / "odd.safetensors"))
+    library = embeddings.Library({"odd": tmp_path / "odd.safetensors"}, sd1.tokenizers[0], [32])
+    with pytest.raises(LdmError, match=f"^the embedding 'odd' .*odd.safetensors\\) {words}"):
+        library.used(["an odd fox"])
+
+
+@pytest.mark.parametrize("tensor, words", [
+    (torch.tensor(1.0), "a single number"), (torch.ones(2, 8, dtype=torch.int32), "int32 values"),
+    (torch.zeros(0), "vectors 0 wide"),
+])
+def test_files_that_hold_no_vectors(tmp_path, tensor, words):
+    save_file({"emb_params": tensor}, str(tmp_path / "e.safetensors"))
+    with pytest.raises(LdmError, match=f"e.safetensors is not a textual-inversion embedding: it holds {words}, not vectors"):
+        embeddings.read(tmp_path / "e.safetensors", False)
+
+
+def test_an_embedding_longer_than_a_chunk_is_one_line_not_a_traceback(sd1_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    (tmp_path / "emb").mkdir()
+    save_file({"emb_params": torch.randn(200, 32)}, str(tmp_path / "emb" / "long.safetensors"))
+    result = CliRunner().invoke(app, ["generate", "a long fox", "--model", str(sd1_folder), "--steps", "1",
+                                      "--embeddings-dir", str(tmp_path / "emb"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "ldm: error: the embedding 'long'" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

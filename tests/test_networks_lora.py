@@ -1,6 +1,8 @@
 """LoRA files merged into tiny models: equal to diffusers' load_lora_weights + fuse_lora where
 diffusers reads the format, equal to the formulas (LoCon, Tucker, LoHa, LoKr, fused q/k/v) where
 it does not, restored exactly, and refused when made for another model."""
+import re
+
 import pytest
 import torch
 
@@ -210,6 +212,9 @@ def test_sd3_peft_and_fused_qkv_names(tmp_path):
         weight = f"transformer_blocks.0.attn.{name}.weight"
         rows = delta[i * q.out_features:(i + 1) * q.out_features]
         assert torch.allclose(transformer.state_dict()[weight], before[weight] + rows, atol=1e-5)
+    fused[f"{key}.lora_up.weight"] = torch.randn(3 * q.out_features + 1, 4)  # one row more than q, k and v have
+    with pytest.raises(LdmError, match=f"its layer {key} changes a \\[{3 * q.out_features + 1}, {q.in_features}\\] weight"):
+        merged(model, lora_files.write(tmp_path / "crafted.safetensors", fused))
 
 
 def test_flux_kohya_fused_linear1_split_in_unequal_parts(tmp_path):
@@ -281,3 +286,48 @@ def test_key_spellings_read_as_kohya_names():
     assert split("transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight") == \
         ("lora_unet_single_transformer_blocks_0_attn_to_q", "lora_down.weight")
     assert split("emb_params") is None
+
+
+K = "lora_unet_x"
+
+
+def _f(*shape, dtype=torch.float32):
+    return torch.ones(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("tensors, words", [
+    ({f"{K}.lora_down.weight": _f(4, 8), f"{K}.lora_up.weight": _f(8, 3)}, "lora_up.weight has rank 3 where lora_down.weight has 4"),
+    ({f"{K}.lora_down.weight": _f(0, 8), f"{K}.lora_up.weight": _f(8, 0)}, "lora_down.weight is [0, 8]"),
+    ({f"{K}.lora_down.weight": _f(32), f"{K}.lora_up.weight": _f(8, 4)}, "lora_down.weight is [32]: a factor is a matrix"),
+    ({f"{K}.lora_down.weight": _f(4, 8), f"{K}.lora_up.weight": torch.tensor(1.0)}, "lora_up.weight is []"),
+    ({f"{K}.lora_down.weight": _f(4, 8), f"{K}.lora_up.weight": _f(8, 4, 3, 3)},
+     "lora_up.weight is [8, 4, 3, 3]: up is a matrix or a 1x1 kernel"),
+    ({f"{K}.lora_down.weight": _f(4, 8), f"{K}.lora_up.weight": _f(8, 4), f"{K}.lora_mid.weight": _f(4, 2, 3, 3)},
+     "lora_down.weight has rank 4 where lora_mid.weight has 2"),
+    ({f"{K}.lora_down.weight": _f(4, 8), f"{K}.lora_up.weight": _f(8, 4), f"{K}.alpha": _f(3)}, "alpha is [3], not one number"),
+    ({f"{K}.lora_down.weight": _f(4, 8, dtype=torch.int32), f"{K}.lora_up.weight": _f(8, 4)},
+     "lora_down.weight holds I32 values, not floating-point numbers"),
+    ({f"{K}.lora_down.weight": _f(4, 8), f"{K}.lora_up.weight": _f(8, 4, dtype=torch.bool)}, "lora_up.weight holds BOOL"),
+    ({f"{K}.hada_w1_a": _f(8, 4), f"{K}.hada_w1_b": _f(4, 8), f"{K}.hada_w2_a": _f(8, 2), f"{K}.hada_w2_b": _f(4, 8)},
+     "hada_w2_a has rank 2 where hada_w2_b has 4"),
+    ({f"{K}.hada_w1_a": _f(8, 4), f"{K}.hada_w1_b": _f(4, 8), f"{K}.hada_w2_a": _f(6, 4), f"{K}.hada_w2_b": _f(4, 8)},
+     "hada_w2_a makes a [6, 8] product where the first pair makes [8, 8]"),
+    ({f"{K}.lokr_w1": _f(2, 2), f"{K}.lokr_w2_a": _f(4, 3), f"{K}.lokr_w2_b": _f(2, 4)}, "lokr_w2_a has rank 3 where lokr_w2_b has 2"),
+    ({f"{K}.lokr_w1": _f(2, 2, 1, 1), f"{K}.lokr_w2": _f(4, 4)}, "lokr_w1 makes [2, 2, 1, 1]: w1 is a matrix"),
+])
+def test_crafted_factors_are_one_error_naming_the_file_and_key(tmp_path, tensors, words):
+    """From the header alone, before any model loads; a pickle's the same once read."""
+    path = lora_files.write(tmp_path / "bad.safetensors", tensors)
+    with pytest.raises(LdmError, match=r"^bad.safetensors is not a usable LoRA: lora_unet_x\." + re.escape(words)):
+        formats.peek(path, False)
+    torch.save(tensors, tmp_path / "bad.pt")
+    with pytest.raises(LdmError, match=re.escape(words)):
+        formats.open_lora(tmp_path / "bad.pt", True)
+
+
+def test_empty_and_foreign_files_are_not_loras(tmp_path):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "text.safetensors").write_bytes(b"hello world, not tensors at all")
+    for name in ("empty", "text"):
+        with pytest.raises(LdmError, match=f"^{name}.safetensors is neither a safetensors file nor a PyTorch file"):
+            formats.peek(tmp_path / f"{name}.safetensors", False)

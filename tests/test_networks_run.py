@@ -2,6 +2,13 @@
 finding them again, `ldm batch` switching sets without reloading, and every user error one
 line before anything renders."""
 import hashlib
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
 import json
 
 import numpy as np
@@ -13,8 +20,9 @@ from typer.testing import CliRunner
 from ldm_cli import loading, pipeline
 from ldm_cli.cli import app
 from ldm_cli.errors import LdmError
-from ldm_cli.networks import hashes, lookup, merge, tags
+from ldm_cli.networks import hashes, lookup, merge, session, tags
 from ldm_cli.networks.lookup import NetworkOptions
+from ldm_cli.settings import Settings
 from tests import lora_files, tiny_models
 
 UNET = ("attn1.to_q", "attn2.to_k", "attn2.to_v", "resnets.0.conv1")
@@ -134,7 +142,11 @@ def test_user_errors_are_one_line_and_render_nothing(model_dir, tmp_path):
     for args, message in ((["a <lora:nope:1>"], "LoRA 'nope' not found"),
                           (["a <lora:xl:1>"], "made for another model family"),
                           (["a", "--lora", tmp_path / "notes.txt"], "it is not a LoRA"),
-                          (["a", "--lora-dir", tmp_path / "missing"], "--lora-dir .* is not a folder")):
+                          (["a", "--lora-dir", tmp_path / "missing"], "--lora-dir .* is not a folder"),
+                          (["a <lora:xl:1e30>"], r"<lora:xl:1e30>: a LoRA's weight must be between -20 and 20 \(got 1e\+30\)"),
+                          (["a <lora:xl:1:unet=-21>"], r"between -20 and 20 \(got -21\)"),
+                          (["a", "--lora", f"{tmp_path / 'loras' / 'xl.safetensors'}:1e30"],
+                           r"--lora .*xl.safetensors:1e30': a LoRA's weight must be between -20 and 20")):
         result = run("generate", *args, "--model", model_dir, "--steps", 1, "--out", tmp_path / "out")
         assert result.exit_code == 2, result.output
         lines = [line for line in result.output.splitlines() if line.startswith("ldm: error:")]
@@ -173,3 +185,91 @@ def test_batch_checks_every_line_before_loading(model_dir, tmp_path, monkeypatch
     assert result.exit_code == 2
     assert "p.txt:2: LoRA 'missing' not found" in result.output and "p.txt:3: <lora:a:x>" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"alpha": math.nan}, r"nan.safetensors is not a usable LoRA: lora_unet_\w+\.alpha is nan, not a finite number"),
+    ({"poison": True}, r"nan.safetensors is not a usable LoRA: its layer lora_unet_\w+ holds NaN or inf values"),
+    ({"alpha": 1e38, "scale": 100}, r"merging nan.safetensors \(scale 2\.5e\+37\) into \S+ overflows its float32 weight"),
+])
+def test_a_lora_that_would_make_nan_weights_is_refused(model_dir, tmp_path, change, words):
+    """NaN in a LoRA (or a sum past the dtype's range) would render black: one line, no PNG."""
+    tensors = {k: v * change.get("scale", 1) for k, v in
+               lora_files.kohya(lora_files.layers(tiny_models.unet(), UNET), "lora_unet_").items()}
+    if "alpha" in change:
+        tensors.update({k.replace("lora_down.weight", "alpha"): torch.tensor(change["alpha"]) for k in list(tensors)
+                        if k.endswith("lora_down.weight")})
+    if change.get("poison"):
+        tensors[next(k for k in tensors if k.endswith("lora_up.weight"))][0, 0] = math.nan
+    lora_files.write(tmp_path / "loras" / "nan.safetensors", tensors)
+    result = run("generate", "a fox <lora:nan:1>", "--model", model_dir, "--steps", 1, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and re.search("^ldm: error: " + words, result.stderr), result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_failed_merge_restores_every_weight(sd1_folder, tmp_path):
+    from ldm_cli.networks import formats, targets
+
+    model = loading.load(str(sd1_folder))
+    components, table = targets.components(model), targets.table(model)
+    tensors = lora_files.kohya(lora_files.layers(model.denoiser, UNET), "lora_unet_")
+    clean = lora_files.write(tmp_path / "clean.safetensors", tensors)
+    last = list(merge.plan(components, table, [merge.Applied(formats.open_lora(clean, False))]).values())[-1][0].layer
+    tensors[f"{last}.lora_up.weight"][0, 0] = math.inf  # every other layer is merged before it
+    late = lora_files.write(tmp_path / "late.safetensors", tensors)
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    merger = merge.Merger()
+    with pytest.raises(LdmError, match=f"late.safetensors is not a usable LoRA: its layer {last} holds NaN or inf"):
+        merger.merge(components, merge.plan(components, table, [merge.Applied(formats.open_lora(late, False))]))
+    assert all(torch.equal(before[k], v) for k, v in model.denoiser.state_dict().items())
+    assert not merger.originals
+
+
+@pytest.fixture
+def unblocked_fifo(tmp_path):
+    """A FIFO named pipe.safetensors in tmp_path/loras; should a read of it block, a writer comes
+    after 60 s, so a test fails rather than hangs."""
+    path = tmp_path / "loras" / "pipe.safetensors"
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def unblock():
+        if not done.wait(60):
+            with open(path, "wb"):
+                pass
+    threading.Thread(target=unblock, daemon=True).start()
+    yield path
+    done.set()
+
+
+def test_the_alias_lookup_opens_no_fifo_and_walks_no_link_to_a_folder_above(unblocked_fifo, tmp_path):
+    """kohya's output name is read from every file's header: a FIFO among them blocked forever,
+    and a link to / walked the whole machine (and reached its FIFOs)."""
+    folder = unblocked_fifo.parent
+    epoch = sd1_lora(folder / "deep" / "fox_v2-000010.safetensors")
+    lora_files.write(epoch, lora_files.kohya(lora_files.layers(tiny_models.unet(), UNET), "lora_unet_"),
+                     {"ss_output_name": "fox_v2"})
+    for name, target in (("root", "/"), ("up", tmp_path), ("loop", folder)):
+        (folder / "deep" / name).symlink_to(target)
+    (tmp_path / "above.safetensors").write_bytes(b"x")
+    options = NetworkOptions(lora_dirs=[str(folder)])
+    start = time.monotonic()
+    assert lookup.find_lora("fox_v2", options, None) == epoch
+    assert time.monotonic() - start < 20
+    assert "above" not in lookup.index((folder,))  # under the link to tmp_path: not walked
+    with pytest.raises(LdmError, match="pipe.safetensors' is a FIFO"):
+        session.check(Settings(prompt="a <lora:pipe:1>"), options)
+
+
+def test_an_embeddings_folder_linking_to_root_does_not_hang_the_run(model_dir, tmp_path):
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "root").symlink_to("/")
+    os.mkfifo(tmp_path / "emb" / "pipe.safetensors")
+    command = [sys.executable, "-m", "ldm_cli", "generate", "a pipe fox", "--model", str(model_dir), "--steps", "1",
+               "--embeddings-dir", str(tmp_path / "emb"), "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)  # killed, not hung, on failure
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("ldm: error: ") and "pipe.safetensors' is a FIFO" in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from ldm_cli.prompt_syntax import BREAK, ExtraNetwork, and_parts, emphasis, extra_networks, schedule
+from ldm_cli.prompt_syntax import BREAK, ExtraNetwork, and_parts, emphasis, extra_networks, schedule, weight_problem
 
 
 def plan(prompt, steps=10):
@@ -110,3 +110,33 @@ def test_extra_network_tags_are_taken_out():
     assert found == [ExtraNetwork("lora", ("fox_v2", "0.8")), ExtraNetwork("hypernet", ("h", "1")),
                      ExtraNetwork("lora", ("x", "0.5", "0.2"))]
     assert extra_networks("a <b> <:x>") == ("a <b> <:x>", [])
+
+
+HUGE = "9" * 400  # float() reads it as inf
+
+
+@pytest.mark.parametrize("text, positive, rule, shown", [
+    (f"a (red circle:{HUGE})", True, "may weight words by -100 to 100", "inf on 'red circle'"),
+    ("(" * 1000 + "red", False, "may nest brackets at most 100 deep", "1000"),
+    ("(" * 49 + "red", True, "may weight words by -100 to 100", "106.719 on 'red'"),  # 1.1**49
+    (f"a AND b:{HUGE}", True, "may weight an AND part by -100 to 100", "inf on 'b'"),
+    (f"a AND b:-{HUGE}", True, "may weight an AND part by -100 to 100", "-inf on 'b'"),
+    (f"((x:0):{HUGE})", False, "may weight words by -100 to 100", "nan on 'x'"),  # 0 * inf
+    ("[(x:101):y:0.5]", True, "may weight words by -100 to 100", "101 on 'x'"),  # only in the edit's first half
+    ("(x:[1:-101:3])", True, "may weight words by -100 to 100", "-101 on 'x'"),
+])
+def test_weights_beyond_the_limits_are_named(text, positive, rule, shown):
+    found = weight_problem(text, 30, positive)
+    assert found is not None and found[0].startswith(rule) and found[1] == shown
+
+
+@pytest.mark.parametrize("text, positive", [
+    ("(" * 48 + "red", True),  # 1.1**48 = 97
+    ("[" * 100 + "red", True),  # down to nearly 0: harmless
+    ("(a:100) (b:-100) AND c:-100", True),
+    (f"a AND b:{HUGE}", False),  # the negative has no AND parts: text
+    (f"<lora:x:{HUGE}> fox", True),  # a LoRA's weight is tags.py's
+    ("\\(" * 200 + "a", True),  # escaped brackets are text
+])
+def test_weights_within_the_limits_pass(text, positive):
+    assert weight_problem(text, 30, positive) is None

@@ -218,3 +218,17 @@ def test_jsonl_numbers_are_named_as_json_keys(tmp_path):
         read(tmp_path, '{"prompt": "x", "cfg_scale": NaN}\n{"prompt": "x", "steps": 5000}\n', name="p.jsonl")
     assert 'p.jsonl:1: "cfg_scale" must be between 0 and 100 (got nan)' in str(e.value)
     assert 'p.jsonl:2: "steps" must be between 1 and 1000 (got 5000)' in str(e.value)
+
+
+def test_prompt_weights_are_checked_as_flags_are(tmp_path):
+    huge = "9" * 400
+    lines = [f'--prompt "(red circle:{huge})"', f'--prompt x --negative_prompt "a AND (b:{huge})"',
+             "(" * 101 + "fox", '{"prompt": "a AND b:' + huge + '"}']
+    with pytest.raises(LdmError) as e:
+        read(tmp_path, "\n".join(lines[:3]))
+    got = {int(line.split(":")[1]): line.split(": ", 1)[1] for line in str(e.value).splitlines()[1:]}
+    assert got == {1: "--prompt may weight words by -100 to 100 (nested brackets multiply) (got inf on 'red circle')",
+                   2: "--negative_prompt may weight words by -100 to 100 (nested brackets multiply) (got inf on 'b')",
+                   3: "--prompt may nest brackets at most 100 deep (got 101)"}
+    with pytest.raises(LdmError, match=r"p.jsonl:1: \"prompt\" may weight an AND part by -100 to 100 \(got inf on 'b'\)"):
+        read(tmp_path, lines[3] + "\n", name="p.jsonl")

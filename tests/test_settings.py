@@ -38,7 +38,7 @@ def test_random_seed_is_chosen_and_kept():
 ])
 def test_bad_values_are_named(kw, words):
     with pytest.raises(LdmError, match=words):
-        Settings(prompt="x", **kw).validate()
+        Settings(**{"prompt": "x", **kw}).validate()
 
 
 def test_a1111_label_with_schedule():
@@ -94,10 +94,13 @@ def test_unreadable_numbers_name_their_field(text, field, words):
     ({"width": 8192, "height": 4104}, "the image size must be at most 16,777,216 pixels (got 8192x4104); set LDM_MAX_PIXELS"),
     ({"shift": math.nan}, "--shift must be between"),
     ({"max_sequence_length": 10**9}, "--max-sequence-length must be between 1 and 512"),
+    ({"prompt": "(red circle:" + "9" * 400 + ")"}, "the prompt may weight words by -100 to 100 (nested brackets multiply) "
+                                                   "(got inf on 'red circle')"),
+    ({"negative": "(" * 1000 + "x"}, "--negative may nest brackets at most 100 deep (got 1000)"),
 ])
 def test_absurd_values_are_refused(kw, words):
     with pytest.raises(BadSetting, match=re.escape(words)):
-        Settings(prompt="x", **kw).validate()
+        Settings(**{"prompt": "x", **kw}).validate()
 
 
 def test_limits_at_the_edge_are_accepted():

@@ -4,6 +4,7 @@ import torch
 
 from ldm_cli import device as devices
 from ldm_cli import loading, vae
+from ldm_cli.errors import LdmError
 
 
 @pytest.fixture
@@ -81,3 +82,46 @@ def test_cuda_fp16_matches_cpu_fp32(sd1_folder):
         s = Settings(prompt="a fox", steps=4, cfg=7.0, seed=1, scheduler="euler_a").resolve({}, m.native_size)
         images.append(np.asarray(pipeline.text_to_image(m, [s])[0]).astype(int))
     assert np.abs(images[0] - images[1]).mean() < 3  # same noise from CPU generators, fp16 rounding only
+
+
+def test_latents_that_went_non_finite_are_not_decoded(model, monkeypatch):
+    seen = spy_decode(model, monkeypatch)
+    latents = torch.randn(3, 4, 8, 8)
+    latents[1, 0, 0, 0] = float("nan")
+    latents[2, 0, 0, 0] = float("inf")
+    with pytest.raises(LdmError, match=r"sampling went to NaN or inf.*likely causes: .*LoRA.*--cfg.* \(images 2, 3 of 3\); "
+                                       "images already saved are kept"):
+        vae.decode(model, latents)
+    assert seen == []
+
+
+def test_a_decode_still_non_finite_in_fp32_is_an_error_not_a_black_image(model, monkeypatch):
+    model.vae.to(torch.bfloat16)
+    model.vae.register_to_config(force_upcast=False)
+    for dtype in (torch.bfloat16, torch.float32):
+        spy_decode(model, monkeypatch, poison_dtype=dtype)
+    with pytest.raises(LdmError, match="the VAE decoded NaN or inf even in fp32"):
+        vae.decode(model, torch.randn(1, 4, 8, 8, dtype=torch.bfloat16))
+    assert model.vae.dtype == torch.bfloat16
+
+
+def test_a_model_with_nan_weights_saves_no_black_image(sd1_folder, tmp_path):
+    """End to end: a U-Net with one NaN weight fails in one line, and writes no PNG."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd1_folder, broken)
+    [weights] = (broken / "unet").glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors["conv_out.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, weights)
+    result = CliRunner().invoke(app, ["generate", "a fox", "--model", str(broken), "--steps", "2", "-n", "2",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "ldm: error: sampling went to NaN or inf" in result.stderr
+    assert "Traceback" not in result.output and not list(tmp_path.rglob("*.png"))

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 SIDE_TENSORS = (".scale_weight", ".scale_input", "scaled_fp8")  # scaled float8's bookkeeping, never a weight
 FLOAT8 = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
 PLAIN = ("F32", "F16", "BF16")  # GGUF types that are not quantized
+# Where each GGUF block keeps its fp16 scales (d, and dmin where it has one), in bytes from the
+# block's start (llama.cpp's block structs); the rest of a block is integer codes, never NaN.
+SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,),
+                 "IQ4_XS": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def is_quantized(dtype: str) -> bool:
@@ -50,12 +54,32 @@ def read(checkpoint, key: str, dtype: torch.dtype, device: torch.device) -> torc
 
     stored = checkpoint.get(key)
     if is_quantized(checkpoint.dtypes[key]):
-        return stored.to(device=device, copy=True)
+        blocks = stored.to(device=device, copy=True)
+        check_scales(checkpoint, key, blocks)
+        return blocks
     if (scale := scale_key(checkpoint, key)) is None:
         return stored.to(device=device, dtype=dtype, copy=True)
     factor = checkpoint.get(scale).to(device=device, dtype=torch.float32)
     rows = factor.reshape(-1, *[1] * (stored.dim() - 1)) if factor.numel() > 1 else factor  # per-row or one
     return (stored.to(device=device, dtype=torch.float32) * rows).to(dtype)
+
+
+def check_scales(checkpoint, key: str, blocks: torch.Tensor) -> None:
+    """A GGUF weight's block scales are finite: one NaN scale makes its layer, and every image, NaN."""
+    import gguf
+    import torch
+
+    quant = checkpoint.dtypes[key]
+    if quant in SCALE_OFFSETS:  # the scales alone: 2 bytes of each block
+        raw = blocks.as_subclass(torch.Tensor).reshape(-1, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant]][1])
+        values = torch.cat([raw[:, o:o + 2] for o in SCALE_OFFSETS[quant]], dim=1).contiguous().view(torch.float16)
+    else:  # a type diffusers learnt after this table: dequantized whole
+        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+        values = dequantize_gguf_tensor(blocks)
+    if not bool(torch.isfinite(values).all()):
+        raise LdmError(f"{checkpoint.name} is corrupt: its GGUF tensor {key!r} has NaN or inf scales, which would "
+                       "make every image black; download it again")
 
 
 def storage(checkpoint, prefix: str) -> str:

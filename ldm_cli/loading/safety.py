@@ -12,6 +12,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from ldm_cli import files
 from ldm_cli.errors import LdmError
 
 GGUF_MAGIC = b"GGUF"  # llama.cpp's format (quantized FLUX and T5 files)
@@ -21,7 +22,7 @@ PICKLE_PROTOCOLS = range(2, 6)  # b"\x80" then the protocol byte opens every mod
 
 def sniff(path: Path) -> str:
     """'safetensors', 'gguf', 'pickle' or 'unknown', from the first bytes."""
-    with open(path, "rb") as f:
+    with files.open_input(path) as f:  # every checkpoint, LoRA and embedding is first opened here
         head = f.read(9)
     if head.startswith(GGUF_MAGIC):
         return "gguf"

@@ -10,7 +10,8 @@ Scale: alpha / rank when the file gives alpha (rank: the down factor's rows; a L
 w2_b's, else w1_b's, none when both factors are whole), else 1.
 
 `shape` gives the delta's shape from the factors' shapes alone, so a file can be checked against
-a model without computing anything.
+a model without computing anything; `problem` says first whether the factors make a delta at
+all (ranks that agree, none of them 0), so a crafted file is one error, not a crash.
 """
 from __future__ import annotations
 
@@ -29,9 +30,7 @@ def shape(kind: str, s: Shapes) -> tuple[int, ...]:
             return (s["lora_up.weight"][0], s["lora_down.weight"][1], *s["lora_mid.weight"][2:])
         return (s["lora_up.weight"][0], *s["lora_down.weight"][1:])
     if kind == "loha":
-        if "hada_t1" in s:
-            return (s["hada_w1_a"][1], s["hada_w1_b"][1], *s["hada_t1"][2:])
-        return (s["hada_w1_a"][0], *s["hada_w1_b"][1:])
+        return _hada_shape(s, 1)
     w1, w2 = _lokr_shape(s, 1), _lokr_shape(s, 2)
     return (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
 
@@ -53,6 +52,61 @@ def _lokr_shape(s: Shapes, i: int) -> tuple[int, ...]:
     if i == 2 and "lokr_t2" in s:
         return (a[1], b[1], *s["lokr_t2"][2:])
     return (a[0], *b[1:])
+
+
+def problem(kind: str, s: Shapes) -> tuple[str, str] | None:
+    """(a factor, what is wrong with its shape) when the factors cannot make a delta, else None."""
+    for factor, dims in s.items():
+        if factor != "alpha" and (len(dims) not in (2, 4) or 0 in dims):
+            return factor, f"is {list(dims)}: a factor is a matrix or a convolution kernel, none of its sides 0"
+    if kind == "lora":
+        return _lora_problem(s)
+    if kind == "loha":
+        return _pair_problem(s, "hada_w1_a", "hada_w1_b", "hada_t1") \
+            or _pair_problem(s, "hada_w2_a", "hada_w2_b", "hada_t2") \
+            or _same(s, "hada_w2_a", _hada_shape(s, 1), _hada_shape(s, 2))
+    w1 = _lokr_shape(s, 1)
+    w1_name = "lokr_w1" if "lokr_w1" in s else "lokr_w1_b"
+    return _pair_problem(s, "lokr_w1_a", "lokr_w1_b") or _pair_problem(s, "lokr_w2_a", "lokr_w2_b", "lokr_t2") \
+        or (None if len(w1) == 2 else (w1_name, f"makes {list(w1)}: w1 is a matrix"))
+
+
+def _lora_problem(s: Shapes) -> tuple[str, str] | None:
+    up, down, mid = s["lora_up.weight"], s["lora_down.weight"], s.get("lora_mid.weight")
+    if up[2:] not in ((), (1, 1)):
+        return "lora_up.weight", f"is {list(up)}: up is a matrix or a 1x1 kernel"
+    if mid is None:
+        return _agree("lora_up.weight", up[1], "lora_down.weight", down[0])
+    if down[2:] not in ((), (1, 1)):
+        return "lora_down.weight", f"is {list(down)}: beside lora_mid, down is a matrix or a 1x1 kernel"
+    return _agree("lora_up.weight", up[1], "lora_mid.weight", mid[0]) or \
+        _agree("lora_down.weight", down[0], "lora_mid.weight", mid[1])
+
+
+def _pair_problem(s: Shapes, a: str, b: str, t: str | None = None) -> tuple[str, str] | None:
+    """a @ b, or a Tucker core t contracted with both: their inner sides agree."""
+    if a not in s:
+        return None
+    if t in s:
+        if len(s[a]) != 2 or len(s[b]) != 2:
+            return a, f"is {list(s[a])} and {b} {list(s[b])}: beside a Tucker core both are matrices"
+        return _agree(a, s[a][0], t, s[t][0]) or _agree(b, s[b][0], t, s[t][1])
+    if len(s[a]) != 2:
+        return a, f"is {list(s[a])}: a matrix"
+    return _agree(a, s[a][1], b, s[b][0])
+
+
+def _agree(first: str, n: int, second: str, m: int) -> tuple[str, str] | None:
+    return None if n == m else (first, f"has rank {n} where {second} has {m}")
+
+
+def _same(s: Shapes, factor: str, one: tuple[int, ...], two: tuple[int, ...]) -> tuple[str, str] | None:
+    return None if one == two else (factor, f"makes a {list(two)} product where the first pair makes {list(one)}")
+
+
+def _hada_shape(s: Shapes, i: int) -> tuple[int, ...]:
+    a, b = s[f"hada_w{i}_a"], s[f"hada_w{i}_b"]
+    return (a[1], b[1], *s[f"hada_t{i}"][2:]) if f"hada_t{i}" in s else (a[0], *b[1:])
 
 
 def rank(kind: str, s: Shapes) -> int | None:

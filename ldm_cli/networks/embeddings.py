@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import LdmError
+from ldm_cli.families.clip_text import CHUNK
 
 SDXL_KEYS = ("clip_l", "clip_g")  # the vectors of text encoder 0 and 1
 
@@ -45,15 +46,20 @@ def read(path: Path, allow_pickle: bool) -> Embedding:
     if isinstance(params, dict):  # A1111's own .pt
         data = params
     elif all(isinstance(data.get(k), torch.Tensor) for k in SDXL_KEYS):
-        return Embedding(path.stem, path, {k: _rows(data[k]) for k in SDXL_KEYS})
+        return Embedding(path.stem, path, {k: _rows(data[k], path) for k in SDXL_KEYS})
     found = [v for v in data.values() if isinstance(v, torch.Tensor)]
     if len(found) != 1:
         raise LdmError(f"{path.name} is not a textual-inversion embedding (it should hold one tensor, "
                        f"or clip_l and clip_g; it holds {len(found)})")
-    return Embedding(path.stem, path, {"": _rows(found[0])})
+    return Embedding(path.stem, path, {"": _rows(found[0], path)})
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def _rows(t: torch.Tensor, path: Path) -> torch.Tensor:
+    """The tensor as vectors x width: one vector when 1-D (diffusers' files)."""
+    if t.ndim == 0 or t.shape[-1] == 0 or not t.is_floating_point():
+        what = "a single number" if t.ndim == 0 else "vectors 0 wide" if t.shape[-1] == 0 else \
+            f"{str(t.dtype).removeprefix('torch.')} values"
+        raise LdmError(f"{path.name} is not a textual-inversion embedding: it holds {what}, not vectors")
     return t.detach().to(torch.float32).reshape(-1, t.shape[-1]).clone()
 
 
@@ -128,10 +134,17 @@ class Library:
         keys = list(SDXL_KEYS) if len(self.widths) > 1 else [""]
         fits = set(embedding.vectors) == set(keys) and \
             [embedding.vectors[k].shape[-1] for k in keys] == self.widths
+        named = f"the embedding {embedding.name!r} ({embedding.path})"
         if not fits:
             need = " + ".join(f"{k or 'vectors'} {w} wide" for k, w in zip(keys, self.widths))
-            raise LdmError(f"the embedding {embedding.name!r} ({embedding.path}) holds {embedding.describe()}; "
-                           f"this model takes {need}: it was made for another model family")
+            raise LdmError(f"{named} holds {embedding.describe()}; this model takes {need}: it was made for another "
+                           "model family")
+        if len({v.shape[0] for v in embedding.vectors.values()}) > 1 or not 1 <= embedding.count <= CHUNK:
+            counts = " and ".join(str(v.shape[0]) for v in embedding.vectors.values())
+            raise LdmError(f"{named} holds {counts} vectors; an embedding fills 1 to {CHUNK} token positions "
+                           f"(a prompt chunk), the same number for each text encoder")
+        if not all(bool(torch.isfinite(v).all()) for v in embedding.vectors.values()):
+            raise LdmError(f"{named} holds NaN or inf values; it would make every image black")
 
     def _names(self) -> dict[int, list[tuple[list[int], str]]]:
         """First token -> (the name's tokens, name), longest first, as A1111 matches them."""

@@ -13,6 +13,7 @@ Read so are:
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ PEFT_FACTORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.w
 # `lora_te_` for the first)
 COMPONENTS = {"unet": "lora_unet_", "transformer": "lora_unet_", "diffusion_model": "lora_unet_",
               "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
+FLOATS = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")  # safetensors' names, a pickle's mapped to them
+NUMBERS = (*FLOATS, "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")  # an alpha may be written as a whole number
 PREFIX_ALIASES = {"lora_transformer_": "lora_unet_"}  # some DiT trainers' name for the denoiser
 # the old attention-processor layout: attn1.processor.to_q_lora.down.weight
 PROCESSOR = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
@@ -97,8 +100,11 @@ def kind(factors: dict) -> str | None:
     return "lokr" if all(has) else None
 
 
-def check(path: Path, found: dict[str, dict[str, str]]) -> None:
-    """A file ldm can apply: some layers, each of a kind ldm knows, none with DoRA."""
+def check(path: Path, found: dict[str, dict[str, str]], shapes: dict[str, tuple[int, ...]],
+          dtypes: dict[str, str]) -> None:
+    """A file ldm can apply: some layers, each of a kind ldm knows, none with DoRA, each layer's
+    factors floating-point numbers whose shapes make a delta (deltas.problem), its alpha one number.
+    `dtypes`: safetensors' names (F16, F32, ...)."""
     if not found:
         raise LdmError(f"{path.name} is not a LoRA: it holds no LoRA, LoHa or LoKr weights")
     if any("dora_scale" in factors for factors in found.values()):
@@ -107,6 +113,24 @@ def check(path: Path, found: dict[str, dict[str, str]]) -> None:
     if unknown:
         raise LdmError(f"{path.name} has layers ldm cannot apply (factors {', '.join(unknown)}); "
                        "ldm applies LoRA, LoCon, LoHa and LoKr")
+    for factors in found.values():
+        _check_layer(path, factors, shapes, dtypes)
+
+
+def _check_layer(path: Path, factors: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                 dtypes: dict[str, str]) -> None:
+    from ldm_cli.networks import deltas
+
+    for factor, key in factors.items():
+        wanted = NUMBERS if factor == "alpha" else FLOATS
+        if dtypes.get(key, "F32") not in wanted:
+            raise LdmError(f"{path.name} is not a usable LoRA: {key} holds {dtypes[key]} values, "
+                           "not floating-point numbers")
+    if "alpha" in factors and math.prod(shapes[factors["alpha"]]) != 1:
+        raise LdmError(f"{path.name} is not a usable LoRA: {factors['alpha']} is {list(shapes[factors['alpha']])}, "
+                       "not one number")
+    if found := deltas.problem(kind(factors), {f: shapes[key] for f, key in factors.items()}):
+        raise LdmError(f"{path.name} is not a usable LoRA: {factors[found[0]]} {found[1]}")
 
 
 def peek(path: Path, allow_pickle: bool) -> None:
@@ -122,7 +146,9 @@ def peek(path: Path, allow_pickle: bool) -> None:
     if kind not in ("safetensors", "pickle"):
         raise LdmError(f"{path.name} is neither a safetensors file nor a PyTorch file; it is not a LoRA")
     if kind == "safetensors":
-        check(path, layers(list(tensors.read_header(path)[0])))
+        header = tensors.read_header(path)[0]
+        check(path, layers(list(header)), {k: tuple(e["shape"]) for k, e in header.items()},
+              {k: e["dtype"] for k, e in header.items()})
 
 
 def open_lora(path: Path, allow_pickle: bool) -> LoraFile:
@@ -130,5 +156,5 @@ def open_lora(path: Path, allow_pickle: bool) -> LoraFile:
 
     checkpoint = tensors.open_checkpoint(path, allow_pickle)
     found = layers(list(checkpoint.shapes))
-    check(path, found)
+    check(path, found, checkpoint.shapes, checkpoint.dtypes)
     return LoraFile(path, found, checkpoint.shapes, checkpoint.get)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ldm_cli import files
 from ldm_cli.errors import LdmError
+from ldm_cli.loading.tensors import MAX_HEADER
 
 LORA_ENV = "LDM_LORA_DIR"
 EMBEDDINGS_ENV = "LDM_EMBEDDINGS_DIR"
@@ -84,19 +87,22 @@ def aliases(folders: tuple[Path, ...]) -> dict[str, Path]:
     from .safetensors headers only (a pickle's metadata would run its code)."""
     claims: dict[str, list[Path]] = {}
     for path in index(folders).values():
-        if path.suffix == ".safetensors" and (alias := _output_name(path)):
+        if path.suffix == ".safetensors" and files.is_regular(path) and (alias := _output_name(path)):
             claims.setdefault(alias, []).append(path)
     return {alias: paths[0] for alias, paths in claims.items() if len(paths) == 1}
 
 
 def _output_name(path: Path) -> str | None:
-    from safetensors import safe_open
-
+    """The header's ss_output_name, read here (not by safetensors' own code, which blocks on a
+    FIFO where no signal can stop it, or by a parser that takes a huge header)."""
     try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("ss_output_name") or None
-    except Exception:  # noqa: BLE001 - an unreadable file has no alias; naming it by its stem still reports it
-        return None
+        with files.open_input(path) as f:
+            size = int.from_bytes(f.read(8), "little")
+            metadata = json.loads(f.read(size)).get("__metadata__") if size <= MAX_HEADER else None
+        name = metadata.get("ss_output_name") if isinstance(metadata, dict) else None
+        return name if isinstance(name, str) and name else None
+    except (OSError, ValueError, AttributeError, RecursionError, LdmError):
+        return None  # no alias; named by its stem, the file is still reported
 
 
 def embedding_files(options: NetworkOptions, model: str | None) -> dict[str, Path]:
@@ -114,14 +120,20 @@ def index(folders: tuple[Path, ...]) -> dict[str, Path]:
 
 
 def _walk(folder: Path) -> list[Path]:
-    """The network files under `folder`, recursively, symlinked folders followed once."""
-    out, seen = [], set()
+    """The network files under `folder`, recursively, symlinked folders followed once, and never
+    one that holds `folder` itself (a link to / or to a parent: a cycle, and the whole machine).
+    Listed, not opened: a FIFO among them is refused by name when a prompt names it."""
+    out, seen, top = [], set(), os.path.realpath(folder)
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
-        if real in seen:
+        if real in seen or (real != top and _holds(real, top)):
             dirs.clear()
             continue
         seen.add(real)
         dirs.sort()
         out += [Path(root) / n for n in sorted(names) if n.lower().endswith(SUFFIXES) and not n.startswith(".")]
     return out
+
+
+def _holds(folder: str, path: str) -> bool:
+    return os.path.commonpath([folder, path]) == folder

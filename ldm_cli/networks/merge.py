@@ -111,7 +111,9 @@ def _weight(components: dict[str, torch.nn.Module], target: Target) -> torch.Ten
 
 
 def _part_shape(natural: tuple[int, ...], target: Target) -> tuple[int, ...]:
-    if target.part is None:
+    """The shape of `target`'s rows of the delta; a fused delta whose rows are not its parts'
+    (a crafted file) keeps its own, which then fits no part."""
+    if target.part is None or sum(target.split or (natural[0] // 3,) * 3) != natural[0]:
         return natural
     rows = _rows(natural[0], target)
     return (rows.stop - rows.start, *natural[1:])
@@ -124,6 +126,14 @@ def _rows(total: int, target: Target) -> slice:
     return slice(start, start + sizes[target.part])
 
 
+def _check_in_range(total: torch.Tensor, contributions: list[Contribution], dtype: torch.dtype) -> None:
+    """The merged weight must hold in the model's dtype (fp16 ends at 65504), NaN nowhere."""
+    if not bool((total.abs() <= torch.finfo(dtype).max).all()):
+        names = ", ".join(dict.fromkeys(f"{c.applied.lora.path.name} (scale {c.scale:g})" for c in contributions))
+        raise LdmError(f"merging {names} into {contributions[0].target.module} overflows its "
+                       f"{str(dtype).removeprefix('torch.')} weight; lower the LoRA's weight")
+
+
 class Merger:
     """The LoRA set merged into a model now, and the originals of the weights it changed."""
 
@@ -131,17 +141,23 @@ class Merger:
         self.originals: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def merge(self, components: dict[str, torch.nn.Module], merging: Plan) -> None:
-        """Add each planned delta to its weight (after `restore`, onto the originals)."""
+        """Add each planned delta to its weight (after `restore`, onto the originals); a delta or
+        sum that is not finite (a LoRA's NaN, an overflow) restores every weight and raises."""
         cache: dict = {}
-        with torch.no_grad():
-            for key, contributions in merging.items():
-                weight = _weight(components, contributions[0].target).detach()
-                if key not in self.originals:
-                    self.originals[key] = (weight, weight.to("cpu", copy=True))
-                total = weight.float()
-                for c in contributions:
-                    total.add_(self._delta(c, weight, cache), alpha=c.scale)
-                weight.copy_(total)
+        try:
+            with torch.no_grad():
+                for key, contributions in merging.items():
+                    weight = _weight(components, contributions[0].target).detach()
+                    if key not in self.originals:
+                        self.originals[key] = (weight, weight.to("cpu", copy=True))
+                    total = weight.float()
+                    for c in contributions:
+                        total.add_(self._delta(c, weight, cache), alpha=c.scale)
+                    _check_in_range(total, contributions, weight.dtype)
+                    weight.copy_(total)
+        except LdmError:
+            self.restore()
+            raise
 
     @staticmethod
     def _delta(c: Contribution, weight: torch.Tensor, cache: dict) -> torch.Tensor:
@@ -153,6 +169,8 @@ class Merger:
             lora, factors = c.applied.lora, c.applied.lora.layers[c.layer]
             tensors = {f: lora.read(k).to(weight.device, torch.float32) for f, k in factors.items() if f != "alpha"}
             cache[key] = deltas.compute(formats.kind(factors), tensors)
+            if not torch.isfinite(cache[key]).all():
+                raise LdmError(f"{lora.path.name} is not a usable LoRA: its layer {c.layer} holds NaN or inf values")
         delta = cache[key]
         if c.target.part is not None:
             delta = delta[_rows(delta.shape[0], c.target)]

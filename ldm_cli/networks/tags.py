@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ldm_cli import prompt_syntax
 from ldm_cli.errors import LdmError
+from ldm_cli.limits import MAX_LORA_WEIGHT
 
 LORA_TYPES = ("lora", "lyco")
 
@@ -52,7 +53,15 @@ def _weight(text: str, arguments: str) -> float:
         value = math.nan
     if not math.isfinite(value):
         raise LdmError(f"<lora:{arguments}>: the weight {text.strip()!r} is not a number")
-    return value
+    return _bounded(value, f"<lora:{arguments}>")
+
+
+def _bounded(weight: float, written: str) -> float:
+    """A multiplier far past any LoRA's use only overflows the merged weights (a black image)."""
+    if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+        raise LdmError(f"{written}: a LoRA's weight must be between -{MAX_LORA_WEIGHT} and {MAX_LORA_WEIGHT} "
+                       f"(got {weight:g})")
+    return weight
 
 
 def parse_flag(text: str) -> tuple[Path, float]:
@@ -66,7 +75,7 @@ def parse_flag(text: str) -> tuple[Path, float]:
         return Path(text).expanduser(), 1.0
     if not math.isfinite(weight):
         raise LdmError(f"--lora {text!r}: the weight {tail!r} is not a number")
-    return Path(head).expanduser(), weight
+    return Path(head).expanduser(), _bounded(weight, f"--lora {text!r}")
 
 
 def with_flag_loras(prompt: str, flags: list[str]) -> str:
