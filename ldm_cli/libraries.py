@@ -2,9 +2,10 @@
 
 Importing one model class cost a plain SD1.5 run seconds of code it never calls: diffusers'
 `models.unets`, `models.transformers`, `hooks`... import every module they hold; `torch._dynamo`
-(and sympy with it) comes in for decorators that only matter to a compiled model; peft, scipy's
-optimizers and torch.distributed's tensors come in at module level for LoRA training, object
-detection losses and sharded loading. `install()` puts an import hook in front of diffusers' and
+(and sympy with it) comes in for decorators that only matter to a compiled model; peft, scipy,
+jinja2 and torch.distributed's tensors come in at module level for LoRA training, losses, chat
+templates and sharded loading; transformers lists what its ~600 model folders export by reading
+their files, at every start. `install()` puts an import hook in front of diffusers' and
 transformers' modules that changes when those things load, never what the modules do, and
 leaves the packages' files as they are:
 
@@ -12,11 +13,13 @@ leaves the packages' files as they are:
   package's own `__init__` runs the first time something asks it for a name it does not hold;
 - decorators from torch's compiler (`@torch._dynamo.X`, `@torch.compiler.disable`, diffusers'
   `maybe_allow_in_graph`) are recorded, and `prepare_compile()` applies them before `--compile`
-  (until something is compiled they change nothing); a module-level import of a name from
-  `torch._dynamo` becomes a stand-in that imports it on first use;
-- a module-level `if is_peft_available():` block (likewise scipy, torch.distributed) runs the
-  first time one of the names it defines is used: its names are stand-ins until then.
-A module that has none of these loads exactly as Python would load it, from its cached bytecode.
+  (until something is compiled they change nothing);
+- what a module-level `if is_peft_available():` block defines (likewise scipy, jinja2,
+  torch.distributed), and names it imports from torch's compiler or distributed tensors, are
+  stand-ins that run their statements on first use (the availability check itself still runs);
+- transformers' listings of its model folders are kept in ldm's cache, stamped with the files'
+  times and sizes, and so is the bytecode of every module rewritten here.
+A module that needs none of this loads exactly as Python would load it, from its own bytecode.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ DEFERRED_IMPORTS = ("torch._dynamo", "torch.distributed.tensor", "transformers.d
                     "transformers.distributed.tensor_parallel", "transformers.models.auto")
 IMPORT_MARKERS = ("torch._dynamo", "torch.distributed.tensor", "expert_parallel import", "tensor_parallel import",
                   "models.auto")
-_marks: list = []  # (cell or None, target, path, args, kwargs): compiler decorations owed
+_marks: list = []  # (cell or None, target, path, called, args, kwargs): compiler decorations owed
 
 
 def _compiler_loaded() -> bool:
@@ -63,8 +66,7 @@ def _compiler_loaded() -> bool:
 
 
 def _resolve(path: str):
-    import torch._dynamo  # noqa: F401  (torch.compiler's functions import it too)
-    import torch.compiler
+    import torch._dynamo  # noqa: F401  (what every mark is made of)
 
     target = sys.modules["torch"]
     for part in path.split(".")[1:]:
@@ -140,9 +142,9 @@ class _Block:
         self.code, self.namespace, self.done = code, namespace, False
 
     def run(self) -> dict:
-        if not self.done:
-            self.done = True
+        if not self.done:  # set once it has run: a failure raises again at the next use
             exec(self.code, self.namespace)
+            self.done = True
         return self.namespace
 
 

@@ -28,7 +28,7 @@ LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Den
           "mask_blur": "Mask blur", "padding": "Masked area padding", "size": "Size", "width": "Size",
           "height": "Size", "scheduler": "Sampler", "schedule": "Schedule type", "shift": "Shift",
           "max_sequence_length": "Max sequence length", "guidance": "Distilled CFG Scale",
-          "clip_skip": "Clip skip", "rng": "RNG", "prompt": "prompt", "negative": "Negative prompt"}
+          "clip_skip": "Clip skip", "rng": "RNG", "prompt": "prompt", "negative": "negative prompt"}
 INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length",
                     "guidance", "clip_skip")
 # Settings only some families take (SD3's and FLUX's flow shift and T5 options, FLUX dev's

@@ -1,9 +1,7 @@
 """`ldm generate`, `ldm info`, `ldm schedulers` through the real CLI (typer's CliRunner)."""
 import json
-import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from typer.testing import CliRunner
 
 from ldm_cli import __version__, loading
 from ldm_cli.cli import app
+from tests.fifos import unblocking_fifo
 
 
 @pytest.fixture
@@ -317,17 +316,8 @@ def test_a_failed_run_leaves_no_new_folder(run, tmp_path):
 def fifo(tmp_path):
     """A FIFO named pipe.png; should a read of it block, it is unblocked after 60 s, so a test
     fails rather than hangs."""
-    path = tmp_path / "pipe.png"
-    os.mkfifo(path)
-    done = threading.Event()
-
-    def unblock():
-        if not done.wait(60):
-            with open(path, "wb"):
-                pass
-    threading.Thread(target=unblock, daemon=True).start()
-    yield path
-    done.set()
+    with unblocking_fifo(tmp_path / "pipe.png") as path:
+        yield path
 
 
 @pytest.mark.parametrize("args", [

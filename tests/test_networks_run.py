@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import json
 
@@ -24,6 +23,7 @@ from ldm_cli.networks import hashes, lookup, merge, session, tags
 from ldm_cli.networks.lookup import NetworkOptions
 from ldm_cli.settings import Settings
 from tests import lora_files, tiny_models
+from tests.fifos import unblocking_fifo
 
 UNET = ("attn1.to_q", "attn2.to_k", "attn2.to_v", "resnets.0.conv1")
 
@@ -230,18 +230,8 @@ def test_a_failed_merge_restores_every_weight(sd1_folder, tmp_path):
 def unblocked_fifo(tmp_path):
     """A FIFO named pipe.safetensors in tmp_path/loras; should a read of it block, a writer comes
     after 60 s, so a test fails rather than hangs."""
-    path = tmp_path / "loras" / "pipe.safetensors"
-    path.parent.mkdir(parents=True)
-    os.mkfifo(path)
-    done = threading.Event()
-
-    def unblock():
-        if not done.wait(60):
-            with open(path, "wb"):
-                pass
-    threading.Thread(target=unblock, daemon=True).start()
-    yield path
-    done.set()
+    with unblocking_fifo(tmp_path / "loras" / "pipe.safetensors") as path:
+        yield path
 
 
 def test_the_alias_lookup_opens_no_fifo_and_walks_no_link_to_a_folder_above(unblocked_fifo, tmp_path):
