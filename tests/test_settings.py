@@ -182,7 +182,7 @@ def test_a_forged_png_prompt_is_refused_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["generate", "--from-png", str(tmp_path / "x.png"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and result.stderr.splitlines() == [
         f"ldm: error: the prompt recorded in '{tmp_path / 'x.png'}' must be at most 32,768 bytes (got 10,500,000 bytes); "
-        "override it with the prompt"]
+        "override it with a prompt of your own"]
     result = CliRunner().invoke(app, ["generate", "a fox BREAK " * 1000, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "the prompt must fit in 64 chunks" in result.stderr
     assert not (tmp_path / "o").exists()

@@ -81,19 +81,18 @@ def _contribution(applied: Applied, layer: str, target: Target, weight: torch.Te
         raise LdmError(f"the LoRA {lora.name!r} does not fit this model: its layer {layer} changes a "
                        f"{list(natural)} weight where the model's is {list(weight.shape)}; it was made for "
                        "another model family")
-    alpha = _alpha(lora, layer, factors["alpha"]) if "alpha" in factors else None
+    alpha = _alpha(lora, factors["alpha"]) if "alpha" in factors else None
     multiplier = applied.te if target.text else applied.unet
     return Contribution(applied, layer, target, multiplier * deltas.scale(kind, shapes, alpha))
 
 
-def _alpha(lora: formats.LoraFile, layer: str, key: str) -> float:
+def _alpha(lora: formats.LoraFile, key: str) -> float:
     """A layer's alpha: one finite number (a NaN would turn every weight it touches into NaN)."""
     value = lora.read(key)
     if value.numel() != 1:
-        raise LdmError(f"the LoRA {lora.name!r} is broken: the alpha of its layer {layer} holds {value.numel()} "
-                       "numbers, not one")
+        raise LdmError(f"{lora.path.name} is not a usable LoRA: {key} is {list(value.shape)}, not one number")
     if not math.isfinite(alpha := float(value)):
-        raise LdmError(f"the LoRA {lora.name!r} is broken: the alpha of its layer {layer} is {alpha}")
+        raise LdmError(f"{lora.path.name} is not a usable LoRA: {key} is {alpha}, not a finite number")
     return alpha
 
 
