@@ -22,7 +22,6 @@ from ldm_cli.settings import Settings
 
 MAX_SEQUENCE_LENGTH = 512  # ChromaPipeline's default
 STEPS, CFG = 35, 5.0  # ChromaPipeline.__call__'s defaults (num_inference_steps, guidance_scale)
-VARIANTS = {"chroma": "Chroma"}  # HD and Base share one architecture: no tensor tells them apart
 
 
 def defaults(scheduler_config: dict) -> dict:

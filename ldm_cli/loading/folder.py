@@ -123,8 +123,6 @@ def _options(index: dict, denoiser, name: str) -> dict:
 
     if name in ("sd3", "flux"):
         return {"variant": (sd3 if name == "sd3" else flux).variant(denoiser.config)}
-    if name == "chroma":
-        return {"variant": "chroma"}
     return {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
 
 
