@@ -7,11 +7,13 @@ import torch
 from PIL import Image
 
 from ldm_cli import img2img, inpaint, pipeline
+from ldm_cli.errors import LdmError
 from ldm_cli.families import chroma, t5
 from ldm_cli.settings import Settings
 from tests import flow_parity
 from tests.flow_parity import as_pixels, close, load_pairs, pixels
 
+# ChromaPipeline always sets its own sigmas, which diffusers' multistep solvers refuse: Euler alone
 THEIR_SCHEDULERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {})}
 
 
@@ -61,6 +63,12 @@ def test_model_is_chroma_with_its_pipelines_defaults(models):
     assert {k: ours.defaults[k] for k in ("steps", "cfg", "scheduler", "shift", "max_sequence_length")} == {
         "steps": 35, "cfg": 5.0, "scheduler": "euler", "shift": None, "max_sequence_length": 512}
     assert settings(ours, guidance=4.0).guidance is None  # no distilled guidance: never recorded
+
+
+def test_heun_is_refused_as_for_flux(models):
+    ours, _ = models
+    with pytest.raises(LdmError, match="scheduler 'heun' does not work with Chroma: diffusers' flow-matching Heun"):
+        pipeline.check_inputs(ours, [settings(ours, scheduler="heun")])
 
 
 def test_the_mask_lets_one_padding_token_through(models):

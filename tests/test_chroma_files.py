@@ -144,3 +144,20 @@ def test_a_missing_part_is_one_line(paths, tmp_path, flags, message):
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines() == ["ldm: error: " + message]
     assert not (tmp_path / "o").exists()
+
+
+def test_metadata_in_forges_layout_and_replay(paths, tmp_path):
+    from PIL import Image
+
+    parts = ["--config", str(paths["configs"]), "--vae", str(paths["vae"]), "--text-encoder", str(paths["t5"])]
+    first = CliRunner().invoke(app, ["generate", "a red fox", "--model", str(paths["transformer"]), *parts, "--steps", "2",
+                                     "--seed", "5", "-W", "64", "-H", "64", "--negative", "blurry", "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    [png] = (tmp_path / "a").glob("*.png")
+    text = Image.open(png).text["parameters"]
+    assert "Negative prompt: blurry\nSteps: 2, Sampler: Euler, Schedule type: Simple, CFG scale: 5, Seed: 5," in text
+    assert "Model: Chroma1-HD, Module 1: ae, Module 2: t5xxl_fp16," in text and "Distilled CFG" not in text
+    again = CliRunner().invoke(app, ["generate", "--from-png", str(png), *parts, "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    [replay] = (tmp_path / "b").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(replay)))
