@@ -161,3 +161,31 @@ def test_metadata_in_forges_layout_and_replay(paths, tmp_path):
     assert again.exit_code == 0, again.output
     [replay] = (tmp_path / "b").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(replay)))
+
+
+def test_gguf_q8_0_transformer_stays_quantized_and_renders_its_weights(paths, tmp_path):
+    """A GGUF Chroma (as the community quantizes it), through FLUX's GGUF path."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    from tests.test_flux_files import from_original, q8_where_possible, write_gguf
+
+    ref = reference(paths["folder"], t5=torch.float16)
+    held = write_gguf(tmp_path / "chroma-Q8_0.gguf", convert.export(BARE, ref.denoiser), q8_where_possible)
+    ours = loading.load(str(tmp_path / "chroma-Q8_0.gguf"), LoadOptions(
+        config=str(paths["configs"]), vae=str(paths["vae"]), text_encoders=[str(paths["t5"])]))
+    layer = ours.denoiser.single_transformer_blocks[0].attn.to_q
+    assert isinstance(layer, GGUFLinear) and layer.weight.quant_type.name == "Q8_0"
+    assert ours.family.name == "chroma"
+    ref.denoiser = from_original(ref.denoiser, BARE, held)
+    assert np.abs(image(ours) - image(ref)).max() <= 2
+
+
+def test_a_folder_without_t5_is_refused(chroma_folder, tmp_path):
+    folder = tmp_path / "no-t5"
+    shutil.copytree(chroma_folder, folder, ignore=shutil.ignore_patterns("text_encoder"))
+    result = CliRunner().invoke(app, ["generate", "a fox", "--model", str(folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "ldm: error: no-t5 has no T5-XXL text encoder (text_encoder/), which Chroma needs; "
+        "add the release's text_encoder/ and tokenizer/ folders to it"]
+    assert not (tmp_path / "out").exists()
