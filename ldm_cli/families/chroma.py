@@ -5,9 +5,12 @@ on T5-XXL only, as diffusers' ChromaPipeline conditions it (ChromaTransformer2DM
 Latents are FLUX's: packed into 2x2 patches inside predict with FLUX's position ids (flux.pack,
 flux.image_ids), so the loop, the schedulers and inpainting keep (N, 16, h, w) latents.
 Chroma was trained with T5's padding masked but one padding token left visible: T5 reads the
-prompt with the tokenizer's mask, and the transformer's attention mask lets through the prompt's
-tokens, one more, and every image token. The conditioning carries each text's mask; predict
-appends the image tokens' ones, whose count it alone knows.
+prompt with the tokenizer's mask, and the transformer is given ChromaPipeline's mask of the
+prompt's tokens, one more, and every image token. The conditioning carries each text's mask;
+predict appends the image tokens' ones, whose count it alone knows. The mask is in the model's
+float dtype, exactly as diffusers 0.42 passes it, so the same images come out; note that SDPA
+adds a float mask to the scores (1 kept, 0 "masked"), so padding is not actually masked there
+(diffusers issues #12116, #13619; the reference code and ComfyUI mask with booleans).
 
 No distilled guidance: real classifier-free guidance, --cfg (uncond + cfg x (cond - uncond)), on
 by default. Text encoders: [T5].
