@@ -130,6 +130,8 @@ def test_info_names_the_family_parts_and_needs(paths):
     whole = json.loads(runner.invoke(app, ["info", str(paths["all_in_one"]), "--config", str(paths["folder"]),
                                            "--json"]).stdout)
     assert whole["components"] == ["transformer", "vae", "text_encoder"] and whole["needs"] == []
+    # sizes rounded before anything loads: 16, the VAE's 8 times the 2x2 patches, for files and folders
+    assert {loading.size_multiple(str(paths[k])) for k in ("transformer", "all_in_one", "folder")} == {16}
 
 
 @pytest.mark.parametrize("flags, message", [
