@@ -52,7 +52,7 @@ def write(folder: Path, path: Path, family: str, *, dtype: torch.dtype = torch.f
 
 
 def extra_keys(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    if family in ("sd3", "flux"):
+    if family in ("sd3", "flux", "chroma"):
         return sd3_extra_keys(state)
     generator = torch.Generator().manual_seed(7)
     unet = keymap.UNET.prefix

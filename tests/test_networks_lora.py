@@ -331,3 +331,33 @@ def test_empty_and_foreign_files_are_not_loras(tmp_path):
     for name in ("empty", "text"):
         with pytest.raises(LdmError, match=f"^{name}.safetensors is neither a safetensors file nor a PyTorch file"):
             formats.peek(tmp_path / f"{name}.safetensors", False)
+
+
+def test_chroma_peft_names_equal_diffusers_and_kohya_names_reach_fused_layers(tmp_path):
+    """Chroma takes FLUX's LoRA names: diffusers' (fused into the same weights as diffusers'
+    own loader fuses them) and kohya's original-layout ones, the approximator's included."""
+    from ldm_cli import families
+    from ldm_cli.model import Model
+    from tests import tiny_models
+
+    transformer, reference = tiny_models.chroma_transformer(), tiny_models.chroma_transformer()
+    model = Model(families.get("chroma"), transformer, None, [], [], {}, "tiny-chroma")
+    chosen = lora_files.layers(transformer, ("attn.to_q", "attn.add_v_proj", "proj_mlp", "linear_1"))
+    state = lora_files.peft(chosen, "transformer")
+    before = snapshot(model)
+    merger = merged(model, lora_files.write(tmp_path / "chroma.safetensors", state), unet=0.7)
+    reference.load_lora_adapter(dict(state), prefix="transformer")
+    reference.fuse_lora(lora_scale=0.7)
+    reference.unload_lora()
+    assert_same(transformer, reference)
+    merger.restore()
+    layer = transformer.distilled_guidance_layer.layers[1].linear_2
+    names = ("lora_unet_double_blocks_0_txt_attn_qkv", "lora_unet_distilled_guidance_layer_layers_1_out_layer")
+    kohya = {f"{names[0]}.lora_down.weight": torch.randn(4, 32), f"{names[0]}.lora_up.weight": torch.randn(96, 4),
+             f"{names[1]}.lora_down.weight": torch.randn(4, 32), f"{names[1]}.lora_up.weight": torch.randn(32, 4)}
+    merged(model, lora_files.write(tmp_path / "kohya.safetensors", kohya))
+    delta = [kohya[f"{n}.lora_up.weight"] @ kohya[f"{n}.lora_down.weight"] for n in names]
+    for i, name in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+        weight = f"transformer_blocks.0.attn.{name}.weight"
+        assert torch.allclose(transformer.state_dict()[weight], before[weight] + delta[0][32 * i:32 * (i + 1)], atol=1e-5)
+    assert torch.allclose(layer.weight, before["distilled_guidance_layer.layers.1.linear_2.weight"] + delta[1], atol=1e-5)

@@ -183,3 +183,25 @@ def flux_pipeline(variant: str = "dev", t5: bool = True):
                         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS[variant]),
                         text_encoder=text_encoder(seed=3, width=CLIP_L), tokenizer=tokenizer(),
                         text_encoder_2=t5_encoder() if t5 else None, tokenizer_2=t5_tokenizer() if t5 else None)
+
+
+# -- Chroma --------------------------------------------------------------------------------------
+def chroma_transformer(seed: int = 8):
+    """Chroma's transformer at toy width: FLUX's blocks without their modulations, the timestep's
+    modulations from a 2-layer approximator 32 wide; rotary axes (4, 6, 6) over 16-wide heads."""
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(seed)
+    return ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                                    axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+                                    approximator_hidden_dim=32, approximator_layers=2).eval()
+
+
+def chroma_pipeline():
+    """A ChromaPipeline with the shipped scheduler config (FLUX.1 dev's dynamic shift) and FLUX's VAE."""
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
+
+    return ChromaPipeline(transformer=chroma_transformer(), vae=flux_vae(),
+                          scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS["dev"]),
+                          text_encoder=t5_encoder(), tokenizer=t5_tokenizer())

@@ -8,9 +8,9 @@ from ldm_cli.families.family import Family
 
 
 def get(name: str) -> Family:
-    from ldm_cli.families import flux, sd, sd3, sdxl
+    from ldm_cli.families import chroma, flux, sd, sd3, sdxl
 
-    registry = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL, sd3.SD3, flux.FLUX)}
+    registry = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL, sd3.SD3, flux.FLUX, chroma.CHROMA)}
     if name not in registry:
         from ldm_cli.errors import LdmError
 

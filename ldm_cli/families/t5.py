@@ -5,7 +5,8 @@ fragments (prompt_syntax.emphasis) tokenized one by one, each token's state mult
 weight and the whole scaled back to its former mean ("Original"). BREAK has no chunks to close
 in T5's one sequence and is dropped. A prompt without weights gives diffusers' tokens and
 states exactly. Without a T5 encoder the part is zeros of the same shape, what diffusers uses
-when `text_encoder_3` is None, so the two stay equal.
+when `text_encoder_3` is None, so the two stay equal. A family trained with T5's padding masked
+(Chroma) reads it through `encode_masked`: the same tokens, the encoder told which are padding.
 """
 from __future__ import annotations
 
@@ -20,8 +21,14 @@ MAX_LENGTH = 512  # T5's tokenizer limit; diffusers refuses more
 
 def tokenize(tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids, each token's weight): `length` per text, cut with a note where longer."""
+    ids, weights, _ = _tokenized(tokenizer, texts, length)
+    return ids, weights
+
+
+def _tokenized(tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokenize's ids and weights, and each text's count of tokens that are not padding."""
     rows = [_weighted_tokens(tokenizer, text) for text in texts]
-    ids, weights = [], []
+    ids, weights, kept_counts = [], [], []
     for text, (tokens, token_weights) in zip(texts, rows):
         if len(tokens) + 1 > length:
             note(f"the prompt is {len(tokens) + 1} T5 tokens, more than --max-sequence-length {length}; "
@@ -29,7 +36,8 @@ def tokenize(tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, to
         kept = tokens[:length - 1] + [tokenizer.eos_token_id]
         ids.append(kept + [tokenizer.pad_token_id] * (length - len(kept)))
         weights.append(token_weights[:length - 1] + [1.0] * (length - len(kept) + 1))
-    return torch.tensor(ids), torch.tensor(weights)
+        kept_counts.append(len(kept))
+    return torch.tensor(ids), torch.tensor(weights), torch.tensor(kept_counts)
 
 
 def _weighted_tokens(tokenizer, text: str) -> tuple[list[int], list[float]]:
@@ -52,3 +60,13 @@ def encode(tokenizer, encoder, texts: list[str], length: int, width: int, zeros_
     with torch.inference_mode():
         states = encoder(ids.to(encoder.device))[0]
         return weighted(states, weights.to(states.device))
+
+
+def encode_masked(tokenizer, encoder, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T5's weighted last hidden state, each text's count of tokens that are not padding), the
+    encoder reading with the tokenizer's attention mask (padding masked), as ChromaPipeline does."""
+    ids, weights, counts = _tokenized(tokenizer, texts, length)
+    mask = (torch.arange(length).unsqueeze(0) < counts.unsqueeze(1)).long()
+    with torch.inference_mode():
+        states = encoder(ids.to(encoder.device), attention_mask=mask.to(encoder.device))[0]
+        return weighted(states, weights.to(states.device)), counts

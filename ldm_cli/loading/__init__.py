@@ -11,8 +11,9 @@ from ldm_cli.errors import LdmError
 from ldm_cli.loading.options import LoadOptions, quiet_libraries  # callers take both from here
 
 BUILTIN = Path(__file__).resolve().parent.parent / "assets" / "builtin.safetensors"
-# denoisers that take latents in patches their config's patch_size does not show (families.flux packs 2x2)
-PACKED = {"FluxTransformer2DModel": 2}
+# denoisers that take latents in patches their config's patch_size does not show (families.flux and
+# families.chroma pack 2x2)
+PACKED = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2}
 
 
 def load(source: str | None, options: LoadOptions | None = None):

@@ -27,7 +27,8 @@ LAYERS = {"clip": r"text_model\.encoder\.layers\.(\d+)\.", "openclip": r"transfo
           "t5": r"encoder\.block\.(\d+)\.", "t5_gguf": r"enc\.blk\.(\d+)\."}
 LABELS = {"sd3": {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"},
           "sdxl": {"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-G"},
-          "flux": {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"}}
+          "flux": {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
+          "chroma": {"text_encoder": "T5-XXL"}}
 OPTIONAL = {"text_encoder_3"}  # SD3 runs without T5 (its part of the context is zeros)
 VAE_PREFIXES = ("", keymap.VAE.prefix, "vae.")  # a bare VAE file, or one cut out of a checkpoint
 FILE_NAMES = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5-XXL": "t5xxl_fp16.safetensors"}
@@ -83,7 +84,7 @@ def is_t5(kind: str) -> bool:
 
 def check_complete(r: Recipe, present: dict[str, Source], checkpoint: tensors.Checkpoint, vae_given: bool) -> None:
     if "vae" not in present and not vae_given:
-        example = "e.g. ae.safetensors" if r.family == "flux" else "the model's own VAE file"
+        example = "e.g. ae.safetensors" if r.family in ("flux", "chroma") else "the model's own VAE file"
         raise LdmError(f"{checkpoint.name} has no VAE; pass one with --vae ({example})")
     for name in r.text_encoders:
         if name in present:

@@ -88,8 +88,10 @@ def empty(name: str, config: dict) -> torch.nn.Module:
     try:
         # SD3's one buffer, its position table, is in the file: computing it (0.9 GB for SD3.5
         # medium) only to replace it would cost seconds; other components' buffers are not stored
+        # (Chroma's modulation index table is computed, and small)
         build = constructor(name, config)  # its classes imported first: uninitialised() patches them
-        with init_empty_weights(include_buffers=name == "transformer"), uninitialised():
+        sd3 = name == "transformer" and config.get("_class_name", "SD3Transformer2DModel") == "SD3Transformer2DModel"
+        with init_empty_weights(include_buffers=sd3), uninitialised():
             return build(config)
     except (TypeError, ValueError, KeyError) as e:
         raise LdmError(f"the {name} config does not describe a model ldm can build ({e})") from None
@@ -133,7 +135,7 @@ TEXT_MODELS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection":
                "T5EncoderModel": "T5Config"}
 
 
-DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "ChromaTransformer2DModel")
 
 
 def constructor(name: str, config: dict):
@@ -141,7 +143,7 @@ def constructor(name: str, config: dict):
         import diffusers
 
         default = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"}[name]
-        cls = config.get("_class_name") or default  # the transformer's config names SD3's or FLUX's
+        cls = config.get("_class_name") or default  # the transformer's config names SD3's, FLUX's or Chroma's
         if cls not in (*DENOISERS, "AutoencoderKL"):
             raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(DENOISERS)} denoisers")
         return getattr(diffusers, cls).from_config

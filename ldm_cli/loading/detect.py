@@ -6,15 +6,16 @@ cond_stage_model.transformer, SD2's OpenCLIP under cond_stage_model.model, SDXL'
 conditioner.embedders); the UNet's first convolution says whether it is an inpainting model
 (latents + mask + masked-image latents in); and the UNet's cross-attention width must equal the
 text encoders' combined width, or the file mixes parts of different models. SD3's MMDiT names
-itself (joint_blocks), FLUX's transformer too (double_blocks); their text encoders may be in the
-file or in files of their own.
+itself (joint_blocks), FLUX's transformer too (double_blocks), Chroma's by its approximator
+(distilled_guidance_layer) beside FLUX's blocks, so it is never taken for FLUX; their text
+encoders may be in the file or in files of their own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import flux, keymap, mmdit
+from ldm_cli.loading import chroma, flux, keymap, mmdit
 from ldm_cli.loading.tensors import Checkpoint
 
 UNET_IN = keymap.UNET.prefix + "input_blocks.0.0.weight"
@@ -24,7 +25,7 @@ EMA_PREFIX = "model_ema."
 
 @dataclass(frozen=True)
 class Found:
-    family: str  # sd1, sd2, sdxl, sd3, flux
+    family: str  # sd1, sd2, sdxl, sd3, flux, chroma
     in_channels: int
     latent_channels: int
     ema: bool
@@ -41,6 +42,8 @@ def detect(checkpoint: Checkpoint) -> Found:
     shapes = checkpoint.shapes
     if (prefix := mmdit.prefix_of(shapes)) is not None:
         return sd3(shapes, prefix)
+    if (prefix := chroma.prefix_of(shapes)) is not None:  # FLUX's blocks too: asked first
+        return chroma_found(shapes, prefix)
     if (prefix := flux.prefix_of(shapes)) is not None:
         return flux_found(shapes, prefix)
     if UNET_IN not in shapes or UNET_OUT not in shapes:
@@ -68,6 +71,12 @@ def flux_found(shapes: dict, prefix: str) -> Found:
     config = flux.config(shapes, prefix)
     latent = config["in_channels"] // 4  # packed in 2x2 patches
     return Found("flux", latent, latent, False, flux.variant(shapes, prefix), replace(keymap.FLUX, prefix=prefix), config)
+
+
+def chroma_found(shapes: dict, prefix: str) -> Found:
+    config = chroma.config(shapes, prefix)
+    latent = config["in_channels"] // 4  # packed in 2x2 patches, as FLUX's
+    return Found("chroma", latent, latent, False, None, replace(keymap.CHROMA, prefix=prefix), config)
 
 
 def text_slots(family: str) -> list[keymap.Slot]:
@@ -128,9 +137,9 @@ def not_a_model(checkpoint: Checkpoint) -> str:
                     for k in keys):
         return f"{checkpoint.name} holds only a VAE; pass it with --vae next to a full model"
     if any(k.endswith(tuple(keymap.TEXT_SIGNATURES.values())) for k in keys):
-        return f"{checkpoint.name} holds only a text encoder; pass it with --text-encoder next to a model (SD3, FLUX)"
+        return f"{checkpoint.name} holds only a text encoder; pass it with --text-encoder next to a model (SD3, FLUX, Chroma)"
     return (f"{checkpoint.name} is not a Stable Diffusion checkpoint ldm recognises (no "
-            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x, SDXL, SD3/3.5 and FLUX.1 single files and diffusers folders")
+            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x, SDXL, SD3/3.5, FLUX.1 and Chroma single files and diffusers folders")
 
 
 def unknown_text_encoder(checkpoint: Checkpoint) -> str:

@@ -2,7 +2,8 @@
 
 SD1/SD2 and SDXL folders hold a `unet/`; SD3 folders a `transformer/` and up to three text
 encoders, of which the third (T5) may be left out: the model then runs without T5. FLUX folders
-hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, required: FLUX never runs without T5)."""
+hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, required: FLUX never runs without T5);
+Chroma folders a `transformer/` and T5 alone (`text_encoder/`, required likewise)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,7 +61,7 @@ def _sd3_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     tokenizers = [load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2")]
     if options.without_t5:  # every image of the run asked --no-t5: T5's 9.5 GB are not read
         return transformer, [*encoders, None], [*tokenizers, None]
-    t5, t5_tokenizer = _t5(folder, dtype, "3", optional=True)
+    t5, t5_tokenizer = _t5(folder, dtype, "_3", optional=True)
     return transformer, [*encoders, t5], [*tokenizers, t5_tokenizer]
 
 
@@ -72,32 +73,44 @@ def _flux_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
                                                          local_files_only=True)
     clip = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
-    t5, t5_tokenizer = _t5(folder, dtype, "2", optional=False)
+    t5, t5_tokenizer = _t5(folder, dtype, "_2", optional=False, family="FLUX")
     return transformer, [clip, t5], [load_tokenizer(folder / "tokenizer"), t5_tokenizer]
 
 
-def _t5(folder: Path, dtype: torch.dtype, number: str, optional: bool) -> tuple:
-    """(T5 encoder, its tokenizer) from text_encoder_<number>/; when the folder has none, (None,
-    None) with a note where the model runs without T5 (SD3), else an error (FLUX, which was never
+def _chroma_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
+    """(transformer, [T5], [its tokenizer]) of a Chroma folder."""
+    from diffusers import ChromaTransformer2DModel
+
+    transformer = ChromaTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
+                                                           local_files_only=True)
+    t5, t5_tokenizer = _t5(folder, dtype, "", optional=False, family="Chroma")
+    return transformer, [t5], [t5_tokenizer]
+
+
+def _t5(folder: Path, dtype: torch.dtype, suffix: str, optional: bool, family: str = "") -> tuple:
+    """(T5 encoder, its tokenizer) from text_encoder<suffix>/; when the folder has none, (None,
+    None) with a note where the model runs without T5 (SD3), else an error (FLUX, Chroma, never
     trained without it: a single file without T5 is refused alike)."""
     from transformers import T5EncoderModel, T5TokenizerFast
 
-    if not (folder / f"text_encoder_{number}" / "config.json").exists():
+    if not (folder / f"text_encoder{suffix}" / "config.json").exists():
         if not optional:
-            raise LdmError(f"{folder.name} has no T5-XXL text encoder (text_encoder_{number}/), which FLUX needs; "
-                           f"add the release's text_encoder_{number}/ and tokenizer_{number}/ folders to it")
-        note(f"{folder.name} has no T5 text encoder (text_encoder_{number}): running without T5, as --no-t5 does")
+            raise LdmError(f"{folder.name} has no T5-XXL text encoder (text_encoder{suffix}/), which {family} needs; "
+                           f"add the release's text_encoder{suffix}/ and tokenizer{suffix}/ folders to it")
+        note(f"{folder.name} has no T5 text encoder (text_encoder{suffix}): running without T5, as --no-t5 does")
         return None, None
-    tokenizer_folder = folder / f"tokenizer_{number}"
+    tokenizer_folder = folder / f"tokenizer{suffix}"
     tokenizer_folder = tokenizer_folder if tokenizer_folder.is_dir() else T5_TOKENIZER
-    return (T5EncoderModel.from_pretrained(folder / f"text_encoder_{number}", dtype=dtype, local_files_only=True),
+    return (T5EncoderModel.from_pretrained(folder / f"text_encoder{suffix}", dtype=dtype, local_files_only=True),
             T5TokenizerFast.from_pretrained(str(tokenizer_folder), local_files_only=True))
 
 
 def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, denoiser) -> dict:
-    """SD3's and FLUX's recommended settings; a folder cannot say it holds SD3's turbo model but by its name."""
-    from ldm_cli.families import flux, sd3
+    """SD3's, FLUX's and Chroma's recommended settings; a folder cannot say it holds SD3's turbo model but by its name."""
+    from ldm_cli.families import chroma, flux, sd3
 
+    if name == "chroma":
+        return chroma.defaults(scheduler_config)
     if name == "flux":
         return flux.defaults(flux.variant(denoiser.config), scheduler_config)
     if name != "sd3":
@@ -113,13 +126,14 @@ def _options(index: dict, denoiser, name: str) -> dict:
     return {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
 
 
-PARTS = {"sd3": _sd3_parts, "flux": _flux_parts}  # DiT families: a transformer/, not a unet/
+PARTS = {"sd3": _sd3_parts, "flux": _flux_parts, "chroma": _chroma_parts}  # DiT families: a transformer/, not a unet/
 # the subfolders each family loads (T5's, optional in SD3 and checked by _t5 in FLUX, when present)
 SUBFOLDERS = {"sd1": ["unet", "vae", "text_encoder"], "sd2": ["unet", "vae", "text_encoder"],
               "sdxl": ["unet", "vae", "text_encoder", "text_encoder_2"],
               "sd3": ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"],
-              "flux": ["transformer", "vae", "text_encoder", "text_encoder_2"]}
-T5_PARTS = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}
+              "flux": ["transformer", "vae", "text_encoder", "text_encoder_2"],
+              "chroma": ["transformer", "vae", "text_encoder"]}
+T5_PARTS = {"sd3": "text_encoder_3", "flux": "text_encoder_2", "chroma": "text_encoder"}
 
 
 def check_parts(folder: Path, name: str, options) -> None:

@@ -1,7 +1,7 @@
 """`ldm info CHECKPOINT`: what a single file holds, from its header (plus, for an SD2 file
 with nothing else to go on, the same probe forward pass loading runs): each part's storage
 (dtype, float8, scaled float8 or GGUF quantization), and for a model shipped in parts (SD3,
-FLUX) which parts it still needs and the flag that supplies each."""
+FLUX, Chroma) which parts it still needs and the flag that supplies each."""
 from __future__ import annotations
 
 import math

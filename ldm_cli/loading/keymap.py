@@ -40,6 +40,7 @@ class Slot:
 UNET = Slot("unet", "model.diffusion_model.", "unet")
 MMDIT = Slot("transformer", "model.diffusion_model.", "mmdit")
 FLUX = Slot("transformer", "model.diffusion_model.", "flux")
+CHROMA = Slot("transformer", "model.diffusion_model.", "chroma")
 VAE = Slot("vae", "first_stage_model.", "vae")
 LAYOUTS: dict[str, tuple[Slot, ...]] = {
     "sd1": (UNET, VAE, Slot("text_encoder", "cond_stage_model.transformer.", "clip")),
@@ -52,6 +53,8 @@ LAYOUTS: dict[str, tuple[Slot, ...]] = {
     # ComfyUI's all-in-one FLUX files; Black Forest Labs ship the transformer's keys alone
     "flux": (FLUX, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.clip_l.transformer.", "clip"),
              Slot("text_encoder_2", "text_encoders.t5xxl.transformer.", "t5")),
+    # ComfyUI's all-in-one layout, as FLUX's; lodestones ship the transformer's keys alone
+    "chroma": (CHROMA, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.t5xxl.transformer.", "t5")),
 }
 TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf")
 # a key every text encoder of the layout has (its width is the last dimension)
@@ -71,6 +74,8 @@ def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
         return MMDiTNames(config).origin
     if kind == "flux":
         return FluxNames(config).origin
+    if kind == "chroma":
+        return ChromaNames(config).origin
     return {"clip": clip_origin, "clip_unprojected": unprojected_clip_origin, "openclip": openclip_origin,
             "t5": t5_origin, "t5_gguf": t5_gguf_origin, "diffusers": Origin}[kind]
 
@@ -327,3 +332,29 @@ class FluxNames:
         leaf = "scale" if name.endswith("_norm") else leaf
         split = self.single_split if single and part is not None else None
         return Origin(f"{'single' if single else 'double'}_blocks.{index}.{name}.{leaf}", part=part, split=split)
+
+
+# the approximator's diffusers modules -> lodestones' (diffusers' convert_chroma_transformer_checkpoint_to_diffusers)
+CHROMA_TOP = {"distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
+              "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj",
+              "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+CHROMA_APPROXIMATOR = {"linear_1": "in_layer", "linear_2": "out_layer"}
+
+
+class ChromaNames(FluxNames):
+    """Chroma's transformer as lodestones ship it: FLUX's blocks less their modulation layers
+    (never asked for: diffusers' Chroma blocks have none), and the approximator, whose RMS norms
+    are stored as `scale`."""
+
+    def origin(self, key: str) -> Origin:
+        if m := re.fullmatch(r"distilled_guidance_layer\.(layers|norms)\.(\d+)\.(?:(linear_[12])\.)?(weight|bias)", key):
+            if m[1] == "norms":
+                return Origin(f"distilled_guidance_layer.norms.{m[2]}.scale")
+            if m[3]:
+                return Origin(f"distilled_guidance_layer.layers.{m[2]}.{CHROMA_APPROXIMATOR[m[3]]}.{m[4]}")
+        if key.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            return super().origin(key)
+        module, _, leaf = key.rpartition(".")
+        if module not in CHROMA_TOP:
+            raise unsupported("Chroma transformer", key)
+        return Origin(f"{CHROMA_TOP[module]}.{leaf}")

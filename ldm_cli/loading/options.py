@@ -24,6 +24,8 @@ class LoadOptions:
 
 def quiet_libraries() -> None:
     """diffusers and transformers draw their own loading bars; ldm draws one bar, its own."""
+    import warnings
+
     import diffusers
     import transformers
 
@@ -31,3 +33,5 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    # diffusers' own ChromaTransformer2DModel builds FluxPosEmbed under its deprecated name: nothing a user can act on
+    warnings.filterwarnings("ignore", message="`FluxPosEmbed` is deprecated", category=FutureWarning)

@@ -28,6 +28,7 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3",
     "StableDiffusion3InpaintPipeline": "sd3",
     "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
+    "ChromaPipeline": "chroma", "ChromaImg2ImgPipeline": "chroma", "ChromaInpaintPipeline": "chroma",
 }
 
 
@@ -142,6 +143,6 @@ def from_folder(folder: Path, r: Recipe) -> dict[str, dict]:
 
 def check_family(index: dict, family: str, folder: Path) -> None:
     kind = PIPELINE_FAMILIES.get(index.get("_class_name"))
-    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux") else "sd"):
+    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma") else "sd"):
         raise LdmError(f"--config {str(folder)!r} describes a {index['_class_name']}, but the checkpoint is {family}; "
                        "pass a config folder of the same family")

@@ -122,7 +122,7 @@ def tokenizer(folder: Path, overrides: tuple):
 
 def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dict | None = None) -> dict:
     """The steps, cfg and scheduler a file recommends in its metadata (ldm's built-in model
-    does), over its family's own (SD3's, FLUX's)."""
+    does), over its family's own (SD3's, FLUX's, Chroma's)."""
     base = {}
     if r is not None and r.family == "sd3":
         from ldm_cli.families import sd3
@@ -132,6 +132,10 @@ def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dic
         from ldm_cli.families import flux
 
         base = flux.defaults(r.options["variant"], r.configs["scheduler"])
+    if r is not None and r.family == "chroma":
+        from ldm_cli.families import chroma
+
+        base = chroma.defaults(r.configs["scheduler"])
     text = checkpoint.metadata.get(DEFAULTS_KEY)
     if text is None:
         return base
