@@ -295,6 +295,8 @@ def weight_problem(text: str, steps: int, positive: bool) -> tuple[str, str] | N
     MAX_PROMPT_WEIGHT, inf and nan included; None when it does neither. Words are weighed in
     every prompt its schedule over `steps` gives, as they are encoded."""
     text = extra_networks(text)[0] if positive else text
+    if "(" not in text and "[" not in text and "AND" not in text:
+        return None  # plain words all weigh 1 (the common case, and a batch checks every line)
     if (depth := _nesting(text)) > MAX_PROMPT_NESTING:  # checked first: emphasis is quadratic in it
         return f"may nest brackets at most {MAX_PROMPT_NESTING} deep", str(depth)
     bound = f"-{MAX_PROMPT_WEIGHT} to {MAX_PROMPT_WEIGHT}"

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from ldm_cli import prompt_syntax
@@ -92,7 +91,9 @@ class Session:
         ti = [(e.name, self._hash(hashes.embedding_hash, e.path)) for e in used]
         _compare("LoRA", s.lora_hashes, found, {a.mentioned: a.lora.path for a in loras})
         _compare("embedding", s.ti_hashes, dict(ti), {e.name: e.path for e in used})
-        return dataclasses.replace(s, lora_hashes=hashes.record(list(found.items())), ti_hashes=hashes.record(ti))
+        out = s.merged()
+        out.lora_hashes, out.ti_hashes = hashes.record(list(found.items())), hashes.record(ti)
+        return out
 
     def _hash(self, digest, path: Path) -> str:
         if path not in self._hashes:
@@ -100,8 +101,8 @@ class Session:
         return self._hashes[path]
 
     def used_embeddings(self, text: str, steps: int, negative: bool = False) -> list[embeddings.Embedding]:
-        if self.embeddings is None or not text:
-            return []
+        if self.embeddings is None or not text or not self.embeddings.files:
+            return []  # no embeddings: the prompt is not parsed for their names (every line of a batch asks)
         return self.embeddings.used(encoded_texts(text, steps, negative))
 
     # -- a batch ----------------------------------------------------------------------------
