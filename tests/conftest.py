@@ -85,3 +85,10 @@ def flux_schnell_folder(tmp_path_factory):
     from tests import tiny_models
 
     return _built(tmp_path_factory, "tiny-flux-schnell", lambda: tiny_models.flux_pipeline("schnell"))
+
+
+@pytest.fixture(scope="session")
+def zimage_turbo_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-zimage-turbo", lambda: tiny_models.zimage_pipeline())

@@ -2,7 +2,8 @@
 
 SD1/SD2 and SDXL folders hold a `unet/`; SD3 folders a `transformer/` and up to three text
 encoders, of which the third (T5) may be left out: the model then runs without T5. FLUX folders
-hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, required: FLUX never runs without T5)."""
+hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, required: FLUX never runs without T5).
+Z-Image folders hold a `transformer/` and Qwen3 (`text_encoder/`; its `tokenizer/`, or ldm's copy)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from ldm_cli.model import Model
 
 T5_TOKENIZER = Path(__file__).resolve().parent / "configs" / "t5_tokenizer"
+QWEN3_TOKENIZER = Path(__file__).resolve().parent / "configs" / "qwen3_tokenizer"
 
 
 def sd_family_name(text_encoder_config: dict) -> str:
@@ -76,6 +78,19 @@ def _flux_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     return transformer, [clip, t5], [load_tokenizer(folder / "tokenizer"), t5_tokenizer]
 
 
+def _zimage_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
+    """(transformer, [Qwen3], [its tokenizer]) of a Z-Image folder."""
+    from diffusers import ZImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen3Model
+
+    transformer = ZImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
+                                                           local_files_only=True)
+    qwen = Qwen3Model.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
+    tokenizer = folder / "tokenizer"
+    tokenizer = tokenizer if (tokenizer / "tokenizer_config.json").exists() else QWEN3_TOKENIZER
+    return transformer, [qwen], [AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)]
+
+
 def _t5(folder: Path, dtype: torch.dtype, number: str, optional: bool) -> tuple:
     """(T5 encoder, its tokenizer) from text_encoder_<number>/; when the folder has none, (None,
     None) with a note where the model runs without T5 (SD3), else an error (FLUX, which was never
@@ -95,30 +110,36 @@ def _t5(folder: Path, dtype: torch.dtype, number: str, optional: bool) -> tuple:
 
 
 def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, denoiser) -> dict:
-    """SD3's and FLUX's recommended settings; a folder cannot say it holds SD3's turbo model but by its name."""
-    from ldm_cli.families import flux, sd3
+    """SD3's, FLUX's and Z-Image's recommended settings; a folder cannot say it holds SD3's or Z-Image's
+    turbo model but by its name."""
+    from ldm_cli.families import flux, sd3, zimage
 
     if name == "flux":
         return flux.defaults(flux.variant(denoiser.config), scheduler_config)
+    if name == "zimage":
+        return zimage.defaults(zimage.variant(folder.name), scheduler_config)
     if name != "sd3":
         return {}
     return sd3.defaults("turbo" in folder.name.lower(), scheduler_config.get("shift", 3.0), encoders[2] is not None)
 
 
-def _options(index: dict, denoiser, name: str) -> dict:
-    from ldm_cli.families import flux, sd3
+def _options(folder: Path, index: dict, denoiser, name: str) -> dict:
+    from ldm_cli.families import flux, sd3, zimage
 
+    if name == "zimage":
+        return {"variant": zimage.variant(folder.name)}
     if name in ("sd3", "flux"):
         return {"variant": (sd3 if name == "sd3" else flux).variant(denoiser.config)}
     return {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
 
 
-PARTS = {"sd3": _sd3_parts, "flux": _flux_parts}  # DiT families: a transformer/, not a unet/
+PARTS = {"sd3": _sd3_parts, "flux": _flux_parts, "zimage": _zimage_parts}  # DiT families: a transformer/, not a unet/
 # the subfolders each family loads (T5's, optional in SD3 and checked by _t5 in FLUX, when present)
 SUBFOLDERS = {"sd1": ["unet", "vae", "text_encoder"], "sd2": ["unet", "vae", "text_encoder"],
               "sdxl": ["unet", "vae", "text_encoder", "text_encoder_2"],
               "sd3": ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"],
-              "flux": ["transformer", "vae", "text_encoder", "text_encoder_2"]}
+              "flux": ["transformer", "vae", "text_encoder", "text_encoder_2"],
+              "zimage": ["transformer", "vae", "text_encoder"]}
 T5_PARTS = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}
 
 
@@ -178,7 +199,7 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
                   scheduler_config=scheduler_config, name=folder.name,
                   hash=hashing.short_hash(weights) if weights else None, path=str(folder),
                   defaults=_defaults(folder, name, scheduler_config, encoders, denoiser),
-                  options=_options(index, denoiser, name))
+                  options=_options(folder, index, denoiser, name))
     if options.vae:
         from ldm_cli.loading import vae_file
 
