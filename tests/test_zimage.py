@@ -1,0 +1,160 @@
+"""Z-Image against diffusers' own Z-Image pipelines: the same weights, prompt, seed, scheduler,
+steps, CFG and size give the same image within 2/255 per pixel. A tiny Turbo-like model (Qwen3
+over the real vocabulary at toy width, FLUX's VAE), loaded from a diffusers folder."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_cli import img2img, inpaint, pipeline
+from ldm_cli.loading import folder as folders
+from ldm_cli.settings import Settings
+from tests import flow_parity
+from tests.flow_parity import as_pixels, close, load_pairs, pixels
+
+# ZImagePipeline hands every scheduler its sigmas, which only the flow-matching Euler takes
+THEIR_SCHEDULERS = {"euler": ("FlowMatchEulerDiscreteScheduler", {})}
+
+
+@pytest.fixture(scope="module")
+def models(zimage_turbo_folder):
+    from diffusers import ZImagePipeline
+
+    return load_pairs(ZImagePipeline, {"turbo": zimage_turbo_folder})["turbo"]
+
+
+def settings(model, **kw) -> Settings:
+    base = dict(prompt="a red fox in snow", steps=3, seed=1234, scheduler="euler", width=64, height=64)
+    return Settings(**{**base, **kw}).resolve(model.defaults, model.native_size)
+
+
+def generator(s: Settings) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(s.seed)
+
+
+def their_kwargs(pipe, s: Settings) -> dict:
+    """ZImagePipeline's arguments for these settings: its guidance_scale g is pos + g (pos - neg),
+    ldm's --cfg c is neg + c (pos - neg), so g = c - 1 (0: off)."""
+    pipe.scheduler = flow_parity.their_scheduler(pipe, THEIR_SCHEDULERS, s.scheduler)
+    return dict(negative_prompt=s.negative or None, guidance_scale=s.cfg - 1, num_inference_steps=s.steps,
+                height=s.height, width=s.width, generator=generator(s), output_type="np")
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"cfg": 3.0, "negative": "blurry"},  # real CFG, as Z-Image Base runs
+    {"width": 96, "height": 64, "max_sequence_length": 64},
+])
+def test_txt2img_matches_diffusers(models, kw):
+    ours, theirs = models
+    s = settings(ours, **kw)
+    mine = pixels(pipeline.text_to_image(ours, [s])[0])
+    ref = theirs(s.prompt, max_sequence_length=s.max_sequence_length, **their_kwargs(theirs, s)).images[0]
+    assert close(mine, as_pixels(ref))
+
+
+def test_cfg_changes_the_image_and_1_is_off(models):
+    ours, _ = models
+    s = settings(ours, negative="blurry")
+    plain = pixels(pipeline.text_to_image(ours, [s])[0])
+    assert np.array_equal(plain, pixels(pipeline.text_to_image(ours, [s.merged(negative="")])[0]))
+    assert np.abs(plain - pixels(pipeline.text_to_image(ours, [s.merged(cfg=3.0)])[0])).max() > 2
+
+
+def test_turbo_is_told_and_recommends_its_settings(models):
+    ours, _ = models
+    assert (ours.family.name, ours.family.flow, ours.size_multiple, ours.native_size) == ("zimage", True, 16,
+                                                                                        (1024, 1024))
+    assert ours.options["variant"] == "turbo"
+    assert {k: ours.defaults[k] for k in ("steps", "cfg", "scheduler", "shift", "max_sequence_length")} == {
+        "steps": 9, "cfg": 1.0, "scheduler": "euler", "shift": 3.0, "max_sequence_length": 512}
+    assert settings(ours, guidance=4.0).guidance is None  # no distilled guidance: never recorded
+
+
+def test_a_release_not_named_turbo_is_base_with_cfg(zimage_turbo_folder, tmp_path):
+    from ldm_cli import loading
+
+    base = shutil.copytree(zimage_turbo_folder, tmp_path / "Z-Image")
+    model = loading.load(str(base))
+    assert (model.options["variant"], model.defaults["steps"], model.defaults["cfg"]) == ("base", 50, 5.0)
+
+
+def test_a_folder_without_its_tokenizer_reads_ldms_copy(models, zimage_turbo_folder, tmp_path):
+    from ldm_cli import loading
+
+    bare = shutil.copytree(zimage_turbo_folder, tmp_path / "no-tokenizer-turbo",
+                           ignore=shutil.ignore_patterns("tokenizer"))
+    model = loading.load(str(bare))
+    assert model.tokenizers[0].name_or_path == str(folders.QWEN3_TOKENIZER)
+    s = settings(model, steps=2)
+    assert np.array_equal(pixels(pipeline.text_to_image(model, [s])[0]),
+                          pixels(pipeline.text_to_image(models[0], [s])[0]))
+
+
+def test_an_image_in_a_batch_is_the_image_alone(models):
+    ours, _ = models
+    group = [settings(ours, steps=2, prompt="a red fox", seed=1),
+             settings(ours, steps=2, prompt="a blue house on a green hill at dusk", seed=2)]
+    together = pipeline.text_to_image(ours, group)
+    for s, image in zip(group, together):
+        assert close(pixels(image), pixels(pipeline.text_to_image(ours, [s])[0]))
+
+
+def picture() -> Image.Image:
+    y, x = np.mgrid[0:64, 0:64]
+    return Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8))
+
+
+def test_img2img_matches_diffusers(models):
+    from diffusers import ZImageImg2ImgPipeline
+
+    ours, theirs = models
+    s = settings(ours, strength=0.6, steps=4, cfg=2.0)
+    mine = pixels(img2img.image_to_image(ours, [s], [picture()])[0])
+    pipe = ZImageImg2ImgPipeline(**theirs.components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = theirs.original_scheduler_config
+    ref = pipe(s.prompt, image=picture(), strength=0.6, **their_kwargs(pipe, s)).images[0]
+    assert close(mine, as_pixels(ref))
+
+
+# -- the shipped Qwen tokenizer: Qwen2/Qwen3's published ids
+def test_shipped_tokenizer_gives_qwens_ids():
+    from tests.tiny_models import qwen3_tokenizer
+
+    tokenizer = qwen3_tokenizer()
+    assert len(tokenizer) == 151669
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]) == [
+        151643, 151644, 151645, 151667, 151668]
+    assert tokenizer("Hello, world!").input_ids == [9707, 11, 1879, 0]
+    assert tokenizer("你好").input_ids == [108386]
+    assert (tokenizer.pad_token_id, tokenizer.eos_token) == (151643, "<|im_end|>")
+
+
+def test_the_prompt_goes_in_qwen3s_chat_template():
+    from ldm_cli.families import zimage
+    from tests.tiny_models import qwen3_tokenizer
+
+    tokenizer = qwen3_tokenizer()
+    text = zimage.chat(tokenizer, "a red fox")
+    assert text == "<|im_start|>user\na red fox<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer(text).input_ids == [151644, 872, 198, 64, 2518, 38835, 151645, 198, 151644, 77091, 198]
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.8])
+def test_inpaint_matches_diffusers(models, strength):
+    from diffusers import ZImageInpaintPipeline
+
+    ours, theirs = models
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    s = settings(ours, strength=strength, mask_blur=0, only_masked=False)
+    mine = pixels(inpaint.inpaint(ours, [s], [picture()], [mask])[0])
+    pipe = ZImageInpaintPipeline(**theirs.components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = theirs.original_scheduler_config
+    ref = pipe(s.prompt, image=picture(), mask_image=mask, strength=strength, **their_kwargs(pipe, s)).images[0]
+    assert close(mine[:, :32], as_pixels(ref)[:, :32])
+    assert np.array_equal(mine[:, 32:], pixels(picture())[:, 32:])  # kept exactly
