@@ -158,3 +158,27 @@ def test_inpaint_matches_diffusers(models, strength):
     ref = pipe(s.prompt, image=picture(), mask_image=mask, strength=strength, **their_kwargs(pipe, s)).images[0]
     assert close(mine[:, :32], as_pixels(ref)[:, :32])
     assert np.array_equal(mine[:, 32:], pixels(picture())[:, 32:])  # kept exactly
+
+
+def test_fp8_weights_match_diffusers_layerwise_casting(models, zimage_turbo_folder):
+    """The timestep and caption embedders cast their input to their weights' dtype: diffusers
+    keeps them out of float8 for Z-Image (its _skip_layerwise_casting_patterns), and so does ldm."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    from ldm_cli import loading
+    from ldm_cli.loading import LoadOptions
+
+    ours = loading.load(str(zimage_turbo_folder), LoadOptions(device="cpu", weights="fp8", offload="model"))
+    stored = {n: p.dtype for n, p in ours.denoiser.named_parameters()}
+    assert stored["layers.0.attention.to_q.weight"] == torch.float8_e4m3fn
+    assert stored["t_embedder.mlp.0.weight"] == stored["cap_embedder.1.weight"] == torch.float32
+    s = settings(ours)
+    mine = pixels(pipeline.text_to_image(ours, [s])[0])
+    _, theirs = models
+    pipe = type(theirs).from_pretrained(zimage_turbo_folder, dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = theirs.original_scheduler_config
+    skipped = ("pos_embed", "patch_embed", "^proj_in$", "^proj_out$", "t_embedder", "cap_embedder")
+    apply_layerwise_casting(pipe.transformer, torch.float8_e4m3fn, torch.float32, skipped)
+    assert close(mine, as_pixels(pipe(s.prompt, **their_kwargs(pipe, s)).images[0]))
+    assert np.abs(mine - pixels(pipeline.text_to_image(models[0], [s])[0])).max() > 0  # it did store float8

@@ -216,7 +216,7 @@ def zimage_transformer(seed: int = 9):
 
     torch.manual_seed(seed)
     model = ZImageTransformer2DModel(dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
-                                     cap_feat_dim=QWEN3_WIDTH, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64]).eval()
+                                     cap_feat_dim=QWEN3_WIDTH, axes_dims=[4, 6, 6], axes_lens=[1536, 512, 512]).eval()
     with torch.no_grad():  # its pad tokens start at zeros; random ones show a wrongly padded sequence
         model.x_pad_token.normal_()
         model.cap_pad_token.normal_()

@@ -29,13 +29,9 @@ TURBO = {"steps": 9, "cfg": 1.0}  # Tongyi's model card: 9 steps (8 transformer 
 BASE = {"steps": 50, "cfg": 5.0}  # Tongyi's: 50 steps at guidance_scale 4, ldm's cfg 5
 
 
-def variant(name: str) -> str:
-    """turbo or base: their transformers are alike in shape, so only the release's name tells."""
-    return "turbo" if "turbo" in name.lower() else "base"
-
-
 def defaults(name: str, scheduler_config: dict) -> dict:
-    """The variant's steps and CFG with flow Euler at the scheduler's own shift (Turbo's 3)."""
+    """The variant's (turbo or base, as loading/zimage.py tells them) steps and CFG, with flow Euler
+    at the scheduler's own shift (Turbo's 3)."""
     dynamic = scheduler_config.get("use_dynamic_shifting", False)
     return {**(TURBO if name == "turbo" else BASE), "scheduler": "euler", "schedule": "default",
             "shift": None if dynamic else scheduler_config.get("shift", 1.0),

@@ -14,14 +14,13 @@ import torch
 from ldm_cli import files
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import tensors
-from ldm_cli.loading.recipe import PIPELINE_FAMILIES, read_json
+from ldm_cli.loading.recipe import PIPELINE_FAMILIES, QWEN3_TOKENIZER, read_json
 from ldm_cli.notes import note
 
 if TYPE_CHECKING:
     from ldm_cli.model import Model
 
 T5_TOKENIZER = Path(__file__).resolve().parent / "configs" / "t5_tokenizer"
-QWEN3_TOKENIZER = Path(__file__).resolve().parent / "configs" / "qwen3_tokenizer"
 
 
 def sd_family_name(text_encoder_config: dict) -> str:
@@ -113,18 +112,20 @@ def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, d
     """SD3's, FLUX's and Z-Image's recommended settings; a folder cannot say it holds SD3's or Z-Image's
     turbo model but by its name."""
     from ldm_cli.families import flux, sd3, zimage
+    from ldm_cli.loading.zimage import variant
 
     if name == "flux":
         return flux.defaults(flux.variant(denoiser.config), scheduler_config)
     if name == "zimage":
-        return zimage.defaults(zimage.variant(folder.name), scheduler_config)
+        return zimage.defaults(variant(folder.name), scheduler_config)
     if name != "sd3":
         return {}
     return sd3.defaults("turbo" in folder.name.lower(), scheduler_config.get("shift", 3.0), encoders[2] is not None)
 
 
 def _options(folder: Path, index: dict, denoiser, name: str) -> dict:
-    from ldm_cli.families import flux, sd3, zimage
+    from ldm_cli.families import flux, sd3
+    from ldm_cli.loading import zimage
 
     if name == "zimage":
         return {"variant": zimage.variant(folder.name)}

@@ -1,0 +1,155 @@
+"""Z-Image from the files people download: Tongyi's transformer file (bare keys) and ComfyUI's
+split files (`diffusion_models/z_image_turbo*.safetensors` under `model.diffusion_model.`,
+`text_encoders/qwen_3_4b.safetensors`, FLUX's `ae.safetensors`), and a transformer saved with
+diffusers' names; `ldm info`; a missing part refused in one line.
+
+The oracle for the layout is diffusers' own Z-Image converter: it turns the file ldm writes
+back into the very weights of the folder's transformer. Each way of giving the same weights
+then renders the folder's image exactly.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ldm_cli import loading, pipeline
+from ldm_cli.cli import app
+from ldm_cli.loading import LoadOptions, detect, zimage
+from ldm_cli.loading.tensors import open_checkpoint
+from ldm_cli.settings import Settings
+from tests import original_layout
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, zimage_turbo_folder) -> dict[str, Path]:
+    out, folder = tmp_path_factory.mktemp("zimagefiles"), zimage_turbo_folder
+    transformer, vae, qwen = original_layout.components(folder, "zimage")
+    file = original_layout.component_file
+    made = {"folder": folder,
+            "tongyi": file(transformer, "zimage", out / "z_image_turbo.safetensors", dtype=torch.bfloat16),
+            "comfy": file(transformer, "zimage", out / "z_image_turbo_bf16.safetensors", dtype=torch.bfloat16,
+                          prefix="model.diffusion_model.", extra={"norm_final.weight": torch.ones(32)}),
+            "diffusers": file(transformer, "diffusers", out / "z_image_turbo_diffusers.safetensors",
+                              dtype=torch.bfloat16),
+            "qwen": file(qwen, "qwen3", out / "qwen_3_4b.safetensors", prefix="model.",
+                         extra={"lm_head.weight": torch.zeros(151936, 32)}),  # ComfyUI's keep the head: not read
+            "vae": file(vae, "vae", out / "ae.safetensors")}
+    made["configs"] = out / "configs"  # the folder's configs but the transformer's: read from the shapes
+    shutil.copytree(folder, made["configs"], ignore=shutil.ignore_patterns("*.safetensors", "transformer"))
+    return made
+
+
+def parts(paths: dict, model: str = "comfy") -> tuple[str, LoadOptions]:
+    return str(paths[model]), LoadOptions(config=str(paths["configs"]), vae=str(paths["vae"]),
+                                          text_encoders=[str(paths["qwen"])])
+
+
+def image(model) -> np.ndarray:
+    s = Settings(prompt="a red fox in snow", steps=2, seed=3, width=64, height=64).resolve(model.defaults,
+                                                                                          model.native_size)
+    return np.asarray(pipeline.text_to_image(model, [s])[0]).astype(int)
+
+
+def test_diffusers_converter_reads_the_original_layout_back(paths):
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    folder = original_layout.component(paths["folder"], "transformer").to(torch.bfloat16).state_dict()
+    for name in ("tongyi", "comfy"):
+        converted = convert_z_image_transformer_checkpoint_to_diffusers(load_file(paths[name]))
+        assert converted.keys() == folder.keys()
+        assert all(torch.equal(converted[k], folder[k]) for k in folder), name
+
+
+@pytest.mark.parametrize("name, layout", [("tongyi", "zimage"), ("comfy", "zimage"), ("diffusers", "diffusers")])
+def test_each_layout_is_found_with_its_config_from_the_shapes(paths, name, layout):
+    found = detect.detect(open_checkpoint(paths[name], False))
+    assert (found.family, found.variant, found.denoiser_slot.kind, found.in_channels) == ("zimage", "turbo", layout, 16)
+    folder = json.loads((paths["folder"] / "transformer" / "config.json").read_text())
+    assert {k: folder[k] for k in found.denoiser_config if k != "_class_name"} == {
+        k: v for k, v in found.denoiser_config.items() if k != "_class_name"}
+
+
+@pytest.mark.parametrize("name", ["tongyi", "comfy", "diffusers"])
+def test_split_files_render_the_folders_image(paths, name):
+    folder_model = loading.load(str(paths["folder"]), LoadOptions(dtype="bf16", device="cpu"))
+    path, options = parts(paths, name)
+    model = loading.load(path, LoadOptions(**{**options.__dict__, "dtype": "bf16", "device": "cpu"}))
+    assert (model.family.name, model.options["variant"], model.modules) == ("zimage", "turbo", ["ae", "qwen_3_4b"])
+    assert model.defaults["steps"] == 9 and model.tokenizers[0]("Hello, world!").input_ids == [9707, 11, 1879, 0]
+    assert np.array_equal(image(model), image(folder_model))
+
+
+def test_a_file_not_named_turbo_is_base(paths, tmp_path):
+    base = shutil.copy(paths["comfy"], tmp_path / "z_image_bf16.safetensors")
+    _, options = parts(paths)
+    model = loading.load(str(base), options)
+    assert (model.options["variant"], model.defaults["steps"], model.defaults["cfg"]) == ("base", 50, 5.0)
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [*map(str, args)])
+
+
+def test_info_names_the_family_and_what_the_file_needs(paths):
+    result = cli("info", paths["comfy"], "--json", "--config", paths["configs"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert (info["family"], info["variant"], info["model"], info["components"]) == (
+        "zimage", "turbo", "Z-Image Turbo", ["transformer"])
+    assert info["needs"] == ["vae (--vae)", "text_encoder (Qwen3-4B, --text-encoder)"]
+    assert info["native_size"] == "1024x1024" and info["storage"]["transformer"] == "bf16"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--vae", "vae"], "z_image_turbo_bf16.safetensors has no Qwen3-4B text encoder; pass its file with --text-encoder "
+                      "(e.g. qwen_3_4b.safetensors)"),
+    (["--text-encoder", "qwen"], "z_image_turbo_bf16.safetensors has no VAE; pass one with --vae (e.g. ae.safetensors)"),
+])
+def test_a_missing_part_is_one_line(paths, tmp_path, extra, message):
+    flags = [extra[0], paths[extra[1]]]
+    result = cli("generate", "a fox", "--model", paths["comfy"], *flags, "--config", paths["configs"], "--out", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"ldm: error: {message}"]
+
+
+def test_qwen3_of_another_width_is_refused_in_one_line(paths, tmp_path):
+    """Without --config the shipped configs say Qwen3-4B, 2560 wide: the tiny one does not fit."""
+    result = cli("generate", "a fox", "--model", paths["comfy"], "--vae", paths["vae"], "--text-encoder", paths["qwen"],
+                 "--out", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "ldm: error: --text-encoder qwen_3_4b.safetensors holds a Qwen3 text encoder 32 wide with 2 layers, which "
+        "this zimage model does not use; it takes: Qwen3-4B (2560 wide)"]
+
+
+def test_the_text_encoder_given_as_the_model_is_refused(paths, tmp_path):
+    result = cli("generate", "a fox", "--model", paths["qwen"], "--out", tmp_path)
+    assert result.exit_code == 2
+    assert "holds only a text encoder; pass it with --text-encoder" in result.stderr
+
+
+def test_rope_axes_keep_the_released_split():
+    assert zimage.rope_axes(128) == (32, 48, 48)
+    assert zimage.rope_axes(16) == (4, 6, 6)
+
+
+def test_metadata_names_the_parts_and_replays(paths, tmp_path):
+    from PIL import Image
+
+    flags = ["--text-encoder", paths["qwen"], "--vae", paths["vae"], "--config", paths["configs"]]
+    first = cli("generate", "a red fox", "--model", paths["comfy"], *flags, "--steps", 2, "--seed", 3, "--cfg", 2,
+                "--negative", "blurry", "-W", 64, "-H", 64, "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    [png] = (tmp_path / "a").glob("*.png")
+    text = Image.open(png).text["parameters"]
+    assert "Steps: 2, Sampler: Euler, Schedule type: Simple, CFG scale: 2, Seed: 3, Size: 64x64" in text
+    assert "Model: z_image_turbo_bf16, Module 1: ae, Module 2: qwen_3_4b, Shift: 3, Max sequence length: 512" in text
+    again = cli("generate", "--from-png", png, "--model", paths["comfy"], *flags, "--out", tmp_path / "b")
+    assert again.exit_code == 0, again.output
+    [replay] = (tmp_path / "b").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(replay)))
