@@ -153,3 +153,58 @@ def test_metadata_names_the_parts_and_replays(paths, tmp_path):
     assert again.exit_code == 0, again.output
     [replay] = (tmp_path / "b").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(replay)))
+
+
+def test_a_float8_transformer_is_upcast(paths, tmp_path):
+    """ComfyUI's z_image_turbo_fp8_e4m3fn-style files: each weight read as float8, upcast."""
+    transformer = original_layout.component(paths["folder"], "transformer")
+    file = original_layout.component_file(transformer, "zimage", tmp_path / "z_image_turbo_fp8_e4m3fn.safetensors",
+                                          dtype=torch.float8_e4m3fn, prefix="model.diffusion_model.")
+    _, options = parts(paths)
+    ours = loading.load(str(file), options)
+    ref = loading.load(str(paths["folder"]))
+    for p in ref.denoiser.parameters():
+        p.data = p.data.to(torch.float8_e4m3fn).float()
+    mine, theirs = ours.denoiser.state_dict(), ref.denoiser.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert np.array_equal(image(ours), image(ref))
+
+
+def test_released_config_from_shapes():
+    """The released transformer (3840 wide, 30 layers, 128-wide heads), in both layouts and both
+    prefixes: detection gives back the shipped config (and the 6.15B parameters of Z-Image)."""
+    from ldm_cli.loading import convert, keymap, recipe
+    from ldm_cli.loading.tensors import Checkpoint
+
+    shipped = recipe.read_json(recipe.SHIPPED / "zimage" / "transformer" / "config.json")
+    module = convert.empty("transformer", shipped)
+    assert round(sum(p.numel() for p in module.parameters()) / 1e9, 2) == 6.15
+    for kind in ("zimage", "diffusers"):
+        header = {k: tuple(v.shape) for k, v in convert.export(keymap.Slot("x", "", kind), module).items()}
+        for shapes in (header, {"model.diffusion_model." + k: v for k, v in header.items()}):
+            found = detect.detect(Checkpoint(Path("z_image_turbo_bf16.safetensors"), shapes, {}))
+            assert (found.family, found.variant, found.latent_channels) == ("zimage", "turbo", 16)
+            assert {**found.denoiser_config, "norm_eps": 1e-05, "qk_norm": True, "rope_theta": 256.0,
+                    "t_scale": 1000.0} == shipped
+
+
+def test_a_gguf_q8_0_transformer_stays_quantized(paths, tmp_path):
+    """A city96-style .gguf of the transformer (Tongyi's names, bare): its fused q/k/v is split in
+    whole Q8_0 blocks, each Linear dequantized as it runs; the image is that of the weights the
+    gguf package's own code dequantizes (within 2/255: fp16 block scales round differently)."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    from ldm_cli.loading import convert, keymap
+    from tests.test_flux_files import q8_where_possible, write_gguf
+
+    ref = loading.load(str(paths["folder"]))
+    held = write_gguf(tmp_path / "z_image_turbo-Q8_0.gguf",
+                      convert.export(keymap.Slot("transformer", "", "zimage"), ref.denoiser), q8_where_possible)
+    _, options = parts(paths)
+    ours = loading.load(str(tmp_path / "z_image_turbo-Q8_0.gguf"), options)
+    assert isinstance(ours.denoiser.layers[0].attention.to_q, GGUFLinear)
+    origins = {name: keymap.zimage_origin(name) for name in ref.denoiser.state_dict()}
+    ref.denoiser.load_state_dict({name: held[o.key] if o.part is None else held[o.key].chunk(3)[o.part]
+                                  for name, o in origins.items()})
+    mine, theirs = image(ours), image(ref)
+    assert np.abs(mine - theirs).max() <= 2 and mine.std() > 1
