@@ -182,3 +182,13 @@ def test_fp8_weights_match_diffusers_layerwise_casting(models, zimage_turbo_fold
     apply_layerwise_casting(pipe.transformer, torch.float8_e4m3fn, torch.float32, skipped)
     assert close(mine, as_pixels(pipe(s.prompt, **their_kwargs(pipe, s)).images[0]))
     assert np.abs(mine - pixels(pipeline.text_to_image(models[0], [s])[0])).max() > 0  # it did store float8
+
+
+def test_a_prompt_past_the_sequence_length_is_cut_with_a_note(models, capsys):
+    ours, theirs = models
+    s = settings(ours, prompt="a red fox in deep snow under a pale winter sky", max_sequence_length=12)
+    mine = pixels(pipeline.text_to_image(ours, [s])[0])
+    assert "the prompt is 19 Qwen3 tokens with its chat template, more than --max-sequence-length 12; cut off: ' winter" in (
+        capsys.readouterr().err)
+    ref = theirs(s.prompt, max_sequence_length=12, **their_kwargs(theirs, s)).images[0]
+    assert close(mine, as_pixels(ref))  # cut where diffusers cuts

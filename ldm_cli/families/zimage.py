@@ -20,6 +20,7 @@ import torch
 
 from ldm_cli.families import flux
 from ldm_cli.families.family import Cond, Family
+from ldm_cli.notes import note
 from ldm_cli.settings import Settings
 
 MAX_SEQUENCE_LENGTH = 512  # diffusers' ZImagePipeline default
@@ -44,11 +45,20 @@ def chat(tokenizer, text: str) -> str:
                                          add_generation_prompt=True, enable_thinking=True)
 
 
+def note_cut(tokenizer, prompts: list[str], length: int) -> None:
+    """The pipeline cuts a templated prompt past `length` tokens (its assistant turn with it): say so."""
+    for ids in tokenizer(prompts).input_ids:
+        if len(ids) > length:
+            note(f"the prompt is {len(ids)} Qwen3 tokens with its chat template, more than --max-sequence-length "
+                 f"{length}; cut off: {tokenizer.decode(ids[length:])[:60]!r}")
+
+
 def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
     length = s.max_sequence_length or MAX_SEQUENCE_LENGTH
-    tokens = tokenizer([chat(tokenizer, t) for t in texts], padding="max_length", max_length=length,
-                       truncation=True, return_tensors="pt")
+    prompts = [chat(tokenizer, t) for t in texts]
+    note_cut(tokenizer, prompts, length)
+    tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
     mask = tokens.attention_mask.to(encoder.device).bool()
     with torch.inference_mode():
         states = encoder(input_ids=tokens.input_ids.to(encoder.device), attention_mask=mask,
