@@ -208,3 +208,36 @@ def test_a_gguf_q8_0_transformer_stays_quantized(paths, tmp_path):
                                   for name, o in origins.items()})
     mine, theirs = image(ours), image(ref)
     assert np.abs(mine - theirs).max() <= 2 and mine.std() > 1
+
+
+def test_a_gguf_qwen3_text_encoder(paths, tmp_path):
+    """Qwen3 as llama.cpp writes it (unsloth's Qwen3-4B-Q8_0.gguf): names from the gguf package's
+    own map, matrices in Q8_0; the image is that of the weights the gguf package dequantizes."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    from tests.test_flux_files import q8_where_possible, write_gguf
+
+    ref = loading.load(str(paths["folder"]))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, 2)
+    state = ref.text_encoders[0].state_dict()
+    mapped = {names.get_name(k, try_suffixes=(".weight",)): k for k in state if "rotary" not in k}
+    held = write_gguf(tmp_path / "Qwen3-4B-Q8_0.gguf", {g: state[k] for g, k in mapped.items()}, q8_where_possible)
+    ours = loading.load(str(paths["comfy"]), LoadOptions(config=str(paths["configs"]), vae=str(paths["vae"]),
+                                                         text_encoders=[str(tmp_path / "Qwen3-4B-Q8_0.gguf")]))
+    assert isinstance(ours.text_encoders[0].layers[0].self_attn.q_proj, GGUFLinear)
+    assert ours.modules == ["ae", "Qwen3-4B-Q8_0"]
+    ref.text_encoders[0].load_state_dict({k: held[g] for g, k in mapped.items()}, strict=False)
+    ref.denoiser = loading.load(str(paths["comfy"]), parts(paths)[1]).denoiser  # the same bf16-stored transformer
+    mine, theirs = image(ours), image(ref)
+    assert np.abs(mine - theirs).max() <= 2 and mine.std() > 1
+
+
+def test_a_t5_gguf_is_not_taken_for_qwen3(paths, tmp_path):
+    """T5's llama.cpp names share Qwen3's (enc.blk.N.ffn_up ...): told apart by the q/k norms only Qwen3 has."""
+    from ldm_cli.loading import components
+
+    shapes = {"enc.blk.0.attn_q.weight": (64, 64), "enc.blk.0.ffn_gate.weight": (128, 64),
+              "enc.blk.0.ffn_up.weight": (128, 64), "token_embd.weight": (32128, 64)}
+    checkpoint = type("Header", (), {"shapes": shapes})()
+    assert components.encoders_in(checkpoint) == [("t5_gguf", "")]

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 SIGNATURES = keymap.TEXT_SIGNATURES
 LAYERS = {"clip": r"text_model\.encoder\.layers\.(\d+)\.", "openclip": r"transformer\.resblocks\.(\d+)\.",
-          "t5": r"encoder\.block\.(\d+)\.", "t5_gguf": r"enc\.blk\.(\d+)\.", "qwen3": r"layers\.(\d+)\."}
+          "t5": r"encoder\.block\.(\d+)\.", "t5_gguf": r"enc\.blk\.(\d+)\.", "qwen3": r"layers\.(\d+)\.",
+          "qwen3_gguf": r"blk\.(\d+)\."}
 LABELS = {"sd3": {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"},
           "sdxl": {"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-G"},
           "flux": {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
@@ -34,7 +35,9 @@ VAE_PREFIXES = ("", keymap.VAE.prefix, "vae.")  # a bare VAE file, or one cut ou
 FILE_NAMES = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5-XXL": "t5xxl_fp16.safetensors",
               "Qwen3-4B": "qwen_3_4b.safetensors"}
 # the kinds of text encoder, as a file's layout shows them (a CLIP in either layout fills a CLIP slot)
-GROUPS = {"t5": "T5", "t5_gguf": "T5", "qwen3": "Qwen3"}
+GROUPS = {"t5": "T5", "t5_gguf": "T5", "qwen3": "Qwen3", "qwen3_gguf": "Qwen3"}
+# where a layout's width shows when its signature's last dimension is not it (a q/k norm's is a head's)
+WIDTH_KEYS = {"qwen3_gguf": "token_embd.weight"}
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,11 @@ def encoders_in(checkpoint: tensors.Checkpoint) -> list[tuple[str, str]]:
 def matching_slot(checkpoint: tensors.Checkpoint, kind: str, prefix: str, r: Recipe) -> Slot:
     """The model's text-encoder slot this encoder fills: T5 the T5, Qwen3 the Qwen3; a CLIP the one
     of its width (and, between two of one width, its depth)."""
-    width, depth = checkpoint.shapes[prefix + SIGNATURES[kind]][-1], layer_count(checkpoint, kind, prefix)
+    width_key = prefix + WIDTH_KEYS.get(kind, SIGNATURES[kind])
+    if width_key not in checkpoint.shapes:
+        raise LdmError(f"--text-encoder {checkpoint.name} has no {width_key!r}; the file is incomplete")
+    width = checkpoint.shapes[width_key][-1]
+    depth = layer_count(checkpoint, kind, prefix)
     group = GROUPS.get(kind, "CLIP")
     slots = [s for s in detect.text_slots(r.family) if GROUPS.get(s.kind, "CLIP") == group]
     fits = [s for s in slots if text_width(r.configs[s.name]) == width]

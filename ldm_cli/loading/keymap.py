@@ -58,13 +58,14 @@ LAYOUTS: dict[str, tuple[Slot, ...]] = {
     # names it, under `model.`) and FLUX's VAE come as files of their own
     "zimage": (ZIMAGE, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.qwen3_4b.transformer.model.", "qwen3")),
 }
-TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf", "qwen3")
+TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf", "qwen3", "qwen3_gguf")
 # a key every text encoder of the layout has (its width is the last dimension)
 TEXT_SIGNATURES = {"clip": "text_model.encoder.layers.0.self_attn.q_proj.weight",
                    "openclip": "transformer.resblocks.0.attn.in_proj_weight",
                    "t5": "encoder.block.0.layer.0.SelfAttention.q.weight",
                    "t5_gguf": "enc.blk.0.attn_q.weight",  # llama.cpp's names (city96's T5 .gguf files)
-                   "qwen3": "layers.0.mlp.gate_proj.weight"}  # Hugging Face's Qwen3 (Llama-like names)
+                   "qwen3": "layers.0.mlp.gate_proj.weight",  # Hugging Face's Qwen3 (Llama-like names)
+                   "qwen3_gguf": "blk.0.attn_q_norm.weight"}  # llama.cpp's (T5 has no q/k norms)
 
 
 def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
@@ -79,7 +80,7 @@ def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
         return FluxNames(config).origin
     return {"clip": clip_origin, "clip_unprojected": unprojected_clip_origin, "openclip": openclip_origin,
             "t5": t5_origin, "t5_gguf": t5_gguf_origin, "zimage": zimage_origin, "qwen3": Origin,
-            "diffusers": Origin}[kind]
+            "qwen3_gguf": qwen3_gguf_origin, "diffusers": Origin}[kind]
 
 
 def unsupported(what: str, key: str) -> LdmError:
@@ -355,3 +356,23 @@ def zimage_origin(key: str) -> Origin:
         name, part = ZIMAGE_ATTENTION[leaf]
         return Origin(f"{block}.attention.{name}", part=part)
     return Origin(key)
+
+
+QWEN3_GGUF_TOP = {"embed_tokens": "token_embd", "norm": "output_norm"}
+QWEN3_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                    "self_attn.k_norm": "attn_k_norm", "input_layernorm": "attn_norm",
+                    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+
+
+def qwen3_gguf_origin(key: str) -> Origin:
+    """Hugging Face's Qwen3 under llama.cpp's tensor names (its converter keeps Qwen's q/k rows as
+    they are: Qwen's rotary embedding is the one llama.cpp calls NEOX)."""
+    module, _, leaf = key.rpartition(".")
+    if m := re.fullmatch(r"layers\.(\d+)\.(.+)", module):
+        if m[2] in QWEN3_GGUF_LAYER:
+            return Origin(f"blk.{m[1]}.{QWEN3_GGUF_LAYER[m[2]]}.{leaf}")
+    elif module in QWEN3_GGUF_TOP:
+        return Origin(f"{QWEN3_GGUF_TOP[module]}.{leaf}")
+    raise unsupported("Qwen3", key)
