@@ -192,3 +192,38 @@ def test_a_prompt_past_the_sequence_length_is_cut_with_a_note(models, capsys):
         capsys.readouterr().err)
     ref = theirs(s.prompt, max_sequence_length=12, **their_kwargs(theirs, s)).images[0]
     assert close(mine, as_pixels(ref))  # cut where diffusers cuts
+
+
+# -- LoRAs: the shared LoRA code, Z-Image's names (most of its original names are diffusers')
+LORA_LAYERS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0", "feed_forward.w1",
+               "adaLN_modulation.0")
+
+
+@pytest.mark.parametrize("prefix", ["transformer", "diffusion_model"])  # diffusers' and ai-toolkit's / ComfyUI's
+def test_a_peft_lora_equals_diffusers(zimage_turbo_folder, tmp_path, prefix):
+    from diffusers import ZImagePipeline
+
+    from tests import lora_files
+    from tests.test_networks_lora import assert_same, load, merged, reference
+
+    model = load(zimage_turbo_folder)
+    layers = lora_files.layers(model.denoiser, LORA_LAYERS)
+    path = lora_files.write(tmp_path / "fox.safetensors", lora_files.peft(layers, prefix))
+    merged(model, path, 0.7, 0.7)  # each layer once: its original name is its diffusers name
+    assert_same(model.denoiser, reference(ZImagePipeline, zimage_turbo_folder, path, 0.7).transformer)
+
+
+def test_a_lora_on_the_original_fused_qkv_is_split_in_thirds(zimage_turbo_folder, tmp_path):
+    """Tongyi's names (`attention.qkv`, `attention.out`), which diffusers' loader does not read."""
+    from tests import lora_files
+    from tests.test_networks_lora import load, merged
+
+    model = load(zimage_turbo_folder)
+    attention = model.denoiser.layers[0].attention
+    before = {n: getattr(attention, n).weight.clone() for n in ("to_q", "to_k", "to_v")}
+    key = "diffusion_model.layers.0.attention.qkv"
+    lora = {f"{key}.lora_A.weight": torch.randn(4, 32), f"{key}.lora_B.weight": torch.randn(96, 4)}
+    merged(model, lora_files.write(tmp_path / "qkv.safetensors", lora), 0.5, 0.5)
+    rows = (0.5 * lora[f"{key}.lora_B.weight"] @ lora[f"{key}.lora_A.weight"]).chunk(3)
+    for (name, old), delta in zip(before.items(), rows):
+        assert torch.allclose(getattr(attention, name).weight, old + delta, atol=1e-5)
