@@ -227,3 +227,16 @@ def test_a_lora_on_the_original_fused_qkv_is_split_in_thirds(zimage_turbo_folder
     rows = (0.5 * lora[f"{key}.lora_B.weight"] @ lora[f"{key}.lora_A.weight"]).chunk(3)
     for (name, old), delta in zip(before.items(), rows):
         assert torch.allclose(getattr(attention, name).weight, old + delta, atol=1e-5)
+
+
+def test_a_kohya_lora_merges_as_the_same_peft_one(zimage_turbo_folder, tmp_path):
+    from tests import lora_files
+    from tests.test_networks_lora import assert_same, load, merged
+
+    kohya, peft = load(zimage_turbo_folder), load(zimage_turbo_folder)
+    layers = lora_files.layers(kohya.denoiser, LORA_LAYERS)  # the same factors in both (one seed, one order)
+    merged(kohya, lora_files.write(tmp_path / "kohya.safetensors", lora_files.kohya(layers, "lora_unet_")), 0.7, 0.7)
+    merged(peft, lora_files.write(tmp_path / "peft.safetensors", lora_files.peft(layers, "transformer")), 0.7, 0.7)
+    assert_same(kohya.denoiser, peft.denoiser)
+    plain = load(zimage_turbo_folder).denoiser.layers[0].feed_forward.w1.weight
+    assert not torch.equal(kohya.denoiser.layers[0].feed_forward.w1.weight, plain)
