@@ -241,3 +241,15 @@ def test_a_t5_gguf_is_not_taken_for_qwen3(paths, tmp_path):
               "enc.blk.0.ffn_up.weight": (128, 64), "token_embd.weight": (32128, 64)}
     checkpoint = type("Header", (), {"shapes": shapes})()
     assert components.encoders_in(checkpoint) == [("t5_gguf", "")]
+
+
+def test_an_all_in_one_file_renders_the_folders_image(paths, tmp_path):
+    """ComfyUI's all-in-one layout: the transformer under model.diffusion_model., FLUX's VAE under
+    vae., Qwen3 under text_encoders.qwen3_4b.transformer.model.; nothing else to give."""
+    file = original_layout.write(paths["folder"], tmp_path / "z_image_turbo_aio.safetensors", "zimage", extras=False)
+    model = loading.load(str(file), LoadOptions(config=str(paths["configs"])))
+    assert (model.family.name, model.modules) == ("zimage", [])
+    assert np.array_equal(image(model), image(loading.load(str(paths["folder"]))))
+    result = cli("info", file, "--json", "--config", paths["configs"])
+    assert json.loads(result.stdout)["components"] == ["transformer", "vae", "text_encoder"]
+    assert json.loads(result.stdout)["needs"] == []

@@ -54,8 +54,8 @@ LAYOUTS: dict[str, tuple[Slot, ...]] = {
     # ComfyUI's all-in-one FLUX files; Black Forest Labs ship the transformer's keys alone
     "flux": (FLUX, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.clip_l.transformer.", "clip"),
              Slot("text_encoder_2", "text_encoders.t5xxl.transformer.", "t5")),
-    # Tongyi's and ComfyUI's Z-Image files hold the transformer alone; Qwen3 (as Hugging Face
-    # names it, under `model.`) and FLUX's VAE come as files of their own
+    # ComfyUI's all-in-one Z-Image files; Tongyi's and ComfyUI's split files hold the transformer
+    # alone, with Qwen3 (as Hugging Face names it, under `model.`) and FLUX's VAE beside it
     "zimage": (ZIMAGE, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.qwen3_4b.transformer.model.", "qwen3")),
 }
 TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf", "qwen3", "qwen3_gguf")
