@@ -87,13 +87,16 @@ def modules(model) -> list[torch.nn.Module]:
 
 def fp8_skipped(module: torch.nn.Module) -> tuple[str, ...]:
     """The layers left in the compute dtype: diffusers' default patterns (position and patch
-    embeddings, the in/out projections) less "norm", and the module's fp32 layers. Real norms hold
-    no Linear to cast; "norm" would keep the adaLN modulation linears (norm1.linear ...: 3.2B of
-    FLUX's 11.9B parameters) in bf16, and float8 storage would save a third, not half."""
+    embeddings, the in/out projections) and the model's own (Z-Image's timestep and caption
+    embedders, which cast their input to their weights' dtype) less "norm", and the module's fp32
+    layers. Real norms hold no Linear to cast; "norm" would keep the adaLN modulation linears
+    (norm1.linear ...: 3.2B of FLUX's 11.9B parameters) in bf16, and float8 storage would save a
+    third, not half."""
     from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
+    own = tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ())
     keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
-    return tuple(p for p in DEFAULT_SKIP_MODULES_PATTERN if p != "norm") + keep
+    return tuple(dict.fromkeys(p for p in (*DEFAULT_SKIP_MODULES_PATTERN, *own) if p != "norm")) + keep
 
 
 def store_fp8(model, compute_dtype: torch.dtype) -> None:

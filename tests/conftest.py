@@ -92,3 +92,10 @@ def chroma_folder(tmp_path_factory):
     from tests import tiny_models
 
     return _built(tmp_path_factory, "tiny-chroma", tiny_models.chroma_pipeline)
+
+
+@pytest.fixture(scope="session")
+def zimage_turbo_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-zimage-turbo", lambda: tiny_models.zimage_pipeline())

@@ -205,3 +205,50 @@ def chroma_pipeline():
     return ChromaPipeline(transformer=chroma_transformer(), vae=flux_vae(),
                           scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS["dev"]),
                           text_encoder=t5_encoder(), tokenizer=t5_tokenizer())
+
+
+# -- Z-Image -------------------------------------------------------------------------------------
+QWEN3_TOKENIZER = TOKENIZER_DATA.parent / "qwen3_tokenizer"
+QWEN3_WIDTH = 32
+ZIMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)  # Turbo's
+
+
+def qwen3_encoder(seed: int = 8):
+    """Qwen3 over the real 151,936-token vocabulary at toy width: two layers (the pipeline reads the
+    second-to-last hidden state), grouped-query attention as Qwen3-4B's."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=151936, hidden_size=QWEN3_WIDTH, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                         tie_word_embeddings=True)
+    return Qwen3Model(config).eval()
+
+
+def qwen3_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(QWEN3_TOKENIZER), local_files_only=True)
+
+
+def zimage_transformer(seed: int = 9):
+    """Z-Image's transformer at toy width: one refiner layer each for image and caption, one main
+    layer, rotary axes (4, 6, 6) over 16-wide heads."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = ZImageTransformer2DModel(dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                     cap_feat_dim=QWEN3_WIDTH, axes_dims=[4, 6, 6], axes_lens=[1536, 512, 512]).eval()
+    with torch.no_grad():  # its pad tokens start at zeros; random ones show a wrongly padded sequence
+        model.x_pad_token.normal_()
+        model.cap_pad_token.normal_()
+    return model
+
+
+def zimage_pipeline():
+    """A ZImagePipeline with Z-Image Turbo's scheduler and FLUX's VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    return ZImagePipeline(transformer=zimage_transformer(), vae=flux_vae(),
+                          scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER),
+                          text_encoder=qwen3_encoder(), tokenizer=qwen3_tokenizer())

@@ -1,5 +1,5 @@
 """Model families, by name. Each is one module here (family.py says what a family is), so a DiT
-family (SD3's MMDiT, FLUX) is one more module, not a change to the sampling loop, which knows
+family (SD3's MMDiT, FLUX, Z-Image) is one more module, not a change to the sampling loop, which knows
 nothing else about a model.
 """
 from __future__ import annotations
@@ -8,9 +8,9 @@ from ldm_cli.families.family import Family
 
 
 def get(name: str) -> Family:
-    from ldm_cli.families import chroma, flux, sd, sd3, sdxl
+    from ldm_cli.families import chroma, flux, sd, sd3, sdxl, zimage
 
-    registry = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL, sd3.SD3, flux.FLUX, chroma.CHROMA)}
+    registry = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL, sd3.SD3, flux.FLUX, chroma.CHROMA, zimage.ZIMAGE)}
     if name not in registry:
         from ldm_cli.errors import LdmError
 

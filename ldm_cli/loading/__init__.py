@@ -12,8 +12,8 @@ from ldm_cli.loading.options import LoadOptions, quiet_libraries  # callers take
 
 BUILTIN = Path(__file__).resolve().parent.parent / "assets" / "builtin.safetensors"
 # denoisers that take latents in patches their config's patch_size does not show (families.flux and
-# families.chroma pack 2x2)
-PACKED = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2}
+# families.chroma pack 2x2; Z-Image's config calls it all_patch_size)
+PACKED = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2, "ZImageTransformer2DModel": 2}
 
 
 def load(source: str | None, options: LoadOptions | None = None):
@@ -86,13 +86,13 @@ def size_multiple(source: str | None) -> int:
             return 8
     if not path.is_file():  # not there, or a FIFO that would hang the read: load says which
         return 8
-    from ldm_cli.loading import flux, mmdit, tensors
+    from ldm_cli.loading import flux, mmdit, tensors, zimage
 
     try:
         shapes = tensors.shapes_of(path)
     except (OSError, LdmError):
         return 8
-    if flux.prefix_of(shapes) is not None:
+    if flux.prefix_of(shapes) is not None or zimage.prefix_of(shapes) is not None:
         return 16  # latents packed in 2x2 patches
     prefix = mmdit.prefix_of(shapes)
     return 8 * (mmdit.config(shapes, prefix)["patch_size"] if prefix is not None else 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import detect, flux, keymap, mmdit, tensors
+from ldm_cli.loading import detect, flux, keymap, mmdit, tensors, zimage
 from ldm_cli.loading.keymap import Slot
 from ldm_cli.notes import note
 
@@ -24,14 +24,21 @@ if TYPE_CHECKING:
 
 SIGNATURES = keymap.TEXT_SIGNATURES
 LAYERS = {"clip": r"text_model\.encoder\.layers\.(\d+)\.", "openclip": r"transformer\.resblocks\.(\d+)\.",
-          "t5": r"encoder\.block\.(\d+)\.", "t5_gguf": r"enc\.blk\.(\d+)\."}
+          "t5": r"encoder\.block\.(\d+)\.", "t5_gguf": r"enc\.blk\.(\d+)\.", "qwen3": r"layers\.(\d+)\.",
+          "qwen3_gguf": r"blk\.(\d+)\."}
 LABELS = {"sd3": {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"},
           "sdxl": {"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-G"},
           "flux": {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
-          "chroma": {"text_encoder": "T5-XXL"}}
+          "chroma": {"text_encoder": "T5-XXL"},
+          "zimage": {"text_encoder": "Qwen3-4B"}}
 OPTIONAL = {"text_encoder_3"}  # SD3 runs without T5 (its part of the context is zeros)
 VAE_PREFIXES = ("", keymap.VAE.prefix, "vae.")  # a bare VAE file, or one cut out of a checkpoint
-FILE_NAMES = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5-XXL": "t5xxl_fp16.safetensors"}
+FILE_NAMES = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5-XXL": "t5xxl_fp16.safetensors",
+              "Qwen3-4B": "qwen_3_4b.safetensors"}
+# the kinds of text encoder, as a file's layout shows them (a CLIP in either layout fills a CLIP slot)
+GROUPS = {"t5": "T5", "t5_gguf": "T5", "qwen3": "Qwen3", "qwen3_gguf": "Qwen3"}
+# where a layout's width shows when its signature's last dimension is not it (a q/k norm's is a head's)
+WIDTH_KEYS = {"qwen3_gguf": "token_embd.weight"}
 
 
 @dataclass(frozen=True)
@@ -78,13 +85,9 @@ def layout(kind: str) -> str:
     return "clip" if kind == "clip_unprojected" else kind
 
 
-def is_t5(kind: str) -> bool:
-    return kind in ("t5", "t5_gguf")
-
-
 def check_complete(r: Recipe, present: dict[str, Source], checkpoint: tensors.Checkpoint, vae_given: bool) -> None:
     if "vae" not in present and not vae_given:
-        example = "e.g. ae.safetensors" if r.family in ("flux", "chroma") else "the model's own VAE file"
+        example = "e.g. ae.safetensors" if r.family in ("flux", "chroma", "zimage") else "the model's own VAE file"
         raise LdmError(f"{checkpoint.name} has no VAE; pass one with --vae ({example})")
     for name in r.text_encoders:
         if name in present:
@@ -134,7 +137,7 @@ def text_encoder_file(path: Path, r: Recipe, allow_pickle: bool) -> dict[str, So
     found = encoders_in(checkpoint)
     if not found:
         raise LdmError(f"--text-encoder {checkpoint.name} holds no text encoder ldm recognises "
-                       "(a CLIP or T5 encoder in Hugging Face or open_clip layout)")
+                       "(a CLIP, T5 or Qwen3 encoder in Hugging Face or open_clip layout)")
     out = {}
     for kind, prefix in found:
         slot = matching_slot(checkpoint, kind, prefix, r)
@@ -146,7 +149,7 @@ def text_encoder_file(path: Path, r: Recipe, allow_pickle: bool) -> dict[str, So
 
 def refuse_non_encoders(checkpoint: tensors.Checkpoint) -> None:
     keys = checkpoint.shapes
-    if mmdit.prefix_of(keys) is not None or flux.prefix_of(keys) is not None or any(
+    if any(m.prefix_of(keys) is not None for m in (mmdit, flux, zimage)) or any(
             k.startswith(keymap.UNET.prefix) for k in keys):
         raise LdmError(f"--text-encoder {checkpoint.name} is a whole model checkpoint, not a text encoder; "
                        "pass it with --model")
@@ -163,16 +166,21 @@ def encoders_in(checkpoint: tensors.Checkpoint) -> list[tuple[str, str]]:
 
 
 def matching_slot(checkpoint: tensors.Checkpoint, kind: str, prefix: str, r: Recipe) -> Slot:
-    """The model's text-encoder slot this encoder fills: T5 the T5; a CLIP the one of its width
-    (and, between two of one width, its depth)."""
-    width, depth = checkpoint.shapes[prefix + SIGNATURES[kind]][-1], layer_count(checkpoint, kind, prefix)
-    slots = [s for s in keymap.LAYOUTS[r.family] if s.kind in keymap.TEXT_KINDS and is_t5(s.kind) == is_t5(kind)]
+    """The model's text-encoder slot this encoder fills: T5 the T5, Qwen3 the Qwen3; a CLIP the one
+    of its width (and, between two of one width, its depth)."""
+    width_key = prefix + WIDTH_KEYS.get(kind, SIGNATURES[kind])
+    if width_key not in checkpoint.shapes:
+        raise LdmError(f"--text-encoder {checkpoint.name} has no {width_key!r}; the file is incomplete")
+    width = checkpoint.shapes[width_key][-1]
+    depth = layer_count(checkpoint, kind, prefix)
+    group = GROUPS.get(kind, "CLIP")
+    slots = [s for s in detect.text_slots(r.family) if GROUPS.get(s.kind, "CLIP") == group]
     fits = [s for s in slots if text_width(r.configs[s.name]) == width]
     if len(fits) > 1:
         fits = [s for s in fits if r.configs[s.name].get("num_hidden_layers", r.configs[s.name].get("num_layers")) == depth]
     if len(fits) != 1:
         wanted = ", ".join(f"{label(r.family, s.name)} ({text_width(r.configs[s.name])} wide)" for s in slots) or "none"
-        raise LdmError(f"--text-encoder {checkpoint.name} holds a {'T5' if is_t5(kind) else 'CLIP'} text encoder "
+        raise LdmError(f"--text-encoder {checkpoint.name} holds a {group} text encoder "
                        f"{width} wide with {depth} layers, which this {r.family} model does not use; it takes: {wanted}")
     slot = fits[0]
     # SD3's CLIP-L stays unprojected whatever the file's layout calls it

@@ -132,10 +132,12 @@ def _skip(*args, **kwargs) -> None:
 
 
 TEXT_MODELS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
-               "T5EncoderModel": "T5Config"}
+               "T5EncoderModel": "T5Config", "Qwen3Model": "Qwen3Config"}
+BASE_MODELS = {"Qwen3ForCausalLM": "Qwen3Model"}  # a language model's config: only its hidden states are read
 
 
-DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "ChromaTransformer2DModel")
+DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "ChromaTransformer2DModel",
+             "ZImageTransformer2DModel")
 
 
 def constructor(name: str, config: dict):
@@ -152,6 +154,7 @@ def constructor(name: str, config: dict):
     # the config names its class; configs without one are SD's: SDXL's second encoder projects
     default = "CLIPTextModelWithProjection" if name == "text_encoder_2" else "CLIPTextModel"
     cls = (config.get("architectures") or [default])[0]
+    cls = BASE_MODELS.get(cls, cls)
     if cls not in TEXT_MODELS:
         raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(TEXT_MODELS)} text encoders")
     model_class, config_class = getattr(transformers, cls), getattr(transformers, TEXT_MODELS[cls])

@@ -3,7 +3,8 @@
 SD1/SD2 and SDXL folders hold a `unet/`; SD3 folders a `transformer/` and up to three text
 encoders, of which the third (T5) may be left out: the model then runs without T5. FLUX folders
 hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, required: FLUX never runs without T5);
-Chroma folders a `transformer/` and T5 alone (`text_encoder/`, required likewise)."""
+Chroma folders a `transformer/` and T5 alone (`text_encoder/`, required likewise); Z-Image folders
+a `transformer/` and Qwen3 (`text_encoder/`; its `tokenizer/`, or ldm's copy)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from ldm_cli import files
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import tensors
-from ldm_cli.loading.recipe import PIPELINE_FAMILIES, read_json
+from ldm_cli.loading.recipe import PIPELINE_FAMILIES, QWEN3_TOKENIZER, read_json
 from ldm_cli.notes import note
 
 if TYPE_CHECKING:
@@ -77,6 +78,19 @@ def _flux_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     return transformer, [clip, t5], [load_tokenizer(folder / "tokenizer"), t5_tokenizer]
 
 
+def _zimage_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
+    """(transformer, [Qwen3], [its tokenizer]) of a Z-Image folder."""
+    from diffusers import ZImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen3Model
+
+    transformer = ZImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
+                                                           local_files_only=True)
+    qwen = Qwen3Model.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
+    tokenizer = folder / "tokenizer"
+    tokenizer = tokenizer if (tokenizer / "tokenizer_config.json").exists() else QWEN3_TOKENIZER
+    return transformer, [qwen], [AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)]
+
+
 def _chroma_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     """(transformer, [T5], [its tokenizer]) of a Chroma folder."""
     from diffusers import ChromaTransformer2DModel
@@ -106,33 +120,41 @@ def _t5(folder: Path, dtype: torch.dtype, suffix: str, optional: bool, family: s
 
 
 def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, denoiser) -> dict:
-    """SD3's, FLUX's and Chroma's recommended settings; a folder cannot say it holds SD3's turbo model but by its name."""
-    from ldm_cli.families import chroma, flux, sd3
+    """SD3's, FLUX's, Chroma's and Z-Image's recommended settings; a folder cannot say it holds SD3's
+    or Z-Image's turbo model but by its name."""
+    from ldm_cli.families import chroma, flux, sd3, zimage
+    from ldm_cli.loading.zimage import variant
 
     if name == "chroma":
         return chroma.defaults(scheduler_config)
     if name == "flux":
         return flux.defaults(flux.variant(denoiser.config), scheduler_config)
+    if name == "zimage":
+        return zimage.defaults(variant(folder.name), scheduler_config)
     if name != "sd3":
         return {}
     return sd3.defaults("turbo" in folder.name.lower(), scheduler_config.get("shift", 3.0), encoders[2] is not None)
 
 
-def _options(index: dict, denoiser, name: str) -> dict:
+def _options(folder: Path, index: dict, denoiser, name: str) -> dict:
     from ldm_cli.families import flux, sd3
+    from ldm_cli.loading import zimage
 
+    if name == "zimage":
+        return {"variant": zimage.variant(folder.name)}
     if name in ("sd3", "flux"):
         return {"variant": (sd3 if name == "sd3" else flux).variant(denoiser.config)}
     return {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
 
 
-PARTS = {"sd3": _sd3_parts, "flux": _flux_parts, "chroma": _chroma_parts}  # DiT families: a transformer/, not a unet/
+PARTS = {"sd3": _sd3_parts, "flux": _flux_parts, "chroma": _chroma_parts,  # DiT families: a transformer/, not a unet/
+         "zimage": _zimage_parts}
 # the subfolders each family loads (T5's, optional in SD3 and checked by _t5 in FLUX, when present)
 SUBFOLDERS = {"sd1": ["unet", "vae", "text_encoder"], "sd2": ["unet", "vae", "text_encoder"],
               "sdxl": ["unet", "vae", "text_encoder", "text_encoder_2"],
               "sd3": ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"],
               "flux": ["transformer", "vae", "text_encoder", "text_encoder_2"],
-              "chroma": ["transformer", "vae", "text_encoder"]}
+              "chroma": ["transformer", "vae", "text_encoder"], "zimage": ["transformer", "vae", "text_encoder"]}
 T5_PARTS = {"sd3": "text_encoder_3", "flux": "text_encoder_2", "chroma": "text_encoder"}
 
 
@@ -192,7 +214,7 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
                   scheduler_config=scheduler_config, name=folder.name,
                   hash=hashing.short_hash(weights) if weights else None, path=str(folder),
                   defaults=_defaults(folder, name, scheduler_config, encoders, denoiser),
-                  options=_options(index, denoiser, name))
+                  options=_options(folder, index, denoiser, name))
     if options.vae:
         from ldm_cli.loading import vae_file
 

@@ -1,7 +1,7 @@
 """`ldm info CHECKPOINT`: what a single file holds, from its header (plus, for an SD2 file
 with nothing else to go on, the same probe forward pass loading runs): each part's storage
 (dtype, float8, scaled float8 or GGUF quantization), and for a model shipped in parts (SD3,
-FLUX, Chroma) which parts it still needs and the flag that supplies each."""
+FLUX, Chroma, Z-Image) which parts it still needs and the flag that supplies each."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import torch
 
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import (components, convert, detect, flux, keymap, mmdit, prediction, quantized, recipe,
-                              single_file, tensors)
+                              single_file, tensors, zimage)
 
 
 def describe(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:
@@ -43,6 +43,8 @@ def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
 
     if found.family == "flux":
         return flux.VARIANTS[found.variant]
+    if found.family == "zimage":
+        return zimage.VARIANTS[found.variant]
     if found.variant:
         return mmdit.VARIANTS[found.variant] + (" turbo" if single_file.turbo(checkpoint) else "")
     return families.get(found.family).label + (" inpainting" if found.inpainting else "")
@@ -71,7 +73,7 @@ def probe(r: recipe.Recipe, found: detect.Found, checkpoint: tensors.Checkpoint)
 
 
 def native_size(r: recipe.Recipe) -> str:
-    size = r.configs[r.denoiser].get("sample_size", flux.DEFAULT_LATENT)  # FLUX's config has none
+    size = r.configs[r.denoiser].get("sample_size", flux.DEFAULT_LATENT)  # FLUX's and Z-Image's configs have none
     h, w = (size, size) if isinstance(size, int) else size
     factor = 2 ** (len(r.configs["vae"]["block_out_channels"]) - 1)
     return f"{w * factor}x{h * factor}"

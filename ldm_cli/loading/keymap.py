@@ -33,7 +33,8 @@ class Slot:
     name: str  # diffusers component name: unet, vae, text_encoder, text_encoder_2
     prefix: str  # where the component's keys start in the single file
     # unet, mmdit (SD3's), vae, clip (Hugging Face CLIP names), clip_unprojected (SD3's CLIP-L),
-    # openclip (open_clip names), t5 (Hugging Face T5 encoder), diffusers (as is)
+    # openclip (open_clip names), t5 (Hugging Face T5 encoder), zimage (Tongyi's Z-Image),
+    # qwen3 (Hugging Face's Qwen3, as is), diffusers (as is)
     kind: str
 
 
@@ -41,6 +42,7 @@ UNET = Slot("unet", "model.diffusion_model.", "unet")
 MMDIT = Slot("transformer", "model.diffusion_model.", "mmdit")
 FLUX = Slot("transformer", "model.diffusion_model.", "flux")
 CHROMA = Slot("transformer", "model.diffusion_model.", "chroma")
+ZIMAGE = Slot("transformer", "model.diffusion_model.", "zimage")
 VAE = Slot("vae", "first_stage_model.", "vae")
 LAYOUTS: dict[str, tuple[Slot, ...]] = {
     "sd1": (UNET, VAE, Slot("text_encoder", "cond_stage_model.transformer.", "clip")),
@@ -55,13 +57,18 @@ LAYOUTS: dict[str, tuple[Slot, ...]] = {
              Slot("text_encoder_2", "text_encoders.t5xxl.transformer.", "t5")),
     # ComfyUI's all-in-one layout, as FLUX's; lodestones ship the transformer's keys alone
     "chroma": (CHROMA, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.t5xxl.transformer.", "t5")),
+    # ComfyUI's all-in-one Z-Image files; Tongyi's and ComfyUI's split files hold the transformer
+    # alone, with Qwen3 (as Hugging Face names it, under `model.`) and FLUX's VAE beside it
+    "zimage": (ZIMAGE, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.qwen3_4b.transformer.model.", "qwen3")),
 }
-TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf")
+TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf", "qwen3", "qwen3_gguf")
 # a key every text encoder of the layout has (its width is the last dimension)
 TEXT_SIGNATURES = {"clip": "text_model.encoder.layers.0.self_attn.q_proj.weight",
                    "openclip": "transformer.resblocks.0.attn.in_proj_weight",
                    "t5": "encoder.block.0.layer.0.SelfAttention.q.weight",
-                   "t5_gguf": "enc.blk.0.attn_q.weight"}  # llama.cpp's names (city96's T5 .gguf files)
+                   "t5_gguf": "enc.blk.0.attn_q.weight",  # llama.cpp's names (city96's T5 .gguf files)
+                   "qwen3": "layers.0.mlp.gate_proj.weight",  # Hugging Face's Qwen3 (Llama-like names)
+                   "qwen3_gguf": "blk.0.attn_q_norm.weight"}  # llama.cpp's (T5 has no q/k norms)
 
 
 def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
@@ -77,7 +84,8 @@ def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
     if kind == "chroma":
         return ChromaNames(config).origin
     return {"clip": clip_origin, "clip_unprojected": unprojected_clip_origin, "openclip": openclip_origin,
-            "t5": t5_origin, "t5_gguf": t5_gguf_origin, "diffusers": Origin}[kind]
+            "t5": t5_origin, "t5_gguf": t5_gguf_origin, "zimage": zimage_origin, "qwen3": Origin,
+            "qwen3_gguf": qwen3_gguf_origin, "diffusers": Origin}[kind]
 
 
 def unsupported(what: str, key: str) -> LdmError:
@@ -358,3 +366,44 @@ class ChromaNames(FluxNames):
         if module not in CHROMA_TOP:
             raise unsupported("Chroma transformer", key)
         return Origin(f"{CHROMA_TOP[module]}.{leaf}")
+
+
+ZIMAGE_TOP = {"all_x_embedder.2-1.": "x_embedder.", "all_final_layer.2-1.": "final_layer."}
+ZIMAGE_ATTENTION = {"to_q.weight": ("qkv.weight", 0), "to_k.weight": ("qkv.weight", 1),
+                    "to_v.weight": ("qkv.weight", 2), "to_out.0.weight": ("out.weight", None),
+                    "norm_q.weight": ("q_norm.weight", None), "norm_k.weight": ("k_norm.weight", None)}
+
+
+def zimage_origin(key: str) -> Origin:
+    """Z-Image's transformer as Tongyi ship it (diffusers' convert_z_image_transformer_checkpoint_to_diffusers
+    the other way): one fused q/k/v of three equal parts, `out` and `q_norm`/`k_norm` for diffusers'
+    `to_out.0` and `norm_q`/`norm_k`, the 2x2 patch's embedder and final layer without their
+    patch-size key; every other name as diffusers has it."""
+    for new, old in ZIMAGE_TOP.items():
+        if key.startswith(new):
+            return Origin(old + key[len(new):])
+    block, found, leaf = key.partition(".attention.")
+    if found and leaf in ZIMAGE_ATTENTION:
+        name, part = ZIMAGE_ATTENTION[leaf]
+        return Origin(f"{block}.attention.{name}", part=part)
+    return Origin(key)
+
+
+QWEN3_GGUF_TOP = {"embed_tokens": "token_embd", "norm": "output_norm"}
+QWEN3_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                    "self_attn.k_norm": "attn_k_norm", "input_layernorm": "attn_norm",
+                    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+
+
+def qwen3_gguf_origin(key: str) -> Origin:
+    """Hugging Face's Qwen3 under llama.cpp's tensor names (its converter keeps Qwen's q/k rows as
+    they are: Qwen's rotary embedding is the one llama.cpp calls NEOX)."""
+    module, _, leaf = key.rpartition(".")
+    if m := re.fullmatch(r"layers\.(\d+)\.(.+)", module):
+        if m[2] in QWEN3_GGUF_LAYER:
+            return Origin(f"blk.{m[1]}.{QWEN3_GGUF_LAYER[m[2]]}.{leaf}")
+    elif module in QWEN3_GGUF_TOP:
+        return Origin(f"{QWEN3_GGUF_TOP[module]}.{leaf}")
+    raise unsupported("Qwen3", key)

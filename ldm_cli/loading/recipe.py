@@ -17,6 +17,7 @@ from ldm_cli.loading.detect import Found, text_slots
 SHIPPED = Path(__file__).resolve().parent / "configs"
 TOKENIZER = SHIPPED / "clip_tokenizer"
 T5_TOKENIZER = SHIPPED / "t5_tokenizer"
+QWEN3_TOKENIZER = SHIPPED / "qwen3_tokenizer"
 OPENCLIP_TOKENS = {"pad_token": "!"}  # OpenCLIP pads with "!"; OpenAI's CLIP repeats the end token
 METADATA_KEY = "ldm.config"
 # model_index.json's pipeline class -> the family it holds ("sd": SD1 or SD2, told by the text encoder)
@@ -29,6 +30,7 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3InpaintPipeline": "sd3",
     "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
     "ChromaPipeline": "chroma", "ChromaImg2ImgPipeline": "chroma", "ChromaInpaintPipeline": "chroma",
+    "ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
 }
 
 
@@ -93,9 +95,9 @@ def shipped(found: Found) -> Recipe:
 
 
 def tokenizer_for(slot: keymap.Slot, config: dict) -> tuple[Path, dict]:
-    """T5's own; else CLIP's, padded with "!" for OpenCLIP models (plain GELU, like SD2's)."""
-    if slot.kind == "t5":
-        return T5_TOKENIZER, {}
+    """T5's and Qwen3's own; else CLIP's, padded with "!" for OpenCLIP models (plain GELU, like SD2's)."""
+    if slot.kind in ("t5", "qwen3"):
+        return (T5_TOKENIZER if slot.kind == "t5" else QWEN3_TOKENIZER), {}
     return TOKENIZER, OPENCLIP_TOKENS if config.get("hidden_act") == "gelu" else {}
 
 
@@ -143,6 +145,6 @@ def from_folder(folder: Path, r: Recipe) -> dict[str, dict]:
 
 def check_family(index: dict, family: str, folder: Path) -> None:
     kind = PIPELINE_FAMILIES.get(index.get("_class_name"))
-    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma") else "sd"):
+    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma", "zimage") else "sd"):
         raise LdmError(f"--config {str(folder)!r} describes a {index['_class_name']}, but the checkpoint is {family}; "
                        "pass a config folder of the same family")

@@ -113,16 +113,21 @@ def tokenizer(folder: Path, overrides: tuple):
     """Reading the 49408-token vocabulary is most of a small model's load; models only call
     their tokenizers, so one process shares them."""
     config = folder / "tokenizer_config.json"
-    if config.is_file() and read_json(config).get("tokenizer_class", "").startswith("T5"):
+    kind = read_json(config).get("tokenizer_class", "") if config.is_file() else ""
+    if kind.startswith("T5"):
         from transformers import T5TokenizerFast
 
         return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True, **dict(overrides))
+    if kind.startswith("Qwen2"):  # Qwen3's byte-level BPE (Qwen2's tokenizer class)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **dict(overrides))
     return load_tokenizer(folder, **dict(overrides))
 
 
 def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dict | None = None) -> dict:
     """The steps, cfg and scheduler a file recommends in its metadata (ldm's built-in model
-    does), over its family's own (SD3's, FLUX's, Chroma's)."""
+    does), over its family's own (SD3's, FLUX's, Chroma's, Z-Image's)."""
     base = {}
     if r is not None and r.family == "sd3":
         from ldm_cli.families import sd3
@@ -136,6 +141,10 @@ def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dic
         from ldm_cli.families import chroma
 
         base = chroma.defaults(r.configs["scheduler"])
+    if r is not None and r.family == "zimage":
+        from ldm_cli.families import zimage
+
+        base = zimage.defaults(r.options["variant"], r.configs["scheduler"])
     text = checkpoint.metadata.get(DEFAULTS_KEY)
     if text is None:
         return base

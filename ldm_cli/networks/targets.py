@@ -42,11 +42,13 @@ def components(model) -> dict[str, torch.nn.Module]:
 
 
 def table(model) -> dict[str, list[Target]]:
-    """Layer name -> the targets it changes, for every weight a LoRA can change."""
+    """Layer name -> the targets it changes, for every weight a LoRA can change (each once: where
+    the original layout keeps diffusers' name, as Z-Image's does for most layers, both spell it alike)."""
     out: dict[str, list[Target]] = {}
     for component, module in components(model).items():
         for name, target in (_denoiser_names(model) if component == DENOISER else _text_names(component, module)):
-            out.setdefault(name, []).append(target)
+            if target not in out.setdefault(name, []):
+                out[name].append(target)
     return out
 
 

@@ -1,0 +1,80 @@
+"""Z-Image (Tongyi's Turbo and Base): a single-stream flow transformer (ZImageTransformer2DModel)
+conditioned on Qwen3's hidden states, as diffusers' ZImagePipeline conditions it.
+
+The prompt is put in Qwen3's chat template as a user turn (thinking on, the assistant's turn
+opened), padded to --max-sequence-length tokens, and the second-to-last hidden layer read; the
+transformer takes each prompt's states without the padding. Those differ in length from prompt
+to prompt, so the conditioning keeps them padded with their mask (every prompt at one length,
+the loop stacks them as any other) and predict cuts each row back to its tokens.
+
+The transformer takes a list of (C, 1, h, w) latents (a frame axis) at t = 1 - sigma and
+predicts the velocity from noise to image, the negative of what the flow schedulers take; both
+are turned around inside predict, so the loop keeps (N, C, h, w) latents and its sign. Its CFG
+is pos + g (pos - neg): ldm's --cfg c (uncond + c (cond - uncond)) is the pipeline's g = c - 1,
+and 1 is off (Turbo's default; the pipeline's guidance_scale 0). The prompt is read as written:
+A1111's emphasis marks are not weighted. Text encoders: [Qwen3].
+"""
+from __future__ import annotations
+
+import torch
+
+from ldm_cli.families import flux
+from ldm_cli.families.family import Cond, Family
+from ldm_cli.notes import note
+from ldm_cli.settings import Settings
+
+MAX_SEQUENCE_LENGTH = 512  # diffusers' ZImagePipeline default
+HIDDEN_LAYER = -2  # the pipeline's hidden_states[-2]
+PATCH = 2  # latent pixels per token side (the transformer's all_patch_size)
+TURBO = {"steps": 9, "cfg": 1.0}  # Tongyi's model card: 9 steps (8 transformer calls' worth), no CFG
+BASE = {"steps": 50, "cfg": 5.0}  # Tongyi's: 50 steps at guidance_scale 4, ldm's cfg 5
+
+
+def defaults(name: str, scheduler_config: dict) -> dict:
+    """The variant's (turbo or base, as loading/zimage.py tells them) steps and CFG, with flow Euler
+    at the scheduler's own shift (Turbo's 3)."""
+    dynamic = scheduler_config.get("use_dynamic_shifting", False)
+    return {**(TURBO if name == "turbo" else BASE), "scheduler": "euler", "schedule": "default",
+            "shift": None if dynamic else scheduler_config.get("shift", 1.0),
+            "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+
+def chat(tokenizer, text: str) -> str:
+    """The prompt as ZImagePipeline hands it to Qwen3: one user turn of its chat template."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True)
+
+
+def note_cut(tokenizer, prompts: list[str], length: int) -> None:
+    """The pipeline cuts a templated prompt past `length` tokens (its assistant turn with it): say so."""
+    for ids in tokenizer(prompts).input_ids:
+        if len(ids) > length:
+            note(f"the prompt is {len(ids)} Qwen3 tokens with its chat template, more than --max-sequence-length "
+                 f"{length}; cut off: {tokenizer.decode(ids[length:])[:60]!r}")
+
+
+def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
+    tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
+    length = s.max_sequence_length or MAX_SEQUENCE_LENGTH
+    prompts = [chat(tokenizer, t) for t in texts]
+    note_cut(tokenizer, prompts, length)
+    tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask.to(encoder.device).bool()
+    with torch.inference_mode():
+        states = encoder(input_ids=tokens.input_ids.to(encoder.device), attention_mask=mask,
+                         output_hidden_states=True).hidden_states[HIDDEN_LAYER]
+    states = states.masked_fill(~mask[..., None], 0)  # padding is cut off in predict; zeros keep it inert
+    return {"encoder_hidden_states": states.to(model.device, model.dtype), "mask": mask.to(model.device)}
+
+
+def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    n = latents.shape[0]
+    frames = list(latents.to(model.dtype).unsqueeze(2).unbind(0))
+    context = [states[mask] for states, mask in zip(cond["encoder_hidden_states"], cond["mask"])]
+    out = model.denoiser(frames, (1000 - t.expand(n)) / 1000, context, return_dict=False)[0]
+    return -torch.stack(out).squeeze(2).to(latents.dtype)
+
+
+# bf16: Tongyi ship Z-Image in bf16, and Qwen3 is trained in it
+ZIMAGE = Family("zimage", "Z-Image", encode, predict, cuda_dtype="bf16", flow=True, patch_size=PATCH,
+                sample_size=128, sigmas=flux.sigmas)
