@@ -31,6 +31,7 @@ PIPELINE_FAMILIES = {
     "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
     "ChromaPipeline": "chroma", "ChromaImg2ImgPipeline": "chroma", "ChromaInpaintPipeline": "chroma",
     "ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
+    "Flux2KleinPipeline": "flux2", "Flux2KleinInpaintPipeline": "flux2",
 }
 
 
@@ -145,6 +146,6 @@ def from_folder(folder: Path, r: Recipe) -> dict[str, dict]:
 
 def check_family(index: dict, family: str, folder: Path) -> None:
     kind = PIPELINE_FAMILIES.get(index.get("_class_name"))
-    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma", "zimage") else "sd"):
+    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma", "zimage", "flux2") else "sd"):
         raise LdmError(f"--config {str(folder)!r} describes a {index['_class_name']}, but the checkpoint is {family}; "
                        "pass a config folder of the same family")
