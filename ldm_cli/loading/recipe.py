@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ldm_cli import files, limits, untrusted_json
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import keymap
+from ldm_cli.loading import flux2, keymap
 from ldm_cli.loading.detect import Found, text_slots
 
 SHIPPED = Path(__file__).resolve().parent / "configs"
@@ -81,8 +81,18 @@ def resolve(found: Found, metadata: dict[str, str], config_dir: str | None) -> R
     return r
 
 
+def shipped_folder(found: Found) -> Path:
+    """FLUX.1 dev and schnell have a config each, FLUX.2 klein 4B and 9B one each (their Qwen3s
+    differ: 4B's for a transformer of unreleased width); the others one."""
+    if found.family == "flux":
+        return SHIPPED / f"flux-{found.variant}"
+    if found.family == "flux2":
+        return SHIPPED / ("flux2-klein-9b" if flux2.size(found.denoiser_config) == "9B" else "flux2-klein-4b")
+    return SHIPPED / found.family
+
+
 def shipped(found: Found) -> Recipe:
-    folder = SHIPPED / (f"flux-{found.variant}" if found.family == "flux" else found.family)  # dev, schnell: two configs
+    folder = shipped_folder(found)
     configs = {name: read_json(config_file(folder, name)) for name in components(found.family)}
     denoiser = keymap.LAYOUTS[found.family][0].name
     # the inpainting variants differ only in in_channels; SD3's and FLUX's shapes say the whole config
