@@ -135,3 +135,26 @@ def test_inpaint_keeps_what_is_outside_the_mask(models):
     mine = pixels(inpaint.inpaint(ours, [s], [picture()], [mask])[0])
     assert np.array_equal(mine[:, 32:], pixels(picture())[:, 32:])
     assert np.abs(mine[:, :32] - pixels(picture())[:, :32]).mean() > 10
+
+
+def test_fp8_weights_match_diffusers_layerwise_casting(models, flux2_klein_folder):
+    """--weights fp8 stores the transformer in float8 as diffusers' layerwise casting does, with its
+    default skips less "norm" (ldm's rule for every DiT: FLUX.2 has no norm with a Linear worth keeping)."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    from ldm_cli import loading
+    from ldm_cli.loading import LoadOptions
+
+    ours = loading.load(str(flux2_klein_folder), LoadOptions(device="cpu", weights="fp8", offload="model"))
+    stored = {n: p.dtype for n, p in ours.denoiser.named_parameters()}
+    assert stored["transformer_blocks.0.attn.to_q.weight"] == torch.float8_e4m3fn
+    s = settings(ours)
+    mine = pixels(pipeline.text_to_image(ours, [s])[0])
+    _, theirs = models["distilled"]
+    pipe = type(theirs).from_pretrained(flux2_klein_folder, dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = theirs.original_scheduler_config
+    apply_layerwise_casting(pipe.transformer, torch.float8_e4m3fn, torch.float32,
+                            ("pos_embed", "patch_embed", "^proj_in$", "^proj_out$"))
+    assert close(mine, as_pixels(theirs_for(pipe, s)))
+    assert np.abs(mine - pixels(pipeline.text_to_image(models["distilled"][0], [s])[0])).max() > 0  # it did store float8

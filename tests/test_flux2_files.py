@@ -151,3 +151,38 @@ def test_dev_is_refused_in_one_line(tmp_path):
     assert result.stderr.splitlines() == [
         "ldm: error: this is a FLUX.2 dev transformer (it embeds the guidance scale); ldm runs FLUX.2 klein 4B and 9B, "
         "not dev and its Mistral text encoder"]
+
+
+def test_metadata_names_the_parts_and_replays(paths, tmp_path):
+    from PIL import Image
+
+    flags = ["--text-encoder", paths["qwen"], "--vae", paths["vae"], "--config", paths["configs"]]
+    first = cli("generate", "a red fox", "--model", paths["comfy"], *flags, "--steps", 2, "--seed", 3, "-W", 64,
+                "-H", 64, "--max-sequence-length", 32, "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    [png] = (tmp_path / "a").glob("*.png")
+    text = Image.open(png).text["parameters"]
+    assert "Steps: 2, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Seed: 3, Size: 64x64" in text
+    assert "Model: flux-2-klein-4b-comfy, Module 1: flux2-vae, Module 2: qwen_3_4b" in text
+    again = cli("generate", "--from-png", png, "--model", paths["comfy"], *flags, "--out", tmp_path / "b")
+    assert again.exit_code == 0, again.output
+    [replay] = (tmp_path / "b").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(replay)))
+
+
+@pytest.mark.parametrize("size, qwen", [("4b", "Qwen3-4B"), ("9b", "Qwen3-8B")])
+def test_released_configs_from_shapes(size, qwen):
+    """A released-size transformer, bare and under ComfyUI's prefix: detection gives back the
+    shipped config, picks that klein's folder, and so names its Qwen3."""
+    from ldm_cli.loading import components, convert, keymap, recipe
+    from ldm_cli.loading.tensors import Checkpoint
+
+    shipped = recipe.read_json(recipe.SHIPPED / f"flux2-klein-{size}" / "transformer" / "config.json")
+    module = convert.empty("transformer", shipped)
+    header = {k: tuple(v.shape) for k, v in convert.export(keymap.Slot("x", "", "flux2"), module).items()}
+    for shapes in (header, {"model.diffusion_model." + k: v for k, v in header.items()}):
+        found = detect.detect(Checkpoint(Path(f"flux-2-klein-{size}.safetensors"), shapes, {}))
+        assert (found.family, found.variant, found.latent_channels) == ("flux2", "distilled", 32)
+        assert {**found.denoiser_config, "timestep_guidance_channels": 256, "rope_theta": 2000, "eps": 1e-06} == shipped
+        r = recipe.resolve(found, {}, None)
+        assert components.label(r, "text_encoder") == qwen
