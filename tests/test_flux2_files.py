@@ -27,6 +27,8 @@ from tests import original_layout
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory, flux2_klein_folder) -> dict[str, Path]:
+    from safetensors.torch import load_file
+
     out, folder = tmp_path_factory.mktemp("flux2files"), flux2_klein_folder
     transformer, vae, qwen = original_layout.components(folder, "flux2")
     file = original_layout.component_file
@@ -39,6 +41,10 @@ def paths(tmp_path_factory, flux2_klein_folder) -> dict[str, Path]:
                          extra={"lm_head.weight": torch.zeros(151936, 32)}),
             "vae": file(vae, "vae", out / "flux2-vae.safetensors"),
             "vae_diffusers": file(vae, "diffusers", out / "flux2-vae-diffusers.safetensors")}
+    # a VAE file without the BatchNorm's count of training batches, which eval never reads
+    uncounted = {k: v for k, v in load_file(made["vae"]).items() if not k.endswith("num_batches_tracked")}
+    made["vae_uncounted"] = out / "flux2-vae-uncounted.safetensors"
+    save_single_file(uncounted, made["vae_uncounted"], {})
     made["configs"] = out / "configs"  # the folder's configs but the transformer's: read from the shapes
     shutil.copytree(folder, made["configs"], ignore=shutil.ignore_patterns("*.safetensors", "transformer"))
     return made
@@ -80,7 +86,8 @@ def folder_image(paths):
     return image(loading.load(str(paths["folder"]), LoadOptions(dtype="bf16", device="cpu")))
 
 
-@pytest.mark.parametrize("name, vae", [("bfl", "vae"), ("comfy", "vae"), ("comfy", "vae_diffusers")])
+@pytest.mark.parametrize("name, vae", [("bfl", "vae"), ("comfy", "vae"), ("comfy", "vae_diffusers"),
+                                       ("comfy", "vae_uncounted")])
 def test_split_files_render_the_folders_image(paths, folder_image, name, vae):
     model = loading.load(str(paths[name]), options(paths, vae))
     assert (model.family.name, model.options["variant"], model.modules) == ("flux2", "distilled",

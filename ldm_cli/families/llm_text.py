@@ -17,20 +17,20 @@ def chat(tokenizer, text: str, thinking: bool) -> str:
                                          add_generation_prompt=True, enable_thinking=thinking)
 
 
-def note_cut(tokenizer, prompts: list[str], length: int, name: str) -> None:
+def note_cut(tokenizer, prompts: list[str], length: int) -> None:
     """The pipelines cut a templated prompt past `length` tokens (its assistant turn with it): say so."""
     for ids in tokenizer(prompts).input_ids:
         if len(ids) > length:
-            note(f"the prompt is {len(ids)} {name} tokens with its chat template, more than --max-sequence-length "
+            note(f"the prompt is {len(ids)} Qwen3 tokens with its chat template, more than --max-sequence-length "
                  f"{length}; cut off: {tokenizer.decode(ids[length:])[:60]!r}")
 
 
 def hidden_states(tokenizer, encoder, texts: list[str], length: int, layers: tuple[int, ...],
-                  thinking: bool, name: str = "Qwen3") -> tuple[list[torch.Tensor], torch.Tensor]:
+                  thinking: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
     """([each of `layers`' hidden states], the padding mask), for `texts` in the chat template
     padded (or cut) to `length` tokens; all on the encoder's device."""
     prompts = [chat(tokenizer, t, thinking) for t in texts]
-    note_cut(tokenizer, prompts, length, name)
+    note_cut(tokenizer, prompts, length)
     tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
     mask = tokens.attention_mask.to(encoder.device).bool()
     with torch.inference_mode():
