@@ -44,6 +44,12 @@ class Model:
 
     @property
     def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel, as the loop sees latents (FLUX.2's packed: twice the VAE's)."""
+        return self.vae_downscale * self.family.latent_patch
+
+    @property
+    def vae_downscale(self) -> int:
+        """Image pixels per pixel of the VAE's own latents."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -55,7 +61,7 @@ class Model:
 
     @property
     def latent_channels(self) -> int:
-        return self.vae.config.latent_channels
+        return self.vae.config.latent_channels * self.family.latent_patch ** 2
 
     @property
     def native_size(self) -> tuple[int, int]:

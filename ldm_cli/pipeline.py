@@ -61,7 +61,7 @@ def encode_prompts(model, group: list[Settings]):
 def scheduler_run(model, s: Settings) -> schedulers.Run:
     tokens = (s.height // model.size_multiple) * (s.width // model.size_multiple)  # a size-dependent shift's input
     return schedulers.Run(s.scheduler, s.schedule, model.scheduler_config, model.family.flow, s.shift, tokens,
-                          model.family.sigmas)
+                          model.family.sigmas, model.family.mu)
 
 
 def check_steps(model, s: Settings) -> None:

@@ -185,6 +185,7 @@ class Run:
     shift: float | None = None
     image_tokens: int = 4096  # a size-dependent shift's input
     spacing: Callable[[int], list[float]] | None = None  # the family's own sigma spacing (FLUX)
+    mu: Callable[[int, int], float] | None = None  # the family's own size-dependent shift (FLUX.2)
 
 
 def finishes(run: Run, steps: int) -> bool:
@@ -192,7 +193,7 @@ def finishes(run: Run, steps: int) -> bool:
     which fails as the real run would (diffusers raises, indexes past its tables, or divides by
     a repeated sigma into NaN) at a thousandth of its cost. Remembered per run and step count."""
     key = (run.name, run.schedule, repr(sorted(run.model_config.items())), run.flow, run.shift,
-           run.image_tokens, run.spacing, steps)
+           run.image_tokens, run.spacing, run.mu, steps)
     if key not in _FINISHED:
         _FINISHED[key] = _try(run, steps)
     return _FINISHED[key]
@@ -221,7 +222,7 @@ def _try(run: Run, steps: int) -> bool:
 def prepared(run: Run, steps: int, device, seeds: list[int]):
     """A fresh scheduler for `run`, its timesteps set for `steps` on `device` (one seed per image)."""
     scheduler = build(run.name, run.schedule, run.model_config, seeds, run.flow, run.shift)
-    set_timesteps(scheduler, steps, device, run.model_config, run.image_tokens, run.spacing)
+    set_timesteps(scheduler, steps, device, run.model_config, run.image_tokens, run.spacing, run.mu)
     return scheduler
 
 
@@ -272,16 +273,18 @@ def build(name: str, schedule: str | None, model_config: dict[str, Any], seeds: 
 
 
 def set_timesteps(scheduler, steps: int, device, model_config: dict[str, Any], image_tokens: int,
-                  spacing: Callable[[int], list[float]] | None = None) -> None:
+                  spacing: Callable[[int], list[float]] | None = None,
+                  mu: Callable[[int, int], float] | None = None) -> None:
     """Timesteps as the family's diffusers pipeline sets them: its own spacing (FLUX's) where the
     scheduler takes given sigmas (the multistep solvers keep their flow sigmas, as there), and a
-    dynamic shift's mu from the image's token count where the schedule shifts by size."""
+    dynamic shift's mu from the image's token count where the schedule shifts by size (the
+    family's own `mu` of tokens and steps where it has one: FLUX.2)."""
     kwargs: dict[str, Any] = {}
     takes = inspect.signature(scheduler.set_timesteps).parameters
     if spacing is not None and "sigmas" in takes and not scheduler.config.get("use_flow_sigmas"):
         kwargs["sigmas"] = spacing(steps)
     if scheduler.config.get("use_dynamic_shifting"):
-        kwargs["mu"] = dynamic_shift(image_tokens, model_config)
+        kwargs["mu"] = mu(image_tokens, steps) if mu else dynamic_shift(image_tokens, model_config)
     scheduler.set_timesteps(steps, device=device, **kwargs)
     if hasattr(scheduler, "set_begin_index"):
         # the run starts at the first timestep, even where the schedule repeats it: many steps of a

@@ -28,8 +28,9 @@ def _factors(vae) -> tuple[float, float]:
 
 
 def compute_dtype(vae) -> torch.dtype:
-    """The dtype the VAE runs (and samples its latents) in: fp32 for fp16 VAEs that ask for it."""
-    return torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
+    """The dtype the VAE runs (and samples its latents) in: fp32 for fp16 VAEs that ask for it
+    (or do not say: FLUX.2's has no force_upcast)."""
+    return torch.float32 if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", True) else vae.dtype
 
 
 @contextlib.contextmanager
@@ -55,16 +56,23 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
     _check_finite(latents, f"sampling went to NaN or inf, so no image of this batch was decoded; likely causes: "
                            f"{SAMPLING_CAUSES}")
     vae = model.vae
-    scaling, shift = _factors(vae)
-    z = latents / scaling + shift
+    z = _unscaled(model, latents)
     dtype = compute_dtype(vae)
-    memory.tile_if_needed(vae, z, model.vae_scale_factor, dtype)
+    memory.tile_if_needed(vae, z, model.vae_downscale, dtype)
     pixels = _decode_in(vae, z, dtype)
     if dtype != torch.float32 and not torch.isfinite(pixels).all():
         pixels = _decode_in(vae, z, torch.float32)  # a NaN would be saved as a black image
     _check_finite(pixels, "the VAE decoded NaN or inf even in fp32, so no image of this batch was saved; "
                           "its weights are likely broken (try another --vae)")
     return to_pil(pixels)
+
+
+def _unscaled(model, latents: torch.Tensor) -> torch.Tensor:
+    """The loop's latents as the VAE decodes them."""
+    if model.family.from_latents is not None:
+        return model.family.from_latents(model.vae, latents)
+    scaling, shift = _factors(model.vae)
+    return latents / scaling + shift
 
 
 def _check_finite(values: torch.Tensor, problem: str) -> None:
@@ -90,12 +98,13 @@ def encode(model, pixels: torch.Tensor, generators: list[torch.Generator] | None
     """Encode [-1, 1] pixels; samples the latent distribution with `generators` (None: its mode).
     `shifted`: less the VAE's shift factor before scaling (all but InstantX's SD3 ControlNets)."""
     vae = model.vae
-    scaling, shift = _factors(vae)
-    shift = shift if shifted else 0.0
     dtype = compute_dtype(vae)
     with _running_in(vae, dtype), torch.inference_mode():
         dist = vae.encode(pixels.to(vae.device, dtype), return_dict=False)[0]
+        if model.family.to_latents is not None:
+            return model.family.to_latents(vae, dist, generators).to(model.dtype)
         # diffusers draws one sample per generator, image by image, as its pipelines do
         z = dist.mode() if generators is None else dist.sample(generators)
-    return ((z - shift) * scaling).to(model.dtype)
+    scaling, shift = _factors(vae)
+    return ((z - (shift if shifted else 0.0)) * scaling).to(model.dtype)
 

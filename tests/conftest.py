@@ -99,3 +99,17 @@ def zimage_turbo_folder(tmp_path_factory):
     from tests import tiny_models
 
     return _built(tmp_path_factory, "tiny-zimage-turbo", lambda: tiny_models.zimage_pipeline())
+
+
+@pytest.fixture(scope="session")
+def flux2_klein_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-flux2-klein", lambda: tiny_models.flux2_klein_pipeline(distilled=True))
+
+
+@pytest.fixture(scope="session")
+def flux2_klein_base_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-flux2-klein-base", lambda: tiny_models.flux2_klein_pipeline(distilled=False))

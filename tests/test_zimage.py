@@ -134,11 +134,11 @@ def test_shipped_tokenizer_gives_qwens_ids():
 
 
 def test_the_prompt_goes_in_qwen3s_chat_template():
-    from ldm_cli.families import zimage
+    from ldm_cli.families import llm_text
     from tests.tiny_models import qwen3_tokenizer
 
     tokenizer = qwen3_tokenizer()
-    text = zimage.chat(tokenizer, "a red fox")
+    text = llm_text.chat(tokenizer, "a red fox", thinking=True)
     assert text == "<|im_start|>user\na red fox<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer(text).input_ids == [151644, 872, 198, 64, 2518, 38835, 151645, 198, 151644, 77091, 198]
 

@@ -252,3 +252,61 @@ def zimage_pipeline():
     return ZImagePipeline(transformer=zimage_transformer(), vae=flux_vae(),
                           scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER),
                           text_encoder=qwen3_encoder(), tokenizer=qwen3_tokenizer())
+
+
+# -- FLUX.2 klein --------------------------------------------------------------------------------
+# FLUX.2 klein's scheduler config: the pipeline computes the dynamic shift's mu itself
+FLUX2_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                       base_image_seq_len=256, max_image_seq_len=4096)
+FLUX2_LATENTS = 8  # the VAE's latent channels at toy size (FLUX.2's are 32); 4x packed
+
+
+def flux2_vae(seed: int = 11):
+    """FLUX.2's VAE at toy width; random BatchNorm statistics, so that a latent not normalised (or
+    normalised over the wrong channels) shows."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLFlux2(in_channels=3, out_channels=3, latent_channels=FLUX2_LATENTS, sample_size=64,
+                               block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8).eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_(0, 0.5)
+        model.bn.running_var.uniform_(0.25, 4.0)
+    return model
+
+
+def flux2_transformer(seed: int = 12):
+    """FLUX.2's transformer at toy width: one double-stream and one single-stream block, four rotary
+    axes over 16-wide heads, reading Qwen3's three layers side by side; no guidance embedding (klein)."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = Flux2Transformer2DModel(in_channels=4 * FLUX2_LATENTS, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * QWEN3_WIDTH,
+                                    axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False).eval()
+    with torch.no_grad():  # at toy width its gates start near zero and the prompt barely shows: open them
+        for modulation in (model.double_stream_modulation_img, model.double_stream_modulation_txt,
+                           model.single_stream_modulation):
+            modulation.linear.weight.mul_(10)
+    return model
+
+
+def klein_qwen3(seed: int = 13):
+    """Qwen3 as klein ships it (Qwen3ForCausalLM) at toy width, deep enough for the pipeline's
+    layers 9, 18 and 27."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=151936, hidden_size=QWEN3_WIDTH, intermediate_size=64, num_hidden_layers=28,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                         tie_word_embeddings=True)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def flux2_klein_pipeline(distilled: bool = True):
+    """A Flux2KleinPipeline, step-distilled or base."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    return Flux2KleinPipeline(transformer=flux2_transformer(), vae=flux2_vae(),
+                              scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
+                              text_encoder=klein_qwen3(), tokenizer=qwen3_tokenizer(), is_distilled=distilled)

@@ -46,6 +46,17 @@ class Family:
     # steps -> the sigmas before the shift that the family's diffusers pipeline gives the
     # scheduler (FLUX: 1 to 1/steps); None: the scheduler's own spacing (SD3)
     sigmas: Callable[[int], list[float]] | None = None
+    # (image tokens, steps) -> the size-dependent shift's mu where the family's pipeline fits its
+    # own (FLUX.2's empirical one, step-dependent too); None: the scheduler config's linear one
+    mu: Callable[[int, int], float] | None = None
+    # the VAE's latents as the loop sees them, where they are not (z - shift) * scale: FLUX.2 packs
+    # them into 2x2 patches (4x the channels, half the side) normalised by the VAE's BatchNorm
+    # statistics. latent_patch: the side of those patches; to_latents (vae, its posterior,
+    # generators or None for the mode) -> loop latents; from_latents (vae, loop latents) -> what
+    # the VAE decodes
+    latent_patch: int = 1
+    to_latents: Callable[[Any, Any, list | None], torch.Tensor] | None = None
+    from_latents: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
     # ControlNets, for a family that takes them (None: it does not): how one reads its control
     # images (model, net, images in [0, 1] batched, generators) -> its control input (pixels for
     # a U-Net's, VAE latents for FLUX's, drawn before the starting noise as diffusers draws them);

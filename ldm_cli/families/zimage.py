@@ -2,7 +2,7 @@
 conditioned on Qwen3's hidden states, as diffusers' ZImagePipeline conditions it.
 
 The prompt is put in Qwen3's chat template as a user turn (thinking on, the assistant's turn
-opened), padded to --max-sequence-length tokens, and the second-to-last hidden layer read; the
+opened: llm_text.py), padded to --max-sequence-length tokens, and the second-to-last hidden layer read; the
 transformer takes each prompt's states without the padding. Those differ in length from prompt
 to prompt, so the conditioning keeps them padded with their mask (every prompt at one length,
 the loop stacks them as any other) and predict cuts each row back to its tokens.
@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ldm_cli.families import flux
+from ldm_cli.families import flux, llm_text
 from ldm_cli.families.family import Cond, Family
-from ldm_cli.notes import note
 from ldm_cli.settings import Settings
 
 MAX_SEQUENCE_LENGTH = 512  # diffusers' ZImagePipeline default
@@ -39,30 +38,10 @@ def defaults(name: str, scheduler_config: dict) -> dict:
             "max_sequence_length": MAX_SEQUENCE_LENGTH}
 
 
-def chat(tokenizer, text: str) -> str:
-    """The prompt as ZImagePipeline hands it to Qwen3: one user turn of its chat template."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=True)
-
-
-def note_cut(tokenizer, prompts: list[str], length: int) -> None:
-    """The pipeline cuts a templated prompt past `length` tokens (its assistant turn with it): say so."""
-    for ids in tokenizer(prompts).input_ids:
-        if len(ids) > length:
-            note(f"the prompt is {len(ids)} Qwen3 tokens with its chat template, more than --max-sequence-length "
-                 f"{length}; cut off: {tokenizer.decode(ids[length:])[:60]!r}")
-
-
 def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
     length = s.max_sequence_length or MAX_SEQUENCE_LENGTH
-    prompts = [chat(tokenizer, t) for t in texts]
-    note_cut(tokenizer, prompts, length)
-    tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    mask = tokens.attention_mask.to(encoder.device).bool()
-    with torch.inference_mode():
-        states = encoder(input_ids=tokens.input_ids.to(encoder.device), attention_mask=mask,
-                         output_hidden_states=True).hidden_states[HIDDEN_LAYER]
+    [states], mask = llm_text.hidden_states(tokenizer, encoder, texts, length, (HIDDEN_LAYER,), thinking=True)
     states = states.masked_fill(~mask[..., None], 0)  # padding is cut off in predict; zeros keep it inert
     return {"encoder_hidden_states": states.to(model.device, model.dtype), "mask": mask.to(model.device)}
 

@@ -12,8 +12,9 @@ from ldm_cli.loading.options import LoadOptions, quiet_libraries  # callers take
 
 BUILTIN = Path(__file__).resolve().parent.parent / "assets" / "builtin.safetensors"
 # denoisers that take latents in patches their config's patch_size does not show (families.flux and
-# families.chroma pack 2x2; Z-Image's config calls it all_patch_size)
-PACKED = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2, "ZImageTransformer2DModel": 2}
+# families.chroma pack 2x2; Z-Image's config calls it all_patch_size; FLUX.2's VAE latents are packed)
+PACKED = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2, "ZImageTransformer2DModel": 2,
+          "Flux2Transformer2DModel": 2}
 
 
 def load(source: str | None, options: LoadOptions | None = None):
@@ -93,6 +94,6 @@ def size_multiple(source: str | None) -> int:
     except (OSError, LdmError):
         return 8
     if flux.prefix_of(shapes) is not None or zimage.prefix_of(shapes) is not None:
-        return 16  # latents packed in 2x2 patches
+        return 16  # latents packed in 2x2 patches (FLUX.2's files have FLUX's block names)
     prefix = mmdit.prefix_of(shapes)
     return 8 * (mmdit.config(shapes, prefix)["patch_size"] if prefix is not None else 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import detect, flux, keymap, mmdit, tensors, zimage
+from ldm_cli.loading import detect, flux, flux2, keymap, mmdit, tensors, zimage
 from ldm_cli.loading.keymap import Slot
 from ldm_cli.notes import note
 
@@ -34,7 +34,7 @@ LABELS = {"sd3": {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_en
 OPTIONAL = {"text_encoder_3"}  # SD3 runs without T5 (its part of the context is zeros)
 VAE_PREFIXES = ("", keymap.VAE.prefix, "vae.")  # a bare VAE file, or one cut out of a checkpoint
 FILE_NAMES = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5-XXL": "t5xxl_fp16.safetensors",
-              "Qwen3-4B": "qwen_3_4b.safetensors"}
+              "Qwen3-4B": "qwen_3_4b.safetensors", "Qwen3-8B": "qwen_3_8b.safetensors"}
 # the kinds of text encoder, as a file's layout shows them (a CLIP in either layout fills a CLIP slot)
 GROUPS = {"t5": "T5", "t5_gguf": "T5", "qwen3": "Qwen3", "qwen3_gguf": "Qwen3"}
 # where a layout's width shows when its signature's last dimension is not it (a q/k norm's is a head's)
@@ -47,8 +47,11 @@ class Source:
     slot: Slot  # where in that file the component's weights lie, and in which layout
 
 
-def label(family: str, name: str) -> str:
-    return LABELS.get(family, {}).get(name, name.replace("_", " "))
+def label(r: Recipe, name: str) -> str:
+    """A part's name for messages; FLUX.2's Qwen3 by the width its config gives (Qwen3-4B or -8B)."""
+    if r.family == "flux2" and name == "text_encoder":
+        return flux2.QWEN3.get(text_width(r.configs[name]), ("Qwen3",))[0]
+    return LABELS.get(r.family, {}).get(name, name.replace("_", " "))
 
 
 def sources(found: detect.Found, r: Recipe, checkpoint: tensors.Checkpoint, options: LoadOptions) -> dict[str, Source]:
@@ -68,7 +71,7 @@ def text_encoder_files(paths: list[str], r: Recipe, allow_pickle: bool) -> dict[
     for path in paths:
         for name, source in text_encoder_file(Path(path).expanduser(), r, allow_pickle).items():
             if name in given:
-                raise LdmError(f"two {label(r.family, name)} text encoders given ({given[name].checkpoint.name} and "
+                raise LdmError(f"two {label(r, name)} text encoders given ({given[name].checkpoint.name} and "
                                f"{source.checkpoint.name}); pass one")
             given[name] = source
     return given
@@ -87,12 +90,13 @@ def layout(kind: str) -> str:
 
 def check_complete(r: Recipe, present: dict[str, Source], checkpoint: tensors.Checkpoint, vae_given: bool) -> None:
     if "vae" not in present and not vae_given:
-        example = "e.g. ae.safetensors" if r.family in ("flux", "chroma", "zimage") else "the model's own VAE file"
+        example = {"flux2": "e.g. flux2-vae.safetensors"}.get(r.family, "e.g. ae.safetensors" if r.family in (
+            "flux", "chroma", "zimage") else "the model's own VAE file")
         raise LdmError(f"{checkpoint.name} has no VAE; pass one with --vae ({example})")
     for name in r.text_encoders:
         if name in present:
             continue
-        what = label(r.family, name)
+        what = label(r, name)
         if name not in OPTIONAL:
             example = f" (e.g. {FILE_NAMES[what]})" if what in FILE_NAMES else ""
             raise LdmError(f"{checkpoint.name} has no {what} text encoder; pass its file with --text-encoder{example}")
@@ -102,7 +106,7 @@ def note_missing(r: Recipe, present: dict[str, Source], checkpoint: tensors.Chec
     """Once the model has loaded: which optional part it runs without."""
     for name in r.text_encoders:
         if name not in present:
-            note(f"no {label(r.family, name)} text encoder in {checkpoint.name} or given with --text-encoder; "
+            note(f"no {label(r, name)} text encoder in {checkpoint.name} or given with --text-encoder; "
                  "running without it (as --no-t5 does)")
 
 
@@ -142,14 +146,14 @@ def text_encoder_file(path: Path, r: Recipe, allow_pickle: bool) -> dict[str, So
     for kind, prefix in found:
         slot = matching_slot(checkpoint, kind, prefix, r)
         if slot.name in out:
-            raise LdmError(f"--text-encoder {checkpoint.name} holds two {label(r.family, slot.name)} text encoders; pass one")
+            raise LdmError(f"--text-encoder {checkpoint.name} holds two {label(r, slot.name)} text encoders; pass one")
         out[slot.name] = Source(checkpoint, slot)
     return out
 
 
 def refuse_non_encoders(checkpoint: tensors.Checkpoint) -> None:
     keys = checkpoint.shapes
-    if any(m.prefix_of(keys) is not None for m in (mmdit, flux, zimage)) or any(
+    if any(m.prefix_of(keys) is not None for m in (mmdit, flux, zimage, flux2)) or any(
             k.startswith(keymap.UNET.prefix) for k in keys):
         raise LdmError(f"--text-encoder {checkpoint.name} is a whole model checkpoint, not a text encoder; "
                        "pass it with --model")
@@ -179,7 +183,7 @@ def matching_slot(checkpoint: tensors.Checkpoint, kind: str, prefix: str, r: Rec
     if len(fits) > 1:
         fits = [s for s in fits if r.configs[s.name].get("num_hidden_layers", r.configs[s.name].get("num_layers")) == depth]
     if len(fits) != 1:
-        wanted = ", ".join(f"{label(r.family, s.name)} ({text_width(r.configs[s.name])} wide)" for s in slots) or "none"
+        wanted = ", ".join(f"{label(r, s.name)} ({text_width(r.configs[s.name])} wide)" for s in slots) or "none"
         raise LdmError(f"--text-encoder {checkpoint.name} holds a {group} text encoder "
                        f"{width} wide with {depth} layers, which this {r.family} model does not use; it takes: {wanted}")
     slot = fits[0]

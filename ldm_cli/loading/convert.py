@@ -137,7 +137,8 @@ BASE_MODELS = {"Qwen3ForCausalLM": "Qwen3Model"}  # a language model's config: o
 
 
 DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "ChromaTransformer2DModel",
-             "ZImageTransformer2DModel")
+             "ZImageTransformer2DModel", "Flux2Transformer2DModel")
+VAES = ("AutoencoderKL", "AutoencoderKLFlux2")
 
 
 def constructor(name: str, config: dict):
@@ -146,8 +147,9 @@ def constructor(name: str, config: dict):
 
         default = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"}[name]
         cls = config.get("_class_name") or default  # the transformer's config names SD3's, FLUX's or Chroma's
-        if cls not in (*DENOISERS, "AutoencoderKL"):
-            raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(DENOISERS)} denoisers")
+        if cls not in (*DENOISERS, *VAES):
+            raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(DENOISERS)} denoisers "
+                           f"and {', '.join(VAES)} VAEs")
         return getattr(diffusers, cls).from_config
     import transformers
 
@@ -166,6 +168,8 @@ def plan(slot: Slot, module, checkpoint: Checkpoint) -> dict[str, Planned]:
     mapping = keymap.mapper(slot.kind, module.config)
     planned = {}
     for name, target in module.state_dict().items():
+        if name.endswith(".num_batches_tracked"):
+            continue  # a BatchNorm's count of training batches (FLUX.2's VAE): it sets it itself as it loads
         origin = mapping(name)
         key = slot.prefix + origin.key
         if origin.eye:

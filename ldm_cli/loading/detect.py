@@ -7,7 +7,8 @@ conditioner.embedders); the UNet's first convolution says whether it is an inpai
 (latents + mask + masked-image latents in); and the UNet's cross-attention width must equal the
 text encoders' combined width, or the file mixes parts of different models. SD3's MMDiT names
 itself (joint_blocks), FLUX's transformer too (double_blocks), Chroma's by its approximator
-(distilled_guidance_layer) beside FLUX's blocks, so it is never taken for FLUX, Z-Image's by its
+(distilled_guidance_layer) beside FLUX's blocks, so it is never taken for FLUX, FLUX.2's by its
+shared modulations (single_stream_modulation) beside FLUX's block names, Z-Image's by its
 caption embedder and one-Linear adaptive norms, in Tongyi's layout or diffusers'; their text
 encoders may be in the file or in files of their own.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import chroma, flux, keymap, mmdit, zimage
+from ldm_cli.loading import chroma, flux, flux2, keymap, mmdit, zimage
 from ldm_cli.loading.tensors import Checkpoint
 
 UNET_IN = keymap.UNET.prefix + "input_blocks.0.0.weight"
@@ -26,11 +27,12 @@ EMA_PREFIX = "model_ema."
 
 @dataclass(frozen=True)
 class Found:
-    family: str  # sd1, sd2, sdxl, sd3, flux, chroma, zimage
+    family: str  # sd1, sd2, sdxl, sd3, flux, chroma, zimage, flux2
     in_channels: int
     latent_channels: int
     ema: bool
-    variant: str | None = None  # sd3: sd3, sd35-medium or sd35-large; flux: dev or schnell; zimage: turbo or base
+    variant: str | None = None  # sd3: sd3, sd35-medium or sd35-large; flux: dev or schnell; zimage: turbo or base;
+    # flux2: distilled or base
     denoiser_slot: keymap.Slot = keymap.UNET  # where the denoiser's keys start
     denoiser_config: dict = field(default_factory=dict, compare=False)  # what its shapes say (SD3)
 
@@ -43,6 +45,8 @@ def detect(checkpoint: Checkpoint) -> Found:
     shapes = checkpoint.shapes
     if (prefix := mmdit.prefix_of(shapes)) is not None:
         return sd3(shapes, prefix)
+    if (prefix := flux2.prefix_of(shapes)) is not None:  # FLUX's block names too: asked first
+        return flux2_found(shapes, prefix, checkpoint.name)
     if (prefix := chroma.prefix_of(shapes)) is not None:  # FLUX's blocks too: asked first
         return chroma_found(shapes, prefix)
     if (prefix := flux.prefix_of(shapes)) is not None:
@@ -80,6 +84,13 @@ def chroma_found(shapes: dict, prefix: str) -> Found:
     config = chroma.config(shapes, prefix)
     latent = config["in_channels"] // 4  # packed in 2x2 patches, as FLUX's
     return Found("chroma", latent, latent, False, None, replace(keymap.CHROMA, prefix=prefix), config)
+
+
+def flux2_found(shapes: dict, prefix: str, name: str) -> Found:
+    config = flux2.config(shapes, prefix)
+    latent = config["in_channels"] // 4  # the VAE's channels, packed in 2x2 patches
+    return Found("flux2", latent, latent, False, flux2.variant_of_name(name), replace(keymap.FLUX2, prefix=prefix),
+                 config)
 
 
 def zimage_found(shapes: dict, prefix: str, name: str) -> Found:
@@ -147,9 +158,9 @@ def not_a_model(checkpoint: Checkpoint) -> str:
                     for k in keys):
         return f"{checkpoint.name} holds only a VAE; pass it with --vae next to a full model"
     if any(k.endswith(tuple(keymap.TEXT_SIGNATURES.values())) for k in keys):
-        return f"{checkpoint.name} holds only a text encoder; pass it with --text-encoder next to a model (SD3, FLUX, Chroma, Z-Image)"
+        return f"{checkpoint.name} holds only a text encoder; pass it with --text-encoder next to a model (SD3, FLUX, Chroma, Z-Image, FLUX.2)"
     return (f"{checkpoint.name} is not a Stable Diffusion checkpoint ldm recognises (no "
-            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x, SDXL, SD3/3.5, FLUX.1, Chroma and Z-Image single files and diffusers folders")
+            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x, SDXL, SD3/3.5, FLUX.1, Chroma, Z-Image and FLUX.2 klein single files and diffusers folders")
 
 
 def unknown_text_encoder(checkpoint: Checkpoint) -> str:

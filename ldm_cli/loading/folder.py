@@ -4,7 +4,8 @@ SD1/SD2 and SDXL folders hold a `unet/`; SD3 folders a `transformer/` and up to 
 encoders, of which the third (T5) may be left out: the model then runs without T5. FLUX folders
 hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, required: FLUX never runs without T5);
 Chroma folders a `transformer/` and T5 alone (`text_encoder/`, required likewise); Z-Image folders
-a `transformer/` and Qwen3 (`text_encoder/`; its `tokenizer/`, or ldm's copy)."""
+a `transformer/` and Qwen3 (`text_encoder/`; its `tokenizer/`, or ldm's copy); FLUX.2 klein folders
+likewise, with FLUX.2's own VAE (AutoencoderKLFlux2)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -78,13 +79,14 @@ def _flux_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     return transformer, [clip, t5], [load_tokenizer(folder / "tokenizer"), t5_tokenizer]
 
 
-def _zimage_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
-    """(transformer, [Qwen3], [its tokenizer]) of a Z-Image folder."""
-    from diffusers import ZImageTransformer2DModel
+def _qwen3_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
+    """(transformer, [Qwen3], [its tokenizer]) of a Z-Image or FLUX.2 klein folder."""
+    import diffusers
     from transformers import AutoTokenizer, Qwen3Model
 
-    transformer = ZImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
-                                                           local_files_only=True)
+    transformer = getattr(diffusers, TRANSFORMERS[name]).from_pretrained(folder, subfolder="transformer",
+                                                                          torch_dtype=dtype, local_files_only=True)
+    # Qwen3Model: klein's Qwen3ForCausalLM without its language-model head, which no pipeline reads
     qwen = Qwen3Model.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
     tokenizer = folder / "tokenizer"
     tokenizer = tokenizer if (tokenizer / "tokenizer_config.json").exists() else QWEN3_TOKENIZER
@@ -122,9 +124,12 @@ def _t5(folder: Path, dtype: torch.dtype, suffix: str, optional: bool, family: s
 def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, denoiser) -> dict:
     """SD3's, FLUX's, Chroma's and Z-Image's recommended settings; a folder cannot say it holds SD3's
     or Z-Image's turbo model but by its name."""
-    from ldm_cli.families import chroma, flux, sd3, zimage
+    from ldm_cli.families import chroma, flux, flux2, sd3, zimage
+    from ldm_cli.loading.flux2 import variant_of_index
     from ldm_cli.loading.zimage import variant
 
+    if name == "flux2":
+        return flux2.defaults(variant_of_index(read_json(folder / "model_index.json")), scheduler_config)
     if name == "chroma":
         return chroma.defaults(scheduler_config)
     if name == "flux":
@@ -138,8 +143,10 @@ def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, d
 
 def _options(folder: Path, index: dict, denoiser, name: str) -> dict:
     from ldm_cli.families import flux, sd3
-    from ldm_cli.loading import zimage
+    from ldm_cli.loading import flux2, zimage
 
+    if name == "flux2":
+        return {"variant": flux2.variant_of_index(index)}
     if name == "zimage":
         return {"variant": zimage.variant(folder.name)}
     if name in ("sd3", "flux"):
@@ -148,13 +155,16 @@ def _options(folder: Path, index: dict, denoiser, name: str) -> dict:
 
 
 PARTS = {"sd3": _sd3_parts, "flux": _flux_parts, "chroma": _chroma_parts,  # DiT families: a transformer/, not a unet/
-         "zimage": _zimage_parts}
+         "zimage": _qwen3_parts, "flux2": _qwen3_parts}
+TRANSFORMERS = {"zimage": "ZImageTransformer2DModel", "flux2": "Flux2Transformer2DModel"}
+VAES = {"flux2": "AutoencoderKLFlux2"}  # the rest: AutoencoderKL
 # the subfolders each family loads (T5's, optional in SD3 and checked by _t5 in FLUX, when present)
 SUBFOLDERS = {"sd1": ["unet", "vae", "text_encoder"], "sd2": ["unet", "vae", "text_encoder"],
               "sdxl": ["unet", "vae", "text_encoder", "text_encoder_2"],
               "sd3": ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"],
               "flux": ["transformer", "vae", "text_encoder", "text_encoder_2"],
-              "chroma": ["transformer", "vae", "text_encoder"], "zimage": ["transformer", "vae", "text_encoder"]}
+              "chroma": ["transformer", "vae", "text_encoder"], "zimage": ["transformer", "vae", "text_encoder"],
+              "flux2": ["transformer", "vae", "text_encoder"]}
 T5_PARTS = {"sd3": "text_encoder_3", "flux": "text_encoder_2", "chroma": "text_encoder"}
 
 
@@ -190,7 +200,7 @@ def _weight_files(part: Path) -> list[Path]:
 
 
 def load_folder(folder: Path, device: torch.device, options) -> Model:
-    from diffusers import AutoencoderKL
+    import diffusers
 
     from ldm_cli import device as devices
     from ldm_cli import families, hashing, memory
@@ -205,7 +215,7 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
     family = families.get(name)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
     denoiser, encoders, tokenizers = PARTS.get(name, _unet_parts)(folder, name, dtype, options)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+    vae = getattr(diffusers, VAES.get(name, "AutoencoderKL")).from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     if options.prediction:
         scheduler_config["prediction_type"] = {"v": "v_prediction"}.get(options.prediction, options.prediction)

@@ -1,7 +1,7 @@
 """`ldm info CHECKPOINT`: what a single file holds, from its header (plus, for an SD2 file
 with nothing else to go on, the same probe forward pass loading runs): each part's storage
 (dtype, float8, scaled float8 or GGUF quantization), and for a model shipped in parts (SD3,
-FLUX, Chroma, Z-Image) which parts it still needs and the flag that supplies each."""
+FLUX, Chroma, Z-Image, FLUX.2) which parts it still needs and the flag that supplies each."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import (components, convert, detect, flux, keymap, mmdit, prediction, quantized, recipe,
-                              single_file, tensors, zimage)
+from ldm_cli.loading import (components, convert, detect, flux, flux2, keymap, mmdit, prediction, quantized,
+                              recipe, single_file, tensors, zimage)
 
 
 def describe(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:
@@ -29,7 +29,9 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
     if r.denoiser == "unet":
         chosen, why = prediction.decide(None, r, found, path, lambda: probe(r, found, checkpoint))
         prediction.apply(r, chosen)
-    return {"file": path.name, "family": found.family, **({"variant": found.variant} if found.variant else {}),
+    # FLUX.2 klein's step-distilled and base releases have the same shapes: say what was assumed
+    told = {"variant_from": "the file's name"} if found.family == "flux2" else {}
+    return {"file": path.name, "family": found.family, **({"variant": found.variant} if found.variant else {}), **told,
             "model": label(found, checkpoint), "prediction": chosen, "prediction_from": why,
             "native_size": native_size(r), "dtype": tensors.dtype_name(checkpoint, found.denoiser_slot.prefix),
             "storage": {s.name: quantized.storage(checkpoint, s.prefix) for s in held},
@@ -45,6 +47,8 @@ def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
         return flux.VARIANTS[found.variant]
     if found.family == "zimage":
         return zimage.VARIANTS[found.variant]
+    if found.family == "flux2":
+        return f"{flux2.VARIANTS[found.variant]} {flux2.size(found.denoiser_config)}"
     if found.variant:
         return mmdit.VARIANTS[found.variant] + (" turbo" if single_file.turbo(checkpoint) else "")
     return families.get(found.family).label + (" inpainting" if found.inpainting else "")
@@ -56,7 +60,7 @@ def needs(r: recipe.Recipe, held: list[str]) -> list[str]:
     for name in r.text_encoders:
         if name not in held:
             optional = ", optional" if name in components.OPTIONAL else ""
-            out.append(f"{name} ({components.label(r.family, name)}, --text-encoder{optional})")
+            out.append(f"{name} ({components.label(r, name)}, --text-encoder{optional})")
     return out
 
 

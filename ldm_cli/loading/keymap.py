@@ -33,7 +33,7 @@ class Slot:
     name: str  # diffusers component name: unet, vae, text_encoder, text_encoder_2
     prefix: str  # where the component's keys start in the single file
     # unet, mmdit (SD3's), vae, clip (Hugging Face CLIP names), clip_unprojected (SD3's CLIP-L),
-    # openclip (open_clip names), t5 (Hugging Face T5 encoder), zimage (Tongyi's Z-Image),
+    # openclip (open_clip names), t5 (Hugging Face T5 encoder), zimage (Tongyi's Z-Image), flux2 (BFL's FLUX.2),
     # qwen3 (Hugging Face's Qwen3, as is), diffusers (as is)
     kind: str
 
@@ -43,6 +43,7 @@ MMDIT = Slot("transformer", "model.diffusion_model.", "mmdit")
 FLUX = Slot("transformer", "model.diffusion_model.", "flux")
 CHROMA = Slot("transformer", "model.diffusion_model.", "chroma")
 ZIMAGE = Slot("transformer", "model.diffusion_model.", "zimage")
+FLUX2 = Slot("transformer", "model.diffusion_model.", "flux2")
 VAE = Slot("vae", "first_stage_model.", "vae")
 LAYOUTS: dict[str, tuple[Slot, ...]] = {
     "sd1": (UNET, VAE, Slot("text_encoder", "cond_stage_model.transformer.", "clip")),
@@ -60,6 +61,9 @@ LAYOUTS: dict[str, tuple[Slot, ...]] = {
     # ComfyUI's all-in-one Z-Image files; Tongyi's and ComfyUI's split files hold the transformer
     # alone, with Qwen3 (as Hugging Face names it, under `model.`) and FLUX's VAE beside it
     "zimage": (ZIMAGE, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.qwen3_4b.transformer.model.", "qwen3")),
+    # FLUX.2 klein: BFL's and ComfyUI's files hold the transformer alone (bare, or under
+    # `model.diffusion_model.`), with Qwen3 and FLUX.2's VAE in files of their own
+    "flux2": (FLUX2, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.qwen3_4b.transformer.model.", "qwen3")),
 }
 TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf", "qwen3", "qwen3_gguf")
 # a key every text encoder of the layout has (its width is the last dimension)
@@ -83,6 +87,8 @@ def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
         return FluxNames(config).origin
     if kind == "chroma":
         return ChromaNames(config).origin
+    if kind == "flux2":
+        return flux2_origin
     return {"clip": clip_origin, "clip_unprojected": unprojected_clip_origin, "openclip": openclip_origin,
             "t5": t5_origin, "t5_gguf": t5_gguf_origin, "zimage": zimage_origin, "qwen3": Origin,
             "qwen3_gguf": qwen3_gguf_origin, "diffusers": Origin}[kind]
@@ -181,6 +187,8 @@ class VaeNames:
         if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(\w+)", key):
             return f"{m[1]}.norm_out.{m[2]}"
         if re.fullmatch(r"((encoder|decoder)\.)?(conv_in|conv_out|quant_conv|post_quant_conv)\.(weight|bias)", key):
+            return key
+        if re.fullmatch(r"bn\.(running_mean|running_var|num_batches_tracked)", key):  # FLUX.2's latent statistics
             return key
         raise unsupported("VAE", key)
 
@@ -366,6 +374,48 @@ class ChromaNames(FluxNames):
         if module not in CHROMA_TOP:
             raise unsupported("Chroma transformer", key)
         return Origin(f"{CHROMA_TOP[module]}.{leaf}")
+
+
+# FLUX.2's diffusers modules -> Black Forest Labs' (diffusers' convert_flux2_transformer_checkpoint_to_diffusers)
+FLUX2_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in",
+             "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+             "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+             "single_stream_modulation.linear": "single_stream_modulation.lin",
+             "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear"}
+FLUX2_DOUBLE = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+                "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+                "attn.add_v_proj": ("txt_attn.qkv", 2), "attn.norm_q": ("img_attn.norm.query_norm", None),
+                "attn.norm_k": ("img_attn.norm.key_norm", None),
+                "attn.norm_added_q": ("txt_attn.norm.query_norm", None),
+                "attn.norm_added_k": ("txt_attn.norm.key_norm", None), "attn.to_out.0": ("img_attn.proj", None),
+                "attn.to_add_out": ("txt_attn.proj", None), "ff.linear_in": ("img_mlp.0", None),
+                "ff.linear_out": ("img_mlp.2", None), "ff_context.linear_in": ("txt_mlp.0", None),
+                "ff_context.linear_out": ("txt_mlp.2", None)}
+FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "attn.norm_q": "norm.query_norm",
+                "attn.norm_k": "norm.key_norm"}
+
+
+def flux2_origin(key: str) -> Origin:
+    """FLUX.2's transformer as Black Forest Labs ship it: FLUX.1's double blocks less their own
+    modulations (three shared ones instead), single blocks whose linear1 is diffusers' fused
+    q/k/v/MLP projection as it is, RMS norms stored as `scale`, the final adaptive norm stored
+    (shift, scale); no biases."""
+    module, _, leaf = key.rpartition(".")
+    if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
+        if m[2] not in FLUX2_DOUBLE:
+            raise unsupported("FLUX.2 transformer", key)
+        name, part = FLUX2_DOUBLE[m[2]]
+        return Origin(f"double_blocks.{m[1]}.{name}.{'scale' if name.endswith('_norm') else leaf}", part=part)
+    if m := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", module):
+        if m[2] not in FLUX2_SINGLE:
+            raise unsupported("FLUX.2 transformer", key)
+        name = FLUX2_SINGLE[m[2]]
+        return Origin(f"single_blocks.{m[1]}.{name}.{'scale' if name.endswith('_norm') else leaf}")
+    if module not in FLUX2_TOP:
+        raise unsupported("FLUX.2 transformer", key)
+    return Origin(f"{FLUX2_TOP[module]}.{leaf}", swap=module == "norm_out.linear")
 
 
 ZIMAGE_TOP = {"all_x_embedder.2-1.": "x_embedder.", "all_final_layer.2-1.": "final_layer."}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ldm_cli import files, limits, untrusted_json
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import keymap
+from ldm_cli.loading import flux2, keymap
 from ldm_cli.loading.detect import Found, text_slots
 
 SHIPPED = Path(__file__).resolve().parent / "configs"
@@ -31,6 +31,7 @@ PIPELINE_FAMILIES = {
     "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
     "ChromaPipeline": "chroma", "ChromaImg2ImgPipeline": "chroma", "ChromaInpaintPipeline": "chroma",
     "ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
+    "Flux2KleinPipeline": "flux2", "Flux2KleinInpaintPipeline": "flux2",
 }
 
 
@@ -80,8 +81,18 @@ def resolve(found: Found, metadata: dict[str, str], config_dir: str | None) -> R
     return r
 
 
+def shipped_folder(found: Found) -> Path:
+    """FLUX.1 dev and schnell have a config each, FLUX.2 klein 4B and 9B one each (their Qwen3s
+    differ: 4B's for a transformer of unreleased width); the others one."""
+    if found.family == "flux":
+        return SHIPPED / f"flux-{found.variant}"
+    if found.family == "flux2":
+        return SHIPPED / ("flux2-klein-9b" if flux2.size(found.denoiser_config) == "9B" else "flux2-klein-4b")
+    return SHIPPED / found.family
+
+
 def shipped(found: Found) -> Recipe:
-    folder = SHIPPED / (f"flux-{found.variant}" if found.family == "flux" else found.family)  # dev, schnell: two configs
+    folder = shipped_folder(found)
     configs = {name: read_json(config_file(folder, name)) for name in components(found.family)}
     denoiser = keymap.LAYOUTS[found.family][0].name
     # the inpainting variants differ only in in_channels; SD3's and FLUX's shapes say the whole config
@@ -145,6 +156,6 @@ def from_folder(folder: Path, r: Recipe) -> dict[str, dict]:
 
 def check_family(index: dict, family: str, folder: Path) -> None:
     kind = PIPELINE_FAMILIES.get(index.get("_class_name"))
-    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma", "zimage") else "sd"):
+    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma", "zimage", "flux2") else "sd"):
         raise LdmError(f"--config {str(folder)!r} describes a {index['_class_name']}, but the checkpoint is {family}; "
                        "pass a config folder of the same family")

@@ -20,7 +20,8 @@ def load_vae(path: Path, dtype, config: dict | None = None, allow_pickle: bool =
     path = Path(path).expanduser()
     config = config or read_json(recipe.config_file(recipe.SHIPPED / "sd1", "vae"))
     if path.is_dir():
-        vae = vae_folder(path, dtype)
+        cls = config.get("_class_name")
+        vae = vae_folder(path, dtype, cls if cls in convert.VAES else "AutoencoderKL")
         components.check_channels(path.name, vae.config.latent_channels, config)
         return vae
     checkpoint, slot = components.vae_file(path, config, allow_pickle)
@@ -30,13 +31,14 @@ def load_vae(path: Path, dtype, config: dict | None = None, allow_pickle: bool =
         return convert.fill(module, planned, reading.result())
 
 
-def vae_folder(path: Path, dtype):
-    from diffusers import AutoencoderKL
+def vae_folder(path: Path, dtype, cls: str):
+    """A diffusers VAE folder, read as the model's own VAE class (FLUX.2's AutoencoderKLFlux2)."""
+    import diffusers
 
     subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
     if subfolder is None and not (path / "config.json").is_file():
         raise LdmError(f"--vae {str(path)!r} is a folder without config.json (or vae/config.json); pass a diffusers VAE folder")
     try:
-        return AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
+        return getattr(diffusers, cls).from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise LdmError(f"--vae {str(path)!r}: cannot load it ({str(e).splitlines()[0]})") from None

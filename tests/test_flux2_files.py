@@ -1,0 +1,195 @@
+"""FLUX.2 klein from the files people download: Black Forest Labs' transformer file (bare keys),
+ComfyUI's split files (`diffusion_models/` under `model.diffusion_model.`,
+`text_encoders/qwen_3_4b.safetensors`, `vae/flux2-vae.safetensors`); `ldm info`; a Qwen3 of the
+other klein's size, dev, and a missing part refused in one line.
+
+The oracle for the layout is diffusers' own FLUX.2 converter: it turns the file ldm writes back
+into the very weights of the folder's transformer. Each way of giving the same weights then
+renders the folder's image exactly.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ldm_cli import loading, pipeline
+from ldm_cli.cli import app
+from ldm_cli.loading import LoadOptions, detect
+from ldm_cli.loading.convert import save_single_file
+from ldm_cli.loading.tensors import open_checkpoint
+from ldm_cli.settings import Settings
+from tests import original_layout
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory, flux2_klein_folder) -> dict[str, Path]:
+    from safetensors.torch import load_file
+
+    out, folder = tmp_path_factory.mktemp("flux2files"), flux2_klein_folder
+    transformer, vae, qwen = original_layout.components(folder, "flux2")
+    file = original_layout.component_file
+    made = {"folder": folder,
+            "bfl": file(transformer, "flux2", out / "flux-2-klein-4b.safetensors", dtype=torch.bfloat16),
+            "comfy": file(transformer, "flux2", out / "flux-2-klein-4b-comfy.safetensors", dtype=torch.bfloat16,
+                          prefix="model.diffusion_model."),
+            # Hugging Face's Qwen3ForCausalLM names, its head kept (as ComfyUI's files): not read
+            "qwen": file(qwen.model, "qwen3", out / "qwen_3_4b.safetensors", prefix="model.",
+                         extra={"lm_head.weight": torch.zeros(151936, 32)}),
+            "vae": file(vae, "vae", out / "flux2-vae.safetensors"),
+            "vae_diffusers": file(vae, "diffusers", out / "flux2-vae-diffusers.safetensors")}
+    # a VAE file without the BatchNorm's count of training batches, which eval never reads
+    uncounted = {k: v for k, v in load_file(made["vae"]).items() if not k.endswith("num_batches_tracked")}
+    made["vae_uncounted"] = out / "flux2-vae-uncounted.safetensors"
+    save_single_file(uncounted, made["vae_uncounted"], {})
+    made["configs"] = out / "configs"  # the folder's configs but the transformer's: read from the shapes
+    shutil.copytree(folder, made["configs"], ignore=shutil.ignore_patterns("*.safetensors", "transformer"))
+    return made
+
+
+def options(paths: dict, vae: str = "vae", **kw) -> LoadOptions:
+    return LoadOptions(config=str(paths["configs"]), vae=str(paths[vae]), text_encoders=[str(paths["qwen"])],
+                       dtype="bf16", device="cpu", **kw)
+
+
+def image(model) -> np.ndarray:
+    s = Settings(prompt="a red fox in snow", steps=2, seed=3, width=64, height=64,
+                 max_sequence_length=32).resolve(model.defaults, model.native_size)
+    return np.asarray(pipeline.text_to_image(model, [s])[0]).astype(int)
+
+
+def test_diffusers_converter_reads_the_original_layout_back(paths):
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    folder = original_layout.component(paths["folder"], "transformer").to(torch.bfloat16).state_dict()
+    converted = convert_flux2_transformer_checkpoint_to_diffusers(load_file(paths["bfl"]))
+    assert converted.keys() == folder.keys()
+    assert all(torch.equal(converted[k], folder[k]) for k in folder)
+
+
+@pytest.mark.parametrize("name, prefix", [("bfl", ""), ("comfy", "model.diffusion_model.")])
+def test_each_layout_is_found_with_its_config_from_the_shapes(paths, name, prefix):
+    found = detect.detect(open_checkpoint(paths[name], False))
+    assert (found.family, found.variant, found.denoiser_slot.kind, found.denoiser_slot.prefix, found.in_channels) == (
+        "flux2", "distilled", "flux2", prefix, 8)
+    folder = json.loads((paths["folder"] / "transformer" / "config.json").read_text())
+    assert {k: v for k, v in found.denoiser_config.items() if k != "_class_name"} == {
+        k: folder[k] for k in found.denoiser_config if k != "_class_name"}
+
+
+@pytest.fixture(scope="module")
+def folder_image(paths):
+    return image(loading.load(str(paths["folder"]), LoadOptions(dtype="bf16", device="cpu")))
+
+
+@pytest.mark.parametrize("name, vae", [("bfl", "vae"), ("comfy", "vae"), ("comfy", "vae_diffusers"),
+                                       ("comfy", "vae_uncounted")])
+def test_split_files_render_the_folders_image(paths, folder_image, name, vae):
+    model = loading.load(str(paths[name]), options(paths, vae))
+    assert (model.family.name, model.options["variant"], model.modules) == ("flux2", "distilled",
+                                                                             [Path(paths[vae]).stem, "qwen_3_4b"])
+    assert model.defaults["steps"] == 4 and model.tokenizers[0]("Hello, world!").input_ids == [9707, 11, 1879, 0]
+    assert np.array_equal(image(model), folder_image)
+
+
+def test_a_file_named_base_is_base(paths, tmp_path):
+    base = shutil.copy(paths["comfy"], tmp_path / "flux-2-klein-base-4b.safetensors")
+    model = loading.load(str(base), options(paths))
+    assert (model.options["variant"], model.defaults["steps"], model.defaults["cfg"]) == ("base", 50, 4.0)
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [*map(str, args)])
+
+
+def test_info_names_the_family_the_variant_assumed_and_what_the_file_needs(paths):
+    result = cli("info", paths["comfy"], "--json", "--config", paths["configs"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert (info["family"], info["variant"], info["variant_from"], info["components"]) == (
+        "flux2", "distilled", "the file's name", ["transformer"])
+    assert info["needs"] == ["vae (--vae)", "text_encoder (Qwen3, --text-encoder)"]
+    assert info["native_size"] == "1024x1024" and info["storage"]["transformer"] == "bf16"
+
+
+def test_a_missing_vae_is_one_line(paths, tmp_path):
+    result = cli("generate", "a fox", "--model", paths["comfy"], "--text-encoder", paths["qwen"], "--config",
+                 paths["configs"], "--out", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "ldm: error: flux-2-klein-4b-comfy.safetensors has no VAE; pass one with --vae (e.g. flux2-vae.safetensors)"]
+
+
+def header_only(path: Path, shapes: dict) -> Path:
+    """A file with the tensors detection reads, at their real widths (small elsewhere)."""
+    save_single_file({k: torch.zeros(shape) for k, shape in shapes.items()}, path, {})
+    return path
+
+
+def klein_transformer(path: Path, text_width: int, guidance: bool = False) -> Path:
+    shapes = {"img_in.weight": (32, 128), "txt_in.weight": (32, 3 * text_width), "single_stream_modulation.lin.weight":
+              (96, 32), "double_blocks.0.img_attn.qkv.weight": (96, 32), "double_blocks.0.img_mlp.0.weight": (192, 32),
+              "double_blocks.0.img_attn.norm.query_norm.scale": (16,)}
+    return header_only(path, {**shapes, **({"guidance_in.in_layer.weight": (32, 256)} if guidance else {})})
+
+
+@pytest.mark.parametrize("klein, qwen, wanted", [
+    ("flux-2-klein-4b.safetensors", 4096, "Qwen3-4B (2560 wide)"),
+    ("flux-2-klein-9b.safetensors", 2560, "Qwen3-8B (4096 wide)"),
+])
+def test_the_other_kleins_qwen3_is_refused_in_one_line_naming_the_right_one(tmp_path, klein, qwen, wanted):
+    model = klein_transformer(tmp_path / klein, 2560 if wanted.startswith("Qwen3-4B") else 4096)
+    encoder = header_only(tmp_path / "qwen_3.safetensors", {"model.layers.0.mlp.gate_proj.weight": (8, qwen)})
+    result = cli("generate", "a fox", "--model", model, "--text-encoder", encoder, "--out", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"ldm: error: --text-encoder qwen_3.safetensors holds a Qwen3 text encoder {qwen} wide with 1 layers, which "
+        f"this flux2 model does not use; it takes: {wanted}"]
+
+
+def test_dev_is_refused_in_one_line(tmp_path):
+    model = klein_transformer(tmp_path / "flux2-dev.safetensors", 5120, guidance=True)
+    result = cli("generate", "a fox", "--model", model, "--out", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "ldm: error: this is a FLUX.2 dev transformer (it embeds the guidance scale); ldm runs FLUX.2 klein 4B and 9B, "
+        "not dev and its Mistral text encoder"]
+
+
+def test_metadata_names_the_parts_and_replays(paths, tmp_path):
+    from PIL import Image
+
+    flags = ["--text-encoder", paths["qwen"], "--vae", paths["vae"], "--config", paths["configs"]]
+    first = cli("generate", "a red fox", "--model", paths["comfy"], *flags, "--steps", 2, "--seed", 3, "-W", 64,
+                "-H", 64, "--max-sequence-length", 32, "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    [png] = (tmp_path / "a").glob("*.png")
+    text = Image.open(png).text["parameters"]
+    assert "Steps: 2, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Seed: 3, Size: 64x64" in text
+    assert "Model: flux-2-klein-4b-comfy, Module 1: flux2-vae, Module 2: qwen_3_4b" in text
+    again = cli("generate", "--from-png", png, "--model", paths["comfy"], *flags, "--out", tmp_path / "b")
+    assert again.exit_code == 0, again.output
+    [replay] = (tmp_path / "b").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(replay)))
+
+
+@pytest.mark.parametrize("size, qwen", [("4b", "Qwen3-4B"), ("9b", "Qwen3-8B")])
+def test_released_configs_from_shapes(size, qwen):
+    """A released-size transformer, bare and under ComfyUI's prefix: detection gives back the
+    shipped config, picks that klein's folder, and so names its Qwen3."""
+    from ldm_cli.loading import components, convert, keymap, recipe
+    from ldm_cli.loading.tensors import Checkpoint
+
+    shipped = recipe.read_json(recipe.SHIPPED / f"flux2-klein-{size}" / "transformer" / "config.json")
+    module = convert.empty("transformer", shipped)
+    header = {k: tuple(v.shape) for k, v in convert.export(keymap.Slot("x", "", "flux2"), module).items()}
+    for shapes in (header, {"model.diffusion_model." + k: v for k, v in header.items()}):
+        found = detect.detect(Checkpoint(Path(f"flux-2-klein-{size}.safetensors"), shapes, {}))
+        assert (found.family, found.variant, found.latent_channels) == ("flux2", "distilled", 32)
+        assert {**found.denoiser_config, "timestep_guidance_channels": 256, "rope_theta": 2000, "eps": 1e-06} == shipped
+        r = recipe.resolve(found, {}, None)
+        assert components.label(r, "text_encoder") == qwen
