@@ -18,7 +18,8 @@ import torch
 
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import keymap, quantized
-from ldm_cli.loading.keymap import Origin, Slot
+from ldm_cli.loading.keymap import Slot
+from ldm_cli.loading.origin import Origin
 
 if TYPE_CHECKING:
     from ldm_cli.loading.tensors import Checkpoint
