@@ -34,7 +34,7 @@ import shutil
 import sys
 import types
 
-from ldm_cli import cache
+from ldm_cli import cache, deferral
 
 ROOTS = ("diffusers.", "transformers.")
 # Subpackages whose __init__ imports every sibling, or scans for them.
@@ -56,6 +56,7 @@ DEFERRED_CALLS = ("direct_transformers_import",)
 # its Auto classes (their package reads every file of its folder for names, ~0.5 s).
 DEFERRED_IMPORTS = ("torch._dynamo", "torch.distributed.tensor", "transformers.distributed.expert_parallel",
                     "transformers.distributed.tensor_parallel", "transformers.models.auto")
+RULES = deferral.Rules(DEFERRED_CHECKS, DEFERRED_IMPORTS, DEFERRED_CALLS, COMPILER_MARKS)
 IMPORT_MARKERS = ("torch._dynamo", "torch.distributed.tensor", "expert_parallel import", "tensor_parallel import",
                   "models.auto")
 _marks: list = []  # (cell or None, target, path, called, args, kwargs): compiler decorations owed
@@ -105,141 +106,6 @@ def _record_allow_in_graph(cls):
     return compiler_mark("torch._dynamo.allow_in_graph", False)(cls)
 
 
-class _Deferred:
-    """A module-level name whose defining statements have not run yet; they run (once, in the
-    module's namespace) on its first use, after which it forwards to what they defined."""
-
-    __slots__ = ("_block", "_name")
-
-    def __init__(self, block: "_Block", name: str):
-        object.__setattr__(self, "_block", block)
-        object.__setattr__(self, "_name", name)
-
-    def _real(self):
-        return self._block.run()[self._name]
-
-    def __getattr__(self, name):
-        return getattr(self._real(), name)
-
-    def __call__(self, *args, **kwargs):
-        return self._real()(*args, **kwargs)
-
-    def __instancecheck__(self, obj):
-        return isinstance(obj, self._real())
-
-    def __subclasscheck__(self, cls):
-        return issubclass(cls, self._real())
-
-    def __mro_entries__(self, bases):
-        return (self._real(),)
-
-    def __repr__(self):
-        return f"<{self._name}, imported on first use>"
-
-
-class _Block:
-    def __init__(self, code, namespace: dict):
-        self.code, self.namespace, self.done = code, namespace, False
-
-    def run(self) -> dict:
-        if not self.done:  # set once it has run: a failure raises again at the next use
-            exec(self.code, self.namespace)
-            self.done = True
-        return self.namespace
-
-
-def _bound_names(statements: list[ast.stmt]) -> list[str] | None:
-    """The names a block binds, or None if it does anything but import, define and assign."""
-    names = []
-    for node in statements:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names += [a.asname or a.name.split(".")[0] for a in node.names]
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.append(node.name)
-        elif isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
-            names += [t.id for t in node.targets]
-        else:
-            return None
-    return None if "*" in names else names
-
-
-def _absolute(node: ast.ImportFrom, package: str) -> str:
-    """The module a `from ... import` names, made absolute."""
-    if not node.level:
-        return node.module or ""
-    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-    return f"{base}.{node.module}" if node.module else base
-
-
-def _dotted(node: ast.expr) -> str | None:
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        return ".".join([node.id, *reversed(parts)])
-    return None
-
-
-class _Transform(ast.NodeTransformer):
-    """Rewrites a module's top level: deferrable statements become `__ldm_defer__(i)`, which binds
-    stand-ins for what block i defines (an availability check around a block is still evaluated,
-    so a missing package takes its else branch as before); compiler decorators are deferred."""
-
-    def __init__(self, filename: str, package: str):
-        self.filename, self.package, self.blocks = filename, package, []  # blocks: (code, names)
-
-    def module(self, tree: ast.Module) -> ast.Module:
-        # a name the module binds elsewhere too (say `torch`, by `import torch.distributed`) stays eager
-        self.elsewhere = {name for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
-                          for name in _bound_names([node]) or []}
-        tree.body = [self._top(node) for node in tree.body]
-        return tree
-
-    def _top(self, node: ast.stmt) -> ast.stmt:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            return self.visit(node)
-        checked = isinstance(node, ast.If) and isinstance(node.test, ast.Call) and not node.test.args \
-            and getattr(node.test.func, "id", None) in DEFERRED_CHECKS
-        if checked:
-            statements = node.body
-        elif (isinstance(node, ast.ImportFrom) and _absolute(node, self.package).startswith(DEFERRED_IMPORTS)) \
-                or (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-                    and getattr(node.value.func, "id", None) in DEFERRED_CALLS):
-            statements = [node]
-        else:
-            return node
-        names = _bound_names(statements)
-        if not names or (checked and self.elsewhere.intersection(names)):
-            return node
-        self.blocks.append((compile(ast.Module(body=statements, type_ignores=[]), self.filename, "exec"),
-                            tuple(dict.fromkeys(names))))
-        call = ast.Expr(ast.Call(ast.Name("__ldm_defer__", ast.Load()), [ast.Constant(len(self.blocks) - 1)], []))
-        call = ast.fix_missing_locations(ast.copy_location(call, statements[0]))
-        if checked:
-            node.body = [call]
-            return node
-        return call
-
-    def visit_FunctionDef(self, node):
-        node.decorator_list = [self._mark(d) for d in node.decorator_list]
-        return node
-
-    def visit_ClassDef(self, node):
-        node.decorator_list = [self._mark(d) for d in node.decorator_list]
-        node.body = [self.visit(n) if isinstance(n, (ast.FunctionDef, ast.ClassDef)) else n for n in node.body]
-        return node
-
-    def _mark(self, decorator: ast.expr) -> ast.expr:
-        called = isinstance(decorator, ast.Call)
-        path = _dotted(decorator.func if called else decorator)
-        if path is None or not path.startswith(COMPILER_MARKS):
-            return decorator
-        args = [ast.Constant(path), ast.Constant(called), *(decorator.args if called else [])]
-        mark = ast.Call(ast.Name("__ldm_compiler_mark__", ast.Load()), args, decorator.keywords if called else [])
-        return ast.fix_missing_locations(ast.copy_location(mark, decorator))  # the new nodes only: cheap
-
-
 class _Narrowed(importlib.abc.Loader):
     """Runs one module as its own loader would, with the changes it needs."""
 
@@ -265,9 +131,9 @@ class _Narrowed(importlib.abc.Loader):
             namespace = module.__dict__
 
             def defer(index: int) -> None:
-                block = _Block(blocks[index][0], namespace)
+                block = deferral.Block(blocks[index][0], namespace)
                 for name in blocks[index][1]:
-                    namespace[name] = _Deferred(block, name)
+                    namespace[name] = deferral.Deferred(block, name)
 
             namespace["__ldm_compiler_mark__"], namespace["__ldm_defer__"] = compiler_mark, defer
             exec(code, namespace)
@@ -328,7 +194,7 @@ def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeTy
     """The module's rewritten code and its deferred blocks (rewriting and compiling them each run
     took ~0.8 s); a changed module, or a changed rewrite, is compiled anew."""
     def compute():
-        transform = _Transform(filename, package)
+        transform = deferral.Transform(filename, package, RULES)
         code = compile(transform.module(ast.parse(source)), filename, "exec")
         return code, transform.blocks
     return _kept("code", _stamp(filename), compute)

@@ -35,7 +35,7 @@ print(isinstance(torch.nn.Linear(1, 1), lora_base.BaseTunerLayer), 'peft' in sys
 from peft.tuners.tuners_utils import BaseTunerLayer
 print(lora_base.BaseTunerLayer is BaseTunerLayer)
 """, tmp_path)
-    assert out.split() == ["False", "_Deferred", "False", "True", "True"]
+    assert out.split() == ["False", "Deferred", "False", "True", "True"]
 
 
 @pytest.mark.parametrize("available", [True, False])
@@ -61,7 +61,7 @@ else:
     if not available:
         assert module.Decoder is None
         return
-    assert type(module.__dict__["Decoder"]).__name__ == "_Deferred"  # not imported yet
+    assert type(module.__dict__["Decoder"]).__name__ == "Deferred"  # not imported yet
     assert module.Decoder().decode("[1]") == [1]  # first use runs the block
     import json
     assert module.__dict__["Decoder"] is json.JSONDecoder
