@@ -99,3 +99,10 @@ def zimage_turbo_folder(tmp_path_factory):
     from tests import tiny_models
 
     return _built(tmp_path_factory, "tiny-zimage-turbo", lambda: tiny_models.zimage_pipeline())
+
+
+@pytest.fixture(scope="session")
+def qwen_image_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-qwen-image", lambda: tiny_models.qwen_image_pipeline())

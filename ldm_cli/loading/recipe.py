@@ -18,6 +18,7 @@ SHIPPED = Path(__file__).resolve().parent / "configs"
 TOKENIZER = SHIPPED / "clip_tokenizer"
 T5_TOKENIZER = SHIPPED / "t5_tokenizer"
 QWEN3_TOKENIZER = SHIPPED / "qwen3_tokenizer"
+QWEN25VL_TOKENIZER = SHIPPED / "qwen25vl_tokenizer"  # its own config over qwen3_tokenizer's BPE files
 OPENCLIP_TOKENS = {"pad_token": "!"}  # OpenCLIP pads with "!"; OpenAI's CLIP repeats the end token
 METADATA_KEY = "ldm.config"
 # model_index.json's pipeline class -> the family it holds ("sd": SD1 or SD2, told by the text encoder)
@@ -31,6 +32,8 @@ PIPELINE_FAMILIES = {
     "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
     "ChromaPipeline": "chroma", "ChromaImg2ImgPipeline": "chroma", "ChromaInpaintPipeline": "chroma",
     "ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
+    "QwenImagePipeline": "qwen-image", "QwenImageImg2ImgPipeline": "qwen-image",
+    "QwenImageInpaintPipeline": "qwen-image",
 }
 
 
@@ -94,6 +97,17 @@ def shipped(found: Found) -> Recipe:
     return Recipe(found.family, configs, dict.fromkeys(configs, "shipped"), tokenizers, options)
 
 
+def qwen25vl_tokenizer(folder: Path | None = None):
+    """Qwen2.5-VL's tokenizer: a model folder's own `tokenizer/` when it has one, else ldm's copy
+    (its tokenizer_config.json over the vocabulary and merges shipped once, beside Qwen3's)."""
+    from transformers import AutoTokenizer
+
+    if folder is not None and (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(QWEN25VL_TOKENIZER), vocab_file=str(QWEN3_TOKENIZER / "vocab.json"),
+                                         merges_file=str(QWEN3_TOKENIZER / "merges.txt"), local_files_only=True)
+
+
 def tokenizer_for(slot: keymap.Slot, config: dict) -> tuple[Path, dict]:
     """T5's and Qwen3's own; else CLIP's, padded with "!" for OpenCLIP models (plain GELU, like SD2's)."""
     if slot.kind in ("t5", "qwen3"):
@@ -145,6 +159,6 @@ def from_folder(folder: Path, r: Recipe) -> dict[str, dict]:
 
 def check_family(index: dict, family: str, folder: Path) -> None:
     kind = PIPELINE_FAMILIES.get(index.get("_class_name"))
-    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma", "zimage") else "sd"):
+    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma", "zimage", "qwen-image") else "sd"):
         raise LdmError(f"--config {str(folder)!r} describes a {index['_class_name']}, but the checkpoint is {family}; "
                        "pass a config folder of the same family")
