@@ -85,13 +85,13 @@ Cfg = Annotated[Optional[float], typer.Option(help="Classifier-free guidance sca
 Seed = Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i [default: random].")]
 NumImages = Annotated[int, typer.Option("--num-images", "-n", help="How many images.")]
 BatchSize = Annotated[int, typer.Option(help="Images denoised together.")]
-Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width, a multiple of 8 (16 for SD3, FLUX, Chroma and Z-Image) [default: the model's native size].")]
-Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height, a multiple of 8 (16 for SD3, FLUX, Chroma and Z-Image) [default: the model's native size].")]
+Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width, a multiple of 8 (16 for SD3, FLUX, Chroma, Z-Image and Qwen-Image) [default: the model's native size].")]
+Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height, a multiple of 8 (16 for SD3, FLUX, Chroma, Z-Image and Qwen-Image) [default: the model's native size].")]
 Scheduler = Annotated[Optional[str], typer.Option(help="Sampler: a name from `ldm schedulers` or an A1111 label [default: dpmpp_2m].")]
 Schedule = Annotated[Optional[str], typer.Option(help="Sigma schedule: karras, exponential, beta or default [default: karras].")]
-Shift = Annotated[Optional[float], typer.Option(help="Timestep shift of a flow-matching model (SD3, FLUX, Chroma, Z-Image) [default: the model's: "
-                                                     "3 for SD3 and Z-Image, 1 for FLUX schnell, from the image's size for FLUX dev and Chroma].")]
-MaxSequenceLength = Annotated[Optional[int], typer.Option(help="T5 (SD3, FLUX, Chroma) or Qwen3 (Z-Image) tokens of the prompt; longer prompts are cut [default: 256 for SD3, 512 for FLUX, Chroma and Z-Image].")]
+Shift = Annotated[Optional[float], typer.Option(help="Timestep shift of a flow-matching model (SD3, FLUX, Chroma, Z-Image, Qwen-Image) [default: the model's: "
+                                                     "3 for SD3 and Z-Image, 1 for FLUX schnell, from the image's size for FLUX dev, Chroma and Qwen-Image].")]
+MaxSequenceLength = Annotated[Optional[int], typer.Option(help="T5 (SD3, FLUX, Chroma), Qwen3 (Z-Image) or Qwen2.5-VL (Qwen-Image) tokens of the prompt; longer prompts are cut [default: 256 for SD3, 512 for FLUX, Chroma, Z-Image and Qwen-Image].")]
 Guidance = Annotated[Optional[float], typer.Option(help="Distilled guidance of a guidance-distilled model (FLUX dev), an input of "
                                                         "the model rather than --cfg's second pass [default: 3.5].")]
 ClipSkip = Annotated[Optional[int], typer.Option(help="SD1: use the text encoder's states N-1 layers before its last (A1111's Clip skip, 1-12) [default: 1].")]

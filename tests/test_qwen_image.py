@@ -174,3 +174,38 @@ def test_the_template_head_is_the_34_tokens_dropped():
     ids = tokenizer(qwen_image.TEMPLATE.format("a red fox")).input_ids
     assert ids[qwen_image.DROP - 3:qwen_image.DROP] == tokenizer("<|im_start|>user\n").input_ids
     assert tokenizer.decode(ids[qwen_image.DROP:]) == "a red fox<|im_end|>\n<|im_start|>assistant\n"
+
+
+# -- through the CLI
+def test_metadata_and_replay(qwen_image_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    first = CliRunner().invoke(app, ["generate", "a red fox", "--model", str(qwen_image_folder), "--steps", "2",
+                                     "--seed", "5", "-W", "64", "-H", "64", "--negative", "blurry",
+                                     "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    [png] = (tmp_path / "a").glob("*.png")
+    text = Image.open(png).text["parameters"]
+    assert "Negative prompt: blurry\nSteps: 2, Sampler: Euler, Schedule type: Simple, CFG scale: 4, Seed: 5," in text
+    assert "Model: tiny-qwen-image, Max sequence length: 512," in text and "Shift" not in text
+    again = CliRunner().invoke(app, ["generate", "--from-png", str(png), "--model", str(qwen_image_folder),
+                                     "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0, again.output
+    [replay] = (tmp_path / "b").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(replay)))
+
+
+def test_a_vae_flag_is_refused_in_one_line(qwen_image_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "a red fox", "--model", str(qwen_image_folder), "--vae",
+                                      str(qwen_image_folder / "vae"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "ldm: error: --vae cannot replace Qwen-Image's VAE (AutoencoderKLQwenImage) yet; leave it out to use "
+        "the folder's own"]
+    assert not (tmp_path / "o").exists()
