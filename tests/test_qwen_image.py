@@ -209,3 +209,38 @@ def test_a_vae_flag_is_refused_in_one_line(qwen_image_folder, tmp_path):
         "ldm: error: --vae cannot replace Qwen-Image's VAE (AutoencoderKLQwenImage) yet; leave it out to use "
         "the folder's own"]
     assert not (tmp_path / "o").exists()
+
+
+# -- LoRAs: the shared LoRA code; Qwen-Image's original names are diffusers' own
+LORA_LAYERS = ("attn.to_q", "attn.to_k", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj",
+               "txt_mlp.net.2", "img_mod.1")
+
+
+@pytest.mark.parametrize("prefix", ["transformer", "diffusion_model"])  # diffusers' and ai-toolkit's / ComfyUI's
+def test_a_peft_lora_equals_diffusers(qwen_image_folder, tmp_path, prefix):
+    from diffusers import QwenImagePipeline
+
+    from tests import lora_files
+    from tests.test_networks_lora import assert_same, load, merged, reference
+
+    model = load(qwen_image_folder)
+    layers = lora_files.layers(model.denoiser, LORA_LAYERS)
+    assert len(layers) == len(LORA_LAYERS)
+    path = lora_files.write(tmp_path / "fox.safetensors", lora_files.peft(layers, prefix))
+    merged(model, path, 0.7, 0.7)
+    assert_same(model.denoiser, reference(QwenImagePipeline, qwen_image_folder, path, 0.7).transformer)
+    plain = load(qwen_image_folder).denoiser.transformer_blocks[0].attn.to_add_out.weight
+    assert not torch.equal(model.denoiser.transformer_blocks[0].attn.to_add_out.weight, plain)
+
+
+def test_a_kohya_lora_merges_as_the_same_peft_one(qwen_image_folder, tmp_path):
+    from tests import lora_files
+    from tests.test_networks_lora import assert_same, load, merged
+
+    kohya, peft = load(qwen_image_folder), load(qwen_image_folder)
+    layers = lora_files.layers(kohya.denoiser, LORA_LAYERS)
+    merged(kohya, lora_files.write(tmp_path / "kohya.safetensors", lora_files.kohya(layers, "lora_unet_")), 0.7, 0.7)
+    merged(peft, lora_files.write(tmp_path / "peft.safetensors", lora_files.peft(layers, "transformer")), 0.7, 0.7)
+    assert_same(kohya.denoiser, peft.denoiser)
+    plain = load(qwen_image_folder).denoiser.transformer_blocks[0].img_mlp.net[0].proj.weight
+    assert not torch.equal(kohya.denoiser.transformer_blocks[0].img_mlp.net[0].proj.weight, plain)
