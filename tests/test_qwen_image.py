@@ -197,20 +197,6 @@ def test_metadata_and_replay(qwen_image_folder, tmp_path):
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(replay)))
 
 
-def test_a_vae_flag_is_refused_in_one_line(qwen_image_folder, tmp_path):
-    from typer.testing import CliRunner
-
-    from ldm_cli.cli import app
-
-    result = CliRunner().invoke(app, ["generate", "a red fox", "--model", str(qwen_image_folder), "--vae",
-                                      str(qwen_image_folder / "vae"), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2, result.output
-    assert result.stderr.strip().splitlines() == [
-        "ldm: error: --vae cannot replace Qwen-Image's VAE (AutoencoderKLQwenImage) yet; leave it out to use "
-        "the folder's own"]
-    assert not (tmp_path / "o").exists()
-
-
 # -- LoRAs: the shared LoRA code; Qwen-Image's original names are diffusers' own
 LORA_LAYERS = ("attn.to_q", "attn.to_k", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj",
                "txt_mlp.net.2", "img_mod.1")

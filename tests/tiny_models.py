@@ -294,11 +294,12 @@ def qwen_image_transformer(seed: int = 11):
 
 
 def qwen_image_vae(seed: int = 12):
-    """Qwen-Image's video VAE at toy width: its 3 downsamplings (8x), per-channel latent statistics."""
+    """Qwen-Image's video VAE at toy width: the release's levels and blocks (3 downsamplings, 8x; the
+    layout diffusers' Wan converter assumes), per-channel latent statistics."""
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(seed)
-    return AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                                   temperal_downsample=[False, True, True]).eval()
 
 

@@ -132,12 +132,14 @@ def _skip(*args, **kwargs) -> None:
 
 
 TEXT_MODELS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
-               "T5EncoderModel": "T5Config", "Qwen3Model": "Qwen3Config"}
-BASE_MODELS = {"Qwen3ForCausalLM": "Qwen3Model"}  # a language model's config: only its hidden states are read
+               "T5EncoderModel": "T5Config", "Qwen3Model": "Qwen3Config", "Qwen2_5_VLTextModel": "Qwen2_5_VLTextConfig"}
+# a language model's config: only its hidden states are read (Qwen2.5-VL's text model: not its vision tower)
+BASE_MODELS = {"Qwen3ForCausalLM": "Qwen3Model", "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextModel"}
 
 
 DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "ChromaTransformer2DModel",
-             "ZImageTransformer2DModel")
+             "ZImageTransformer2DModel", "QwenImageTransformer2DModel")
+VAES = ("AutoencoderKL", "AutoencoderKLQwenImage")
 
 
 def constructor(name: str, config: dict):
@@ -146,7 +148,7 @@ def constructor(name: str, config: dict):
 
         default = {"unet": "UNet2DConditionModel", "transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"}[name]
         cls = config.get("_class_name") or default  # the transformer's config names SD3's, FLUX's or Chroma's
-        if cls not in (*DENOISERS, "AutoencoderKL"):
+        if cls not in (*DENOISERS, *VAES):
             raise LdmError(f"the {name} config describes a {cls}; ldm runs {', '.join(DENOISERS)} denoisers")
         return getattr(diffusers, cls).from_config
     import transformers

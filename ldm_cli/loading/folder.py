@@ -221,9 +221,6 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
     if kind is None:
         raise LdmError(f"{str(folder)!r} holds a {index.get('_class_name')!r}, which ldm does not run; supported: {', '.join(sorted(PIPELINE_FAMILIES))}")
     name = kind if kind != "sd" else sd_family_name(read_json(folder / "text_encoder" / "config.json"))
-    if options.vae and name in VAES:
-        raise LdmError(f"--vae cannot replace {families.get(name).label}'s VAE ({VAES[name]}) yet; leave it out "
-                       "to use the folder's own")
     check_parts(folder, name, options)
     family = families.get(name)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
