@@ -156,3 +156,76 @@ def test_metadata_and_replay_with_split_files(paths, tmp_path):
 def test_rope_axes_keep_the_released_split():
     assert qwen_image.rope_axes(128) == (16, 56, 56)
     assert qwen_image.rope_axes(16) == (4, 6, 6)
+
+
+def test_a_float8_transformer_is_upcast(paths, tmp_path):
+    """ComfyUI's qwen_image_fp8_e4m3fn-style files: each weight read as float8, upcast."""
+    transformer = original_layout.component(paths["folder"], "transformer")
+    file = original_layout.component_file(transformer, "diffusers", tmp_path / "qwen_image_fp8_e4m3fn.safetensors",
+                                          dtype=torch.float8_e4m3fn, prefix="model.diffusion_model.")
+    ours = loading.load(str(file), options(paths))
+    ref = loading.load(str(paths["folder"]), LoadOptions(device="cpu"))
+    for p in ref.denoiser.parameters():
+        p.data = p.data.to(torch.float8_e4m3fn).float()
+    mine, theirs = ours.denoiser.state_dict(), ref.denoiser.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert np.array_equal(image(ours), image(ref))
+
+
+def test_a_scaled_float8_text_encoder(paths, tmp_path):
+    """ComfyUI's qwen_2.5_vl_7b_fp8_scaled-style file: float8 matrices, each with its scale_weight."""
+    from safetensors.torch import load_file
+
+    from ldm_cli.loading import convert
+
+    state, scaled = load_file(paths["text"]), {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+    for key, value in state.items():
+        if key.startswith("model.layers.") and key.endswith("proj.weight"):
+            scaled[key], scaled[key.removesuffix("weight") + "scale_weight"] = (value / 0.5).to(torch.float8_e4m3fn), \
+                torch.tensor(0.5)
+        else:
+            scaled[key] = value
+    file = tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+    convert.save_single_file(scaled, file, {})
+    ours = loading.load(str(paths["comfy"]), LoadOptions(**{**options(paths).__dict__, "text_encoders": [str(file)]}))
+    ref = loading.load(str(paths["folder"]), LoadOptions(device="cpu"))
+    for name, p in ref.text_encoders[0].named_parameters():
+        if name.startswith("layers.") and name.endswith("proj.weight"):
+            p.data = (p.data / 0.5).to(torch.float8_e4m3fn).float() * 0.5
+    mine, theirs = ours.text_encoders[0].state_dict(), ref.text_encoders[0].state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert np.array_equal(image(ours), image(ref))
+
+
+def test_a_gguf_q8_0_transformer_stays_quantized(paths, tmp_path):
+    """A city96-style .gguf of the transformer (Qwen's names, bare): each Linear dequantized as it
+    runs; the image is that of the weights the gguf package's own code dequantizes (within 2/255:
+    fp16 block scales round differently)."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    from ldm_cli.loading import convert, keymap
+    from tests.test_flux_files import q8_where_possible, write_gguf
+
+    ref = loading.load(str(paths["folder"]), LoadOptions(device="cpu"))
+    held = write_gguf(tmp_path / "qwen-image-Q8_0.gguf",
+                      convert.export(keymap.Slot("transformer", "", "diffusers"), ref.denoiser), q8_where_possible)
+    ours = loading.load(str(tmp_path / "qwen-image-Q8_0.gguf"), options(paths))
+    assert isinstance(ours.denoiser.transformer_blocks[0].attn.to_q, GGUFLinear)
+    ref.denoiser.load_state_dict({name: held[name] for name in ref.denoiser.state_dict()})
+    mine, theirs = image(ours), image(ref)
+    assert np.abs(mine - theirs).max() <= 2 and mine.std() > 1
+
+
+def test_released_config_from_shapes():
+    """The released transformer (3072 wide, 60 layers, 128-wide heads), bare and under ComfyUI's
+    prefix: detection gives back the shipped config (and Qwen-Image's 20.4B parameters)."""
+    from ldm_cli.loading import convert, keymap, recipe
+    from ldm_cli.loading.tensors import Checkpoint
+
+    shipped = recipe.read_json(recipe.SHIPPED / "qwen-image" / "transformer" / "config.json")
+    module = convert.empty("transformer", shipped)
+    assert round(sum(p.numel() for p in module.parameters()) / 1e9, 1) == 20.4
+    header = {k: tuple(v.shape) for k, v in convert.export(keymap.Slot("x", "", "diffusers"), module).items()}
+    for shapes in (header, {"model.diffusion_model." + k: v for k, v in header.items()}):
+        found = detect.detect(Checkpoint(Path("qwen_image_bf16.safetensors"), shapes, {}))
+        assert (found.family, found.latent_channels, found.denoiser_config) == ("qwen-image", 16, shipped)
