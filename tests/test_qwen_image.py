@@ -132,16 +132,17 @@ def test_img2img_matches_diffusers(models, cfg):
     assert close(mine, as_pixels(ref))
 
 
-def test_inpaint_matches_diffusers(models):
+@pytest.mark.parametrize("strength", [1.0, 0.8])
+def test_inpaint_matches_diffusers(models, strength):
     from diffusers import QwenImageInpaintPipeline
 
     ours, theirs = models
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    s = settings(ours, strength=1.0, mask_blur=0, only_masked=False)
+    s = settings(ours, strength=strength, mask_blur=0, only_masked=False)
     mine = pixels(inpaint.inpaint(ours, [s], [picture()], [mask])[0])
     pipe = their_pipe(QwenImageInpaintPipeline, theirs)
-    ref = pipe(s.prompt, image=picture(), mask_image=mask, strength=1.0, **their_kwargs(pipe, s)).images[0]
+    ref = pipe(s.prompt, image=picture(), mask_image=mask, strength=strength, **their_kwargs(pipe, s)).images[0]
     assert close(mine[:, :32], as_pixels(ref)[:, :32])
     assert np.array_equal(mine[:, 32:], pixels(picture())[:, 32:])  # kept exactly
 
@@ -230,3 +231,26 @@ def test_a_kohya_lora_merges_as_the_same_peft_one(qwen_image_folder, tmp_path):
     assert_same(kohya.denoiser, peft.denoiser)
     plain = load(qwen_image_folder).denoiser.transformer_blocks[0].img_mlp.net[0].proj.weight
     assert not torch.equal(kohya.denoiser.transformer_blocks[0].img_mlp.net[0].proj.weight, plain)
+
+
+def test_fp8_weights_match_diffusers_layerwise_casting(models, qwen_image_folder):
+    """--weights fp8: the transformer's Linears stored in float8 but its position embedding and
+    output projection (diffusers' defaults; ldm's choice about "norm" as for every family)."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    from ldm_cli import loading, memory
+    from ldm_cli.loading import LoadOptions
+
+    ours = loading.load(str(qwen_image_folder), LoadOptions(device="cpu", weights="fp8", offload="model"))
+    stored = {n: p.dtype for n, p in ours.denoiser.named_parameters()}
+    assert stored["transformer_blocks.0.attn.to_q.weight"] == torch.float8_e4m3fn
+    assert stored["proj_out.weight"] == torch.float32
+    s = settings(ours, cfg=3.0, negative="blurry")
+    mine = pixels(pipeline.text_to_image(ours, [s])[0])
+    _, theirs = models
+    pipe = type(theirs).from_pretrained(qwen_image_folder, dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = theirs.original_scheduler_config
+    apply_layerwise_casting(pipe.transformer, torch.float8_e4m3fn, torch.float32, memory.fp8_skipped(pipe.transformer))
+    assert close(mine, as_pixels(pipe(s.prompt, **their_kwargs(pipe, s)).images[0]))
+    assert np.abs(mine - pixels(pipeline.text_to_image(models[0], [s])[0])).max() > 0  # it did store float8

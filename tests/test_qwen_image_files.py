@@ -128,6 +128,14 @@ def test_a_vae_of_another_family_is_refused_in_one_line(paths, tmp_path, flux_de
         "AutoencoderKLQwenImage; pass a VAE of the model's own family"]
 
 
+@pytest.mark.parametrize("part, message", [
+    ("vae", "holds only a VAE; pass it with --vae"), ("text", "holds only a text encoder; pass it with --text-encoder")])
+def test_a_part_given_as_the_model_is_refused(paths, tmp_path, part, message):
+    result = cli("generate", "a fox", "--model", paths[part], "--out", tmp_path)
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
 def test_qwen25vl_of_another_width_is_refused_in_one_line(paths, tmp_path):
     """Without --config the shipped configs say Qwen2.5-VL-7B, 3584 wide: the tiny one does not fit."""
     result = cli("generate", "a fox", "--model", paths["comfy"], "--vae", paths["vae"], "--text-encoder", paths["text"],

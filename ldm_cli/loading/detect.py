@@ -152,8 +152,9 @@ def not_a_model(checkpoint: Checkpoint) -> str:
         return f"{checkpoint.name} is a LoRA, not a full checkpoint; ldm loads full Stable Diffusion checkpoints"
     if any(k.startswith(CONTROLNET_KEYS) for k in keys):
         return f"{checkpoint.name} is a ControlNet, not a model; pass it with --controlnet next to a model"
-    if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "model_ema."))
-                    for k in keys):
+    # conv1, conv2: Wan's names for the quant convs (Qwen-Image's VAE)
+    if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "model_ema.",
+                                  "conv1.", "conv2.")) for k in keys):
         return f"{checkpoint.name} holds only a VAE; pass it with --vae next to a full model"
     if any(k.endswith(tuple(keymap.TEXT_SIGNATURES.values())) for k in keys):
         return f"{checkpoint.name} holds only a text encoder; pass it with --text-encoder next to a model (SD3, FLUX, Chroma, Z-Image, Qwen-Image)"
