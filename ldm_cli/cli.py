@@ -104,7 +104,7 @@ ModelsDir = Annotated[Optional[str], typer.Option(
 Vae = Annotated[Optional[str], typer.Option(help="A VAE file or folder replacing the model's own.")]
 TextEncoder = Annotated[Optional[list[str]], typer.Option(
     "--text-encoder", metavar="FILE",
-    help="A text encoder file (clip_l, clip_g, t5xxl...) for a model without its own; repeatable.")]
+    help="A text encoder file (clip_l, clip_g, t5xxl, qwen_3_4b, qwen_2.5_vl_7b...) for a model without its own; repeatable.")]
 Config = Annotated[Optional[str], typer.Option(help="A diffusers-layout folder describing a non-standard checkpoint.")]
 Prediction = Annotated[Optional[str], typer.Option(help="Force the prediction type: epsilon or v.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle checkpoints (.ckpt) with torch.load(weights_only=True).")]

@@ -237,3 +237,28 @@ def test_released_config_from_shapes():
     for shapes in (header, {"model.diffusion_model." + k: v for k, v in header.items()}):
         found = detect.detect(Checkpoint(Path("qwen_image_bf16.safetensors"), shapes, {}))
         assert (found.family, found.latent_channels, found.denoiser_config) == ("qwen-image", 16, shipped)
+
+
+def test_a_gguf_qwen25vl_text_encoder(paths, tmp_path):
+    """Qwen2.5-VL's text model as llama.cpp writes it (unsloth's Qwen2.5-VL-7B-Instruct-Q8_0.gguf):
+    names from the gguf package's own map, matrices in Q8_0; the image is that of the weights the
+    gguf package dequantizes."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    from tests.test_flux_files import q8_where_possible, write_gguf
+
+    ref = loading.load(str(paths["comfy"]), options(paths))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2VL, 2)
+    state = ref.text_encoders[0].state_dict()
+    mapped = {names.get_name(k, try_suffixes=(".weight", ".bias")): k for k in state if "rotary" not in k}
+    held = write_gguf(tmp_path / "Qwen2.5-VL-7B-Q8_0.gguf", {g: state[k] for g, k in mapped.items()},
+                      q8_where_possible)
+    ours = loading.load(str(paths["comfy"]), LoadOptions(**{**options(paths).__dict__,
+                                                          "text_encoders": [str(tmp_path / "Qwen2.5-VL-7B-Q8_0.gguf")]}))
+    assert isinstance(ours.text_encoders[0].layers[0].self_attn.q_proj, GGUFLinear)
+    assert ours.modules == ["qwen_image_vae", "Qwen2.5-VL-7B-Q8_0"]
+    ref.text_encoders[0].load_state_dict({k: held[g] for g, k in mapped.items()}, strict=False)
+    mine, theirs = image(ours), image(ref)
+    assert np.abs(mine - theirs).max() <= 2 and mine.std() > 1
+    assert not np.array_equal(theirs, image(loading.load(str(paths["comfy"]), options(paths))))  # Q8_0 did act

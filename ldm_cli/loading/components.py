@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 SIGNATURES = keymap.TEXT_SIGNATURES
 LAYERS = {"clip": r"text_model\.encoder\.layers\.(\d+)\.", "openclip": r"transformer\.resblocks\.(\d+)\.",
           "t5": r"encoder\.block\.(\d+)\.", "t5_gguf": r"enc\.blk\.(\d+)\.", "qwen3": r"layers\.(\d+)\.",
-          "qwen3_gguf": r"blk\.(\d+)\.", "qwen25vl": r"layers\.(\d+)\."}
+          "qwen3_gguf": r"blk\.(\d+)\.", "qwen25vl": r"layers\.(\d+)\.", "qwen25vl_gguf": r"blk\.(\d+)\."}
 LABELS = {"sd3": {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"},
           "sdxl": {"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-G"},
           "flux": {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
@@ -37,12 +37,13 @@ VAE_PREFIXES = ("", keymap.VAE.prefix, "vae.")  # a bare VAE file, or one cut ou
 FILE_NAMES = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5-XXL": "t5xxl_fp16.safetensors",
               "Qwen3-4B": "qwen_3_4b.safetensors", "Qwen2.5-VL-7B": "qwen_2.5_vl_7b.safetensors"}
 # the kinds of text encoder, as a file's layout shows them (a CLIP in either layout fills a CLIP slot)
-GROUPS = {"t5": "T5", "t5_gguf": "T5", "qwen3": "Qwen3", "qwen3_gguf": "Qwen3", "qwen25vl": "Qwen2.5-VL"}
+GROUPS = {"t5": "T5", "t5_gguf": "T5", "qwen3": "Qwen3", "qwen3_gguf": "Qwen3", "qwen25vl": "Qwen2.5-VL",
+          "qwen25vl_gguf": "Qwen2.5-VL"}
 VAE_FILES = {"flux": "ae.safetensors", "chroma": "ae.safetensors", "zimage": "ae.safetensors",
              "qwen-image": "qwen_image_vae.safetensors"}
 WAN_VAE_KEY = "encoder.conv1.weight"  # Qwen-Image's VAE in Wan's names (diffusers': encoder.conv_in)
 # where a layout's width shows when its signature's last dimension is not it (a q/k norm's is a head's)
-WIDTH_KEYS = {"qwen3_gguf": "token_embd.weight"}
+WIDTH_KEYS = {"qwen3_gguf": "token_embd.weight", "qwen25vl_gguf": "token_embd.weight"}
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ LAYOUTS: dict[str, tuple[Slot, ...]] = {
     "qwen-image": (QWEN_IMAGE, Slot("vae", "vae.", "qwen_vae"),
                    Slot("text_encoder", "text_encoders.qwen25_7b.transformer.model.", "qwen25vl")),
 }
-TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf", "qwen3", "qwen3_gguf", "qwen25vl")
+TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf", "qwen3", "qwen3_gguf", "qwen25vl", "qwen25vl_gguf")
 # a key every text encoder of the layout has (its width is the last dimension)
 TEXT_SIGNATURES = {"clip": "text_model.encoder.layers.0.self_attn.q_proj.weight",
                    "openclip": "transformer.resblocks.0.attn.in_proj_weight",
@@ -75,7 +75,8 @@ TEXT_SIGNATURES = {"clip": "text_model.encoder.layers.0.self_attn.q_proj.weight"
                    "t5_gguf": "enc.blk.0.attn_q.weight",  # llama.cpp's names (city96's T5 .gguf files)
                    "qwen3": "layers.0.mlp.gate_proj.weight",  # Hugging Face's Qwen3 (Llama-like names)
                    "qwen3_gguf": "blk.0.attn_q_norm.weight",  # llama.cpp's (T5 has no q/k norms)
-                   "qwen25vl": "layers.0.self_attn.q_proj.bias"}  # Qwen2.5's q/k/v have biases, Qwen3's none
+                   "qwen25vl": "layers.0.self_attn.q_proj.bias",  # Qwen2.5's q/k/v have biases, Qwen3's none
+                   "qwen25vl_gguf": "blk.0.attn_q.bias"}  # llama.cpp's (qwen2vl; neither T5 nor Qwen3 has it)
 
 
 def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
@@ -94,7 +95,8 @@ def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
         return QwenVaeNames(config).origin
     return {"clip": clip_origin, "clip_unprojected": unprojected_clip_origin, "openclip": openclip_origin,
             "t5": t5_origin, "t5_gguf": t5_gguf_origin, "zimage": zimage_origin, "qwen3": Origin,
-            "qwen3_gguf": qwen3_gguf_origin, "qwen25vl": Origin, "diffusers": Origin}[kind]
+            "qwen3_gguf": qwen3_gguf_origin, "qwen25vl": Origin, "qwen25vl_gguf": qwen3_gguf_origin,
+            "diffusers": Origin}[kind]
 
 
 def unsupported(what: str, key: str) -> LdmError:
@@ -407,15 +409,16 @@ QWEN3_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", 
 
 
 def qwen3_gguf_origin(key: str) -> Origin:
-    """Hugging Face's Qwen3 under llama.cpp's tensor names (its converter keeps Qwen's q/k rows as
-    they are: Qwen's rotary embedding is the one llama.cpp calls NEOX)."""
+    """Hugging Face's Qwen3 (or Qwen2.5-VL's text model: the same names less the q/k norms) under
+    llama.cpp's tensor names (its converter keeps Qwen's q/k rows as they are: Qwen's rotary
+    embedding is the one llama.cpp calls NEOX)."""
     module, _, leaf = key.rpartition(".")
     if m := re.fullmatch(r"layers\.(\d+)\.(.+)", module):
         if m[2] in QWEN3_GGUF_LAYER:
             return Origin(f"blk.{m[1]}.{QWEN3_GGUF_LAYER[m[2]]}.{leaf}")
     elif module in QWEN3_GGUF_TOP:
         return Origin(f"{QWEN3_GGUF_TOP[module]}.{leaf}")
-    raise unsupported("Qwen3", key)
+    raise unsupported("Qwen", key)
 
 
 # Qwen-Image's VAE as ComfyUI ships it (vae/qwen_image_vae.safetensors): Wan 2.1's original names,
