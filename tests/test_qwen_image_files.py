@@ -262,3 +262,17 @@ def test_a_gguf_qwen25vl_text_encoder(paths, tmp_path):
     mine, theirs = image(ours), image(ref)
     assert np.abs(mine - theirs).max() <= 2 and mine.std() > 1
     assert not np.array_equal(theirs, image(loading.load(str(paths["comfy"]), options(paths))))  # Q8_0 did act
+
+
+def test_qwen25_is_told_from_qwen3_and_from_clip():
+    """Qwen2.5's q biases beside Qwen's MLP names; CLIP has q biases too, Qwen3 the MLP names."""
+    from ldm_cli.loading import components
+
+    def found(keys):
+        return components.encoders_in(type("Header", (), {"shapes": dict.fromkeys(keys, (64, 64))})())
+
+    qwen = ["model.layers.0.self_attn.q_proj.bias", "model.layers.0.mlp.gate_proj.weight"]
+    clip = ["text_model.encoder.layers.0.self_attn.q_proj.weight", "text_model.encoder.layers.0.self_attn.q_proj.bias"]
+    assert found(qwen) == [("qwen25vl", "model.")]
+    assert found(qwen[1:]) == [("qwen3", "model.")]
+    assert found(clip) == [("clip", "")]

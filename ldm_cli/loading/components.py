@@ -179,11 +179,13 @@ def refuse_non_encoders(checkpoint: tensors.Checkpoint) -> None:
 
 
 def encoders_in(checkpoint: tensors.Checkpoint) -> list[tuple[str, str]]:
-    """(layout, prefix) of every text encoder in the file; Qwen2.5's is not also taken for Qwen3 (it
-    has Qwen3's signature layer too)."""
+    """(layout, prefix) of every text encoder in the file. Qwen2.5 is a Qwen with q biases: Qwen3's
+    signature layer and its own at one prefix (CLIP's q biases alone are no Qwen), then not Qwen3."""
     found = [(kind, key[:-len(signature)]) for key in checkpoint.shapes
              for kind, signature in SIGNATURES.items() if key.endswith(signature)]
-    return [(kind, prefix) for kind, prefix in found if not (kind == "qwen3" and ("qwen25vl", prefix) in found)]
+    qwen25 = {prefix for kind, prefix in found if kind == "qwen25vl" and ("qwen3", prefix) in found}
+    return [(kind, prefix) for kind, prefix in found
+            if not (kind == "qwen25vl" and prefix not in qwen25) and not (kind == "qwen3" and prefix in qwen25)]
 
 
 def matching_slot(checkpoint: tensors.Checkpoint, kind: str, prefix: str, r: Recipe) -> Slot:

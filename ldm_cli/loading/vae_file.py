@@ -38,6 +38,8 @@ def vae_folder(path: Path, dtype, wanted: str):
     subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
     if subfolder is None and not (path / "config.json").is_file():
         raise LdmError(f"--vae {str(path)!r} is a folder without config.json (or vae/config.json); pass a diffusers VAE folder")
+    if wanted not in convert.VAES:
+        raise LdmError(f"this model's VAE config describes a {wanted}; ldm runs {', '.join(convert.VAES)}")
     held = read_json(path / (subfolder or "") / "config.json").get("_class_name", "AutoencoderKL")
     if held != wanted:
         raise LdmError(f"--vae {str(path)!r} holds a {held}, but this model's VAE is a {wanted}; pass a VAE of the "
