@@ -254,3 +254,22 @@ def test_fp8_weights_match_diffusers_layerwise_casting(models, qwen_image_folder
     apply_layerwise_casting(pipe.transformer, torch.float8_e4m3fn, torch.float32, memory.fp8_skipped(pipe.transformer))
     assert close(mine, as_pixels(pipe(s.prompt, **their_kwargs(pipe, s)).images[0]))
     assert np.abs(mine - pixels(pipeline.text_to_image(models[0], [s])[0])).max() > 0  # it did store float8
+
+
+def test_a_lightning_style_lora_equals_diffusers(qwen_image_folder, tmp_path):
+    """Qwen-Image-Lightning's layout: diffusers' module names alone, kohya's factors and alphas."""
+    from diffusers import QwenImagePipeline
+
+    from tests import lora_files
+    from tests.test_networks_lora import assert_same, load, merged, reference
+
+    model = load(qwen_image_folder)
+    g, lora = torch.Generator().manual_seed(0), {}
+    for name, module in lora_files.layers(model.denoiser, LORA_LAYERS):
+        lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"] = lora_files.factors(module, 4, g)
+        lora[f"{name}.alpha"] = torch.tensor(2.0)
+    path = lora_files.write(tmp_path / "Qwen-Image-Lightning-8steps.safetensors", lora)
+    merged(model, path, 0.7, 0.7)
+    assert_same(model.denoiser, reference(QwenImagePipeline, qwen_image_folder, path, 0.7).transformer)
+    plain = load(qwen_image_folder).denoiser.transformer_blocks[0].attn.to_add_out.weight
+    assert not torch.equal(model.denoiser.transformer_blocks[0].attn.to_add_out.weight, plain)
