@@ -6,8 +6,8 @@ The prompt goes in the pipeline's template (a system turn asking for a detailed 
 the image, the prompt as the user's turn, the assistant's turn opened), Qwen2.5-VL's text model
 reads it, and the template's first 34 tokens (system turn and user header) are dropped from its
 last hidden layer; --max-sequence-length counts the tokens after them. The conditioning keeps
-every prompt padded to that length with its mask, so rows stack as any family's; predict cuts
-the columns no row uses, and gives the transformer no mask when every token is real (as the
+every prompt padded to that length with its mask (zeros, as the pipeline pads), so rows stack as
+any family's; predict cuts the columns no row uses, and gives the transformer no mask when every token is real (as the
 pipeline does for a single prompt).
 
 Latents are FLUX's 2x2 patches (flux.pack) with the image's (frames, rows, columns) for the
@@ -56,14 +56,17 @@ def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     prompts = [TEMPLATE.format(t) for t in texts]
     note_cut(tokenizer, prompts, length)
     # cut before reading, where the pipeline cuts the states after: Qwen is causal, so the kept
-    # tokens' states are the same
-    tokens = tokenizer(prompts, padding="max_length", max_length=DROP + length, truncation=True, return_tensors="pt")
+    # tokens' states are the same; read at the longest prompt's length (a 7B model need not read
+    # padding), then padded to `length` so every prompt's conditioning stacks with every other's
+    tokens = tokenizer(prompts, padding="longest", max_length=DROP + length, truncation=True, return_tensors="pt")
     with torch.inference_mode():
         states = encoder(input_ids=tokens.input_ids.to(encoder.device),
                          attention_mask=tokens.attention_mask.to(encoder.device),
                          output_hidden_states=True).hidden_states[-1][:, DROP:]
     mask = tokens.attention_mask[:, DROP:].to(states.device).bool()
     states = states.masked_fill(~mask[..., None], 0)  # the pipeline's padding is zeros
+    pad = length - states.shape[1]
+    states, mask = torch.nn.functional.pad(states, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
     return {"encoder_hidden_states": states.to(model.device, model.dtype), "mask": mask.to(model.device)}
 
 
