@@ -7,8 +7,8 @@ the image, the prompt as the user's turn, the assistant's turn opened), Qwen2.5-
 reads it, and the template's first 34 tokens (system turn and user header) are dropped from its
 last hidden layer; --max-sequence-length counts the tokens after them. The conditioning keeps
 every prompt padded to that length with its mask (zeros, as the pipeline pads), so rows stack as
-any family's; predict cuts the columns no row uses, and gives the transformer no mask when every token is real (as the
-pipeline does for a single prompt).
+any family's; predict cuts the columns no row uses, and gives the transformer no mask when every
+token is real (as the pipeline does for a single prompt).
 
 Latents are FLUX's 2x2 patches (flux.pack) with the image's (frames, rows, columns) for the
 transformer's rotary positions; the VAE's frame axis is vae.py's. CFG is the pipeline's true
