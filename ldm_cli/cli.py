@@ -85,14 +85,14 @@ Cfg = Annotated[Optional[float], typer.Option(help="Classifier-free guidance sca
 Seed = Annotated[Optional[int], typer.Option(help="Seed of the first image; image i uses seed + i [default: random].")]
 NumImages = Annotated[int, typer.Option("--num-images", "-n", help="How many images.")]
 BatchSize = Annotated[int, typer.Option(help="Images denoised together.")]
-Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width, a multiple of 8 (16 for SD3, FLUX, Chroma, Z-Image and FLUX.2) [default: the model's native size].")]
-Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height, a multiple of 8 (16 for SD3, FLUX, Chroma, Z-Image and FLUX.2) [default: the model's native size].")]
+Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width, a multiple of 8 (16 for SD3, FLUX, Chroma, Z-Image, FLUX.2 and Qwen-Image) [default: the model's native size].")]
+Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height, a multiple of 8 (16 for SD3, FLUX, Chroma, Z-Image, FLUX.2 and Qwen-Image) [default: the model's native size].")]
 Scheduler = Annotated[Optional[str], typer.Option(help="Sampler: a name from `ldm schedulers` or an A1111 label [default: dpmpp_2m].")]
 Schedule = Annotated[Optional[str], typer.Option(help="Sigma schedule: karras, exponential, beta or default [default: karras].")]
-Shift = Annotated[Optional[float], typer.Option(help="Timestep shift of a flow-matching model (SD3, FLUX, Chroma, Z-Image, FLUX.2) [default: the model's: "
-                                                     "3 for SD3 and Z-Image, 1 for FLUX schnell, from the image's size for FLUX dev and Chroma "
+Shift = Annotated[Optional[float], typer.Option(help="Timestep shift of a flow-matching model (SD3, FLUX, Chroma, Z-Image, FLUX.2, Qwen-Image) [default: the model's: "
+                                                     "3 for SD3 and Z-Image, 1 for FLUX schnell, from the image's size for FLUX dev, Chroma and Qwen-Image "
                                                      "(and the steps for FLUX.2)].")]
-MaxSequenceLength = Annotated[Optional[int], typer.Option(help="T5 (SD3, FLUX, Chroma) or Qwen3 (Z-Image, FLUX.2) tokens of the prompt; longer prompts are cut [default: 256 for SD3, 512 for FLUX, Chroma, Z-Image and FLUX.2].")]
+MaxSequenceLength = Annotated[Optional[int], typer.Option(help="T5 (SD3, FLUX, Chroma), Qwen3 (Z-Image, FLUX.2) or Qwen2.5-VL (Qwen-Image) tokens of the prompt; longer prompts are cut [default: 256 for SD3, 512 for FLUX, Chroma, Z-Image, FLUX.2 and Qwen-Image].")]
 Guidance = Annotated[Optional[float], typer.Option(help="Distilled guidance of a guidance-distilled model (FLUX dev), an input of "
                                                         "the model rather than --cfg's second pass [default: 3.5].")]
 ClipSkip = Annotated[Optional[int], typer.Option(help="SD1: use the text encoder's states N-1 layers before its last (A1111's Clip skip, 1-12) [default: 1].")]
@@ -105,7 +105,7 @@ ModelsDir = Annotated[Optional[str], typer.Option(
 Vae = Annotated[Optional[str], typer.Option(help="A VAE file or folder replacing the model's own.")]
 TextEncoder = Annotated[Optional[list[str]], typer.Option(
     "--text-encoder", metavar="FILE",
-    help="A text encoder file (clip_l, clip_g, t5xxl...) for a model without its own; repeatable.")]
+    help="A text encoder file (clip_l, clip_g, t5xxl, qwen_3_4b, qwen_2.5_vl_7b...) for a model without its own; repeatable.")]
 Config = Annotated[Optional[str], typer.Option(help="A diffusers-layout folder describing a non-standard checkpoint.")]
 Prediction = Annotated[Optional[str], typer.Option(help="Force the prediction type: epsilon or v.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle checkpoints (.ckpt) with torch.load(weights_only=True).")]

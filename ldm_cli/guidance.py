@@ -14,6 +14,7 @@ which for one part of weight 1 is ordinary classifier-free guidance.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -86,11 +87,13 @@ class Call:
 class Guidance:
     """The rows of each step and the combination of their outputs, for one batch of images."""
 
-    def __init__(self, positive: Cond | list[Parts], negative: Cond | list[Schedule] | None, cfg: float):
+    def __init__(self, positive: Cond | list[Parts], negative: Cond | list[Schedule] | None, cfg: float,
+                 adjust: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.positive = plain(positive) if isinstance(positive, dict) else positive
         if isinstance(negative, dict):
             negative = [p[0][1] for p in plain(negative)]
         self.cfg = cfg
+        self.adjust = adjust  # the family's own step after CFG (Family.guided)
         self.negative = negative if negative is not None and needs_negative(cfg, self.positive) else None
         self.images = len(self.positive)
         self._cached: tuple[tuple, list[Call]] | None = None
@@ -139,6 +142,8 @@ class Guidance:
             if isinstance(scale, torch.Tensor):
                 scale = scale.to(out.device, out.dtype)
             result[images] += (out[rows] - uncond[images]) * scale
+        if self.adjust is not None:  # against each image's first part, its conditional output
+            result = self.adjust(out[self._combine[0][0]], result)
         return result
 
 

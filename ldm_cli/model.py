@@ -13,7 +13,7 @@ from ldm_cli.families.family import Family
 class Model:
     family: Family
     denoiser: torch.nn.Module  # UNet2DConditionModel, or a DiT (SD3Transformer2DModel, FluxTransformer2DModel)
-    vae: torch.nn.Module  # AutoencoderKL
+    vae: torch.nn.Module  # AutoencoderKL (FLUX.2: AutoencoderKLFlux2; Qwen-Image: AutoencoderKLQwenImage)
     text_encoders: list[torch.nn.Module | None]  # None: a part run without (SD3's T5); [] once freed
     tokenizers: list[Any]
     scheduler_config: dict[str, Any]
@@ -50,7 +50,10 @@ class Model:
     @property
     def vae_downscale(self) -> int:
         """Image pixels per pixel of the VAE's own latents."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        config = self.vae.config
+        if getattr(config, "temperal_downsample", None) is not None:  # a video VAE (Qwen-Image's): one per level
+            return 2 ** len(config.temperal_downsample)
+        return 2 ** (len(config.block_out_channels) - 1)
 
     @property
     def size_multiple(self) -> int:
@@ -61,7 +64,8 @@ class Model:
 
     @property
     def latent_channels(self) -> int:
-        return self.vae.config.latent_channels * self.family.latent_patch ** 2
+        channels = getattr(self.vae.config, "latent_channels", None) or self.vae.config.z_dim  # z_dim: Qwen-Image's
+        return channels * self.family.latent_patch ** 2
 
     @property
     def native_size(self) -> tuple[int, int]:

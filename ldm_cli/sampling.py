@@ -46,7 +46,7 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts
     """Run `timesteps` of `scheduler` from `latents`; returns the final latents. The conditioning
     is either batched (one cond per image, all steps) or per image: weighted AND parts and a
     negative, each a schedule over the steps (guidance.py)."""
-    plan = Guidance(positive, negative, cfg)
+    plan = Guidance(positive, negative, cfg, model.family.guided)
     rows = _row_index(plan.row_images(), len(latents))
     if extra_input is not None:
         extra_input = _rows(extra_input, rows)

@@ -77,5 +77,8 @@ def share_fused_storage(attention: torch.nn.Module) -> None:
 
 
 def is_convolutional(module: torch.nn.Module) -> bool:
-    """A U-Net or a VAE, built of 2-D convolutions; not a DiT, whose one is its patch embedding."""
-    return sum(isinstance(m, torch.nn.Conv2d) for m in module.modules()) > 1
+    """A U-Net or a VAE, built of 2-D convolutions; not a DiT, whose one is its patch embedding, nor
+    a video VAE (Qwen-Image's): its 3-D convolutions' 5-D weights have no channels-last layout."""
+    layers = list(module.modules())
+    return sum(isinstance(m, torch.nn.Conv2d) for m in layers) > 1 and not any(isinstance(m, torch.nn.Conv3d)
+                                                                               for m in layers)

@@ -1,7 +1,12 @@
 """Pixels <-> latents through the model's VAE, scaled by the VAE's own config.
 
 Latents are (z - shift_factor) * scaling_factor: 0.18215 for SD1/SD2, 0.13025 for SDXL, whatever
-the config says for the built-in model. Nothing here hard-codes a number.
+the config says for the built-in model. Nothing here hard-codes a number. A VAE whose config
+gives each channel's latents_mean and latents_std (Qwen-Image's) is normalised per channel
+instead, (z - mean) / std, the same arithmetic with a tensor for each factor. A video VAE (one
+with a temperal_downsample, diffusers' spelling: Qwen-Image's AutoencoderKLQwenImage) takes and
+gives a frame axis, (N, C, 1, h, w); it is added and taken off here, so latents everywhere else
+are (N, C, h, w).
 
 No image is made of values that are not finite (they would be saved as a black PNG): latents
 that went NaN or inf while sampling are an error before any decoding, and so is a decode that
@@ -23,13 +28,25 @@ SAMPLING_CAUSES = ("a model file with broken (NaN) weights, a LoRA, an embedding
                    "or --cfg far too high, or fp16 overflowing (try --dtype fp32 or bf16)")
 
 
-def _factors(vae) -> tuple[float, float]:
-    return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+def _factors(vae, like: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """(scale, shift), as numbers or per channel on `like`'s device and dtype."""
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None:
+        view = (1, len(config.latents_mean), 1, 1)
+        # 1 / std in float32 first, then cast: the arithmetic of diffusers' Qwen-Image pipelines
+        scale = (1.0 / torch.tensor(config.latents_std).view(view)).to(like.device, like.dtype)
+        return scale, torch.tensor(config.latents_mean).view(view).to(like.device, like.dtype)
+    return config.scaling_factor, getattr(config, "shift_factor", None) or 0.0
+
+
+def framed(vae) -> bool:
+    """A video VAE: its input and output have a frame axis."""
+    return getattr(vae.config, "temperal_downsample", None) is not None
 
 
 def compute_dtype(vae) -> torch.dtype:
     """The dtype the VAE runs (and samples its latents) in: fp32 for fp16 VAEs that ask for it
-    (or do not say: FLUX.2's has no force_upcast)."""
+    (or do not say: FLUX.2's and Qwen-Image's configs have no force_upcast)."""
     return torch.float32 if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", True) else vae.dtype
 
 
@@ -48,6 +65,8 @@ def _running_in(vae, dtype: torch.dtype):
 
 def _decode_in(vae, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     with _running_in(vae, dtype), torch.inference_mode():
+        if framed(vae):
+            return vae.decode(z.to(dtype).unsqueeze(2), return_dict=False)[0][:, :, 0]
         return vae.decode(z.to(dtype), return_dict=False)[0]
 
 
@@ -71,7 +90,7 @@ def _unscaled(model, latents: torch.Tensor) -> torch.Tensor:
     """The loop's latents as the VAE decodes them."""
     if model.family.from_latents is not None:
         return model.family.from_latents(model.vae, latents)
-    scaling, shift = _factors(model.vae)
+    scaling, shift = _factors(model.vae, latents)
     return latents / scaling + shift
 
 
@@ -99,12 +118,15 @@ def encode(model, pixels: torch.Tensor, generators: list[torch.Generator] | None
     `shifted`: less the VAE's shift factor before scaling (all but InstantX's SD3 ControlNets)."""
     vae = model.vae
     dtype = compute_dtype(vae)
+    pixels = pixels.to(vae.device, dtype)
     with _running_in(vae, dtype), torch.inference_mode():
-        dist = vae.encode(pixels.to(vae.device, dtype), return_dict=False)[0]
+        dist = vae.encode(pixels.unsqueeze(2) if framed(vae) else pixels, return_dict=False)[0]
         if model.family.to_latents is not None:
             return model.family.to_latents(vae, dist, generators).to(model.dtype)
         # diffusers draws one sample per generator, image by image, as its pipelines do
         z = dist.mode() if generators is None else dist.sample(generators)
-    scaling, shift = _factors(vae)
-    return ((z - (shift if shifted else 0.0)) * scaling).to(model.dtype)
+    z = z[:, :, 0] if framed(vae) else z
+    scaling, shift = _factors(vae, z)
+    shift = shift if shifted else 0.0
+    return ((z - shift) * scaling).to(model.dtype)
 

@@ -113,3 +113,10 @@ def flux2_klein_base_folder(tmp_path_factory):
     from tests import tiny_models
 
     return _built(tmp_path_factory, "tiny-flux2-klein-base", lambda: tiny_models.flux2_klein_pipeline(distilled=False))
+
+
+@pytest.fixture(scope="session")
+def qwen_image_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-qwen-image", lambda: tiny_models.qwen_image_pipeline())

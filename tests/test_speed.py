@@ -108,6 +108,8 @@ def test_channels_last_computes_the_same():
 def test_only_unets_and_vaes_count_as_convolutional():
     assert speed.is_convolutional(tiny_models.unet()) and speed.is_convolutional(tiny_models.vae())
     assert not speed.is_convolutional(tiny_dit())
+    # Qwen-Image's video VAE: its 5-D Conv3d weights cannot take channels-last (torch refuses them)
+    assert not speed.is_convolutional(tiny_models.qwen_image_vae())
 
 
 def test_attention_runs_through_sdpa_and_cpu_models_are_left_as_loaded(model):

@@ -310,3 +310,61 @@ def flux2_klein_pipeline(distilled: bool = True):
     return Flux2KleinPipeline(transformer=flux2_transformer(), vae=flux2_vae(),
                               scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
                               text_encoder=klein_qwen3(), tokenizer=qwen3_tokenizer(), is_distilled=distilled)
+
+
+# -- Qwen-Image ----------------------------------------------------------------------------------
+QWEN25VL_WIDTH = 32
+QWEN_IMAGE_SCHEDULER = dict(  # Qwen-Image's (and 2512's) scheduler_config.json
+    base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+    shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+
+
+def qwen25vl_encoder(seed: int = 10):
+    """Qwen2.5-VL at toy width with its (one-block) vision tower, as Qwen-Image's text_encoder/ holds
+    the whole model: two text layers, grouped-query attention, multimodal rotary sections (1, 1, 2)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=152064, hidden_size=QWEN25VL_WIDTH, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, tie_word_embeddings=False),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=QWEN25VL_WIDTH,
+                           fullatt_block_indexes=[0]))
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwen25vl_tokenizer():
+    from ldm_cli.loading.recipe import qwen25vl_tokenizer as shipped
+
+    return shipped()
+
+
+def qwen_image_transformer(seed: int = 11):
+    """Qwen-Image's transformer at toy width: one double-stream block, rotary axes (4, 6, 6) over
+    16-wide heads."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+                                       attention_head_dim=16, num_attention_heads=2,
+                                       joint_attention_dim=QWEN25VL_WIDTH, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def qwen_image_vae(seed: int = 12):
+    """Qwen-Image's video VAE at toy width: the release's levels and blocks (3 downsamplings, 8x; the
+    layout diffusers' Wan converter assumes), per-channel latent statistics."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                  temperal_downsample=[False, True, True]).eval()
+
+
+def qwen_image_pipeline():
+    """A QwenImagePipeline with Qwen-Image's scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    return QwenImagePipeline(transformer=qwen_image_transformer(), vae=qwen_image_vae(),
+                             scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
+                             text_encoder=qwen25vl_encoder(), tokenizer=qwen25vl_tokenizer())

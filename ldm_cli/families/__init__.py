@@ -8,10 +8,10 @@ from ldm_cli.families.family import Family
 
 
 def get(name: str) -> Family:
-    from ldm_cli.families import chroma, flux, flux2, sd, sd3, sdxl, zimage
+    from ldm_cli.families import chroma, flux, flux2, qwen_image, sd, sd3, sdxl, zimage
 
     registry = {f.name: f for f in (sd.SD1, sd.SD2, sdxl.SDXL, sd3.SD3, flux.FLUX, chroma.CHROMA, zimage.ZIMAGE,
-                                   flux2.FLUX2)}
+                                   flux2.FLUX2, qwen_image.QWEN_IMAGE)}
     if name not in registry:
         from ldm_cli.errors import LdmError
 

@@ -66,3 +66,7 @@ class Family:
     control_input: Callable[[Any, Any, torch.Tensor, list], torch.Tensor] | None = None
     control_residuals: Callable[[Any, Any, torch.Tensor, torch.Tensor, Cond, torch.Tensor, float, int | None],
                                 dict] | None = None
+    # (the conditional output, the guided one) -> what the scheduler steps with, for a family whose
+    # pipeline adjusts its CFG (Qwen-Image rescales it to the conditional output's norm, token by
+    # token); None: the guided output as it is. Only called when the step is guided (cfg != 1)
+    guided: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None

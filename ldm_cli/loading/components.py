@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import detect, flux, flux2, keymap, mmdit, tensors, zimage
+from ldm_cli.loading import detect, flux, flux2, keymap, mmdit, qwen_image, tensors, zimage
 from ldm_cli.loading.keymap import Slot
 from ldm_cli.notes import note
 
@@ -25,20 +25,26 @@ if TYPE_CHECKING:
 SIGNATURES = keymap.TEXT_SIGNATURES
 LAYERS = {"clip": r"text_model\.encoder\.layers\.(\d+)\.", "openclip": r"transformer\.resblocks\.(\d+)\.",
           "t5": r"encoder\.block\.(\d+)\.", "t5_gguf": r"enc\.blk\.(\d+)\.", "qwen3": r"layers\.(\d+)\.",
-          "qwen3_gguf": r"blk\.(\d+)\."}
+          "qwen3_gguf": r"blk\.(\d+)\.", "qwen25vl": r"layers\.(\d+)\.", "qwen25vl_gguf": r"blk\.(\d+)\."}
 LABELS = {"sd3": {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL"},
           "sdxl": {"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-G"},
           "flux": {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"},
           "chroma": {"text_encoder": "T5-XXL"},
-          "zimage": {"text_encoder": "Qwen3-4B"}}
+          "zimage": {"text_encoder": "Qwen3-4B"},
+          "qwen-image": {"text_encoder": "Qwen2.5-VL-7B"}}
 OPTIONAL = {"text_encoder_3"}  # SD3 runs without T5 (its part of the context is zeros)
 VAE_PREFIXES = ("", keymap.VAE.prefix, "vae.")  # a bare VAE file, or one cut out of a checkpoint
 FILE_NAMES = {"CLIP-L": "clip_l.safetensors", "CLIP-G": "clip_g.safetensors", "T5-XXL": "t5xxl_fp16.safetensors",
-              "Qwen3-4B": "qwen_3_4b.safetensors", "Qwen3-8B": "qwen_3_8b.safetensors"}
+              "Qwen3-4B": "qwen_3_4b.safetensors", "Qwen3-8B": "qwen_3_8b.safetensors",
+              "Qwen2.5-VL-7B": "qwen_2.5_vl_7b.safetensors"}
 # the kinds of text encoder, as a file's layout shows them (a CLIP in either layout fills a CLIP slot)
-GROUPS = {"t5": "T5", "t5_gguf": "T5", "qwen3": "Qwen3", "qwen3_gguf": "Qwen3"}
+GROUPS = {"t5": "T5", "t5_gguf": "T5", "qwen3": "Qwen3", "qwen3_gguf": "Qwen3", "qwen25vl": "Qwen2.5-VL",
+          "qwen25vl_gguf": "Qwen2.5-VL"}
+VAE_FILES = {"flux": "ae.safetensors", "chroma": "ae.safetensors", "zimage": "ae.safetensors",
+             "qwen-image": "qwen_image_vae.safetensors", "flux2": "flux2-vae.safetensors"}
+WAN_VAE_KEY = "encoder.conv1.weight"  # Qwen-Image's VAE in Wan's names (diffusers': encoder.conv_in)
 # where a layout's width shows when its signature's last dimension is not it (a q/k norm's is a head's)
-WIDTH_KEYS = {"qwen3_gguf": "token_embd.weight"}
+WIDTH_KEYS = {"qwen3_gguf": "token_embd.weight", "qwen25vl_gguf": "token_embd.weight"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ def text_encoder_files(paths: list[str], r: Recipe, allow_pickle: bool) -> dict[
 def holds(checkpoint: tensors.Checkpoint, slot: Slot) -> bool:
     if slot.kind == "vae":
         return slot.prefix + "encoder.conv_in.weight" in checkpoint.shapes
+    if slot.kind == "qwen_vae":
+        return slot.prefix + WAN_VAE_KEY in checkpoint.shapes
     return slot.prefix + SIGNATURES[layout(slot.kind)] in checkpoint.shapes
 
 
@@ -90,8 +98,7 @@ def layout(kind: str) -> str:
 
 def check_complete(r: Recipe, present: dict[str, Source], checkpoint: tensors.Checkpoint, vae_given: bool) -> None:
     if "vae" not in present and not vae_given:
-        example = {"flux2": "e.g. flux2-vae.safetensors"}.get(r.family, "e.g. ae.safetensors" if r.family in (
-            "flux", "chroma", "zimage") else "the model's own VAE file")
+        example = f"e.g. {VAE_FILES[r.family]}" if r.family in VAE_FILES else "the model's own VAE file"
         raise LdmError(f"{checkpoint.name} has no VAE; pass one with --vae ({example})")
     for name in r.text_encoders:
         if name in present:
@@ -115,6 +122,8 @@ def vae_file(path: Path, config: dict, allow_pickle: bool) -> tuple[tensors.Chec
     if not path.exists():
         raise LdmError(f"--vae {str(path)!r} not found; pass a VAE .safetensors file or a diffusers VAE folder")
     checkpoint = tensors.open_checkpoint(path, allow_pickle)
+    if config.get("_class_name") == "AutoencoderKLQwenImage":
+        return checkpoint, qwen_vae_slot(checkpoint, path, config)
     for prefix in VAE_PREFIXES:
         if prefix + "encoder.conv_in.weight" in checkpoint.shapes:
             diffusers = any(k.startswith(prefix + "encoder.down_blocks.") for k in checkpoint.shapes)
@@ -124,9 +133,19 @@ def vae_file(path: Path, config: dict, allow_pickle: bool) -> tuple[tensors.Chec
     raise LdmError(f"--vae {checkpoint.name} is not a VAE (it has no encoder.conv_in weights)")
 
 
+def qwen_vae_slot(checkpoint: tensors.Checkpoint, path: Path, config: dict) -> Slot:
+    """Where Qwen-Image's VAE lies in a --vae file: Wan's names, bare or under `vae.`."""
+    prefix = next((p for p in ("", "vae.") if p + WAN_VAE_KEY in checkpoint.shapes), None)
+    if prefix is None:
+        raise LdmError(f"--vae {path.name} is not Qwen-Image's VAE (it has no {WAN_VAE_KEY}, as "
+                       "qwen_image_vae.safetensors has); pass that file or a diffusers AutoencoderKLQwenImage folder")
+    check_channels(path.name, checkpoint.shapes.get(prefix + "decoder.conv1.weight", (0, None))[1], config)
+    return Slot("vae", prefix, "qwen_vae")
+
+
 def check_channels(name: str, channels: int | None, config: dict) -> None:
     """A VAE's latents must be the model's: SD's 4 channels do not fit SD3's 16."""
-    wanted = config.get("latent_channels", 4)
+    wanted = config.get("latent_channels", config.get("z_dim", 4))
     if channels is not None and channels != wanted:
         raise LdmError(f"--vae {name} is a {channels}-channel VAE, but this model works in {wanted}-channel latents; "
                        "pass a VAE of the model's own family")
@@ -141,7 +160,7 @@ def text_encoder_file(path: Path, r: Recipe, allow_pickle: bool) -> dict[str, So
     found = encoders_in(checkpoint)
     if not found:
         raise LdmError(f"--text-encoder {checkpoint.name} holds no text encoder ldm recognises "
-                       "(a CLIP, T5 or Qwen3 encoder in Hugging Face or open_clip layout)")
+                       "(a CLIP, T5, Qwen3 or Qwen2.5-VL encoder in Hugging Face or open_clip layout)")
     out = {}
     for kind, prefix in found:
         slot = matching_slot(checkpoint, kind, prefix, r)
@@ -153,7 +172,7 @@ def text_encoder_file(path: Path, r: Recipe, allow_pickle: bool) -> dict[str, So
 
 def refuse_non_encoders(checkpoint: tensors.Checkpoint) -> None:
     keys = checkpoint.shapes
-    if any(m.prefix_of(keys) is not None for m in (mmdit, flux, zimage, flux2)) or any(
+    if any(m.prefix_of(keys) is not None for m in (mmdit, flux, zimage, flux2, qwen_image)) or any(
             k.startswith(keymap.UNET.prefix) for k in keys):
         raise LdmError(f"--text-encoder {checkpoint.name} is a whole model checkpoint, not a text encoder; "
                        "pass it with --model")
@@ -164,9 +183,13 @@ def refuse_non_encoders(checkpoint: tensors.Checkpoint) -> None:
 
 
 def encoders_in(checkpoint: tensors.Checkpoint) -> list[tuple[str, str]]:
-    """(layout, prefix) of every text encoder in the file."""
-    return [(kind, key[:-len(signature)]) for key in checkpoint.shapes
-            for kind, signature in SIGNATURES.items() if key.endswith(signature)]
+    """(layout, prefix) of every text encoder in the file. Qwen2.5 is a Qwen with q biases: Qwen3's
+    signature layer and its own at one prefix (CLIP's q biases alone are no Qwen), then not Qwen3."""
+    found = [(kind, key[:-len(signature)]) for key in checkpoint.shapes
+             for kind, signature in SIGNATURES.items() if key.endswith(signature)]
+    qwen25 = {prefix for kind, prefix in found if kind == "qwen25vl" and ("qwen3", prefix) in found}
+    return [(kind, prefix) for kind, prefix in found
+            if not (kind == "qwen25vl" and prefix not in qwen25) and not (kind == "qwen3" and prefix in qwen25)]
 
 
 def matching_slot(checkpoint: tensors.Checkpoint, kind: str, prefix: str, r: Recipe) -> Slot:

@@ -133,13 +133,14 @@ def _skip(*args, **kwargs) -> None:
 
 
 TEXT_MODELS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
-               "T5EncoderModel": "T5Config", "Qwen3Model": "Qwen3Config"}
-BASE_MODELS = {"Qwen3ForCausalLM": "Qwen3Model"}  # a language model's config: only its hidden states are read
+               "T5EncoderModel": "T5Config", "Qwen3Model": "Qwen3Config", "Qwen2_5_VLTextModel": "Qwen2_5_VLTextConfig"}
+# a language model's config: only its hidden states are read (Qwen2.5-VL's text model: not its vision tower)
+BASE_MODELS = {"Qwen3ForCausalLM": "Qwen3Model", "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextModel"}
 
 
 DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "ChromaTransformer2DModel",
-             "ZImageTransformer2DModel", "Flux2Transformer2DModel")
-VAES = ("AutoencoderKL", "AutoencoderKLFlux2")
+             "ZImageTransformer2DModel", "Flux2Transformer2DModel", "QwenImageTransformer2DModel")
+VAES = ("AutoencoderKL", "AutoencoderKLFlux2", "AutoencoderKLQwenImage")
 
 
 def constructor(name: str, config: dict):

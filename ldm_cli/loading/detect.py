@@ -9,15 +9,16 @@ text encoders' combined width, or the file mixes parts of different models. SD3'
 itself (joint_blocks), FLUX's transformer too (double_blocks), Chroma's by its approximator
 (distilled_guidance_layer) beside FLUX's blocks, so it is never taken for FLUX, FLUX.2's by its
 shared modulations (single_stream_modulation) beside FLUX's block names, Z-Image's by its
-caption embedder and one-Linear adaptive norms, in Tongyi's layout or diffusers'; their text
-encoders may be in the file or in files of their own.
+caption embedder and one-Linear adaptive norms, in Tongyi's layout or diffusers', Qwen-Image's by
+its text input norm beside its image input (diffusers' names; never diffusers' own single-file
+guess, which takes it for SD1); their text encoders may be in the file or in files of their own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import chroma, flux, flux2, keymap, mmdit, zimage
+from ldm_cli.loading import chroma, flux, flux2, keymap, mmdit, qwen_image, zimage
 from ldm_cli.loading.tensors import Checkpoint
 
 UNET_IN = keymap.UNET.prefix + "input_blocks.0.0.weight"
@@ -27,7 +28,7 @@ EMA_PREFIX = "model_ema."
 
 @dataclass(frozen=True)
 class Found:
-    family: str  # sd1, sd2, sdxl, sd3, flux, chroma, zimage, flux2
+    family: str  # sd1, sd2, sdxl, sd3, flux, chroma, zimage, flux2, qwen-image
     in_channels: int
     latent_channels: int
     ema: bool
@@ -53,6 +54,8 @@ def detect(checkpoint: Checkpoint) -> Found:
         return flux_found(shapes, prefix)
     if (prefix := zimage.prefix_of(shapes)) is not None:
         return zimage_found(shapes, prefix, checkpoint.name)
+    if (prefix := qwen_image.prefix_of(shapes)) is not None:
+        return qwen_image_found(shapes, prefix)
     if UNET_IN not in shapes or UNET_OUT not in shapes:
         raise LdmError(not_a_model(checkpoint))
     family = family_of(shapes)
@@ -98,6 +101,12 @@ def zimage_found(shapes: dict, prefix: str, name: str) -> Found:
     slot = replace(keymap.ZIMAGE, prefix=prefix, kind="zimage" if zimage.original(shapes, prefix) else "diffusers")
     latent = config["in_channels"]
     return Found("zimage", latent, latent, False, zimage.variant(name), slot, config)
+
+
+def qwen_image_found(shapes: dict, prefix: str) -> Found:
+    config = qwen_image.config(shapes, prefix)
+    latent = config["in_channels"] // 4  # packed in 2x2 patches
+    return Found("qwen-image", latent, latent, False, None, replace(keymap.QWEN_IMAGE, prefix=prefix), config)
 
 
 def text_slots(family: str) -> list[keymap.Slot]:
@@ -154,13 +163,14 @@ def not_a_model(checkpoint: Checkpoint) -> str:
         return f"{checkpoint.name} is a LoRA, not a full checkpoint; ldm loads full Stable Diffusion checkpoints"
     if any(k.startswith(CONTROLNET_KEYS) for k in keys):
         return f"{checkpoint.name} is a ControlNet, not a model; pass it with --controlnet next to a model"
-    if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "model_ema."))
-                    for k in keys):
+    # conv1, conv2: Wan's names for the quant convs (Qwen-Image's VAE)
+    if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "model_ema.",
+                                  "conv1.", "conv2.")) for k in keys):
         return f"{checkpoint.name} holds only a VAE; pass it with --vae next to a full model"
     if any(k.endswith(tuple(keymap.TEXT_SIGNATURES.values())) for k in keys):
-        return f"{checkpoint.name} holds only a text encoder; pass it with --text-encoder next to a model (SD3, FLUX, Chroma, Z-Image, FLUX.2)"
+        return f"{checkpoint.name} holds only a text encoder; pass it with --text-encoder next to a model (SD3, FLUX, Chroma, Z-Image, FLUX.2, Qwen-Image)"
     return (f"{checkpoint.name} is not a Stable Diffusion checkpoint ldm recognises (no "
-            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x, SDXL, SD3/3.5, FLUX.1, Chroma, Z-Image and FLUX.2 klein single files and diffusers folders")
+            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x, SDXL, SD3/3.5, FLUX.1, Chroma, Z-Image, FLUX.2 klein and Qwen-Image single files and diffusers folders")
 
 
 def unknown_text_encoder(checkpoint: Checkpoint) -> str:

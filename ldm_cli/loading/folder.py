@@ -5,7 +5,9 @@ encoders, of which the third (T5) may be left out: the model then runs without T
 hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, required: FLUX never runs without T5);
 Chroma folders a `transformer/` and T5 alone (`text_encoder/`, required likewise); Z-Image folders
 a `transformer/` and Qwen3 (`text_encoder/`; its `tokenizer/`, or ldm's copy); FLUX.2 klein folders
-likewise, with FLUX.2's own VAE (AutoencoderKLFlux2)."""
+likewise, with FLUX.2's own VAE (AutoencoderKLFlux2); Qwen-Image folders a `transformer/`,
+Qwen2.5-VL (`text_encoder/`, of which only the text model is read; its `tokenizer/`, or ldm's
+copy) and their own video VAE (AutoencoderKLQwenImage)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +18,7 @@ import torch
 from ldm_cli import files
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import tensors
-from ldm_cli.loading.recipe import PIPELINE_FAMILIES, QWEN3_TOKENIZER, read_json
+from ldm_cli.loading.recipe import PIPELINE_FAMILIES, QWEN3_TOKENIZER, qwen25vl_tokenizer, read_json
 from ldm_cli.notes import note
 
 if TYPE_CHECKING:
@@ -93,6 +95,18 @@ def _qwen3_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     return transformer, [qwen], [AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)]
 
 
+def _qwen_image_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
+    """(transformer, [Qwen2.5-VL's text model], [its tokenizer]) of a Qwen-Image folder: the
+    pipeline reads text only, so the vision tower's weights are left on disk."""
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLTextModel
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
+                                                              local_files_only=True)
+    qwen = Qwen2_5_VLTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
+    return transformer, [qwen], [qwen25vl_tokenizer(folder / "tokenizer")]
+
+
 def _chroma_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     """(transformer, [T5], [its tokenizer]) of a Chroma folder."""
     from diffusers import ChromaTransformer2DModel
@@ -124,7 +138,7 @@ def _t5(folder: Path, dtype: torch.dtype, suffix: str, optional: bool, family: s
 def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, denoiser) -> dict:
     """SD3's, FLUX's, Chroma's and Z-Image's recommended settings; a folder cannot say it holds SD3's
     or Z-Image's turbo model but by its name."""
-    from ldm_cli.families import chroma, flux, flux2, sd3, zimage
+    from ldm_cli.families import chroma, flux, flux2, qwen_image, sd3, zimage
     from ldm_cli.loading.flux2 import variant_of_index
     from ldm_cli.loading.zimage import variant
 
@@ -132,6 +146,8 @@ def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, d
         return flux2.defaults(variant_of_index(read_json(folder / "model_index.json")), scheduler_config)
     if name == "chroma":
         return chroma.defaults(scheduler_config)
+    if name == "qwen-image":
+        return qwen_image.defaults(scheduler_config)
     if name == "flux":
         return flux.defaults(flux.variant(denoiser.config), scheduler_config)
     if name == "zimage":
@@ -151,20 +167,23 @@ def _options(folder: Path, index: dict, denoiser, name: str) -> dict:
         return {"variant": zimage.variant(folder.name)}
     if name in ("sd3", "flux"):
         return {"variant": (sd3 if name == "sd3" else flux).variant(denoiser.config)}
+    if name == "qwen-image":
+        return {}
     return {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
 
 
 PARTS = {"sd3": _sd3_parts, "flux": _flux_parts, "chroma": _chroma_parts,  # DiT families: a transformer/, not a unet/
-         "zimage": _qwen3_parts, "flux2": _qwen3_parts}
+         "zimage": _qwen3_parts, "flux2": _qwen3_parts, "qwen-image": _qwen_image_parts}
 TRANSFORMERS = {"zimage": "ZImageTransformer2DModel", "flux2": "Flux2Transformer2DModel"}
-VAES = {"flux2": "AutoencoderKLFlux2"}  # the rest: AutoencoderKL
+# diffusers' VAE class where a family's is not AutoencoderKL
+VAES = {"flux2": "AutoencoderKLFlux2", "qwen-image": "AutoencoderKLQwenImage"}
 # the subfolders each family loads (T5's, optional in SD3 and checked by _t5 in FLUX, when present)
 SUBFOLDERS = {"sd1": ["unet", "vae", "text_encoder"], "sd2": ["unet", "vae", "text_encoder"],
               "sdxl": ["unet", "vae", "text_encoder", "text_encoder_2"],
               "sd3": ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"],
               "flux": ["transformer", "vae", "text_encoder", "text_encoder_2"],
               "chroma": ["transformer", "vae", "text_encoder"], "zimage": ["transformer", "vae", "text_encoder"],
-              "flux2": ["transformer", "vae", "text_encoder"]}
+              "flux2": ["transformer", "vae", "text_encoder"], "qwen-image": ["transformer", "vae", "text_encoder"]}
 T5_PARTS = {"sd3": "text_encoder_3", "flux": "text_encoder_2", "chroma": "text_encoder"}
 
 
@@ -215,7 +234,8 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
     family = families.get(name)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
     denoiser, encoders, tokenizers = PARTS.get(name, _unet_parts)(folder, name, dtype, options)
-    vae = getattr(diffusers, VAES.get(name, "AutoencoderKL")).from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+    vae_class = getattr(diffusers, VAES.get(name, "AutoencoderKL"))
+    vae = vae_class.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True)
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json")
     if options.prediction:
         scheduler_config["prediction_type"] = {"v": "v_prediction"}.get(options.prediction, options.prediction)

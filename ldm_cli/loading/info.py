@@ -1,7 +1,7 @@
 """`ldm info CHECKPOINT`: what a single file holds, from its header (plus, for an SD2 file
 with nothing else to go on, the same probe forward pass loading runs): each part's storage
 (dtype, float8, scaled float8 or GGUF quantization), and for a model shipped in parts (SD3,
-FLUX, Chroma, Z-Image, FLUX.2) which parts it still needs and the flag that supplies each."""
+FLUX, Chroma, Z-Image, FLUX.2, Qwen-Image) which parts it still needs and the flag that supplies each."""
 from __future__ import annotations
 
 import math
@@ -79,5 +79,7 @@ def probe(r: recipe.Recipe, found: detect.Found, checkpoint: tensors.Checkpoint)
 def native_size(r: recipe.Recipe) -> str:
     size = r.configs[r.denoiser].get("sample_size", flux.DEFAULT_LATENT)  # FLUX's and Z-Image's configs have none
     h, w = (size, size) if isinstance(size, int) else size
-    factor = 2 ** (len(r.configs["vae"]["block_out_channels"]) - 1)
+    vae = r.configs["vae"]
+    # Qwen-Image's video VAE: one halving per temperal_downsample entry, as Model.vae_scale_factor
+    factor = 2 ** len(vae["temperal_downsample"]) if "temperal_downsample" in vae else 2 ** (len(vae["block_out_channels"]) - 1)
     return f"{w * factor}x{h * factor}"

@@ -26,7 +26,8 @@ class Slot:
     prefix: str  # where the component's keys start in the single file
     # unet, mmdit (SD3's), vae, clip (Hugging Face CLIP names), clip_unprojected (SD3's CLIP-L),
     # openclip (open_clip names), t5 (Hugging Face T5 encoder), zimage (Tongyi's Z-Image), flux2 (BFL's FLUX.2),
-    # qwen3 (Hugging Face's Qwen3, as is), diffusers (as is)
+    # qwen3 (Hugging Face's Qwen3, as is), qwen25vl (Hugging Face's Qwen2.5-VL text model, as is),
+    # qwen_vae (Qwen-Image's VAE in Wan's original names), diffusers (as is)
     kind: str
 
 
@@ -36,6 +37,7 @@ FLUX = Slot("transformer", "model.diffusion_model.", "flux")
 CHROMA = Slot("transformer", "model.diffusion_model.", "chroma")
 ZIMAGE = Slot("transformer", "model.diffusion_model.", "zimage")
 FLUX2 = Slot("transformer", "model.diffusion_model.", "flux2")
+QWEN_IMAGE = Slot("transformer", "model.diffusion_model.", "diffusers")  # Qwen's names are diffusers'
 VAE = Slot("vae", "first_stage_model.", "vae")
 LAYOUTS: dict[str, tuple[Slot, ...]] = {
     "sd1": (UNET, VAE, Slot("text_encoder", "cond_stage_model.transformer.", "clip")),
@@ -56,15 +58,21 @@ LAYOUTS: dict[str, tuple[Slot, ...]] = {
     # FLUX.2 klein: BFL's and ComfyUI's files hold the transformer alone (bare, or under
     # `model.diffusion_model.`), with Qwen3 and FLUX.2's VAE in files of their own
     "flux2": (FLUX2, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.qwen3_4b.transformer.model.", "qwen3")),
+    # Qwen's and ComfyUI's files hold the transformer alone, with Qwen2.5-VL (Hugging Face's
+    # names under `model.`, its vision tower beside) and the VAE (Wan's names) in files of their own
+    "qwen-image": (QWEN_IMAGE, Slot("vae", "vae.", "qwen_vae"),
+                   Slot("text_encoder", "text_encoders.qwen25_7b.transformer.model.", "qwen25vl")),
 }
-TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf", "qwen3", "qwen3_gguf")
+TEXT_KINDS = ("clip", "clip_unprojected", "openclip", "t5", "t5_gguf", "qwen3", "qwen3_gguf", "qwen25vl", "qwen25vl_gguf")
 # a key every text encoder of the layout has (its width is the last dimension)
 TEXT_SIGNATURES = {"clip": "text_model.encoder.layers.0.self_attn.q_proj.weight",
                    "openclip": "transformer.resblocks.0.attn.in_proj_weight",
                    "t5": "encoder.block.0.layer.0.SelfAttention.q.weight",
                    "t5_gguf": "enc.blk.0.attn_q.weight",  # llama.cpp's names (city96's T5 .gguf files)
                    "qwen3": "layers.0.mlp.gate_proj.weight",  # Hugging Face's Qwen3 (Llama-like names)
-                   "qwen3_gguf": "blk.0.attn_q_norm.weight"}  # llama.cpp's (T5 has no q/k norms)
+                   "qwen3_gguf": "blk.0.attn_q_norm.weight",  # llama.cpp's (T5 has no q/k norms)
+                   "qwen25vl": "layers.0.self_attn.q_proj.bias",  # Qwen2.5's q/k/v have biases, Qwen3's none
+                   "qwen25vl_gguf": "blk.0.attn_q.bias"}  # llama.cpp's (qwen2vl; neither T5 nor Qwen3 has it)
 
 
 def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
@@ -81,9 +89,12 @@ def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
         return ChromaNames(config).origin
     if kind == "flux2":
         return flux2_origin
+    if kind == "qwen_vae":
+        return QwenVaeNames(config).origin
     return {"clip": clip_origin, "clip_unprojected": unprojected_clip_origin, "openclip": openclip_origin,
             "t5": t5_origin, "t5_gguf": t5_gguf_origin, "zimage": zimage_origin, "qwen3": Origin,
-            "qwen3_gguf": qwen3_gguf_origin, "diffusers": Origin}[kind]
+            "qwen3_gguf": qwen3_gguf_origin, "qwen25vl": Origin, "qwen25vl_gguf": qwen3_gguf_origin,
+            "diffusers": Origin}[kind]
 
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -252,12 +263,52 @@ QWEN3_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", 
 
 
 def qwen3_gguf_origin(key: str) -> Origin:
-    """Hugging Face's Qwen3 under llama.cpp's tensor names (its converter keeps Qwen's q/k rows as
-    they are: Qwen's rotary embedding is the one llama.cpp calls NEOX)."""
+    """Hugging Face's Qwen3 (or Qwen2.5-VL's text model: the same names less the q/k norms) under
+    llama.cpp's tensor names (its converter keeps Qwen's q/k rows as they are: Qwen's rotary
+    embedding is the one llama.cpp calls NEOX)."""
     module, _, leaf = key.rpartition(".")
     if m := re.fullmatch(r"layers\.(\d+)\.(.+)", module):
         if m[2] in QWEN3_GGUF_LAYER:
             return Origin(f"blk.{m[1]}.{QWEN3_GGUF_LAYER[m[2]]}.{leaf}")
     elif module in QWEN3_GGUF_TOP:
         return Origin(f"{QWEN3_GGUF_TOP[module]}.{leaf}")
-    raise unsupported("Qwen3", key)
+    raise unsupported("Qwen", key)
+
+
+# Qwen-Image's VAE as ComfyUI ships it (vae/qwen_image_vae.safetensors): Wan 2.1's original names,
+# as diffusers' convert_wan_vae_to_diffusers reads them
+QWEN_VAE_TOP = {"encoder.conv_in": "encoder.conv1", "decoder.conv_in": "decoder.conv1",
+                "encoder.norm_out": "encoder.head.0", "encoder.conv_out": "encoder.head.2",
+                "decoder.norm_out": "decoder.head.0", "decoder.conv_out": "decoder.head.2",
+                "quant_conv": "conv1", "post_quant_conv": "conv2"}
+QWEN_VAE_RESNET = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3", "conv2": "residual.6",
+                   "conv_shortcut": "shortcut"}
+
+
+class QwenVaeNames:
+    """Wan's VAE lists each side's blocks flat: the encoder's resnets and downsamplers in one list
+    (diffusers keeps it so), the decoder's as num_res_blocks + 1 resnets then an upsampler per level
+    (diffusers groups them by level); the mid block is resnet, attention, resnet."""
+
+    def __init__(self, config: dict):
+        self.per_level = config["num_res_blocks"] + 2  # the resnets and the upsampler
+
+    def origin(self, key: str) -> Origin:
+        module, _, leaf = key.rpartition(".")
+        if module in QWEN_VAE_TOP:
+            return Origin(f"{QWEN_VAE_TOP[module]}.{leaf}")
+        if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)", module):
+            at = 2 * int(m[3]) if m[2] == "resnets" else 1
+            return Origin(f"{m[1]}.middle.{at}.{self._layer(m[4])}.{leaf}")
+        if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(.+)", module):
+            return Origin(f"encoder.downsamples.{m[1]}.{self._layer(m[2])}.{leaf}")
+        if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", module):
+            return Origin(f"decoder.upsamples.{int(m[1]) * self.per_level + int(m[2])}.{self._layer(m[3])}.{leaf}")
+        if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", module):
+            return Origin(f"decoder.upsamples.{(int(m[1]) + 1) * self.per_level - 1}.{m[2]}.{leaf}")
+        raise unsupported("VAE", key)
+
+    @staticmethod
+    def _layer(name: str) -> str:
+        """A resnet's layers by their place in Wan's Sequential; others (attention, resample) as named."""
+        return QWEN_VAE_RESNET.get(name, name)

@@ -18,6 +18,8 @@ SHIPPED = Path(__file__).resolve().parent / "configs"
 TOKENIZER = SHIPPED / "clip_tokenizer"
 T5_TOKENIZER = SHIPPED / "t5_tokenizer"
 QWEN3_TOKENIZER = SHIPPED / "qwen3_tokenizer"
+QWEN25VL_TOKENIZER = SHIPPED / "qwen25vl_tokenizer"  # its own config over qwen3_tokenizer's BPE files
+QWEN25VL_FILES = {"vocab_file": str(QWEN3_TOKENIZER / "vocab.json"), "merges_file": str(QWEN3_TOKENIZER / "merges.txt")}
 OPENCLIP_TOKENS = {"pad_token": "!"}  # OpenCLIP pads with "!"; OpenAI's CLIP repeats the end token
 METADATA_KEY = "ldm.config"
 # model_index.json's pipeline class -> the family it holds ("sd": SD1 or SD2, told by the text encoder)
@@ -32,6 +34,8 @@ PIPELINE_FAMILIES = {
     "ChromaPipeline": "chroma", "ChromaImg2ImgPipeline": "chroma", "ChromaInpaintPipeline": "chroma",
     "ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
     "Flux2KleinPipeline": "flux2", "Flux2KleinInpaintPipeline": "flux2",
+    "QwenImagePipeline": "qwen-image", "QwenImageImg2ImgPipeline": "qwen-image",
+    "QwenImageInpaintPipeline": "qwen-image",
 }
 
 
@@ -105,11 +109,33 @@ def shipped(found: Found) -> Recipe:
     return Recipe(found.family, configs, dict.fromkeys(configs, "shipped"), tokenizers, options)
 
 
+def qwen25vl_tokenizer(folder: Path | None = None):
+    """Qwen2.5-VL's tokenizer: a model folder's own `tokenizer/` when it has one, else ldm's copy
+    (its tokenizer_config.json over the vocabulary and merges shipped once, beside Qwen3's)."""
+    from transformers import AutoTokenizer
+
+    if folder is not None and (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(QWEN25VL_TOKENIZER), local_files_only=True, **QWEN25VL_FILES)
+
+
 def tokenizer_for(slot: keymap.Slot, config: dict) -> tuple[Path, dict]:
-    """T5's and Qwen3's own; else CLIP's, padded with "!" for OpenCLIP models (plain GELU, like SD2's)."""
+    """T5's, Qwen3's and Qwen2.5-VL's own; else CLIP's, padded with "!" for OpenCLIP models (plain
+    GELU, like SD2's)."""
+    if slot.kind == "qwen25vl":
+        return QWEN25VL_TOKENIZER, QWEN25VL_FILES
     if slot.kind in ("t5", "qwen3"):
         return (T5_TOKENIZER if slot.kind == "t5" else QWEN3_TOKENIZER), {}
     return TOKENIZER, OPENCLIP_TOKENS if config.get("hidden_act") == "gelu" else {}
+
+
+def flat(config: dict) -> dict:
+    """A vision-language model's config with its text model's settings at the top, where a text
+    encoder's are read (transformers 5 saves Qwen2.5-VL's under text_config)."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return config
+    return {**{k: v for k, v in config.items() if k not in ("text_config", "vision_config")}, **text}
 
 
 def config_file(folder: Path, name: str) -> Path:
@@ -143,7 +169,7 @@ def from_folder(folder: Path, r: Recipe) -> dict[str, dict]:
     if index.exists():
         check_family(read_json(index), r.family, folder)
         r.options["force_zeros_for_empty_prompt"] = read_json(index).get("force_zeros_for_empty_prompt", True)
-    found = {name: read_json(config_file(folder, name)) for name in components(r.family)
+    found = {name: flat(read_json(config_file(folder, name))) for name in components(r.family)
              if config_file(folder, name).exists()}
     names = ["tokenizer"] + [f"tokenizer_{i + 1}" for i in range(1, len(r.tokenizers))]
     for i, name in enumerate(names):
@@ -156,6 +182,7 @@ def from_folder(folder: Path, r: Recipe) -> dict[str, dict]:
 
 def check_family(index: dict, family: str, folder: Path) -> None:
     kind = PIPELINE_FAMILIES.get(index.get("_class_name"))
-    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma", "zimage", "flux2") else "sd"):
+    if kind is not None and kind != (family if family in ("sdxl", "sd3", "flux", "chroma", "zimage", "flux2",
+                                                           "qwen-image") else "sd"):
         raise LdmError(f"--config {str(folder)!r} describes a {index['_class_name']}, but the checkpoint is {family}; "
                        "pass a config folder of the same family")

@@ -127,7 +127,7 @@ def tokenizer(folder: Path, overrides: tuple):
 
 def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dict | None = None) -> dict:
     """The steps, cfg and scheduler a file recommends in its metadata (ldm's built-in model
-    does), over its family's own (SD3's, FLUX's, Chroma's, Z-Image's, FLUX.2's)."""
+    does), over its family's own (SD3's, FLUX's, Chroma's, Z-Image's, FLUX.2's, Qwen-Image's)."""
     base = {}
     if r is not None and r.family == "sd3":
         from ldm_cli.families import sd3
@@ -149,6 +149,10 @@ def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dic
         from ldm_cli.families import flux2
 
         base = flux2.defaults(r.options["variant"], r.configs["scheduler"])
+    if r is not None and r.family == "qwen-image":
+        from ldm_cli.families import qwen_image
+
+        base = qwen_image.defaults(r.configs["scheduler"])
     text = checkpoint.metadata.get(DEFAULTS_KEY)
     if text is None:
         return base

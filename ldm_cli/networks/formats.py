@@ -9,7 +9,9 @@ Read so are:
 - diffusers / PEFT files: `unet.` (`transformer.` for a DiT) or `text_encoder.` /
   `text_encoder_2.` before the module's name, factors `lora_A`/`lora_B`, `lora.down`/`lora.up`,
   `lora_linear_layer.down`/`.up`, or the old attention-processor `to_q_lora.down` style;
-- ComfyUI-style `diffusion_model.` names (the original layout).
+- ComfyUI-style `diffusion_model.` names (the original layout);
+- a denoiser's module names alone, with PEFT's or kohya's factors (`lora_down.weight`, `alpha`),
+  as Qwen-Image-Lightning's files have them.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ PEFT_FACTORS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.w
                 "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
                 "lora_linear_layer.down.weight": "lora_down.weight",
                 "lora_linear_layer.up.weight": "lora_up.weight", "alpha": "alpha",
+                # diffusers' module names with kohya's factors (Qwen-Image-Lightning's files)
+                "lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight",
                 "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale"}
 # diffusers component -> kohya prefix (a text encoder's is its number: targets.py also reads
 # `lora_te_` for the first)
