@@ -204,7 +204,9 @@ def _kept_listings(import_utils: types.ModuleType) -> None:
     """transformers lists what each model folder exports by reading every file in it, at each
     start (~0.5 s for the models folder and the Auto classes' folder); the listing depends on
     nothing but those files, so it is kept, stamped with each file's time and size."""
-    original = import_utils.define_import_structure
+    original = getattr(import_utils, "define_import_structure", None)
+    if original is None:  # a transformers older than its folder listings: nothing to keep
+        return
 
     @functools.lru_cache
     def define_import_structure(module_path, prefix=None):
