@@ -1,7 +1,8 @@
 """ldm's denoising loop against diffusers' pipeline on the same model, per step, in one process.
 
 Small random SD3 (4 MMDiT layers, width 256), FLUX.1-dev (2 double + 4 single blocks, width 256),
-SD1 with one ControlNet copied from its UNet and that FLUX with a ControlNet of its blocks: the
+Z-Image, Chroma, FLUX.2 klein and Qwen-Image at the tests' toy sizes, SD1 with one ControlNet
+copied from its UNet and that FLUX with a ControlNet of its blocks: the
 same weights, prompt, seed, scheduler, steps, cfg and size in both; after one warm-up each, runs
 alternate ldm / diffusers, the side that goes first alternating too. A step is the time between
 step callbacks ((last - first) / (steps - 1)), so text encoding and VAE decoding are left out.
@@ -134,7 +135,7 @@ def diffusers_run(pipe, s: Settings, **kw):
         def on_step(p, i, t, state):
             stamp()
             return state
-        return pipe(s.prompt, num_inference_steps=s.steps, height=s.height, width=s.width,
+        return pipe(prompt=s.prompt, num_inference_steps=s.steps, height=s.height, width=s.width,
                     generator=torch.Generator("cpu").manual_seed(s.seed), callback_on_step_end=on_step,
                     **kw).images[0]
     return go
@@ -160,6 +161,23 @@ def cases(folder: Path, size: int, steps: int):
                      **kw).resolve(ours.defaults, ours.native_size)
         theirs.set_progress_bar_config(disable=True)
         out.append((name, ldm_run(ours, s), diffusers_run(theirs, s, **theirs_kw)))
+    # the 2025-26 families at the tests' toy sizes (tests/tiny_models.py), guidance off as their
+    # few-step releases run (Z-Image Turbo, FLUX.2 klein distilled) and the others can
+    for name, short, build, theirs_kw in [
+        ("Z-Image (toy), cfg 1", "zimage", tiny.zimage_pipeline, dict(guidance_scale=0.0)),
+        ("Chroma (toy), cfg 1", "chroma", tiny.chroma_pipeline, dict(guidance_scale=1.0)),
+        ("FLUX.2 klein (toy), cfg 1", "flux2", lambda: tiny.flux2_klein_pipeline(distilled=True),
+         dict(guidance_scale=1.0)),
+        ("Qwen-Image (toy), cfg 1", "qwen-image", tiny.qwen_image_pipeline, dict(true_cfg_scale=1.0)),
+    ]:
+        theirs = build()
+        theirs.save_pretrained(folder / short, safe_serialization=True)
+        ours = loading.load(str(folder / short))
+        s = Settings(prompt=PROMPT, steps=steps, seed=SEED, scheduler="euler", width=size, height=size, cfg=1.0,
+                     max_sequence_length=64).resolve(ours.defaults, ours.native_size)
+        theirs.set_progress_bar_config(disable=True)
+        out.append((name, ldm_run(ours, s),
+                    diffusers_run(theirs, s, max_sequence_length=s.max_sequence_length, **theirs_kw)))
     theirs, ours, image = sd1_controlnet_pipes(folder, size)
     theirs.set_progress_bar_config(disable=True)
     s = Settings(prompt=PROMPT, negative="blurry", steps=steps, cfg=7.5, seed=SEED, scheduler="ddim", width=size,
