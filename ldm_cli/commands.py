@@ -110,10 +110,9 @@ def png_info(path: Path) -> dict:
 
 def checkpoint_info(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:
     """What a checkpoint holds: family, prediction, native size, component sizes, dtype, hash, EMA."""
-    from ldm_cli.loading import info, quiet_libraries
+    from ldm_cli.loading import info
 
     files.check_openable(Path(path).expanduser(), folders=True)  # a FIFO would hang: refused before the imports
-    quiet_libraries()
     return info.describe(path, config, allow_pickle)
 
 

@@ -28,7 +28,6 @@ import functools
 import hashlib
 import importlib.abc
 import importlib.machinery
-import marshal
 import os
 import shutil
 import sys
@@ -153,41 +152,18 @@ class _Narrowed(importlib.abc.Loader):
         module.maybe_allow_in_graph = _record_allow_in_graph
 
 
-def _kept(kind: str, stamp: list, compute):
-    """compute(), kept in ldm's cache under `stamp` (which names everything it depends on) as
-    Python keeps bytecode: marshalled, written whole, recomputed when missing or damaged."""
-    name = hashlib.sha256(repr(stamp).encode()).hexdigest()[:32] + ".bin"
-    kept = _generation() / kind / name
-    try:
-        return marshal.loads(kept.read_bytes())
-    except (OSError, ValueError, EOFError, TypeError):  # not kept yet, or damaged
-        pass
-    value = compute()
-    try:
-        if not kept.parent.parent.exists():  # a new Python or ldm: what older ones kept goes
-            for old in kept.parent.parent.parent.glob("*"):
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        partial = kept.with_name(f".{name}.{os.getpid()}")
-        partial.write_bytes(marshal.dumps(value))
-        os.replace(partial, kept)
-    except OSError:  # no cache folder to write: computed again next time
-        pass
-    return value
-
-
 @functools.lru_cache(maxsize=1)
 def _generation():
     """This Python's and this ldm's folder of kept imports."""
-    return cache.root() / "imports" / hashlib.sha256(repr(_stamp(__file__)).encode()).hexdigest()[:16]
+    return cache.root() / "imports" / hashlib.sha256(repr(cache.stamp(__file__)).encode()).hexdigest()[:16]
 
 
-def _stamp(*paths: str) -> list:
-    stamp = [sys.version, *paths]
-    for path in paths:
-        stat = os.stat(path)
-        stamp += [stat.st_mtime_ns, stat.st_size]
-    return stamp
+def _kept(kind: str, stamp: list, compute):
+    generation = _generation()
+    if not generation.exists():  # a new Python or ldm: what older ones kept goes
+        for old in generation.parent.glob("*"):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return cache.kept(generation / kind, stamp, compute)
 
 
 def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeType, list]:
@@ -197,7 +173,7 @@ def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeTy
         transform = deferral.Transform(filename, package, RULES)
         code = compile(transform.module(ast.parse(source)), filename, "exec")
         return code, transform.blocks
-    return _kept("code", _stamp(filename), compute)
+    return _kept("code", cache.stamp(filename), compute)
 
 
 def _kept_listings(import_utils: types.ModuleType) -> None:
@@ -214,7 +190,7 @@ def _kept_listings(import_utils: types.ModuleType) -> None:
         stamp = [str(module_path), prefix]
         for parent, folders, names in os.walk(folder):
             folders.sort()
-            stamp += [(parent, n, *_stamp(os.path.join(parent, n))[-2:]) for n in sorted(names) if n.endswith(".py")]
+            stamp += [(parent, n, *cache.stamp(os.path.join(parent, n))[-2:]) for n in sorted(names) if n.endswith(".py")]
         return _kept("listings", stamp, lambda: original(module_path, prefix))
 
     import_utils.define_import_structure = define_import_structure
