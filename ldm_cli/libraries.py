@@ -31,6 +31,7 @@ import importlib.machinery
 import os
 import shutil
 import sys
+import time
 import types
 
 from ldm_cli import cache, deferral
@@ -152,18 +153,28 @@ class _Narrowed(importlib.abc.Loader):
         module.maybe_allow_in_graph = _record_allow_in_graph
 
 
+UNUSED_GENERATION_S = 7 * 24 * 3600
+
+
 @functools.lru_cache(maxsize=1)
 def _generation():
-    """This Python's and this ldm's folder of kept imports."""
-    return cache.root() / "imports" / hashlib.sha256(repr(cache.stamp(__file__)).encode()).hexdigest()[:16]
+    """This Python's and this ldm's folder of kept imports, marked used. A new one clears those no
+    run has used for a week: an upgrade's old ones go, while two installs sharing the cache
+    (two virtual environments, a checkout beside a release) keep theirs."""
+    folder = cache.root() / "imports" / hashlib.sha256(repr(cache.stamp(__file__)).encode()).hexdigest()[:16]
+    try:
+        os.utime(folder)
+    except FileNotFoundError:
+        for old in folder.parent.glob("*"):
+            if time.time() - old.stat().st_mtime > UNUSED_GENERATION_S:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    except OSError:  # a cache folder ldm cannot write: nothing kept
+        pass
+    return folder
 
 
 def _kept(kind: str, stamp: list, compute):
-    generation = _generation()
-    if not generation.exists():  # a new Python or ldm: what older ones kept goes
-        for old in generation.parent.glob("*"):
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-    return cache.kept(generation / kind, stamp, compute)
+    return cache.kept(_generation() / kind, stamp, compute)
 
 
 def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeType, list]:
