@@ -1,0 +1,170 @@
+"""Upscalers as A1111 names them: `Lanczos`, `Nearest` and `None` (plain resizes) or a model
+(ESRGAN, RealESRGAN and its compact SRVGG, SwinIR, DAT, HAT, OmniSR, SPAN... what spandrel's core
+architectures read), given as a file or by name in the models folders (model_lookup).
+
+A model file is read as tensors only: `.safetensors` through ldm's checked header, `.pth`/`.pt`
+with torch.load(weights_only=True) (loading/safety.py), so a pickle that needs code is refused
+before any of it runs (spandrel's own loader unpickles more). As A1111 does, a model is applied
+whole passes (tiled, tiling.py) while the image is smaller than the size asked for, at most
+three, and the result is resized to that size with Lanczos. Pixels go in as RGB in [0, 1].
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+from ldm_cli import files, infotext, model_lookup
+from ldm_cli.errors import LdmError
+
+RESIZERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST,
+            "None": Image.Resampling.LANCZOS}  # A1111's None: no model, the final Lanczos resize alone
+MAX_PASSES = 3  # A1111's
+TILE, OVERLAP = 512, 32  # input pixels: a 4x model's 2048 px output tile fits a few GB of GPU memory
+PURPOSES = ("SR", "Restoration")  # not FaceSR (aligned faces only) or Inpainting (takes a mask)
+
+
+@dataclass
+class Upscaler:
+    name: str  # as the metadata records it: a resizer's name or the model file's stem
+    model: Any = None  # spandrel's ImageModelDescriptor, on its device; None for a resizer
+    scale: int = 1
+
+    @property
+    def resample(self) -> Image.Resampling:
+        return RESIZERS.get(self.name, Image.Resampling.LANCZOS)
+
+
+def locate(upscaler: str, models_dir: str | None) -> Path | None:
+    """The model file `upscaler` names (a path, or a name in the models folders); None for a resizer."""
+    if upscaler in RESIZERS:
+        return None
+    path = files.user_path(upscaler)
+    if files.exists(path) or os.sep in upscaler or path.suffix.lower() in model_lookup.UPSCALERS.suffixes:
+        if not files.exists(path):
+            raise LdmError(f"no such upscaler file: {upscaler!r}")
+        files.check_openable(path)
+        return path
+    roots = model_lookup.folders(models_dir, model_lookup.UPSCALERS)
+    found = model_lookup.find(upscaler, None, roots, model_lookup.UPSCALERS)
+    if found is None:
+        where = f"in {', '.join(repr(str(r)) for r in roots)}" if roots else \
+            f"without a models folder (--models-dir or ${model_lookup.MODELS_ENV})"
+        raise LdmError(f"no upscaler model named {upscaler!r} {where}; give its file, or one of "
+                       f"{', '.join(RESIZERS)}")
+    return found
+
+
+def load(upscaler: str, models_dir: str | None = None, device: str = "auto") -> Upscaler:
+    """The upscaler `upscaler` names, its model (if any) read and placed on `device`."""
+    path = locate(upscaler, models_dir)
+    if path is None:
+        return Upscaler(upscaler)
+    return Upscaler(path.stem, *_placed(_model(path), device))
+
+
+def _placed(model, device_name: str) -> tuple[Any, int]:
+    import torch
+
+    from ldm_cli.device import pick_device
+
+    device = pick_device(device_name)
+    half = device.type != "cpu" and model.supports_half  # fp16 on GPUs, as A1111; fp32 on the CPU
+    return model.to(device, torch.float16 if half else torch.float32).eval(), model.scale
+
+
+def _model(path: Path):
+    """spandrel's descriptor of the model in `path`; one line for anything it is not."""
+    from ldm_cli.libraries import import_spandrel
+
+    spandrel = import_spandrel()
+    state = {k: v for k, v in spandrel.canonicalize_state_dict(_tensors(path)).items() if hasattr(v, "shape")}
+    try:
+        model = spandrel.ModelLoader().load_from_state_dict(state)
+    except spandrel.UnsupportedModelError:
+        raise LdmError(f"{path.name} is no upscaler model ldm knows (ESRGAN, RealESRGAN, SwinIR, DAT, HAT, "
+                       "OmniSR, SPAN... the architectures spandrel reads)") from None
+    except Exception as e:  # spandrel's detection reads shapes a crafted file may make nonsense
+        raise LdmError(f"{path.name} looks like a {type(e).__name__} to spandrel, not a model it can build "
+                       f"({str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    purpose = str(model.purpose)
+    if not isinstance(model, spandrel.ImageModelDescriptor) or purpose not in PURPOSES:
+        raise LdmError(f"{path.name} is a {model.architecture.name} model for {purpose}, not an upscaler")
+    if (model.input_channels, model.output_channels) != (3, 3):
+        raise LdmError(f"{path.name} takes {model.input_channels} and gives {model.output_channels} channels; "
+                       "ldm upscales RGB images (3 and 3)")
+    return model
+
+
+def _tensors(path: Path) -> dict:
+    from ldm_cli.loading import safety, tensors
+
+    kind = safety.sniff(path)
+    if kind == "pickle":
+        return safety.load_pickle(path, tensors_only=False)  # RealESRGAN nests its weights in params_ema
+    if kind != "safetensors":
+        raise LdmError(f"{path.name} is neither a .safetensors nor a PyTorch (.pth, .pt) file; ldm cannot read it")
+    checkpoint = tensors.open_checkpoint(path)
+    return {key: checkpoint.get(key).clone() for key in checkpoint.shapes}
+
+
+def passes(size: tuple[int, int], target: tuple[int, int], scale: int, at_least: int = 0) -> int:
+    """How many times a `scale`x model runs: while the image is smaller than `target` on either
+    side (A1111: at most 3; once only for a model that keeps the size)."""
+    done, (width, height) = 0, size
+    while done < MAX_PASSES and (done < at_least or width < target[0] or height < target[1]) and (done == 0 or scale > 1):
+        width, height, done = width * scale, height * scale, done + 1
+    return done
+
+
+def upscale(upscaler: Upscaler, image: Image.Image, size: tuple[int, int], *, tile: int = TILE,
+            overlap: int = OVERLAP, at_least: int = 0, on_tile: Callable[[], None] = lambda: None,
+            on_halved: Callable[[int, int], None] = lambda done, tiles: None) -> Image.Image:
+    """`image` (RGB) at `size` (width, height): the model's passes, then a resize to `size`."""
+    for _ in range(passes(image.size, size, upscaler.scale, at_least) if upscaler.model is not None else 0):
+        image = _model_pass(upscaler, image, tile, overlap, on_tile, on_halved)
+    return image if image.size == tuple(size) else image.resize(tuple(size), upscaler.resample)
+
+
+def _model_pass(upscaler: Upscaler, image: Image.Image, tile: int, overlap: int, on_tile, on_halved) -> Image.Image:
+    import numpy as np
+    import torch
+
+    from ldm_cli import tiling
+
+    model = upscaler.model
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+
+    def apply(part):
+        with torch.inference_mode():
+            return model(part.to(model.device, model.dtype))
+
+    out = tiling.run_halving(apply, pixels, upscaler.scale, tile, overlap, on_tile, on_halved)
+    return Image.fromarray((out[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def metadata(chunks: dict[str, str], scale: float, upscaler: Upscaler) -> dict[str, str]:
+    """The source image's text chunks (its `parameters` among them) and A1111's `postprocessing`
+    chunk saying how it was upscaled (replacing an earlier one, as A1111's Extras tab does)."""
+    done = {"Postprocess upscale by": infotext.format_number(scale), "Postprocess upscaler": upscaler.name}
+    return {**chunks, infotext.POSTPROCESSING: infotext.format_params(done)}
+
+
+@functools.lru_cache(maxsize=1)
+def _kept(upscaler: str, models_dir: str | None, device, stamp: tuple) -> Upscaler:
+    return load(upscaler, models_dir, device)
+
+
+def upscale_to(image: Image.Image, upscaler: str, size: tuple[int, int], *, models_dir: str | None,
+               device="auto") -> Image.Image:
+    """`image` at `size` through `upscaler` (Lanczos, Nearest, None, a model file or name), as a
+    hires fix upscales: the last model used stays loaded for the next image."""
+    if upscaler in RESIZERS:
+        return upscale(Upscaler(upscaler), image, size)
+    path = locate(upscaler, models_dir)
+    stat = os.stat(path)
+    return upscale(_kept(str(path), None, str(device), (stat.st_mtime_ns, stat.st_size)), image, size)
