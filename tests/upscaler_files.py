@@ -19,9 +19,9 @@ def esrgan(scale: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     return _randomised(ESRGAN(num_filters=8, num_blocks=1, scale=scale))
 
 
-def compact(scale: int = 2, seed: int = 0, gain: float = 0.3) -> dict[str, torch.Tensor]:
+def compact(scale: int = 2, seed: int = 0, gain: float = 0.1) -> dict[str, torch.Tensor]:
     """RealESRGAN's compact SRVGG with 8 features and 2 convolutions: its output is the input
-    enlarged (nearest) plus what the convolutions add, a few levels on average at gain 0.3."""
+    enlarged (nearest) plus what the convolutions add, a few levels on average at gain 0.1."""
     import_spandrel()
     from spandrel.architectures.Compact import Compact
 
