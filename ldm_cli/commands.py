@@ -325,7 +325,7 @@ def upscale(paths: list[Path], options: UpscaleOptions) -> Iterator[Upscaled]:
         for path, target in zip(paths, targets):
             image = upscaling.upscale(upscaler, images.load_image(path), target, tile=options.tile,
                                       overlap=options.overlap, at_least=1, on_tile=progress.step,
-                                      on_halved=lambda done, more: progress.grow(more - done))
+                                      on_halved=progress.grow)
             chunks = upscaling.metadata(images.read_text_chunks(path), scale, upscaler)
             progress.image_done()
             yield Upscaled(images.save_png(image, options.out, path.stem, chunks), path, target, upscaler.name)

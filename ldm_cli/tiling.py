@@ -71,11 +71,13 @@ def run(apply: Callable, image, scale: int, tile: int, overlap: int, on_tile: Ca
 
 
 def run_halving(apply: Callable, image, scale: int, tile: int, overlap: int,
-                on_tile: Callable[[], None] = lambda: None, on_halved: Callable[[int, int], None] = lambda done, tiles: None):
-    """run(), with the tile halved (and the image started again) each time the device runs out of
-    memory; on_halved(tiles done so far, tiles the new size takes) lets a progress bar follow."""
+                on_tile: Callable[[], None] = lambda: None, on_halved: Callable[[int], None] = lambda more: None):
+    """(run()'s output, the tile it ran with): the tile halved (and the image started again) each
+    time the device runs out of memory; on_halved(tiles to run beyond those planned) lets a
+    progress bar follow."""
     import torch
 
+    size = (image.shape[-1], image.shape[-2])
     while True:
         done = [0]
 
@@ -83,13 +85,14 @@ def run_halving(apply: Callable, image, scale: int, tile: int, overlap: int,
             done[0] += 1
             on_tile()
         try:
-            return run(apply, image, scale, tile, overlap, counted)
+            return run(apply, image, scale, tile, overlap, counted), tile
         except torch.OutOfMemoryError:
             if tile // 2 < MIN_TILE:
                 raise LdmError(f"out of memory upscaling even with {tile}-pixel tiles; use --device cpu") from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            planned_left = count(size, tile, overlap) - done[0]
             tile //= 2
             overlap = min(overlap, tile // 2)
             note(f"out of memory: upscaling again with {tile}-pixel tiles")
-            on_halved(done[0], count((image.shape[-1], image.shape[-2]), tile, overlap))
+            on_halved(count(size, tile, overlap) - planned_left)

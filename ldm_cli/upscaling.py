@@ -33,6 +33,7 @@ class Upscaler:
     name: str  # as the metadata records it: a resizer's name or the model file's stem
     model: Any = None  # spandrel's ImageModelDescriptor, on its device; None for a resizer
     scale: int = 1
+    fitting_tile: int | None = None  # set once a tile ran out of memory: later passes start there
 
     @property
     def resample(self) -> Image.Resampling:
@@ -59,20 +60,21 @@ def locate(upscaler: str, models_dir: str | None) -> Path | None:
     return found
 
 
-def load(upscaler: str, models_dir: str | None = None, device: str = "auto") -> Upscaler:
-    """The upscaler `upscaler` names, its model (if any) read and placed on `device`."""
+def load(upscaler: str, models_dir: str | None = None, device="auto") -> Upscaler:
+    """The upscaler `upscaler` names, its model (if any) read and placed on `device` (a name as
+    --device takes, or a torch.device)."""
     path = locate(upscaler, models_dir)
     if path is None:
         return Upscaler(upscaler)
     return Upscaler(path.stem, *_placed(_model(path), device))
 
 
-def _placed(model, device_name: str) -> tuple[Any, int]:
+def _placed(model, device) -> tuple[Any, int]:
     import torch
 
     from ldm_cli.device import pick_device
 
-    device = pick_device(device_name)
+    device = device if isinstance(device, torch.device) else pick_device(device)
     half = device.type != "cpu" and model.supports_half  # fp16 on GPUs, as A1111; fp32 on the CPU
     return model.to(device, torch.float16 if half else torch.float32).eval(), model.scale
 
@@ -123,7 +125,7 @@ def passes(size: tuple[int, int], target: tuple[int, int], scale: int, at_least:
 
 def upscale(upscaler: Upscaler, image: Image.Image, size: tuple[int, int], *, tile: int = TILE,
             overlap: int = OVERLAP, at_least: int = 0, on_tile: Callable[[], None] = lambda: None,
-            on_halved: Callable[[int, int], None] = lambda done, tiles: None) -> Image.Image:
+            on_halved: Callable[[int], None] = lambda more: None) -> Image.Image:
     """`image` (RGB) at `size` (width, height): the model's passes, then a resize to `size`."""
     for _ in range(passes(image.size, size, upscaler.scale, at_least) if upscaler.model is not None else 0):
         image = _model_pass(upscaler, image, tile, overlap, on_tile, on_halved)
@@ -143,7 +145,13 @@ def _model_pass(upscaler: Upscaler, image: Image.Image, tile: int, overlap: int,
         with torch.inference_mode():
             return model(part.to(model.device, model.dtype))
 
-    out = tiling.run_halving(apply, pixels, upscaler.scale, tile, overlap, on_tile, on_halved)
+    if upscaler.fitting_tile and upscaler.fitting_tile < tile:
+        fits = (upscaler.fitting_tile, min(overlap, upscaler.fitting_tile // 2))
+        on_halved(tiling.count(image.size, *fits) - tiling.count(image.size, tile, overlap))
+        tile, overlap = fits
+    out, ran = tiling.run_halving(apply, pixels, upscaler.scale, tile, overlap, on_tile, on_halved)
+    if ran < tile:
+        upscaler.fitting_tile = ran
     return Image.fromarray((out[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
@@ -155,8 +163,9 @@ def metadata(chunks: dict[str, str], scale: float, upscaler: Upscaler) -> dict[s
 
 
 @functools.lru_cache(maxsize=1)
-def _kept(upscaler: str, models_dir: str | None, device, stamp: tuple) -> Upscaler:
-    return load(upscaler, models_dir, device)
+def _kept(path: str, device, stamp: tuple) -> Upscaler:
+    """The model at `path` on `device`, loaded once while the file (`stamp`) stays the same."""
+    return load(path, None, device)
 
 
 def upscale_to(image: Image.Image, upscaler: str, size: tuple[int, int], *, models_dir: str | None,
@@ -167,4 +176,4 @@ def upscale_to(image: Image.Image, upscaler: str, size: tuple[int, int], *, mode
         return upscale(Upscaler(upscaler), image, size)
     path = locate(upscaler, models_dir)
     stat = os.stat(path)
-    return upscale(_kept(str(path), None, str(device), (stat.st_mtime_ns, stat.st_size)), image, size)
+    return upscale(_kept(str(path), device, (stat.st_mtime_ns, stat.st_size)), image, size)

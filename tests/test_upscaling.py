@@ -124,13 +124,42 @@ def test_out_of_memory_halves_the_tile_until_it_fits(capsys):
         return torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
 
     halved = []
-    out = tiling.run_halving(apply, image, 2, 160, 32, on_halved=lambda done, tiles: halved.append((done, tiles)))
+    out, tile = tiling.run_halving(apply, image, 2, 160, 32, on_halved=halved.append)
+    assert tile == 40
     torch.testing.assert_close(out, torch.nn.functional.interpolate(image, scale_factor=2, mode="nearest"),
                                atol=1e-6, rtol=0)
-    assert halved == [(0, 1), (0, tiling.count((80, 80), 40, 20))]
+    # 160 (one tile) -> 80, overlap 32 (one tile again) -> 40, overlap 20 (3 x 3): 8 more than planned
+    assert halved == [0, tiling.count((80, 80), 40, 20) - 1] == [0, 8]
     assert "40-pixel tiles" in capsys.readouterr().err
     with pytest.raises(LdmError, match="out of memory upscaling even with 32-pixel tiles"):
         tiling.run_halving(lambda x: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")), image, 2, 64, 8)
+
+
+class SmallGpuModel:
+    """A 2x nearest-neighbour 'model' whose device holds no tile over 40 pixels a side."""
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def __init__(self):
+        self.too_large = 0
+
+    def __call__(self, x):
+        if max(x.shape[-2:]) > 40:
+            self.too_large += 1
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def test_later_passes_start_from_the_tile_that_fitted_and_the_count_stays_true():
+    model = SmallGpuModel()
+    upscaler = upscaling.Upscaler("small", model, 2)
+    picture = scene((60, 60))
+    planned = sum(tiling.count((side, side), 64, 8) for side in (60, 120))  # what `ldm upscale` plans
+    ran, more = [], []
+    out = upscaling.upscale(upscaler, picture, (240, 240), tile=64, overlap=8, on_tile=lambda: ran.append(1),
+                            on_halved=more.append)
+    assert out.tobytes() == picture.resize((240, 240), Image.NEAREST).tobytes()
+    assert model.too_large == 1 and upscaler.fitting_tile == 32  # the second pass never tried 64
+    assert len(ran) == planned + sum(more)
 
 
 @pytest.mark.parametrize("size, target, scale, at_least, expected", [
