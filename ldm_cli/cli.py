@@ -396,6 +396,8 @@ def upscale(
         "DAT, HAT...), a model's name in the models folder's ESRGAN/ or upscale_models/, or Lanczos or Nearest.")],
     scale: Annotated[Optional[float], typer.Option(help="Times larger, 1 to 16; a model runs again while the image is "
                                                          "smaller, then Lanczos resizes to the size [default: the model's own].")] = None,
+    resize: Annotated[Optional[str], typer.Option(metavar="WxH", help="Upscale to cover WxH, then crop its middle "
+                                                                      "(A1111's 'Scale to' with 'Crop to fit').")] = None,
     tile: Annotated[int, typer.Option(help="Tile side in input pixels; halved on out-of-memory.")] = 512,
     tile_overlap: Annotated[int, typer.Option(help="Pixels neighbouring tiles share, blended (at most half a tile).")] = 32,
     out: Out = Path("outputs"),
@@ -408,7 +410,7 @@ def upscale(
     parameters and adds A1111's `Postprocess upscale by` and `Postprocess upscaler`."""
     from ldm_cli import commands
 
-    options = commands.UpscaleOptions(upscaler, scale, tile, tile_overlap, out, models_dir, device, quiet)
+    options = commands.UpscaleOptions(upscaler, scale, resize, tile, tile_overlap, out, models_dir, device, quiet)
     for result in commands.upscale(image, options):
         print(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else f"saved {result.path}", flush=True)
 

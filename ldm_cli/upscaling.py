@@ -22,7 +22,7 @@ from ldm_cli import files, infotext, model_lookup
 from ldm_cli.errors import LdmError
 
 RESIZERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST,
-            "None": Image.Resampling.LANCZOS}  # A1111's None: no model, the final Lanczos resize alone
+            "None": Image.Resampling.LANCZOS}  # A1111's None: no upscaler, its final Lanczos resize alone
 MAX_PASSES = 3  # A1111's
 TILE, OVERLAP = 512, 32  # input pixels: a 4x model's 2048 px output tile fits a few GB of GPU memory
 PURPOSES = ("SR", "Restoration")  # not FaceSR (aligned faces only) or Inpainting (takes a mask)
@@ -155,11 +155,28 @@ def _model_pass(upscaler: Upscaler, image: Image.Image, tile: int, overlap: int,
     return Image.fromarray((out[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def metadata(chunks: dict[str, str], scale: float, upscaler: Upscaler) -> dict[str, str]:
+def cover(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """`size` scaled by the larger of the box's ratios, so it covers `box` (A1111's "Scale to")."""
+    (width, height), (box_width, box_height) = size, box
+    if box_width * height >= box_height * width:
+        return box_width, max(box_height, round(height * box_width / width))
+    return max(box_width, round(width * box_height / height)), box_height
+
+
+def cropped(image: Image.Image, box: tuple[int, int]) -> Image.Image:
+    """The middle of `image`, `box` in size (A1111's "crop to fit", its offsets)."""
+    left, top = image.width // 2 - box[0] // 2, image.height // 2 - box[1] // 2
+    return image.crop((left, top, left + box[0], top + box[1]))
+
+
+def metadata(chunks: dict[str, str], upscaler: Upscaler, scale: float | None,
+             box: tuple[int, int] | None = None) -> dict[str, str]:
     """The source image's text chunks (its `parameters` among them) and A1111's `postprocessing`
-    chunk saying how it was upscaled (replacing an earlier one, as A1111's Extras tab does)."""
-    done = {"Postprocess upscale by": infotext.format_number(scale), "Postprocess upscaler": upscaler.name}
-    return {**chunks, infotext.POSTPROCESSING: infotext.format_params(done)}
+    chunk saying how it was upscaled (replacing an earlier one, as A1111's Extras tab does):
+    by `scale`, or to `box` and cropped, in A1111's order."""
+    done = {"Postprocess upscale to": f"{box[0]}x{box[1]}", "Postprocess crop to": f"{box[0]}x{box[1]}"} if box else \
+        {"Postprocess upscale by": infotext.format_number(scale)}
+    return {**chunks, infotext.POSTPROCESSING: infotext.format_params({**done, "Postprocess upscaler": upscaler.name})}
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,10 +187,20 @@ def _kept(path: str, device, stamp: tuple) -> Upscaler:
 
 def upscale_to(image: Image.Image, upscaler: str, size: tuple[int, int], *, models_dir: str | None,
                device="auto") -> Image.Image:
-    """`image` at `size` through `upscaler` (Lanczos, Nearest, None, a model file or name), as a
-    hires fix upscales: the last model used stays loaded for the next image."""
-    if upscaler in RESIZERS:
-        return upscale(Upscaler(upscaler), image, size)
-    path = locate(upscaler, models_dir)
-    stat = os.stat(path)
-    return upscale(_kept(str(path), device, (stat.st_mtime_ns, stat.st_size)), image, size)
+    """`image` at `size` through `upscaler` (Lanczos, Nearest, None, a model file or name) as A1111's
+    hires fix resizes (its resize_image): None is one Lanczos resize; otherwise, when `size` is
+    larger, the upscaler takes the image to its scale (the larger ratio) x its size rounded down
+    to multiples of 8 (a resizer: its own resize to the scaled size, then Lanczos), and Lanczos
+    makes that `size`. The last model used stays loaded for the next image."""
+    size = tuple(size)
+    scale = max(size[0] / image.width, size[1] / image.height)
+    if upscaler != "None" and scale > 1:
+        dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+        if upscaler in RESIZERS:
+            image = image.resize((int(image.width * scale), int(image.height * scale)), RESIZERS[upscaler])
+        else:
+            path = locate(upscaler, models_dir)
+            stat = os.stat(path)
+            image = upscale(_kept(str(path), device, (stat.st_mtime_ns, stat.st_size)), image, dest)
+        image = image if image.size == dest else image.resize(dest, Image.Resampling.LANCZOS)
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)

@@ -84,6 +84,20 @@ def test_the_png_keeps_its_parameters_and_records_the_upscale(models, source, tm
     assert image.text[infotext.POSTPROCESSING] == "Postprocess upscale by: 3, Postprocess upscaler: 2x-compact"
 
 
+@pytest.mark.parametrize("box, covered", [((100, 100), (125, 100)), ((160, 64), (160, 128)), ((40, 32), (40, 32))])
+def test_resize_covers_the_box_then_crops_its_middle_as_a1111(models, source, tmp_path, box, covered):
+    assert upscaling.cover((40, 32), box) == covered
+    image, record = saved(cli(source, "--upscaler", models["compact"], "--resize", f"{box[0]}x{box[1]}",
+                              "--out", tmp_path / "o", "--json"))
+    assert image.size == box == (record["width"], record["height"])
+    upscaler = upscaling.load(str(models["compact"]))
+    full = upscaling.upscale(upscaler, scene(), covered, at_least=1)
+    left, top = covered[0] // 2 - box[0] // 2, covered[1] // 2 - box[1] // 2
+    assert image.tobytes() == full.crop((left, top, left + box[0], top + box[1])).tobytes()
+    assert image.text[infotext.POSTPROCESSING] == (f"Postprocess upscale to: {box[0]}x{box[1]}, Postprocess crop to: "
+                                                   f"{box[0]}x{box[1]}, Postprocess upscaler: 2x-compact")
+
+
 def test_tiled_stays_within_six_levels_of_the_whole_image(models):
     """Tile borders see less context than the whole image; the feathered overlap keeps the
     difference to at most 6/255 anywhere and 0.2/255 on average (48-pixel tiles, 16 overlap),
@@ -180,19 +194,37 @@ def test_a_smaller_model_runs_again_and_a_larger_one_is_resized_down(models):
                           np.array(once.resize((60, 48), Image.LANCZOS)))
 
 
-def test_upscale_to_takes_resizers_files_and_names(models, tmp_path, monkeypatch):
+def test_upscale_to_takes_resizers_files_and_names(models, tmp_path):
     picture = scene()
-    assert np.array_equal(np.array(upscaling.upscale_to(picture, "Lanczos", (97, 50), models_dir=None, device="cpu")),
-                          np.array(picture.resize((97, 50), Image.LANCZOS)))
+    assert np.array_equal(np.array(upscaling.upscale_to(picture, "Lanczos", (120, 96), models_dir=None, device="cpu")),
+                          np.array(picture.resize((120, 96), Image.LANCZOS)))
     assert upscaling.upscale_to(picture, "Nearest", (80, 64), models_dir=None, device="cpu").tobytes() == \
         picture.resize((80, 64), Image.NEAREST).tobytes()
     comfy = tmp_path / "comfy" / "models" / "upscale_models" / "sub"
     comfy.mkdir(parents=True)
     (comfy / "2x-compact.safetensors").write_bytes(models["compact"].read_bytes())
     by_name = upscaling.upscale_to(picture, "2x-compact", (80, 64), models_dir=str(tmp_path / "comfy"), device="cpu")
-    by_file = upscaling.upscale_to(picture, str(models["compact"]), (80, 64), models_dir=None, device="cpu")
+    by_file = upscaling.upscale_to(picture, str(models["compact"]), (80, 64), models_dir=None,
+                                   device=torch.device("cpu"))
     assert np.array_equal(np.array(by_name), spandrels_output(models["compact"], picture))
     assert by_name.tobytes() == by_file.tobytes()
+
+
+def test_upscale_to_resizes_as_a1111s_resize_image(models):
+    """To the larger ratio's size rounded down to 8, by the upscaler, then Lanczos to the size."""
+    picture = scene()  # 40x32 to 100x70: scale 2.5, 100x80 rounded down to 96x80, then 100x70
+    lanczos = picture.resize((100, 80), Image.LANCZOS).resize((96, 80), Image.LANCZOS).resize((100, 70), Image.LANCZOS)
+    assert upscaling.upscale_to(picture, "Lanczos", (100, 70), models_dir=None).tobytes() == lanczos.tobytes()
+    nearest = picture.resize((100, 80), Image.NEAREST).resize((96, 80), Image.LANCZOS).resize((100, 70), Image.LANCZOS)
+    assert upscaling.upscale_to(picture, "Nearest", (100, 70), models_dir=None).tobytes() == nearest.tobytes()
+    assert upscaling.upscale_to(picture, "None", (100, 70), models_dir=None).tobytes() == \
+        picture.resize((100, 70), Image.LANCZOS).tobytes()
+    compact = upscaling.load(str(models["compact"]))  # 2x: two passes to 160x128, Lanczos to 96x80, then 100x70
+    twice = upscaling.upscale(compact, upscaling.upscale(compact, picture, (80, 64)), (160, 128))
+    expected = twice.resize((96, 80), Image.LANCZOS).resize((100, 70), Image.LANCZOS)
+    assert upscaling.upscale_to(picture, str(models["compact"]), (100, 70), models_dir=None).tobytes() == expected.tobytes()
+    assert upscaling.upscale_to(picture, "Lanczos", (40, 30), models_dir=None).tobytes() == \
+        picture.resize((40, 30), Image.LANCZOS).tobytes()  # not larger: Lanczos alone
 
 
 def test_a_name_is_found_in_a1111s_esrgan_folder_and_ldm_models_dir(models, source, tmp_path, monkeypatch):
@@ -232,10 +264,14 @@ def not_an_upscaler(tmp_path):
     (["--tile", "16"], "--tile must be between 32 and 16384 pixels (got 16)"),
     (["--tile", "64", "--tile-overlap", "33"], "--tile-overlap must be between 0 and half the tile, 32 (got 33)"),
     (["--tile-overlap", "-1"], "--tile-overlap must be between 0"),
-    (["--upscaler", "Lanczos"], "--scale is needed with --upscaler Lanczos"),
+    (["--upscaler", "Lanczos"], "--scale or --resize is needed with --upscaler Lanczos"),
+    (["--scale", "2", "--resize", "80x64"], "give --scale or --resize, not both"),
+    (["--resize", "80"], "--resize must be WIDTHxHEIGHT, each 1 to 16384, such as 2048x1536 (got '80')"),
+    (["--resize", "0x64"], "--resize must be WIDTHxHEIGHT"),
+    (["--resize", "20000x64"], "--resize must be WIDTHxHEIGHT"),
     (["--upscaler", "/nowhere/4x.pth"], "no such upscaler file: '/nowhere/4x.pth'"),
     (["--upscaler", "NOT_AN_UPSCALER"], "is no upscaler model ldm knows"),
-    (["--scale", "16", "--upscaler", "Lanczos", "IMAGE_TOO_LARGE"], "at 16x would be 16000x16000, more than ldm writes"),
+    (["--scale", "16", "--upscaler", "Lanczos", "IMAGE_TOO_LARGE"], "upscaled would be 16000x16000, more than ldm writes"),
     (["MISSING"], "no such file"),
     (["NOT_AN_IMAGE"], "is not a readable image"),
     (["--device", "tpu"], "unknown --device"),
