@@ -20,6 +20,11 @@ leaves the packages' files as they are:
 - transformers' listings of its model folders are kept in ldm's cache, stamped with the files'
   times and sizes, and so is the bytecode of every module rewritten here.
 A module that needs none of this loads exactly as Python would load it, from its own bytecode.
+
+`import_spandrel()` imports spandrel (the upscalers' architectures) with torchvision_standin's
+modules served in torchvision's place while it imports: spandrel names three things from
+torchvision at module level, for architectures ldm never runs, and torchvision's wheel is often
+missing or built for another torch.
 """
 from __future__ import annotations
 
@@ -278,3 +283,43 @@ def prepare_compile() -> None:
         if cell is not None:
             cell[0] = marked
     _marks.clear()
+
+
+class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves the torchvision_standin modules under torchvision's names (ahead of any installed
+    torchvision, so an upscale never depends on whether one loads)."""
+
+    def __init__(self):
+        from ldm_cli import torchvision_standin
+
+        self.made = torchvision_standin.modules()
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.made:
+            return None
+        return importlib.machinery.ModuleSpec(name, self, is_package=hasattr(self.made[name], "__path__"))
+
+    def create_module(self, spec):
+        return self.made[spec.name]
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+def import_spandrel() -> types.ModuleType:
+    """spandrel, imported with the torchvision stand-ins registered only while it imports (a
+    torchvision already imported is left as it is and used)."""
+    if "spandrel" in sys.modules or "torchvision" in sys.modules:
+        import spandrel
+
+        return spandrel
+    finder = _StandIns()
+    sys.meta_path.insert(0, finder)
+    try:
+        import spandrel
+    finally:
+        sys.meta_path.remove(finder)
+        for name, module in finder.made.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+    return spandrel

@@ -22,12 +22,13 @@ assert not heavy, heavy
 """
 
 
-@pytest.mark.parametrize("args", [["schedulers"], ["info", "{png}"], ["info", "{png}", "--json"], ["--version"]])
+@pytest.mark.parametrize("args", [["schedulers"], ["info", "{png}"], ["info", "{png}", "--json"], ["--version"],
+                                  ["upscale", "{png}", "--upscaler", "Lanczos", "--scale", "2", "--out", "{out}"]])
 def test_quick_commands_import_no_heavy_library(args, tmp_path):
     png = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(png, pnginfo=png_info({"parameters": (
         "a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512")}))
-    result = subprocess.run([sys.executable, "-c", CHECK, *(a.format(png=png) for a in args)],
+    result = subprocess.run([sys.executable, "-c", CHECK, *(a.format(png=png, out=tmp_path / "o") for a in args)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout  # it answered
