@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps "spandrel>=0.4,<0.5"
 	touch $(STAMP)
 
 # One test process per core (each runs torch on one thread): 5 minutes instead of 10 on 2 cores.

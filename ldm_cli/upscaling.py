@@ -83,7 +83,13 @@ def _model(path: Path):
     """spandrel's descriptor of the model in `path`; one line for anything it is not."""
     from ldm_cli.libraries import import_spandrel
 
-    spandrel = import_spandrel()
+    try:
+        spandrel = import_spandrel()
+    except ModuleNotFoundError as e:
+        if e.name != "spandrel":
+            raise
+        raise LdmError("upscaler models need spandrel: pip install --no-deps 'spandrel>=0.4,<0.5' (without "
+                       "--no-deps pip also installs torchvision, which ldm does not use)") from None
     state = {k: v for k, v in spandrel.canonicalize_state_dict(_tensors(path)).items() if hasattr(v, "shape")}
     try:
         model = spandrel.ModelLoader().load_from_state_dict(state)

@@ -2,6 +2,7 @@
 resize, names in the models folders, the metadata, and every refusal in one line."""
 import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -237,6 +238,15 @@ def test_a_name_is_found_in_a1111s_esrgan_folder_and_ldm_models_dir(models, sour
     assert_one_line_error(cli(source, "--upscaler", "4x-none", "--out", tmp_path / "o2"),
                           "no upscaler model named '4x-none' in", "ESRGAN")
     assert not (tmp_path / "o2").exists()
+
+
+def test_without_spandrel_a_model_upscaler_is_one_line_naming_the_install(models, source, tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "spandrel", raising=False)
+    monkeypatch.setitem(sys.modules, "spandrel", None)  # what an environment without it raises
+    assert_one_line_error(cli(source, "--upscaler", models["esrgan"], "--out", tmp_path / "o"),
+                          "pip install --no-deps 'spandrel")
+    assert not (tmp_path / "o").exists()
+    assert cli(source, "--upscaler", "Lanczos", "--scale", 2, "--out", tmp_path / "l").exit_code == 0
 
 
 def test_a_pth_that_would_run_code_is_refused_and_never_runs(models, source, tmp_path):
