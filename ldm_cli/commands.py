@@ -82,6 +82,7 @@ def with_lora_flags(settings: Settings, options: RunOptions) -> Settings:
 
 def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]:
     """Render options.num_images images; image i uses seed + i. Yields each as it is saved."""
+    from ldm_cli import hires
     from ldm_cli.progress import Progress
 
     options.validate()
@@ -90,7 +91,7 @@ def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]
     model = load_model(settings, options)
     s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
-    with Progress(s.steps * len(jobs), len(jobs), options.quiet) as progress:
+    with Progress(hires.steps(s) * len(jobs), len(jobs), options.quiet) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress)
 
 
