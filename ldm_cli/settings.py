@@ -34,7 +34,7 @@ LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Den
           "hires_schedule": "Hires schedule type", "hires_prompt": "Hires prompt",
           "hires_negative": "Hires negative prompt", "hires_cfg": "Hires CFG Scale"}
 INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length",
-                    "guidance", "clip_skip", "hires_scale", "hires_steps", "hires_cfg")
+                    "guidance", "clip_skip")
 # Settings only some families take (SD3's and FLUX's flow shift and T5 options, FLUX dev's
 # distilled guidance): a model that takes one names a default for it (None: computed, as FLUX
 # dev's size-dependent shift), and for any other model the setting is dropped, never recorded.
