@@ -21,6 +21,7 @@ LATENT_MODES = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinea
                 "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
 # upscalers of the decoded image (the pixels then encoded again); "None" is a plain Lanczos resize
 IMAGE_UPSCALERS = ("Lanczos", "Nearest", "None")
+UPSCALERS = (*LATENT_MODES, *IMAGE_UPSCALERS)
 DEFAULT_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode
 DEFAULT_STRENGTH = 0.7  # A1111's txt2img slider
 DEFAULT_SCALE = 2.0  # A1111's hr_scale, for a record or a prompts-file line that enables hires alone
@@ -40,14 +41,9 @@ def enabled(s) -> bool:
     return s.hires_scale is not None or bool(s.hires_width) or bool(s.hires_height)
 
 
-def upscaler_name(text: str) -> str:
-    """The upscaler's own spelling (case ignored); one line for a name ldm does not have."""
-    names = [*LATENT_MODES, *IMAGE_UPSCALERS]
-    for name in names:
-        if name.lower() == text.strip().lower():
-            return name
-    raise LdmError(f"--hires-upscaler must be one of {', '.join(repr(n) for n in names)} (got {text!r}); "
-                   "model upscalers (ESRGAN and the like) are not supported yet")
+def upscaler_name(text: str) -> str | None:
+    """The upscaler's own spelling (case ignored); None for a name ldm does not have."""
+    return next((name for name in UPSCALERS if name.lower() == text.strip().lower()), None)
 
 
 def upscaled_size(s) -> tuple[int, int]:

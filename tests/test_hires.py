@@ -245,3 +245,38 @@ def test_bad_flags_are_one_line(args, message, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ldm: error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- prompts files ----------------------------------------------------------------------------------------
+def test_batch_lines_take_a1111_hires_keys(sd1_folder, tmp_path):
+    """An A1111 option line and an API payload (JSONL) render what `generate` does with the flags."""
+    (tmp_path / "p.txt").write_text('--prompt "a fox" --steps 2 --width 64 --height 64 --seed 9 --enable_hr true '
+                                    '--hr_scale 1.5 --hr_upscaler Lanczos --hr_second_pass_steps 2 --denoising_strength 0.5\n')
+    (tmp_path / "p.jsonl").write_text(json.dumps(dict(
+        prompt="a fox", steps=2, width=64, height=64, seed=9, enable_hr=True, hr_scale=2, hr_resize_x=96,
+        hr_resize_y=0, hr_upscaler="Lanczos", hr_second_pass_steps=2, denoising_strength=0.5,
+        hr_sampler_name="Use same sampler", hr_prompt="")) + "\n")
+    for name in ("p.txt", "p.jsonl"):
+        result = CliRunner().invoke(app, ["batch", str(tmp_path / name), "--model", str(sd1_folder), "-o",
+                                          str(tmp_path / name.replace(".", "_")), "--json"])
+        assert result.exit_code == 0, result.output
+    line, payload = (sorted((tmp_path / f).glob("*.png"))[0] for f in ("p_txt", "p_jsonl"))
+    assert Image.open(line).size == (96, 96) and Image.open(payload).size == (96, 96)
+    flags = run(["--model", str(sd1_folder), "--seed", "9", "--hires-scale", "1.5", "--hires-upscaler", "Lanczos",
+                 "--hires-steps", "2", "--hires-strength", "0.5", "--json"], tmp_path)
+    made = json.loads(flags.stdout.splitlines()[-1])["path"]
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(line)))
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(payload)))  # 96x0 from 64x64 is 1.5
+
+
+@pytest.mark.parametrize("line, message", [
+    ('--prompt "a" --hr_scale 2', "--hr_scale applies to hires fix; add --enable_hr true"),
+    ('--prompt "a" --denoising_strength 0.5', "--denoising_strength applies to img2img and inpaint lines"),
+    ('--prompt "a" --enable_hr true --hr_upscaler "Latent (sharp)"', "--hr_upscaler must be one of"),
+])
+def test_bad_batch_lines_are_one_line(line, message, tmp_path):
+    (tmp_path / "p.txt").write_text(line + "\n")
+    result = CliRunner().invoke(app, ["batch", str(tmp_path / "p.txt"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("ldm: error: 1 bad line") and f"p.txt:1: {message}" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
