@@ -72,12 +72,14 @@ def load_model(settings: Settings, options: RunOptions):
 
 
 def with_lora_flags(settings: Settings, options: RunOptions) -> Settings:
-    """The prompt with a `<lora:NAME:W>` tag for each --lora FILE[:W] it does not name already."""
+    """The prompt (and hires prompt) with a `<lora:NAME:W>` tag for each --lora FILE[:W] it does not name already."""
     from ldm_cli.networks import tags
 
     if not options.networks.lora_files and settings.prompt is not None:  # a copy per line of a long file costs seconds
         return settings
-    return settings.merged(prompt=tags.with_flag_loras(settings.prompt, options.networks.lora_files))
+    files = options.networks.lora_files
+    return settings.merged(prompt=tags.with_flag_loras(settings.prompt, files),
+                           hires_prompt=settings.hires_prompt and tags.with_flag_loras(settings.hires_prompt, files))
 
 
 def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]:

@@ -280,3 +280,86 @@ def test_bad_batch_lines_are_one_line(line, message, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("ldm: error: 1 bad line") and f"p.txt:1: {message}" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+# -- ControlNets, LoRAs, every family ---------------------------------------------------------------------
+def test_controlnet_matches_diffusers_controlnet_pipelines(ours, sd1_folder, tmp_path):
+    """The first pass by the ControlNet pipeline, the second by its img2img pipeline with the
+    control image fitted to the hires size."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
+
+    from ldm_cli import control, control_units
+    from ldm_cli.loading import controlnet as controlnet_loading
+    from tests.test_controlnet import pattern, tiny_controlnet
+
+    model = ours("sd1")
+    tiny_controlnet(model.denoiser, 11).save_pretrained(tmp_path / "net")
+    pattern(3, (64, 64)).save(tmp_path / "control.png")
+    unit = control_units.ControlUnit(str(tmp_path / "net"), str(tmp_path / "control.png"), 0.8, 0.0, 1.0)
+    s = settings(model, scheduler="ddim", hires_upscaler="Latent (bicubic)")
+    model.controls = [(unit, controlnet_loading.load(unit.controlnet, model))]
+    try:
+        mine = pixels(hires.text_to_image(model, [s])[0])
+    finally:
+        model.controls = []
+    net = ControlNetModel.from_pretrained(tmp_path / "net")
+    text = StableDiffusionControlNetPipeline.from_pretrained(sd1_folder, controlnet=net, local_files_only=True)
+    text.saved_scheduler_config = text.scheduler.config
+    text.set_progress_bar_config(disable=True)
+    image = StableDiffusionControlNetImg2ImgPipeline(**text.components)
+    image.saved_scheduler_config = text.saved_scheduler_config
+    image.set_progress_bar_config(disable=True)
+    picture = Image.open(tmp_path / "control.png").convert("RGB")
+    text.scheduler = diffusers_scheduler(text, s.scheduler)
+    latents = text(s.prompt, negative_prompt=s.negative, image=picture, num_inference_steps=s.steps,
+                   guidance_scale=s.cfg, width=64, height=64, controlnet_conditioning_scale=0.8,
+                   generator=torch.Generator().manual_seed(s.seed), output_type="latent").images
+    up = upscale(text, s, latents, (128, 128))
+    image.scheduler = diffusers_scheduler(image, s.scheduler)
+    total, kept = hires_plan.steps(s)
+    ref = image(s.prompt, negative_prompt=s.negative, image=up, control_image=control.crop_and_resize(picture, 128, 128),
+                strength=(kept + 0.5) / total, num_inference_steps=total, guidance_scale=s.cfg,
+                controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(s.seed),
+                output_type="np").images[0]
+    ref = (ref * 255).round().astype(np.int16)
+    assert mine.shape == ref.shape == (128, 128, 3)
+    assert np.abs(mine - ref).max() <= 2
+
+
+def test_a_lora_follows_each_pass_prompt(sd1_folder, tmp_path):
+    """--lora tags both prompts and replays from the PNG; a hires prompt without the tag runs its
+    pass without the LoRA, as A1111's hires pass activates its own prompt's networks."""
+    from tests.test_networks_run import sd1_lora
+
+    lora = sd1_lora(tmp_path / "fox.safetensors", scale=3.0)
+    common = ["--model", str(sd1_folder), "--seed", "4", "--hires-scale", "1.5", "--hires-steps", "2", "--json"]
+    both = run([*common, "--lora", str(lora), "--hires-prompt", "a fox, sharp"], tmp_path)
+    assert both.exit_code == 0, both.output
+    made = json.loads(both.stdout.splitlines()[-1])["path"]
+    text = Image.open(made).info["parameters"]
+    assert "Hires prompt: a fox, sharp<lora:fox:1>" in text.replace('"', "") and "Lora hashes: " in text
+    again = CliRunner().invoke(app, ["generate", "--from-png", made, "-o", str(tmp_path / "again"), "--json",
+                                     "--lora-dir", str(tmp_path)])
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(pixels(Image.open(json.loads(again.stdout.splitlines()[-1])["path"])), pixels(Image.open(made)))
+    first_only = CliRunner().invoke(app, ["generate", "a fox <lora:fox:1>", "--lora-dir", str(tmp_path), "-o",
+                                          str(tmp_path / "first"), "--steps", "2", "-W", "64", "-H", "64", *common[:-1],
+                                          "--hires-prompt", "a fox, sharp", "--json"])
+    assert first_only.exit_code == 0, first_only.output
+    other = pixels(Image.open(json.loads(first_only.stdout.splitlines()[-1])["path"]))
+    assert np.abs(other - pixels(Image.open(made))).max() > 5
+
+
+@pytest.mark.parametrize("fixture", ["sd3_folder", "flux_schnell_folder", "chroma_folder", "zimage_turbo_folder",
+                                     "flux2_klein_folder", "qwen_image_folder"])
+def test_every_family_runs_it(fixture, request):
+    """The flow-matching families: the hires size, the same image twice, and a second pass that
+    changes the upscaled first pass."""
+    model = loading.load(str(request.getfixturevalue(fixture)), loading.LoadOptions(device="cpu"))
+    s = Settings(prompt="a fox", steps=2, seed=3, width=64, height=64, hires_scale=1.5, hires_steps=2,
+                 strength=0.6).resolve(model.defaults, model.native_size, model.train_timesteps)
+    hires.check(model, s)
+    one, two = (pixels(hires.text_to_image(model, [s])[0]) for _ in range(2))
+    assert one.shape == (96, 96, 3) and np.array_equal(one, two)
+    first = hires.pipeline.text_to_image(model, [s])[0].resize((96, 96), Image.LANCZOS)
+    assert np.abs(one - pixels(first)).max() > 5
