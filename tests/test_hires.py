@@ -363,3 +363,41 @@ def test_every_family_runs_it(fixture, request):
     assert one.shape == (96, 96, 3) and np.array_equal(one, two)
     first = hires.pipeline.text_to_image(model, [s])[0].resize((96, 96), Image.LANCZOS)
     assert np.abs(one - pixels(first)).max() > 5
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_sd3_matches_its_pipelines(sd3_folder, upscaler):
+    """A flow family: the SD3 pipeline to latents, the upscale, SD3's img2img pipeline keeping N
+    of int(N / D) steps (it keeps total - int(total - total * strength): ask for N - 1/4)."""
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+
+    from tests.flow_parity import as_pixels, close, load_pairs
+    from tests.test_sd3 import their_scheduler
+
+    ours, theirs = load_pairs(StableDiffusion3Pipeline, {"sd3": sd3_folder})["sd3"]
+    s = Settings(prompt="a red fox in snow", negative="blurry", steps=3, cfg=6.5, seed=1234, scheduler="euler",
+                 width=64, height=64, hires_scale=1.5, hires_steps=2, strength=0.6,
+                 hires_upscaler=upscaler).resolve(ours.defaults, ours.native_size)
+    mine = pixels(hires.text_to_image(ours, [s])[0])
+    theirs.scheduler = their_scheduler(theirs, "euler")
+    latents = theirs(s.prompt, negative_prompt=s.negative, num_inference_steps=s.steps, guidance_scale=s.cfg,
+                     height=64, width=64, generator=torch.Generator().manual_seed(s.seed), output_type="latent").images
+    if upscaler == "Latent":
+        up = torch.nn.functional.interpolate(latents, size=(12, 12), mode="bilinear")
+    else:
+        vae = theirs.vae
+        with torch.no_grad():
+            decoded = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+        array = ((decoded / 2 + 0.5).clamp(0, 1) * 255)[0].permute(1, 2, 0).numpy().astype(np.uint8)
+        image = Image.fromarray(array).resize((96, 96), resample=Image.LANCZOS)
+        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
+        with torch.no_grad():
+            mean = vae.encode(tensor).latent_dist.mean
+        up = (mean - vae.config.shift_factor) * vae.config.scaling_factor
+    total, kept = hires_plan.steps(s)
+    pipe = StableDiffusion3Img2ImgPipeline(**{**theirs.components, "scheduler": their_scheduler(theirs, "euler")})
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(s.prompt, image=up, negative_prompt=s.negative, strength=(kept - 0.25) / total, num_inference_steps=total,
+               guidance_scale=s.cfg, generator=torch.Generator().manual_seed(s.seed), output_type="np").images[0]
+    assert mine.shape == (96, 96, 3)
+    assert close(mine, as_pixels(ref))
