@@ -401,3 +401,23 @@ def test_sd3_matches_its_pipelines(sd3_folder, upscaler):
                guidance_scale=s.cfg, generator=torch.Generator().manual_seed(s.seed), output_type="np").images[0]
     assert mine.shape == (96, 96, 3)
     assert close(mine, as_pixels(ref))
+
+
+def test_an_a1111_png_replays_with_its_hires_pass(sd1_folder, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    chunks = PngInfo()
+    chunks.add_text("parameters", "a fox\nNegative prompt: blur\nSteps: 2, Sampler: Euler, Schedule type: Automatic, "
+                                  "CFG scale: 7, Seed: 11, Size: 64x64, Model: v1-5, Denoising strength: 0.5, "
+                                  "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (nearest), Version: v1.10.0")
+    Image.new("RGB", (96, 96)).save(tmp_path / "a1111.png", pnginfo=chunks)
+    replay = CliRunner().invoke(app, ["generate", "--from-png", str(tmp_path / "a1111.png"), "--model", str(sd1_folder),
+                                      "--rng", "cpu", "-o", str(tmp_path / "replay"), "--json"])
+    assert replay.exit_code == 0, replay.output
+    flags = run(["--model", str(sd1_folder), "--negative", "blur", "--scheduler", "euler", "--schedule", "default",
+                 "--cfg", "7", "--seed", "11", "--hires-scale", "1.5", "--hires-steps", "2", "--hires-strength", "0.5",
+                 "--hires-upscaler", "Latent (nearest)", "--json"], tmp_path)
+    assert flags.exit_code == 0, flags.output
+    paths = [json.loads(r.stdout.splitlines()[-1])["path"] for r in (replay, flags)]
+    assert Image.open(paths[0]).size == (96, 96)
+    assert np.array_equal(*(np.asarray(Image.open(p)) for p in paths))
