@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ldm_cli import schedulers
 from ldm_cli.errors import LdmError
 
 # A1111's latent upscale modes: torch interpolate's (mode, antialias)
@@ -89,8 +90,19 @@ def second_pass(s, multiple: int = 8):
     prompt, sampler and CFG where given, the final size, the steps it runs."""
     width, height = final_size(s, multiple)
     return s.merged(prompt=s.hires_prompt or None, negative=s.hires_negative or None, cfg=s.hires_cfg,
-                    scheduler=s.hires_scheduler, schedule=s.hires_schedule, width=width, height=height,
+                    scheduler=s.hires_scheduler, schedule=schedule(s), width=width, height=height,
                     steps=steps(s)[1])
+
+
+def schedule(s) -> str | None:
+    """The hires schedule: as given, else the first pass's (A1111's "same scheduler"; None) where
+    the hires sampler has it, else that sampler's own (A1111's samplers all take every schedule)."""
+    if s.hires_schedule is not None or s.hires_scheduler is None:
+        return s.hires_schedule
+    name = s.hires_scheduler
+    if name in schedulers.SCHEDULERS and s.schedule and not schedulers.supports(name, s.schedule):
+        return "default"
+    return None
 
 
 def check(s) -> None:

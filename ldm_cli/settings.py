@@ -305,9 +305,9 @@ class Settings:
             p["Hires steps"] = str(self.hires_steps)
         if self.hires_upscaler is not None:
             p["Hires upscaler"] = self.hires_upscaler
-        schedule = schedulers.schedule_label(self.hires_schedule)
-        if schedule is not None and self.hires_schedule != self.schedule:
-            p["Hires schedule type"] = schedule
+        schedule = hires_plan.schedule(self)
+        if schedule is not None and schedule != self.schedule:
+            p["Hires schedule type"] = schedulers.schedule_label(schedule) or "Automatic"  # A1111's name of the default
         return p
 
     def _read_hires(self, p: dict[str, str]) -> None:
@@ -329,8 +329,6 @@ class Settings:
             self.hires_scheduler, self.hires_schedule = schedulers.resolve(p["Hires sampler"])
         if "Hires schedule type" in p:
             self.hires_schedule = schedulers.schedule_from_label(p["Hires schedule type"]) or "default"
-        elif self.hires_scheduler is not None and self.hires_schedule is None:
-            self.hires_schedule = self.schedule  # A1111 keeps the first pass's schedule type
 
     @classmethod
     def from_infotext(cls, text: str) -> Settings:
