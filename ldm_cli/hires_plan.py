@@ -1,5 +1,6 @@
 """What A1111's hires fix runs, as data (no torch): the upscaler's kind, the size the first pass is
-upscaled to and cropped to, and the second pass's settings and step counts (hires.py runs it).
+upscaled to and cropped to, the second pass's settings and step counts (hires.py runs it), and
+the infotext fields that record it.
 
 A1111 1.10's rules, learned from its txt2img processing:
 - `Hires upscale X` upscales to int(W * X) x int(H * X). `Hires resize WxH` with one side 0 keeps
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ldm_cli import schedulers
+from ldm_cli import infotext, schedulers
 from ldm_cli.errors import LdmError
 
 # A1111's latent upscale modes: torch interpolate's (mode, antialias)
@@ -117,3 +118,31 @@ def check(s) -> None:
         raise LdmError("give --hires-scale or --hires-resize, not both")
     if s.strength is not None and s.strength <= 0:
         raise LdmError(f"--hires-strength must be above 0 for hires fix (got {s.strength:g})")
+
+
+def infotext_params(s) -> dict[str, str]:
+    """A1111's hires fields in its order (the second pass's sampler, prompts and Forge's CFG
+    where they differ, then the size, steps and upscaler; its schedule type is written last,
+    as A1111 learns it while sampling)."""
+    if not enabled(s):
+        return {}
+    p = {}
+    if s.hires_scheduler is not None and s.hires_scheduler != s.scheduler:
+        p["Hires sampler"] = schedulers.label(s.hires_scheduler)
+    for label, value, first in (("Hires prompt", s.hires_prompt, s.prompt),
+                                ("Hires negative prompt", s.hires_negative, s.negative)):
+        if value and value != first:
+            p[label] = value
+    if s.hires_cfg is not None and s.hires_cfg != s.cfg:
+        p["Hires CFG Scale"] = infotext.format_number(s.hires_cfg)
+    if s.hires_scale is not None:
+        p["Hires upscale"] = infotext.format_number(s.hires_scale)
+    else:
+        p["Hires resize"] = f"{s.hires_width or 0}x{s.hires_height or 0}"
+    if s.hires_steps:
+        p["Hires steps"] = str(s.hires_steps)
+    if s.hires_upscaler is not None:
+        p["Hires upscaler"] = s.hires_upscaler
+    if (run := schedule(s)) is not None and run != s.schedule:
+        p["Hires schedule type"] = schedulers.schedule_label(run) or "Automatic"  # A1111's name of the default
+    return p

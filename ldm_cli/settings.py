@@ -262,7 +262,7 @@ class Settings:
             p["Clip skip"] = str(self.clip_skip)
         p.update(self._text_options())
         p["RNG"] = RNG_LABELS[self.rng or "cpu"]
-        p.update(self._hires_params())
+        p.update(hires_plan.infotext_params(self))
         p.update(control_units.infotext_params(self.controlnet))  # sd-webui-controlnet's entries
         if self.lora_hashes:  # A1111's names and place, just before the version
             p["Lora hashes"] = self.lora_hashes
@@ -280,34 +280,6 @@ class Settings:
             p["Max sequence length"] = str(self.max_sequence_length)
         if self.no_t5:
             p["No T5"] = "True"
-        return p
-
-    def _hires_params(self) -> dict[str, str]:
-        """A1111's hires fields in its order (the second pass's sampler, prompts and Forge's CFG
-        where they differ, then the size, steps and upscaler; its schedule type is written last,
-        as A1111 learns it while sampling)."""
-        if not hires_plan.enabled(self):
-            return {}
-        p = {}
-        if self.hires_scheduler is not None and self.hires_scheduler != self.scheduler:
-            p["Hires sampler"] = schedulers.label(self.hires_scheduler)
-        for label, value, first in (("Hires prompt", self.hires_prompt, self.prompt),
-                                    ("Hires negative prompt", self.hires_negative, self.negative)):
-            if value and value != first:
-                p[label] = value
-        if self.hires_cfg is not None and self.hires_cfg != self.cfg:
-            p["Hires CFG Scale"] = infotext.format_number(self.hires_cfg)
-        if self.hires_scale is not None:
-            p["Hires upscale"] = infotext.format_number(self.hires_scale)
-        else:
-            p["Hires resize"] = f"{self.hires_width or 0}x{self.hires_height or 0}"
-        if self.hires_steps:
-            p["Hires steps"] = str(self.hires_steps)
-        if self.hires_upscaler is not None:
-            p["Hires upscaler"] = self.hires_upscaler
-        schedule = hires_plan.schedule(self)
-        if schedule is not None and schedule != self.schedule:
-            p["Hires schedule type"] = schedulers.schedule_label(schedule) or "Automatic"  # A1111's name of the default
         return p
 
     def _read_hires(self, p: dict[str, str]) -> None:
