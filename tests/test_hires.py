@@ -318,7 +318,7 @@ def test_controlnet_matches_diffusers_controlnet_pipelines(ours, sd1_folder, tmp
                    generator=torch.Generator().manual_seed(s.seed), output_type="latent").images
     up = upscale(text, s, latents, (128, 128))
     image.scheduler = diffusers_scheduler(image, s.scheduler)
-    total, kept = hires_plan.steps(s)
+    total, kept = int(s.hires_steps / min(s.strength, 0.999)), s.hires_steps  # A1111's rule, not ldm's code
     ref = image(s.prompt, negative_prompt=s.negative, image=up, control_image=control.crop_and_resize(picture, 128, 128),
                 strength=(kept + 0.5) / total, num_inference_steps=total, guidance_scale=s.cfg,
                 controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(s.seed),
@@ -396,7 +396,7 @@ def test_sd3_matches_its_pipelines(sd3_folder, upscaler):
         with torch.no_grad():
             mean = vae.encode(tensor).latent_dist.mean
         up = (mean - vae.config.shift_factor) * vae.config.scaling_factor
-    total, kept = hires_plan.steps(s)
+    total, kept = int(s.hires_steps / min(s.strength, 0.999)), s.hires_steps  # A1111's rule, not ldm's code
     pipe = StableDiffusion3Img2ImgPipeline(**{**theirs.components, "scheduler": their_scheduler(theirs, "euler")})
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(s.prompt, image=up, negative_prompt=s.negative, strength=(kept - 0.25) / total, num_inference_steps=total,
@@ -433,3 +433,28 @@ def test_a_hires_sampler_without_the_first_schedule_runs_its_own_and_says_so():
     text = s.to_infotext("0")
     assert "Hires sampler: Euler a" in text and "Hires schedule type: Automatic" in text
     assert hires_plan.second_pass(Settings.from_infotext(text)).schedule == "default"
+
+
+def test_flux_dev_matches_its_pipelines(flux_dev_folder):
+    """FLUX dev: its shift follows the hires size's tokens, in diffusers' img2img pipeline too."""
+    from diffusers import FluxImg2ImgPipeline, FluxPipeline
+
+    from tests.flow_parity import as_pixels, close, load_pairs
+    from tests.test_flux import their_scheduler
+
+    ours, theirs = load_pairs(FluxPipeline, {"dev": flux_dev_folder})["dev"]
+    s = Settings(prompt="a red fox in snow", steps=3, seed=1234, scheduler="euler", width=64, height=64,
+                 hires_scale=1.5, hires_steps=2, strength=0.6).resolve(ours.defaults, ours.native_size)
+    mine = pixels(hires.text_to_image(ours, [s])[0])
+    theirs.scheduler = their_scheduler(theirs, "euler")
+    packed = theirs(s.prompt, num_inference_steps=s.steps, guidance_scale=s.guidance, height=64, width=64,
+                    generator=torch.Generator().manual_seed(s.seed), output_type="latent").images
+    latents = FluxPipeline._unpack_latents(packed, 64, 64, theirs.vae_scale_factor)
+    up = torch.nn.functional.interpolate(latents, size=(12, 12), mode="bilinear")
+    total, kept = int(s.hires_steps / min(s.strength, 0.999)), s.hires_steps  # A1111's rule, not ldm's code
+    pipe = FluxImg2ImgPipeline(**{**theirs.components, "scheduler": their_scheduler(theirs, "euler")})
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(s.prompt, image=up, strength=(kept - 0.25) / total, num_inference_steps=total, guidance_scale=s.guidance,
+               height=96, width=96, generator=torch.Generator().manual_seed(s.seed), output_type="np").images[0]
+    assert mine.shape == (96, 96, 3)
+    assert close(mine, as_pixels(ref))
