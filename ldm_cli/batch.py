@@ -156,7 +156,7 @@ def render_model(source: str | None, group: list[Task], manifest: Manifest, opti
                  progress: FileProgress) -> Iterator[render.Result]:
     """Load one model and render `group`, which all use it, in shared batches. Images that
     another run sharing the folder has claimed are left to it, and waited for at the end."""
-    from ldm_cli import ahead
+    from ldm_cli import ahead, hires
 
     without_t5 = all(task.settings.no_t5 for task in group)  # then SD3's T5 is not even read
     model = loaded(source, options, without_t5)
@@ -166,7 +166,7 @@ def render_model(source: str | None, group: list[Task], manifest: Manifest, opti
             model = None  # its memory back before the new copy loads
             model = loaded(source, options, without_t5)
         planned = list(render.batches(by_lora_set(pending), options.batch_size, key=batch_key))
-        model.encoded = ahead.Ahead(model, [[settings for _, settings in batch] for batch in planned])
+        model.encoded = ahead.Ahead(model, hires.planned(model, [[settings for _, settings in batch] for batch in planned]))
         theirs = []
         for batch in planned:
             with claimed(batch, manifest, options.out) as (mine, held):
@@ -286,19 +286,21 @@ def batch_key(item: tuple[Task, Settings]) -> tuple:
 
 def steps_run(job: Job, s: Settings, flow: bool = False) -> int:
     if job.mode == "txt2img":
-        return s.steps
+        from ldm_cli import hires
+
+        return hires.steps(s)
     from ldm_cli import strength
 
     return strength.steps_run(s, flow)
 
 
 def draw(model, batch: list[tuple[Task, Settings]], on_step: Callable[[], None]) -> list[Image.Image]:
-    from ldm_cli import img2img, inpaint, pipeline
+    from ldm_cli import hires, img2img, inpaint
 
     group = [settings for _, settings in batch]
     jobs = [task.job for task, _ in batch]
     if jobs[0].mode == "txt2img":
-        return pipeline.text_to_image(model, group, on_step)
+        return hires.text_to_image(model, group, on_step)
     inits = read_once([job.init_image for job in jobs], "RGB")
     if jobs[0].mode == "img2img":
         return img2img.image_to_image(model, group, inits, on_step)

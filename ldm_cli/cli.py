@@ -250,14 +250,40 @@ def renders(command: Callable[..., None]) -> Callable[..., None]:
     return with_flags
 
 
+# Hires fix (generate only): A1111's second pass at a larger size.
+HiresScale = Annotated[Optional[float], typer.Option(help="Hires fix: render, upscale by X, denoise again (A1111's Hires upscale).")]
+HiresResize = Annotated[Optional[str], typer.Option(metavar="WxH", help="Hires fix to this size instead of a scale: cover it, crop the rest; "
+                                                                        "0 for one side keeps the shape.")]
+HiresUpscaler = Annotated[Optional[str], typer.Option(help="Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+                                                           "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest or None [default: Latent].")]
+HiresSteps = Annotated[Optional[int], typer.Option(help="Steps the second pass runs [default: --steps].")]
+HiresStrength = Annotated[Optional[float], typer.Option(help="The second pass's denoising strength (A1111's Denoising strength) [default: 0.7].")]
+HiresScheduler = Annotated[Optional[str], typer.Option(help="The second pass's sampler [default: --scheduler's].")]
+HiresSchedule = Annotated[Optional[str], typer.Option(help="The second pass's sigma schedule [default: --schedule's].")]
+HiresPrompt = Annotated[Optional[str], typer.Option(help="The second pass's prompt [default: the prompt].")]
+HiresNegative = Annotated[Optional[str], typer.Option(help="The second pass's negative prompt [default: --negative].")]
+HiresCfg = Annotated[Optional[float], typer.Option(help="The second pass's CFG scale (Forge's Hires CFG Scale) [default: --cfg].")]
+
+
 @app.command()
 @renders
-def generate(prompt: Annotated[Optional[str], typer.Argument(help="What to draw.")] = None, *,
-             flags: RenderFlags) -> None:
+def generate(prompt: Annotated[Optional[str], typer.Argument(help="What to draw.")] = None,
+             hires_scale: HiresScale = None, hires_resize: HiresResize = None, hires_upscaler: HiresUpscaler = None,
+             hires_steps: HiresSteps = None, hires_strength: HiresStrength = None, hires_scheduler: HiresScheduler = None,
+             hires_schedule: HiresSchedule = None, hires_prompt: HiresPrompt = None, hires_negative: HiresNegative = None,
+             hires_cfg: HiresCfg = None, *, flags: RenderFlags) -> None:
     """Turn a prompt into PNGs."""
-    from ldm_cli import commands
+    from ldm_cli import commands, hires_plan
+    from ldm_cli.settings import parsed_size
 
-    flags.print(commands.generate(flags.settings(prompt=prompt), flags.run_options()))
+    width, height = parsed_size(hires_resize, "hires_width") if hires_resize is not None else (None, None)
+    settings = flags.settings(prompt=prompt, hires_scale=hires_scale, hires_width=width, hires_height=height,
+                              hires_upscaler=hires_upscaler, hires_steps=hires_steps, strength=hires_strength,
+                              hires_scheduler=hires_scheduler, hires_schedule=hires_schedule,
+                              hires_prompt=hires_prompt, hires_negative=hires_negative, hires_cfg=hires_cfg)
+    if hires_strength is not None and not hires_plan.enabled(settings):
+        raise LdmError("--hires-strength applies to hires fix; add --hires-scale X or --hires-resize WxH")
+    flags.print(commands.generate(settings, flags.run_options()))
 
 
 @app.command()

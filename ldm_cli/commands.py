@@ -72,16 +72,19 @@ def load_model(settings: Settings, options: RunOptions):
 
 
 def with_lora_flags(settings: Settings, options: RunOptions) -> Settings:
-    """The prompt with a `<lora:NAME:W>` tag for each --lora FILE[:W] it does not name already."""
+    """The prompt (and hires prompt) with a `<lora:NAME:W>` tag for each --lora FILE[:W] it does not name already."""
     from ldm_cli.networks import tags
 
     if not options.networks.lora_files and settings.prompt is not None:  # a copy per line of a long file costs seconds
         return settings
-    return settings.merged(prompt=tags.with_flag_loras(settings.prompt, options.networks.lora_files))
+    files = options.networks.lora_files
+    return settings.merged(prompt=tags.with_flag_loras(settings.prompt, files),
+                           hires_prompt=settings.hires_prompt and tags.with_flag_loras(settings.hires_prompt, files))
 
 
 def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]:
     """Render options.num_images images; image i uses seed + i. Yields each as it is saved."""
+    from ldm_cli import hires
     from ldm_cli.progress import Progress
 
     options.validate()
@@ -90,7 +93,7 @@ def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]
     model = load_model(settings, options)
     s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
-    with Progress(s.steps * len(jobs), len(jobs), options.quiet) as progress:
+    with Progress(hires.steps(s) * len(jobs), len(jobs), options.quiet) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress)
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm_cli import control, images, inpaint, pipeline, sampling, vae
+from ldm_cli import control, hires_plan, images, inpaint, pipeline, sampling, vae
 from ldm_cli.strength import add_noise, check_inputs, strength_timesteps
 from ldm_cli.settings import Settings
 
@@ -24,8 +24,8 @@ DEFAULT_STRENGTH = 0.75
 
 
 def with_defaults(s: Settings) -> Settings:
-    """The default strength, and no mask settings (they may come from an inpainted --from-png)."""
-    s = dataclasses.replace(s, mask_blur=None, only_masked=None, padding=None)
+    """The default strength, and no mask or hires settings (they may come from --from-png)."""
+    s = dataclasses.replace(hires_plan.without(s), mask_blur=None, only_masked=None, padding=None)
     return s if s.strength is not None else s.merged(strength=DEFAULT_STRENGTH)
 
 

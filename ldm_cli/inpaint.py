@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from ldm_cli import control, images, limits, pipeline, sampling, strength, vae
+from ldm_cli import control, hires_plan, images, limits, pipeline, sampling, strength, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
@@ -33,6 +33,8 @@ Box = tuple[int, int, int, int]
 
 
 def with_defaults(s: Settings) -> Settings:
+    """The defaults, and no hires settings (a --from-png may record them)."""
+    s = hires_plan.without(s)
     out = s.merged(**{k: v for k, v in DEFAULTS.items() if getattr(s, k) is None})
     return out.merged(padding=DEFAULT_PADDING) if out.only_masked and out.padding is None else out
 

@@ -27,13 +27,16 @@ MAX_JSON_DEPTH = 20  # ldm's own JSON nests 3 deep; a safetensors header, 3
 # into NaN (a black image). Either sign: A1111 takes negative weights.
 MAX_PROMPT_WEIGHT = 100  # a word's emphasis (nested brackets multiplied) and an AND part's weight
 MAX_PROMPT_NESTING = 100  # brackets open at once; (x) nested 49 deep already weighs 1.1**49 > 100
+MAX_HIRES_SCALE = 8  # hires fix's upscale: A1111's slider stops at 4; the size limits apply after it
 MAX_LORA_WEIGHT = 20  # a LoRA's multiplier: slider LoRAs are used up to about 10
 
 # Inclusive (lowest, highest) of the numeric settings; steps and size have their own checks.
 RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
           "mask_blur": (0, MAX_SIDE), "padding": (0, MAX_SIDE),
           "shift": (0.01, 100), "max_sequence_length": (1, 512),  # 512: T5's tokenizer limit
-          "guidance": (0, MAX_CFG), "clip_skip": (1, 12)}  # 12: CLIP-L's layers, A1111's slider
+          "guidance": (0, MAX_CFG), "clip_skip": (1, 12),  # 12: CLIP-L's layers, A1111's slider
+          "hires_scale": (1, MAX_HIRES_SCALE), "hires_width": (0, MAX_SIDE), "hires_height": (0, MAX_SIDE),
+          "hires_steps": (0, MAX_STEPS), "hires_cfg": (0, MAX_CFG)}
 
 
 # `ldm upscale`: its output may be larger than a render (a 4000 px photo at 2x); blending tiles

@@ -17,15 +17,16 @@ from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
 BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule", "strength", "shift",
-                "max_sequence_length", "no_t5", "guidance", "controlnet")
+                "max_sequence_length", "no_t5", "guidance", "controlnet", "hires_scale", "hires_width",
+                "hires_height", "hires_upscaler", "hires_steps", "hires_scheduler", "hires_schedule", "hires_cfg")
 
 
 def batch_key(s: Settings) -> tuple:
     """Settings with equal keys can be denoised together in one batch (strength sets the timesteps;
-    the LoRAs a prompt names are merged into the model for its whole batch)."""
+    the LoRAs a prompt, or a hires prompt, names are merged into the model for its whole pass)."""
     from ldm_cli.networks import session
 
-    return (*(getattr(s, f) for f in BATCH_FIELDS), session.lora_key(s.prompt))
+    return (*(getattr(s, f) for f in BATCH_FIELDS), session.lora_key(s.prompt), session.lora_key(s.hires_prompt or ""))
 
 
 def check_inputs(model, group: list[Settings]) -> None:
@@ -91,6 +92,11 @@ def initial_noise(model, group: list[Settings], generators: list[torch.Generator
 
 
 def text_to_image(model, group: list[Settings], on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+    return vae.decode(model, text_to_latents(model, group, on_step))
+
+
+def text_to_latents(model, group: list[Settings], on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """Every step of text-to-image but the decode (hires fix goes on from the latents)."""
     # 1. check inputs
     check_inputs(model, group)
     # 2. encode the prompts
@@ -102,7 +108,5 @@ def text_to_image(model, group: list[Settings], on_step: Callable[[], None] | No
     units = control.for_batch(model, group[0].width, group[0].height, generators)  # before the noise, as diffusers
     latents = initial_noise(model, group, generators) * sampling.init_noise_sigma(scheduler)
     # 5. denoise
-    latents = sampling.denoise(model, scheduler, latents, positive, negative, group[0].cfg,
-                               generators, scheduler.timesteps, on_step=on_step, control=units)
-    # 6. decode
-    return vae.decode(model, latents)
+    return sampling.denoise(model, scheduler, latents, positive, negative, group[0].cfg,
+                            generators, scheduler.timesteps, on_step=on_step, control=units)

@@ -47,6 +47,12 @@ KEYS: dict[str, Key] = {
     "guidance": Key(float, "guidance"), "distilled_cfg_scale": Key(float, "guidance"),
     # A1111's text encoding and noise source
     "clip_skip": Key(int, "clip_skip"), "rng": Key(str, "rng"),
+    # hires fix, A1111's API names (and Forge's hr_cfg); hr_* need enable_hr, as in A1111
+    "enable_hr": Key(bool, None), "hr_scale": Key(float, "hires_scale"), "hr_upscaler": Key(str, "hires_upscaler"),
+    "hr_second_pass_steps": Key(int, "hires_steps"), "denoising_strength": Key(float, "strength"),
+    "hr_resize_x": Key(int, "hires_width"), "hr_resize_y": Key(int, "hires_height"),
+    "hr_sampler_name": Key(str, "hires_scheduler"), "hr_scheduler": Key(str, "hires_schedule"),
+    "hr_prompt": Key(str, "hires_prompt"), "hr_negative_prompt": Key(str, "hires_negative"), "hr_cfg": Key(float, "hires_cfg"),
     # one ControlNet unit (control_units.py), as the command's flags give it
     "controlnet": Key(str, None), "control_image": Key(str, None), "control_scale": Key(float, None),
     "control_start": Key(float, None), "control_end": Key(float, None), "control_preprocess": Key(str, None),
@@ -58,7 +64,12 @@ CONTROL_KEYS = ("controlnet", "control_image", "control_scale", "control_start",
 A1111_ONLY = {"sd_model", "outpath_samples", "outpath_grids", "prompt_for_display", "styles", "subseed",
               "subseed_strength", "seed_resize_from_h", "seed_resize_from_w", "sampler_index",
               "restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid"}
-FREE_TEXT = ("prompt", "negative_prompt")  # A1111 joins the unquoted words that follow these
+HIRES_KEYS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_sampler_name",
+              "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_cfg")
+# A1111's values that mean "as the first pass" (an API payload carries them when hires is on)
+HIRES_SAME = {"hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler", "hr_prompt": "",
+              "hr_negative_prompt": "", "hr_resize_x": 0, "hr_resize_y": 0, "hr_second_pass_steps": 0}
+FREE_TEXT = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")  # A1111 joins the unquoted words that follow these
 IMAGE_ONLY = ("strength", "mask", "mask_blur", "only_masked", "padding")
 MASK_ONLY = ("mask_blur", "only_masked", "padding")
 RANDOM_SEED = -1  # A1111's "random seed"
@@ -209,6 +220,7 @@ def _put(values: dict[str, Any], name: str, value: Any) -> None:
 # -- {key: value} -> Job -----------------------------------------------------------------------
 def make_job(number: int, line: str, values: dict[str, Any], defaults: Settings, count: int, folder: Path) -> Job:
     check_keys(values)
+    values = hires_values(values)
     given = {KEYS[k].field: v for k, v in values.items() if KEYS[k].field}
     if "model" in given:
         given["model"] = str(existing(given["model"], folder, "model"))
@@ -231,6 +243,25 @@ def make_job(number: int, line: str, values: dict[str, Any], defaults: Settings,
     return Job(number, settings, count, init, mask)
 
 
+def hires_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A1111's hires keys as ldm reads them: none with enable_hr false (A1111 ignores them),
+    its "same as the first pass" values left out, a nonzero resize before the scale (A1111's
+    precedence), and its default scale, 2, when enable_hr names neither."""
+    if "enable_hr" not in values:
+        return values
+    on = values["enable_hr"]
+    out = {k: v for k, v in values.items() if k != "enable_hr" and (
+        on or (k not in HIRES_KEYS and not (k == "denoising_strength" and "init_image" not in values)))}
+    if not on:
+        return out
+    out = {k: v for k, v in out.items() if HIRES_SAME.get(k, object()) != v}
+    if "hr_resize_x" in out or "hr_resize_y" in out:
+        out.pop("hr_scale", None)
+    elif "hr_scale" not in out:
+        out["hr_scale"] = 2.0  # A1111's default
+    return out
+
+
 def line_controlnet(values: dict[str, Any], folder: Path) -> str | None:
     """The line's ControlNet unit as Settings keep it (None: the line names none); its files
     found as the line's other files are."""
@@ -248,8 +279,16 @@ def check_keys(values: dict[str, Any]) -> None:
         raise LdmError("no --prompt on this line")
     if "sampler_name" in values and "scheduler" in values:
         raise LdmError("give --sampler_name or --scheduler, not both")
+    if "strength" in values and "denoising_strength" in values:
+        raise LdmError("give --strength or --denoising_strength, not both")
     if "init_image" not in values and (given := [k for k in IMAGE_ONLY if k in values]):
         raise LdmError(f"--{given[0]} applies to img2img and inpaint lines; add --init_image")
+    if "enable_hr" not in values and (given := [k for k in HIRES_KEYS if k in values]):
+        raise LdmError(f"--{given[0]} applies to hires fix; add --enable_hr true")
+    if "init_image" not in values and "enable_hr" not in values and "denoising_strength" in values:
+        raise LdmError("--denoising_strength applies to img2img and inpaint lines or with --enable_hr true")
+    if "init_image" in values and values.get("enable_hr"):
+        raise LdmError("--enable_hr applies to text-to-image lines, not to a line with --init_image")
     if "mask" not in values and (given := [k for k in MASK_ONLY if k in values]):
         raise LdmError(f"--{given[0]} applies to inpaint lines; add --mask")
     for key in ("batch_size", "n_iter"):

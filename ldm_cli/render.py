@@ -86,10 +86,11 @@ def check_recorded(path: Path, recorded: Settings, overridden: set[str]) -> None
 def resolved(settings: Settings, model) -> Settings:
     """The settings completed for the loaded model (its defaults, name, hash and modules) and
     checked against its sampler, LoRAs and embeddings, whose hashes they record."""
-    from ldm_cli import pipeline
+    from ldm_cli import hires, pipeline
 
     out = settings.resolve(model.defaults, model.native_size, model.train_timesteps)
     pipeline.check_steps(model, out)
+    hires.check(model, out)
     out.model_name, out.model_hash = model.name, model.hash
     out.model = model.path
     out.modules = ", ".join(model.modules) or None
@@ -128,12 +129,13 @@ def batches(jobs: list[Settings], batch_size: int, key: Callable[[Settings], tup
 
 def render(model, jobs: list[Settings], batch_size: int, folder: Path, progress,
            make: Callable | None = None) -> Iterator[Result]:
-    """`make(model, group, on_step)` renders one batch; text-to-image unless given (img2img, inpaint)."""
-    from ldm_cli import ahead, pipeline
+    """`make(model, group, on_step)` renders one batch; text-to-image (with hires fix where the
+    settings ask) unless given (img2img, inpaint)."""
+    from ldm_cli import ahead, hires, pipeline
 
-    make = make or pipeline.text_to_image
+    make = make or hires.text_to_image
     planned = list(batches(jobs, batch_size, pipeline.batch_key))
-    model.encoded = ahead.Ahead(model, planned)
+    model.encoded = ahead.Ahead(model, hires.planned(model, planned))
     for group in planned:
         pictures = make(model, group, on_step=progress.step)
         for picture, settings in zip(pictures, group):

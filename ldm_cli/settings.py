@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ldm_cli import control_units, infotext, limits, prompt_syntax, schedulers
+from ldm_cli import control_units, hires_plan, infotext, limits, prompt_syntax, schedulers
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_SEED
 
@@ -28,7 +28,11 @@ LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Den
           "mask_blur": "Mask blur", "padding": "Masked area padding", "size": "Size", "width": "Size",
           "height": "Size", "scheduler": "Sampler", "schedule": "Schedule type", "shift": "Shift",
           "max_sequence_length": "Max sequence length", "guidance": "Distilled CFG Scale",
-          "clip_skip": "Clip skip", "rng": "RNG", "prompt": "prompt", "negative": "negative prompt"}
+          "clip_skip": "Clip skip", "rng": "RNG", "prompt": "prompt", "negative": "negative prompt",
+          "hires_scale": "Hires upscale", "hires_width": "Hires resize", "hires_height": "Hires resize",
+          "hires_steps": "Hires steps", "hires_upscaler": "Hires upscaler", "hires_scheduler": "Hires sampler",
+          "hires_schedule": "Hires schedule type", "hires_prompt": "Hires prompt",
+          "hires_negative": "Hires negative prompt", "hires_cfg": "Hires CFG Scale"}
 INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length",
                     "guidance", "clip_skip")
 # Settings only some families take (SD3's and FLUX's flow shift and T5 options, FLUX dev's
@@ -58,7 +62,8 @@ class BadSetting(LdmError):
 
 
 def flag_name(field: str) -> str:
-    return {"size": "the image size", "prompt": "the prompt"}.get(field) or "--" + field.replace("_", "-")
+    return ({"size": "the image size", "prompt": "the prompt", "hires_width": "--hires-resize",
+             "hires_height": "--hires-resize"}.get(field) or "--" + field.replace("_", "-"))
 
 
 def shown(value: Any) -> str:
@@ -100,6 +105,17 @@ class Settings:
     ti_hashes: str | None = None
     # ControlNet units (control_units.py: a JSON list, with their files' paths and hashes)
     controlnet: str | None = None
+    # hires fix (hires_plan.py): on with a scale or a resize; `strength` is its denoising strength
+    hires_scale: float | None = None
+    hires_width: int | None = None  # A1111's hr_resize_x (0: from the height, keeping the shape)
+    hires_height: int | None = None
+    hires_upscaler: str | None = None
+    hires_steps: int | None = None  # 0 or None: the first pass's steps
+    hires_scheduler: str | None = None
+    hires_schedule: str | None = None
+    hires_prompt: str | None = None
+    hires_negative: str | None = None
+    hires_cfg: float | None = None
 
     def merged(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied."""
@@ -118,10 +134,11 @@ class Settings:
         for name, (low, high) in limits.RANGES.items():
             _check_range(name, getattr(self, name), low, high)
         self._check_size()
-        for name in ("prompt", "negative"):
+        for name in ("prompt", "negative", "hires_prompt", "hires_negative"):
             _check_prompt(name, getattr(self, name))
         self._check_prompts()
         self.scheduler, self.schedule = schedulers.validated(self.scheduler, self.schedule)
+        self._check_hires(max_steps)
         if self.rng is not None and self.rng.lower() not in RNG_LABELS:
             raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
         self.rng = self.rng and self.rng.lower()
@@ -137,6 +154,35 @@ class Settings:
         if self.width and self.height and self.width * self.height > (most := limits.max_pixels()):
             raise BadSetting("size", f"{self.width}x{self.height}", f"must be at most {most:,} pixels",
                              f"; set {limits.MAX_PIXELS_ENV} to allow more")
+
+    def _check_hires(self, max_steps: int) -> None:
+        """Hires fix's names, its schedule's length, and the size it renders at (within the size
+        limits too)."""
+        hires_plan.check(self)
+        for side in ("hires_width", "hires_height"):
+            if (value := getattr(self, side)) and value % 8:
+                raise BadSetting(side, str(value), "must be a multiple of 8", f"; try {max(8, round(value / 8) * 8)}")
+        if hires_plan.enabled(self) and self.steps and self.strength and hires_plan.steps(self)[0] > max_steps:
+            total, kept = hires_plan.steps(self)
+            raise LdmError(f"hires fix's {kept} steps at strength {self.strength:g} take a {total}-step schedule; "
+                           f"the most is {max_steps}: raise --hires-strength or lower --hires-steps")
+        self.hires_scheduler, self.hires_schedule = schedulers.validated(self.hires_scheduler, self.hires_schedule)
+        if self.hires_upscaler is not None:
+            if (name := hires_plan.upscaler_name(self.hires_upscaler)) is None:
+                raise BadSetting("hires_upscaler", shown(self.hires_upscaler),
+                                 f"must be one of {', '.join(map(repr, hires_plan.UPSCALERS))}",
+                                 "; model upscalers (ESRGAN and the like) are not supported yet")
+            self.hires_upscaler = name
+        if not (hires_plan.enabled(self) and self.width and self.height):
+            return
+        width, height = hires_plan.final_size(self)
+        if width < 8 or height < 8:
+            raise BadSetting("hires_scale", f"{width}x{height}", "must give a hires size of at least 8x8")
+        hires = Settings(width=width, height=height)
+        try:
+            hires._check_size()
+        except BadSetting as e:
+            raise LdmError(f"the hires fix size {width}x{height} {e.rule}{e.hint}") from None
 
     def _check_prompts(self) -> None:
         """Weights that overflow (inf, or 1.1**1000 from nested brackets) would render black."""
@@ -162,6 +208,9 @@ class Settings:
                 setattr(out, name, None)
         if defaults.get("no_t5"):
             out.no_t5 = True  # a model without T5 weights runs without T5, whatever was recorded
+        if hires_plan.enabled(out):
+            out = out.merged(strength=out.strength if out.strength is not None else hires_plan.DEFAULT_STRENGTH,
+                             hires_upscaler=out.hires_upscaler or hires_plan.DEFAULT_UPSCALER)
         out.validate(max_steps)
         return out
 
@@ -213,6 +262,7 @@ class Settings:
             p["Clip skip"] = str(self.clip_skip)
         p.update(self._text_options())
         p["RNG"] = RNG_LABELS[self.rng or "cpu"]
+        p.update(hires_plan.infotext_params(self))
         p.update(control_units.infotext_params(self.controlnet))  # sd-webui-controlnet's entries
         if self.lora_hashes:  # A1111's names and place, just before the version
             p["Lora hashes"] = self.lora_hashes
@@ -232,6 +282,26 @@ class Settings:
             p["No T5"] = "True"
         return p
 
+    def _read_hires(self, p: dict[str, str]) -> None:
+        """A1111's rule: hires fix was on when a strength and its upscale, resize or upscaler are
+        recorded (an upscaler alone: A1111's default scale, 2)."""
+        if "Denoising strength" not in p or not {"Hires upscale", "Hires resize", "Hires upscaler"} & p.keys():
+            return
+        kinds = field_kinds()
+        for name in ("hires_scale", "hires_steps", "hires_cfg"):
+            if LABELS[name] in p:
+                setattr(self, name, _parsed(name, p[LABELS[name]], kinds[name]))
+        if "Hires resize" in p:
+            self.hires_width, self.hires_height = parsed_size(p["Hires resize"], "hires_width")
+        elif self.hires_scale is None:
+            self.hires_scale = hires_plan.DEFAULT_SCALE
+        self.hires_upscaler = p.get("Hires upscaler")
+        self.hires_prompt, self.hires_negative = p.get("Hires prompt"), p.get("Hires negative prompt")
+        if "Hires sampler" in p:
+            self.hires_scheduler, self.hires_schedule = schedulers.resolve(p["Hires sampler"])
+        if "Hires schedule type" in p:
+            self.hires_schedule = schedulers.schedule_from_label(p["Hires schedule type"]) or "default"
+
     @classmethod
     def from_infotext(cls, text: str) -> Settings:
         prompt, negative, p = infotext.parse_infotext(text)
@@ -241,7 +311,7 @@ class Settings:
             if LABELS[name] in p:
                 setattr(s, name, _parsed(name, p[LABELS[name]], kinds[name]))
         if "Size" in p:
-            s.width, s.height = _parsed_size(p["Size"])
+            s.width, s.height = parsed_size(p["Size"])
         if "Sampler" in p:
             s.scheduler, s.schedule = schedulers.resolve(p["Sampler"])
             if "Schedule type" in p:
@@ -255,6 +325,7 @@ class Settings:
         s.only_masked = True if p.get("Inpaint area") == "Only masked" else None
         s.no_t5 = True if p.get("No T5") == "True" else None
         s.rng = _recorded_rng(p)
+        s._read_hires(p)
         return s
 
     def to_json(self) -> str:
@@ -297,10 +368,10 @@ def _parsed(name: str, text: str, kind: type) -> Any:
         raise BadSetting(name, shown(text), f"must be {KIND_WORDS[kind]}") from None
 
 
-def _parsed_size(text: str) -> tuple[int, int]:
+def parsed_size(text: str, field: str = "size") -> tuple[int, int]:
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise BadSetting("size", shown(text), "must be WIDTHxHEIGHT, such as 512x768")
+        raise BadSetting(field, shown(text), "must be WIDTHxHEIGHT, such as 512x768")
     return int(parts[0]), int(parts[1])
 
 

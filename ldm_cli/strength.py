@@ -19,7 +19,13 @@ def steps_run(s: Settings, flow: bool = False) -> int:
 
 def strength_timesteps(scheduler, s: Settings, flow: bool = False) -> torch.Tensor:
     """The last steps_run(s) steps of the schedule; the scheduler is told to start there."""
-    start = (s.steps - steps_run(s, flow)) * scheduler.order
+    return tail_timesteps(scheduler, s.steps, steps_run(s, flow))
+
+
+def tail_timesteps(scheduler, steps: int, kept: int) -> torch.Tensor:
+    """The last `kept` of the `steps` steps set on the scheduler, which is told to start there
+    (hires fix keeps its own count: A1111's N of int(N / strength))."""
+    start = (steps - kept) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]

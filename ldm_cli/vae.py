@@ -72,6 +72,11 @@ def _decode_in(vae, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def decode(model, latents: torch.Tensor) -> list[Image.Image]:
     """The batch's images; LdmError when sampling or decoding gave values that are not finite."""
+    return to_pil(decode_pixels(model, latents))
+
+
+def decode_pixels(model, latents: torch.Tensor) -> torch.Tensor:
+    """The batch's [-1, 1] pixels, checked as `decode` says."""
     _check_finite(latents, f"sampling went to NaN or inf, so no image of this batch was decoded; likely causes: "
                            f"{SAMPLING_CAUSES}")
     vae = model.vae
@@ -83,7 +88,7 @@ def decode(model, latents: torch.Tensor) -> list[Image.Image]:
         pixels = _decode_in(vae, z, torch.float32)  # a NaN would be saved as a black image
     _check_finite(pixels, "the VAE decoded NaN or inf even in fp32, so no image of this batch was saved; "
                           "its weights are likely broken (try another --vae)")
-    return to_pil(pixels)
+    return pixels
 
 
 def _unscaled(model, latents: torch.Tensor) -> torch.Tensor:
@@ -101,10 +106,11 @@ def _check_finite(values: torch.Tensor, problem: str) -> None:
         raise LdmError(f"{problem}{which}; images already saved are kept")
 
 
-def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """[-1, 1] NCHW -> 8-bit RGB images, rounding as diffusers' image processor does."""
-    arr = (pixels / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
-    return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+def to_pil(pixels: torch.Tensor, rounded: bool = True) -> list[Image.Image]:
+    """[-1, 1] NCHW -> 8-bit RGB images, rounding as diffusers' image processor does (or
+    truncating, as A1111 makes the image its hires fix upscales)."""
+    arr = (pixels / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy() * 255
+    return [Image.fromarray(a) for a in (arr.round() if rounded else arr).astype(np.uint8)]
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -23,8 +23,8 @@ EMBEDDING_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 def check(settings: Settings, options: NetworkOptions) -> None:
-    """Before any model loads: the LoRAs the prompt names are found and are LoRA files."""
-    for tag in tags.lora_tags(settings.prompt):
+    """Before any model loads: the LoRAs the prompt (and hires prompt) names are found and are LoRA files."""
+    for tag in tags.lora_tags(settings.prompt) + tags.lora_tags(settings.hires_prompt or ""):
         formats.peek(lookup.find_lora(tag.name, options, settings.model), options.allow_pickle)
 
 
@@ -82,10 +82,12 @@ class Session:
 
     # -- a run's settings -------------------------------------------------------------------
     def resolve(self, s: Settings) -> Settings:
-        """`s` with A1111's hash records, after checking the LoRAs and embeddings fit the model."""
-        loras = self.applied(s.prompt)
-        if loras:
-            self.plan(loras)
+        """`s` with A1111's hash records, after checking the LoRAs and embeddings fit the model
+        (a hires prompt's LoRAs too: its pass merges them, as A1111's does)."""
+        loras = self.applied(s.prompt) + (self.applied(s.hires_prompt) if s.hires_prompt else [])
+        for prompt in (s.prompt, s.hires_prompt):  # each pass's set fits the model
+            if prompt and (applied := self.applied(prompt)):
+                self.plan(applied)
         found = {a.mentioned: self._hash(hashes.lora_hash, a.lora.path) for a in loras}
         used = self.used_embeddings(s.prompt, s.steps) + self.used_embeddings(s.negative, s.steps, negative=True)
         ti = [(e.name, self._hash(hashes.embedding_hash, e.path)) for e in used]
