@@ -255,7 +255,8 @@ HiresScale = Annotated[Optional[float], typer.Option(help="Hires fix: render, up
 HiresResize = Annotated[Optional[str], typer.Option(metavar="WxH", help="Hires fix to this size instead of a scale: cover it, crop the rest; "
                                                                         "0 for one side keeps the shape.")]
 HiresUpscaler = Annotated[Optional[str], typer.Option(help="Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
-                                                           "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest or None [default: Latent].")]
+                                                           "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest, None, or an upscaler "
+                                                           "model's file or name (ldm upscale --help) [default: Latent].")]
 HiresSteps = Annotated[Optional[int], typer.Option(help="Steps the second pass runs [default: --steps].")]
 HiresStrength = Annotated[Optional[float], typer.Option(help="The second pass's denoising strength (A1111's Denoising strength) [default: 0.7].")]
 HiresScheduler = Annotated[Optional[str], typer.Option(help="The second pass's sampler [default: --scheduler's].")]

@@ -7,7 +7,7 @@ from typing import Iterator
 
 from PIL import Image
 
-from ldm_cli import files, images, limits, model_lookup, render, upscaling
+from ldm_cli import files, hires_plan, images, limits, model_lookup, render, upscaling
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_IMAGES
 from ldm_cli.loading import LoadOptions
@@ -62,6 +62,7 @@ def load_model(settings: Settings, options: RunOptions):
     units = control_units.from_text(settings.controlnet)
     for unit in units:  # its files found before the model loads
         unit.validate()
+    check_upscaler(settings)
     model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5)))
     session.attach(model, options.networks, settings.model)
     if units:  # ControlNet code is imported only for a run that asks for one
@@ -69,6 +70,13 @@ def load_model(settings: Settings, options: RunOptions):
 
         controlnet.attach(model, units)
     return model
+
+
+def check_upscaler(settings: Settings) -> None:
+    """Hires fix's upscaler model (a file, or a name in $LDM_MODELS_DIR's upscaler folders) is
+    there, before any model loads."""
+    if hires_plan.enabled(settings) and settings.hires_upscaler not in (None, *hires_plan.UPSCALERS):
+        upscaling.locate(settings.hires_upscaler, None)
 
 
 def with_lora_flags(settings: Settings, options: RunOptions) -> Settings:
@@ -249,7 +257,8 @@ def batch(path: Path, defaults: Settings, options: RunOptions, grid: bool = Fals
         defaults = defaults.merged(model=str(model))
     defaults.validate()
     lookup.check_folders(options.networks)
-    jobs = prompts_file.read(path, defaults, options.num_images, lambda s: _line_networks(s, options))
+    upscalers: set[str] = set()  # each found once, not once a line
+    jobs = prompts_file.read(path, defaults, options.num_images, lambda s: _line_files(s, options, upscalers))
     _check_model_files(jobs, options)
     images.check_writable(options.out)
     yield from batching.run(jobs, options, path.stem if grid else None)
@@ -264,12 +273,16 @@ def _check_model_files(jobs: list, options: RunOptions) -> None:
         loading.check(loading.source_path(source), options.load)
 
 
-def _line_networks(settings: Settings, options: RunOptions) -> Settings:
-    """A prompts-file line's --lora tags added and its LoRAs found, before any model loads."""
+def _line_files(settings: Settings, options: RunOptions, upscalers_found: set[str]) -> Settings:
+    """A prompts-file line's --lora tags added, its LoRAs and hires upscaler model found, before
+    any model loads."""
     from ldm_cli.networks import session
 
     settings = with_lora_flags(settings, options)
     session.check(settings, options.networks)
+    if settings.hires_upscaler not in upscalers_found:
+        check_upscaler(settings)
+        upscalers_found.add(settings.hires_upscaler)
     return settings
 
 

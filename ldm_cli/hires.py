@@ -2,7 +2,7 @@
 size from the tail of a longer schedule (hires_plan.py holds its rules as data).
 
 The upscale is of the latents (the `Latent` modes: torch's interpolate) or of the decoded image
-(`Lanczos`, `Nearest`, `None`), which is then encoded with the VAE's mean (A1111 samples the
+(`Lanczos`, `Nearest`, `None`, or a model: upscaling.py), which is then encoded with the VAE's mean (A1111 samples the
 posterior with an unseeded generator, which no one can replay). The second pass is img2img's
 arithmetic: its noise comes from a fresh generator seeded with the image's seed at the new size
 (CUDA's Philox numbers with `--rng nv`, as A1111 draws them), its ControlNets read their control
@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm_cli import control, hires_plan, pipeline, sampling, strength, vae
+from ldm_cli import control, hires_plan, pipeline, sampling, strength, upscaling, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
@@ -59,27 +59,9 @@ def upscaled(model, s: Settings, latents: torch.Tensor) -> torch.Tensor:
     # A1111 truncates the decoded image to 8 bits before it upscales it
     pictures = vae.to_pil(vae.decode_pixels(model, latents), rounded=False)
     size = hires_plan.upscaled_size(s)
-    pictures = [upscale_to(p, s.hires_upscaler, size, models_dir=None, device=model.device).crop((0, 0, width, height))
-                for p in pictures]
+    pictures = [upscaling.upscale_to(p, s.hires_upscaler, size, models_dir=None, device=model.device)
+                .crop((0, 0, width, height)) for p in pictures]
     return vae.encode(model, vae.to_tensor(pictures), None)
-
-
-def upscale_to(image: Image.Image, upscaler: str, size: tuple[int, int], *, models_dir: str | None,
-               device) -> Image.Image:
-    """`image` at `size` by A1111's Lanczos or Nearest upscaler (or `None`: one Lanczos resize).
-    A1111's upscalers scale by the larger of the two ratios, to whole pixels rounded down to 8,
-    and a Lanczos resize then makes the exact size. (The model upscalers' module will take this
-    function's place; `models_dir` and `device` are theirs.)"""
-    resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}.get(upscaler)
-    if resample is None and upscaler != "None":
-        raise LdmError(f"no upscaler named {upscaler!r}")
-    scale = max(size[0] / image.width, size[1] / image.height)
-    if resample is not None and scale > 1:
-        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
-        eighths = (image.width // 8 * 8, image.height // 8 * 8)
-        if image.size != eighths:
-            image = image.resize(eighths, resample=Image.LANCZOS)
-    return image if image.size == size else image.resize(size, resample=Image.LANCZOS)
 
 
 def steps(s: Settings) -> int:

@@ -168,11 +168,11 @@ class Settings:
                            f"the most is {max_steps}: raise --hires-strength or lower --hires-steps")
         self.hires_scheduler, self.hires_schedule = schedulers.validated(self.hires_scheduler, self.hires_schedule)
         if self.hires_upscaler is not None:
-            if (name := hires_plan.upscaler_name(self.hires_upscaler)) is None:
+            if not self.hires_upscaler.strip():
                 raise BadSetting("hires_upscaler", shown(self.hires_upscaler),
-                                 f"must be one of {', '.join(map(repr, hires_plan.UPSCALERS))}",
-                                 "; model upscalers (ESRGAN and the like) are not supported yet")
-            self.hires_upscaler = name
+                                 f"must be one of {', '.join(map(repr, hires_plan.UPSCALERS))} or an upscaler model")
+            # any other name is a model (ESRGAN and the like), found before the model loads (commands.py)
+            self.hires_upscaler = hires_plan.upscaler_name(self.hires_upscaler) or self.hires_upscaler.strip()
         if not (hires_plan.enabled(self) and self.width and self.height):
             return
         width, height = hires_plan.final_size(self)

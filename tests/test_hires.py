@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 from ldm_cli import hires, hires_plan, loading, philox
 from ldm_cli.cli import app
 from ldm_cli.settings import Settings
+from tests import upscaler_files
 from tests.test_img2img import diffusers_scheduler, load_diffusers, pixels
+from tests.test_upscaling import spandrels_output
 
 PIPELINES = {"sd1": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
              "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")}
@@ -60,8 +62,11 @@ def upscale(pipe, s: Settings, latents: torch.Tensor, size: tuple[int, int]) -> 
     with torch.no_grad():
         decoded = vae.decode(latents / factor).sample
     array = ((decoded / 2 + 0.5).clamp(0, 1) * 255)[0].permute(1, 2, 0).numpy().astype(np.uint8)
-    resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}.get(s.hires_upscaler, Image.LANCZOS)
-    image = Image.fromarray(array).resize(size, resample=resample)
+    if s.hires_upscaler.endswith(".safetensors"):  # a model: spandrel's own output, then Lanczos to the size
+        image = Image.fromarray(spandrels_output(s.hires_upscaler, Image.fromarray(array))).resize(size, Image.LANCZOS)
+    else:
+        resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}.get(s.hires_upscaler, Image.LANCZOS)
+        image = Image.fromarray(array).resize(size, resample=resample)
     tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None] * 2 - 1
     with torch.no_grad():
         return vae.encode(tensor).latent_dist.mean * factor
@@ -120,6 +125,19 @@ def test_matches_the_reference(ours, theirs, family, overrides, monkeypatch):
     assert mine.shape == ref.shape == (*reversed(hires_plan.final_size(s)), 3)
     assert mine.std() > 1
     assert np.abs(mine - ref).max() <= 2
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.5])  # the 2x model's output as it is, and resized down
+def test_an_upscaler_model_matches_the_reference(ours, theirs, scale, tmp_path, monkeypatch):
+    model = ours("sd1")
+    path = upscaler_files.save(upscaler_files.compact(), tmp_path / "2x-compact.safetensors")
+    s = settings(model, hires_upscaler=str(path), hires_scale=scale)
+    mine = pixels(hires.text_to_image(model, [s])[0])
+    ref = reference(theirs, "sd1", s, monkeypatch)
+    assert mine.shape == ref.shape and mine.std() > 1
+    assert np.abs(mine - ref).max() <= 2
+    lanczos = pixels(hires.text_to_image(model, [s.merged(hires_upscaler="Lanczos")])[0])
+    assert np.abs(mine - lanczos).max() > 2  # the model did something
 
 
 def test_a_batch_is_each_image_alone(ours):
@@ -234,7 +252,7 @@ def test_generate_records_and_replays(sd1_folder, tmp_path):
     (["--hires-strength", "0.5"], "--hires-strength applies to hires fix"),
     (["--hires-scale", "0.5"], "--hires-scale must be between 1 and 8 (got 0.5)"),
     (["--hires-scale", "2", "--hires-resize", "128x128"], "give --hires-scale or --hires-resize, not both"),
-    (["--hires-scale", "2", "--hires-upscaler", "4x-UltraSharp"], "--hires-upscaler must be one of"),
+    (["--hires-scale", "2", "--hires-upscaler", "4x-UltraSharp"], "no upscaler model named '4x-UltraSharp'"),
     (["--hires-resize", "100x128"], "--hires-resize must be a multiple of 8 (got 100); try 96"),
     (["--hires-resize", "wide"], "--hires-resize must be WIDTHxHEIGHT"),
     (["--hires-scale", "2", "--hires-strength", "0"], "--hires-strength must be above 0"),
@@ -274,7 +292,7 @@ def test_batch_lines_take_a1111_hires_keys(sd1_folder, tmp_path):
 @pytest.mark.parametrize("line, message", [
     ('--prompt "a" --hr_scale 2', "--hr_scale applies to hires fix; add --enable_hr true"),
     ('--prompt "a" --denoising_strength 0.5', "--denoising_strength applies to img2img and inpaint lines"),
-    ('--prompt "a" --enable_hr true --hr_upscaler "Latent (sharp)"', "--hr_upscaler must be one of"),
+    ('--prompt "a" --enable_hr true --hr_upscaler "Latent (sharp)"', "no upscaler model named 'Latent (sharp)'"),
 ])
 def test_bad_batch_lines_are_one_line(line, message, tmp_path):
     (tmp_path / "p.txt").write_text(line + "\n")
