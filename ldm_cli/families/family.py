@@ -13,15 +13,35 @@ denoiser takes latents in another layout (FLUX's packed 2x2 patches) converts th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from ldm_cli.settings import Settings
 
 Cond = dict[str, "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Editing:
+    """How a family edits by instruction (`ldm edit`, edit.py): the loop starts from noise as in
+    text-to-image, and the input images (the edited one first, then references) reach the
+    denoiser as extra conditioning of each image's rows, which its `predict` reads."""
+    label: str  # the model kind, as messages name it ("FLUX.1 Kontext")
+    max_images: int  # the edited image and its references together
+    # (first input's size, size multiple) -> the output size when none is asked (Kontext: its
+    # preferred resolution nearest the input's aspect)
+    size: Callable[[tuple[int, int], int], tuple[int, int]]
+    # (model, each output image's inputs, already at their VAE sizes, settings) -> conditioning
+    # batched per output image, added to every denoiser call's rows (both CFG halves)
+    references: Callable[[Any, list[list[Image.Image]], Settings], Cond]
+    # settings an edit takes unless asked otherwise (Kontext: guidance 2.5)
+    defaults: dict = field(default_factory=dict)
+    # the loaded model -> whether it edits (FLUX.1: dev-shaped, not schnell); None: every model
+    accepts: Callable[[Any], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,3 +90,6 @@ class Family:
     # pipeline adjusts its CFG (Qwen-Image rescales it to the conditional output's norm, token by
     # token); None: the guided output as it is. Only called when the step is guided (cfg != 1)
     guided: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # instruction editing with input images (Editing above); None: the family cannot (`ldm edit`
+    # refuses it, suggesting img2img)
+    edit: Editing | None = None

@@ -1,0 +1,88 @@
+"""Instruction editing (`ldm edit`), in the order diffusers' edit pipelines run it: check inputs,
+encode the prompt, set the timesteps, draw the noise, encode the input images, denoise, decode.
+
+The loop starts from pure noise at the output size, as text-to-image does; what makes it an edit
+is the input images (the edited one first, then references), which the family turns into
+conditioning of each image's rows (Family.edit: Kontext's reference tokens). Each input goes to
+the VAE at the output's pixel area at its own aspect, rounded to the model's size multiple, as
+the pipelines size their inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from PIL import Image
+
+from ldm_cli import images, pipeline, sampling, vae
+from ldm_cli.errors import LdmError
+from ldm_cli.families.family import Editing
+from ldm_cli.settings import Settings
+
+
+def editing(model) -> Editing:
+    """The model's way of editing, or one line suggesting img2img."""
+    hook = model.family.edit
+    if hook is None or (hook.accepts is not None and not hook.accepts(model)):
+        kind = model.family.label + (f" {model.options['variant']}" if model.options.get("variant") else "")
+        raise LdmError(f"{kind} cannot edit by instruction; use `ldm img2img` to redraw an image after a prompt, "
+                       "or an editing model (FLUX.1 Kontext dev)")
+    return hook
+
+
+def check_count(hook: Editing, count: int) -> None:
+    if count > hook.max_images:
+        allowed = "no --reference" if hook.max_images == 1 else f"at most {hook.max_images - 1} --reference images"
+        raise LdmError(f"{hook.label} takes {allowed} (got {count - 1})")
+
+
+def with_defaults(s: Settings, hook: Editing, first: tuple[int, int], multiple: int) -> Settings:
+    """The edit's own defaults under what is asked, and the output size the model picks when none is."""
+    s = s.merged(**{k: v for k, v in hook.defaults.items() if getattr(s, k) is None})
+    if s.width is None and s.height is None:
+        width, height = hook.size(first, multiple)
+        return s.merged(width=width, height=height)
+    if s.width is None or s.height is None:  # one side asked: the other follows the input's aspect
+        given = s.width or s.height
+        other = given * (first[1] / first[0] if s.width else first[0] / first[1])
+        other = max(multiple, round(other) // multiple * multiple)
+        return s.merged(width=s.width or other, height=s.height or other)
+    return s
+
+
+def input_size(size: tuple[int, int], area: int, multiple: int) -> tuple[int, int]:
+    """An input at `area` pixels at its own aspect, each side rounded down to `multiple`."""
+    aspect = size[0] / size[1]
+    width, height = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+
+
+def sized_inputs(model, s: Settings, inputs: list[Image.Image]) -> list[Image.Image]:
+    area, multiple = s.width * s.height, model.size_multiple
+    return [images.resized(im, *input_size(im.size, area, multiple)) for im in inputs]
+
+
+def edit(model, group: list[Settings], inputs: list[list[Image.Image]],
+         on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+    """Images of `group`, image i edited from inputs[i] (the edited image, then its references)."""
+    # 1. check inputs
+    hook = editing(model)
+    pipeline.check_inputs(model, group)
+    for each in inputs:
+        check_count(hook, len(each))
+    # 2. encode the prompts
+    positive, negative = pipeline.encode_prompts(model, group)
+    # 3. timesteps
+    scheduler = pipeline.make_scheduler(model, group)
+    # 4. noise
+    generators = pipeline.generators_for(group)
+    latents = pipeline.initial_noise(model, group, generators) * sampling.init_noise_sigma(scheduler)
+    # 5. the input images, as the family conditions on them
+    s = group[0]
+    references = hook.references(model, [sized_inputs(model, s, each) for each in inputs], s)
+    references = {k: v.to(model.device) for k, v in references.items()}
+    # 6. denoise
+    latents = sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators,
+                               scheduler.timesteps, on_step=on_step, references=references)
+    # 7. decode
+    return vae.decode(model, latents)

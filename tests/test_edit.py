@@ -1,0 +1,104 @@
+"""`ldm edit`: instruction editing against diffusers' edit pipelines on tiny random models (the
+same weights, prompt, input image, size, seed and steps give the same image within 2/255), the
+sizes an edit picks, and the refusals (one line, exit 2, nothing written)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from ldm_cli import edit
+from ldm_cli.cli import app
+from ldm_cli.errors import LdmError
+from ldm_cli.families import flux
+from ldm_cli.settings import Settings
+from tests.flow_parity import as_pixels, close, load_pairs, pixels
+from tests.test_img2img import picture
+
+
+@pytest.fixture(scope="module")
+def kontext(flux_dev_folder):
+    from diffusers import FluxKontextPipeline
+
+    return load_pairs(FluxKontextPipeline, {"dev": flux_dev_folder})["dev"]
+
+
+def settings(model, **kw) -> Settings:
+    base = dict(prompt="make it night", steps=3, seed=1234, scheduler="euler", width=64, height=48)
+    s = Settings(**{**base, **kw})
+    return edit.with_defaults(s, edit.editing(model), (s.width, s.height), 16).resolve(model.defaults, model.native_size)
+
+
+def theirs_kontext(pipe, s: Settings, image) -> np.ndarray:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.original_scheduler_config)
+    out = pipe(image=image, prompt=s.prompt, negative_prompt=s.negative or None, true_cfg_scale=s.cfg,
+               guidance_scale=s.guidance, num_inference_steps=s.steps, width=s.width, height=s.height,
+               max_area=s.width * s.height, _auto_resize=False, generator=torch.Generator().manual_seed(s.seed),
+               output_type="np")
+    return as_pixels(out.images[0])
+
+
+@pytest.mark.parametrize("size, kw", [
+    ((64, 48), {}),  # the input at the output's size
+    ((48, 64), {}),  # another aspect: its tokens on a grid of their own
+    ((64, 48), {"cfg": 2.0, "negative": "blurry", "guidance": 4.0}),  # true CFG over both halves
+])
+def test_kontext_matches_diffusers(kontext, size, kw):
+    ours, theirs = kontext
+    s = settings(ours, **kw)
+    image = picture(*size)
+    assert edit.sized_inputs(ours, s, [image])[0].size == size  # what diffusers' unresized input is
+    mine = pixels(edit.edit(ours, [s], [[image]])[0])
+    assert close(mine, theirs_kontext(theirs, s, image))
+
+
+def test_kontext_defaults_and_the_denoiser_reads_the_image(kontext):
+    ours, _ = kontext
+    s = settings(ours)
+    assert s.guidance == 2.5 and s.cfg == 1.0
+    cond = flux.encode(ours, [s.prompt], s, False)
+    x, t = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(500.0)
+    outs = [flux.predict(ours, x, t, {**cond, **flux.kontext_references(ours, [[image]], s)})
+            for image in (picture(64, 48), Image.new("RGB", (64, 48), (250, 20, 20)))]
+    plain = flux.predict(ours, x, t, cond)
+    assert outs[0].shape == plain.shape  # the reference tokens' output is cut
+    assert (outs[0] - outs[1]).abs().max() > 1e-3 and (outs[0] - plain).abs().max() > 1e-3
+
+
+def test_a_batch_equals_each_image_alone(kontext):
+    ours, _ = kontext
+    group = [settings(ours, seed=1, steps=2), settings(ours, seed=2, steps=2, prompt="make it snow")]
+    inputs = [[picture(64, 48)], [picture(64, 48).transpose(0)]]
+    together = edit.edit(ours, group, inputs)
+    for s, each, image in zip(group, inputs, together):
+        assert close(pixels(image), pixels(edit.edit(ours, [s], [each])[0]))
+
+
+@pytest.mark.parametrize("size, expected", [((64, 64), (1024, 1024)), ((300, 200), (1248, 832)),
+                                            ((200, 400), (720, 1456))])
+def test_kontext_picks_its_trained_size_nearest_the_aspect(size, expected):
+    assert flux.kontext_size(size, 16) == expected
+
+
+@pytest.mark.parametrize("size, area, expected", [((64, 48), 64 * 48, (64, 48)), ((80, 48), 64 * 48, (64, 32)),
+                                                  ((1000, 500), 1024 * 1024, (1440, 720)), ((9, 9), 64, (16, 16))])
+def test_inputs_go_to_the_output_area_at_their_own_aspect(size, area, expected):
+    assert edit.input_size(size, area, 16) == expected
+
+
+def test_kontext_takes_one_image(kontext):
+    ours, _ = kontext
+    with pytest.raises(LdmError, match=r"^FLUX.1 Kontext takes no --reference \(got 1\)$"):
+        edit.edit(ours, [settings(ours)], [[picture(64, 48), picture(64, 48)]])
+
+
+def test_a_model_that_cannot_edit_is_refused(flux_schnell_folder):
+    from ldm_cli import loading
+
+    model = loading.load(str(flux_schnell_folder))
+    with pytest.raises(LdmError, match=r"^FLUX.1 schnell cannot edit by instruction; use `ldm img2img`"):
+        edit.editing(model)
