@@ -347,6 +347,37 @@ def outpaint(
     flags.print(commands.outpaint(settings, image, (left, top, right, bottom), flags.run_options()))
 
 
+# \b keeps click from rewrapping a paragraph: the commands stay as typed
+EDIT_EXAMPLES = """\b
+Examples, one per kind of model:
+\b
+  FLUX.1 Kontext dev (one image; guidance 2.5; its trained size nearest the image's aspect):
+    ldm edit photo.png "make it night, keep the car" -m flux1-kontext-dev.safetensors \\
+      --vae ae.safetensors --text-encoder clip_l.safetensors --text-encoder t5xxl_fp16.safetensors
+\b
+  Models that cannot edit (SD1, SDXL, SD3, FLUX.1 schnell, Z-Image, Chroma): use img2img."""
+
+
+@app.command(epilog=EDIT_EXAMPLES)
+@renders
+def edit(
+    image: Annotated[Path, typer.Argument(help="The image to change, at least 8 pixels a side.")],
+    prompt: Annotated[Optional[str], typer.Argument(help="What to change, said as an instruction.")] = None,
+    reference: Annotated[Optional[list[Path]], typer.Option(
+        "--reference", metavar="IMAGE", help="Another input image, for models that take several; repeatable.")] = None,
+    *, flags: RenderFlags,
+) -> None:
+    """Change an image as a prompt says, with reference images for models that take them
+    [size: the model's pick for the image's aspect, printed].
+
+    The model decides how: a FLUX.1 dev-shaped model runs as FLUX.1 Kontext (the image's tokens
+    beside the noise's). The image starts nothing: the edit is drawn from noise, steered by it."""
+    from ldm_cli import commands
+
+    settings = flags.settings(prompt=prompt)
+    flags.print(commands.edit(settings, image, list(reference or []), flags.run_options()))
+
+
 @app.command()
 def batch(
     file: Annotated[Path, typer.Argument(help="Prompts: a prompt per line, or A1111 option lines (--prompt \"...\" --steps 20 ...), or .jsonl.")],

@@ -231,6 +231,41 @@ def _canvas_margins(size: tuple[int, int], margins: tuple[int, int, int, int],
     return grown
 
 
+# -- edit: an image changed by instruction, with reference images --------------------------------
+def edit(settings: Settings, image_path: Path, references: list[Path], options: RunOptions) -> Iterator[render.Result]:
+    """Edit the image at image_path as the prompt says, the reference images beside it; the model
+    decides how (its family's Editing) and refuses in one line if it cannot."""
+    from ldm_cli import edit as flow
+    from ldm_cli.progress import Progress
+
+    options.validate()
+    if settings.controlnet:
+        raise LdmError("--controlnet does not work with edit; the input images steer the edit")
+    first, s = _with_init_image(settings, image_path)
+    inputs = [first]
+    for path in references:
+        inputs.append(images.load_image(path))
+        images.check_min_size(inputs[-1].size, f"the reference {str(path)!r}")
+    flow.check_model(s.model)  # before the weights load
+    images.check_writable(options.out)
+    s = with_lora_flags(s, options)
+    model = load_model(s, options)
+    hook = flow.editing(model)
+    flow.check_count(hook, len(inputs))
+    asked = s.width is not None and s.height is not None
+    s = flow.with_defaults(s, hook, first.size, model.size_multiple)
+    s.validate()
+    if not asked:
+        note(f"editing at {s.width}x{s.height} ({hook.label}'s size for the input's aspect; --width/--height to choose)")
+    s = render.resolved(s, model)
+    jobs = render.per_image(s, options.num_images)
+
+    def make(model, group, on_step):
+        return flow.edit(model, group, [inputs] * len(group), on_step)
+    with Progress(s.steps * len(jobs), len(jobs), options.quiet) as progress:
+        yield from render.render(model, jobs, options.batch_size, options.out, progress, make)
+
+
 # -- batch: a prompts file ------------------------------------------------------------------------
 def batch(path: Path, defaults: Settings, options: RunOptions, grid: bool = False) -> Iterator[render.Result]:
     """Render the images of the prompts file at `path` that options.out's manifest does not hold

@@ -9,6 +9,7 @@ the pipelines size their inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -21,10 +22,27 @@ from ldm_cli.settings import Settings
 
 
 def editing(model) -> Editing:
-    """The model's way of editing, or one line suggesting img2img."""
-    hook = model.family.edit
-    if hook is None or (hook.accepts is not None and not hook.accepts(model)):
-        kind = model.family.label + (f" {model.options['variant']}" if model.options.get("variant") else "")
+    """The loaded model's way of editing, or one line suggesting img2img."""
+    variant = model.options.get("variant")
+    return _hook(model.family, model.denoiser.config, model.family.label + (f" {variant}" if variant else ""))
+
+
+def check_model(source: str | None) -> None:
+    """Refuse a model that cannot edit from its configs or header, before its weights load."""
+    from ldm_cli import families, loading
+
+    found = loading.denoiser_of(source)
+    if found is None:  # unreadable here: the load says why, or editing() refuses once loaded
+        return
+    name, config = found
+    family = families.get("sd1" if name == "sd" else name)  # neither SD1 nor SD2 edits
+    label = "SD1/SD2" if name == "sd" else family.label
+    _hook(family, config, f"{loading.source_path(source).name!r} ({label})" if source else "the built-in model")
+
+
+def _hook(family, config, kind: str) -> Editing:
+    hook = family.edit
+    if hook is None or (hook.accepts is not None and not hook.accepts(config)):
         raise LdmError(f"{kind} cannot edit by instruction; use `ldm img2img` to redraw an image after a prompt, "
                        "or an editing model (FLUX.1 Kontext dev)")
     return hook
@@ -37,7 +55,9 @@ def check_count(hook: Editing, count: int) -> None:
 
 
 def with_defaults(s: Settings, hook: Editing, first: tuple[int, int], multiple: int) -> Settings:
-    """The edit's own defaults under what is asked, and the output size the model picks when none is."""
+    """The edit's own defaults under what is asked, and the output size the model picks when none
+    is; no strength or mask settings (they may come from an img2img or inpainted --from-png)."""
+    s = dataclasses.replace(s, strength=None, mask_blur=None, only_masked=None, padding=None)
     s = s.merged(**{k: v for k, v in hook.defaults.items() if getattr(s, k) is None})
     if s.width is None and s.height is None:
         width, height = hook.size(first, multiple)

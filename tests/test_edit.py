@@ -102,3 +102,90 @@ def test_a_model_that_cannot_edit_is_refused(flux_schnell_folder):
     model = loading.load(str(flux_schnell_folder))
     with pytest.raises(LdmError, match=r"^FLUX.1 schnell cannot edit by instruction; use `ldm img2img`"):
         edit.editing(model)
+
+
+# -- a single file ------------------------------------------------------------------------------------
+def test_a_single_kontext_file_edits_as_the_folder(kontext, flux_dev_folder, tmp_path):
+    from ldm_cli import loading
+    from ldm_cli.loading import LoadOptions
+    from tests import original_layout
+
+    path = original_layout.write(flux_dev_folder, tmp_path / "flux1-kontext-dev.safetensors", "flux")
+    edit.check_model(str(path))  # a dev-shaped header: accepted before the load
+    single = loading.load(str(path), LoadOptions(config=str(flux_dev_folder)))
+    ours, _ = kontext
+    s = settings(ours)
+    image = picture(64, 48)
+    assert close(pixels(edit.edit(single, [s], [[image]])[0]), pixels(edit.edit(ours, [s], [[image]])[0]))
+
+
+# -- the command line ---------------------------------------------------------------------------------
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def png_files(folder):
+    return sorted(folder.glob("*.png")) if folder.exists() else []
+
+
+def test_cli_edits_at_the_size_asked_and_records_the_input(flux_dev_folder, tmp_path):
+    import hashlib
+
+    source = tmp_path / "photo.png"
+    picture(64, 48).save(source)
+    result = cli("edit", source, "make it night", "--model", flux_dev_folder, "--steps", 2, "--seed", 5, "-n", 2,
+                 "-W", 64, "-H", 48, "--json", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["seed"] for r in records] == [5, 6]
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:10]
+    assert all(r["guidance"] == 2.5 and r["init_image_hash"] == digest and "strength" not in r for r in records)
+    with Image.open(records[0]["path"]) as saved:
+        assert saved.size == (64, 48)
+
+
+def test_cli_without_a_size_uses_kontexts_and_says_so(flux_dev_folder, tmp_path, monkeypatch):
+    source = tmp_path / "photo.png"
+    picture(96, 64).save(source)
+    seen = []
+    monkeypatch.setattr(edit, "edit", lambda model, group, inputs, on_step: seen.append(group[0]) or [])
+    result = cli("edit", source, "make it night", "--model", flux_dev_folder, "--steps", 1, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert (seen[0].width, seen[0].height) == (1248, 832)  # the trained size nearest 3:2
+    assert "editing at 1248x832" in result.stderr
+
+
+def refusals(tmp_path, folders):
+    good = tmp_path / "good.png"
+    picture().save(good)
+    return {
+        "schnell": ([good, "make it night", "--model", folders["schnell"]],
+                    "'tiny-flux-schnell' (FLUX.1) cannot edit by instruction; use `ldm img2img`"),
+        "built-in": ([good, "make it night"], "the built-in model cannot edit by instruction; use `ldm img2img`"),
+        "sd1": ([good, "make it night", "--model", folders["sd1"]], "(SD1/SD2) cannot edit by instruction"),
+        "reference": ([good, "make it night", "--model", folders["dev"], "--reference", good],
+                      "FLUX.1 Kontext takes no --reference (got 1)"),
+        "missing reference": ([good, "make it night", "--model", folders["dev"], "--reference", tmp_path / "no.png"],
+                              "no such file"),
+        "missing image": ([tmp_path / "no.png", "make it night", "--model", folders["dev"]], "no such file"),
+        "controlnet": ([good, "make it night", "--model", folders["dev"], "--controlnet", folders["dev"],
+                        "--control-image", good], "--controlnet does not work with edit"),
+    }
+
+
+@pytest.mark.parametrize("case", ["schnell", "built-in", "sd1", "reference", "missing reference", "missing image",
+                                  "controlnet"])
+def test_cli_refusals_are_one_line_exit_2_and_no_file(flux_dev_folder, flux_schnell_folder, sd1_folder,
+                                                     tmp_path, monkeypatch, case):
+    from ldm_cli import loading
+
+    folders = {"dev": flux_dev_folder, "schnell": flux_schnell_folder, "sd1": sd1_folder}
+    args, message = refusals(tmp_path, folders)[case]
+    if case in ("schnell", "built-in", "sd1"):  # refused from the configs alone: no weights load
+        monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("the weights loaded"))
+    out = tmp_path / "out"
+    result = cli("edit", *args, "--steps", 1, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("ldm: error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert png_files(out) == []

@@ -40,7 +40,8 @@ class Editing:
     references: Callable[[Any, list[list[Image.Image]], Settings], Cond]
     # settings an edit takes unless asked otherwise (Kontext: guidance 2.5)
     defaults: dict = field(default_factory=dict)
-    # the loaded model -> whether it edits (FLUX.1: dev-shaped, not schnell); None: every model
+    # the denoiser's config (a dict, from the folder or the file's shapes) -> whether the model
+    # edits (FLUX.1: dev-shaped, not schnell); None: every model of the family does
     accepts: Callable[[Any], bool] | None = None
 
 

@@ -97,3 +97,21 @@ def size_multiple(source: str | None) -> int:
         return 16  # latents packed in 2x2 patches (FLUX.2's files have FLUX's block names)
     prefix = mmdit.prefix_of(shapes)
     return 8 * (mmdit.config(shapes, prefix)["patch_size"] if prefix is not None else 1)
+
+
+def denoiser_of(source: str | None) -> tuple[str, dict] | None:
+    """The model's family ("sd" for SD1 and SD2) and its denoiser's config, from its configs or
+    file header alone, so a command can refuse a model before its weights load; None when they
+    cannot be read (loading says why)."""
+    from ldm_cli.loading import detect, recipe, tensors
+
+    path = source_path(source)
+    try:
+        if path.is_dir():
+            index = recipe.read_json(path / "model_index.json")
+            config = path / "transformer" / "config.json"
+            return recipe.PIPELINE_FAMILIES[index["_class_name"]], recipe.read_json(config) if config.is_file() else {}
+        found = detect.detect(tensors.open_checkpoint(path))
+        return found.family, found.denoiser_config
+    except (OSError, ValueError, KeyError, TypeError, LdmError):
+        return None
