@@ -104,6 +104,53 @@ def test_a_model_that_cannot_edit_is_refused(flux_schnell_folder):
         edit.editing(model)
 
 
+# -- FLUX.2 klein ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def klein(flux2_klein_folder, flux2_klein_base_folder):
+    from diffusers import Flux2KleinPipeline
+
+    return load_pairs(Flux2KleinPipeline, {"distilled": flux2_klein_folder, "base": flux2_klein_base_folder})
+
+
+def theirs_klein(pipe, s: Settings, inputs) -> np.ndarray:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.original_scheduler_config)
+    out = pipe(image=inputs, prompt=s.prompt, guidance_scale=s.cfg, num_inference_steps=s.steps, width=s.width,
+               height=s.height, generator=torch.Generator().manual_seed(s.seed),
+               max_sequence_length=s.max_sequence_length, output_type="np")
+    return as_pixels(out.images[0])
+
+
+@pytest.mark.parametrize("variant, sizes", [
+    ("distilled", [(64, 64)]),
+    ("distilled", [(80, 64), (64, 80)]),  # two images, the second of another aspect: time offsets 10 and 20
+    ("base", [(64, 64)]),  # real CFG: both halves see the image
+])
+def test_klein_matches_diffusers(klein, variant, sizes):
+    ours, theirs = klein[variant]
+    inputs = [picture(*size) for size in sizes]
+    inputs[1:] = [image.transpose(0) for image in inputs[1:]]
+    s = settings(ours, width=sizes[0][0], height=sizes[0][1], max_sequence_length=64)
+    assert [im.size for im in edit.sized_inputs(ours, s, inputs)] == sizes  # what diffusers takes them at
+    mine = pixels(edit.edit(ours, [s], [inputs])[0])
+    assert close(mine, theirs_klein(theirs, s, inputs))
+
+
+def test_klein_takes_the_first_images_size_up_to_a_megapixel():
+    from ldm_cli.families import flux2
+
+    assert flux2.edit_size((80, 64), 16) == (80, 64)
+    assert flux2.edit_size((2000, 1000), 16) == (1440, 720)  # int(1448.2), int(724.1) rounded down
+    assert flux2.edit_size((100, 70), 16) == (96, 64)
+
+
+def test_klein_takes_at_most_four_images(klein):
+    ours, _ = klein["distilled"]
+    with pytest.raises(LdmError, match=r"^FLUX.2 klein takes at most 3 --reference images \(got 4\)$"):
+        edit.edit(ours, [settings(ours, width=64, height=64)], [[picture()] * 5])
+
+
 # -- a single file ------------------------------------------------------------------------------------
 def test_a_single_kontext_file_edits_as_the_folder(kontext, flux_dev_folder, tmp_path):
     from ldm_cli import loading
