@@ -355,6 +355,9 @@ Examples, one per kind of model:
     ldm edit photo.png "make it night, keep the car" -m flux1-kontext-dev.safetensors \\
       --vae ae.safetensors --text-encoder clip_l.safetensors --text-encoder t5xxl_fp16.safetensors
 \b
+  FLUX.2 klein (up to 4 images; the first image's size):
+    ldm edit room.png "put the chair from image 2 by the window" --reference chair.png -m flux-2-klein-4b
+\b
   Models that cannot edit (SD1, SDXL, SD3, FLUX.1 schnell, Z-Image, Chroma): use img2img."""
 
 
@@ -370,8 +373,9 @@ def edit(
     """Change an image as a prompt says, with reference images for models that take them
     [size: the model's pick for the image's aspect, printed].
 
-    The model decides how: a FLUX.1 dev-shaped model runs as FLUX.1 Kontext (the image's tokens
-    beside the noise's). The image starts nothing: the edit is drawn from noise, steered by it."""
+    The model decides how: a FLUX.1 dev-shaped model runs as FLUX.1 Kontext, FLUX.2 klein takes
+    its images natively (their tokens beside the noise's). The edit is drawn from fresh noise,
+    steered by the images."""
     from ldm_cli import commands
 
     settings = flags.settings(prompt=prompt)

@@ -236,3 +236,42 @@ def test_cli_refusals_are_one_line_exit_2_and_no_file(flux_dev_folder, flux_schn
     assert result.stderr.startswith("ldm: error: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
     assert png_files(out) == []
+
+
+def test_cli_klein_with_a_reference_at_the_first_images_size_in_one_batch(flux2_klein_folder, tmp_path):
+    source, other = tmp_path / "room.png", tmp_path / "chair.png"
+    picture(80, 64).save(source)
+    picture(64, 64).save(other)
+    result = cli("edit", source, "put the chair in the room", "--reference", other, "--model", flux2_klein_folder,
+                 "--steps", 1, "--seed", 3, "-n", 2, "--batch-size", 2, "--max-sequence-length", 64, "--json",
+                 "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["width"], r["height"], r["seed"]) for r in records] == [(80, 64, 3), (80, 64, 4)]
+    assert "editing at 80x64" in result.stderr
+
+
+def test_help_shows_an_example_per_model_kind():
+    result = CliRunner().invoke(app, ["edit", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "ldm edit photo.png" in result.stdout and "flux1-kontext-dev.safetensors" in result.stdout
+    assert "--reference chair.png -m flux-2-klein-4b" in result.stdout
+    assert "use img2img" in result.stdout
+
+
+def test_cli_a_kontext_lora_is_merged_and_recorded(flux_dev_folder, tmp_path):
+    from tests import lora_files, tiny_models
+
+    chosen = lora_files.layers(tiny_models.flux_transformer(), ("to_q", "to_k", "to_v", "proj_mlp", "proj_out", "to_out.0"))
+    lora = lora_files.write(tmp_path / "relight.safetensors", lora_files.peft(chosen, "transformer", seed=4))
+    source = tmp_path / "photo.png"
+    picture(64, 48).save(source)
+    common = ["edit", source, "make it night", "--model", flux_dev_folder, "--steps", 2, "--seed", 5, "-W", 64,
+              "-H", 48, "--json"]
+    plain = cli(*common, "-o", tmp_path / "plain")
+    lit = cli(*common, "--lora", f"{lora}:4", "-o", tmp_path / "lit")
+    assert plain.exit_code == 0 and lit.exit_code == 0, lit.stderr
+    record = json.loads(lit.stdout)
+    assert "<lora:relight:4>" in record["prompt"] and "relight" in record["lora_hashes"]
+    with Image.open(json.loads(plain.stdout)["path"]) as a, Image.open(record["path"]) as b:
+        assert np.abs(pixels(a) - pixels(b)).max() > 2
