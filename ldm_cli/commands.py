@@ -253,7 +253,7 @@ def edit(settings: Settings, image_path: Path, references: list[Path], options: 
     hook = flow.editing(model)
     flow.check_count(hook, len(inputs))
     asked = s.width is not None and s.height is not None
-    s = flow.with_defaults(s, hook, first.size, model.size_multiple)
+    s = flow.with_defaults(s, hook, [im.size for im in inputs], model.size_multiple)
     s.validate()
     if not asked:
         note(f"editing at {s.width}x{s.height} ({hook.label}'s size for the input's aspect; --width/--height to choose)")

@@ -13,6 +13,7 @@ import dataclasses
 import math
 from typing import Callable
 
+import torch
 from PIL import Image
 
 from ldm_cli import images, pipeline, sampling, vae
@@ -24,27 +25,27 @@ from ldm_cli.settings import Settings
 def editing(model) -> Editing:
     """The loaded model's way of editing, or one line suggesting img2img."""
     variant = model.options.get("variant")
-    return _hook(model.family, model.denoiser.config, model.family.label + (f" {variant}" if variant else ""))
+    return _hook(model.family, variant, model.family.label + (f" {variant}" if variant else ""))
 
 
 def check_model(source: str | None) -> None:
     """Refuse a model that cannot edit from its configs or header, before its weights load."""
     from ldm_cli import families, loading
 
-    found = loading.denoiser_of(source)
+    found = loading.kind_of(source)
     if found is None:  # unreadable here: the load says why, or editing() refuses once loaded
         return
-    name, config = found
+    name, variant = found
     family = families.get("sd1" if name == "sd" else name)  # neither SD1 nor SD2 edits
-    label = "SD1/SD2" if name == "sd" else family.label
-    _hook(family, config, f"{loading.source_path(source).name!r} ({label})" if source else "the built-in model")
+    label = "SD1/SD2" if name == "sd" else family.label + (f" {variant}" if variant else "")
+    _hook(family, variant, f"{loading.source_path(source).name!r} ({label})" if source else "the built-in model")
 
 
-def _hook(family, config, kind: str) -> Editing:
-    hook = family.edit
-    if hook is None or (hook.accepts is not None and not hook.accepts(config)):
+def _hook(family, variant: str | None, kind: str) -> Editing:
+    hook = family.edit.get(variant)
+    if hook is None:
         raise LdmError(f"{kind} cannot edit by instruction; use `ldm img2img` to redraw an image after a prompt, "
-                       "or an editing model (FLUX.1 Kontext dev)")
+                       "or an editing model (FLUX.1 Kontext dev, FLUX.2 klein, Qwen-Image-Edit)")
     return hook
 
 
@@ -54,16 +55,16 @@ def check_count(hook: Editing, count: int) -> None:
         raise LdmError(f"{hook.label} takes {allowed} (got {count - 1})")
 
 
-def with_defaults(s: Settings, hook: Editing, first: tuple[int, int], multiple: int) -> Settings:
+def with_defaults(s: Settings, hook: Editing, sizes: list[tuple[int, int]], multiple: int) -> Settings:
     """The edit's own defaults under what is asked, and the output size the model picks when none
     is; no strength or mask settings (they may come from an img2img or inpainted --from-png)."""
     s = dataclasses.replace(s, strength=None, mask_blur=None, only_masked=None, padding=None)
     s = s.merged(**{k: v for k, v in hook.defaults.items() if getattr(s, k) is None})
     if s.width is None and s.height is None:
-        width, height = hook.size(first, multiple)
+        width, height = hook.size(sizes, multiple)
         return s.merged(width=width, height=height)
     if s.width is None or s.height is None:  # one side asked: the other follows the input's aspect
-        given = s.width or s.height
+        first, given = sizes[0], s.width or s.height
         other = given * (first[1] / first[0] if s.width else first[0] / first[1])
         other = max(multiple, round(other) // multiple * multiple)
         return s.merged(width=s.width or other, height=s.height or other)
@@ -77,20 +78,31 @@ def input_size(size: tuple[int, int], area: int, multiple: int) -> tuple[int, in
     return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
 
 
-def sized_inputs(model, s: Settings, inputs: list[Image.Image]) -> list[Image.Image]:
-    area, multiple = s.width * s.height, model.size_multiple
-    return [images.resized(im, *input_size(im.size, area, multiple)) for im in inputs]
+def sized_inputs(model, hook: Editing, s: Settings, inputs: list[Image.Image]) -> list[Image.Image]:
+    """The inputs at the sizes the VAE reads them (the model's rule, else the output's area)."""
+    output, multiple = (s.width, s.height), model.size_multiple
+    if hook.input_size is not None:
+        return [images.resized(im, *hook.input_size(im.size, output, multiple)) for im in inputs]
+    return [images.resized(im, *input_size(im.size, s.width * s.height, multiple)) for im in inputs]
 
 
 def edit(model, group: list[Settings], inputs: list[list[Image.Image]],
          on_step: Callable[[], None] | None = None) -> list[Image.Image]:
     """Images of `group`, image i edited from inputs[i] (the edited image, then its references)."""
+    return vae.decode(model, edited_latents(model, group, inputs, on_step))
+
+
+def edited_latents(model, group: list[Settings], inputs: list[list[Image.Image]],
+                   on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """edit's steps 1 to 6: the denoised latents, before the VAE decodes them."""
     # 1. check inputs
     hook = editing(model)
     pipeline.check_inputs(model, group)
     for each in inputs:
         check_count(hook, len(each))
-    # 2. encode the prompts
+    # 2. encode the prompts (with the images, for a text encoder that reads them; a run's
+    # images are the same for all its prompts, so they are encoded ahead alike)
+    model.edit_inputs = None if hook.prompt_images is None else hook.prompt_images(model, inputs[0])
     positive, negative = pipeline.encode_prompts(model, group)
     # 3. timesteps
     scheduler = pipeline.make_scheduler(model, group)
@@ -99,10 +111,8 @@ def edit(model, group: list[Settings], inputs: list[list[Image.Image]],
     latents = pipeline.initial_noise(model, group, generators) * sampling.init_noise_sigma(scheduler)
     # 5. the input images, as the family conditions on them
     s = group[0]
-    references = hook.references(model, [sized_inputs(model, s, each) for each in inputs], s)
+    references = hook.references(model, [sized_inputs(model, hook, s, each) for each in inputs], s)
     references = {k: v.to(model.device) for k, v in references.items()}
-    # 6. denoise
-    latents = sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators,
-                               scheduler.timesteps, on_step=on_step, references=references)
-    # 7. decode
-    return vae.decode(model, latents)
+    # 6. denoise (7. decode: edit above)
+    return sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators,
+                            scheduler.timesteps, on_step=on_step, references=references)

@@ -31,15 +31,15 @@ def settings(model, **kw) -> Settings:
     return edit.with_defaults(s, edit.editing(model), (s.width, s.height), 16).resolve(model.defaults, model.native_size)
 
 
-def theirs_kontext(pipe, s: Settings, image) -> np.ndarray:
+def theirs_kontext(pipe, s: Settings, image, output_type: str = "np"):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.original_scheduler_config)
     out = pipe(image=image, prompt=s.prompt, negative_prompt=s.negative or None, true_cfg_scale=s.cfg,
                guidance_scale=s.guidance, num_inference_steps=s.steps, width=s.width, height=s.height,
                max_area=s.width * s.height, _auto_resize=False, generator=torch.Generator().manual_seed(s.seed),
-               output_type="np")
-    return as_pixels(out.images[0])
+               max_sequence_length=s.max_sequence_length, output_type=output_type)
+    return out.images if output_type == "latent" else as_pixels(out.images[0])
 
 
 @pytest.mark.parametrize("size, kw", [
@@ -51,7 +51,7 @@ def test_kontext_matches_diffusers(kontext, size, kw):
     ours, theirs = kontext
     s = settings(ours, **kw)
     image = picture(*size)
-    assert edit.sized_inputs(ours, s, [image])[0].size == size  # what diffusers' unresized input is
+    assert edit.sized_inputs(ours, edit.editing(ours), s, [image])[0].size == size  # what diffusers' unresized input is
     mine = pixels(edit.edit(ours, [s], [[image]])[0])
     assert close(mine, theirs_kontext(theirs, s, image))
 
@@ -81,7 +81,7 @@ def test_a_batch_equals_each_image_alone(kontext):
 @pytest.mark.parametrize("size, expected", [((64, 64), (1024, 1024)), ((300, 200), (1248, 832)),
                                             ((200, 400), (720, 1456))])
 def test_kontext_picks_its_trained_size_nearest_the_aspect(size, expected):
-    assert flux.kontext_size(size, 16) == expected
+    assert flux.kontext_size([size], 16) == expected
 
 
 @pytest.mark.parametrize("size, area, expected", [((64, 48), 64 * 48, (64, 48)), ((80, 48), 64 * 48, (64, 32)),
@@ -112,14 +112,14 @@ def klein(flux2_klein_folder, flux2_klein_base_folder):
     return load_pairs(Flux2KleinPipeline, {"distilled": flux2_klein_folder, "base": flux2_klein_base_folder})
 
 
-def theirs_klein(pipe, s: Settings, inputs) -> np.ndarray:
+def theirs_klein(pipe, s: Settings, inputs, output_type: str = "np"):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.original_scheduler_config)
     out = pipe(image=inputs, prompt=s.prompt, guidance_scale=s.cfg, num_inference_steps=s.steps, width=s.width,
                height=s.height, generator=torch.Generator().manual_seed(s.seed),
-               max_sequence_length=s.max_sequence_length, output_type="np")
-    return as_pixels(out.images[0])
+               max_sequence_length=s.max_sequence_length, output_type=output_type)
+    return out.images if output_type == "latent" else as_pixels(out.images[0])
 
 
 @pytest.mark.parametrize("variant, sizes", [
@@ -132,7 +132,7 @@ def test_klein_matches_diffusers(klein, variant, sizes):
     inputs = [picture(*size) for size in sizes]
     inputs[1:] = [image.transpose(0) for image in inputs[1:]]
     s = settings(ours, width=sizes[0][0], height=sizes[0][1], max_sequence_length=64)
-    assert [im.size for im in edit.sized_inputs(ours, s, inputs)] == sizes  # what diffusers takes them at
+    assert [im.size for im in edit.sized_inputs(ours, edit.editing(ours), s, inputs)] == sizes  # what diffusers takes them at
     mine = pixels(edit.edit(ours, [s], [inputs])[0])
     assert close(mine, theirs_klein(theirs, s, inputs))
 
@@ -140,15 +140,148 @@ def test_klein_matches_diffusers(klein, variant, sizes):
 def test_klein_takes_the_first_images_size_up_to_a_megapixel():
     from ldm_cli.families import flux2
 
-    assert flux2.edit_size((80, 64), 16) == (80, 64)
-    assert flux2.edit_size((2000, 1000), 16) == (1440, 720)  # int(1448.2), int(724.1) rounded down
-    assert flux2.edit_size((100, 70), 16) == (96, 64)
+    assert flux2.edit_size([(80, 64)], 16) == (80, 64)
+    assert flux2.edit_size([(2000, 1000), (64, 64)], 16) == (1440, 720)  # int(1448.2), int(724.1) rounded down
+    assert flux2.edit_size([(100, 70)], 16) == (96, 64)
 
 
 def test_klein_takes_at_most_four_images(klein):
     ours, _ = klein["distilled"]
     with pytest.raises(LdmError, match=r"^FLUX.2 klein takes at most 3 --reference images \(got 4\)$"):
         edit.edit(ours, [settings(ours, width=64, height=64)], [[picture()] * 5])
+
+
+# -- Qwen-Image-Edit and Edit Plus ---------------------------------------------------------------------
+EDIT_PIPELINES = {"edit": "QwenImageEditPipeline", "edit-plus": "QwenImageEditPlusPipeline"}
+TOY_VAE_AREA, TOY_VISION_AREA = 128 * 128, 64 * 64  # the pipelines' 1 MP and 384x384, at the toy models' scale
+
+
+@pytest.fixture(scope="module")
+def qwen_edit(qwen_image_folder, tmp_path_factory):
+    """variant -> (ldm's Model, diffusers' pipeline): Qwen-Image's tiny weights (its text encoder
+    is the whole Qwen2.5-VL, vision tower included) in an Edit and an Edit Plus folder."""
+    import shutil
+
+    import diffusers
+
+    out = {}
+    for variant, cls in EDIT_PIPELINES.items():
+        folder = tmp_path_factory.mktemp("qwen") / f"tiny-qwen-image-{variant}"
+        shutil.copytree(qwen_image_folder, folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        index.update(_class_name=cls, processor=["transformers", "Qwen2VLProcessor"])
+        (folder / "model_index.json").write_text(json.dumps(index))
+        plain = diffusers.QwenImagePipeline.from_pretrained(qwen_image_folder, dtype=torch.float32, local_files_only=True)
+        theirs = getattr(diffusers, cls)(**plain.components, processor=their_processor())
+        theirs.set_progress_bar_config(disable=True)
+        out[variant] = (loading_load(folder), theirs)
+    return out
+
+
+def loading_load(folder):
+    from ldm_cli import loading
+
+    return loading.load(str(folder))
+
+
+def their_processor():
+    """transformers' own Qwen2VLProcessor over ldm's tokenizer and image processor config; built past
+    its check of a video processor, which needs torchvision (absent here, and never used for images)."""
+    from unittest import mock
+
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    from ldm_cli.loading.recipe import qwen25vl_image_processor, qwen25vl_tokenizer
+
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        return Qwen2VLProcessor(image_processor=qwen25vl_image_processor(), tokenizer=qwen25vl_tokenizer())
+
+
+@pytest.fixture
+def toy_areas(monkeypatch):
+    """Both sides' 1 MP and 384x384 areas at the toy scale."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit_module
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus_module
+
+    from ldm_cli.families import qwen_edit as ours
+
+    monkeypatch.setattr(ours, "VAE_AREA", TOY_VAE_AREA)
+    monkeypatch.setattr(ours, "VISION_AREA", TOY_VISION_AREA)
+    monkeypatch.setattr(plus_module, "VAE_IMAGE_SIZE", TOY_VAE_AREA)
+    monkeypatch.setattr(plus_module, "CONDITION_IMAGE_SIZE", TOY_VISION_AREA)
+    original = edit_module.calculate_dimensions  # Edit's 1 MP is written into its __call__
+    monkeypatch.setattr(edit_module, "calculate_dimensions", lambda area, ratio: original(TOY_VAE_AREA, ratio))
+
+
+def theirs_qwen(pipe, s: Settings, inputs, output_type: str = "np"):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    out = pipe(image=inputs if len(inputs) > 1 else inputs[0], prompt=s.prompt, negative_prompt=s.negative or None,
+               true_cfg_scale=s.cfg, num_inference_steps=s.steps, width=s.width, height=s.height,
+               generator=torch.Generator().manual_seed(s.seed), output_type=output_type)
+    return out.images if output_type == "latent" else as_pixels(out.images[0])
+
+
+@pytest.mark.parametrize("variant, sizes, kw", [
+    ("edit", [(96, 64)], {"cfg": 1.0}),
+    ("edit", [(64, 64)], {"cfg": 2.5, "negative": "blurry"}),  # true CFG, the negative read with the image too
+    ("edit-plus", [(64, 64)], {"cfg": 1.0}),
+    ("edit-plus", [(96, 64), (64, 80)], {"cfg": 2.5, "negative": "blurry"}),  # two images, "Picture 1: ... 2: ..."
+])
+def test_qwen_edit_matches_diffusers(qwen_edit, toy_areas, variant, sizes, kw):
+    ours, theirs = qwen_edit[variant]
+    inputs = [picture(*size) for size in sizes]
+    s = settings(ours, width=64, height=64, **kw)
+    mine = pixels(edit.edit(ours, [s], [inputs])[0])
+    assert close(mine, theirs_qwen(theirs, s, inputs))
+
+
+def test_qwen_edit_sizes_and_kinds(qwen_edit, qwen_image_folder):
+    from ldm_cli.families import qwen_edit as family
+
+    assert family.size([(300, 200)], 16) == (1248, 832) and family.size([(100, 100), (300, 200)], 16) == (1024, 1024)
+    assert family.input_size((300, 200), (64, 64), 16) == (1248, 832)  # about 1 MP whatever the output
+    assert edit.editing(qwen_edit["edit"][0]).max_images == 1
+    assert edit.editing(qwen_edit["edit-plus"][0]).max_images == 3
+    with pytest.raises(LdmError, match=r"\(Qwen-Image\) cannot edit by instruction; use `ldm img2img`"):
+        edit.check_model(str(qwen_image_folder))  # plain Qwen-Image: its text path only
+
+
+# -- the input images' part, where pixels cannot show it -----------------------------------------------
+# The tiny random models move their pixels by at most 2/255 when the input image changes, so pixel
+# parity alone would pass an edit that ignored its images. Their latents show it: ours equal
+# diffusers' within LATENT_TOLERANCE, while another input moves them by many times that.
+LATENT_TOLERANCE = 1e-4
+
+
+def their_latents(kind, pipe, s: Settings, inputs) -> torch.Tensor:
+    run = {"kontext": theirs_kontext, "klein": theirs_klein}.get(kind, theirs_qwen)
+    return run(pipe, s, inputs, output_type="latent")
+
+
+def ours_as_theirs(kind, model, latents: torch.Tensor) -> torch.Tensor:
+    """Our loop latents in the form each pipeline returns as output_type="latent"."""
+    from ldm_cli.families import flux2
+
+    return flux2.from_latents(model.vae, latents) if kind == "klein" else flux.pack(latents)
+
+
+@pytest.mark.parametrize("kind, sizes", [("kontext", [(64, 48)]), ("klein", [(64, 64), (64, 80)]),
+                                         ("qwen-edit", [(96, 64)]), ("qwen-edit-plus", [(96, 64), (64, 80)])])
+def test_the_input_images_reach_the_denoiser_as_diffusers_gives_them(kontext, klein, qwen_edit, toy_areas, kind,
+                                                                      sizes):
+    ours, theirs = {"kontext": kontext, "klein": klein["distilled"], "qwen-edit": qwen_edit["edit"],
+                    "qwen-edit-plus": qwen_edit["edit-plus"]}[kind]
+    inputs = [picture(*size) for size in sizes]
+    s = settings(ours, width=sizes[0][0], height=sizes[0][1], cfg=1.0, max_sequence_length=64)
+    mine = ours_as_theirs(kind, ours, edit.edited_latents(ours, [s], [inputs]))
+    ref = their_latents(kind, theirs, s, inputs)
+    other = [Image.new("RGB", size, (250, 20, 20)) for size in sizes]
+    moved = ours_as_theirs(kind, ours, edit.edited_latents(ours, [s], [other]))
+    assert (mine - ref).abs().max() < LATENT_TOLERANCE
+    assert (moved - mine).abs().max() > 10 * LATENT_TOLERANCE
 
 
 # -- a single file ------------------------------------------------------------------------------------
@@ -207,7 +340,7 @@ def refusals(tmp_path, folders):
     picture().save(good)
     return {
         "schnell": ([good, "make it night", "--model", folders["schnell"]],
-                    "'tiny-flux-schnell' (FLUX.1) cannot edit by instruction; use `ldm img2img`"),
+                    "'tiny-flux-schnell' (FLUX.1 schnell) cannot edit by instruction; use `ldm img2img`"),
         "built-in": ([good, "make it night"], "the built-in model cannot edit by instruction; use `ldm img2img`"),
         "sd1": ([good, "make it night", "--model", folders["sd1"]], "(SD1/SD2) cannot edit by instruction"),
         "reference": ([good, "make it night", "--model", folders["dev"], "--reference", good],

@@ -98,3 +98,13 @@ def test_a_damaged_cache_entry_is_compiled_again(tmp_path, damage):
     for path in (tmp_path / "cache").rglob("*.bin"):
         path.write_bytes(damage)
     assert run(code, tmp_path).strip() == "ok"
+
+
+def test_rewritten_modules_keep_their_annotations_as_written(tmp_path):
+    """Not libraries.py's `from __future__ import annotations`: transformers' processors read
+    their kwargs' annotations as classes (a Qwen2-VL processor call fails on strings)."""
+    out = run("""
+from transformers import processing_utils
+print(sorted({type(v).__name__ for v in processing_utils.ProcessingKwargs.__annotations__.values()}))
+""", tmp_path)
+    assert "ForwardRef" not in out and "str" not in out

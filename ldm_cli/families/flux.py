@@ -138,9 +138,9 @@ KONTEXT_SIZES = [(672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328)
                  (1456, 720), (1504, 688), (1568, 672)]
 
 
-def kontext_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+def kontext_size(sizes: list[tuple[int, int]], multiple: int) -> tuple[int, int]:
     """The trained size nearest the input's aspect (as FluxKontextPipeline's auto-resize picks it)."""
-    aspect = size[0] / size[1]
+    aspect = sizes[0][0] / sizes[0][1]
     _, width, height = min((abs(aspect - w / h), w, h) for w, h in KONTEXT_SIZES)
     return width // multiple * multiple, height // multiple * multiple
 
@@ -154,9 +154,8 @@ def kontext_references(model, inputs: list[list], s: Settings) -> Cond:
     return {"reference_tokens": pack(latents), "reference_ids": ids.expand(len(inputs), -1, -1)}
 
 
-KONTEXT = Editing("FLUX.1 Kontext", 1, kontext_size, kontext_references, {"guidance": 2.5},
-                  accepts=lambda config: bool(config.get("guidance_embeds")))
+KONTEXT = Editing("FLUX.1 Kontext", 1, kontext_size, kontext_references, {"guidance": 2.5})
 
 # bf16: T5 v1.1 overflows in fp16, and BFL ship FLUX in bf16
 FLUX = Family("flux", "FLUX.1", encode, predict, cuda_dtype="bf16", flow=True, patch_size=PATCH, sample_size=128,
-              sigmas=sigmas, control_input=control_input, control_residuals=control_residuals, edit=KONTEXT)
+              sigmas=sigmas, control_input=control_input, control_residuals=control_residuals, edit={"dev": KONTEXT})

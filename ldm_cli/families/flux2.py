@@ -131,9 +131,9 @@ TIME_STEP = 10  # its time offset between input images (the noise is at 0)
 MAX_INPUTS = 4  # BFL's limit for klein (docs.bfl.ai: up to 4 input images)
 
 
-def edit_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+def edit_size(sizes: list[tuple[int, int]], multiple: int) -> tuple[int, int]:
     """The first input's own size, shrunk to 1 MP if larger, rounded down (the pipeline's default)."""
-    width, height = size
+    width, height = sizes[0]
     if width * height > REFERENCE_AREA:
         scale = math.sqrt(REFERENCE_AREA / (width * height))
         width, height = int(width * scale), int(height * scale)
@@ -151,11 +151,13 @@ def references(model, inputs: list[list], s: Settings) -> Cond:
     return {"reference_tokens": torch.cat(rows), "reference_ids": ids.expand(len(inputs), -1, -1)}
 
 
-KLEIN = Editing("FLUX.2 klein", MAX_INPUTS, edit_size, references)
+# each input at its own size (shrunk to 1 MP if larger), as the pipeline reads it, whatever the output's
+KLEIN = Editing("FLUX.2 klein", MAX_INPUTS, edit_size, references,
+                input_size=lambda size, output, multiple: edit_size([size], multiple))
 
 
 # bf16: BFL ship FLUX.2 in bf16, and Qwen3 is trained in it. sample_size 64: 1024 pixels at the
 # packed latents' sixteenth
 FLUX2 = Family("flux2", "FLUX.2", encode, predict, cuda_dtype="bf16", flow=True, sample_size=64,
                sigmas=flux.sigmas, mu=mu, latent_patch=PATCH, to_latents=to_latents, from_latents=from_latents,
-               edit=KLEIN)
+               edit={"distilled": KLEIN, "base": KLEIN})
