@@ -358,7 +358,10 @@ Examples, one per kind of model:
   FLUX.2 klein (up to 4 images; the first image's size):
     ldm edit room.png "put the chair from image 2 by the window" --reference chair.png -m flux-2-klein-4b
 \b
-  Models that cannot edit (SD1, SDXL, SD3, FLUX.1 schnell, Z-Image, Chroma): use img2img."""
+  Qwen-Image-Edit Plus (2509, 2511: up to 3 images; 1 MP at the last image's aspect):
+    ldm edit shop.png "the woman in picture 2 behind the counter" --reference woman.png -m Qwen-Image-Edit-2509
+\b
+  Models that cannot edit (SD1, SDXL, SD3, FLUX.1 schnell, Z-Image, Chroma, Qwen-Image): use img2img."""
 
 
 @app.command(epilog=EDIT_EXAMPLES)
@@ -374,8 +377,8 @@ def edit(
     [size: the model's pick for the image's aspect, printed].
 
     The model decides how: a FLUX.1 dev-shaped model runs as FLUX.1 Kontext, FLUX.2 klein takes
-    its images natively (their tokens beside the noise's). The edit is drawn from fresh noise,
-    steered by the images."""
+    its images natively (their tokens beside the noise's), Qwen-Image-Edit also reads them with
+    its vision-language encoder. The edit is drawn from fresh noise, steered by the images."""
     from ldm_cli import commands
 
     settings = flags.settings(prompt=prompt)

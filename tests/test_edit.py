@@ -389,6 +389,7 @@ def test_help_shows_an_example_per_model_kind():
     assert result.exit_code == 0
     assert "ldm edit photo.png" in result.stdout and "flux1-kontext-dev.safetensors" in result.stdout
     assert "--reference chair.png -m flux-2-klein-4b" in result.stdout
+    assert "--reference woman.png -m Qwen-Image-Edit-2509" in result.stdout
     assert "use img2img" in result.stdout
 
 
@@ -408,3 +409,18 @@ def test_cli_a_kontext_lora_is_merged_and_recorded(flux_dev_folder, tmp_path):
     assert "<lora:relight:4>" in record["prompt"] and "relight" in record["lora_hashes"]
     with Image.open(json.loads(plain.stdout)["path"]) as a, Image.open(record["path"]) as b:
         assert np.abs(pixels(a) - pixels(b)).max() > 2
+
+
+def test_cli_qwen_edit_plus_with_a_reference_and_edit_refusing_one(qwen_edit, toy_areas, tmp_path):
+    source, other = tmp_path / "shop.png", tmp_path / "woman.png"
+    picture(96, 64).save(source)
+    picture(64, 80).save(other)
+    common = ["edit", source, "the woman behind the counter", "--reference", other, "--steps", 2, "--seed", 2]
+    result = cli(*common, "--model", qwen_edit["edit-plus"][0].path, "--json", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert (record["width"], record["height"], record["cfg"]) == (128, 128, 4.0)  # the toy "1 MP" at 64x80's aspect
+    refused = cli(*common, "--model", qwen_edit["edit"][0].path, "-o", tmp_path / "refused")
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+    assert "Qwen-Image-Edit takes no --reference (got 1)" in refused.stderr
+    assert png_files(tmp_path / "refused") == []
