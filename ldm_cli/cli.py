@@ -367,7 +367,8 @@ Examples, one per kind of model:
 @app.command(epilog=EDIT_EXAMPLES)
 @renders
 def edit(
-    image: Annotated[Path, typer.Argument(help="The image to change, at least 8 pixels a side.")],
+    image: Annotated[Optional[Path], typer.Argument(
+        help="The image to change, at least 8 pixels a side [default: with --from-png, the images it was made from].")] = None,
     prompt: Annotated[Optional[str], typer.Argument(help="What to change, said as an instruction.")] = None,
     reference: Annotated[Optional[list[Path]], typer.Option(
         "--reference", metavar="IMAGE", help="Another input image, for models that take several; repeatable.")] = None,

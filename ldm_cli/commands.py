@@ -232,20 +232,30 @@ def _canvas_margins(size: tuple[int, int], margins: tuple[int, int, int, int],
 
 
 # -- edit: an image changed by instruction, with reference images --------------------------------
-def edit(settings: Settings, image_path: Path, references: list[Path], options: RunOptions) -> Iterator[render.Result]:
-    """Edit the image at image_path as the prompt says, the reference images beside it; the model
-    decides how (its family's Editing) and refuses in one line if it cannot."""
+def edit(settings: Settings, image_path: Path | None, references: list[Path],
+         options: RunOptions) -> Iterator[render.Result]:
+    """Edit the image at image_path as the prompt says, the reference images beside it (None:
+    the images a --from-png edit recorded, found unchanged); the model decides how (its family's
+    Editing) and refuses in one line if it cannot."""
     from ldm_cli import edit as flow
+    from ldm_cli import edit_inputs
     from ldm_cli.progress import Progress
 
     options.validate()
     if settings.controlnet:
         raise LdmError("--controlnet does not work with edit; the input images steer the edit")
-    first, s = _with_init_image(settings, image_path)
+    if image_path is None and references:
+        raise LdmError("--reference needs an IMAGE to edit beside it")
+    paths = [image_path, *references] if image_path is not None else edit_inputs.found(
+        edit_inputs.from_text(settings.edit_images))
+    if not paths:
+        raise LdmError("an IMAGE to edit is required (or --from-png of an image `ldm edit` made)")
+    first, s = _with_init_image(settings, paths[0])
     inputs = [first]
-    for path in references:
+    for path in paths[1:]:
         inputs.append(images.load_image(path))
         images.check_min_size(inputs[-1].size, f"the reference {str(path)!r}")
+    s = s.merged(edit_images=edit_inputs.to_text([edit_inputs.recorded(p) for p in paths]))
     flow.check_model(s.model)  # before the weights load
     images.check_writable(options.out)
     s = with_lora_flags(s, options)

@@ -424,3 +424,36 @@ def test_cli_qwen_edit_plus_with_a_reference_and_edit_refusing_one(qwen_edit, to
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
     assert "Qwen-Image-Edit takes no --reference (got 1)" in refused.stderr
     assert png_files(tmp_path / "refused") == []
+
+
+def test_from_png_replays_the_recorded_inputs_and_refuses_changed_or_missing_ones(flux_dev_folder, tmp_path):
+    source = tmp_path / "photo.png"
+    picture(64, 48).save(source)
+    made = cli("edit", source, "make it night", "--model", flux_dev_folder, "--steps", 2, "--seed", 5, "-W", 64,
+               "-H", 48, "--json", "-o", tmp_path / "out")
+    assert made.exit_code == 0, made.stderr
+    record = json.loads(made.stdout)
+    assert json.loads(record["edit_images"]) == [{"path": str(source), "hash": record["init_image_hash"]}]
+    again = cli("edit", "--from-png", record["path"], "--json", "-o", tmp_path / "again")
+    assert again.exit_code == 0, again.stderr
+    with Image.open(record["path"]) as a, Image.open(json.loads(again.stdout)["path"]) as b:
+        assert np.array_equal(pixels(a), pixels(b))
+    picture(64, 48).transpose(0).save(source)
+    changed = cli("edit", "--from-png", record["path"], "-o", tmp_path / "changed")
+    source.unlink()
+    gone = cli("edit", "--from-png", record["path"], "-o", tmp_path / "gone")
+    for result, words in ((changed, "has changed since"), (gone, "is gone")):
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert result.stderr.startswith("ldm: error: the edited image this edit was made from") and words in result.stderr
+    assert png_files(tmp_path / "changed") == png_files(tmp_path / "gone") == []
+
+
+@pytest.mark.parametrize("text, words", [("{}", "is not a list of input images"), ("[]", "is not a list"),
+                                         ('[{"path": 1, "hash": "ab"}]', "not a path and a hash"),
+                                         ("[" * 5000, "nests deeper than 20 levels")])
+def test_a_malformed_record_of_the_inputs_is_one_error(text, words):
+    from ldm_cli import edit_inputs
+
+    with pytest.raises(LdmError, match=words):
+        Settings(prompt="a", edit_images=text).validate()
+    assert edit_inputs.from_text(None) == []
