@@ -372,7 +372,9 @@ def edit(
     prompt: Annotated[Optional[str], typer.Argument(help="What to change, said as an instruction.")] = None,
     reference: Annotated[Optional[list[Path]], typer.Option(
         "--reference", metavar="IMAGE", help="Another input image, for models that take several; repeatable.")] = None,
-    *, flags: RenderFlags,
+    mask: Annotated[Optional[Path], typer.Option(
+        help="Edit only where this mask is white, as inpaint does (FLUX.1 Kontext).")] = None,
+    strength: Strength = None, mask_blur: MaskBlur = None, *, flags: RenderFlags,
 ) -> None:
     """Change an image as a prompt says, with reference images for models that take them
     [size: the model's pick for the image's aspect, printed].
@@ -382,8 +384,10 @@ def edit(
     its vision-language encoder. The edit is drawn from fresh noise, steered by the images."""
     from ldm_cli import commands
 
-    settings = flags.settings(prompt=prompt)
-    flags.print(commands.edit(settings, image, list(reference or []), flags.run_options()))
+    if mask is None and (strength is not None or mask_blur is not None):
+        raise LdmError("--strength and --mask-blur go with --mask; an edit without one redraws the whole image")
+    settings = flags.settings(prompt=prompt, strength=strength, mask_blur=mask_blur)
+    flags.print(commands.edit(settings, image, list(reference or []), flags.run_options(), mask))
 
 
 @app.command()

@@ -55,10 +55,13 @@ def check_count(hook: Editing, count: int) -> None:
         raise LdmError(f"{hook.label} takes {allowed} (got {count - 1})")
 
 
-def with_defaults(s: Settings, hook: Editing, sizes: list[tuple[int, int]], multiple: int) -> Settings:
+def with_defaults(s: Settings, hook: Editing, sizes: list[tuple[int, int]], multiple: int,
+                  masked: bool = False) -> Settings:
     """The edit's own defaults under what is asked, and the output size the model picks when none
-    is; no strength or mask settings (they may come from an img2img or inpainted --from-png)."""
-    s = dataclasses.replace(s, strength=None, mask_blur=None, only_masked=None, padding=None)
+    is; no strength or mask settings unless masked (they may come from an img2img or inpainted
+    --from-png)."""
+    if not masked:
+        s = dataclasses.replace(s, strength=None, mask_blur=None, only_masked=None, padding=None)
     s = s.merged(**{k: v for k, v in hook.defaults.items() if getattr(s, k) is None})
     if s.width is None and s.height is None:
         width, height = hook.size(sizes, multiple)
@@ -90,6 +93,23 @@ def edit(model, group: list[Settings], inputs: list[list[Image.Image]],
          on_step: Callable[[], None] | None = None) -> list[Image.Image]:
     """Images of `group`, image i edited from inputs[i] (the edited image, then its references)."""
     return vae.decode(model, edited_latents(model, group, inputs, on_step))
+
+
+def edit_masked(model, group: list[Settings], inputs: list[list[Image.Image]], masks: list[Image.Image],
+                on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+    """An edit restricted to each mask's white, as inpaint restricts a redraw: the edited image,
+    at the output size, is both what is noised and the reference (FluxKontextInpaintPipeline)."""
+    from ldm_cli import inpaint
+
+    hook = editing(model)
+    if not hook.masks:
+        raise LdmError(f"--mask does not work with {hook.label} yet; edit the whole image, or use `ldm inpaint`")
+    for each in inputs:
+        check_count(hook, len(each))
+    s = group[0]
+    references = hook.references(model, [[images.resized(each[0], s.width, s.height)] for each in inputs], s)
+    references = {k: v.to(model.device) for k, v in references.items()}
+    return inpaint.inpaint(model, group, [each[0] for each in inputs], masks, on_step, references=references)
 
 
 def edited_latents(model, group: list[Settings], inputs: list[list[Image.Image]],

@@ -104,6 +104,33 @@ def test_a_model_that_cannot_edit_is_refused(flux_schnell_folder):
         edit.editing(model)
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.8])
+def test_kontext_with_a_mask_matches_diffusers_kontext_inpaint(kontext, strength):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextInpaintPipeline
+
+    ours, theirs = kontext
+    image, mask = picture(64, 48), Image.new("L", (64, 48), 0)
+    mask.paste(255, (0, 0, 32, 48))
+    s = settings(ours, strength=strength, mask_blur=0, only_masked=False, steps=4)
+    s = s.merged(strength=strength, mask_blur=0)  # with_defaults drops them for an unmasked edit
+    mine = pixels(edit.edit_masked(ours, [s], [[image]], [mask])[0])
+    pipe = FluxKontextInpaintPipeline(**{**theirs.components, "scheduler": FlowMatchEulerDiscreteScheduler.from_config(
+        theirs.original_scheduler_config)})
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(image=image, mask_image=mask, prompt=s.prompt, strength=strength, guidance_scale=s.guidance,
+               num_inference_steps=s.steps, width=64, height=48, max_area=64 * 48, _auto_resize=False,
+               generator=torch.Generator().manual_seed(s.seed), output_type="np").images[0]
+    assert close(mine[:, :32], as_pixels(ref)[:, :32])
+    assert np.array_equal(mine[:, 32:], pixels(image)[:, 32:])  # kept exactly
+
+
+def test_a_mask_is_refused_where_the_model_has_no_masked_edit(klein):
+    ours, _ = klein["distilled"]
+    with pytest.raises(LdmError, match=r"^--mask does not work with FLUX.2 klein yet"):
+        edit.edit_masked(ours, [settings(ours, width=64, height=64, strength=1.0)], [[picture()]],
+                         [Image.new("L", (64, 64), 255)])
+
+
 # -- FLUX.2 klein ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def klein(flux2_klein_folder, flux2_klein_base_folder):
@@ -457,3 +484,22 @@ def test_a_malformed_record_of_the_inputs_is_one_error(text, words):
     with pytest.raises(LdmError, match=words):
         Settings(prompt="a", edit_images=text).validate()
     assert edit_inputs.from_text(None) == []
+
+
+def test_cli_mask_keeps_the_black_part_and_strength_needs_a_mask(flux_dev_folder, tmp_path):
+    source, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    picture(64, 48).save(source)
+    drawn = Image.new("L", (64, 48), 0)
+    drawn.paste(255, (32, 0, 64, 48))
+    drawn.save(mask)
+    common = ["edit", source, "make it night", "--model", flux_dev_folder, "--steps", 2, "-W", 64, "-H", 48]
+    result = cli(*common, "--mask", mask, "--mask-blur", 0, "--json", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert (record["strength"], record["mask_blur"], record["guidance"]) == (1.0, 0, 2.5)
+    with Image.open(record["path"]) as saved:
+        assert np.array_equal(pixels(saved)[:, :32], pixels(picture(64, 48))[:, :32])
+    refused = cli(*common, "--strength", 0.5, "-o", tmp_path / "refused")
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+    assert "--strength and --mask-blur go with --mask" in refused.stderr
+    assert png_files(tmp_path / "refused") == []

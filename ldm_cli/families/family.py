@@ -46,6 +46,10 @@ class Editing:
     # (model, the run's inputs) -> the images its text encoder reads beside the prompt, which
     # encode finds in model.edit_inputs (Qwen-Image-Edit's vision tower); None: text alone
     prompt_images: Callable[[Any, list[Image.Image]], list[Image.Image]] | None = None
+    # `--mask`: the edit restricted as inpaint restricts (the image noised by strength, the kept
+    # part blended back each step), its references the edited image at the output size
+    # (FluxKontextInpaintPipeline); False: refused
+    masks: bool = False
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ def kontext_references(model, inputs: list[list], s: Settings) -> Cond:
     return {"reference_tokens": pack(latents), "reference_ids": ids.expand(len(inputs), -1, -1)}
 
 
-KONTEXT = Editing("FLUX.1 Kontext", 1, kontext_size, kontext_references, {"guidance": 2.5})
+KONTEXT = Editing("FLUX.1 Kontext", 1, kontext_size, kontext_references, {"guidance": 2.5}, masks=True)
 
 # bf16: T5 v1.1 overflows in fp16, and BFL ship FLUX in bf16
 FLUX = Family("flux", "FLUX.1", encode, predict, cuda_dtype="bf16", flow=True, patch_size=PATCH, sample_size=128,
