@@ -4,8 +4,9 @@ encode the prompt, set the timesteps, draw the noise, encode the input images, d
 The loop starts from pure noise at the output size, as text-to-image does; what makes it an edit
 is the input images (the edited one first, then references), which the family turns into
 conditioning of each image's rows (Family.edit: Kontext's reference tokens). Each input goes to
-the VAE at the output's pixel area at its own aspect, rounded to the model's size multiple, as
-the pipelines size their inputs.
+the VAE at the size the model's pipeline gives it (Editing.input_size: klein's own size, Qwen's
+1 MP), else at the output's pixel area at its own aspect, rounded to the model's size multiple.
+With --mask the run is inpaint's, given the same conditioning (edit_masked).
 """
 from __future__ import annotations
 
