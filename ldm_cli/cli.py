@@ -374,6 +374,49 @@ def outpaint(
     flags.print(commands.outpaint(settings, image, (left, top, right, bottom), flags.run_options()))
 
 
+# \b keeps click from rewrapping a paragraph: the commands stay as typed
+EDIT_EXAMPLES = """\b
+Examples, one per kind of model:
+\b
+  FLUX.1 Kontext dev (one image; guidance 2.5; its trained size nearest the image's aspect):
+    ldm edit photo.png "make it night, keep the car" -m flux1-kontext-dev.safetensors \\
+      --vae ae.safetensors --text-encoder clip_l.safetensors --text-encoder t5xxl_fp16.safetensors
+\b
+  FLUX.2 klein (up to 4 images; the first image's size):
+    ldm edit room.png "put the chair from image 2 by the window" --reference chair.png -m flux-2-klein-4b
+\b
+  Qwen-Image-Edit Plus (2509, 2511: up to 3 images; 1 MP at the last image's aspect):
+    ldm edit shop.png "the woman in picture 2 behind the counter" --reference woman.png -m Qwen-Image-Edit-2509
+\b
+  Models that cannot edit (SD1, SDXL, SD3, FLUX.1 schnell, Z-Image, Chroma, Qwen-Image): use img2img."""
+
+
+@app.command(epilog=EDIT_EXAMPLES)
+@renders
+def edit(
+    image: Annotated[Optional[Path], typer.Argument(
+        help="The image to change, at least 8 pixels a side [default: with --from-png, the images it was made from].")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="What to change, said as an instruction.")] = None,
+    reference: Annotated[Optional[list[Path]], typer.Option(
+        "--reference", metavar="IMAGE", help="Another input image, for models that take several; repeatable.")] = None,
+    mask: Annotated[Optional[Path], typer.Option(
+        help="Edit only where this mask is white, as inpaint does (FLUX.1 Kontext).")] = None,
+    strength: Strength = None, mask_blur: MaskBlur = None, *, flags: RenderFlags,
+) -> None:
+    """Change an image as a prompt says, with reference images for models that take them
+    [size: the model's pick for the image's aspect, printed].
+
+    The model decides how: a FLUX.1 dev-shaped model runs as FLUX.1 Kontext, FLUX.2 klein takes
+    its images natively (their tokens beside the noise's), Qwen-Image-Edit also reads them with
+    its vision-language encoder. The edit is drawn from fresh noise, steered by the images."""
+    from ldm_cli import commands
+
+    if mask is None and (strength is not None or mask_blur is not None):
+        raise LdmError("--strength and --mask-blur go with --mask; an edit without one redraws the whole image")
+    settings = flags.settings(prompt=prompt, strength=strength, mask_blur=mask_blur)
+    flags.print(commands.edit(settings, image, list(reference or []), flags.run_options(), mask))
+
+
 @app.command()
 def batch(
     file: Annotated[Path, typer.Argument(help="Prompts: a prompt per line, or A1111 option lines (--prompt \"...\" --steps 20 ...), or .jsonl.")],

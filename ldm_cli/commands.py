@@ -241,6 +241,71 @@ def _canvas_margins(size: tuple[int, int], margins: tuple[int, int, int, int],
     return grown
 
 
+# -- edit: an image changed by instruction, with reference images --------------------------------
+def edit(settings: Settings, image_path: Path | None, references: list[Path], options: RunOptions,
+         mask_path: Path | None = None) -> Iterator[render.Result]:
+    """Edit the image at image_path as the prompt says, the reference images beside it (None:
+    the images a --from-png edit recorded, found unchanged), only where the mask at mask_path is
+    white if given; the model decides how (its family's Editing) and refuses in one line if it cannot."""
+    from ldm_cli import edit as flow
+    from ldm_cli import edit_inputs
+    from ldm_cli.progress import Progress
+
+    options.validate()
+    if settings.controlnet:
+        raise LdmError("--controlnet does not work with edit; the input images steer the edit")
+    if image_path is None and references:
+        raise LdmError("--reference needs an IMAGE to edit beside it")
+    paths = [image_path, *references] if image_path is not None else edit_inputs.found(
+        edit_inputs.from_text(settings.edit_images))
+    if not paths:
+        raise LdmError("an IMAGE to edit is required (or --from-png of an image `ldm edit` made)")
+    first, s = _with_init_image(settings, paths[0])
+    inputs = [first]
+    for path in paths[1:]:
+        inputs.append(images.load_image(path))
+        images.check_min_size(inputs[-1].size, f"the reference {str(path)!r}")
+    s = s.merged(edit_images=edit_inputs.to_text([edit_inputs.recorded(p) for p in paths]))
+    mask = _edit_mask(mask_path, first)
+    if mask is not None:  # inpaint's strength and mask blur (not --only-masked: the edit sees the whole image)
+        from ldm_cli import inpaint
+
+        s = inpaint.with_defaults(replace(s, only_masked=False, padding=None))
+    flow.check_model(s.model)  # before the weights load
+    images.check_writable(options.out)
+    s = with_lora_flags(s, options)
+    model = load_model(s, options)
+    hook = flow.editing(model)
+    flow.check_count(hook, len(inputs))
+    asked = s.width is not None and s.height is not None
+    s = flow.with_defaults(s, hook, [im.size for im in inputs], model.size_multiple, masked=mask is not None)
+    s.validate()
+    if not asked:
+        note(f"editing at {s.width}x{s.height} ({hook.label}'s size for the input's aspect; --width/--height to choose)")
+    s = render.resolved(s, model)
+    jobs = render.per_image(s, options.num_images)
+
+    def make(model, group, on_step):
+        if mask is not None:
+            return flow.edit_masked(model, group, [inputs] * len(group), [mask] * len(group), on_step)
+        return flow.edit(model, group, [inputs] * len(group), on_step)
+    steps = s.steps if mask is None else _steps_run(s, model.family.flow)
+    with Progress(steps * len(jobs), len(jobs), options.quiet) as progress:
+        yield from render.render(model, jobs, options.batch_size, options.out, progress, make)
+
+
+def _edit_mask(path: Path | None, image: Image.Image) -> Image.Image | None:
+    """--mask's image, checked as inpaint checks it (the image's shape, something white)."""
+    if path is None:
+        return None
+    from ldm_cli import inpaint
+
+    mask = images.load_image(path, "L")
+    images.check_min_size(mask.size, f"the mask {str(path)!r}")
+    inpaint.check_mask(mask, image.size, f"the mask {str(path)!r}")
+    return mask
+
+
 # -- batch: a prompts file ------------------------------------------------------------------------
 def batch(path: Path, defaults: Settings, options: RunOptions, grid: bool = False) -> Iterator[render.Result]:
     """Render the images of the prompts file at `path` that options.out's manifest does not hold

@@ -129,7 +129,8 @@ class Transform(ast.NodeTransformer):
         names = _bound_names(statements)
         if not names or (checked and self.elsewhere.intersection(names)):
             return node
-        self.blocks.append((compile(ast.Module(body=statements, type_ignores=[]), self.filename, "exec"),
+        block = ast.Module(body=statements, type_ignores=[])
+        self.blocks.append((compile(block, self.filename, "exec", dont_inherit=True),  # not this module's futures
                             tuple(dict.fromkeys(names))))
         call = ast.Expr(ast.Call(ast.Name("__ldm_defer__", ast.Load()), [ast.Constant(len(self.blocks) - 1)], []))
         call = ast.fix_missing_locations(ast.copy_location(call, statements[0]))

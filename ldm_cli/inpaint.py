@@ -191,12 +191,13 @@ def extend(image: Image.Image, left: int, top: int, right: int, bottom: int) -> 
 
 # -- latents ----------------------------------------------------------------------------------
 def _latents(model, group: list[Settings], scheduler, timesteps: torch.Tensor, pixels: torch.Tensor,
-             generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(starting latents, noise, image latents), drawn from the generators in diffusers' order."""
+             generators: list[torch.Generator], mode: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(starting latents, noise, image latents), drawn from the generators in diffusers' order;
+    `mode`: the image's latents are the VAE's mode, no draw (an edit's: FluxKontextInpaintPipeline)."""
     full = group[0].strength == 1
     image_latents = None
     if not (model.is_inpainting and full):  # ordinary models blend them back; strength < 1 starts from them
-        image_latents = vae.encode(model, pixels, generators)
+        image_latents = vae.encode(model, pixels, None if mode else generators)
     if full:
         noise = pipeline.initial_noise(model, group, generators)
         return noise * sampling.init_noise_sigma(scheduler), noise, image_latents
@@ -239,7 +240,9 @@ def check_inputs(model, group: list[Settings], init_images: list[Image.Image], m
 
 
 def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks: list[Image.Image],
-            on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+            on_step: Callable[[], None] | None = None, references: dict | None = None) -> list[Image.Image]:
+    """`references`: an edit's per-image conditioning (edit.py, `ldm edit --mask`): the loop adds it
+    to every call, and the image's latents are its VAE mode, as the edit pipelines encode it."""
     # 1. check inputs; each image's part at the render size
     check_inputs(model, group, init_images, masks)
     regions = [prepare(s, image, mask) for s, image, mask in zip(group, init_images, masks)]
@@ -254,7 +257,8 @@ def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks:
     # at the render size (the region's with --only-masked), before the image's sample, as diffusers
     units = control.for_batch(model, *regions[0].image.size, generators)
     pixels = vae.to_tensor([r.image for r in regions])
-    latents, noise, image_latents = _latents(model, group, scheduler, timesteps, pixels, generators)
+    latents, noise, image_latents = _latents(model, group, scheduler, timesteps, pixels, generators,
+                                             mode=references is not None)
     # 5. the mask at latent size and the masked image
     mask = mask_tensor([r.mask for r in regions])
     masked = _masked_image_latents(model, pixels, mask, generators)
@@ -263,6 +267,6 @@ def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks:
     extra = torch.cat([mask, masked], dim=1) if masked is not None else None
     blend = None if masked is not None else _blend(scheduler, image_latents, noise, mask, timesteps)
     latents = sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators, timesteps,
-                               extra_input=extra, blend=blend, on_step=on_step, control=units)
+                               extra_input=extra, blend=blend, on_step=on_step, control=units, references=references)
     # 7. decode, and paste into the originals
     return [paste(r, picture) for r, picture in zip(regions, vae.decode(model, latents))]

@@ -187,7 +187,9 @@ def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeTy
     took ~0.8 s); a changed module, or a changed rewrite, is compiled anew."""
     def compute():
         transform = deferral.Transform(filename, package, RULES)
-        code = compile(transform.module(ast.parse(source)), filename, "exec")
+        # dont_inherit: not this module's `from __future__ import annotations` (it would turn the
+        # library's annotations into strings: transformers' processors read theirs as classes)
+        code = compile(transform.module(ast.parse(source)), filename, "exec", dont_inherit=True)
         return code, transform.blocks
     return _kept("code", cache.stamp(filename), compute)
 

@@ -6,7 +6,8 @@ is skipped. The conditioning may change at given steps and hold several weighted
 (A1111's prompt editing and AND): guidance.py says what each step asks of the denoiser. img2img enters with fewer timesteps and noised image latents; inpainting adds input
 channels (dedicated 9-channel models) or blends the known region back after each step.
 ControlNet units (control.py) add their residuals to each denoiser call's conditioning, their
-control images indexed by the same rows as the latents, so both CFG halves see them.
+control images indexed by the same rows as the latents, so both CFG halves see them. An edit's
+references (Family.edit) are conditioning per image, indexed alike and added to each call's.
 
 Noise-prediction and flow-matching models share it: what differs is the scheduler's. Flow-matching
 schedulers start from unscaled noise, take the model's input unscaled (they have no
@@ -42,7 +43,8 @@ def add_noise(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Te
 def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts],
             negative: Cond | list[Schedule] | None, cfg: float, generators: list[torch.Generator],
             timesteps: torch.Tensor, *, extra_input: torch.Tensor | None = None, blend: Blend | None = None,
-            on_step: Callable[[], None] | None = None, control: Control | None = None) -> torch.Tensor:
+            on_step: Callable[[], None] | None = None, control: Control | None = None,
+            references: Cond | None = None) -> torch.Tensor:
     """Run `timesteps` of `scheduler` from `latents`; returns the final latents. The conditioning
     is either batched (one cond per image, all steps) or per image: weighted AND parts and a
     negative, each a schedule over the steps (guidance.py)."""
@@ -52,11 +54,14 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts
         extra_input = _rows(extra_input, rows)
     if control is not None:
         control = control.for_rows(lambda image: _rows(image, rows))
+    if references is not None:
+        references = {k: _rows(v, rows) for k, v in references.items()}
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
         with torch.inference_mode():  # the scheduler's arithmetic too: no autograd bookkeeping anywhere
             at = control.at(i, len(timesteps)) if control is not None else None
-            latents = _step(model, scheduler, latents, t, plan, plan.calls(i), rows, extra_input, step_kwargs, at)
+            latents = _step(model, scheduler, latents, t, plan, plan.calls(i), rows, extra_input, step_kwargs, at,
+                            references)
         if blend is not None:
             latents = blend(latents, i)
         if on_step is not None:
@@ -80,7 +85,7 @@ def _rows(x: torch.Tensor, rows: torch.Tensor | int) -> torch.Tensor:
 
 def _step(model, scheduler, latents: torch.Tensor, t: torch.Tensor, plan: Guidance, calls: list[Call],
           rows: torch.Tensor | int, extra_input: torch.Tensor | None, step_kwargs: dict,
-          control: Control | None = None) -> torch.Tensor:
+          control: Control | None = None, references: Cond | None = None) -> torch.Tensor:
     """The denoiser on every row (one call per conditioning shape), guidance, one scheduler step."""
     x = _rows(latents, rows)
     if hasattr(scheduler, "scale_model_input"):
@@ -88,14 +93,15 @@ def _step(model, scheduler, latents: torch.Tensor, t: torch.Tensor, plan: Guidan
     latent_x = x  # a ControlNet reads the latents alone, without an inpainting model's extra channels
     if extra_input is not None:
         x = torch.cat([x, extra_input], dim=1)
-    out = _predict(model, x, t, calls, latent_x, control)
+    out = _predict(model, x, t, calls, latent_x, control, references)
     return scheduler.step(plan.combine(out), t, latents, **step_kwargs, return_dict=False)[0]
 
 
 def _predict(model, x: torch.Tensor, t: torch.Tensor, calls: list[Call], latent_x: torch.Tensor,
-             control: Control | None) -> torch.Tensor:
+             control: Control | None, references: Cond | None) -> torch.Tensor:
     def cond_of(call: Call, rows) -> Cond:
-        return call.cond if control is None else control.with_residuals(model, latent_x, t, call.cond, rows)
+        cond = call.cond if references is None else {**call.cond, **{k: v[rows] for k, v in references.items()}}
+        return cond if control is None else control.with_residuals(model, latent_x, t, cond, rows)
 
     if len(calls) == 1:
         return model.family.predict(model, x, t, cond_of(calls[0], slice(None)))

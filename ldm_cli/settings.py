@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ldm_cli import control_units, hires_plan, infotext, limits, prompt_syntax, schedulers
+from ldm_cli import control_units, edit_inputs, hires_plan, infotext, limits, prompt_syntax, schedulers
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_SEED
 
@@ -116,6 +116,8 @@ class Settings:
     hires_prompt: str | None = None
     hires_negative: str | None = None
     hires_cfg: float | None = None
+    # `ldm edit`'s input images (edit_inputs.py: a JSON list of their paths and hashes)
+    edit_images: str | None = None
 
     def merged(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied."""
@@ -143,6 +145,7 @@ class Settings:
             raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
         self.rng = self.rng and self.rng.lower()
         control_units.from_text(self.controlnet)  # its units' fields typed (their files are checked at load)
+        edit_inputs.from_text(self.edit_images)  # paths and hashes (the files are checked by `ldm edit`)
 
     def _check_size(self) -> None:
         for side in ("width", "height"):

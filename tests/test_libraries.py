@@ -114,3 +114,13 @@ def test_a_new_generation_clears_only_the_ones_unused_for_a_week(tmp_path):
         os.utime(folder, (time.time() - age,) * 2)
     run("import diffusers.loaders.lora_base\nprint('ok')", tmp_path)
     assert fresh.exists() and not stale.exists() and len(list(imports.iterdir())) == 2
+
+
+def test_rewritten_modules_keep_their_annotations_as_written(tmp_path):
+    """Not libraries.py's `from __future__ import annotations`: transformers' processors read
+    their kwargs' annotations as classes (a Qwen2-VL processor call fails on strings)."""
+    out = run("""
+from transformers import processing_utils
+print(sorted({type(v).__name__ for v in processing_utils.ProcessingKwargs.__annotations__.values()}))
+""", tmp_path)
+    assert "ForwardRef" not in out and "str" not in out

@@ -13,11 +13,12 @@ denoiser takes latents in another layout (FLUX's packed 2x2 patches) converts th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from ldm_cli.settings import Settings
 
@@ -27,6 +28,33 @@ Cond = dict[str, "torch.Tensor"]
 LABELS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
           "sd3": "Stable Diffusion 3", "flux": "FLUX.1", "chroma": "Chroma", "zimage": "Z-Image", "flux2": "FLUX.2",
           "qwen-image": "Qwen-Image"}
+
+
+@dataclass(frozen=True)
+class Editing:
+    """How a model edits by instruction (`ldm edit`, edit.py): the loop starts from noise as in
+    text-to-image, and the input images (the edited one first, then references) reach the
+    denoiser as extra conditioning of each image's rows, which its `predict` reads."""
+    label: str  # the model kind, as messages name it ("FLUX.1 Kontext")
+    max_images: int  # the edited image and its references together
+    # (the inputs' sizes, size multiple) -> the output size when none is asked (Kontext: its
+    # preferred resolution nearest the first input's aspect)
+    size: Callable[[list[tuple[int, int]], int], tuple[int, int]]
+    # (model, each output image's inputs, already at their VAE sizes, settings) -> conditioning
+    # batched per output image, added to every denoiser call's rows (both CFG halves)
+    references: Callable[[Any, list[list[Image.Image]], Settings], Cond]
+    # settings an edit takes unless asked otherwise (Kontext: guidance 2.5)
+    defaults: dict = field(default_factory=dict)
+    # (an input's size, the output size, size multiple) -> the size the VAE reads it at (Qwen:
+    # about 1 MP whatever the output); None: the output's area at the input's own aspect
+    input_size: Callable[[tuple[int, int], tuple[int, int], int], tuple[int, int]] | None = None
+    # (model, the run's inputs) -> the images its text encoder reads beside the prompt, which
+    # encode finds in model.edit_inputs (Qwen-Image-Edit's vision tower); None: text alone
+    prompt_images: Callable[[Any, list[Image.Image]], list[Image.Image]] | None = None
+    # `--mask`: the edit restricted as inpaint restricts (the image noised by strength, the kept
+    # part blended back each step), its references the edited image at the output size
+    # (FluxKontextInpaintPipeline); False: refused
+    masks: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,10 @@ class Family:
     # pipeline adjusts its CFG (Qwen-Image rescales it to the conditional output's norm, token by
     # token); None: the guided output as it is. Only called when the step is guided (cfg != 1)
     guided: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # instruction editing with input images (Editing above), by the model's variant (its
+    # Model.options["variant"]: FLUX.1 "dev" runs as Kontext, schnell is absent); a variant
+    # absent here cannot edit (`ldm edit` refuses it, suggesting img2img)
+    edit: dict[str | None, Editing] = field(default_factory=dict)
 
     @property
     def label(self) -> str:

@@ -9,6 +9,9 @@ diffusers does on packed ones, and no other family needs to know.
 
 dev is guidance-distilled: the guidance scale (--guidance) is an input of the transformer, and
 real classifier-free guidance (--cfg) is off at its default 1. schnell has neither.
+Kontext (FLUX.1 Kontext [dev]) has dev's shapes: a dev-shaped model given to `ldm edit` runs as
+Kontext, as FluxKontextPipeline runs it: the input image's packed VAE latents follow the noise
+tokens, their ids (1, row, column), and only the noise tokens' output is kept.
 Prompts are read as Forge reads them for FLUX: CLIP-L's pooled embedding from the first 75-token
 chunk of the prompt without its emphasis marks (clip_text.py), A1111's emphasis on T5's states
 (t5.py); a prompt without weights gives FluxPipeline's conditioning exactly.
@@ -21,7 +24,7 @@ import torch
 
 from ldm_cli import vae
 from ldm_cli.families import clip_text, t5
-from ldm_cli.families.family import Cond, Family
+from ldm_cli.families.family import Cond, Editing, Family
 from ldm_cli.settings import Settings
 
 MAX_SEQUENCE_LENGTH = 512  # diffusers' FluxPipeline default
@@ -97,8 +100,13 @@ def _inputs(latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> dict:
 
 def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
     control = {k: cond[k] for k in CONTROL_KEYS if k in cond}
-    out = model.denoiser(**_inputs(latents, t, cond), guidance=cond.get("guidance"), **control, return_dict=False)[0]
-    return unpack(out, *latents.shape[-2:])
+    inputs = _inputs(latents, t, cond)
+    tokens = inputs["hidden_states"].shape[1]
+    if "reference_tokens" in cond:  # Kontext: the input image's tokens after the noise's
+        inputs["hidden_states"] = torch.cat([inputs["hidden_states"], cond["reference_tokens"]], dim=1)
+        inputs["img_ids"] = torch.cat([inputs["img_ids"], cond["reference_ids"][0]])
+    out = model.denoiser(**inputs, guidance=cond.get("guidance"), **control, return_dict=False)[0]
+    return unpack(out[:, :tokens], *latents.shape[-2:])
 
 
 # ControlNet samples, put into the conditioning by the loop (control.py) when units act
@@ -124,6 +132,30 @@ def control_residuals(model, net, x: torch.Tensor, t: torch.Tensor, cond: Cond, 
             "controlnet_blocks_repeat": hinted}
 
 
+# Kontext's trained sizes (BFL's list, as FluxKontextPipeline has it): (width, height)
+KONTEXT_SIZES = [(672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184),
+                 (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752),
+                 (1456, 720), (1504, 688), (1568, 672)]
+
+
+def kontext_size(sizes: list[tuple[int, int]], multiple: int) -> tuple[int, int]:
+    """The trained size nearest the input's aspect (as FluxKontextPipeline's auto-resize picks it)."""
+    aspect = sizes[0][0] / sizes[0][1]
+    _, width, height = min((abs(aspect - w / h), w, h) for w, h in KONTEXT_SIZES)
+    return width // multiple * multiple, height // multiple * multiple
+
+
+def kontext_references(model, inputs: list[list], s: Settings) -> Cond:
+    """Each output image's one input as tokens: its VAE latents' mode (FluxKontextPipeline encodes
+    with sample_mode="argmax"), packed, with ids (1, row, column)."""
+    latents = torch.cat([vae.encode(model, vae.to_tensor(images[:1]), None) for images in inputs])
+    ids = image_ids(*latents.shape[-2:], latents.device, latents.dtype)
+    ids[:, 0] = 1
+    return {"reference_tokens": pack(latents), "reference_ids": ids.expand(len(inputs), -1, -1)}
+
+
+KONTEXT = Editing("FLUX.1 Kontext", 1, kontext_size, kontext_references, {"guidance": 2.5}, masks=True)
+
 # bf16: T5 v1.1 overflows in fp16, and BFL ship FLUX in bf16
 FLUX = Family("flux", encode, predict, cuda_dtype="bf16", flow=True, patch_size=PATCH, sample_size=128,
-              sigmas=sigmas, control_input=control_input, control_residuals=control_residuals)
+              sigmas=sigmas, control_input=control_input, control_residuals=control_residuals, edit={"dev": KONTEXT})

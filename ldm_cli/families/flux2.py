@@ -18,14 +18,20 @@ No distilled guidance (klein's transformer has no guidance embedding): real clas
 guidance, --cfg (uncond + cfg x (cond - uncond), the pipeline's own formula), on by default for
 base (4) and off (1) for the distilled release, which diffusers runs without it whatever its
 guidance_scale. The prompt is read as written: A1111's emphasis marks are not weighted.
+Editing (`ldm edit`): klein takes input images natively, as Flux2KleinPipeline(image=[...]) does:
+each image's packed latents follow the noise tokens, image i's ids (10 + 10 i, row, column, 0),
+and only the noise tokens' output is kept.
 Text encoders: [Qwen3].
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ldm_cli import vae
 from ldm_cli.families import flux, llm_text
-from ldm_cli.families.family import Cond, Family
+from ldm_cli.families.family import Cond, Editing, Family
 from ldm_cli.settings import Settings
 
 MAX_SEQUENCE_LENGTH = 512  # Flux2KleinPipeline's default
@@ -91,22 +97,67 @@ def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     return {"encoder_hidden_states": states.to(model.device, model.dtype)}
 
 
+def _ids(h: int, w: int, time: int = 0) -> torch.Tensor:
+    """Each latent pixel's position id (time, row, column, 0)."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    zeros = torch.zeros_like(rows)
+    return torch.stack([zeros + time, rows, cols, zeros], dim=-1).reshape(-1, 4)
+
+
+def _tokens(latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N, h * w, C): each latent pixel one token."""
+    n, c, h, w = latents.shape
+    return latents.reshape(n, c, h * w).permute(0, 2, 1)
+
+
 def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
     n, c, h, w = latents.shape
     context = cond["encoder_hidden_states"]
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    zeros = torch.zeros_like(rows)
-    image_ids = torch.stack([zeros, rows, cols, zeros], dim=-1).reshape(-1, 4).to(latents.device)
+    image_ids = _ids(h, w).to(latents.device)
     positions = torch.arange(context.shape[1])
     text_ids = torch.stack([torch.zeros_like(positions)] * 3 + [positions], dim=-1).to(latents.device)
-    tokens = latents.to(model.dtype).reshape(n, c, h * w).permute(0, 2, 1)  # each latent pixel one token
+    tokens = _tokens(latents.to(model.dtype))
+    if "reference_tokens" in cond:  # an edit's input images after the noise
+        tokens = torch.cat([tokens, cond["reference_tokens"].to(model.dtype)], dim=1)
+        image_ids = torch.cat([image_ids, cond["reference_ids"][0]])
     out = model.denoiser(hidden_states=tokens, encoder_hidden_states=context,
                          timestep=t.expand(n).to(tokens.dtype) / 1000, img_ids=image_ids, txt_ids=text_ids,
                          guidance=None, return_dict=False)[0]
-    return out.permute(0, 2, 1).reshape(n, c, h, w).to(latents.dtype)
+    return out[:, :h * w].permute(0, 2, 1).reshape(n, c, h, w).to(latents.dtype)
+
+
+REFERENCE_AREA = 1024 * 1024  # Flux2KleinPipeline shrinks larger inputs to this many pixels
+TIME_STEP = 10  # its time offset between input images (the noise is at 0)
+MAX_INPUTS = 4  # BFL's limit for klein (docs.bfl.ai: up to 4 input images)
+
+
+def edit_size(sizes: list[tuple[int, int]], multiple: int) -> tuple[int, int]:
+    """The first input's own size, shrunk to 1 MP if larger, rounded down (the pipeline's default)."""
+    width, height = sizes[0]
+    if width * height > REFERENCE_AREA:
+        scale = math.sqrt(REFERENCE_AREA / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple)
+
+
+def references(model, inputs: list[list], s: Settings) -> Cond:
+    """Each output image's inputs as tokens: their packed latents (the mode, as the pipeline
+    encodes them) one after the other, image i's ids at time 10 + 10 i."""
+    rows, ids = [], None
+    for images in inputs:
+        latents = [vae.encode(model, vae.to_tensor([image]), None) for image in images]
+        rows.append(torch.cat([_tokens(z) for z in latents], dim=1))
+        ids = torch.cat([_ids(*z.shape[-2:], TIME_STEP * (i + 1)) for i, z in enumerate(latents)])
+    return {"reference_tokens": torch.cat(rows), "reference_ids": ids.expand(len(inputs), -1, -1)}
+
+
+# each input at its own size (shrunk to 1 MP if larger), as the pipeline reads it, whatever the output's
+KLEIN = Editing("FLUX.2 klein", MAX_INPUTS, edit_size, references,
+                input_size=lambda size, output, multiple: edit_size([size], multiple))
 
 
 # bf16: BFL ship FLUX.2 in bf16, and Qwen3 is trained in it. sample_size 64: 1024 pixels at the
 # packed latents' sixteenth
 FLUX2 = Family("flux2", encode, predict, cuda_dtype="bf16", flow=True, sample_size=64,
-               sigmas=flux.sigmas, mu=mu, latent_patch=PATCH, to_latents=to_latents, from_latents=from_latents)
+               sigmas=flux.sigmas, mu=mu, latent_patch=PATCH, to_latents=to_latents, from_latents=from_latents,
+               edit={"distilled": KLEIN, "base": KLEIN})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ldm_cli.families import flux
+from ldm_cli.families import flux, qwen_edit
 from ldm_cli.families.family import Cond, Family
 from ldm_cli.notes import note
 from ldm_cli.settings import Settings
@@ -51,6 +51,8 @@ def note_cut(tokenizer, prompts: list[str], length: int) -> None:
 
 
 def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
+    if model.edit_inputs is not None:  # an edit: the prompt read with its images (Qwen-Image-Edit)
+        return qwen_edit.encode(model, texts, s, negative)
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
     length = s.max_sequence_length or MAX_SEQUENCE_LENGTH
     prompts = [TEMPLATE.format(t) for t in texts]
@@ -75,11 +77,15 @@ def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.
     mask = cond["mask"]
     used = int(mask.sum(1).max())  # the longest prompt's tokens: later columns are padding in every row
     states, mask = cond["encoder_hidden_states"][:, :used], mask[:, :used]
-    out = model.denoiser(hidden_states=flux.pack(latents.to(model.dtype)),
-                         timestep=t.expand(n).to(model.dtype) / 1000, encoder_hidden_states=states,
-                         encoder_hidden_states_mask=None if mask.all() else mask,
-                         img_shapes=[[(1, h // flux.PATCH, w // flux.PATCH)]] * n, return_dict=False)[0]
-    return flux.unpack(out, h, w).to(latents.dtype)
+    tokens, shapes = flux.pack(latents.to(model.dtype)), [(1, h // flux.PATCH, w // flux.PATCH)]
+    count = tokens.shape[1]
+    if "reference_tokens" in cond:  # an edit's input images after the noise, each with its shape
+        tokens = torch.cat([tokens, cond["reference_tokens"].to(model.dtype)], dim=1)
+        shapes += [tuple(shape) for shape in cond["reference_shapes"][0].tolist()]
+    out = model.denoiser(hidden_states=tokens, timestep=t.expand(n).to(model.dtype) / 1000,
+                         encoder_hidden_states=states, encoder_hidden_states_mask=None if mask.all() else mask,
+                         img_shapes=[shapes] * n, return_dict=False)[0]
+    return flux.unpack(out[:, :count], h, w).to(latents.dtype)
 
 
 def renorm(positive: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
@@ -92,5 +98,7 @@ def renorm(positive: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
 
 
 # bf16: Qwen ship Qwen-Image and Qwen2.5-VL in bf16
+# default_sample_size 128: 1024 pixels; Edit and Edit Plus are variants (loading/qwen_image.py tells them)
 QWEN_IMAGE = Family("qwen-image", encode, predict, cuda_dtype="bf16", flow=True, patch_size=flux.PATCH,
-                    sample_size=128, sigmas=flux.sigmas, guided=renorm)  # default_sample_size 128: 1024 pixels
+                    sample_size=128, sigmas=flux.sigmas, guided=renorm,
+                    edit={"edit": qwen_edit.EDIT, "edit-plus": qwen_edit.EDIT_PLUS})

@@ -97,3 +97,25 @@ def size_multiple(source: str | None) -> int:
         return 16  # latents packed in 2x2 patches (FLUX.2's files have FLUX's block names)
     prefix = mmdit.prefix_of(shapes)
     return 8 * (mmdit.config(shapes, prefix)["patch_size"] if prefix is not None else 1)
+
+
+def kind_of(source: str | None) -> tuple[str, str | None] | None:
+    """The model's family ("sd" for SD1 and SD2) and variant (None: the family's plain model),
+    from its configs or file header alone, so a command can refuse a model before its
+    weights load; None when they cannot be read (loading says why)."""
+    from ldm_cli.loading import detect, flux2, qwen_image, recipe, tensors
+
+    path = source_path(source)
+    try:
+        if path.is_dir():
+            index = recipe.read_json(path / "model_index.json")
+            family = recipe.PIPELINE_FAMILIES[index["_class_name"]]
+            config = path / "transformer" / "config.json"
+            variants = {"flux": lambda: "dev" if recipe.read_json(config).get("guidance_embeds") else "schnell",
+                        "flux2": lambda: flux2.variant_of_index(index),
+                        "qwen-image": lambda: qwen_image.variant_of_index(index)}
+            return family, variants[family]() if family in variants else None
+        found = detect.detect(tensors.open_checkpoint(path))
+        return found.family, found.variant
+    except (OSError, ValueError, KeyError, TypeError, LdmError):
+        return None

@@ -18,7 +18,8 @@ import torch
 from ldm_cli import files
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import tensors
-from ldm_cli.loading.recipe import PIPELINE_FAMILIES, QWEN3_TOKENIZER, qwen25vl_tokenizer, read_json
+from ldm_cli.loading.recipe import (PIPELINE_FAMILIES, QWEN3_TOKENIZER, qwen25vl_image_processor,
+                                   qwen25vl_tokenizer, read_json)
 from ldm_cli.notes import note
 
 if TYPE_CHECKING:
@@ -96,15 +97,23 @@ def _qwen3_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
 
 
 def _qwen_image_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
-    """(transformer, [Qwen2.5-VL's text model], [its tokenizer]) of a Qwen-Image folder: the
-    pipeline reads text only, so the vision tower's weights are left on disk."""
+    """(transformer, [Qwen2.5-VL], [its tokenizer (and image processor)]) of a Qwen-Image folder:
+    Qwen-Image reads text only, so the vision tower's weights are left on disk; its Edit models
+    read the input images with it (the whole model, and the folder's processor/ config or ldm's)."""
     from diffusers import QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLTextModel
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLTextModel
+
+    from ldm_cli.loading import qwen_image
 
     transformer = QwenImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
                                                               local_files_only=True)
-    qwen = Qwen2_5_VLTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)
-    return transformer, [qwen], [qwen25vl_tokenizer(folder / "tokenizer")]
+    tokenizer = qwen25vl_tokenizer(folder / "tokenizer")
+    if qwen_image.variant_of_index(read_json(folder / "model_index.json")) is None:
+        return transformer, [Qwen2_5_VLTextModel.from_pretrained(folder / "text_encoder", dtype=dtype,
+                                                                 local_files_only=True)], [tokenizer]
+    qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder / "text_encoder", dtype=dtype,
+                                                              local_files_only=True)
+    return transformer, [qwen], [tokenizer, qwen25vl_image_processor(folder / "processor")]
 
 
 def _chroma_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
@@ -168,7 +177,10 @@ def _options(folder: Path, index: dict, denoiser, name: str) -> dict:
     if name in ("sd3", "flux"):
         return {"variant": (sd3 if name == "sd3" else flux).variant(denoiser.config)}
     if name == "qwen-image":
-        return {}
+        from ldm_cli.loading import qwen_image
+
+        variant = qwen_image.variant_of_index(index)
+        return {"variant": variant} if variant else {}
     return {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
 
 

@@ -14,9 +14,16 @@ import re
 from ldm_cli.errors import LdmError
 
 PREFIXES = ("model.diffusion_model.", "")
+# a folder's pipeline class -> the variant (the same transformer shapes: only the folder tells)
+INDEX_VARIANTS = {"QwenImageEditPipeline": "edit", "QwenImageEditPlusPipeline": "edit-plus"}
 SIGNATURE = ("txt_norm.weight", "img_in.weight")
 HEAD_NORM = "transformer_blocks.0.attn.norm_q.weight"  # (head width,)
 PATCH = 2
+
+
+def variant_of_index(index: dict) -> str | None:
+    """edit or edit-plus for an edit pipeline's folder; None for Qwen-Image itself."""
+    return INDEX_VARIANTS.get(index.get("_class_name"))
 
 
 def prefix_of(shapes: dict) -> str | None:

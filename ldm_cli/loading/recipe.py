@@ -19,6 +19,7 @@ TOKENIZER = SHIPPED / "clip_tokenizer"
 T5_TOKENIZER = SHIPPED / "t5_tokenizer"
 QWEN3_TOKENIZER = SHIPPED / "qwen3_tokenizer"
 QWEN25VL_TOKENIZER = SHIPPED / "qwen25vl_tokenizer"  # its own config over qwen3_tokenizer's BPE files
+QWEN25VL_PROCESSOR = SHIPPED / "qwen25vl_processor"  # the release's image processor config
 QWEN25VL_FILES = {"vocab_file": str(QWEN3_TOKENIZER / "vocab.json"), "merges_file": str(QWEN3_TOKENIZER / "merges.txt")}
 OPENCLIP_TOKENS = {"pad_token": "!"}  # OpenCLIP pads with "!"; OpenAI's CLIP repeats the end token
 METADATA_KEY = "ldm.config"
@@ -31,11 +32,13 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3",
     "StableDiffusion3InpaintPipeline": "sd3",
     "FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "FluxInpaintPipeline": "flux",
+    "FluxKontextPipeline": "flux", "FluxKontextInpaintPipeline": "flux",
     "ChromaPipeline": "chroma", "ChromaImg2ImgPipeline": "chroma", "ChromaInpaintPipeline": "chroma",
     "ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
     "Flux2KleinPipeline": "flux2", "Flux2KleinInpaintPipeline": "flux2",
     "QwenImagePipeline": "qwen-image", "QwenImageImg2ImgPipeline": "qwen-image",
-    "QwenImageInpaintPipeline": "qwen-image",
+    "QwenImageInpaintPipeline": "qwen-image", "QwenImageEditPipeline": "qwen-image",
+    "QwenImageEditPlusPipeline": "qwen-image",
 }
 
 
@@ -107,6 +110,17 @@ def shipped(found: Found) -> Recipe:
     if found.variant:
         options["variant"] = found.variant
     return Recipe(found.family, configs, dict.fromkeys(configs, "shipped"), tokenizers, options)
+
+
+def qwen25vl_image_processor(folder: Path | None = None):
+    """Qwen2.5-VL's image processor (the PIL one: no torchvision), from a folder's config or ldm's
+    copy of the release's (14-pixel patches merged 2x2, 3136 to 12845056 pixels)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    config = folder / "preprocessor_config.json" if folder is not None else None
+    config = config if config is not None and config.is_file() else QWEN25VL_PROCESSOR / "preprocessor_config.json"
+    data = {k: v for k, v in read_json(config).items() if k not in ("image_processor_type", "processor_class")}
+    return Qwen2VLImageProcessorPil(**data)
 
 
 def qwen25vl_tokenizer(folder: Path | None = None):
