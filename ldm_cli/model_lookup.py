@@ -35,6 +35,43 @@ def folders(models_dir: str | None) -> list[Path]:
     return out
 
 
+# What a models folder holds, by kind: A1111's folder name, then ComfyUI's (`ldm serve` lists them).
+KINDS = {"checkpoints": ("Stable-diffusion", "checkpoints", "diffusion_models"), "loras": ("Lora", "loras"),
+         "vae": ("VAE", "vae"), "embeddings": ("embeddings",), "controlnet": ("ControlNet", "controlnet"),
+         "text_encoders": ("text_encoders", "clip"), "upscalers": ("ESRGAN", "upscale_models")}
+KIND_SUFFIXES = {"embeddings": (".safetensors", ".pt", ".bin"), "loras": (".safetensors", ".pt", ".ckpt")}
+
+
+def listing(kind: str, models_dir: str | None) -> dict[str, Path]:
+    """Every file of `kind` in the models folders, by its name (the stem, as A1111 shows it; the
+    first found wins); checkpoints also diffusers folders. A request's name means one of these
+    and nothing else (ldm serve): a name is never a path."""
+    found: dict[str, Path] = {}
+    suffixes = KIND_SUFFIXES.get(kind, SUFFIXES)
+    for root in kind_folders(kind, models_dir):
+        for folder, subfolders, names in os.walk(root):
+            here = Path(folder)
+            if kind == "checkpoints" and "model_index.json" in names and here != root:
+                found.setdefault(here.name, here)
+                subfolders.clear()  # a diffusers folder's parts are not models of their own
+                continue
+            subfolders.sort()
+            for name in sorted(names):
+                if Path(name).suffix.lower() in suffixes and (here / name).is_file():
+                    found.setdefault(Path(name).stem, here / name)
+    return found
+
+
+def kind_folders(kind: str, models_dir: str | None) -> list[Path]:
+    """The folders of `kind` (KINDS) in the models folders, A1111's and ComfyUI's names alike."""
+    given = [models_dir] if models_dir else os.environ.get(MODELS_ENV, "").split(os.pathsep)
+    roots = []
+    for root in (Path(d).expanduser() for d in given if d):
+        for base in (root / "models", root):
+            roots += [base / sub for sub in KINDS[kind] if (base / sub).is_dir()]
+    return roots
+
+
 def find(name: str, short_hash: str | None, roots: list[Path]) -> Path | None:
     """The model called `name` in `roots` (None: not there); among several, the one of `short_hash`."""
     if not name or any(sep in name for sep in "/\\") or name.startswith("."):
