@@ -388,5 +388,34 @@ def batch(
     print_results(commands.batch(file, defaults, options, grid), as_json)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs --api-key or --api-auth.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 7860,
+    model: ModelPath = None,
+    models_dir: Annotated[Optional[str], typer.Option(
+        "--models-dir", metavar="DIR", help="A1111's models/ or ComfyUI's models folder: the checkpoints, VAEs, LoRAs "
+                                            "and embeddings requests may name [default: $LDM_MODELS_DIR].")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", help="Require `Authorization: Bearer KEY` on every route.")] = None,
+    api_auth: Annotated[Optional[str], typer.Option("--api-auth", metavar="USER:PASS", help="Require HTTP Basic USER:PASS on A1111's routes (Bearer --api-key works too).")] = None,
+    cors: Annotated[Optional[list[str]], typer.Option("--cors", metavar="ORIGIN", help="Let pages of ORIGIN (https://host:port) call it from a browser; repeatable [default: none].")] = None,
+    queue: Annotated[int, typer.Option(help="Jobs that may wait for a worker; more are answered 503 with Retry-After.")] = 32,
+    vae: Vae = None, text_encoder: TextEncoder = None, config: Config = None, prediction: Prediction = None,
+    allow_pickle: AllowPickle = False,
+    device: Annotated[str, typer.Option(help="auto (every GPU, one worker and model copy each), cpu, cuda, mps, or a list: cuda:0,cuda:1.")] = "auto",
+    dtype: Dtype = "auto", compile: Compile = False, offload: Offload = "none", weights: Weights = None,
+    vae_tiling: VaeTiling = False,
+) -> None:
+    """Serve A1111's and OpenAI's image APIs over HTTP, the model kept loaded between requests."""
+    from ldm_cli.loading import LoadOptions
+    from ldm_cli.server import main, renders  # fastapi and uvicorn load here, for this command only
+
+    load = LoadOptions(vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, dtype=dtype,
+                       text_encoders=list(text_encoder or []), compile=compile, offload=offload, weights=weights,
+                       vae_tiling=vae_tiling)
+    main.serve(renders.Config(model, models_dir, load),
+               main.ServeOptions(host, port, api_key, api_auth, tuple(cors or ()), queue), device)
+
+
 def main() -> None:
     app()

@@ -1,0 +1,100 @@
+"""The work queue: one FIFO queue, bounded, and one worker thread per device, each with its own
+loaded model (model_slot.ModelSlot). A job is a function of the worker's slot and of the job
+itself (for its progress and stop flag); its caller waits on its future."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from ldm_cli.model_slot import ModelSlot
+
+RETRY_AFTER_S = 5  # what a 503 suggests: about one small image's time
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than the queue holds."""
+
+
+class Stopped(Exception):
+    """The job was interrupted (A1111's interrupt or skip, its client gone, the server stopping)."""
+
+
+class Job:
+    def __init__(self, work: Callable[[ModelSlot, Job], Any], kind: str):
+        self.work, self.kind = work, kind
+        self.future: Future = Future()
+        self.stop = threading.Event()
+        self.steps_done, self.steps_total = 0, 0
+        self.started: float | None = None
+
+    def watch(self, done: int, total: int) -> None:
+        """A step was taken (commands.RunOptions.watch): counted, and the job stopped if asked."""
+        self.steps_done, self.steps_total = done, total
+        if self.stop.is_set():
+            raise Stopped()
+
+    def cancel(self) -> None:
+        """Drop it if still queued; stop it at its next step if running."""
+        self.stop.set()
+        self.future.cancel()
+
+
+class Workers:
+    def __init__(self, devices: list[str], capacity: int):
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=capacity)
+        self.slots = [ModelSlot(device) for device in devices]
+        self.running: dict[int, Job] = {}  # by worker
+        self.interrupted = False  # A1111's progress reports the last interrupt
+        self.threads = [threading.Thread(target=self._serve, args=(i,), daemon=True, name=f"ldm-worker-{i}")
+                        for i in range(len(self.slots))]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, work: Callable[[ModelSlot, Job], Any], kind: str = "job") -> Job:
+        job = Job(work, kind)
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull() from None
+        return job
+
+    def _serve(self, index: int) -> None:
+        while (job := self.queue.get()) is not None:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # cancelled while it waited: its client went away
+            self.running[index], job.started = job, time.monotonic()
+            try:
+                job.future.set_result(job.work(self.slots[index], job))
+            except BaseException as e:  # handed to the request that waits on it
+                job.future.set_exception(e)
+            finally:
+                self.running.pop(index, None)
+
+    def interrupt(self) -> None:
+        """Stop every running job at its next step (A1111's interrupt: the images done are kept)."""
+        self.interrupted = True
+        for job in list(self.running.values()):
+            job.stop.set()
+
+    def waiting(self) -> int:
+        return self.queue.qsize()
+
+    def close(self) -> None:
+        """Stop the running jobs, drop the queued ones, and let the workers end."""
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+        self.interrupt()
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join(timeout=30)
+        for slot in self.slots:
+            slot.clear()

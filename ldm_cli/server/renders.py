@@ -1,0 +1,114 @@
+"""What the server renders, as the CLI does: a request's settings (and uploaded images) through
+commands.generate / img2img / inpaint with the worker's held model; the images kept in memory.
+Names a request gives (model, VAE) resolve only to what the models folders list."""
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ldm_cli import commands, model_lookup, render
+from ldm_cli.commands import RunOptions, Upload
+from ldm_cli.errors import LdmError
+from ldm_cli.loading import LoadOptions
+from ldm_cli.networks.lookup import NetworkOptions
+from ldm_cli.server.jobs import Job, Stopped
+from ldm_cli.settings import Settings
+
+
+@dataclass
+class Config:
+    """How the server was started: what it serves and where its models are."""
+    model: str | None = None  # --model, as the operator gave it (None: the built-in model)
+    models_dir: str | None = None
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+    def networks(self) -> NetworkOptions:
+        """LoRAs and embeddings from the models folders (A1111's Lora, ComfyUI's loras...)."""
+        dirs = {kind: [str(p) for p in model_lookup.kind_folders(kind, self.models_dir)] for kind in ("loras", "embeddings")}
+        return NetworkOptions(lora_dirs=dirs["loras"], embeddings_dirs=dirs["embeddings"],
+                              allow_pickle=self.load.allow_pickle)
+
+    def checkpoints(self) -> dict[str, str | None]:
+        """Every model a request may name, by name: the one served at start, then the folders'."""
+        first = {_name(self.model): self.model}
+        listed = {name: str(path) for name, path in model_lookup.listing("checkpoints", self.models_dir).items()}
+        return {**first, **{k: v for k, v in listed.items() if k not in first}}
+
+    def vaes(self) -> dict[str, str]:
+        return {name: str(path) for name, path in model_lookup.listing("vae", self.models_dir).items()}
+
+    def checkpoint(self, name: str) -> str | None:
+        """The model a request's name means: a listed name, or A1111's title `name [hash]`."""
+        listed = self.checkpoints()
+        bare = name.rsplit(" [", 1)[0] if name.endswith("]") else name
+        for key in (name, bare, bare.removesuffix(Path(bare).suffix)):
+            if key in listed:
+                return listed[key]
+        raise LdmError(f"unknown checkpoint {name!r}; the server lists: {', '.join(listed)}")
+
+    def vae(self, name: str | None) -> str | None:
+        """The VAE file a name means; None (A1111's Automatic or None): the model's own."""
+        if name is None or name in ("Automatic", "None", ""):
+            return None
+        listed = self.vaes()
+        key = name.removesuffix(Path(name).suffix) if name not in listed else name
+        if key not in listed:
+            raise LdmError(f"unknown VAE {name!r}; the server lists: {', '.join(['Automatic', 'None', *listed])}")
+        return listed[key]
+
+
+def _name(model: str | None) -> str:
+    if model is None:
+        return model_lookup.BUILTIN_NAME
+    path = Path(model)
+    return path.name if path.is_dir() else path.stem
+
+
+@dataclass
+class Request:
+    """One request's render: its settings, how many images, and its images, if any."""
+    settings: Settings
+    count: int = 1
+    batch_size: int = 1
+    init: Upload | None = None
+    mask: Upload | None = None
+    vae: str | None = None  # a listed VAE's file, replacing the model's own
+
+
+def run(request: Request, config: Config, slot, job: Job) -> list[render.Result]:
+    """Render `request` with the worker's slot. An interrupt keeps the images done before it."""
+    options = RunOptions(num_images=request.count, batch_size=request.batch_size, out=None, quiet=True,
+                         load=replace(config.load, vae=request.vae or config.load.vae),
+                         networks=config.networks(), watch=job.watch)
+    s = request.settings
+    if request.mask is not None:
+        results = commands.inpaint(s, request.init, request.mask, options, slot)
+    elif request.init is not None:
+        results = commands.img2img(s, request.init, options, slot)
+    else:
+        results = commands.generate(s, options, slot)
+    done: list[render.Result] = []
+    try:
+        for result in results:
+            done.append(result)
+    except Stopped:
+        pass
+    return done
+
+
+def b64_png(result: render.Result) -> str:
+    """The image as `ldm generate` saves it (pixels and metadata), base64."""
+    return base64.b64encode(render.png_bytes(result)).decode("ascii")
+
+
+def decoded_b64(text: object, name: str) -> Upload:
+    """An image sent as base64 (A1111's bodies), with or without a data: URL's head."""
+    if not isinstance(text, str):
+        raise LdmError(f"{name} must be a base64 image")
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return Upload(base64.b64decode(text, validate=True), name)
+    except ValueError:
+        raise LdmError(f"{name} is not valid base64") from None
