@@ -3,8 +3,8 @@ loaded model (model_slot.ModelSlot). A job is a function of the worker's slot an
 itself (for its progress and stop flag); its caller waits on its future."""
 from __future__ import annotations
 
-import queue
 import threading
+from collections import deque
 import time
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -44,7 +44,10 @@ class Job:
 
 class Workers:
     def __init__(self, devices: list[str], capacity: int):
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=capacity)
+        self.capacity = capacity
+        self.waiting_jobs: deque[Job] = deque()  # FIFO; a cancelled job leaves it at once
+        self.changed = threading.Condition()
+        self.closing = False
         self.slots = [ModelSlot(device) for device in devices]
         self.running: dict[int, Job] = {}  # by worker
         self.interrupted = False  # A1111's progress reports the last interrupt
@@ -55,16 +58,29 @@ class Workers:
 
     def submit(self, work: Callable[[ModelSlot, Job], Any], kind: str = "job") -> Job:
         job = Job(work, kind)
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull() from None
+        with self.changed:
+            if len(self.waiting_jobs) >= self.capacity:
+                raise QueueFull()
+            self.waiting_jobs.append(job)
+            self.changed.notify()
+        job.future.add_done_callback(lambda f: self._forget(job))
         return job
 
+    def _forget(self, job: Job) -> None:
+        with self.changed:
+            if job in self.waiting_jobs:
+                self.waiting_jobs.remove(job)
+
+    def _next(self) -> Job | None:
+        with self.changed:
+            while not self.waiting_jobs and not self.closing:
+                self.changed.wait()
+            return None if self.closing else self.waiting_jobs.popleft()
+
     def _serve(self, index: int) -> None:
-        while (job := self.queue.get()) is not None:
+        while (job := self._next()) is not None:
             if not job.future.set_running_or_notify_cancel():
-                continue  # cancelled while it waited: its client went away
+                continue
             self.running[index], job.started = job, time.monotonic()
             try:
                 job.future.set_result(job.work(self.slots[index], job))
@@ -80,20 +96,17 @@ class Workers:
             job.stop.set()
 
     def waiting(self) -> int:
-        return self.queue.qsize()
+        return len(self.waiting_jobs)
 
     def close(self) -> None:
         """Stop the running jobs, drop the queued ones, and let the workers end."""
-        while True:
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
+        with self.changed:
+            dropped = list(self.waiting_jobs)
+            self.closing = True
+            self.changed.notify_all()
+        for job in dropped:
+            job.cancel()
         self.interrupt()
-        for _ in self.threads:
-            self.queue.put(None)
         for thread in self.threads:
             thread.join(timeout=30)
         for slot in self.slots:
