@@ -100,8 +100,9 @@ Rng = Annotated[Optional[str], typer.Option(help="Starting noise: cpu (torch's C
 NoT5 = Annotated[Optional[bool], typer.Option("--no-t5", help="Run SD3 without its T5 text encoder (zeros in its place) [default: when the model has no T5].")]
 ModelPath = Annotated[Optional[str], typer.Option("--model", "-m", help="A .safetensors checkpoint or a diffusers folder [default: the built-in model].")]
 ModelsDir = Annotated[Optional[str], typer.Option(
-    "--models-dir", metavar="DIR", help="Where --from-png finds a recorded model that is not at its recorded path, by "
-                                        "name and hash (A1111's and ComfyUI's layouts too) [default: $LDM_MODELS_DIR].")]
+    "--models-dir", metavar="DIR", help="A1111's or ComfyUI's models folder: --model NAME and <lora:NAME> are found in it, "
+                                        "and --from-png's recorded model not at its recorded path, by name and hash "
+                                        "[default: $LDM_MODELS_DIR].")]
 Vae = Annotated[Optional[str], typer.Option(help="A VAE file or folder replacing the model's own.")]
 TextEncoder = Annotated[Optional[list[str]], typer.Option(
     "--text-encoder", metavar="FILE",
@@ -164,7 +165,7 @@ Margin = Annotated[int, typer.Option(min=0, help="Pixels to add on this side.")]
 
 
 def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_flags: dict,
-                network_flags: dict | None = None):
+                network_flags: dict | None = None, models_dir: str | None = None):
     from ldm_cli.commands import RunOptions
     from ldm_cli.loading import LoadOptions
     from ldm_cli.networks.lookup import NetworkOptions
@@ -172,7 +173,7 @@ def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_
     flags = {k: v for k, v in model_flags.items() if k != "text_encoder"}
     given = {k: list(v or []) for k, v in (network_flags or {}).items()}
     networks = NetworkOptions(given.get("lora", []), given.get("lora_dir", []), given.get("embeddings_dir", []),
-                              bool(model_flags.get("allow_pickle")))
+                              bool(model_flags.get("allow_pickle")), models_dir)
     return RunOptions(num_images=num_images, batch_size=batch_size, out=out, quiet=quiet,
                       load=LoadOptions(**flags, text_encoders=list(model_flags.get("text_encoder") or [])),
                       networks=networks)
@@ -224,7 +225,7 @@ class RenderFlags(dict):
 
     def run_options(self):
         return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
-                           {k: self[k] for k in LOAD_FLAGS}, {k: self[k] for k in NETWORK_FLAGS})
+                           {k: self[k] for k in LOAD_FLAGS}, {k: self[k] for k in NETWORK_FLAGS}, self["models_dir"])
 
     def print(self, results) -> None:
         print_results(results, self["as_json"])

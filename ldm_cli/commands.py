@@ -37,7 +37,10 @@ class RunOptions:
 
 def base_settings(flags: Settings, from_png: Path | None, models_dir: str | None = None) -> Settings:
     """The settings of --from-png (if any) with every flag given on top; a recorded model no
-    longer at its path is found by name in the models folders (model_lookup), else refused."""
+    longer at its path is found by name in the models folders (model_lookup), else refused, and
+    so is --model NAME."""
+    if flags.model is not None:
+        flags = flags.merged(model=model_lookup.given_model(flags.model, models_dir))
     base = render.settings_from_png(from_png) if from_png else Settings()
     if from_png and flags.model is None:
         base.model = model_lookup.recorded_model(base.model, base.model_name, base.model_hash, from_png, models_dir)

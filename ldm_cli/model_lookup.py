@@ -104,6 +104,17 @@ def _possible(name: str) -> bool:
         return False
 
 
+def given_model(model: str, models_dir: str | None) -> str:
+    """--model as given: a path when one is there (or it names a folder: a path), else the model
+    of that name in the models folders (`--model sd_xl_base_1.0`); unchanged when none is, for
+    the load to say it is missing."""
+    if files.exists(files.user_path(model)) or any(sep in model for sep in "/\\"):
+        return model
+    listed = listing("checkpoints", models_dir)
+    found = listed.get(model) or listed.get(Path(model).stem)
+    return str(found) if found else model
+
+
 def recorded_model(model: str | None, name: str | None, short_hash: str | None, png: Path,
                    models_dir: str | None) -> str | None:
     """The model to replay a PNG with: its recorded path if still there, else the file its recorded

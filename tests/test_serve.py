@@ -215,9 +215,12 @@ def test_openai_errors_and_models(server):
 
 # -- models folder --------------------------------------------------------------------------------
 def test_models_folder_switching_and_paths(sd1_folder, tmp_path):
+    from tests import lora_files, tiny_models
+
     root = tmp_path / "models"
     shutil.copytree(sd1_folder, root / "Stable-diffusion" / "tiny-sd1")
-    (root / "Lora").mkdir()
+    unet = lora_files.kohya(lora_files.layers(tiny_models.unet(), ("to_q", "to_v")), "lora_unet_")
+    lora_files.write(root / "Lora" / "fox.safetensors", unet)
     config = renders.Config(models_dir=str(tmp_path))
     with live(config) as server:
         client = api(server)
@@ -234,6 +237,11 @@ def test_models_folder_switching_and_paths(sd1_folder, tmp_path):
         cli = cli_png(tmp_path, "generate", "a fox", "--seed", 1, "--steps", 2, "--cfg", 7,
                       "--scheduler", "Euler a", "--model", root / "Stable-diffusion" / "tiny-sd1")
         assert same_pixels(again.image, cli)
+        assert [lora["name"] for lora in client.get_loras()] == ["fox"]
+        styled = client.txt2img(prompt="a fox <lora:fox:0.8>", seed=1, width=64, height=64, steps=2)
+        cli = cli_png(tmp_path, "generate", "a fox <lora:fox:0.8>", "--seed", 1, "--steps", 2, "--cfg", 7,
+                      "--scheduler", "Euler a", "--model", "tiny-sd1", "--models-dir", tmp_path)
+        assert same_pixels(styled.image, cli) and not same_pixels(styled.image, again.image)
 
 
 def test_switching_frees_the_previous_model_first(monkeypatch):

@@ -106,7 +106,7 @@ def _error(status: int, message: str, openai: bool, headers: dict | None = None)
 
 def create(config: renders.Config, workers: jobs.Workers, security: Security) -> FastAPI:
     app = FastAPI(title="ldm", version=_version(), description="A1111's and OpenAI's image APIs in front of ldm.")
-    app.state.options = {"sd_model_checkpoint": renders._name(config.model), "sd_vae": "Automatic",
+    app.state.options = {"sd_model_checkpoint": renders.model_name(config.model), "sd_vae": "Automatic",
                          "CLIP_stop_at_last_layers": 1}
     _handlers(app)
     _a1111_routes(app, config, workers)

@@ -25,13 +25,11 @@ class Config:
 
     def networks(self) -> NetworkOptions:
         """LoRAs and embeddings from the models folders (A1111's Lora, ComfyUI's loras...)."""
-        dirs = {kind: [str(p) for p in model_lookup.kind_folders(kind, self.models_dir)] for kind in ("loras", "embeddings")}
-        return NetworkOptions(lora_dirs=dirs["loras"], embeddings_dirs=dirs["embeddings"],
-                              allow_pickle=self.load.allow_pickle)
+        return NetworkOptions(allow_pickle=self.load.allow_pickle, models_dir=self.models_dir)
 
     def checkpoints(self) -> dict[str, str | None]:
         """Every model a request may name, by name: the one served at start, then the folders'."""
-        first = {_name(self.model): self.model}
+        first = {model_name(self.model): self.model}
         listed = {name: str(path) for name, path in model_lookup.listing("checkpoints", self.models_dir).items()}
         return {**first, **{k: v for k, v in listed.items() if k not in first}}
 
@@ -58,7 +56,7 @@ class Config:
         return listed[key]
 
 
-def _name(model: str | None) -> str:
+def model_name(model: str | None) -> str:
     if model is None:
         return model_lookup.BUILTIN_NAME
     path = Path(model)
