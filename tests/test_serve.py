@@ -139,6 +139,9 @@ def test_png_info_reads_what_txt2img_wrote(server):
     ({"scheduler": "kl_optimal"}, "scheduler 'kl_optimal' is not one ldm runs"),
     ({"steps": "many"}, 'steps must be a whole number (got "many")'),
     ({"n_iter": 0}, "n_iter must be at least 1"),
+    ({"batch_size": 17}, "batch_size must be at most 16 (got 17)"),
+    ({"override_settings": {"sd_model_checkpoint": ["a"]}}, "sd_model_checkpoint must be a listed name"),
+    ({"override_settings": {"sd_vae": {"a": 1}}}, "sd_vae must be a listed name"),
     ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "unknown checkpoint '/etc/passwd'"),
     ({"override_settings": {"sd_vae": "../vae"}}, "unknown VAE '../vae'"),
 ])

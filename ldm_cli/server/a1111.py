@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from ldm_cli import __version__, render, schedulers
+from ldm_cli import __version__, limits, render, schedulers
 from ldm_cli.errors import LdmError
 from ldm_cli.server.renders import Config, Request, b64_png, decoded_b64
 from ldm_cli.settings import BadSetting, Settings
@@ -120,6 +120,8 @@ def counts(body: dict, defaults: dict) -> tuple[int, int]:
     for key, value in (("batch_size", batch), ("n_iter", rounds)):
         if value < 1:
             raise LdmError(f"{key} must be at least 1 (got {value})")
+    if batch > limits.MAX_REQUEST_BATCH:
+        raise LdmError(f"batch_size must be at most {limits.MAX_REQUEST_BATCH} (got {batch}); n_iter makes more")
     return batch * rounds, batch
 
 
@@ -213,9 +215,6 @@ def posted_options(current: dict, posted: dict, config: Config) -> dict:
     """POST options (Open WebUI posts the whole dict back with one key changed): the checkpoint
     and VAE must be listed ones; unknown keys are kept and echoed, never used as paths."""
     out = {**current, **posted}
-    for key in ("sd_model_checkpoint", "sd_vae"):
-        if out.get(key) is not None and not isinstance(out[key], str):
-            raise LdmError(f"{key} must be text (a listed name)")
     config.checkpoint(out["sd_model_checkpoint"])
     config.vae(out.get("sd_vae"))
     return out

@@ -79,7 +79,8 @@ class Guard:
             if not openai and self.security.api_auth:
                 response.headers["WWW-Authenticate"] = 'Basic realm="ldm"'
             return response
-        if int(headers.get("content-length") or 0) > limits.MAX_REQUEST_BYTES:
+        length = headers.get("content-length") or "0"
+        if not length.isdigit() or int(length) > limits.MAX_REQUEST_BYTES:
             return _error(413, f"the request body is larger than {limits.MAX_REQUEST_BYTES:,} bytes", openai)
         return None
 
@@ -236,7 +237,7 @@ def _a1111_routes(app: FastAPI, config: renders.Config, workers: jobs.Workers) -
 
     @app.get(f"{api}/progress")
     def progress():
-        running = list(workers.running.values())
+        running = workers.jobs_running()
         job = running[0] if running else None
         fraction = job.steps_done / job.steps_total if job and job.steps_total else 0.0
         return {"progress": fraction, "eta_relative": 0.0, "current_image": None, "textinfo": None,

@@ -89,10 +89,14 @@ class Workers:
             finally:
                 self.running.pop(index, None)
 
+    def jobs_running(self) -> list[Job]:
+        """The running jobs, read while workers change them (by index: never a dict being resized)."""
+        return [job for i in range(len(self.slots)) if (job := self.running.get(i)) is not None]
+
     def interrupt(self) -> None:
         """Stop every running job at its next step (A1111's interrupt: the images done are kept)."""
         self.interrupted = True
-        for job in list(self.running.values()):
+        for job in self.jobs_running():
             job.stop.set()
 
     def waiting(self) -> int:

@@ -36,20 +36,24 @@ class Config:
     def vaes(self) -> dict[str, str]:
         return {name: str(path) for name, path in model_lookup.listing("vae", self.models_dir).items()}
 
-    def checkpoint(self, name: str) -> str | None:
+    def checkpoint(self, name: object) -> str | None:
         """The model a request's name means: a listed name, or A1111's title `name [hash]`."""
         listed = self.checkpoints()
+        if not isinstance(name, str):
+            raise LdmError(f"sd_model_checkpoint must be a listed name; the server lists: {', '.join(listed)}")
         bare = name.rsplit(" [", 1)[0] if name.endswith("]") else name
         for key in (name, bare, bare.removesuffix(Path(bare).suffix)):
             if key in listed:
                 return listed[key]
         raise LdmError(f"unknown checkpoint {name!r}; the server lists: {', '.join(listed)}")
 
-    def vae(self, name: str | None) -> str | None:
+    def vae(self, name: object) -> str | None:
         """The VAE file a name means; None (A1111's Automatic or None): the model's own."""
         if name is None or name in ("Automatic", "None", ""):
             return None
         listed = self.vaes()
+        if not isinstance(name, str):
+            raise LdmError(f"sd_vae must be a listed name; the server lists: {', '.join(['Automatic', 'None', *listed])}")
         key = name.removesuffix(Path(name).suffix) if name not in listed else name
         if key not in listed:
             raise LdmError(f"unknown VAE {name!r}; the server lists: {', '.join(['Automatic', 'None', *listed])}")
