@@ -100,6 +100,23 @@ def test_webuiapi_img2img_and_inpaint_are_the_cli_images(server, tmp_path):
     assert same_pixels(out.image, cli)
 
 
+def test_only_masked_and_an_inverted_mask_are_the_cli_image(server, tmp_path):
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    picture.save(tmp_path / "init.png")
+    keep = Image.new("L", (96, 96), 255)
+    keep.paste(0, (40, 40, 64, 64))  # inverted: this square is what gets repainted
+    repaint = Image.new("L", (96, 96), 0)
+    repaint.paste(255, (40, 40, 64, 64))
+    repaint.save(tmp_path / "mask.png")
+    out = api(server).img2img(images=[picture], mask_image=keep, inpainting_mask_invert=1, prompt="a dog", seed=4,
+                              steps=3, width=64, height=64, denoising_strength=0.8, inpainting_fill=1,
+                              inpaint_full_res=True, inpaint_full_res_padding=8, sampler_name="Euler")
+    cli = cli_png(tmp_path, "inpaint", tmp_path / "init.png", tmp_path / "mask.png", "a dog", "--seed", 4,
+                  "--steps", 3, "--strength", 0.8, "--only-masked", "--padding", 8, "--width", 64, "--height", 64,
+                  "--scheduler", "euler", "--cfg", 7)
+    assert out.image.size == (96, 96) and same_pixels(out.image, cli)
+
+
 def test_inpainting_fill_ldm_cannot_run_is_refused(server):
     image = base64.b64encode(_png(Image.new("RGB", (64, 64)))).decode()
     r = httpx.post(f"{server.url}/sdapi/v1/img2img", json={"init_images": [image], "mask": image,

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from ldm_cli import __version__, limits, render, schedulers
+from ldm_cli.commands import Upload
 from ldm_cli.errors import LdmError
 from ldm_cli.server.renders import Config, Request, b64_png, decoded_b64
 from ldm_cli.settings import BadSetting, Settings
@@ -166,12 +167,11 @@ def img2img(body: dict, options: dict, config: Config) -> Request:
     return Request(s, count, batch, init=init, mask=upload, vae=vae)
 
 
-def _inverted(upload):
+def _inverted(upload: Upload) -> Upload:
     """The mask with kept and repainted swapped (inpainting_mask_invert: 1)."""
     from PIL import ImageOps
 
     from ldm_cli import images
-    from ldm_cli.commands import Upload
 
     buffer = io.BytesIO()
     ImageOps.invert(images.decoded(upload.data, "L", upload.name)).save(buffer, format="PNG")

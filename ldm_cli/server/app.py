@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import secrets
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
