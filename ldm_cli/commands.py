@@ -166,7 +166,7 @@ def _sized_to(settings: Settings, image: Image.Image, what: str) -> Settings:
 def _steps_run(s: Settings, flow: bool) -> int:
     from ldm_cli import strength
 
-    return s.steps if s.strength is None else strength.steps_run(s, flow)
+    return strength.steps_run(s, flow)
 
 
 def _run(settings: Settings, options: RunOptions, make, slot: ModelSlot | None = None) -> Iterator[render.Result]:
@@ -180,7 +180,8 @@ def _run(settings: Settings, options: RunOptions, make, slot: ModelSlot | None =
     model = load_model(settings, options, slot)
     s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
-    with Progress(_steps_run(s, model.family.flow) * len(jobs), len(jobs), options.quiet, watch=options.watch) as progress:
+    steps = s.steps if make is None else _steps_run(s, model.family.flow)  # text to image runs them all
+    with Progress(steps * len(jobs), len(jobs), options.quiet, watch=options.watch) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress, make)
 
 
