@@ -40,18 +40,20 @@ KINDS = {"checkpoints": ("Stable-diffusion", "checkpoints", "diffusion_models"),
          "vae": ("VAE", "vae"), "embeddings": ("embeddings",), "controlnet": ("ControlNet", "controlnet"),
          "text_encoders": ("text_encoders", "clip"), "upscalers": ("ESRGAN", "upscale_models")}
 KIND_SUFFIXES = {"embeddings": (".safetensors", ".pt", ".bin"), "loras": (".safetensors", ".pt", ".ckpt")}
+# A diffusers folder of a kind, listed by its name as one entry: the file that marks it
+FOLDER_MARKERS = {"checkpoints": "model_index.json", "controlnet": "config.json", "vae": "config.json"}
 
 
 def listing(kind: str, models_dir: str | None) -> dict[str, Path]:
     """Every file of `kind` in the models folders, by its name (the stem, as A1111 shows it; the
-    first found wins); checkpoints also diffusers folders. A request's name means one of these
+    first found wins); diffusers folders too (FOLDER_MARKERS). A request's name means one of these
     and nothing else (ldm serve): a name is never a path."""
     found: dict[str, Path] = {}
     suffixes = KIND_SUFFIXES.get(kind, SUFFIXES)
     for root in kind_folders(kind, models_dir):
         for folder, subfolders, names in os.walk(root):
             here = Path(folder)
-            if kind == "checkpoints" and "model_index.json" in names and here != root:
+            if FOLDER_MARKERS.get(kind) in names and here != root:
                 found.setdefault(here.name, here)
                 subfolders.clear()  # a diffusers folder's parts are not models of their own
                 continue

@@ -293,6 +293,33 @@ def test_models_folder_switching_and_paths(sd1_folder, tmp_path):
         assert same_pixels(styled.image, cli) and not same_pixels(styled.image, again.image)
 
 
+def test_a1111_controlnet_units_are_the_cli_image(sd1_folder, tmp_path):
+    from ldm_cli import loading
+    from tests.test_controlnet import pattern, tiny_controlnet
+
+    root = tmp_path / "models"
+    shutil.copytree(sd1_folder, root / "checkpoints" / "tiny-sd1")  # ComfyUI's layout
+    tiny_controlnet(loading.load(str(sd1_folder)).denoiser, 11).save_pretrained(root / "controlnet" / "edges")
+    pattern(0).save(tmp_path / "photo.png")
+    with live(renders.Config(models_dir=str(tmp_path))) as server:
+        client = api(server)
+        client.util_set_model("tiny-sd1")
+        unit = webuiapi.ControlNetUnit(image=Image.open(tmp_path / "photo.png"), module="none", model="edges [0]",
+                                       weight=0.8, guidance_end=0.6)
+        out = client.txt2img(prompt="a red fox", seed=5, steps=4, width=64, height=64, sampler_name="DDIM",
+                             controlnet_units=[unit])
+        plain = client.txt2img(prompt="a red fox", seed=5, steps=4, width=64, height=64, sampler_name="DDIM",
+                               alwayson_scripts={})  # webuiapi's default dict keeps the last call's units
+        r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "alwayson_scripts": {"controlnet": {
+            "args": [{"model": "../edges", "image": base64.b64encode(_png(Image.new("RGB", (8, 8)))).decode()}]}}})
+    cli = cli_png(tmp_path, "generate", "a red fox", "--model", "tiny-sd1", "--models-dir", tmp_path, "--seed", 5,
+                  "--steps", 4, "--cfg", 7, "--scheduler", "ddim", "--controlnet", root / "controlnet" / "edges",
+                  "--control-image", tmp_path / "photo.png", "--control-scale", 0.8, "--control-end", 0.6)
+    assert 'ControlNet 0: "Module: none, Model: edges [' in out.info["infotexts"][0]
+    assert same_pixels(out.image, cli) and not same_pixels(out.image, plain.image)
+    assert r.status_code == 400 and "unknown ControlNet '../edges'; the server lists: edges" in r.json()["detail"]
+
+
 def test_switching_frees_the_previous_model_first(monkeypatch):
     import gc
     import weakref

@@ -8,8 +8,9 @@ import json
 import time
 from typing import Any
 
-from ldm_cli import __version__, limits, render, schedulers
+from ldm_cli import __version__, control_units, limits, render, schedulers
 from ldm_cli.commands import Upload
+from ldm_cli.control_units import ControlUnit
 from ldm_cli.errors import LdmError
 from ldm_cli.server.renders import Config, Request, b64_png, decoded_b64
 from ldm_cli.settings import BadSetting, Settings
@@ -137,7 +138,37 @@ def overridden(body: dict, options: dict) -> dict:
 def txt2img(body: dict, options: dict, config: Config) -> Request:
     s, vae = settings(body, TXT2IMG, overridden(body, options), config)
     count, batch = counts(body, TXT2IMG)
-    return Request(s, count, batch, vae=vae)
+    return Request(s, count, batch, vae=vae, controls=controls(body, TXT2IMG, config))
+
+
+UNIT_DEFAULTS = {"weight": 1.0, "guidance_start": 0.0, "guidance_end": 1.0}  # sd-webui-controlnet's
+
+
+def controls(body: dict, defaults: dict, config: Config) -> list[tuple[ControlUnit, Upload]]:
+    """sd-webui-controlnet's `alwayson_scripts.controlnet.args` as ldm's units: model (a listed
+    ControlNet), image, module (none or canny), weight, guidance_start, guidance_end; its other
+    fields (resize mode: ldm crops and resizes; control mode: balanced) are ignored."""
+    scripts = _get(body, "alwayson_scripts", defaults, dict) or {}
+    script = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None)
+    args = script.get("args") if isinstance(script, dict) else None
+    if script is not None and not isinstance(args, list):
+        raise LdmError("alwayson_scripts.controlnet.args must be a list of units")
+    out = []
+    for i, arg in enumerate(args or []):
+        if not isinstance(arg, dict) or not arg.get("enabled", True):
+            continue
+        what = f"ControlNet unit {i}"
+        module = str(arg.get("module") or "none").lower()
+        if module not in control_units.PREPROCESSORS:
+            raise LdmError(f"{what}: module {module!r} is not one ldm runs; send none (a preprocessed map) or canny")
+        image = arg.get("image") or arg.get("input_image")
+        image = image.get("image") if isinstance(image, dict) else image  # older versions: {"image", "mask"}
+        numbers = {k: _get(arg, k, UNIT_DEFAULTS, float) for k in UNIT_DEFAULTS}
+        numbers = {k: UNIT_DEFAULTS[k] if v is None else v for k, v in numbers.items()}
+        unit = ControlUnit(config.controlnet(arg.get("model")), "", numbers["weight"], numbers["guidance_start"],
+                           numbers["guidance_end"], module)
+        out.append((unit, decoded_b64(image, f"{what}'s image")))
+    return out
 
 
 def img2img(body: dict, options: dict, config: Config) -> Request:
@@ -153,7 +184,7 @@ def img2img(body: dict, options: dict, config: Config) -> Request:
     init = decoded_b64(inits[0], "init_images[0]")
     mask = body.get("mask")
     if mask is None:
-        return Request(validated(s), count, batch, init=init, vae=vae)
+        return Request(validated(s), count, batch, init=init, vae=vae, controls=controls(body, IMG2IMG, config))
     fill = _get(body, "inpainting_fill", IMG2IMG, int)
     if fill not in (FILL, FILL_ORIGINAL):
         raise LdmError(f"inpainting_fill {fill} ({FILLS.get(fill, 'unknown')}) is not one ldm runs yet; send 0 "
@@ -168,7 +199,7 @@ def img2img(body: dict, options: dict, config: Config) -> Request:
         upload = _inverted(upload)
     if fill == FILL:
         init = filled(init, upload)
-    return Request(s, count, batch, init=init, mask=upload, vae=vae)
+    return Request(s, count, batch, init=init, mask=upload, vae=vae, controls=controls(body, IMG2IMG, config))
 
 
 def _inverted(upload: Upload) -> Upload:

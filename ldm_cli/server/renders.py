@@ -4,11 +4,13 @@ Names a request gives (model, VAE) resolve only to what the models folders list.
 from __future__ import annotations
 
 import base64
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ldm_cli import commands, model_lookup, render
+from ldm_cli import commands, control_units, model_lookup, render
 from ldm_cli.commands import RunOptions, Upload
+from ldm_cli.control_units import ControlUnit
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import LoadOptions
 from ldm_cli.networks.lookup import NetworkOptions
@@ -32,6 +34,14 @@ class Config:
         first = {model_name(self.model): self.model}
         listed = {name: str(path) for name, path in model_lookup.listing("checkpoints", self.models_dir).items()}
         return {**first, **{k: v for k, v in listed.items() if k not in first}}
+
+    def controlnet(self, name: object) -> str:
+        """The ControlNet a unit's `model` means: a listed name, or sd-webui-controlnet's `name [hash]`."""
+        listed = {k: str(v) for k, v in model_lookup.listing("controlnet", self.models_dir).items()}
+        bare = name.rsplit(" [", 1)[0] if isinstance(name, str) and name.endswith("]") else name
+        if not isinstance(bare, str) or bare not in listed:
+            raise LdmError(f"unknown ControlNet {str(name)[:80]!r}; the server lists: {', '.join(listed) or 'none'}")
+        return listed[bare]
 
     def vaes(self) -> dict[str, str]:
         return {name: str(path) for name, path in model_lookup.listing("vae", self.models_dir).items()}
@@ -76,6 +86,7 @@ class Request:
     init: Upload | None = None
     mask: Upload | None = None
     vae: str | None = None  # a listed VAE's file, replacing the model's own
+    controls: list[tuple[ControlUnit, Upload]] = field(default_factory=list)  # units, their images still in memory
 
 
 def run(request: Request, config: Config, slot, job: Job) -> list[render.Result]:
@@ -83,13 +94,32 @@ def run(request: Request, config: Config, slot, job: Job) -> list[render.Result]
     options = RunOptions(num_images=request.count, batch_size=request.batch_size, out=None, quiet=True,
                          load=replace(config.load, vae=request.vae or config.load.vae),
                          networks=config.networks(), watch=job.watch)
-    s = request.settings
+    with tempfile.TemporaryDirectory(prefix="ldm-serve-") as folder:  # the control images, for this job only
+        s = _with_controls(request.settings, request.controls, Path(folder))
+        return _collected(_results(request, s, options, slot))
+
+
+def _with_controls(s: Settings, controls: list[tuple[ControlUnit, Upload]], folder: Path) -> Settings:
+    """The settings with the units, each image written where the server chose (never a request's path)."""
+    if not controls:
+        return s
+    units = []
+    for i, (unit, upload) in enumerate(controls):
+        path = folder / f"control-{i}.png"
+        path.write_bytes(upload.data)
+        units.append(replace(unit, image=str(path)))
+    return s.merged(controlnet=control_units.to_text(units))
+
+
+def _results(request: Request, s: Settings, options: RunOptions, slot):
     if request.mask is not None:
-        results = commands.inpaint(s, request.init, request.mask, options, slot)
-    elif request.init is not None:
-        results = commands.img2img(s, request.init, options, slot)
-    else:
-        results = commands.generate(s, options, slot)
+        return commands.inpaint(s, request.init, request.mask, options, slot)
+    if request.init is not None:
+        return commands.img2img(s, request.init, options, slot)
+    return commands.generate(s, options, slot)
+
+
+def _collected(results) -> list[render.Result]:
     done: list[render.Result] = []
     try:
         for result in results:
