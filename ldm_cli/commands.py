@@ -1,6 +1,7 @@
 """What each command does, as plain functions of plain values; cli.py only parses and prints."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -77,7 +78,8 @@ def load_model(settings: Settings, options: RunOptions, slot: ModelSlot | None =
     if units:  # ControlNet code is imported only for a run that asks for one
         from ldm_cli.loading import controlnet
 
-        controlnet.attach(model, units)
+        with slot.loading() if slot is not None else nullcontext():
+            controlnet.attach(model, units)
     return model
 
 

@@ -3,11 +3,16 @@ loaded it. Asking for another model frees the held one first, so two never share
 from __future__ import annotations
 
 import gc
+import threading
 from dataclasses import replace
 from typing import Any
 
 from ldm_cli.loading import LoadOptions
 from ldm_cli.networks.lookup import NetworkOptions
+
+# One load at a time in a process: building modules empty (accelerate's init_empty_weights) patches
+# torch.nn.Module for every thread while it runs, so two workers loading at once break each other.
+_LOADING = threading.Lock()
 
 
 class ModelSlot:
@@ -26,11 +31,17 @@ class ModelSlot:
             from ldm_cli import loading
             from ldm_cli.networks import session
 
-            model = loading.load(source, options)
+            with _LOADING:
+                model = loading.load(source, options)
             model.kept = True  # its text encoders stay for the next run (ahead.py)
             session.attach(model, networks, source)
             self.model, self.key = model, key
         return self.model
+
+    @staticmethod
+    def loading() -> threading.Lock:
+        """Held around any other load into a held model (its ControlNets), for the same reason."""
+        return _LOADING
 
     def clear(self) -> None:
         """Let go of the held model, its memory back before anything else loads."""

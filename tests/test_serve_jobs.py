@@ -97,3 +97,25 @@ def test_a_client_that_goes_away_loses_its_queued_job(monkeypatch):
         wait_until(lambda: not server.workers.running and not server.workers.waiting())
         r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64})
     assert r.status_code == 200 and len(calls) == 1  # only the request that stayed
+
+
+def test_two_workers_render_concurrent_requests_as_one_does():
+    """Two CPU "devices", each its own model copy, rendering at once: every image is the one a
+    single worker makes for its seed (no state shared between the workers' runs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def images(server, seeds):
+        def one(seed):
+            r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": seed, "steps": 4,
+                                                                  "width": 64, "height": 64}, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["images"][0]
+        with ThreadPoolExecutor(len(seeds)) as pool:
+            return list(pool.map(one, seeds))
+    with live(devices=("cpu", "cpu")) as two:
+        together = images(two, [1, 2, 3, 4])
+        assert all(slot.model is not None for slot in two.workers.slots)  # both workers rendered
+        assert two.workers.slots[0].model is not two.workers.slots[1].model
+    with live() as one:
+        alone = [images(one, [seed])[0] for seed in (1, 2, 3, 4)]
+    assert together == alone
