@@ -252,6 +252,16 @@ def test_openai_edit_repaints_the_transparent_part(server, tmp_path):
     assert same_pixels(image, cli)
 
 
+def test_openai_edit_takes_image_brackets_and_redraws_an_opaque_image_whole(server):
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    r = httpx.post(f"{server.url}/v1/images/edits", files={"image[]": ("a.png", _png(picture), "image/png")},
+                   data={"prompt": "a boat", "size": "64x64"}, timeout=120)
+    assert r.status_code == 200, r.text
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    assert "Denoising strength: 0.75" in image.text["parameters"]  # img2img at its default strength
+    assert "Mask blur" not in image.text["parameters"]
+
+
 def test_openai_errors_and_models(server):
     with pytest.raises(openai.BadRequestError) as e:
         client(server).images.generate(prompt="x", n=11)
