@@ -442,6 +442,30 @@ def test_serve_prints_its_url_and_sigterm_exits_0(tmp_path):
     assert "Traceback" not in process.stderr.read()
 
 
+def test_sigterm_during_a_job_stops_it_and_exits_0(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "ldm_cli", "serve", "--port", "0"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    got = {}
+    try:
+        url = process.stdout.readline().split()[2]
+
+        def long_job():
+            got["r"] = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64,
+                                                                   "steps": 5, "n_iter": 500}, timeout=120)
+        thread = threading.Thread(target=long_job)
+        thread.start()
+        while not httpx.get(f"{url}/sdapi/v1/progress").json()["state"]["sampling_step"]:
+            time.sleep(0.05)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        thread.join(30)
+    finally:
+        process.kill()
+    assert time.monotonic() - started < 20  # the job was stopped, not waited for (500 images)
+    assert got["r"].status_code == 200 and len(got["r"].json()["images"]) < 500
+
+
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
