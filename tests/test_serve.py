@@ -330,6 +330,17 @@ def test_a1111_controlnet_units_are_the_cli_image(sd1_folder, tmp_path):
     assert r.status_code == 400 and "unknown ControlNet '../edges'; the server lists: edges" in r.json()["detail"]
 
 
+def test_the_folders_are_read_again_on_refresh_checkpoints(tmp_path):
+    (tmp_path / "models" / "Stable-diffusion").mkdir(parents=True)
+    with live(renders.Config(models_dir=str(tmp_path))) as server:
+        client = api(server)
+        assert [m["model_name"] for m in client.get_sd_models()] == ["ldm-builtin"]
+        (tmp_path / "models" / "Stable-diffusion" / "new.safetensors").write_bytes(b"")
+        assert [m["model_name"] for m in client.get_sd_models()] == ["ldm-builtin"]  # listed once, as A1111
+        client.refresh_checkpoints()
+        assert [m["model_name"] for m in client.get_sd_models()] == ["ldm-builtin", "new"]
+
+
 def test_switching_frees_the_previous_model_first(monkeypatch):
     import gc
     import weakref

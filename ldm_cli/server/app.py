@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ldm_cli import limits, model_lookup, schedulers
+from ldm_cli import limits, schedulers
 from ldm_cli.commands import Upload
 from ldm_cli.errors import LdmError
 from ldm_cli.server import a1111, jobs, openai_images, renders
@@ -197,9 +197,7 @@ def _a1111_routes(app: FastAPI, config: renders.Config, workers: jobs.Workers) -
 
     @app.post(f"{api}/refresh-checkpoints")
     def refresh_checkpoints():
-        from ldm_cli.networks import lookup
-
-        lookup.index.cache_clear()  # LoRAs added since are found too
+        config.refresh()
         return None
 
     @app.get(f"{api}/sd-vae")
@@ -226,11 +224,11 @@ def _a1111_routes(app: FastAPI, config: renders.Config, workers: jobs.Workers) -
     @app.get(f"{api}/loras")
     def loras():
         return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
-                for name, path in model_lookup.listing("loras", config.models_dir).items()]
+                for name, path in config.listing("loras").items()]
 
     @app.get(f"{api}/embeddings")
     def embeddings():
-        found = model_lookup.listing("embeddings", config.models_dir)
+        found = config.listing("embeddings")
         return {"loaded": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
                                   "vectors": None} for name in found}, "skipped": {}}
 

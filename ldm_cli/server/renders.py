@@ -24,6 +24,21 @@ class Config:
     model: str | None = None  # --model, as the operator gave it (None: the built-in model)
     models_dir: str | None = None
     load: LoadOptions = field(default_factory=LoadOptions)
+    listed: dict[str, dict[str, str]] = field(default_factory=dict)  # by kind, read once until refresh()
+
+    def listing(self, kind: str) -> dict[str, str]:
+        """The models folders' files of `kind` by name, read on first use (every request names
+        one: a large folder is not walked per request), as A1111 lists them until a refresh."""
+        if kind not in self.listed:
+            self.listed[kind] = {name: str(path) for name, path in model_lookup.listing(kind, self.models_dir).items()}
+        return self.listed[kind]
+
+    def refresh(self) -> None:
+        """Read the folders again (refresh-checkpoints): files added since are listed."""
+        from ldm_cli.networks import lookup
+
+        self.listed.clear()
+        lookup.index.cache_clear()  # LoRAs found by name are looked for again too
 
     def networks(self) -> NetworkOptions:
         """LoRAs and embeddings from the models folders (A1111's Lora, ComfyUI's loras...)."""
@@ -32,19 +47,19 @@ class Config:
     def checkpoints(self) -> dict[str, str | None]:
         """Every model a request may name, by name: the one served at start, then the folders'."""
         first = {model_name(self.model): self.model}
-        listed = {name: str(path) for name, path in model_lookup.listing("checkpoints", self.models_dir).items()}
+        listed = self.listing("checkpoints")
         return {**first, **{k: v for k, v in listed.items() if k not in first}}
 
     def controlnet(self, name: object) -> str:
         """The ControlNet a unit's `model` means: a listed name, or sd-webui-controlnet's `name [hash]`."""
-        listed = {k: str(v) for k, v in model_lookup.listing("controlnet", self.models_dir).items()}
+        listed = self.listing("controlnet")
         bare = name.rsplit(" [", 1)[0] if isinstance(name, str) and name.endswith("]") else name
         if not isinstance(bare, str) or bare not in listed:
             raise LdmError(f"unknown ControlNet {str(name)[:80]!r}; the server lists: {', '.join(listed) or 'none'}")
         return listed[bare]
 
     def vaes(self) -> dict[str, str]:
-        return {name: str(path) for name, path in model_lookup.listing("vae", self.models_dir).items()}
+        return self.listing("vae")
 
     def checkpoint(self, name: object) -> str | None:
         """The model a request's name means: a listed name, or A1111's title `name [hash]`."""
@@ -94,6 +109,8 @@ def run(request: Request, config: Config, slot, job: Job) -> list[render.Result]
     options = RunOptions(num_images=request.count, batch_size=request.batch_size, out=None, quiet=True,
                          load=replace(config.load, vae=request.vae or config.load.vae),
                          networks=config.networks(), watch=job.watch)
+    if not request.controls:
+        return _collected(_results(request, request.settings, options, slot))
     with tempfile.TemporaryDirectory(prefix="ldm-serve-") as folder:  # the control images, for this job only
         s = _with_controls(request.settings, request.controls, Path(folder))
         return _collected(_results(request, s, options, slot))
@@ -101,8 +118,6 @@ def run(request: Request, config: Config, slot, job: Job) -> list[render.Result]
 
 def _with_controls(s: Settings, controls: list[tuple[ControlUnit, Upload]], folder: Path) -> Settings:
     """The settings with the units, each image written where the server chose (never a request's path)."""
-    if not controls:
-        return s
     units = []
     for i, (unit, upload) in enumerate(controls):
         path = folder / f"control-{i}.png"
