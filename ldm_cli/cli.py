@@ -100,8 +100,9 @@ Rng = Annotated[Optional[str], typer.Option(help="Starting noise: cpu (torch's C
 NoT5 = Annotated[Optional[bool], typer.Option("--no-t5", help="Run SD3 without its T5 text encoder (zeros in its place) [default: when the model has no T5].")]
 ModelPath = Annotated[Optional[str], typer.Option("--model", "-m", help="A .safetensors checkpoint or a diffusers folder [default: the built-in model].")]
 ModelsDir = Annotated[Optional[str], typer.Option(
-    "--models-dir", metavar="DIR", help="Where --from-png finds a recorded model that is not at its recorded path, by "
-                                        "name and hash (A1111's and ComfyUI's layouts too) [default: $LDM_MODELS_DIR].")]
+    "--models-dir", metavar="DIR", help="A1111's or ComfyUI's models folder: --model NAME and <lora:NAME> are found in it, "
+                                        "and --from-png's recorded model not at its recorded path, by name and hash "
+                                        "[default: $LDM_MODELS_DIR].")]
 Vae = Annotated[Optional[str], typer.Option(help="A VAE file or folder replacing the model's own.")]
 TextEncoder = Annotated[Optional[list[str]], typer.Option(
     "--text-encoder", metavar="FILE",
@@ -164,7 +165,7 @@ Margin = Annotated[int, typer.Option(min=0, help="Pixels to add on this side.")]
 
 
 def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_flags: dict,
-                network_flags: dict | None = None):
+                network_flags: dict | None = None, models_dir: str | None = None):
     from ldm_cli.commands import RunOptions
     from ldm_cli.loading import LoadOptions
     from ldm_cli.networks.lookup import NetworkOptions
@@ -172,7 +173,7 @@ def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_
     flags = {k: v for k, v in model_flags.items() if k != "text_encoder"}
     given = {k: list(v or []) for k, v in (network_flags or {}).items()}
     networks = NetworkOptions(given.get("lora", []), given.get("lora_dir", []), given.get("embeddings_dir", []),
-                              bool(model_flags.get("allow_pickle")))
+                              bool(model_flags.get("allow_pickle")), models_dir)
     return RunOptions(num_images=num_images, batch_size=batch_size, out=out, quiet=quiet,
                       load=LoadOptions(**flags, text_encoders=list(model_flags.get("text_encoder") or [])),
                       networks=networks)
@@ -224,7 +225,7 @@ class RenderFlags(dict):
 
     def run_options(self):
         return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
-                           {k: self[k] for k in LOAD_FLAGS}, {k: self[k] for k in NETWORK_FLAGS})
+                           {k: self[k] for k in LOAD_FLAGS}, {k: self[k] for k in NETWORK_FLAGS}, self["models_dir"])
 
     def print(self, results) -> None:
         print_results(results, self["as_json"])
@@ -483,6 +484,35 @@ def upscale(
     options = commands.UpscaleOptions(upscaler, scale, resize, tile, tile_overlap, out, models_dir, device, quiet)
     for result in commands.upscale(image, options):
         print(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else f"saved {result.path}", flush=True)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs --api-key or --api-auth.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 7860,
+    model: ModelPath = None,
+    models_dir: Annotated[Optional[str], typer.Option(
+        "--models-dir", metavar="DIR", help="A1111's models/ or ComfyUI's models folder: the checkpoints, VAEs, LoRAs "
+                                            "and embeddings requests may name [default: $LDM_MODELS_DIR].")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", help="Require `Authorization: Bearer KEY` on every route.")] = None,
+    api_auth: Annotated[Optional[str], typer.Option("--api-auth", metavar="USER:PASS", help="Require HTTP Basic USER:PASS on A1111's routes (Bearer --api-key works too).")] = None,
+    cors: Annotated[Optional[list[str]], typer.Option("--cors", metavar="ORIGIN", help="Let pages of ORIGIN (https://host:port) call it from a browser; repeatable [default: none].")] = None,
+    queue: Annotated[int, typer.Option(help="Jobs that may wait for a worker; more are answered 503 with Retry-After.")] = 32,
+    vae: Vae = None, text_encoder: TextEncoder = None, config: Config = None, prediction: Prediction = None,
+    allow_pickle: AllowPickle = False,
+    device: Annotated[str, typer.Option(help="auto (every GPU, one worker and model copy each), cpu, cuda, mps, or a list: cuda:0,cuda:1.")] = "auto",
+    dtype: Dtype = "auto", compile: Compile = False, offload: Offload = "none", weights: Weights = None,
+    vae_tiling: VaeTiling = False,
+) -> None:
+    """Serve A1111's and OpenAI's image APIs over HTTP, the model kept loaded between requests."""
+    from ldm_cli.loading import LoadOptions
+    from ldm_cli.server import main, renders  # fastapi and uvicorn load here, for this command only
+
+    load = LoadOptions(vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, dtype=dtype,
+                       text_encoders=list(text_encoder or []), compile=compile, offload=offload, weights=weights,
+                       vae_tiling=vae_tiling)
+    main.serve(renders.Config(model, models_dir, load),
+               main.ServeOptions(host, port, api_key, api_auth, tuple(cors or ()), queue), device)
 
 
 def main() -> None:

@@ -29,6 +29,12 @@ MAX_PROMPT_WEIGHT = 100  # a word's emphasis (nested brackets multiplied) and an
 MAX_PROMPT_NESTING = 100  # brackets open at once; (x) nested 49 deep already weighs 1.1**49 > 100
 MAX_HIRES_SCALE = 8  # hires fix's upscale: A1111's slider stops at 4; the size limits apply after it
 MAX_LORA_WEIGHT = 20  # a LoRA's multiplier: slider LoRAs are used up to about 10
+# ldm serve: a request's body (base64 init images and masks: a 4096x4096 PNG is ~30 MB as base64),
+# the jobs waiting for a worker (more are answered 503), and images denoised together by one
+# request (A1111's batch_size; its slider stops at 8): a client's number never sizes memory unbounded
+MAX_REQUEST_BYTES = 64 * 2**20
+MAX_QUEUED_JOBS = 32
+MAX_REQUEST_BATCH = 16
 
 # Inclusive (lowest, highest) of the numeric settings; steps and size have their own checks.
 RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
