@@ -19,6 +19,7 @@ TOKENIZER = SHIPPED / "clip_tokenizer"
 T5_TOKENIZER = SHIPPED / "t5_tokenizer"
 QWEN3_TOKENIZER = SHIPPED / "qwen3_tokenizer"
 QWEN25VL_TOKENIZER = SHIPPED / "qwen25vl_tokenizer"  # its own config over qwen3_tokenizer's BPE files
+MISTRAL_TOKENIZER = SHIPPED / "mistral_tokenizer"  # Tekken, built by loading/tekken.py
 QWEN25VL_FILES = {"vocab_file": str(QWEN3_TOKENIZER / "vocab.json"), "merges_file": str(QWEN3_TOKENIZER / "merges.txt")}
 OPENCLIP_TOKENS = {"pad_token": "!"}  # OpenCLIP pads with "!"; OpenAI's CLIP repeats the end token
 METADATA_KEY = "ldm.config"
