@@ -30,7 +30,7 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
         chosen, why = prediction.decide(None, r, found, path, lambda: probe(r, found, checkpoint))
         prediction.apply(r, chosen)
     # FLUX.2 klein's step-distilled and base releases have the same shapes: say what was assumed
-    told = {"variant_from": "the file's name"} if found.family == "flux2" else {}
+    told = {"variant_from": FLUX2_TOLD[found.variant == "dev"]} if found.family == "flux2" else {}
     return {"file": path.name, "family": found.family, **({"variant": found.variant} if found.variant else {}), **told,
             "model": label(found, checkpoint), "prediction": chosen, "prediction_from": why,
             "native_size": native_size(r), "dtype": tensors.dtype_name(checkpoint, found.denoiser_slot.prefix),
@@ -40,6 +40,9 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
             "hash": hashing.short_hash(path), "ema": found.ema}
 
 
+FLUX2_TOLD = {False: "the file's name", True: "its guidance embedding"}
+
+
 def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
     from ldm_cli import families
 
@@ -47,6 +50,8 @@ def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
         return flux.VARIANTS[found.variant]
     if found.family == "zimage":
         return zimage.VARIANTS[found.variant]
+    if found.family == "flux2" and found.variant == "dev":
+        return flux2.VARIANTS["dev"]  # one size
     if found.family == "flux2":
         return f"{flux2.VARIANTS[found.variant]} {flux2.size(found.denoiser_config)}"
     if found.variant:
