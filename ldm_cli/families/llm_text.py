@@ -20,11 +20,14 @@ def chat(tokenizer, text: str, thinking: bool, system: str | None = None) -> str
                                          add_generation_prompt=True, enable_thinking=thinking)
 
 
-def note_cut(tokenizer, prompts: list[str], length: int) -> None:
+NAMES = {"qwen3": "Qwen3", "mistral": "Mistral"}  # an encoder's model_type, as a note names its tokens
+
+
+def note_cut(tokenizer, prompts: list[str], length: int, name: str) -> None:
     """The pipelines cut a templated prompt past `length` tokens (its assistant turn with it): say so."""
     for ids in tokenizer(prompts, add_special_tokens=False).input_ids:
         if len(ids) > length:
-            note(f"the prompt is {len(ids)} tokens with its chat template, more than --max-sequence-length "
+            note(f"the prompt is {len(ids)} {name} tokens with its chat template, more than --max-sequence-length "
                  f"{length}; cut off: {tokenizer.decode(ids[length:])[:60]!r}")
 
 
@@ -34,7 +37,7 @@ def hidden_states(tokenizer, encoder, texts: list[str], length: int, layers: tup
     padded (or cut) to `length` tokens; all on the encoder's device. The template writes any BOS:
     the tokenizer adds none (Mistral's would add a second)."""
     prompts = [chat(tokenizer, t, thinking, system) for t in texts]
-    note_cut(tokenizer, prompts, length)
+    note_cut(tokenizer, prompts, length, NAMES.get(encoder.config.model_type, "text encoder"))
     tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt",
                        add_special_tokens=False)
     mask = tokens.attention_mask.to(encoder.device).bool()
