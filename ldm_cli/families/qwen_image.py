@@ -15,11 +15,14 @@ transformer's rotary positions; the VAE's frame axis is vae.py's. CFG is the pip
 CFG: ldm's --cfg c is its true_cfg_scale (uncond + c (cond - uncond)), 1 is off, and the guided
 output is rescaled, token by token, to the norm of the conditional one (`renorm`). The prompt is
 read as written: A1111's emphasis marks are not weighted. Text encoders: [Qwen2.5-VL].
+A ControlNet (QwenImageControlNetModel) reads the same inputs plus the control image's packed
+latents and returns one sample per block of its own, which the transformer spreads over its blocks.
 """
 from __future__ import annotations
 
 import torch
 
+from ldm_cli import vae
 from ldm_cli.families import flux
 from ldm_cli.families.family import Cond, Family
 from ldm_cli.notes import note
@@ -70,16 +73,37 @@ def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     return {"encoder_hidden_states": states.to(model.device, model.dtype), "mask": mask.to(model.device)}
 
 
-def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+def _inputs(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> dict:
+    """What the transformer and its ControlNets both read for these latents."""
     n, _, h, w = latents.shape
     mask = cond["mask"]
     used = int(mask.sum(1).max())  # the longest prompt's tokens: later columns are padding in every row
     states, mask = cond["encoder_hidden_states"][:, :used], mask[:, :used]
-    out = model.denoiser(hidden_states=flux.pack(latents.to(model.dtype)),
-                         timestep=t.expand(n).to(model.dtype) / 1000, encoder_hidden_states=states,
-                         encoder_hidden_states_mask=None if mask.all() else mask,
-                         img_shapes=[[(1, h // flux.PATCH, w // flux.PATCH)]] * n, return_dict=False)[0]
-    return flux.unpack(out, h, w).to(latents.dtype)
+    return dict(hidden_states=flux.pack(latents.to(model.dtype)), timestep=t.expand(n).to(model.dtype) / 1000,
+                encoder_hidden_states=states, encoder_hidden_states_mask=None if mask.all() else mask,
+                img_shapes=[[(1, h // flux.PATCH, w // flux.PATCH)]] * n)
+
+
+def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    out = model.denoiser(**_inputs(model, latents, t, cond), controlnet_block_samples=cond.get(CONTROL_KEY),
+                         return_dict=False)[0]
+    return flux.unpack(out, *latents.shape[-2:]).to(latents.dtype)
+
+
+CONTROL_KEY = "controlnet_block_samples"  # one sample per net block, put in the conditioning by the loop
+
+
+def control_input(model, net, images: torch.Tensor, generators: list) -> torch.Tensor:
+    """The control image's VAE latents, sampled from the images' generators before the starting
+    noise, as QwenImageControlNetPipeline draws them."""
+    return vae.encode(model, images * 2 - 1, generators)
+
+
+def control_residuals(model, net, x: torch.Tensor, t: torch.Tensor, cond: Cond, image: torch.Tensor,
+                      scale: float, mode: int | None = None) -> dict:
+    samples = net(**_inputs(model, x, t, cond), controlnet_cond=flux.pack(image.to(model.dtype)),
+                  conditioning_scale=scale, return_dict=False)
+    return {CONTROL_KEY: samples}
 
 
 def renorm(positive: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
@@ -93,4 +117,5 @@ def renorm(positive: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
 
 # bf16: Qwen ship Qwen-Image and Qwen2.5-VL in bf16
 QWEN_IMAGE = Family("qwen-image", "Qwen-Image", encode, predict, cuda_dtype="bf16", flow=True, patch_size=flux.PATCH,
-                    sample_size=128, sigmas=flux.sigmas, guided=renorm)  # default_sample_size 128: 1024 pixels
+                    sample_size=128, sigmas=flux.sigmas, guided=renorm, control_input=control_input,
+                    control_residuals=control_residuals)  # default_sample_size 128: 1024 pixels
