@@ -184,3 +184,23 @@ def test_released_configs_from_shapes(size, qwen):
         assert {**found.denoiser_config, "timestep_guidance_channels": 256, "rope_theta": 2000, "eps": 1e-06} == shipped
         r = recipe.resolve(found, {}, None)
         assert components.label(r, "text_encoder") == qwen
+
+
+@pytest.mark.parametrize("name, metadata, variant, told", [
+    ("flux-2-klein-4b.safetensors", {"modelspec.title": "FLUX.2 [klein] Base 4B"}, "base",
+     "the file's metadata (modelspec.title)"),
+    ("flux-2-klein-base-4b.safetensors", {"modelspec.architecture": "flux-2-klein-4b"}, "distilled",
+     "the file's metadata (modelspec.architecture)"),  # the metadata outranks the name
+    ("klein_base_4b.safetensors", {}, "base", "the file's name"),
+    ("klein-4b-based-on-my-photos.safetensors", {"modelspec.title": " "}, "distilled", "the file's name"),
+])
+def test_the_klein_variant_is_read_from_the_metadata_then_the_name(paths, tmp_path, name, metadata, variant, told):
+    """ModelSpec's title or architecture, where the file has one, else the file's name; `ldm info`
+    says which it went by."""
+    from safetensors.torch import load_file
+
+    save_single_file(load_file(paths["bfl"]), tmp_path / name, metadata)
+    assert detect.detect(open_checkpoint(tmp_path / name, False)).variant == variant
+    result = cli("info", tmp_path / name, "--json")
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["variant"], json.loads(result.stdout)["variant_from"]) == (variant, told)

@@ -47,7 +47,7 @@ def detect(checkpoint: Checkpoint) -> Found:
     if (prefix := mmdit.prefix_of(shapes)) is not None:
         return sd3(shapes, prefix)
     if (prefix := flux2.prefix_of(shapes)) is not None:  # FLUX's block names too: asked first
-        return flux2_found(shapes, prefix, checkpoint.name)
+        return flux2_found(shapes, prefix, checkpoint.name, checkpoint.metadata)
     if (prefix := chroma.prefix_of(shapes)) is not None:  # FLUX's blocks too: asked first
         return chroma_found(shapes, prefix)
     if (prefix := flux.prefix_of(shapes)) is not None:
@@ -89,11 +89,11 @@ def chroma_found(shapes: dict, prefix: str) -> Found:
     return Found("chroma", latent, latent, False, None, replace(keymap.CHROMA, prefix=prefix), config)
 
 
-def flux2_found(shapes: dict, prefix: str, name: str) -> Found:
+def flux2_found(shapes: dict, prefix: str, name: str, metadata: dict) -> Found:
     config = flux2.config(shapes, prefix)
     latent = config["in_channels"] // 4  # the VAE's channels, packed in 2x2 patches
-    return Found("flux2", latent, latent, False, flux2.variant_of(shapes, prefix, name), replace(keymap.FLUX2, prefix=prefix),
-                 config)
+    return Found("flux2", latent, latent, False, flux2.variant_of(shapes, prefix, name, metadata),
+                 replace(keymap.FLUX2, prefix=prefix), config)
 
 
 def zimage_found(shapes: dict, prefix: str, name: str) -> Found:

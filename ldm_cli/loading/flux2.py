@@ -8,7 +8,8 @@ Black Forest Labs ship the transformer's keys bare (`flux-2-klein-4b.safetensors
 Which model: dev embeds the guidance scale (`guidance_in`) and reads Mistral Small's layers;
 klein does not, and the text width it reads is three of its Qwen3's layers side by side, so 7680
 is klein 4B (Qwen3-4B) and 12288 klein 9B (Qwen3-8B). klein's step-distilled and base releases
-have the same shapes: only the file's name tells them apart (BFL's base files say `base`).
+have the same shapes: the file's ModelSpec metadata (title or architecture), where it has one,
+else its name tells them apart (BFL's base files say `base`).
 Note that diffusers' own single-file detection takes every FLUX.2 file for dev."""
 from __future__ import annotations
 
@@ -40,12 +41,29 @@ def variant_of_index(index: dict) -> str:
     return "distilled" if index.get("is_distilled") else "base"
 
 
-def variant_of(shapes: dict, prefix: str, name: str) -> str:
-    """dev by its guidance embedding; klein's distilled or base, alike in shape, by the release's
-    name (flux-2-klein-base-4b)."""
+# ModelSpec's fields naming the model (the safetensors metadata kohya's tools and many releases write)
+SPEC_KEYS = ("modelspec.title", "modelspec.architecture")
+BASE_WORD = re.compile(r"(?<![a-z])base(?![a-z])", re.IGNORECASE)  # flux-2-klein-base-4b, "klein Base"; not "based"
+
+
+def variant_of(shapes: dict, prefix: str, name: str, metadata: dict | None = None) -> str:
+    """dev by its guidance embedding; klein's distilled or base, alike in shape, by what the file's
+    ModelSpec metadata says, else by the release's name (flux-2-klein-base-4b)."""
     if prefix + GUIDANCE in shapes:
         return "dev"
-    return "base" if "base" in name.lower() else "distilled"
+    return "base" if BASE_WORD.search(_naming(metadata or {}) or name) else "distilled"
+
+
+def told_by(shapes: dict, prefix: str, metadata: dict) -> str:
+    """What variant_of went by, for `ldm info`."""
+    if prefix + GUIDANCE in shapes:
+        return "its guidance embedding"
+    key = next((k for k in SPEC_KEYS if isinstance(metadata.get(k), str) and metadata[k].strip()), None)
+    return f"the file's metadata ({key})" if key else "the file's name"
+
+
+def _naming(metadata: dict) -> str:
+    return next((metadata[k] for k in SPEC_KEYS if isinstance(metadata.get(k), str) and metadata[k].strip()), "")
 
 
 def text_width(config: dict) -> int:

@@ -30,7 +30,8 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
         chosen, why = prediction.decide(None, r, found, path, lambda: probe(r, found, checkpoint))
         prediction.apply(r, chosen)
     # FLUX.2 klein's step-distilled and base releases have the same shapes: say what was assumed
-    told = {"variant_from": FLUX2_TOLD[found.variant == "dev"]} if found.family == "flux2" else {}
+    told = ({"variant_from": flux2.told_by(checkpoint.shapes, found.denoiser_slot.prefix, checkpoint.metadata)}
+            if found.family == "flux2" else {})
     return {"file": path.name, "family": found.family, **({"variant": found.variant} if found.variant else {}), **told,
             "model": label(found, checkpoint), "prediction": chosen, "prediction_from": why,
             "native_size": native_size(r), "dtype": tensors.dtype_name(checkpoint, found.denoiser_slot.prefix),
@@ -38,9 +39,6 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
             **{f"parameters_{name}": n for name, n in sizes.items()},
             "components": [s.name for s in held], "needs": needs(r, [s.name for s in held]),
             "hash": hashing.short_hash(path), "ema": found.ema}
-
-
-FLUX2_TOLD = {False: "the file's name", True: "its guidance embedding"}
 
 
 def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
