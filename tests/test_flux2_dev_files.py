@@ -58,6 +58,8 @@ def paths(tmp_path_factory, flux2_dev_folder) -> dict[str, Path]:
     save_single_file({**{"model." + k: v for k, v in cut.items()}, "tekken_model": tokens}, made["mistral_cut"], {})
     made["configs"] = out / "configs"  # the folder's configs but the transformer's and tokenizer's: ldm's Tekken
     shutil.copytree(folder, made["configs"], ignore=shutil.ignore_patterns("*.safetensors", "transformer", "tokenizer"))
+    made["configs_tokenizer"] = out / "configs_tokenizer"  # with the folder's own tokenizer/ (its tokenizer.json)
+    shutil.copytree(folder, made["configs_tokenizer"], ignore=shutil.ignore_patterns("*.safetensors", "transformer"))
     return made
 
 
@@ -79,9 +81,11 @@ def test_dev_is_told_from_klein_by_its_guidance_embedding(paths, name, prefix):
     assert found.denoiser_config["guidance_embeds"] is True
 
 
-@pytest.mark.parametrize("transformer, mistral", [("bfl", "mistral"), ("comfy", "mistral_cut")])
-def test_each_file_form_renders_the_folders_image(paths, folder_image, transformer, mistral):
-    model = loading.load(str(paths[transformer]), LoadOptions(config=str(paths["configs"]), vae=str(paths["vae"]),
+@pytest.mark.parametrize("transformer, mistral, configs", [("bfl", "mistral", "configs"),
+                                                           ("comfy", "mistral_cut", "configs"),
+                                                           ("bfl", "mistral", "configs_tokenizer")])
+def test_each_file_form_renders_the_folders_image(paths, folder_image, transformer, mistral, configs):
+    model = loading.load(str(paths[transformer]), LoadOptions(config=str(paths[configs]), vae=str(paths["vae"]),
                                                               text_encoders=[str(paths[mistral])], dtype="bf16",
                                                               device="cpu"))
     assert model.options["variant"] == "dev" and model.defaults["guidance"] == 4.0

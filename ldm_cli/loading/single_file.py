@@ -122,7 +122,8 @@ def tokenizer(folder: Path, overrides: tuple):
         return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True, **dict(overrides))
     if kind == tekken.MARK:  # ldm's copy of Mistral's
         return tekken.load(folder)
-    if kind.startswith("Qwen2"):  # Qwen3's byte-level BPE (Qwen2's tokenizer class)
+    # Qwen3's byte-level BPE (Qwen2's tokenizer class); a --config folder's Mistral (a tokenizer.json)
+    if kind.startswith("Qwen2") or (folder / "tokenizer.json").is_file() and not kind.startswith("CLIP"):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **dict(overrides))
