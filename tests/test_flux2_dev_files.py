@@ -157,3 +157,35 @@ def test_the_released_dev_config_from_shapes_names_mistral():
     r = recipe.resolve(found, {}, None)
     assert components.label(r, "text_encoder") == "Mistral-Small-3.2-24B"
     assert r.tokenizers == [(recipe.MISTRAL_TOKENIZER, {})]
+
+
+def header_only(path: Path, shapes: dict) -> Path:
+    from ldm_cli.loading.convert import save_single_file
+
+    save_single_file({k: torch.zeros(shape) for k, shape in shapes.items()}, path, {})
+    return path
+
+
+def test_a_qwen3_given_to_dev_is_refused_in_one_line_naming_mistral(paths, tmp_path):
+    """Qwen3's names are Mistral's: a Qwen3 (q/k norms) of Mistral's very width is still not it."""
+    qwen = header_only(tmp_path / "qwen_3.safetensors", {"model.layers.0.mlp.gate_proj.weight": (8, 32),
+                                                         "model.layers.0.self_attn.q_norm.weight": (8,)})
+    result = cli("generate", "a fox", "--model", paths["bfl"], "--config", paths["configs"], "--vae", paths["vae"],
+                 "--text-encoder", qwen, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "ldm: error: --text-encoder qwen_3.safetensors holds a Qwen3 text encoder 32 wide with 1 layers, which this "
+        "flux2 model does not use; it takes: Mistral (32 wide)"]
+
+
+def test_a_mistral_given_to_klein_is_refused_in_one_line_naming_its_qwen3(tmp_path):
+    from tests.test_flux2_files import klein_transformer
+
+    model = klein_transformer(tmp_path / "flux-2-klein-4b.safetensors", 2560)
+    mistral = header_only(tmp_path / "mistral_3_small_flux2_bf16.safetensors",
+                          {"model.layers.0.mlp.gate_proj.weight": (8, 5120)})
+    result = cli("generate", "a fox", "--model", model, "--text-encoder", mistral, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "ldm: error: --text-encoder mistral_3_small_flux2_bf16.safetensors holds a Mistral text encoder 5120 wide with "
+        "1 layers, which this flux2 model does not use; it takes: Qwen3-4B (2560 wide)"]

@@ -143,7 +143,8 @@ def klein_transformer(path: Path, text_width: int) -> Path:
 ])
 def test_the_other_kleins_qwen3_is_refused_in_one_line_naming_the_right_one(tmp_path, klein, qwen, wanted):
     model = klein_transformer(tmp_path / klein, 2560 if wanted.startswith("Qwen3-4B") else 4096)
-    encoder = header_only(tmp_path / "qwen_3.safetensors", {"model.layers.0.mlp.gate_proj.weight": (8, qwen)})
+    encoder = header_only(tmp_path / "qwen_3.safetensors", {"model.layers.0.mlp.gate_proj.weight": (8, qwen),
+                                                            "model.layers.0.self_attn.q_norm.weight": (128,)})
     result = cli("generate", "a fox", "--model", model, "--text-encoder", encoder, "--out", tmp_path)
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [

@@ -56,7 +56,8 @@ class Source:
 def label(r: Recipe, name: str) -> str:
     """A part's name for messages; FLUX.2's encoder by the width its config gives (Qwen3-4B or -8B, Mistral Small)."""
     if r.family == "flux2" and name == "text_encoder":
-        return flux2.ENCODERS.get(text_width(r.configs[name]), ("Qwen3",))[0]
+        config = r.configs[name]
+        return flux2.ENCODERS.get(text_width(config), ("Mistral" if config.get("model_type") == "mistral" else "Qwen3",))[0]
     return LABELS.get(r.family, {}).get(name, name.replace("_", " "))
 
 
@@ -221,6 +222,9 @@ def matching_slot(checkpoint: tensors.Checkpoint, kind: str, prefix: str, r: Rec
     group = GROUPS.get(kind, "CLIP")
     slots = [s for s in detect.text_slots(r.family) if GROUPS.get(s.kind, "CLIP") == group]
     fits = [s for s in slots if text_width(r.configs[s.name]) == width]
+    if kind == "qwen3":  # Qwen3's names are Mistral's too: Qwen3 alone normalises q and k
+        group = "Qwen3" if prefix + "layers.0.self_attn.q_norm.weight" in checkpoint.shapes else "Mistral"
+        fits = [s for s in fits if (r.configs[s.name].get("model_type") == "mistral") == (group == "Mistral")]
     if len(fits) > 1:
         fits = [s for s in fits if r.configs[s.name].get("num_hidden_layers", r.configs[s.name].get("num_layers")) == depth]
     if len(fits) != 1:
