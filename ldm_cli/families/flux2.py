@@ -22,7 +22,7 @@ dev is guidance-distilled like FLUX.1 dev: --guidance (default 4, the pipeline's
 is an input of the transformer, and --cfg stays off at 1. Its prompt follows BFL's system
 message in Mistral's chat template (<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]prompt[/INST],
 no assistant turn, "[IMG]" removed from the prompt), and layers 10, 20 and 30 are read.
-The prompt is read as written: A1111's emphasis marks are not weighted.
+A1111's emphasis weighs the LLM's input embeddings (llm_text.py, Forge Neo's way).
 Text encoders: [Qwen3] (klein) or [Mistral Small 3.x] (dev).
 """
 from __future__ import annotations

@@ -3,12 +3,22 @@ for FLUX.2 dev): the prompt put in the model's chat template as one user turn (a
 turn where the pipeline writes one), padded to a fixed length, and hidden layers read with the
 padding masked in the encoder's attention. What each family then takes of the
 states (one layer, several stacked; the padding kept or cut) is its own.
+
+A1111's emphasis is applied as Forge Neo applies it to these encoders: the weighted fragments
+(prompt_syntax.emphasis) tokenized one by one between the template's own tokens (weight 1), each
+token's input embedding multiplied by its weight and the prompt's embeddings scaled back to their
+former mean ("Original"), the encoder then reading those embeddings. BREAK is dropped (one
+sequence). A prompt whose fragments all weigh 1 is the template around its text, tokenized
+whole: the pipelines' tokens exactly.
 """
 from __future__ import annotations
 
 import torch
 
 from ldm_cli.notes import note
+from ldm_cli.prompt_syntax import BREAK, BREAK_WEIGHT, emphasis
+
+MARK = "\ue000"  # a private-use character standing for the prompt in the rendered template
 
 
 def chat(tokenizer, text: str, thinking: bool, system: str | None = None) -> str:
@@ -36,7 +46,10 @@ def hidden_states(tokenizer, encoder, texts: list[str], length: int, layers: tup
     """([each of `layers`' hidden states], the padding mask), for `texts` in the chat template
     padded (or cut) to `length` tokens; all on the encoder's device. The template writes any BOS:
     the tokenizer adds none (Mistral's would add a second)."""
-    prompts = [chat(tokenizer, t, thinking, system) for t in texts]
+    parts = [fragments(t) for t in texts]
+    if any(w != 1.0 for part in parts for _, w in part):
+        return _weighted(tokenizer, encoder, parts, length, layers, chat(tokenizer, MARK, thinking, system))
+    prompts = [chat(tokenizer, "".join(f for f, _ in part), thinking, system) for part in parts]
     note_cut(tokenizer, prompts, length, NAMES.get(encoder.config.model_type, "text encoder"))
     tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt",
                        add_special_tokens=False)
@@ -44,4 +57,45 @@ def hidden_states(tokenizer, encoder, texts: list[str], length: int, layers: tup
     with torch.inference_mode():
         states = encoder(input_ids=tokens.input_ids.to(encoder.device), attention_mask=mask,
                          output_hidden_states=True, use_cache=False).hidden_states
+    return [states[i] for i in layers], mask
+
+
+def fragments(text: str) -> list[tuple[str, float]]:
+    """The prompt's emphasis fragments, BREAK dropped (an LLM reads one sequence)."""
+    return [(f, w) for f, w in emphasis(text) if (f, w) != (BREAK, BREAK_WEIGHT)] or [("", 1.0)]
+
+
+def weighted_ids(tokenizer, part: list[tuple[str, float]], template: str, length: int,
+                 name: str) -> tuple[list, list, int]:
+    """(ids, weights, how many are not padding), `length` long: the template's head, each
+    fragment's tokens at its weight, the template's tail (weight 1), cut at `length` or padded after."""
+    head, tail = (tokenizer(t, add_special_tokens=False).input_ids for t in template.split(MARK))
+    pieces = tokenizer([f for f, _ in part], add_special_tokens=False).input_ids
+    ids = head + [t for piece in pieces for t in piece] + tail
+    weights = [1.0] * len(head) + [w for piece, (_, w) in zip(pieces, part) for _ in piece] + [1.0] * len(tail)
+    if len(ids) > length:
+        note(f"the prompt is {len(ids)} {name} tokens with its chat template, more than --max-sequence-length "
+             f"{length}; cut off: {tokenizer.decode(ids[length:])[:60]!r}")
+    pad = max(0, length - len(ids))
+    return ids[:length] + [tokenizer.pad_token_id] * pad, weights[:length] + [1.0] * pad, min(len(ids), length)
+
+
+def _weighted(tokenizer, encoder, parts: list, length: int, layers: tuple[int, ...],
+              template: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    name = NAMES.get(encoder.config.model_type, "text encoder")
+    rows = [weighted_ids(tokenizer, part, template, length, name) for part in parts]
+    ids = torch.tensor([r[0] for r in rows], device=encoder.device)
+    weights = torch.tensor([r[1] for r in rows], device=encoder.device)
+    counts = torch.tensor([r[2] for r in rows], device=encoder.device)
+    mask = torch.arange(length, device=encoder.device)[None] < counts[:, None]
+    with torch.inference_mode():
+        embeds = encoder.get_input_embeddings()(ids)
+        real = mask[..., None].to(embeds.dtype)
+        scaled = embeds * weights[..., None].to(embeds.dtype)
+        width = embeds.shape[-1]
+        before = (embeds * real).sum((1, 2)) / (real.sum((1, 2)) * width)
+        after = (scaled * real).sum((1, 2)) / (real.sum((1, 2)) * width)
+        scaled = scaled * (before / after)[:, None, None]  # each prompt back to its mean, as Forge's "Original"
+        states = encoder(inputs_embeds=scaled, attention_mask=mask, output_hidden_states=True,
+                         use_cache=False).hidden_states
     return [states[i] for i in layers], mask

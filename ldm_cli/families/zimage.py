@@ -11,8 +11,8 @@ The transformer takes a list of (C, 1, h, w) latents (a frame axis) at t = 1 - s
 predicts the velocity from noise to image, the negative of what the flow schedulers take; both
 are turned around inside predict, so the loop keeps (N, C, h, w) latents and its sign. Its CFG
 is pos + g (pos - neg): ldm's --cfg c (uncond + c (cond - uncond)) is the pipeline's g = c - 1,
-and 1 is off (Turbo's default; the pipeline's guidance_scale 0). The prompt is read as written:
-A1111's emphasis marks are not weighted. Text encoders: [Qwen3].
+and 1 is off (Turbo's default; the pipeline's guidance_scale 0). A1111's emphasis
+weighs Qwen3's input embeddings (llm_text.py). Text encoders: [Qwen3].
 A ControlNet (ZImageControlNetModel) reads the same inputs plus the control image's latents and
 returns samples the transformer adds after the layers its config names, keyed by layer.
 """
