@@ -51,19 +51,21 @@ def variant_of(shapes: dict, prefix: str, name: str, metadata: dict | None = Non
     ModelSpec metadata says, else by the release's name (flux-2-klein-base-4b)."""
     if prefix + GUIDANCE in shapes:
         return "dev"
-    return "base" if BASE_WORD.search(_naming(metadata or {}) or name) else "distilled"
+    key = spec_key(metadata or {})
+    return "base" if BASE_WORD.search(metadata[key] if key else name) else "distilled"
 
 
 def told_by(shapes: dict, prefix: str, metadata: dict) -> str:
     """What variant_of went by, for `ldm info`."""
     if prefix + GUIDANCE in shapes:
         return "its guidance embedding"
-    key = next((k for k in SPEC_KEYS if isinstance(metadata.get(k), str) and metadata[k].strip()), None)
+    key = spec_key(metadata)
     return f"the file's metadata ({key})" if key else "the file's name"
 
 
-def _naming(metadata: dict) -> str:
-    return next((metadata[k] for k in SPEC_KEYS if isinstance(metadata.get(k), str) and metadata[k].strip()), "")
+def spec_key(metadata: dict) -> str | None:
+    """The first ModelSpec field naming the model that the file fills in."""
+    return next((k for k in SPEC_KEYS if isinstance(metadata.get(k), str) and metadata[k].strip()), None)
 
 
 def text_width(config: dict) -> int:
