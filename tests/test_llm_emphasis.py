@@ -87,3 +87,24 @@ def test_flux2_dev_weighs_mistral_after_its_system_turn(flux2_dev_folder):
     s = settings(model, max_sequence_length=64)
     images = [pixels(pipeline.text_to_image(model, [s.merged(prompt=p)])[0]) for p in ("a fox", "a (fox:1.3)")]
     assert np.abs(images[0] - images[1]).max() > 2
+
+
+def test_qwen_image_weighs_qwen25vl_after_its_template_head(qwen_image_folder):
+    """The template's 34 head tokens (dropped from the conditioning) stay at weight 1, the prompt's
+    weighted fragments follow them, and the weights change the conditioning."""
+    from ldm_cli.families import qwen_image
+
+    model = loading.load(str(qwen_image_folder))
+    tokenizer = model.tokenizers[0]
+    template = qwen_image.TEMPLATE.format(llm_text.MARK)
+    ids, weights, count = llm_text.weighted_ids(tokenizer, llm_text.fragments("a (fox:1.3)"), template, 64,
+                                                "Qwen2.5-VL", dropped=qwen_image.DROP)
+    assert weights[:qwen_image.DROP] == [1.0] * qwen_image.DROP and weights[:count].count(1.3) == 1
+    assert tokenizer.decode(ids[qwen_image.DROP:count]).startswith("a fox")
+    s = settings(model, cfg=1.0, max_sequence_length=64)
+    plain, weighted = (qwen_image.encode(model, [p], s, False) for p in ("a fox", "a (fox:1.3)"))
+    assert plain["encoder_hidden_states"].shape == weighted["encoder_hidden_states"].shape == (1, 64, 32)
+    assert int(weighted["mask"].sum()) == count - qwen_image.DROP  # the head dropped, the rest kept
+    used = weighted["mask"][0]
+    assert (weighted["encoder_hidden_states"][0, ~used] == 0).all()  # padding zeros, as the pipeline's
+    assert not torch.allclose(plain["encoder_hidden_states"], weighted["encoder_hidden_states"], atol=1e-3)

@@ -30,7 +30,7 @@ def chat(tokenizer, text: str, thinking: bool, system: str | None = None) -> str
                                          add_generation_prompt=True, enable_thinking=thinking)
 
 
-NAMES = {"qwen3": "Qwen3", "mistral": "Mistral"}  # an encoder's model_type, as a note names its tokens
+NAMES = {"qwen3": "Qwen3", "mistral": "Mistral", "qwen2_5_vl_text": "Qwen2.5-VL"}  # an encoder's model_type, as a note names its tokens
 
 
 def note_cut(tokenizer, prompts: list[str], length: int, name: str) -> None:
@@ -48,7 +48,7 @@ def hidden_states(tokenizer, encoder, texts: list[str], length: int, layers: tup
     the tokenizer adds none (Mistral's would add a second)."""
     parts = [fragments(t) for t in texts]
     if any(w != 1.0 for part in parts for _, w in part):
-        return _weighted(tokenizer, encoder, parts, length, layers, chat(tokenizer, MARK, thinking, system))
+        return weighted_hidden_states(tokenizer, encoder, parts, length, layers, chat(tokenizer, MARK, thinking, system))
     prompts = [chat(tokenizer, "".join(f for f, _ in part), thinking, system) for part in parts]
     note_cut(tokenizer, prompts, length, NAMES.get(encoder.config.model_type, "text encoder"))
     tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt",
@@ -65,25 +65,28 @@ def fragments(text: str) -> list[tuple[str, float]]:
     return [(f, w) for f, w in emphasis(text) if (f, w) != (BREAK, BREAK_WEIGHT)] or [("", 1.0)]
 
 
-def weighted_ids(tokenizer, part: list[tuple[str, float]], template: str, length: int,
-                 name: str) -> tuple[list, list, int]:
+def weighted_ids(tokenizer, part: list[tuple[str, float]], template: str, length: int, name: str,
+                 dropped: int = 0) -> tuple[list, list, int]:
     """(ids, weights, how many are not padding), `length` long: the template's head, each
-    fragment's tokens at its weight, the template's tail (weight 1), cut at `length` or padded after."""
+    fragment's tokens at its weight, the template's tail (weight 1), cut at `length` or padded after.
+    `dropped`: leading tokens the family drops, not counted in --max-sequence-length (Qwen-Image's)."""
     head, tail = (tokenizer(t, add_special_tokens=False).input_ids for t in template.split(MARK))
     pieces = tokenizer([f for f, _ in part], add_special_tokens=False).input_ids
     ids = head + [t for piece in pieces for t in piece] + tail
     weights = [1.0] * len(head) + [w for piece, (_, w) in zip(pieces, part) for _ in piece] + [1.0] * len(tail)
     if len(ids) > length:
-        note(f"the prompt is {len(ids)} {name} tokens with its chat template, more than --max-sequence-length "
-             f"{length}; cut off: {tokenizer.decode(ids[length:])[:60]!r}")
+        note(f"the prompt is {len(ids) - dropped} {name} tokens with its chat template, more than "
+             f"--max-sequence-length {length - dropped}; cut off: {tokenizer.decode(ids[length:])[:60]!r}")
     pad = max(0, length - len(ids))
     return ids[:length] + [tokenizer.pad_token_id] * pad, weights[:length] + [1.0] * pad, min(len(ids), length)
 
 
-def _weighted(tokenizer, encoder, parts: list, length: int, layers: tuple[int, ...],
-              template: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+def weighted_hidden_states(tokenizer, encoder, parts: list, length: int, layers: tuple[int, ...], template: str,
+                           dropped: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """hidden_states for prompts with weights (`parts`: their fragments), `template` with MARK
+    where the prompt goes."""
     name = NAMES.get(encoder.config.model_type, "text encoder")
-    rows = [weighted_ids(tokenizer, part, template, length, name) for part in parts]
+    rows = [weighted_ids(tokenizer, part, template, length, name, dropped) for part in parts]
     ids = torch.tensor([r[0] for r in rows], device=encoder.device)
     weights = torch.tensor([r[1] for r in rows], device=encoder.device)
     counts = torch.tensor([r[2] for r in rows], device=encoder.device)

@@ -13,8 +13,9 @@ token is real (as the pipeline does for a single prompt).
 Latents are FLUX's 2x2 patches (flux.pack) with the image's (frames, rows, columns) for the
 transformer's rotary positions; the VAE's frame axis is vae.py's. CFG is the pipeline's true
 CFG: ldm's --cfg c is its true_cfg_scale (uncond + c (cond - uncond)), 1 is off, and the guided
-output is rescaled, token by token, to the norm of the conditional one (`renorm`). The prompt is
-read as written: A1111's emphasis marks are not weighted. Text encoders: [Qwen2.5-VL].
+output is rescaled, token by token, to the norm of the conditional one (`renorm`). A1111's
+emphasis weighs Qwen2.5-VL's input embeddings (llm_text.py, Forge Neo's way), the template's
+tokens at weight 1. Text encoders: [Qwen2.5-VL].
 A ControlNet (QwenImageControlNetModel) reads the same inputs plus the control image's packed
 latents and returns one sample per block of its own, which the transformer spreads over its blocks.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ldm_cli import vae
-from ldm_cli.families import flux
+from ldm_cli.families import flux, llm_text
 from ldm_cli.families.family import Cond, Family
 from ldm_cli.notes import note
 from ldm_cli.settings import Settings
@@ -56,21 +57,32 @@ def note_cut(tokenizer, prompts: list[str], length: int) -> None:
 def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
     length = s.max_sequence_length or MAX_SEQUENCE_LENGTH
+    parts = [llm_text.fragments(t) for t in texts]
+    if any(w != 1.0 for part in parts for _, w in part):
+        [states], mask = llm_text.weighted_hidden_states(tokenizer, encoder, parts, DROP + length, (-1,),
+                                                         TEMPLATE.format(llm_text.MARK), dropped=DROP)
+        states, mask = states[:, DROP:], mask[:, DROP:]
+    else:
+        states, mask = _states(tokenizer, encoder, ["".join(f for f, _ in part) for part in parts], length)
+    states = states.masked_fill(~mask[..., None], 0)  # the pipeline's padding is zeros
+    pad = length - states.shape[1]
+    states, mask = torch.nn.functional.pad(states, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
+    return {"encoder_hidden_states": states.to(model.device, model.dtype), "mask": mask.to(model.device)}
+
+
+def _states(tokenizer, encoder, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the last hidden states after the template's head, their mask) for prompts without weights."""
     prompts = [TEMPLATE.format(t) for t in texts]
     note_cut(tokenizer, prompts, length)
     # cut before reading, where the pipeline cuts the states after: Qwen is causal, so the kept
     # tokens' states are the same; read at the longest prompt's length (a 7B model need not read
-    # padding), then padded to `length` so every prompt's conditioning stacks with every other's
+    # padding); encode pads them to `length` so every prompt's conditioning stacks with every other's
     tokens = tokenizer(prompts, padding="longest", max_length=DROP + length, truncation=True, return_tensors="pt")
     with torch.inference_mode():
         states = encoder(input_ids=tokens.input_ids.to(encoder.device),
                          attention_mask=tokens.attention_mask.to(encoder.device),
                          output_hidden_states=True).hidden_states[-1][:, DROP:]
-    mask = tokens.attention_mask[:, DROP:].to(states.device).bool()
-    states = states.masked_fill(~mask[..., None], 0)  # the pipeline's padding is zeros
-    pad = length - states.shape[1]
-    states, mask = torch.nn.functional.pad(states, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
-    return {"encoder_hidden_states": states.to(model.device, model.dtype), "mask": mask.to(model.device)}
+    return states, tokens.attention_mask[:, DROP:].to(states.device).bool()
 
 
 def _inputs(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> dict:
