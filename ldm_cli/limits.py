@@ -23,6 +23,7 @@ MAX_PROMPT_BYTES = 32 * 1024
 MAX_PROMPT_CHUNKS = 64
 MAX_JSON_CHARS = 2**20  # a PNG's ldm chunk, a prompts-file or manifest line: real ones are a few KB
 MAX_JSON_DEPTH = 20  # ldm's own JSON nests 3 deep; a safetensors header, 3
+MAX_TEKKEN_BYTES = 32 * 2**20  # the tekken.json a Mistral file carries (ComfyUI's): Mistral's is about 15 MB
 # A1111 bounds none of these; past them an image is only noise, and far past them fp16 overflows
 # into NaN (a black image). Either sign: A1111 takes negative weights.
 MAX_PROMPT_WEIGHT = 100  # a word's emphasis (nested brackets multiplied) and an AND part's weight
