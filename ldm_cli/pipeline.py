@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm_cli import conditioning, control, memory, sampling, schedulers, vae
+from ldm_cli import conditioning, control, ksampling, memory, sampling, schedulers, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
@@ -67,10 +67,14 @@ def scheduler_run(model, s: Settings) -> schedulers.Run:
 def check_steps(model, s: Settings) -> None:
     """The sampler suits the model and can run s.steps with it: one line otherwise, before any image."""
     schedulers.check_for_model(s.scheduler, s.schedule, model.family.flow, model.family)
-    schedulers.check_steps(scheduler_run(model, s), s.steps)
+    if not schedulers.uses_k(s.scheduler, s.schedule):  # k-diffusion's samplers run any count
+        schedulers.check_steps(scheduler_run(model, s), s.steps)
 
 
 def make_scheduler(model, group: list[Settings]):
+    """A diffusers scheduler, or the run of one of A1111's k-diffusion samplers (ksampling.py)."""
+    if not model.family.flow and schedulers.uses_k(group[0].scheduler, group[0].schedule):
+        return ksampling.prepared(model, group)
     return schedulers.prepared(scheduler_run(model, group[0]), group[0].steps, model.device, [g.seed for g in group])
 
 

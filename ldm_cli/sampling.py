@@ -22,6 +22,7 @@ import torch
 from ldm_cli.control import Control
 from ldm_cli.families.family import Cond
 from ldm_cli.guidance import Call, Guidance, Parts, Schedule
+from ldm_cli.ksampling import KRun
 
 # (latents after step i, i) -> latents; used by inpainting with an ordinary model
 Blend = Callable[[torch.Tensor, int], torch.Tensor]
@@ -52,6 +53,9 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts
         extra_input = _rows(extra_input, rows)
     if control is not None:
         control = control.for_rows(lambda image: _rows(image, rows))
+    if isinstance(scheduler, KRun):
+        return _k_denoise(model, scheduler, latents, plan, rows, extra_input, control, generators, timesteps,
+                          blend, on_step)
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
         with torch.inference_mode():  # the scheduler's arithmetic too: no autograd bookkeeping anywhere
@@ -62,6 +66,36 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts
         if on_step is not None:
             on_step()
     return latents
+
+
+def _k_denoise(model, run: KRun, latents: torch.Tensor, plan: Guidance, rows: torch.Tensor | int,
+               extra_input: torch.Tensor | None, control: Control | None, generators: list[torch.Generator],
+               timesteps: torch.Tensor, blend: Blend | None, on_step: Callable[[], None] | None) -> torch.Tensor:
+    """A k-diffusion sampler over the kept sigmas: it asks the denoiser for x's denoised image at
+    the sigmas it chooses, several times a step for some; the conditioning schedule advances with
+    each call (A1111's), ControlNet's with each step."""
+    sigmas = torch.cat([timesteps, run.sigmas[-1:]]).to(latents.device)
+    calls, steps = [0], [0]
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x_in = _rows(x, rows) * run.c_in(sigma)
+        t = run.timestep(sigma)
+        full = x_in if extra_input is None else torch.cat([x_in, extra_input], dim=1)
+        at = control.at(steps[0], len(timesteps)) if control is not None else None
+        out = plan.combine(_predict(model, full, t, plan.calls(calls[0]), x_in, at))
+        calls[0] += 1
+        return run.denoised(x, sigma, out)
+
+    def done(i: int, x: torch.Tensor) -> torch.Tensor:
+        steps[0] = i + 1
+        if blend is not None:
+            x = blend(x, i)
+        if on_step is not None:
+            on_step()
+        return x
+
+    with torch.inference_mode():
+        return run.sample(denoiser, latents, sigmas, generators, done)
 
 
 def _row_index(images: list[int], count: int) -> torch.Tensor | int:

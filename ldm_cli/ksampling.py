@@ -1,0 +1,125 @@
+"""A k-diffusion sampler's run, set up for a batch as A1111 sets it up: the sigmas of its
+schedule type, the denoiser's scalings for the model's prediction type, and the noise its
+samplers draw, from the images' seeds.
+
+It answers the loop's questions the way a diffusers scheduler does (timesteps, the starting
+noise's scale, noising an image to a step, where img2img starts), so that strength and
+inpainting treat both alike; its timesteps are sigmas.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ldm_cli import ksamplers, sigma_schedules
+from ldm_cli.sigma_schedules import Table
+
+
+@dataclass
+class KRun:
+    sampler: str  # a ksamplers.SAMPLERS name
+    sigmas: torch.Tensor  # float32, highest first
+    table: Table
+    v_prediction: bool
+    seeds: list[int]
+    rngs: list[str]  # each image's noise source: "cpu" or "nv"
+    brownian: bool  # A1111 draws its SDE samplers' noise from a Brownian tree seeded by the image's seed
+    options: dict[str, Any] = field(default_factory=dict)  # eta, s_churn ... where the sampler takes them
+    begin: int = 0
+    order = 1
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.sigmas[:-1]
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.sigmas[0])
+
+    def set_begin_index(self, begin: int) -> None:
+        self.begin = begin
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return latents + noise * sigma.to(latents.device, latents.dtype).view(-1, *[1] * (latents.ndim - 1))
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The model's (fractional) training timestep for `sigma`."""
+        return torch.tensor(self.table.sigma_to_t(float(sigma)), dtype=torch.float32, device=sigma.device)
+
+    def denoised(self, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x's denoised image from the model's output on x * c_in (k-diffusion's CompVis wrappers)."""
+        if self.v_prediction:
+            return out * (-sigma / (sigma ** 2 + 1) ** 0.5) + x * (1 / (sigma ** 2 + 1))
+        return x + out * -sigma
+
+    @staticmethod
+    def c_in(sigma: torch.Tensor) -> torch.Tensor:
+        return 1 / (sigma ** 2 + 1) ** 0.5
+
+    def sample(self, denoiser: ksamplers.Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+               generators: list[torch.Generator], done: ksamplers.Done) -> torch.Tensor:
+        noise = self.brownian_noise(x, sigmas) if self.brownian else ImageNoise(x, self.seeds, self.rngs, generators)
+        return ksamplers.SAMPLERS[self.sampler](denoiser, x, sigmas, noise, done, **self.options)
+
+    def brownian_noise(self, x: torch.Tensor, sigmas: torch.Tensor) -> ksamplers.Noise:
+        return BrownianNoise(x, sigmas[sigmas > 0].min(), sigmas.max(), self.seeds)
+
+
+def sigmas_for(schedule: str, table: Table, steps: int, device, discard_penultimate: bool = False) -> torch.Tensor:
+    values = sigma_schedules.sigmas(schedule, table, steps, discard_penultimate)
+    return torch.tensor(values, dtype=torch.float32).to(device)
+
+
+class ImageNoise:
+    """Each image's next draw from its own source, as A1111's per-image generators give it:
+    its CPU generator continued after the starting noise, or CUDA's Philox numbers at the next
+    offset (`--rng nv`)."""
+
+    def __init__(self, x: torch.Tensor, seeds: list[int], rngs: list[str], generators: list[torch.Generator]):
+        self.shape, self.device, self.dtype = x.shape[1:], x.device, x.dtype
+        self.seeds, self.rngs, self.generators = seeds, rngs, generators
+        self.offset = 0
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        from ldm_cli import philox
+
+        self.offset += 1
+        draws = [philox.randn(seed, tuple(self.shape), self.offset) if rng == "nv"
+                 else torch.randn(tuple(self.shape), generator=g) for seed, rng, g in
+                 zip(self.seeds, self.rngs, self.generators)]
+        return torch.stack(draws).to(self.device, self.dtype)
+
+
+class BrownianNoise:
+    """k-diffusion's BrownianTreeNoiseSampler with one torchsde tree per image, seeded by its seed:
+    the noise between two sigmas, normalised to unit variance."""
+
+    def __init__(self, x: torch.Tensor, sigma_min: torch.Tensor, sigma_max: torch.Tensor, seeds: list[int]):
+        import torchsde
+
+        self.low, self.high = sigma_min, sigma_max
+        w0 = torch.zeros_like(x)[0]
+        self.trees = [torchsde.BrownianTree(sigma_min, w0, sigma_max, entropy=s) for s in seeds]
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+        lo, hi, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
+        w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        return w / (t1 - t0).abs().sqrt()
+
+
+def prepared(model, group: list) -> KRun:
+    """The run of the group's sampler and schedule type on `model` (a noise-prediction model),
+    A1111's "Automatic" schedule type being the sampler's own choice."""
+    from ldm_cli import schedulers
+
+    s = group[0]
+    spec = schedulers.SCHEDULERS[s.scheduler]
+    schedule = spec.k_schedule if s.schedule in (None, "default") else s.schedule
+    table = sigma_schedules.table(model.scheduler_config, sdxl=model.family.name == "sdxl")
+    sigmas = sigmas_for(schedule, table, s.steps, model.device, spec.discard_penultimate)
+    options = {k: getattr(s, k) for k in spec.takes if getattr(s, k, None) is not None}
+    return KRun(spec.k, sigmas, table, model.prediction_type == "v_prediction", [g.seed for g in group],
+                [g.rng or "cpu" for g in group], spec.brownian, options)

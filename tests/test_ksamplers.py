@@ -1,0 +1,192 @@
+"""A1111's k-diffusion samplers and schedule types: each image equals what k-diffusion's own
+sampler gives (A1111's way: its CompVis denoiser wrapper, CFG on the denoised images, its
+sigmas, its noise) on tiny SD1 and SDXL models, within 2/255."""
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_cli import loading, pipeline, schedulers, sigma_schedules, vae
+from ldm_cli.settings import Settings
+from tests import kdiffusion
+
+# NVIDIA's published 10-step tables (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html)
+AYS = {"sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+       "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]}
+
+
+@pytest.fixture(scope="module")
+def models(sd1_folder, sd2_folder, sdxl_folder):
+    return {"sd1": loading.load(str(sd1_folder)), "sd2": loading.load(str(sd2_folder)),
+            "sdxl": loading.load(str(sdxl_folder))}
+
+
+class Inner:
+    """The model as k-diffusion's CompVis wrappers see an LDM: alphas_cumprod and apply_model."""
+
+    def __init__(self, model):
+        config = model.scheduler_config
+        betas = np.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, 1000, dtype=np.float64) ** 2
+        self.alphas_cumprod = torch.tensor(np.cumprod(1 - betas), dtype=torch.float32)  # A1111: float64, kept float32
+        self.model = model
+
+    def apply_model(self, x, t, cond):
+        return self.model.family.predict(self.model, x, t[0], cond)
+
+
+def reference_denoiser(model, s: Settings):
+    """A1111's CFGDenoiser over k-diffusion's CompVisDenoiser (CompVisVDenoiser for v models)."""
+    sampling, external = kdiffusion.load()
+    wrap = (external.CompVisVDenoiser if model.prediction_type == "v_prediction" else external.CompVisDenoiser)
+    den = wrap(Inner(model), quantize=False)
+    positive, negative = pipeline.encode_prompts(model, [s])
+    cond, uncond = positive[0][0][1].conds[0], negative[0].conds[0]
+
+    def cfg_model(x, sigma, **_):
+        u, c = den(x, sigma, cond=uncond), den(x, sigma, cond=cond)
+        return u + (c - u) * s.cfg
+    return den, cfg_model
+
+
+def a1111_sigmas(den, schedule: str, n: int, sdxl: bool) -> torch.Tensor:
+    """The schedule types as A1111 1.10 computes them, on k-diffusion's DiscreteSchedule."""
+    sampling, _ = kdiffusion.load()
+    lo, hi = den.sigmas[0].item(), den.sigmas[-1].item()
+    t_of = lambda sigma: den.sigma_to_t(torch.tensor(sigma))  # noqa: E731
+    if schedule == "uniform":
+        return den.get_sigmas(n)
+    if schedule in ("karras", "exponential", "polyexponential"):
+        return getattr(sampling, f"get_sigmas_{schedule}")(n, lo, hi)
+    if schedule in ("sgm_uniform", "normal"):
+        ts = torch.linspace(t_of(hi), t_of(lo), n + 1)[:-1] if schedule == "sgm_uniform" else torch.linspace(t_of(hi), t_of(lo), n)
+        return torch.FloatTensor([den.t_to_sigma(t) for t in ts] + [0.0])
+    if schedule == "simple":
+        return torch.FloatTensor([float(den.sigmas[-(1 + int(x * len(den.sigmas) / n))]) for x in range(n)] + [0.0])
+    if schedule == "ddim":
+        every = max(len(den.sigmas) // n, 1)
+        return torch.FloatTensor([float(v) for v in den.sigmas[1::every]][::-1] + [0.0])
+    if schedule == "kl_optimal":
+        i = torch.arange(n + 1)
+        return torch.tan(i / n * torch.arctan(torch.tensor(lo)) + (1 - i / n) * torch.arctan(torch.tensor(hi)))
+    if schedule == "beta":
+        from scipy import stats
+        return torch.FloatTensor([lo + stats.beta.ppf(x, 0.6, 0.6) * (hi - lo) for x in 1 - np.linspace(0, 1, n)] + [0.0])
+    assert schedule == "align_your_steps"
+    table = AYS["sdxl" if sdxl else "sd1"]
+    if n == len(table):
+        return torch.FloatTensor(table + [0.0])
+    xs, ys = np.linspace(0, 1, len(table)), np.log(table[::-1])
+    return torch.FloatTensor(list(np.exp(np.interp(np.linspace(0, 1, n), xs, ys))[::-1]) + [0.0])
+
+
+# ldm's name -> (k-diffusion's function, its keyword arguments)
+K_FUNCTIONS = {"euler": ("sample_euler", {}), "euler_a": ("sample_euler_ancestral", {}), "heun": ("sample_heun", {}),
+               "dpm2": ("sample_dpm_2", {}), "dpm2_a": ("sample_dpm_2_ancestral", {}), "lms": ("sample_lms", {}),
+               "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
+               "dpmpp_2m": ("sample_dpmpp_2m", {}), "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}),
+               "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+               "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {})}
+
+
+def reference_image(model, s: Settings, family: str, schedule: str, **options) -> np.ndarray:
+    sampling, _ = kdiffusion.load()
+    spec = schedulers.SCHEDULERS[s.scheduler]
+    den, cfg_model = reference_denoiser(model, s)
+    if spec.discard_penultimate:
+        sigmas = a1111_sigmas(den, schedule, s.steps + 1, family == "sdxl")
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    else:
+        sigmas = a1111_sigmas(den, schedule, s.steps, family == "sdxl")
+    generator = torch.Generator().manual_seed(s.seed)
+    f = model.vae_scale_factor
+    x = torch.randn((1, model.latent_channels, s.height // f, s.width // f), generator=generator) * sigmas[0]
+    name, kwargs = K_FUNCTIONS[s.scheduler]
+    if spec.brownian:
+        kwargs = {**kwargs, "noise_sampler": sampling.BrownianTreeNoiseSampler(
+            x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[s.seed])}
+    elif "noise_sampler" in _parameters(getattr(sampling, name)) or options.get("s_churn"):
+        # A1111 replaces torch.randn_like with the image's generator, continued after its starting noise
+        kwargs = {**kwargs, "noise_sampler": lambda *_: torch.randn(x.shape[1:], generator=generator)[None]}
+    function = getattr(sampling, name)
+    with torch.inference_mode():
+        if "noise_sampler" in kwargs and "noise_sampler" not in _parameters(function):
+            latents = _with_randn(sampling, kwargs.pop("noise_sampler"),
+                                  lambda: function(cfg_model, x, sigmas, disable=True, **kwargs, **options))
+        else:
+            latents = function(cfg_model, x, sigmas, disable=True, **kwargs, **options)
+        return np.asarray(vae.decode(model, latents)[0]).astype(np.int16)
+
+
+def _parameters(function) -> set[str]:
+    return set(inspect.signature(function).parameters)  # through torch.no_grad's wrapper
+
+
+def _with_randn(sampling, noise, run):
+    """k-diffusion's churn draws with torch.randn_like, which A1111 points at the image's generator."""
+    real = sampling.torch.randn_like
+    sampling.torch.randn_like = lambda x: noise(None, None)
+    try:
+        return run()
+    finally:
+        sampling.torch.randn_like = real
+
+
+def ours(model, s: Settings) -> np.ndarray:
+    return np.asarray(pipeline.text_to_image(model, [s])[0]).astype(np.int16)
+
+
+def settings(model, scheduler: str, schedule: str, **extra) -> Settings:
+    return Settings(prompt="a red fox in snow", negative="blurry", steps=4, cfg=6.5, seed=1234, scheduler=scheduler,
+                    schedule=schedule, **extra).resolve({}, model.native_size)
+
+
+CASES = [  # every sampler, and every schedule type on one of them
+    ("dpmpp_2m_sde_heun", "default"), ("dpmpp_2s_a", "default"), ("dpmpp_3m_sde", "default"),
+    ("euler", "sgm_uniform"), ("euler_a", "align_your_steps"), ("heun", "kl_optimal"), ("dpm2", "uniform"),
+    ("dpm2_a", "normal"), ("lms", "simple"), ("dpmpp_2m", "ddim"), ("dpmpp_sde", "polyexponential"),
+    ("dpmpp_2m_sde", "sgm_uniform"), ("dpmpp_3m_sde", "karras"), ("dpmpp_2s_a", "exponential"),
+    ("dpmpp_2m_sde_heun", "beta"),
+]
+AUTOMATIC = {"dpmpp_2m_sde_heun": "exponential", "dpmpp_2s_a": "karras", "dpmpp_3m_sde": "exponential"}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("name, schedule", CASES)
+def test_each_sampler_and_schedule_equals_k_diffusions(models, family, name, schedule):
+    model = models[family]
+    s = settings(model, name, schedule)
+    mine = ours(model, s)
+    ref = reference_image(model, s, family, AUTOMATIC.get(name, schedule) if schedule == "default" else schedule)
+    assert mine.std() > 1
+    assert np.abs(mine - ref).max() <= 2
+
+
+def test_a_v_prediction_model_takes_k_diffusions_v_wrapper(models):
+    model = models["sd2"]
+    s = settings(model, "dpmpp_2s_a", "sgm_uniform")
+    assert np.abs(ours(model, s) - reference_image(model, s, "sd2", "sgm_uniform")).max() <= 2
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("schedule", list(sigma_schedules.SCHEDULE_TYPES))
+@pytest.mark.parametrize("steps", [1, 7, 11, 30])
+def test_the_schedules_are_a1111s(models, family, schedule, steps):
+    model = models[family]
+    den, _ = reference_denoiser(model, settings(model, "euler", "default"))
+    table = sigma_schedules.table(model.scheduler_config, sdxl=family == "sdxl")
+    mine = sigma_schedules.sigmas(schedule, table, steps)
+    ref = a1111_sigmas(den, schedule, steps, family == "sdxl").tolist()
+    assert len(mine) == len(ref)
+    assert all(math.isclose(a, b, rel_tol=2e-5, abs_tol=1e-6) for a, b in zip(mine, ref)), (mine, ref)
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_align_your_steps_tables_are_nvidias(sdxl):
+    table = sigma_schedules.Table((0.03, 14.6), sdxl)
+    published = AYS["sdxl" if sdxl else "sd1"]
+    assert sigma_schedules.align_your_steps(table, 11) == published + [0.0]  # A1111 takes it whole at 11
+    ten = sigma_schedules.align_your_steps(table, 10)
+    assert (ten[0], ten[-2], ten[-1]) == (pytest.approx(14.615), pytest.approx(0.029), 0.0)
+    assert all(a > b for a, b in zip(ten, ten[1:]))  # log-linear between the published points
