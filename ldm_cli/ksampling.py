@@ -120,6 +120,8 @@ def prepared(model, group: list) -> KRun:
     schedule = spec.k_schedule if s.schedule in (None, "default") else s.schedule
     table = sigma_schedules.table(model.scheduler_config, sdxl=model.family.name == "sdxl")
     sigmas = sigmas_for(schedule, table, s.steps, model.device, spec.discard_penultimate)
-    options = {k: getattr(s, k) for k in spec.takes if getattr(s, k, None) is not None}
+    options = {k: v for k, v in s.sampler_options().items() if k in spec.takes}
+    if options.get("s_tmax") == 0:
+        options["s_tmax"] = float("inf")  # A1111's 0: no limit
     return KRun(spec.k, sigmas, table, model.prediction_type == "v_prediction", [g.seed for g in group],
                 [g.rng or "cpu" for g in group], spec.brownian, options)

@@ -33,7 +33,9 @@ MAX_LORA_WEIGHT = 20  # a LoRA's multiplier: slider LoRAs are used up to about 1
 RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
           "mask_blur": (0, MAX_SIDE), "padding": (0, MAX_SIDE),
           "shift": (0.01, 100), "max_sequence_length": (1, 512),  # 512: T5's tokenizer limit
-          "guidance": (0, MAX_CFG), "clip_skip": (1, 12)}  # 12: CLIP-L's layers, A1111's slider
+          "guidance": (0, MAX_CFG), "clip_skip": (1, 12),  # 12: CLIP-L's layers, A1111's slider
+          # k-diffusion's sampler options: A1111's sliders, eta and the noise scale with room beyond
+          "eta": (0, 10), "s_churn": (0, 100), "s_tmin": (0, 1000), "s_tmax": (0, 1000), "s_noise": (0, 10)}
 
 
 IMAGE_PIXELS_FACTOR = 4  # an image read (init, mask, control, --from-png) may be this much larger: it is resized down

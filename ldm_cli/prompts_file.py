@@ -47,6 +47,9 @@ KEYS: dict[str, Key] = {
     "guidance": Key(float, "guidance"), "distilled_cfg_scale": Key(float, "guidance"),
     # A1111's text encoding and noise source
     "clip_skip": Key(int, "clip_skip"), "rng": Key(str, "rng"),
+    # A1111's k-diffusion sampler options
+    "eta": Key(float, "eta"), "s_churn": Key(float, "s_churn"), "s_tmin": Key(float, "s_tmin"),
+    "s_tmax": Key(float, "s_tmax"), "s_noise": Key(float, "s_noise"),
     # one ControlNet unit (control_units.py), as the command's flags give it
     "controlnet": Key(str, None), "control_image": Key(str, None), "control_scale": Key(float, None),
     "control_start": Key(float, None), "control_end": Key(float, None), "control_preprocess": Key(str, None),

@@ -170,10 +170,11 @@ def supports(name: str, schedule: str) -> bool:
     return schedule in ("default", "simple") or schedule in spec.schedules or spec.k is not None
 
 
-def uses_k(name: str, schedule: str | None) -> bool:
-    """Whether the pair runs through ldm's k-diffusion samplers rather than a diffusers class."""
+def uses_k(name: str, schedule: str | None, options: bool = False) -> bool:
+    """Whether the pair runs through ldm's k-diffusion samplers rather than a diffusers class:
+    those diffusers lacks, and the others with a schedule type or `options` (eta ...) it lacks."""
     spec = SCHEDULERS[name]
-    return spec.cls is None or (spec.k is not None and schedule not in (None, "default", *spec.schedules))
+    return spec.cls is None or (spec.k is not None and (options or schedule not in (None, "default", *spec.schedules)))
 
 
 def check_schedule(name: str, schedule: str | None) -> None:

@@ -28,9 +28,12 @@ LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Den
           "mask_blur": "Mask blur", "padding": "Masked area padding", "size": "Size", "width": "Size",
           "height": "Size", "scheduler": "Sampler", "schedule": "Schedule type", "shift": "Shift",
           "max_sequence_length": "Max sequence length", "guidance": "Distilled CFG Scale",
-          "clip_skip": "Clip skip", "rng": "RNG", "prompt": "prompt", "negative": "negative prompt"}
+          "clip_skip": "Clip skip", "rng": "RNG", "prompt": "prompt", "negative": "negative prompt",
+          "eta": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+# A1111's options of its k-diffusion samplers (schedulers.SchedulerSpec.takes says which takes which)
+SAMPLER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
 INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length",
-                    "guidance", "clip_skip")
+                    "guidance", "clip_skip", *SAMPLER_OPTIONS)
 # Settings only some families take (SD3's and FLUX's flow shift and T5 options, FLUX dev's
 # distilled guidance): a model that takes one names a default for it (None: computed, as FLUX
 # dev's size-dependent shift), and for any other model the setting is dropped, never recorded.
@@ -100,6 +103,13 @@ class Settings:
     ti_hashes: str | None = None
     # ControlNet units (control_units.py: a JSON list, with their files' paths and hashes)
     controlnet: str | None = None
+    # A1111's sampler options (ancestral and SDE samplers' eta and noise scale; Euler's, Heun's and
+    # DPM2's churn between sigmas tmin and tmax, 0 being no limit); kept only where the sampler takes them
+    eta: float | None = None
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
 
     def merged(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied."""
@@ -163,6 +173,9 @@ class Settings:
         if defaults.get("no_t5"):
             out.no_t5 = True  # a model without T5 weights runs without T5, whatever was recorded
         out.validate(max_steps)
+        for name in SAMPLER_OPTIONS:
+            if name not in schedulers.SCHEDULERS[out.scheduler].takes:
+                setattr(out, name, None)  # neither run nor recorded, as A1111 does
         return out
 
     # -- serial forms ---------------------------------------------------------------------
@@ -211,6 +224,7 @@ class Settings:
             p["Masked area padding"] = str(self.padding)
         if self.clip_skip is not None and self.clip_skip > 1:  # A1111 leaves out its default, 1
             p["Clip skip"] = str(self.clip_skip)
+        p.update({LABELS[k]: infotext.format_number(v) for k, v in self.sampler_options().items()})
         p.update(self._text_options())
         p["RNG"] = RNG_LABELS[self.rng or "cpu"]
         p.update(control_units.infotext_params(self.controlnet))  # sd-webui-controlnet's entries
@@ -220,6 +234,10 @@ class Settings:
             p["TI hashes"] = self.ti_hashes
         p["Version"] = f"ldm {version}"
         return infotext.format_infotext(self.prompt, self.negative, p)
+
+    def sampler_options(self) -> dict[str, float]:
+        """The sampler options given: {"eta": 0.5, ...}."""
+        return {k: v for k in SAMPLER_OPTIONS if (v := getattr(self, k)) is not None}
 
     def _text_options(self) -> dict[str, str]:
         """Forge's `Shift`, and ldm's own T5 options, for the models that take them."""

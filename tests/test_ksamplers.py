@@ -190,3 +190,75 @@ def test_align_your_steps_tables_are_nvidias(sdxl):
     ten = sigma_schedules.align_your_steps(table, 10)
     assert (ten[0], ten[-2], ten[-1]) == (pytest.approx(14.615), pytest.approx(0.029), 0.0)
     assert all(a > b for a, b in zip(ten, ten[1:]))  # log-linear between the published points
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("name, schedule, options", [
+    ("euler", "karras", {"s_churn": 1.5, "s_tmin": 0.5, "s_tmax": 10.0, "s_noise": 0.9}),
+    ("dpmpp_3m_sde", "default", {"eta": 0.6, "s_noise": 0.9}), ("dpmpp_2s_a", "uniform", {"eta": 0.5}),
+])
+def test_sampler_options_equal_k_diffusions(models, family, name, schedule, options):
+    model = models[family]
+    s = settings(model, name, schedule, **options)
+    assert s.sampler_options() == options
+    ref = reference_image(model, s, family, AUTOMATIC.get(name, schedule) if schedule == "default" else schedule, **options)
+    assert np.abs(ours(model, s) - ref).max() <= 2
+    assert np.abs(ours(model, settings(model, name, schedule)) - ref).max() > 2  # the options change the image
+
+
+def test_options_a_sampler_does_not_take_are_neither_run_nor_recorded(models):
+    s = settings(models["sd1"], "ddim", "default", eta=0.5, s_churn=1.0)
+    assert s.sampler_options() == {} and "Eta" not in s.to_infotext("t")
+    s = settings(models["sd1"], "euler_a", "default", eta=0.5, s_churn=1.0)
+    assert s.sampler_options() == {"eta": 0.5}
+
+
+REPLAYS = [("DPM++ 2M SDE Heun", "Exponential"), ("DPM++ 2S a", "SGM Uniform"), ("DPM++ 3M SDE", "Align Your Steps"),
+           ("Euler a", "KL Optimal"), ("DPM++ 2M", "Uniform"), ("Euler", "Polyexponential"), ("Heun", "Simple"),
+           ("LMS", "Normal"), ("DPM2", "DDIM"), ("DPM++ SDE", "Beta")]
+
+
+@pytest.mark.parametrize("sampler, schedule", REPLAYS)
+def test_a1111_pngs_naming_them_replay(sd1_folder, tmp_path, sampler, schedule):
+    """An A1111 PNG's sampler, schedule type and Eta run and are written back as A1111 wrote them."""
+    import json
+
+    from PIL import Image, PngImagePlugin
+    from typer.testing import CliRunner
+
+    from ldm_cli import render
+    from ldm_cli.cli import app
+
+    text = (f"a red fox\nNegative prompt: blurry\nSteps: 3, Sampler: {sampler}, Schedule type: {schedule}, "
+            "CFG scale: 6, Seed: 5, Size: 64x64, Eta: 0.8, Version: v1.10.1")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png", pnginfo=info)
+    result = CliRunner().invoke(app, ["generate", "--from-png", str(tmp_path / "a.png"), "--model", str(sd1_folder),
+                                      "--out", str(tmp_path / "out"), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.splitlines()[-1])
+    takes_eta = "eta" in schedulers.SCHEDULERS[row["scheduler"]].takes
+    assert schedulers.label(row["scheduler"]) == sampler and row.get("eta") == (0.8 if takes_eta else None)
+    written = Image.open(row["path"]).text["parameters"]
+    assert f"Sampler: {sampler}, Schedule type: {schedule}," in written
+    assert ("Eta: 0.8" in written) == takes_eta
+    back = render.settings_from_png(row["path"])
+    assert (back.scheduler, back.schedule, back.eta) == (row["scheduler"], row["schedule"], row.get("eta"))
+
+
+def test_an_unknown_sampler_in_a_png_is_one_line_with_a_suggestion(sd1_folder, tmp_path):
+    from PIL import Image, PngImagePlugin
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a fox\nSteps: 3, Sampler: DPM++ 3M SDF, Schedule type: SGM Uniform, Seed: 1, Size: 64x64")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=info)
+    result = CliRunner().invoke(app, ["generate", "--from-png", str(tmp_path / "a.png"), "--model", str(sd1_folder),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ldm: error: ") and "did you mean 'DPM++ 3M SDE'" in lines[0]
+    assert not (tmp_path / "out").exists()
