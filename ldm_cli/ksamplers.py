@@ -253,7 +253,3 @@ def lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, do
         x = done(i, x)
     return x
 
-
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {f.__name__: f for f in [
-    euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2s_a, dpmpp_sde, dpmpp_2m, dpmpp_2m_sde,
-    dpmpp_2m_sde_heun, dpmpp_3m_sde]}

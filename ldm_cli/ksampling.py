@@ -13,13 +13,21 @@ from typing import Any
 
 import torch
 
-from ldm_cli import ksamplers, sigma_schedules
+from ldm_cli import dpm_solver, ksamplers, sigma_schedules
+from ldm_cli.ksamplers import (dpm2, dpm2_a, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_2s_a, dpmpp_3m_sde,
+                               dpmpp_sde, euler, euler_a, heun, lms)
 from ldm_cli.sigma_schedules import Table
+
+SAMPLERS = {f.__name__: f for f in [euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2s_a, dpmpp_sde, dpmpp_2m,
+                                    dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, dpm_solver.dpm_fast,
+                                    dpm_solver.dpm_adaptive]}
+# steps of their own, not the schedule's: inpainting's blend after each scheduled step cannot follow them
+OWN_STEPS = ("dpm_fast", "dpm_adaptive")
 
 
 @dataclass
 class KRun:
-    sampler: str  # a ksamplers.SAMPLERS name
+    sampler: str  # a SAMPLERS name
     sigmas: torch.Tensor  # float32, highest first
     table: Table
     v_prediction: bool
@@ -61,7 +69,7 @@ class KRun:
     def sample(self, denoiser: ksamplers.Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                generators: list[torch.Generator], done: ksamplers.Done) -> torch.Tensor:
         noise = self.brownian_noise(x, sigmas) if self.brownian else ImageNoise(x, self.seeds, self.rngs, generators)
-        return ksamplers.SAMPLERS[self.sampler](denoiser, x, sigmas, noise, done, **self.options)
+        return SAMPLERS[self.sampler](denoiser, x, sigmas, noise, done, **self.options)
 
     def brownian_noise(self, x: torch.Tensor, sigmas: torch.Tensor) -> ksamplers.Noise:
         return BrownianNoise(x, sigmas[sigmas > 0].min(), sigmas.max(), self.seeds)

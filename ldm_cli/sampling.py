@@ -22,7 +22,8 @@ import torch
 from ldm_cli.control import Control
 from ldm_cli.families.family import Cond
 from ldm_cli.guidance import Call, Guidance, Parts, Schedule
-from ldm_cli.ksampling import KRun
+from ldm_cli.errors import LdmError
+from ldm_cli.ksampling import OWN_STEPS, KRun
 
 # (latents after step i, i) -> latents; used by inpainting with an ordinary model
 Blend = Callable[[torch.Tensor, int], torch.Tensor]
@@ -74,12 +75,15 @@ def _k_denoise(model, run: KRun, latents: torch.Tensor, plan: Guidance, rows: to
     """A k-diffusion sampler over the kept sigmas: it asks the denoiser for x's denoised image at
     the sigmas it chooses, several times a step for some; the conditioning schedule advances with
     each call (A1111's), ControlNet's with each step."""
+    if blend is not None and run.sampler in OWN_STEPS:
+        raise LdmError(f"{run.sampler} takes steps of its own, which inpainting an ordinary model cannot follow; "
+                       "use another --scheduler or an inpainting model")
     sigmas = torch.cat([timesteps, run.sigmas[-1:]]).to(latents.device)
     calls, steps = [0], [0]
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x_in = _rows(x, rows) * run.c_in(sigma)
-        t = run.timestep(sigma)
+        t = run.timestep(sigma).to(x.device)
         full = x_in if extra_input is None else torch.cat([x_in, extra_input], dim=1)
         at = control.at(steps[0], len(timesteps)) if control is not None else None
         out = plan.combine(_predict(model, full, t, plan.calls(calls[0]), x_in, at))

@@ -84,6 +84,8 @@ SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
                   takes=ANCESTRAL),
     SchedulerSpec("dpmpp_3m_sde", None, "DPM++ 3M SDE", stochastic=True, k="dpmpp_3m_sde", k_schedule="exponential",
                   discard_penultimate=True, brownian=True, takes=ANCESTRAL),
+    SchedulerSpec("dpm_fast", None, "DPM fast", stochastic=True, k="dpm_fast", takes=ANCESTRAL),
+    SchedulerSpec("dpm_adaptive", None, "DPM adaptive", stochastic=True, k="dpm_adaptive", takes=("eta",)),
 ]}
 
 # Flow-matching models (SD3) take these names: diffusers' flow-matching Euler and Heun, and the

@@ -87,7 +87,9 @@ K_FUNCTIONS = {"euler": ("sample_euler", {}), "euler_a": ("sample_euler_ancestra
                "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
                "dpmpp_2m": ("sample_dpmpp_2m", {}), "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}),
                "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
-               "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {})}
+               "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {}), "dpm_fast": ("sample_dpm_fast", {}),
+               "dpm_adaptive": ("sample_dpm_adaptive", {})}
+OWN_STEPS = ("dpm_fast", "dpm_adaptive")  # A1111 gives them the table's ends (and DPM fast the steps), and eta 1
 
 
 def reference_image(model, s: Settings, family: str, schedule: str, **options) -> np.ndarray:
@@ -110,12 +112,16 @@ def reference_image(model, s: Settings, family: str, schedule: str, **options) -
         # A1111 replaces torch.randn_like with the image's generator, continued after its starting noise
         kwargs = {**kwargs, "noise_sampler": lambda *_: torch.randn(x.shape[1:], generator=generator)[None]}
     function = getattr(sampling, name)
+    if s.scheduler in OWN_STEPS:
+        ends = {"sigma_min": den.sigmas[0].item(), "sigma_max": den.sigmas[-1].item()}
+        kwargs = {**kwargs, **ends, **({"n": s.steps} if s.scheduler == "dpm_fast" else {}), "eta": 1.0}
+        sigmas = None
     with torch.inference_mode():
         if "noise_sampler" in kwargs and "noise_sampler" not in _parameters(function):
             latents = _with_randn(sampling, kwargs.pop("noise_sampler"),
                                   lambda: function(cfg_model, x, sigmas, disable=True, **kwargs, **options))
         else:
-            latents = function(cfg_model, x, sigmas, disable=True, **kwargs, **options)
+            latents = function(cfg_model, x, *([] if sigmas is None else [sigmas]), disable=True, **{**kwargs, **options})
         return np.asarray(vae.decode(model, latents)[0]).astype(np.int16)
 
 
@@ -147,9 +153,10 @@ CASES = [  # every sampler, and every schedule type on one of them
     ("euler", "sgm_uniform"), ("euler_a", "align_your_steps"), ("heun", "kl_optimal"), ("dpm2", "uniform"),
     ("dpm2_a", "normal"), ("lms", "simple"), ("dpmpp_2m", "ddim"), ("dpmpp_sde", "polyexponential"),
     ("dpmpp_2m_sde", "sgm_uniform"), ("dpmpp_3m_sde", "karras"), ("dpmpp_2s_a", "exponential"),
-    ("dpmpp_2m_sde_heun", "beta"),
+    ("dpmpp_2m_sde_heun", "beta"), ("dpm_fast", "default"), ("dpm_adaptive", "default"),
 ]
-AUTOMATIC = {"dpmpp_2m_sde_heun": "exponential", "dpmpp_2s_a": "karras", "dpmpp_3m_sde": "exponential"}
+AUTOMATIC = {"dpmpp_2m_sde_heun": "exponential", "dpmpp_2s_a": "karras", "dpmpp_3m_sde": "exponential",
+             "dpm_fast": "uniform", "dpm_adaptive": "uniform"}  # A1111 1.10's "Automatic" for each
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -196,6 +203,7 @@ def test_align_your_steps_tables_are_nvidias(sdxl):
 @pytest.mark.parametrize("name, schedule, options", [
     ("euler", "karras", {"s_churn": 1.5, "s_tmin": 0.5, "s_tmax": 10.0, "s_noise": 0.9}),
     ("dpmpp_3m_sde", "default", {"eta": 0.6, "s_noise": 0.9}), ("dpmpp_2s_a", "uniform", {"eta": 0.5}),
+    ("dpm_fast", "default", {"eta": 0.0}), ("dpm_adaptive", "default", {"eta": 0.0}),
 ])
 def test_sampler_options_equal_k_diffusions(models, family, name, schedule, options):
     model = models[family]
@@ -215,7 +223,8 @@ def test_options_a_sampler_does_not_take_are_neither_run_nor_recorded(models):
 
 REPLAYS = [("DPM++ 2M SDE Heun", "Exponential"), ("DPM++ 2S a", "SGM Uniform"), ("DPM++ 3M SDE", "Align Your Steps"),
            ("Euler a", "KL Optimal"), ("DPM++ 2M", "Uniform"), ("Euler", "Polyexponential"), ("Heun", "Simple"),
-           ("LMS", "Normal"), ("DPM2", "DDIM"), ("DPM++ SDE", "Beta")]
+           ("LMS", "Normal"), ("DPM2", "DDIM"), ("DPM++ SDE", "Beta"), ("DPM fast", "Uniform"),
+           ("DPM adaptive", "Karras")]
 
 
 @pytest.mark.parametrize("sampler, schedule", REPLAYS)
