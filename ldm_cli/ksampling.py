@@ -13,16 +13,16 @@ from typing import Any
 
 import torch
 
-from ldm_cli import dpm_solver, ksamplers, sigma_schedules
+from ldm_cli import dpm_solver, ksamplers, restart, sigma_schedules
 from ldm_cli.ksamplers import (dpm2, dpm2_a, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_2s_a, dpmpp_3m_sde,
                                dpmpp_sde, euler, euler_a, heun, lms)
 from ldm_cli.sigma_schedules import Table
 
 SAMPLERS = {f.__name__: f for f in [euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2s_a, dpmpp_sde, dpmpp_2m,
                                     dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, dpm_solver.dpm_fast,
-                                    dpm_solver.dpm_adaptive]}
+                                    dpm_solver.dpm_adaptive, restart.restart]}
 # steps of their own, not the schedule's: inpainting's blend after each scheduled step cannot follow them
-OWN_STEPS = ("dpm_fast", "dpm_adaptive")
+OWN_STEPS = ("dpm_fast", "dpm_adaptive", "restart")
 
 
 @dataclass

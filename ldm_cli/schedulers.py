@@ -86,6 +86,7 @@ SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
                   discard_penultimate=True, brownian=True, takes=ANCESTRAL),
     SchedulerSpec("dpm_fast", None, "DPM fast", stochastic=True, k="dpm_fast", takes=ANCESTRAL),
     SchedulerSpec("dpm_adaptive", None, "DPM adaptive", stochastic=True, k="dpm_adaptive", takes=("eta",)),
+    SchedulerSpec("restart", None, "Restart", stochastic=True, k="restart", k_schedule="karras"),
 ]}
 
 # Flow-matching models (SD3) take these names: diffusers' flow-matching Euler and Heun, and the

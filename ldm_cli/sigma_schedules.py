@@ -105,8 +105,12 @@ def ddim(t: Table, n: int) -> list[float]:
 
 
 def karras(t: Table, n: int, rho: float = RHO_KARRAS) -> list[float]:
-    """Karras et al. (2022): evenly spaced in sigma^(1/rho)."""
-    lo, hi = t.sigma_min ** (1 / rho), t.sigma_max ** (1 / rho)
+    return karras_between(t.sigma_min, t.sigma_max, n, rho)
+
+
+def karras_between(sigma_min: float, sigma_max: float, n: int, rho: float = RHO_KARRAS) -> list[float]:
+    """Karras et al. (2022): n sigmas evenly spaced in sigma^(1/rho), then 0."""
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return [(hi + r * (lo - hi)) ** rho for r in _linspace(0, 1, n)] + [0.0]
 
 

@@ -88,7 +88,8 @@ K_FUNCTIONS = {"euler": ("sample_euler", {}), "euler_a": ("sample_euler_ancestra
                "dpmpp_2m": ("sample_dpmpp_2m", {}), "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}),
                "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
                "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {}), "dpm_fast": ("sample_dpm_fast", {}),
-               "dpm_adaptive": ("sample_dpm_adaptive", {})}
+               "dpm_adaptive": ("sample_dpm_adaptive", {}),
+               "restart": ("sample_heun", {})}  # A1111's Restart below 20 steps is Heun's method
 OWN_STEPS = ("dpm_fast", "dpm_adaptive")  # A1111 gives them the table's ends (and DPM fast the steps), and eta 1
 
 
@@ -153,10 +154,10 @@ CASES = [  # every sampler, and every schedule type on one of them
     ("euler", "sgm_uniform"), ("euler_a", "align_your_steps"), ("heun", "kl_optimal"), ("dpm2", "uniform"),
     ("dpm2_a", "normal"), ("lms", "simple"), ("dpmpp_2m", "ddim"), ("dpmpp_sde", "polyexponential"),
     ("dpmpp_2m_sde", "sgm_uniform"), ("dpmpp_3m_sde", "karras"), ("dpmpp_2s_a", "exponential"),
-    ("dpmpp_2m_sde_heun", "beta"), ("dpm_fast", "default"), ("dpm_adaptive", "default"),
+    ("dpmpp_2m_sde_heun", "beta"), ("dpm_fast", "default"), ("dpm_adaptive", "default"), ("restart", "default"),
 ]
 AUTOMATIC = {"dpmpp_2m_sde_heun": "exponential", "dpmpp_2s_a": "karras", "dpmpp_3m_sde": "exponential",
-             "dpm_fast": "uniform", "dpm_adaptive": "uniform"}  # A1111 1.10's "Automatic" for each
+             "dpm_fast": "uniform", "dpm_adaptive": "uniform", "restart": "karras"}  # A1111 1.10's "Automatic" for each
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -224,7 +225,7 @@ def test_options_a_sampler_does_not_take_are_neither_run_nor_recorded(models):
 REPLAYS = [("DPM++ 2M SDE Heun", "Exponential"), ("DPM++ 2S a", "SGM Uniform"), ("DPM++ 3M SDE", "Align Your Steps"),
            ("Euler a", "KL Optimal"), ("DPM++ 2M", "Uniform"), ("Euler", "Polyexponential"), ("Heun", "Simple"),
            ("LMS", "Normal"), ("DPM2", "DDIM"), ("DPM++ SDE", "Beta"), ("DPM fast", "Uniform"),
-           ("DPM adaptive", "Karras")]
+           ("DPM adaptive", "Karras"), ("Restart", "Exponential")]
 
 
 @pytest.mark.parametrize("sampler, schedule", REPLAYS)
@@ -271,3 +272,22 @@ def test_an_unknown_sampler_in_a_png_is_one_line_with_a_suggestion(sd1_folder, t
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ldm: error: ") and "did you mean 'DPM++ 3M SDE'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("steps, times", [(19, 0), (20, 1), (35, 1), (36, 2), (50, 2)])
+def test_restart_goes_back_up_as_a1111_plans(steps, times):
+    """From 20 steps Restart spends the schedule's steps on a shorter Karras schedule and on going
+    back up from the sigma nearest 0.1 to the one nearest 2 (twice from 36), in as many steps."""
+    from ldm_cli import restart
+
+    table = sigma_schedules.table({"beta_start": 0.00085, "beta_end": 0.012})
+    sigmas = torch.tensor(sigma_schedules.sigmas("karras", table, steps))
+    pairs = [(float(a), float(b)) for a, b in restart.walk(sigmas)]
+    assert len(pairs) == steps and pairs[-1][1] == 0 and pairs[0][0] == pytest.approx(table.sigma_max)
+    ups = [k for k, ((_, last), (start, _)) in enumerate(zip(pairs, pairs[1:])) if start > last]
+    assert len(ups) == times
+    descent = [pairs[0][0]] + [b for _, b in pairs[:ups[0] + 1]] if ups else []  # the main schedule, up to there
+    for k in ups:
+        low, high = pairs[k][1], pairs[k + 1][0]
+        assert low == min(descent, key=lambda v: abs(v - 0.1))
+        assert high == pytest.approx(min(descent, key=lambda v: abs(v - 2)))
