@@ -101,6 +101,7 @@ SChurn = Annotated[Optional[float], typer.Option(help="Euler, Heun, DPM2: noise 
 STmin = Annotated[Optional[float], typer.Option(help="Churn only at sigmas from this (A1111's Sigma tmin) [default: 0].")]
 STmax = Annotated[Optional[float], typer.Option(help="Churn only at sigmas up to this, 0: no limit (A1111's Sigma tmax) [default: 0].")]
 SNoise = Annotated[Optional[float], typer.Option(help="Scale of a sampler's added noise (A1111's Sigma noise) [default: 1].")]
+Preset = Annotated[Optional[str], typer.Option(help="A few-step model's settings: lightning, hyper (8 steps, cfg 1, euler, sgm_uniform), lcm (6, 1.5, lcm), turbo (4, 1, euler_a, sgm_uniform); flags given override them.")]
 Rng = Annotated[Optional[str], typer.Option(help="Starting noise: cpu (torch's CPU generator) or nv (CUDA's, as A1111 draws it by default) [default: cpu].")]
 NoT5 = Annotated[Optional[bool], typer.Option("--no-t5", help="Run SD3 without its T5 text encoder (zeros in its place) [default: when the model has no T5].")]
 ModelPath = Annotated[Optional[str], typer.Option("--model", "-m", help="A .safetensors checkpoint or a diffusers folder [default: the built-in model].")]
@@ -199,7 +200,8 @@ RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annota
     ("scheduler", Scheduler, None), ("schedule", Schedule, None), ("shift", Shift, None),
     ("max_sequence_length", MaxSequenceLength, None), ("no_t5", NoT5, None), ("guidance", Guidance, None),
     ("clip_skip", ClipSkip, None), ("rng", Rng, None), ("eta", Eta, None), ("s_churn", SChurn, None),
-    ("s_tmin", STmin, None), ("s_tmax", STmax, None), ("s_noise", SNoise, None), ("model", ModelPath, None), ("models_dir", ModelsDir, None),
+    ("s_tmin", STmin, None), ("s_tmax", STmax, None), ("s_noise", SNoise, None), ("preset", Preset, None),
+    ("model", ModelPath, None), ("models_dir", ModelsDir, None),
     ("vae", Vae, None), ("text_encoder", TextEncoder, None), ("config", Config, None), ("prediction", Prediction, None),
     ("allow_pickle", AllowPickle, False), ("out", Out, Path("outputs")), ("device", Device, "auto"),
     ("dtype", Dtype, "auto"), ("compile", Compile, False), ("offload", Offload, "none"), ("weights", Weights, None),
@@ -227,7 +229,7 @@ class RenderFlags(dict):
         from ldm_cli.settings import Settings
 
         flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own, controlnet=controlnet_text(self))
-        return commands.base_settings(flags, self["from_png"], self["models_dir"])
+        return commands.base_settings(with_preset(flags, self["preset"]), self["from_png"], self["models_dir"])
 
     def run_options(self):
         return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
@@ -235,6 +237,18 @@ class RenderFlags(dict):
 
     def print(self, results) -> None:
         print_results(results, self["as_json"])
+
+
+def with_preset(flags, name: str | None):
+    """The flags with a --preset's settings where none was given, said on stderr."""
+    from ldm_cli import presets
+    from ldm_cli.notes import note
+
+    if name is None:
+        return flags
+    values = {k: v for k, v in presets.preset(name).items() if getattr(flags, k) is None}
+    note(f"preset {name.lower()}: {presets.described(values) or 'every setting given otherwise'}")
+    return flags.merged(**values)
 
 
 def controlnet_text(flags: dict) -> str | None:
@@ -371,7 +385,7 @@ def batch(
     width: Width = None, height: Height = None,
     scheduler: Scheduler = None, schedule: Schedule = None, shift: Shift = None,
     max_sequence_length: MaxSequenceLength = None, no_t5: NoT5 = None, guidance: Guidance = None,
-    clip_skip: ClipSkip = None, rng: Rng = None, model: ModelPath = None,
+    clip_skip: ClipSkip = None, rng: Rng = None, preset: Preset = None, model: ModelPath = None,
     vae: Vae = None, text_encoder: TextEncoder = None, config: Config = None, prediction: Prediction = None,
     allow_pickle: AllowPickle = False, lora: Lora = None, lora_dir: LoraDir = None, embeddings_dir: EmbeddingsDir = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder, with the manifest [default: outputs/<FILE's name>].")] = None,
@@ -395,6 +409,7 @@ def batch(
                             controlnet=controlnet, control_image=control_image, control_scale=control_scale,
                             control_start=control_start, control_end=control_end, control_preprocess=control_preprocess,
                             control_mode=control_mode)))
+    defaults = with_preset(defaults, preset)
     options = run_options(num_images, batch_size, out or Path("outputs") / file.stem, quiet, dict(
         vae=vae, text_encoder=text_encoder, config=config, prediction=prediction, allow_pickle=allow_pickle,
         device=device, dtype=dtype, compile=compile, offload=offload, weights=weights, vae_tiling=vae_tiling), dict(lora=lora, lora_dir=lora_dir, embeddings_dir=embeddings_dir))

@@ -88,7 +88,9 @@ def resolved(settings: Settings, model) -> Settings:
     checked against its sampler, LoRAs and embeddings, whose hashes they record."""
     from ldm_cli import pipeline
 
-    out = settings.resolve(model.defaults, model.native_size, model.train_timesteps)
+    defaults = model.defaults if model.networks is None else {
+        **model.defaults, **model.networks.few_step_defaults(settings.prompt)}  # a LoRA made for few steps
+    out = settings.resolve(defaults, model.native_size, model.train_timesteps)
     pipeline.check_steps(model, out)
     out.model_name, out.model_hash = model.name, model.hash
     out.model = model.path
