@@ -8,8 +8,10 @@ inpainting treat both alike; its timesteps are sigmas.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -107,15 +109,25 @@ class BrownianNoise:
     def __init__(self, x: torch.Tensor, sigma_min: torch.Tensor, sigma_max: torch.Tensor, seeds: list[int]):
         import torchsde
 
-        self.low, self.high = sigma_min, sigma_max
         w0 = torch.zeros_like(x)[0]
-        self.trees = [torchsde.BrownianTree(sigma_min, w0, sigma_max, entropy=s) for s in seeds]
+        with _quiet_torchsde():
+            self.trees = [torchsde.BrownianTree(sigma_min, w0, sigma_max, entropy=s) for s in seeds]
 
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         lo, hi, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
-        w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        with _quiet_torchsde():
+            w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
         return w / (t1 - t0).abs().sqrt()
+
+
+@contextlib.contextmanager
+def _quiet_torchsde() -> Iterator[None]:
+    """torchsde warns when a float32 sigma rounds a hair outside its float64 interval (the ends
+    themselves, as in k-diffusion and A1111): nothing the user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+        yield
 
 
 def prepared(model, group: list) -> KRun:
