@@ -291,3 +291,53 @@ def test_restart_goes_back_up_as_a1111_plans(steps, times):
         low, high = pairs[k][1], pairs[k + 1][0]
         assert low == min(descent, key=lambda v: abs(v - 0.1))
         assert high == pytest.approx(min(descent, key=lambda v: abs(v - 2)))
+
+
+def test_img2img_runs_the_kept_sigmas_as_k_diffusion_does(models):
+    """Strength keeps the last int(steps x strength) sigmas; the image latents noised to the first
+    of them are sampled from there, as k-diffusion would from those sigmas."""
+    from ldm_cli import img2img
+    from tests.test_img2img import picture
+
+    sampling, _ = kdiffusion.load()
+    model = models["sd1"]
+    s = settings(model, "dpmpp_2s_a", "sgm_uniform", strength=0.6).merged(steps=6)
+    mine = np.asarray(img2img.image_to_image(model, [s], [picture()])[0]).astype(np.int16)
+    generators = pipeline.generators_for([s])
+    latents = img2img.encode_images(model, [s], [picture()], generators)
+    noise = pipeline.initial_noise(model, [s], generators)
+    den, cfg_model = reference_denoiser(model, s)
+    kept = a1111_sigmas(den, "sgm_uniform", 6, False)[6 - int(6 * 0.6):]
+    x = latents + noise * kept[0]
+    with torch.inference_mode():
+        out = sampling.sample_dpmpp_2s_ancestral(cfg_model, x, kept, disable=True, noise_sampler=lambda *_: torch.randn(
+            x.shape[1:], generator=generators[0])[None])
+    ref = np.asarray(vae.decode(model, out)[0]).astype(np.int16)
+    assert np.abs(mine - ref).max() <= 2 and np.abs(mine - np.asarray(picture())).mean() > 1
+
+
+def test_inpainting_keeps_the_original_outside_with_a_k_sampler(models):
+    from ldm_cli import inpaint
+    from ldm_cli.errors import LdmError
+    from tests.test_img2img import picture
+    from tests.test_inpaint import box_mask
+
+    model = models["sd1"]
+    s = settings(model, "dpmpp_3m_sde", "align_your_steps", strength=1.0, mask_blur=0, only_masked=False)
+    mine = np.asarray(inpaint.inpaint(model, [s], [picture()], [box_mask()])[0]).astype(np.int16)
+    outside = np.asarray(box_mask()) == 0
+    assert np.array_equal(mine[outside], np.asarray(picture()).astype(np.int16)[outside])
+    assert np.abs(mine - np.asarray(picture()))[~outside].mean() > 10
+    with pytest.raises(LdmError, match="dpm_fast takes steps of its own"):
+        inpaint.inpaint(model, [settings(model, "dpm_fast", "default", strength=1.0, mask_blur=0, only_masked=False)],
+                        [picture()], [box_mask()])
+
+
+def test_prompt_file_lines_take_the_sampler_options_and_schedule_labels(tmp_path):
+    from ldm_cli import prompts_file
+
+    (tmp_path / "p.txt").write_text('--prompt "a fox" --sampler_name "DPM++ 2S a" --eta 0.4 --s_noise 0.9\n'
+                                    '--prompt "a cat" --scheduler dpmpp_3m_sde --schedule "KL Optimal"\n')
+    first, second = (job.settings for job in prompts_file.read(tmp_path / "p.txt", Settings(steps=5)))
+    assert (first.scheduler, first.eta, first.s_noise) == ("dpmpp_2s_a", 0.4, 0.9)
+    assert (second.scheduler, second.schedule, second.steps) == ("dpmpp_3m_sde", "kl_optimal", 5)

@@ -72,3 +72,14 @@ def test_a_checkpoint_made_for_few_steps_brings_its_settings(sd1_folder, tmp_pat
     result = run("generate", "a fox", "--model", path, "--seed", "1", "--out", tmp_path / "o", "--json")
     assert row(result) | LIGHTNING == row(result) and row(result)["steps"] == 2
     assert "fast.safetensors is a hyper model (its metadata says): --steps 2 --cfg 1" in result.stderr
+
+
+def test_batch_preset_fills_what_a_line_does_not_give(sd1_folder, tmp_path):
+    (tmp_path / "p.txt").write_text('--prompt "a fox" --seed 1\n--prompt "a cat" --seed 2 --steps 3 --sampler_name Euler\n')
+    result = run("batch", tmp_path / "p.txt", "--model", sd1_folder, "--preset", "turbo", "--out", tmp_path / "o",
+                 "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")), key=lambda r: r["seed"])
+    assert [(r["steps"], r["cfg"], r["scheduler"], r["schedule"]) for r in rows] == [
+        (4, 1.0, "euler_a", "sgm_uniform"), (3, 1.0, "euler", "sgm_uniform")]
+    assert "ldm: preset turbo: --steps 4 --cfg 1 --scheduler euler_a --schedule sgm_uniform" in result.stderr
