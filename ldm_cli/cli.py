@@ -229,7 +229,9 @@ class RenderFlags(dict):
         from ldm_cli.settings import Settings
 
         flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own, controlnet=controlnet_text(self))
-        return commands.base_settings(with_preset(flags, self["preset"]), self["from_png"], self["models_dir"])
+        from ldm_cli import presets
+
+        return commands.base_settings(presets.applied(flags, self["preset"]), self["from_png"], self["models_dir"])
 
     def run_options(self):
         return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
@@ -237,18 +239,6 @@ class RenderFlags(dict):
 
     def print(self, results) -> None:
         print_results(results, self["as_json"])
-
-
-def with_preset(flags, name: str | None):
-    """The flags with a --preset's settings where none was given, said on stderr."""
-    from ldm_cli import presets
-    from ldm_cli.notes import note
-
-    if name is None:
-        return flags
-    values = {k: v for k, v in presets.preset(name).items() if getattr(flags, k) is None}
-    note(f"preset {name.lower()}: {presets.described(values) or 'every setting given otherwise'}")
-    return flags.merged(**values)
 
 
 def controlnet_text(flags: dict) -> str | None:
@@ -399,7 +389,7 @@ def batch(
     """Render a prompts file: each model loaded once, shared batches, resumable by rerunning;
     `accelerate launch -m ldm_cli batch ...` shares the work among processes. --controlnet units
     apply to the lines that name none of their own."""
-    from ldm_cli import commands
+    from ldm_cli import commands, presets
     from ldm_cli.settings import Settings
 
     defaults = Settings(negative=negative or "", steps=steps, cfg=cfg, seed=seed, width=width, height=height,
@@ -409,7 +399,7 @@ def batch(
                             controlnet=controlnet, control_image=control_image, control_scale=control_scale,
                             control_start=control_start, control_end=control_end, control_preprocess=control_preprocess,
                             control_mode=control_mode)))
-    defaults = with_preset(defaults, preset)
+    defaults = presets.applied(defaults, preset)
     options = run_options(num_images, batch_size, out or Path("outputs") / file.stem, quiet, dict(
         vae=vae, text_encoder=text_encoder, config=config, prediction=prediction, allow_pickle=allow_pickle,
         device=device, dtype=dtype, compile=compile, offload=offload, weights=weights, vae_tiling=vae_tiling), dict(lora=lora, lora_dir=lora_dir, embeddings_dir=embeddings_dir))

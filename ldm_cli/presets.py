@@ -11,7 +11,12 @@ from __future__ import annotations
 import difflib
 import re
 
+from typing import TYPE_CHECKING
+
 from ldm_cli.errors import LdmError
+
+if TYPE_CHECKING:
+    from ldm_cli.settings import Settings
 
 PRESETS: dict[str, dict[str, object]] = {
     "lightning": {"steps": 8, "cfg": 1.0, "scheduler": "euler", "schedule": "sgm_uniform"},
@@ -33,6 +38,17 @@ def preset(name: str) -> dict[str, object]:
     close = difflib.get_close_matches(wanted, PRESETS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise LdmError(f"unknown preset {name!r}{hint}; choose one of: {', '.join(PRESETS)}")
+
+
+def applied(settings: Settings, name: str | None) -> Settings:
+    """`settings` with preset `name`'s values where they give none, said on stderr."""
+    from ldm_cli.notes import note
+
+    if name is None:
+        return settings
+    values = {k: v for k, v in preset(name).items() if getattr(settings, k) is None}
+    note(f"preset {name.strip().lower()}: {described(values) or 'every setting given otherwise'}")
+    return settings.merged(**values)
 
 
 def from_metadata(metadata: dict[str, str]) -> tuple[str, dict[str, object]] | None:
