@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps "spandrel>=0.4,<0.5"
 	# k-diffusion (MIT), the samplers' test reference, without the dependencies it declares (torchvision,
 	# wandb, clean-fid...): the tests load only its sampling.py, whose imports the test extra covers
 	$(BIN)/pip install -q --no-deps "k-diffusion==0.1.1.post1"

@@ -406,5 +406,32 @@ def batch(
     print_results(commands.batch(file, defaults, options, grid), as_json)
 
 
+@app.command()
+def upscale(
+    image: Annotated[list[Path], typer.Argument(help="Images to upscale (PNG, JPEG, WebP...); transparent parts read as white.")],
+    upscaler: Annotated[str, typer.Option(
+        "--upscaler", "-u", metavar="FILE|NAME", help="A model file (.safetensors, .pth, .pt: ESRGAN, RealESRGAN, SwinIR, "
+        "DAT, HAT...), a model's name in the models folder's ESRGAN/ or upscale_models/, or Lanczos or Nearest.")],
+    scale: Annotated[Optional[float], typer.Option(help="Times larger, 1 to 16; a model runs again while the image is "
+                                                         "smaller, then Lanczos resizes to the size [default: the model's own].")] = None,
+    resize: Annotated[Optional[str], typer.Option(metavar="WxH", help="Upscale to cover WxH, then crop its middle "
+                                                                      "(A1111's 'Scale to' with 'Crop to fit').")] = None,
+    tile: Annotated[int, typer.Option(help="Tile side in input pixels; halved on out-of-memory.")] = 512,
+    tile_overlap: Annotated[int, typer.Option(help="Pixels neighbouring tiles share, blended (at most half a tile).")] = 32,
+    out: Out = Path("outputs"),
+    models_dir: Annotated[Optional[str], typer.Option(
+        "--models-dir", metavar="DIR", help="Where --upscaler NAME is found (A1111's models/ESRGAN, ComfyUI's "
+                                            "models/upscale_models) [default: $LDM_MODELS_DIR].")] = None,
+    device: Device = "auto", as_json: AsJson = False, quiet: Quiet = False,
+) -> None:
+    """Upscale images with an upscaler model or a resize, in tiles; each PNG keeps its source's
+    parameters and adds A1111's `Postprocess upscale by` and `Postprocess upscaler`."""
+    from ldm_cli import commands
+
+    options = commands.UpscaleOptions(upscaler, scale, resize, tile, tile_overlap, out, models_dir, device, quiet)
+    for result in commands.upscale(image, options):
+        print(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else f"saved {result.path}", flush=True)
+
+
 def main() -> None:
     app()

@@ -7,7 +7,7 @@ from typing import Iterator
 
 from PIL import Image
 
-from ldm_cli import files, images, model_lookup, render
+from ldm_cli import files, images, limits, model_lookup, render, upscaling
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_IMAGES
 from ldm_cli.loading import LoadOptions
@@ -110,10 +110,9 @@ def png_info(path: Path) -> dict:
 
 def checkpoint_info(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:
     """What a checkpoint holds: family, prediction, native size, component sizes, dtype, hash, EMA."""
-    from ldm_cli.loading import info, quiet_libraries
+    from ldm_cli.loading import info
 
     files.check_openable(Path(path).expanduser(), folders=True)  # a FIFO would hang: refused before the imports
-    quiet_libraries()
     return info.describe(path, config, allow_pickle)
 
 
@@ -269,3 +268,111 @@ def _line_networks(settings: Settings, options: RunOptions) -> Settings:
     settings = with_lora_flags(settings, options)
     session.check(settings, options.networks)
     return settings
+
+
+# -- upscale: finished images through an upscaler, no model of ldm's own ---------------------------
+
+@dataclass
+class UpscaleOptions:
+    upscaler: str
+    scale: float | None = None  # None: the model's own (unless resize)
+    resize: str | None = None  # "WxH": covered, then cropped to it (A1111's "Scale to", crop to fit)
+    tile: int = upscaling.TILE
+    overlap: int = upscaling.OVERLAP
+    out: Path = Path("outputs")
+    models_dir: str | None = None
+    device: str = "auto"
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if self.scale is not None and self.resize is not None:
+            raise LdmError("give --scale or --resize, not both")
+        if self.scale is None and self.resize is None and self.upscaler in upscaling.RESIZERS:
+            raise LdmError(f"--scale or --resize is needed with --upscaler {self.upscaler} (a model's default is "
+                           "its own scale)")
+        self.box()
+        if self.scale is not None and not 1 <= self.scale <= limits.MAX_UPSCALE:
+            raise LdmError(f"--scale must be between 1 and {limits.MAX_UPSCALE} (got {self.scale:g})")
+        if not limits.MIN_TILE <= self.tile <= limits.MAX_TILE:
+            raise LdmError(f"--tile must be between {limits.MIN_TILE} and {limits.MAX_TILE} pixels (got {self.tile})")
+        if not 0 <= self.overlap <= self.tile // 2:
+            raise LdmError(f"--tile-overlap must be between 0 and half the tile, {self.tile // 2} (got {self.overlap})")
+
+    def box(self) -> tuple[int, int] | None:
+        """--resize as (width, height)."""
+        if self.resize is None:
+            return None
+        parts = self.resize.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and 1 <= int(p) <= limits.MAX_SIDE for p in parts):
+            raise LdmError(f"--resize must be WIDTHxHEIGHT, each 1 to {limits.MAX_SIDE}, such as 2048x1536 "
+                           f"(got {self.resize!r})")
+        return int(parts[0]), int(parts[1])
+
+
+@dataclass
+class Upscaled:
+    path: Path
+    source: Path
+    size: tuple[int, int]
+    upscaler: str
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "source": str(self.source), "width": self.size[0], "height": self.size[1],
+                "upscaler": self.upscaler}
+
+
+def upscale(paths: list[Path], options: UpscaleOptions) -> Iterator[Upscaled]:
+    """Each image through the upscaler to scale x its size, saved with its text chunks and A1111's
+    `postprocessing` record; every file and size is checked before the model loads."""
+    from ldm_cli.progress import Progress
+
+    options.validate()
+    if not 1 <= len(paths) <= MAX_IMAGES:
+        raise LdmError(f"give between 1 and {MAX_IMAGES} images to upscale (got {len(paths)})")
+    sizes = [_source_size(path) for path in paths]
+    images.check_writable(options.out)
+    upscaler = upscaling.load(options.upscaler, options.models_dir, options.device)
+    scale, box = options.scale or upscaler.scale, options.box()
+    targets = [_upscaled_size(path, size, scale, box) for path, size in zip(paths, sizes)]
+    tiles = sum(_tiles(size, target, upscaler, options) for size, target in zip(sizes, targets))
+    with Progress(tiles, len(paths), options.quiet, unit="tile") as progress:
+        for path, target in zip(paths, targets):
+            image = upscaling.upscale(upscaler, images.load_image(path), target, tile=options.tile,
+                                      overlap=options.overlap, at_least=1, on_tile=progress.step,
+                                      on_halved=progress.grow)
+            image = upscaling.cropped(image, box) if box else image
+            chunks = upscaling.metadata(images.read_text_chunks(path), upscaler, None if box else scale, box)
+            progress.image_done()
+            yield Upscaled(images.save_png(image, options.out, path.stem, chunks), path, image.size, upscaler.name)
+
+
+def _source_size(path: Path) -> tuple[int, int]:
+    try:
+        return images.image_size(path)
+    except FileNotFoundError:
+        raise LdmError(f"no such file: {str(path)!r}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise LdmError(f"{str(path)!r} is not a readable image ({e})") from None
+
+
+def _upscaled_size(path: Path, size: tuple[int, int], scale: float, box: tuple[int, int] | None) -> tuple[int, int]:
+    """What the upscaler makes of an image of `size`: scale x its size, or covering `box`."""
+    target = upscaling.cover(size, box) if box else (int(size[0] * scale), int(size[1] * scale))
+    if max(target) > limits.MAX_SIDE or target[0] * target[1] > limits.max_upscale_pixels():
+        raise LdmError(f"{str(path)!r} upscaled would be {target[0]}x{target[1]}, more than ldm writes "
+                       f"({limits.MAX_SIDE} a side, {limits.max_upscale_pixels():,} pixels; {limits.MAX_PIXELS_ENV} "
+                       "raises the second); use a smaller --scale or --resize")
+    return target
+
+
+def _tiles(size: tuple[int, int], target: tuple[int, int], upscaler, options: UpscaleOptions) -> int:
+    """Tiles the upscale of one image runs (planned: out-of-memory halving adds some)."""
+    from ldm_cli import tiling
+
+    if upscaler.model is None:
+        return 0
+    count = 0
+    for _ in range(upscaling.passes(size, target, upscaler.scale, at_least=1)):
+        count += tiling.count(size, options.tile, options.overlap)
+        size = (size[0] * upscaler.scale, size[1] * upscaler.scale)
+    return count

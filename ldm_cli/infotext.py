@@ -14,6 +14,7 @@ import json
 import re
 
 NEGATIVE_PREFIX = "Negative prompt:"
+POSTPROCESSING = "postprocessing"  # A1111's PNG chunk for what its Extras tab did to an image
 # One `Key: value` pair of the last line; a value is a JSON string or runs to the next comma.
 _PARAM = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
@@ -45,8 +46,13 @@ def format_infotext(prompt: str, negative: str, params: dict[str, str]) -> str:
     lines = [prompt]
     if negative:
         lines.append(f"{NEGATIVE_PREFIX} {negative}")
-    lines.append(", ".join(f"{k}: {quote(str(v))}" for k, v in params.items()))
+    lines.append(format_params(params))
     return "\n".join(lines)
+
+
+def format_params(params: dict[str, str]) -> str:
+    """`Key: value, Key: value`, values quoted as A1111 quotes them."""
+    return ", ".join(f"{k}: {quote(str(v))}" for k, v in params.items())
 
 
 def _parse_params(line: str) -> dict[str, str] | None:

@@ -20,6 +20,11 @@ leaves the packages' files as they are:
 - transformers' listings of its model folders are kept in ldm's cache, stamped with the files'
   times and sizes, and so is the bytecode of every module rewritten here.
 A module that needs none of this loads exactly as Python would load it, from its own bytecode.
+
+`import_spandrel()` imports spandrel (the upscalers' architectures) with torchvision_standin's
+modules served in torchvision's place while it imports: spandrel names three things from
+torchvision at module level, for architectures ldm never runs, and torchvision's wheel is often
+missing or built for another torch.
 """
 from __future__ import annotations
 
@@ -28,10 +33,10 @@ import functools
 import hashlib
 import importlib.abc
 import importlib.machinery
-import marshal
 import os
 import shutil
 import sys
+import time
 import types
 
 from ldm_cli import cache, deferral
@@ -153,41 +158,28 @@ class _Narrowed(importlib.abc.Loader):
         module.maybe_allow_in_graph = _record_allow_in_graph
 
 
-def _kept(kind: str, stamp: list, compute):
-    """compute(), kept in ldm's cache under `stamp` (which names everything it depends on) as
-    Python keeps bytecode: marshalled, written whole, recomputed when missing or damaged."""
-    name = hashlib.sha256(repr(stamp).encode()).hexdigest()[:32] + ".bin"
-    kept = _generation() / kind / name
-    try:
-        return marshal.loads(kept.read_bytes())
-    except (OSError, ValueError, EOFError, TypeError):  # not kept yet, or damaged
-        pass
-    value = compute()
-    try:
-        if not kept.parent.parent.exists():  # a new Python or ldm: what older ones kept goes
-            for old in kept.parent.parent.parent.glob("*"):
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        partial = kept.with_name(f".{name}.{os.getpid()}")
-        partial.write_bytes(marshal.dumps(value))
-        os.replace(partial, kept)
-    except OSError:  # no cache folder to write: computed again next time
-        pass
-    return value
+UNUSED_GENERATION_S = 7 * 24 * 3600
 
 
 @functools.lru_cache(maxsize=1)
 def _generation():
-    """This Python's and this ldm's folder of kept imports."""
-    return cache.root() / "imports" / hashlib.sha256(repr(_stamp(__file__)).encode()).hexdigest()[:16]
+    """This Python's and this ldm's folder of kept imports, marked used. A new one clears those no
+    run has used for a week: an upgrade's old ones go, while two installs sharing the cache
+    (two virtual environments, a checkout beside a release) keep theirs."""
+    folder = cache.root() / "imports" / hashlib.sha256(repr(cache.stamp(__file__)).encode()).hexdigest()[:16]
+    try:
+        os.utime(folder)
+    except FileNotFoundError:
+        for old in folder.parent.glob("*"):
+            if time.time() - old.stat().st_mtime > UNUSED_GENERATION_S:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    except OSError:  # a cache folder ldm cannot write: nothing kept
+        pass
+    return folder
 
 
-def _stamp(*paths: str) -> list:
-    stamp = [sys.version, *paths]
-    for path in paths:
-        stat = os.stat(path)
-        stamp += [stat.st_mtime_ns, stat.st_size]
-    return stamp
+def _kept(kind: str, stamp: list, compute):
+    return cache.kept(_generation() / kind, stamp, compute)
 
 
 def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeType, list]:
@@ -197,7 +189,7 @@ def _transformed(filename: str, package: str, source: str) -> tuple[types.CodeTy
         transform = deferral.Transform(filename, package, RULES)
         code = compile(transform.module(ast.parse(source)), filename, "exec")
         return code, transform.blocks
-    return _kept("code", _stamp(filename), compute)
+    return _kept("code", cache.stamp(filename), compute)
 
 
 def _kept_listings(import_utils: types.ModuleType) -> None:
@@ -214,7 +206,7 @@ def _kept_listings(import_utils: types.ModuleType) -> None:
         stamp = [str(module_path), prefix]
         for parent, folders, names in os.walk(folder):
             folders.sort()
-            stamp += [(parent, n, *_stamp(os.path.join(parent, n))[-2:]) for n in sorted(names) if n.endswith(".py")]
+            stamp += [(parent, n, *cache.stamp(os.path.join(parent, n))[-2:]) for n in sorted(names) if n.endswith(".py")]
         return _kept("listings", stamp, lambda: original(module_path, prefix))
 
     import_utils.define_import_structure = define_import_structure
@@ -291,3 +283,43 @@ def prepare_compile() -> None:
         if cell is not None:
             cell[0] = marked
     _marks.clear()
+
+
+class _StandIns(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves the torchvision_standin modules under torchvision's names (ahead of any installed
+    torchvision, so an upscale never depends on whether one loads)."""
+
+    def __init__(self):
+        from ldm_cli import torchvision_standin
+
+        self.made = torchvision_standin.modules()
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.made:
+            return None
+        return importlib.machinery.ModuleSpec(name, self, is_package=hasattr(self.made[name], "__path__"))
+
+    def create_module(self, spec):
+        return self.made[spec.name]
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+def import_spandrel() -> types.ModuleType:
+    """spandrel, imported with the torchvision stand-ins registered only while it imports (a
+    torchvision already imported is left as it is and used)."""
+    if "spandrel" in sys.modules or "torchvision" in sys.modules:
+        import spandrel
+
+        return spandrel
+    finder = _StandIns()
+    sys.meta_path.insert(0, finder)
+    try:
+        import spandrel
+    finally:
+        sys.meta_path.remove(finder)
+        for name, module in finder.made.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+    return spandrel

@@ -38,6 +38,12 @@ RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
           "eta": (0, 10), "s_churn": (0, 100), "s_tmin": (0, 1000), "s_tmax": (0, 1000), "s_noise": (0, 10)}
 
 
+# `ldm upscale`: its output may be larger than a render (a 4000 px photo at 2x); blending tiles
+# holds 16 bytes per output pixel, about 1 GB at the default cap. LDM_MAX_PIXELS raises it too.
+MAX_UPSCALE = 16  # --scale
+MIN_TILE, MAX_TILE = 32, MAX_SIDE  # --tile, input pixels a side
+MAX_UPSCALE_PIXELS = 8192 * 8192
+
 IMAGE_PIXELS_FACTOR = 4  # an image read (init, mask, control, --from-png) may be this much larger: it is resized down
 
 
@@ -58,3 +64,8 @@ def max_pixels() -> int:
     if value < 64:
         raise LdmError(f"{MAX_PIXELS_ENV} must be a number of pixels such as 16777216 or 4096x4096 (got {text!r})")
     return value
+
+
+def max_upscale_pixels() -> int:
+    """The most pixels `ldm upscale` writes in one image: 8192x8192, or LDM_MAX_PIXELS if larger."""
+    return max(MAX_UPSCALE_PIXELS, max_pixels())

@@ -7,11 +7,16 @@ those folders given themselves) are searched when present, else the folder itsel
 for NAME.safetensors, NAME.ckpt, NAME.gguf or a diffusers folder NAME. When several match, the
 recorded `Model hash` (A1111's short sha256) picks. A model that cannot be found is refused,
 never replaced by another: only a PNG that recorded no model replays with the built-in one.
+
+Upscaler models (`ldm upscale --upscaler NAME`, a hires fix's `Hires upscaler`) are found the same
+way, in A1111's `models/ESRGAN` (and its RealESRGAN, SwinIR, DAT, HAT folders) and ComfyUI's
+`models/upscale_models`, as NAME.safetensors, NAME.pth or NAME.pt.
 """
 from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_cli import files
@@ -24,22 +29,38 @@ BUILTIN_NAME = "ldm-builtin"  # the name the built-in model records
 NAME_MAX = 255  # bytes in one file name, on every file system ldm runs on
 
 
-def folders(models_dir: str | None) -> list[Path]:
-    """Where models are searched: --models-dir, else $LDM_MODELS_DIR, each as its layout has them."""
+@dataclass(frozen=True)
+class Kind:
+    """A kind of model file: its folders in the known layouts, its file suffixes, whether a
+    diffusers folder counts, and the flag that picks one by path."""
+    layouts: tuple[str, ...]
+    suffixes: tuple[str, ...]
+    diffusers_folders: bool
+    flag: str
+
+
+CHECKPOINTS = Kind(LAYOUTS, SUFFIXES, True, "--model")
+UPSCALERS = Kind(tuple(f"{top}{sub}" for top in ("models/", "") for sub in (
+    "ESRGAN", "upscale_models", "RealESRGAN", "SwinIR", "DAT", "HAT")),  # A1111's, ComfyUI's, A1111's others
+    (".safetensors", ".pth", ".pt"), False, "--upscaler FILE")
+
+
+def folders(models_dir: str | None, kind: Kind = CHECKPOINTS) -> list[Path]:
+    """Where models of `kind` are searched: --models-dir, else $LDM_MODELS_DIR, each as its layout has them."""
     given = [models_dir] if models_dir else os.environ.get(MODELS_ENV, "").split(os.pathsep)
     out = []
     for root in (Path(d).expanduser() for d in given if d):
         if models_dir and not root.is_dir():
             raise LdmError(f"--models-dir {models_dir!r} is not a folder")
-        out += [root / sub for sub in LAYOUTS if (root / sub).is_dir()] or [root]
+        out += [root / sub for sub in kind.layouts if (root / sub).is_dir()] or [root]
     return out
 
 
-def find(name: str, short_hash: str | None, roots: list[Path]) -> Path | None:
+def find(name: str, short_hash: str | None, roots: list[Path], kind: Kind = CHECKPOINTS) -> Path | None:
     """The model called `name` in `roots` (None: not there); among several, the one of `short_hash`."""
     if not name or any(sep in name for sep in "/\\") or name.startswith("."):
         return None  # a name, never a path out of the folders
-    matches = sorted({p for root in roots if root.is_dir() for p in _named(root, name)})
+    matches = sorted({p for root in roots if root.is_dir() for p in _named(root, name, kind)})
     if len(matches) <= 1:
         return matches[0] if matches else None
     from ldm_cli import hashing
@@ -48,14 +69,14 @@ def find(name: str, short_hash: str | None, roots: list[Path]) -> Path | None:
     if not same:
         listed = ", ".join(repr(str(p)) for p in matches[:4])
         raise LdmError(f"several models are named {name!r} ({listed}) and none has the recorded hash "
-                       f"{short_hash or '(none recorded)'}; pass the one to use with --model")
+                       f"{short_hash or '(none recorded)'}; pass the one to use with {kind.flag}")
     return same[0]
 
 
-def _named(root: Path, name: str) -> list[Path]:
-    names = [name + suffix for suffix in SUFFIXES if _possible(name + suffix)]
+def _named(root: Path, name: str, kind: Kind) -> list[Path]:
+    names = [name + suffix for suffix in kind.suffixes if _possible(name + suffix)]
     files = [p for file in names for p in root.rglob(glob.escape(file)) if p.is_file()]
-    folders = root.rglob(glob.escape(name)) if _possible(name) else []
+    folders = root.rglob(glob.escape(name)) if kind.diffusers_folders and _possible(name) else []
     return files + [p for p in folders if (p / "model_index.json").is_file()]
 
 

@@ -1,4 +1,5 @@
-"""A progress bar on stderr over denoising steps, showing images done; silent for short work."""
+"""A progress bar on stderr over denoising steps (or an upscaler's tiles), showing images done;
+silent for short work."""
 from __future__ import annotations
 
 import sys
@@ -7,12 +8,13 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total_steps: int, total_images: int, quiet: bool = False, unit_label: str = "images"):
+    def __init__(self, total_steps: int, total_images: int, quiet: bool = False, unit_label: str = "images",
+                 unit: str = "step"):
         self.images_total = total_images
         self.images_done = 0
         self.unit_label = unit_label
         # delay: nothing is drawn for work that ends within a second
-        self.bar = tqdm(total=total_steps, unit="step", file=sys.stderr, disable=quiet, delay=1.0,
+        self.bar = tqdm(total=total_steps, unit=unit, file=sys.stderr, disable=quiet, delay=1.0,
                         dynamic_ncols=True, leave=False)
         self._describe()
 
@@ -21,6 +23,11 @@ class Progress:
 
     def step(self) -> None:
         self.bar.update(1)
+
+    def grow(self, more: int) -> None:
+        """More steps than planned (an upscale started again with smaller tiles)."""
+        self.bar.total += more
+        self.bar.refresh()
 
     def image_done(self, count: int = 1) -> None:
         self.images_done += count

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from ldm_cli import loading, pipeline
 from ldm_cli.cli import app
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import LoadOptions, convert, detect, keymap, quantized, recipe
+from ldm_cli.loading import LoadOptions, convert, detect, keymap, plan, quantized, recipe
 from ldm_cli.loading.tensors import Checkpoint
 from ldm_cli.settings import Settings
 from tests import original_layout, tiny_models
@@ -224,7 +224,7 @@ def from_original(like: torch.nn.Module, slot: keymap.Slot, state: dict[str, tor
     """`like`'s class holding `state` (original layout, float32), placed by the keymap the
     converter test checks."""
     module = convert.empty(slot.name, like.config.to_dict() if hasattr(like.config, "to_dict") else dict(like.config))
-    return convert.fill(module, convert.plan(slot, module, Checkpoint(Path("x"), {k: tuple(v.shape) for k, v in state.items()}, {})),
+    return convert.fill(module, plan.for_module(slot, module, Checkpoint(Path("x"), {k: tuple(v.shape) for k, v in state.items()}, {})),
                         state).eval()
 
 

@@ -98,3 +98,19 @@ def test_a_damaged_cache_entry_is_compiled_again(tmp_path, damage):
     for path in (tmp_path / "cache").rglob("*.bin"):
         path.write_bytes(damage)
     assert run(code, tmp_path).strip() == "ok"
+
+
+def test_a_new_generation_clears_only_the_ones_unused_for_a_week(tmp_path):
+    """Another install's kept imports (used yesterday) stay; an upgrade's stale ones go."""
+    import os
+    import time
+
+    from ldm_cli import libraries
+
+    imports = tmp_path / "cache" / "imports"
+    fresh, stale = imports / "another-install", imports / "an-old-ldm"
+    for folder, age in ((fresh, 24 * 3600), (stale, libraries.UNUSED_GENERATION_S + 60)):
+        (folder / "code").mkdir(parents=True)
+        os.utime(folder, (time.time() - age,) * 2)
+    run("import diffusers.loaders.lora_base\nprint('ok')", tmp_path)
+    assert fresh.exists() and not stale.exists() and len(list(imports.iterdir())) == 2

@@ -22,7 +22,7 @@ class Recorder:
 
     def __init__(self):
         self.calls = []
-        family = Family("fake", "fake", encode=None, predict=self.predict)
+        family = Family("fake", encode=None, predict=self.predict)
         self.model = SimpleNamespace(family=family)
 
     def predict(self, model, x, t, c):

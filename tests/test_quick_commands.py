@@ -1,4 +1,6 @@
 """Commands that answer from a table or a PNG's text never import torch or diffusers (seconds)."""
+import json
+import os
 import subprocess
 import sys
 
@@ -20,12 +22,34 @@ assert not heavy, heavy
 """
 
 
-@pytest.mark.parametrize("args", [["schedulers"], ["info", "{png}"], ["info", "{png}", "--json"], ["--version"]])
+@pytest.mark.parametrize("args", [["schedulers"], ["info", "{png}"], ["info", "{png}", "--json"], ["--version"],
+                                  ["upscale", "{png}", "--upscaler", "Lanczos", "--scale", "2", "--out", "{out}"]])
 def test_quick_commands_import_no_heavy_library(args, tmp_path):
     png = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(png, pnginfo=png_info({"parameters": (
         "a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 512x512")}))
-    result = subprocess.run([sys.executable, "-c", CHECK, *(a.format(png=png) for a in args)],
+    result = subprocess.run([sys.executable, "-c", CHECK, *(a.format(png=png, out=tmp_path / "o") for a in args)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout  # it answered
+
+
+PRINT_MODULES = CHECK.replace("assert not heavy, heavy", "print(heavy)")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3"])
+def test_info_of_a_checkpoint_imports_no_torch_once_its_architecture_is_known(family, request, tmp_path):
+    """The first `ldm info` of an architecture builds its components on the meta device (torch) and
+    keeps their weight tables; every later one, and every load, reads the tables instead."""
+    from tests import original_layout
+
+    path = tmp_path / f"{family}.safetensors"
+    folder = request.getfixturevalue(f"{family}_folder")
+    original_layout.write(folder, path, family, metadata=original_layout.ldm_metadata(folder, family))
+    env = {**os.environ, "LDM_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", PRINT_MODULES, "info", str(path), "--json"], capture_output=True,
+                           text=True, env=env) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    first, second = (r.stdout.rsplit("\n", 2) for r in runs)
+    assert "torch" in first[1] and second[1] == "[]"  # the second run imported none of them
+    assert first[0] == second[0] and json.loads(second[0])["parameters_vae"] > 0

@@ -60,5 +60,5 @@ def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.
 
 
 # bf16: T5 v1.1 overflows in fp16, and Chroma ships in bf16
-CHROMA = Family("chroma", "Chroma", encode, predict, cuda_dtype="bf16", flow=True, patch_size=flux.PATCH,
+CHROMA = Family("chroma", encode, predict, cuda_dtype="bf16", flow=True, patch_size=flux.PATCH,
                 sample_size=128, sigmas=flux.sigmas)  # ChromaPipeline's default_sample_size: 1024 pixels

@@ -22,12 +22,16 @@ if TYPE_CHECKING:
     from ldm_cli.settings import Settings
 
 Cond = dict[str, "torch.Tensor"]
+# what each family is called to a user; here, beside no torch, so `ldm info` names a file's family
+# without importing the family's code
+LABELS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
+          "sd3": "Stable Diffusion 3", "flux": "FLUX.1", "chroma": "Chroma", "zimage": "Z-Image", "flux2": "FLUX.2",
+          "qwen-image": "Qwen-Image"}
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str
-    label: str
+    name: str  # a key of LABELS
     # The `Any` below is the loaded ldm_cli.model.Model, left untyped because a Model holds its Family.
     # (model, texts, settings, negative) -> conditioning for each text; the texts are one A1111
     # batch (the prompts of one prompt's schedule, conditioning.py), the settings that image's:
@@ -70,3 +74,7 @@ class Family:
     # pipeline adjusts its CFG (Qwen-Image rescales it to the conditional output's norm, token by
     # token); None: the guided output as it is. Only called when the step is guided (cfg != 1)
     guided: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.name]

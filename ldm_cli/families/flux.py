@@ -125,5 +125,5 @@ def control_residuals(model, net, x: torch.Tensor, t: torch.Tensor, cond: Cond, 
 
 
 # bf16: T5 v1.1 overflows in fp16, and BFL ship FLUX in bf16
-FLUX = Family("flux", "FLUX.1", encode, predict, cuda_dtype="bf16", flow=True, patch_size=PATCH, sample_size=128,
+FLUX = Family("flux", encode, predict, cuda_dtype="bf16", flow=True, patch_size=PATCH, sample_size=128,
               sigmas=sigmas, control_input=control_input, control_residuals=control_residuals)

@@ -108,5 +108,5 @@ def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.
 
 # bf16: BFL ship FLUX.2 in bf16, and Qwen3 is trained in it. sample_size 64: 1024 pixels at the
 # packed latents' sixteenth
-FLUX2 = Family("flux2", "FLUX.2", encode, predict, cuda_dtype="bf16", flow=True, sample_size=64,
+FLUX2 = Family("flux2", encode, predict, cuda_dtype="bf16", flow=True, sample_size=64,
                sigmas=flux.sigmas, mu=mu, latent_patch=PATCH, to_latents=to_latents, from_latents=from_latents)

@@ -92,5 +92,5 @@ def renorm(positive: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
 
 
 # bf16: Qwen ship Qwen-Image and Qwen2.5-VL in bf16
-QWEN_IMAGE = Family("qwen-image", "Qwen-Image", encode, predict, cuda_dtype="bf16", flow=True, patch_size=flux.PATCH,
+QWEN_IMAGE = Family("qwen-image", encode, predict, cuda_dtype="bf16", flow=True, patch_size=flux.PATCH,
                     sample_size=128, sigmas=flux.sigmas, guided=renorm)  # default_sample_size 128: 1024 pixels

@@ -32,7 +32,7 @@ def ignored_clip_skip(s: Settings, family: str) -> None:
         note_once(f"--clip-skip applies to SD1 models only; ignored for this {family} model, as A1111 ignores it")
 
 
-SD1 = Family("sd1", "Stable Diffusion 1.x", encode_sd1, unet.predict, control_input=unet.control_input,
+SD1 = Family("sd1", encode_sd1, unet.predict, control_input=unet.control_input,
              control_residuals=unet.control_residuals)
-SD2 = Family("sd2", "Stable Diffusion 2.x", encode_sd2, unet.predict, control_input=unet.control_input,
+SD2 = Family("sd2", encode_sd2, unet.predict, control_input=unet.control_input,
              control_residuals=unet.control_residuals)

@@ -85,5 +85,5 @@ def control_residuals(model, net, x: torch.Tensor, t: torch.Tensor, cond: Cond, 
 
 
 # bf16: T5 v1.1 overflows in fp16
-SD3 = Family("sd3", "Stable Diffusion 3", encode, predict, cuda_dtype="bf16", flow=True,
+SD3 = Family("sd3", encode, predict, cuda_dtype="bf16", flow=True,
              control_input=control_input, control_residuals=control_residuals)

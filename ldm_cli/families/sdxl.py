@@ -30,5 +30,5 @@ def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     return {k: v.to(model.dtype) for k, v in cond.items()}
 
 
-SDXL = Family("sdxl", "Stable Diffusion XL", encode, unet.predict, control_input=unet.control_input,
+SDXL = Family("sdxl", encode, unet.predict, control_input=unet.control_input,
               control_residuals=unet.control_residuals)

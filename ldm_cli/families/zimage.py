@@ -55,5 +55,5 @@ def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.
 
 
 # bf16: Tongyi ship Z-Image in bf16, and Qwen3 is trained in it
-ZIMAGE = Family("zimage", "Z-Image", encode, predict, cuda_dtype="bf16", flow=True, patch_size=PATCH,
+ZIMAGE = Family("zimage", encode, predict, cuda_dtype="bf16", flow=True, patch_size=PATCH,
                 sample_size=128, sigmas=flux.sigmas)

@@ -1,7 +1,7 @@
 """Original single-file layout <-> diffusers modules, both through keymap's one mapping.
 
-Loading plans every component (each weight's original key and shape, checked against the
-header alone), so a file that does not match fails at once; the tensors, each read once and
+Loading plans every component (plan.py: each weight's original key and shape, checked against
+the header alone), so a file that does not match fails at once; the tensors, each read once and
 cast straight to the target dtype and device (prefetch.py), are then assigned into modules
 built on the meta device: no second full copy of the model ever exists.
 """
@@ -12,23 +12,13 @@ import sys
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import keymap, quantized
+from ldm_cli.loading import keymap, plan, quantized, weight_table
 from ldm_cli.loading.keymap import Slot
 from ldm_cli.loading.origin import Origin
-
-if TYPE_CHECKING:
-    from ldm_cli.loading.tensors import Checkpoint
-
-
-class Planned(NamedTuple):
-    key: str  # full key in the file
-    origin: Origin
-    shape: tuple[int, ...] = ()  # the module's, for weights not read (Origin.eye)
 
 
 def to_original(family: str, unet, vae, text_encoders: list) -> dict[str, torch.Tensor]:
@@ -93,9 +83,11 @@ def empty(name: str, config: dict) -> torch.nn.Module:
         build = constructor(name, config)  # its classes imported first: uninitialised() patches them
         sd3 = name == "transformer" and config.get("_class_name", "SD3Transformer2DModel") == "SD3Transformer2DModel"
         with init_empty_weights(include_buffers=sd3), uninitialised():
-            return build(config)
+            module = build(config)
     except (TypeError, ValueError, KeyError) as e:
         raise LdmError(f"the {name} config does not describe a model ldm can build ({e})") from None
+    weight_table.keep(name, config, module)  # so `ldm info` checks this architecture's files without torch
+    return module
 
 
 INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
@@ -165,44 +157,7 @@ def constructor(name: str, config: dict):
     return lambda c: model_class(config_class.from_dict(c))
 
 
-def plan(slot: Slot, module, checkpoint: Checkpoint) -> dict[str, Planned]:
-    """Each of the module's weights -> where it lies in the checkpoint, shapes checked."""
-    mapping = keymap.mapper(slot.kind, module.config)
-    planned = {}
-    for name, target in module.state_dict().items():
-        if name.endswith(".num_batches_tracked"):
-            continue  # a BatchNorm's count of training batches (FLUX.2's VAE): it sets it itself as it loads
-        origin = mapping(name)
-        key = slot.prefix + origin.key
-        if origin.eye:
-            planned[name] = Planned(key, origin, tuple(target.shape))
-            continue
-        if key not in checkpoint.shapes:
-            raise LdmError(f"{checkpoint.name} has no weight {key!r}, which a {slot.name} of this model needs; "
-                           "the file is incomplete or not the model ldm took it for (--config DIR describes unusual ones)")
-        found = stored_shape(checkpoint.shapes[key], origin, len(target.shape))
-        if found != tuple(target.shape):
-            raise LdmError(f"{checkpoint.name}: {key!r} has shape {list(checkpoint.shapes[key])} but this {slot.name} "
-                           f"needs {list(target.shape)}; pass --config DIR with the model's diffusers configs")
-        planned[name] = Planned(key, origin)
-    return planned
-
-
-def stored_shape(shape: tuple[int, ...], origin: Origin, ndim: int) -> tuple[int, ...]:
-    """The shape a stored tensor has once turned into the module's form."""
-    shape = tuple(shape)
-    if origin.part is not None and origin.split:
-        return (origin.split[origin.part], *shape[1:]) if shape and shape[0] == sum(origin.split) else shape
-    if origin.part is not None:
-        return (shape[0] // 3, *shape[1:]) if shape and shape[0] % 3 == 0 else shape
-    if origin.transpose:
-        return shape[::-1]
-    if origin.conv and len(shape) > ndim and all(s == 1 for s in shape[ndim:]):
-        return shape[:ndim]
-    return shape
-
-
-def fill(module, planned: dict[str, Planned], tensors: dict[str, torch.Tensor]):
+def fill(module, planned: dict[str, plan.Planned], tensors: dict[str, torch.Tensor]):
     """Assign the read tensors (already in the target dtype and device) into `module`, which
     was built with empty weights."""
     state = {}

@@ -178,3 +178,9 @@ def unknown_text_encoder(checkpoint: Checkpoint) -> str:
         return f"{checkpoint.name} is an SDXL refiner, which ldm does not run; use an SDXL base model"
     return (f"{checkpoint.name} has a UNet but no text encoder ldm recognises (SD1 CLIP, SD2 OpenCLIP or SDXL's two); "
             "ldm cannot run it")
+
+
+def turbo(checkpoint: Checkpoint) -> bool:
+    """A distilled few-step model, as its ModelSpec metadata says (SD3.5 large turbo's shapes are large's)."""
+    return any("turbo" in value.lower() for key, value in checkpoint.metadata.items()
+               if key.startswith("modelspec.") and isinstance(value, str))

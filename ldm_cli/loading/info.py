@@ -4,14 +4,11 @@ with nothing else to go on, the same probe forward pass loading runs): each part
 FLUX, Chroma, Z-Image, FLUX.2, Qwen-Image) which parts it still needs and the flag that supplies each."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import torch
-
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import (components, convert, detect, flux, flux2, keymap, mmdit, prediction, quantized,
-                              recipe, single_file, tensors, zimage)
+from ldm_cli.loading import (components, detect, flux, flux2, keymap, mmdit, plan, prediction, quantized, recipe,
+                              tensors, weight_table, zimage)
 
 
 def describe(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:
@@ -41,7 +38,7 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
 
 
 def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
-    from ldm_cli import families
+    from ldm_cli.families.family import LABELS
 
     if found.family == "flux":
         return flux.VARIANTS[found.variant]
@@ -50,8 +47,8 @@ def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
     if found.family == "flux2":
         return f"{flux2.VARIANTS[found.variant]} {flux2.size(found.denoiser_config)}"
     if found.variant:
-        return mmdit.VARIANTS[found.variant] + (" turbo" if single_file.turbo(checkpoint) else "")
-    return families.get(found.family).label + (" inpainting" if found.inpainting else "")
+        return mmdit.VARIANTS[found.variant] + (" turbo" if detect.turbo(checkpoint) else "")
+    return LABELS[found.family] + (" inpainting" if found.inpainting else "")
 
 
 def needs(r: recipe.Recipe, held: list[str]) -> list[str]:
@@ -65,13 +62,23 @@ def needs(r: recipe.Recipe, held: list[str]) -> list[str]:
 
 
 def parameters(r: recipe.Recipe, slot: keymap.Slot, checkpoint: tensors.Checkpoint) -> int:
-    """The component's size as ldm builds it (checked against the file, so a damaged one fails here)."""
-    module = convert.empty(slot.name, r.configs[slot.name])
-    convert.plan(slot, module, checkpoint)
-    return sum(math.prod(p.shape) for p in module.parameters())  # weights, not buffers (SD3's position table)
+    """The component's size as ldm builds it (checked against the file, so a damaged one fails here):
+    weights, not buffers (SD3's position table). Needs torch only for an architecture not yet seen."""
+    def build():
+        from ldm_cli.loading import convert, quiet_libraries
+
+        quiet_libraries()
+        return convert.empty(slot.name, r.configs[slot.name])
+    table = weight_table.table(slot.name, r.configs[slot.name], build)
+    plan.plan(slot, table.weights, table.config, checkpoint)
+    return table.parameters
 
 
 def probe(r: recipe.Recipe, found: detect.Found, checkpoint: tensors.Checkpoint) -> bool:
+    import torch
+
+    from ldm_cli.loading import single_file
+
     unet = single_file.build(r, checkpoint, [found.denoiser_slot], torch.float32, torch.device("cpu"))["unet"]
     return prediction.is_v_model(unet)
 

@@ -12,8 +12,6 @@ import re
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from ldm_cli.errors import LdmError
 from ldm_cli.loading.recipe import Recipe
 from ldm_cli.loading.detect import Found
@@ -63,6 +61,8 @@ def apply(r: Recipe, prediction: str) -> None:
 
 def is_v_model(unet) -> bool:
     """A1111's probe (is_using_v_parameterization_for_sd2), on the UNet as loaded."""
+    import torch
+
     p = next(unet.parameters())
     x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
     context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=p.device, dtype=p.dtype)

@@ -14,7 +14,7 @@ import torch
 
 from ldm_cli import untrusted_json
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import components, convert, detect, keymap, prediction, recipe, tensors, vae_file
+from ldm_cli.loading import components, convert, detect, keymap, plan, prediction, recipe, tensors, vae_file
 from ldm_cli.loading.folder import load_tokenizer, to_device
 from ldm_cli.loading.options import quiet_libraries
 from ldm_cli.loading.prefetch import Prefetch, in_background
@@ -71,7 +71,7 @@ def build(r: Recipe, checkpoint: tensors.Checkpoint, slots: list[keymap.Slot], d
     with Prefetch(checkpoint, [s.prefix for s in slots], dtype, device) as reading:
         quiet_libraries()  # importing diffusers and transformers overlaps the reading
         modules = {s.name: convert.empty(s.name, r.configs[s.name]) for s in slots}
-        plans = {s.name: convert.plan(s, modules[s.name], checkpoint) for s in slots}
+        plans = {s.name: plan.for_module(s, modules[s.name], checkpoint) for s in slots}
         tensors_read = reading.result()
     return {n: keep_fp32(convert.fill(modules[n], plans[n], tensors_read), dtype) for n in modules}
 
@@ -132,7 +132,7 @@ def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dic
     if r is not None and r.family == "sd3":
         from ldm_cli.families import sd3
 
-        base = sd3.defaults(turbo(checkpoint), r.configs["scheduler"].get("shift", 3.0), "text_encoder_3" in parts)
+        base = sd3.defaults(detect.turbo(checkpoint), r.configs["scheduler"].get("shift", 3.0), "text_encoder_3" in parts)
     if r is not None and r.family == "flux":
         from ldm_cli.families import flux
 
@@ -179,8 +179,3 @@ def _few_steps(checkpoint: tensors.Checkpoint) -> dict:
          "unless given otherwise")
     return found[1]
 
-
-def turbo(checkpoint: tensors.Checkpoint) -> bool:
-    """A distilled few-step model, as its ModelSpec metadata says (SD3.5 large turbo's shapes are large's)."""
-    return any("turbo" in value.lower() for key, value in checkpoint.metadata.items()
-               if key.startswith("modelspec.") and isinstance(value, str))

@@ -133,12 +133,12 @@ def _safetensors_reader(path: Path, header: dict, data_start: int) -> tuple[Call
     key -> drop the mapped pages under it)."""
     import mmap
 
-    import torch
-
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: never writes the file
 
     def view(key: str):
+        import torch  # on the first read: `ldm info` opens checkpoints and reads no tensor
+
         entry = header[key]
         dtype = getattr(torch, TORCH_DTYPES[entry["dtype"]])
         begin, stop = entry["data_offsets"]

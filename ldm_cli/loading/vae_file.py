@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import components, convert, recipe
+from ldm_cli.loading import components, convert, plan, recipe
 from ldm_cli.loading.prefetch import Prefetch
 from ldm_cli.loading.recipe import read_json
 
@@ -25,7 +25,7 @@ def load_vae(path: Path, dtype, config: dict | None = None, allow_pickle: bool =
         return vae
     checkpoint, slot = components.vae_file(path, config, allow_pickle)
     module = convert.empty("vae", config)
-    planned = convert.plan(slot, module, checkpoint)
+    planned = plan.for_module(slot, module, checkpoint)
     with Prefetch(checkpoint, [slot.prefix], dtype, torch.device("cpu")) as reading:
         return convert.fill(module, planned, reading.result())
 
