@@ -37,7 +37,6 @@ class KRun:
     rngs: list[str]  # each image's noise source: "cpu" or "nv"
     brownian: bool  # A1111 draws its SDE samplers' noise from a Brownian tree seeded by the image's seed
     options: dict[str, Any] = field(default_factory=dict)  # eta, s_churn ... where the sampler takes them
-    begin: int = 0
     order = 1
 
     @property
@@ -49,7 +48,7 @@ class KRun:
         return float(self.sigmas[0])
 
     def set_begin_index(self, begin: int) -> None:
-        self.begin = begin
+        """Nothing to keep: img2img hands the loop the sigmas it keeps as its timesteps."""
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return latents + noise * sigma.to(latents.device, latents.dtype).view(-1, *[1] * (latents.ndim - 1))

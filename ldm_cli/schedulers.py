@@ -203,7 +203,8 @@ def check_for_model(name: str, schedule: str | None, flow: bool, family: SpacedF
     """A flow-matching model takes only the names of FLOW_SCHEDULERS, and their schedules; a
     family with a sigma spacing of its own (FLUX) only those that can take it."""
     if not flow:
-        if schedule is not None and not supports(name, schedule) or (schedule == "simple" and SCHEDULERS[name].k is None):
+        spec = SCHEDULERS[name]  # "simple" passed supports() as a flow model's name; here it is A1111's type
+        if schedule not in (None, "default", *spec.schedules) and spec.k is None:
             raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
         return
     names = flow_names(family is not None and family.sigmas is not None)

@@ -117,3 +117,24 @@ def test_the_steps_a_sampler_is_refused_are_those_it_cannot_run(name):
     for schedule in ("default", *schedulers.SCHEDULERS[name].schedules):
         assert run_all_steps(name, schedule, steps), schedule
         schedulers.check_steps(schedulers.Run(name, schedule, SMALL), steps)
+
+
+def test_simple_is_a1111s_type_for_unet_models_and_forges_default_for_flow_models():
+    schedulers.check_for_model("euler", "simple", False)  # the k-diffusion path runs it
+    schedulers.check_for_model("unipc", "simple", True)  # a flow model's own spacing
+    with pytest.raises(LdmError, match="'unipc' has no simple schedule"):
+        schedulers.check_for_model("unipc", "simple", False)
+    with pytest.raises(LdmError, match="does not work with flow-matching models"):
+        schedulers.check_for_model("dpmpp_3m_sde", "default", True)
+
+
+def test_the_listing_names_every_sampler_schedule_type_and_which_models_take_them():
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    out = CliRunner().invoke(app, ["schedulers"]).stdout
+    for spec in schedulers.SCHEDULERS.values():
+        assert re.search(rf"^{re.escape(spec.name)} +{re.escape(spec.label)} ", out, re.M), spec.name
+    assert all(label in out for label in schedulers.SCHEDULE_TYPES.values())
+    assert "noise-prediction models (SD 1.x, SD 2.x, SDXL)" in out and "flow-matching models" in out
