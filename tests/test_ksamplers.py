@@ -341,3 +341,24 @@ def test_prompt_file_lines_take_the_sampler_options_and_schedule_labels(tmp_path
     first, second = (job.settings for job in prompts_file.read(tmp_path / "p.txt", Settings(steps=5)))
     assert (first.scheduler, first.eta, first.s_noise) == ("dpmpp_2s_a", 0.4, 0.9)
     assert (second.scheduler, second.schedule, second.steps) == ("dpmpp_3m_sde", "kl_optimal", 5)
+
+
+def test_rng_nv_draws_the_ancestral_noise_from_philox_at_the_next_offsets(models):
+    """A1111's NV source: the starting noise is the seed's Philox draw at offset 0, each later draw
+    of the sampler the next offset."""
+    from ldm_cli import philox
+
+    sampling, _ = kdiffusion.load()
+    model = models["sd1"]
+    s = settings(model, "dpmpp_2s_a", "karras", rng="nv")
+    den, cfg_model = reference_denoiser(model, s)
+    sigmas = a1111_sigmas(den, "karras", s.steps, False)
+    shape = (model.latent_channels, s.height // model.vae_scale_factor, s.width // model.vae_scale_factor)
+    x = philox.randn(s.seed, shape)[None] * sigmas[0]
+    offsets = iter(range(1, 100))
+    with torch.inference_mode():
+        out = sampling.sample_dpmpp_2s_ancestral(cfg_model, x, sigmas, disable=True,
+                                                 noise_sampler=lambda *_: philox.randn(s.seed, shape, next(offsets))[None])
+    ref = np.asarray(vae.decode(model, out)[0]).astype(np.int16)
+    mine = ours(model, s)
+    assert np.abs(mine - ref).max() <= 2 and np.abs(mine - ours(model, settings(model, "dpmpp_2s_a", "karras"))).max() > 2
