@@ -91,6 +91,9 @@ def resolved(settings: Settings, model) -> Settings:
     defaults = model.defaults if model.networks is None else {
         **model.defaults, **model.networks.few_step_defaults(settings.prompt)}  # a LoRA made for few steps
     out = settings.resolve(defaults, model.native_size, model.train_timesteps)
+    if model.family.flow:  # diffusers' flow-matching schedulers take no k-diffusion option: not run, not recorded
+        out = out.merged()
+        out.eta = out.s_churn = out.s_tmin = out.s_tmax = out.s_noise = None
     pipeline.check_steps(model, out)
     out.model_name, out.model_hash = model.name, model.hash
     out.model = model.path

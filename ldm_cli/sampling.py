@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 
 from ldm_cli.control import Control
+from ldm_cli.errors import LdmError
 from ldm_cli.families.family import Cond
 from ldm_cli.guidance import Call, Guidance, Parts, Schedule
-from ldm_cli.errors import LdmError
 from ldm_cli.ksampling import OWN_STEPS, KRun
 
 # (latents after step i, i) -> latents; used by inpainting with an ordinary model

@@ -362,3 +362,16 @@ def test_rng_nv_draws_the_ancestral_noise_from_philox_at_the_next_offsets(models
     ref = np.asarray(vae.decode(model, out)[0]).astype(np.int16)
     mine = ours(model, s)
     assert np.abs(mine - ref).max() <= 2 and np.abs(mine - ours(model, settings(model, "dpmpp_2s_a", "karras"))).max() > 2
+
+
+def test_a_flow_model_neither_runs_nor_records_the_k_diffusion_options(sd3_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    result = CliRunner().invoke(app, ["generate", "a fox", "--model", str(sd3_folder), "--steps", "2", "--seed", "1",
+                                      "--scheduler", "euler", "--s-churn", "1", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "s_churn" not in json.loads(result.stdout.splitlines()[-1])
