@@ -11,7 +11,7 @@ from PIL import Image
 
 from ldm_cli import __version__, control_units, images, untrusted_json
 from ldm_cli.errors import LdmError
-from ldm_cli.settings import LABELS, BadSetting, Settings, flag_name
+from ldm_cli.settings import LABELS, SAMPLER_OPTIONS, BadSetting, Settings, flag_name
 
 METADATA_KEY = "ldm"  # our own chunk: the settings as JSON, for an exact --from-png
 
@@ -93,7 +93,8 @@ def resolved(settings: Settings, model) -> Settings:
     out = settings.resolve(defaults, model.native_size, model.train_timesteps)
     if model.family.flow:  # diffusers' flow-matching schedulers take no k-diffusion option: not run, not recorded
         out = out.merged()
-        out.eta = out.s_churn = out.s_tmin = out.s_tmax = out.s_noise = None
+        for name in SAMPLER_OPTIONS:
+            setattr(out, name, None)
     pipeline.check_steps(model, out)
     out.model_name, out.model_hash = model.name, model.hash
     out.model = model.path
