@@ -95,6 +95,8 @@ def resolved(settings: Settings, model) -> Settings:
         out = out.merged()
         for name in SAMPLER_OPTIONS:
             setattr(out, name, None)
+        if out.schedule == "simple":  # Forge's label of a flow model's own spacing
+            out.schedule = "default"
     pipeline.check_steps(model, out)
     out.model_name, out.model_hash = model.name, model.hash
     out.model = model.path

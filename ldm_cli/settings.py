@@ -264,6 +264,8 @@ class Settings:
             s.scheduler, s.schedule = schedulers.resolve(p["Sampler"])
             if "Schedule type" in p:
                 s.schedule = schedulers.schedule_from_label(p["Schedule type"]) or "default"
+                if s.schedule == "simple" and ("Shift" in p or "Max sequence length" in p):
+                    s.schedule = "default"  # a flow model's own spacing, as to_infotext labels it
             elif s.schedule is None:
                 s.schedule = "default"
         s.model_name, s.model_hash = p.get("Model"), p.get("Model hash")

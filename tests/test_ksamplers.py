@@ -375,3 +375,6 @@ def test_a_flow_model_neither_runs_nor_records_the_k_diffusion_options(sd3_folde
                                       "--scheduler", "euler", "--s-churn", "1", "--out", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     assert "s_churn" not in json.loads(result.stdout.splitlines()[-1])
+    simple = CliRunner().invoke(app, ["generate", "a fox", "--model", str(sd3_folder), "--steps", "2", "--seed", "1",
+                                      "--schedule", "Simple", "--out", str(tmp_path / "s"), "--json"])
+    assert json.loads(simple.stdout.splitlines()[-1])["schedule"] == "default"  # Forge's name of its own spacing
