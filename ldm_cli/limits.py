@@ -43,7 +43,9 @@ RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
           "shift": (0.01, 100), "max_sequence_length": (1, 512),  # 512: T5's tokenizer limit
           "guidance": (0, MAX_CFG), "clip_skip": (1, 12),  # 12: CLIP-L's layers, A1111's slider
           "hires_scale": (1, MAX_HIRES_SCALE), "hires_width": (0, MAX_SIDE), "hires_height": (0, MAX_SIDE),
-          "hires_steps": (0, MAX_STEPS), "hires_cfg": (0, MAX_CFG)}
+          "hires_steps": (0, MAX_STEPS), "hires_cfg": (0, MAX_CFG),
+          # k-diffusion's sampler options: A1111's sliders, eta and the noise scale with room beyond
+          "eta": (0, 10), "s_churn": (0, 100), "s_tmin": (0, 1000), "s_tmax": (0, 1000), "s_noise": (0, 10)}
 
 
 # `ldm upscale`: its output may be larger than a render (a 4000 px photo at 2x); blending tiles

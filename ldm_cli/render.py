@@ -11,7 +11,7 @@ from PIL import Image
 
 from ldm_cli import __version__, control_units, images, untrusted_json
 from ldm_cli.errors import LdmError
-from ldm_cli.settings import LABELS, BadSetting, Settings, flag_name
+from ldm_cli.settings import LABELS, SAMPLER_OPTIONS, BadSetting, Settings, flag_name
 
 METADATA_KEY = "ldm"  # our own chunk: the settings as JSON, for an exact --from-png
 
@@ -94,7 +94,15 @@ def resolved(settings: Settings, model) -> Settings:
     checked against its sampler, LoRAs and embeddings, whose hashes they record."""
     from ldm_cli import hires, pipeline
 
-    out = settings.resolve(model.defaults, model.native_size, model.train_timesteps)
+    defaults = model.defaults if model.networks is None else {
+        **model.defaults, **model.networks.few_step_defaults(settings.prompt)}  # a LoRA made for few steps
+    out = settings.resolve(defaults, model.native_size, model.train_timesteps)
+    if model.family.flow:  # diffusers' flow-matching schedulers take no k-diffusion option: not run, not recorded
+        out = out.merged()
+        for name in SAMPLER_OPTIONS:
+            setattr(out, name, None)
+        if out.schedule == "simple":  # Forge's label of a flow model's own spacing
+            out.schedule = "default"
     pipeline.check_steps(model, out)
     hires.check(model, out)
     out.model_name, out.model_hash = model.name, model.hash

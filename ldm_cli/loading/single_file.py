@@ -158,6 +158,8 @@ def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dic
         from ldm_cli.families import qwen_image
 
         base = qwen_image.defaults(r.configs["scheduler"])
+    if r is not None and r.family in ("sd1", "sd2", "sdxl"):
+        base = {**base, **_few_steps(checkpoint)}
     text = checkpoint.metadata.get(DEFAULTS_KEY)
     if text is None:
         return base
@@ -168,3 +170,17 @@ def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dic
     if not isinstance(data, dict):
         raise LdmError(f"{checkpoint.name}: its {DEFAULTS_KEY} metadata is not a JSON table; the file is damaged")
     return {**base, **data}
+
+
+def _few_steps(checkpoint: tensors.Checkpoint) -> dict:
+    """The settings of a checkpoint whose metadata says it is made for few steps (presets.py), said."""
+    from ldm_cli import presets
+    from ldm_cli.notes import note
+
+    found = presets.from_metadata(checkpoint.metadata)
+    if found is None:
+        return {}
+    note(f"{checkpoint.name} is a {found[0]} model (its metadata says): {presets.described(found[1])} "
+         "unless given otherwise")
+    return found[1]
+
