@@ -65,6 +65,25 @@ def test_webuiapi_txt2img_is_the_cli_image(server, tmp_path):
     assert "Sampler: DPM++ 2M, Schedule type: Karras" in cli.text["parameters"]
 
 
+def test_webuiapi_hires_fix_and_a_schedule_type_are_the_cli_image(server, tmp_path):
+    """webuiapi's enable_hr fields, and its eta/s_* defaults on every call, as the CLI's flags."""
+    result = api(server).txt2img(prompt="a red circle", seed=8, width=64, height=64, steps=4, cfg_scale=5,
+                                 sampler_name="Euler a", scheduler="SGM Uniform", enable_hr=True, hr_scale=1.5,
+                                 hr_upscaler="Lanczos", hr_second_pass_steps=3, denoising_strength=0.6)
+    [image] = result.images
+    cli = cli_png(tmp_path, "generate", "a red circle", "--seed", 8, "--steps", 4, "--cfg", 5, "--scheduler", "Euler a",
+                  "--schedule", "sgm_uniform", "--hires-scale", 1.5, "--hires-upscaler", "Lanczos", "--hires-steps", 3,
+                  "--hires-strength", 0.6)
+    assert image.size == (96, 96) and same_pixels(image, cli)
+    assert "Schedule type: SGM Uniform" in cli.text["parameters"] and "Hires upscale: 1.5" in cli.text["parameters"]
+    assert "Eta" not in cli.text["parameters"] and image.text == cli.text
+    modes = httpx.get(f"{server.url}/sdapi/v1/latent-upscale-modes").json()
+    assert {"name": "Latent (bicubic antialiased)"} in modes
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": "x", "enable_hr": True, "width": 64, "height": 64,
+                                                           "hr_upscaler": "../../x.pth"})
+    assert r.status_code == 400 and "unknown hr_upscaler" in r.json()["detail"]
+
+
 def test_txt2img_batches_and_the_raw_info_string(server):
     body = {"prompt": "a cat", "seed": 11, "width": 64, "height": 64, "steps": 2, "batch_size": 2, "n_iter": 2,
             "sampler_name": "Euler", "scheduler": "automatic", "denoising_strength": 0.7, "enable_hr": False,
@@ -182,7 +201,7 @@ def test_png_info_reads_what_txt2img_wrote(server):
     ({"width": 60}, "width must be a positive multiple of 8 (got 60); try 64"),
     ({"steps": 100_000}, "steps must be between 1 and 1000"),
     ({"sampler_name": "Nope"}, "unknown scheduler 'Nope'"),
-    ({"scheduler": "kl_optimal"}, "scheduler 'kl_optimal' is not one ldm runs"),
+    ({"scheduler": "turbo_exponential"}, "scheduler 'turbo_exponential' is not one ldm runs"),
     ({"steps": "many"}, 'steps must be a whole number (got "many")'),
     ({"n_iter": 0}, "n_iter must be at least 1"),
     ({"batch_size": 17}, "batch_size must be at most 16 (got 17)"),

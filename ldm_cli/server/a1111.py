@@ -40,14 +40,15 @@ IMG2IMG = {
     "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0, "initial_noise_multiplier": None,
     "latent_mask": None, "include_init_images": False, "denoising_strength": 0.75,
 }
-# The schedule A1111's "Automatic" picks for a sampler (its samplers' own `scheduler` option);
-# a sampler not named runs its scheduler's own spacing, as A1111's uniform one.
-AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential"}
-# A1111's schedule types -> ldm's schedules ("default": the scheduler's own evenly spaced timesteps)
-SCHEDULES = {"uniform": "default", "normal": "default", "simple": "default", "sgm_uniform": "default",
-             "karras": "karras", "exponential": "exponential", "beta": "beta"}
-SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
-                   "normal": "Normal", "simple": "Simple", "sgm_uniform": "SGM Uniform", "beta": "Beta"}
+# A1111's schedule types (its `scheduler` field) are ldm's (schedulers.SCHEDULE_TYPES) and
+# "automatic": the sampler's own choice (SchedulerSpec.k_schedule; uniform: its scheduler's own
+# spacing). A sampler only diffusers runs (DDIM, PLMS, UniPC...) takes its own evenly spaced
+# timesteps for A1111's evenly spaced types, as SillyTavern's DDIM with "normal" asks.
+EVEN = ("uniform", "normal", "simple", "sgm_uniform", "ddim")
+SCHEDULE_LABELS = {"automatic": "Automatic", **schedulers.SCHEDULE_TYPES}
+# A1111's values of the k-diffusion sampler options that mean "the default" (clients such as
+# webuiapi send them on every request): given as they are, they would record and run an option
+SAMPLER_OPTION_DEFAULTS = {"eta": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
 # inpainting_fill: what the masked part starts from. ldm's inpainting starts from the picture itself
 # (original); "fill" first paints it with the colours around it. The latent ones are not run yet.
 FILL, FILL_ORIGINAL = 0, 1
@@ -82,12 +83,15 @@ def sampler(body: dict, defaults: dict) -> tuple[str, str | None]:
     """(ldm scheduler, schedule) from sampler_name (else sampler_index) and scheduler."""
     label = _get(body, "sampler_name", defaults, str) or _get(body, "sampler_index", defaults, str) or "Euler"
     name, label_schedule = schedulers.resolve(label)
+    spec = schedulers.SCHEDULERS[name]
     asked = (_get(body, "scheduler", defaults, str) or "automatic").lower().replace(" ", "_")
     if asked == "automatic":
-        return name, label_schedule or AUTOMATIC.get(name)
-    if asked not in SCHEDULES:
+        return name, label_schedule or (spec.k_schedule if spec.k and spec.k_schedule != "uniform" else None)
+    if asked not in schedulers.SCHEDULE_TYPES:
         raise LdmError(f"scheduler {asked!r} is not one ldm runs; choose one of: {', '.join(SCHEDULE_LABELS)}")
-    return name, SCHEDULES[asked]
+    if spec.k is None and asked in EVEN:
+        return name, "default"
+    return name, asked
 
 
 def settings(body: dict, defaults: dict, options: dict, config: Config) -> tuple[Settings, str | None]:
@@ -104,9 +108,42 @@ def settings(body: dict, defaults: dict, options: dict, config: Config) -> tuple
                  width=_get(body, "width", defaults, int), height=_get(body, "height", defaults, int),
                  scheduler=name, schedule=schedule,
                  model=config.checkpoint(options["sd_model_checkpoint"]),
-                 clip_skip=clip_skip if clip_skip != 1 else None)  # 1 is the last layer: as the CLI, unrecorded
+                 clip_skip=clip_skip if clip_skip != 1 else None,  # 1 is the last layer: as the CLI, unrecorded
+                 **sampler_options(body, defaults))
+    if "enable_hr" in defaults:  # txt2img
+        s = s.merged(**hires(body, defaults, config))
     validated(s)
     return s, config.vae(options.get("sd_vae"))
+
+
+def sampler_options(body: dict, defaults: dict) -> dict:
+    """eta, s_churn...: those given and not A1111's defaults."""
+    values = {key: _get(body, key, defaults, float) for key in SAMPLER_OPTION_DEFAULTS}
+    return {k: v for k, v in values.items() if v is not None and v != SAMPLER_OPTION_DEFAULTS[k]}
+
+
+def hires(body: dict, defaults: dict, config: Config) -> dict:
+    """A txt2img body's hires fix (enable_hr, hr_*, denoising_strength) as Settings fields, read as
+    a prompt-file line's A1111 keys are (prompts_file.hires_values); an upscaler model is a listed
+    name (never a path a request gives)."""
+    from ldm_cli import hires_plan, prompts_file
+
+    if not _get(body, "enable_hr", defaults, bool):
+        return {}
+    values = {"enable_hr": True}
+    for key in (*prompts_file.HIRES_KEYS, "denoising_strength"):
+        kind = prompts_file.KEYS[key].kind
+        if (value := _get(body, key, defaults, kind)) is not None:
+            values[key] = value
+    out = {prompts_file.KEYS[k].field: v for k, v in prompts_file.hires_values(values).items()}
+    upscaler = out.get("hires_upscaler")
+    if upscaler is not None and hires_plan.upscaler_name(upscaler) is None:
+        listed = config.listing("upscalers")
+        if upscaler not in listed:
+            raise LdmError(f"unknown hr_upscaler {upscaler!r}; the server lists: "
+                           f"{', '.join([*hires_plan.UPSCALERS, *listed])}")
+        out["hires_upscaler"] = listed[upscaler]
+    return out
 
 
 def validated(s: Settings) -> Settings:

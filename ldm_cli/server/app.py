@@ -215,11 +215,18 @@ def _a1111_routes(app: FastAPI, config: renders.Config, workers: jobs.Workers) -
 
     @app.get(f"{api}/upscalers")
     def upscalers():
-        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+        from ldm_cli import hires_plan
+
+        resizers = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                    for name in hires_plan.IMAGE_UPSCALERS]
+        return resizers + [{"name": name, "model_name": name, "model_path": None, "model_url": None, "scale": 4}
+                           for name in config.listing("upscalers")]  # a path is the server's to know
 
     @app.get(f"{api}/latent-upscale-modes")
     def latent_upscale_modes():
-        return []  # hires fix is not served yet: no mode to pick
+        from ldm_cli import hires_plan
+
+        return [{"name": name} for name in hires_plan.LATENT_MODES]
 
     @app.get(f"{api}/loras")
     def loras():
