@@ -165,6 +165,9 @@ InitImage = Annotated[Path, typer.Argument(help="The starting image, at least 8 
 ImagePrompt = Annotated[Optional[str], typer.Argument(help="What to draw.")]
 Strength = Annotated[Optional[float], typer.Option(help="How much to change: 0 keeps the image, 1 paints afresh [default: 0.75 for img2img, 1 for inpaint and outpaint].")]
 MaskBlur = Annotated[Optional[int], typer.Option(min=0, help="Blur of the mask's edge in pixels, blending new and kept [default: 4].")]
+MaskedContent = Annotated[Optional[str], typer.Option(metavar="KIND", help=(
+    "What the repainted part starts from (A1111's Masked content): original, fill (the colours around it), "
+    "'latent noise' or 'latent nothing' (in its latents; with --strength below 1) [default: original]."))]
 OnlyMasked = Annotated[bool, typer.Option("--only-masked", help="Render only the mask's surroundings, at the model's size, and paste them back.")]
 Padding = Annotated[Optional[int], typer.Option(min=0, help="Pixels of context around the mask with --only-masked [default: 32].")]
 Margin = Annotated[int, typer.Option(min=0, help="Pixels to add on this side.")]
@@ -362,13 +365,14 @@ def inpaint(
     image: InitImage,
     mask: Annotated[Path, typer.Argument(help="White is repainted, black is kept; any size of the image's shape. A mask with transparency: opaque is repainted.")],
     prompt: ImagePrompt = None, strength: Strength = None, mask_blur: MaskBlur = None,
-    only_masked: OnlyMasked = False, padding: Padding = None, *, flags: RenderFlags,
+    only_masked: OnlyMasked = False, padding: Padding = None, masked_content: MaskedContent = None, *,
+    flags: RenderFlags,
 ) -> None:
     """Repaint the masked part of an image; outside the mask its pixels are kept exactly."""
     from ldm_cli import commands
 
     settings = flags.settings(prompt=prompt, strength=strength, mask_blur=mask_blur,
-                              only_masked=only_masked or None, padding=padding)
+                              only_masked=only_masked or None, padding=padding, masked_content=masked_content)
     flags.print(commands.inpaint(settings, image, mask, flags.run_options()))
 
 
@@ -378,7 +382,7 @@ def outpaint(
     image: InitImage, prompt: ImagePrompt = None,
     left: Margin = 0, right: Margin = 0, top: Margin = 0, bottom: Margin = 0,
     strength: Strength = None, mask_blur: MaskBlur = None, only_masked: OnlyMasked = False,
-    padding: Padding = None, *, flags: RenderFlags,
+    padding: Padding = None, masked_content: MaskedContent = None, *, flags: RenderFlags,
 ) -> None:
     """Extend an image's canvas by the margins and paint the new border.
 
@@ -388,7 +392,7 @@ def outpaint(
     from ldm_cli import commands
 
     settings = flags.settings(prompt=prompt, strength=strength, mask_blur=mask_blur,
-                              only_masked=only_masked or None, padding=padding)
+                              only_masked=only_masked or None, padding=padding, masked_content=masked_content)
     flags.print(commands.outpaint(settings, image, (left, top, right, bottom), flags.run_options()))
 
 

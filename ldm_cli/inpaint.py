@@ -11,6 +11,11 @@ picture takes the model's pixels where the blurred mask is at least half white, 
 original across the blur outside that, and keeps the original's pixels exactly where the
 blurred mask is black. With --only-masked, the mask's bounding box plus --padding (widened to
 the render's aspect ratio) is cut out, rendered at the model's size and pasted back.
+
+--masked-content (A1111's "Masked content") is what the repainted part starts from: the picture
+(original), the picture with that part painted in the colours around it (fill), or, in the image's
+latents before they are noised, the seed's noise (latent noise) or zeros (latent nothing). Only
+a strength below 1 starts from the latents; fill changes the pixels a 9-channel model sees too.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
 DEFAULTS = {"strength": 1.0, "mask_blur": 4, "only_masked": False}
+FILL_RADII = (256, 64, 16, 4, 2)  # masked content "fill": blurs from wide to fine, each finer one overwriting where it reaches
 DEFAULT_PADDING = 32
 WHITE = 128  # grey levels from here up are repainted (one half, as diffusers binarises masks)
 
@@ -97,9 +103,30 @@ class Region:
     mask: Image.Image  # L at the render size
 
 
+def filled(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """`image` with its repainted part (mask >= WHITE) painted with the colours around it: each
+    pixel the mean of the kept pixels near it, weighted by a Gaussian, from wide blurs to fine."""
+    from scipy.ndimage import gaussian_filter
+
+    picture = np.asarray(image.convert("RGB"), dtype=np.float64)
+    repaint = np.asarray(mask.convert("L").resize(image.size)) >= WHITE
+    keep = (~repaint).astype(np.float64)
+    out = picture.copy()
+    for radius in FILL_RADII:
+        weight = gaussian_filter(keep, radius, mode="nearest")
+        reached = repaint & (weight > 1e-3)
+        for channel in range(3):
+            colour = gaussian_filter(picture[..., channel] * keep, radius, mode="nearest")
+            out[..., channel][reached] = colour[reached] / weight[reached]
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
 def prepare(s: Settings, init: Image.Image, mask: Image.Image) -> Region:
-    """The whole image at the render size, or (--only-masked) the mask's surroundings cut out and scaled."""
+    """The whole image at the render size, or (--only-masked) the mask's surroundings cut out and
+    scaled; with masked content "fill", the repainted part painted from around it first."""
     init = init.convert("RGB")
+    if s.masked_content == "fill":
+        init = filled(init, mask)
     original = init if s.only_masked else images.resized(init, s.width, s.height)
     soft = blurred(images.resized(mask.convert("L"), *original.size), s.mask_blur or 0)
     box = crop_box(soft, s.padding or 0, s.width / s.height) if s.only_masked else (0, 0, *original.size)
@@ -191,9 +218,11 @@ def extend(image: Image.Image, left: int, top: int, right: int, bottom: int) -> 
 
 # -- latents ----------------------------------------------------------------------------------
 def _latents(model, group: list[Settings], scheduler, timesteps: torch.Tensor, pixels: torch.Tensor,
-             generators: list[torch.Generator], mode: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             generators: list[torch.Generator], mask: torch.Tensor, mode: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(starting latents, noise, image latents), drawn from the generators in diffusers' order;
-    `mode`: the image's latents are the VAE's mode, no draw (an edit's: FluxKontextInpaintPipeline)."""
+    `mode`: the image's latents are the VAE's mode, no draw (an edit's: FluxKontextInpaintPipeline).
+    `mask` (latent size, 1 repainted) takes the masked content's latents before they are noised."""
     full = group[0].strength == 1
     image_latents = None
     if not (model.is_inpainting and full):  # ordinary models blend them back; strength < 1 starts from them
@@ -201,8 +230,22 @@ def _latents(model, group: list[Settings], scheduler, timesteps: torch.Tensor, p
     if full:
         noise = pipeline.initial_noise(model, group, generators)
         return noise * sampling.init_noise_sigma(scheduler), noise, image_latents
-    latents, noise = strength.add_noise(model, group, scheduler, image_latents, generators, timesteps)
+    started = _masked_content(model, group, image_latents, mask)
+    latents, noise = strength.add_noise(model, group, scheduler, started, generators, timesteps)
     return latents, noise, image_latents
+
+
+def _masked_content(model, group: list[Settings], image_latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The latents the repainted part starts from: the image's, the seed's noise (A1111's latent
+    noise: each image's first draw from a fresh generator of its seed) or zeros (latent nothing).
+    The kept part is the image's whatever: blending puts it back after every step."""
+    content = group[0].masked_content
+    if content == "latent nothing":
+        return image_latents * (1 - mask)
+    if content == "latent noise":
+        noise = pipeline.initial_noise(model, group, pipeline.generators_for(group))
+        return image_latents * (1 - mask) + noise * mask
+    return image_latents
 
 
 def _masked_image_latents(model, pixels: torch.Tensor, mask: torch.Tensor,
@@ -257,12 +300,15 @@ def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks:
     # at the render size (the region's with --only-masked), before the image's sample, as diffusers
     units = control.for_batch(model, *regions[0].image.size, generators)
     pixels = vae.to_tensor([r.image for r in regions])
-    latents, noise, image_latents = _latents(model, group, scheduler, timesteps, pixels, generators,
+    mask = mask_tensor([r.mask for r in regions])
+    f = model.vae_scale_factor
+    small = torch.nn.functional.interpolate(mask, size=(pixels.shape[2] // f, pixels.shape[3] // f))
+    small = small.to(model.device, model.dtype)
+    latents, noise, image_latents = _latents(model, group, scheduler, timesteps, pixels, generators, small,
                                              mode=references is not None)
     # 5. the mask at latent size and the masked image
-    mask = mask_tensor([r.mask for r in regions])
     masked = _masked_image_latents(model, pixels, mask, generators)
-    mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:]).to(model.device, model.dtype)
+    mask = small
     # 6. denoise: a 9-channel model sees mask and masked image; an ordinary one gets the kept part back
     extra = torch.cat([mask, masked], dim=1) if masked is not None else None
     blend = None if masked is not None else _blend(scheduler, image_latents, noise, mask, timesteps)

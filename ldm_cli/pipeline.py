@@ -19,7 +19,7 @@ from ldm_cli.settings import Settings
 BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule", "strength", "shift",
                 "max_sequence_length", "no_t5", "guidance", "controlnet", "hires_scale", "hires_width",
                 "hires_height", "hires_upscaler", "hires_steps", "hires_scheduler", "hires_schedule", "hires_cfg",
-                "eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+                "eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "masked_content")
 
 
 def batch_key(s: Settings) -> tuple:

@@ -41,6 +41,7 @@ KEYS: dict[str, Key] = {
     "scheduler": Key(str, "scheduler"), "schedule": Key(str, "schedule"), "model": Key(str, "model"),
     "init_image": Key(str, None), "strength": Key(float, "strength"), "mask": Key(str, None),
     "mask_blur": Key(int, "mask_blur"), "only_masked": Key(bool, "only_masked"), "padding": Key(int, "padding"),
+    "masked_content": Key(str, "masked_content"),
     # flow-matching and T5 models (SD3)
     "shift": Key(float, "shift"), "max_sequence_length": Key(int, "max_sequence_length"), "no_t5": Key(bool, "no_t5"),
     # guidance-distilled models (FLUX dev): ours, and Forge's API name
@@ -73,7 +74,7 @@ HIRES_KEYS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", 
 HIRES_SAME = {"hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler", "hr_prompt": "",
               "hr_negative_prompt": "", "hr_resize_x": 0, "hr_resize_y": 0, "hr_second_pass_steps": 0}
 FREE_TEXT = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")  # A1111 joins the unquoted words that follow these
-IMAGE_ONLY = ("strength", "mask", "mask_blur", "only_masked", "padding")
+IMAGE_ONLY = ("strength", "mask", "mask_blur", "only_masked", "padding", "masked_content")
 MASK_ONLY = ("mask_blur", "only_masked", "padding")
 RANDOM_SEED = -1  # A1111's "random seed"
 _MISPLACED_OPTION = re.compile(r"(?:^|\s)--[A-Za-z]")

@@ -22,6 +22,8 @@ FALLBACK_DEFAULTS = {"steps": 30, "cfg": 7.5, "scheduler": schedulers.DEFAULT_SC
 # --rng: where the starting noise comes from (None: cpu, so that records from before it match),
 # and A1111's infotext label of each
 RNG_LABELS = {"cpu": "CPU", "nv": "NV"}
+# A1111's "Masked content": what the repainted part starts from (inpaint.py); its API's inpainting_fill 0-3
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 # How A1111's infotext names each field; a PNG's bad value is named so ("size" is width and height).
 LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Denoising strength",
@@ -93,6 +95,7 @@ class Settings:
     strength: float | None = None
     init_image_hash: str | None = None
     mask_blur: int | None = None
+    masked_content: str | None = None  # MASKED_CONTENT; None: original
     only_masked: bool | None = None
     padding: int | None = None
     # flow-matching and T5 models (SD3)
@@ -154,6 +157,11 @@ class Settings:
         if self.rng is not None and self.rng.lower() not in RNG_LABELS:
             raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
         self.rng = self.rng and self.rng.lower()
+        if self.masked_content is not None:
+            wanted = self.masked_content.strip().lower().replace("-", " ").replace("_", " ")
+            if wanted not in MASKED_CONTENT:
+                raise BadSetting("masked_content", shown(self.masked_content), f"must be one of {', '.join(MASKED_CONTENT)}")
+            self.masked_content = wanted
         control_units.from_text(self.controlnet)  # its units' fields typed (their files are checked at load)
         edit_inputs.from_text(self.edit_images)  # paths and hashes (the files are checked by `ldm edit`)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from ldm_cli import images, img2img, inpaint, loading
@@ -65,6 +66,38 @@ def test_matches_diffusers_inside_and_keeps_the_original_outside(ours, theirs, n
     if blur:  # the blurred edge lies between the original and the model's picture
         low, high = np.minimum(ref, pixels(picture())), np.maximum(ref, pixels(picture()))
         assert ((mine[edge] >= low[edge] - 3) & (mine[edge] <= high[edge] + 3)).all()
+
+
+@pytest.mark.parametrize("content", ["latent noise", "latent nothing"])
+def test_latent_masked_content_is_what_the_repainted_part_starts_from(ours, content, monkeypatch):
+    """A1111's masked content: before noising, the repainted part's latents are the seed's first
+    noise (latent noise) or zeros (latent nothing); the kept part's are the image's."""
+    from ldm_cli import pipeline, strength, vae
+
+    model = ours("sd1")
+    s = settings(model, scheduler="euler", strength=0.6, mask_blur=0, only_masked=False, masked_content=content)
+    started = []
+    add_noise = strength.add_noise
+    monkeypatch.setattr(strength, "add_noise", lambda m, g, sch, latents, *a: started.append(latents) or add_noise(m, g, sch, latents, *a))
+    mine = pixels(inpaint.inpaint(model, [s], [picture()], [box_mask()])[0])
+    plain = pixels(inpaint.inpaint(model, [s.merged(masked_content="original")], [picture()], [box_mask()])[0])
+    image_latents = vae.encode(model, vae.to_tensor([picture()]), pipeline.generators_for([s]))
+    inside = inpaint.mask_tensor([box_mask()])[:, :, ::8, ::8].expand_as(image_latents).bool()
+    fill = 0 * image_latents if content == "latent nothing" else pipeline.initial_noise(model, [s], pipeline.generators_for([s]))
+    assert torch.equal(started[0][~inside], image_latents[~inside])
+    assert torch.equal(started[0][inside], fill[inside])
+    outside = np.asarray(box_mask()) == 0
+    assert np.array_equal(mine[outside], pixels(picture())[outside]) and np.abs(mine - plain).max() > 2
+
+
+def test_masked_content_fill_paints_the_repainted_part_from_around_it():
+    image = Image.new("RGB", (64, 32), (200, 30, 10))
+    image.paste((10, 20, 220), (32, 0, 64, 32))
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (32, 0, 64, 32))  # the blue half repainted: only red is around it
+    out = np.asarray(inpaint.filled(image, mask))
+    assert np.array_equal(out[:, :32], np.asarray(image)[:, :32])  # kept pixels exactly
+    assert np.abs(out[:, 32:].astype(int) - [200, 30, 10]).max() <= 1
 
 
 def test_img2img_with_an_inpainting_model_repaints_all_of_the_image(ours, theirs):
@@ -169,11 +202,13 @@ def bad_inputs(image: Path, mask: Path, tmp_path: Path) -> dict:
         "empty mask": ([image, empty], "is empty"),
         "mask of another aspect": ([image, wide], "different aspect ratio"),
         "strength above 1": ([image, mask, "--strength", 2], "--strength must be between 0 and 1"),
+        "unknown masked content": ([image, mask, "--masked-content", "latent fog"],
+                                   "--masked-content must be one of fill, original, latent noise, latent nothing"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing image", "missing mask", "mask not an image", "empty mask",
-                                  "mask of another aspect", "strength above 1"])
+                                  "mask of another aspect", "strength above 1", "unknown masked content"])
 def test_cli_bad_input_is_one_line_exit_2_and_no_file(sd1_folder, files, tmp_path, case):
     args, message = bad_inputs(*files, tmp_path)[case]
     out = tmp_path / "out"

@@ -136,40 +136,36 @@ def test_only_masked_and_an_inverted_mask_are_the_cli_image(server, tmp_path):
     assert out.image.size == (96, 96) and same_pixels(out.image, cli)
 
 
-def test_fill_paints_the_masked_part_from_around_it():
-    from ldm_cli.server import a1111
-
-    picture = Image.new("RGB", (64, 32), (200, 30, 10))
-    picture.paste((10, 20, 220), (32, 0, 64, 32))
-    mask = Image.new("L", (64, 32), 0)
-    mask.paste(255, (32, 0, 64, 32))  # the blue half repainted: only red is around it
-    out = np.asarray(Image.open(io.BytesIO(a1111.filled(
-        renders.Upload(_png(picture), "i"), renders.Upload(_png(mask), "m")).data)))
-    assert np.array_equal(out[:, :32], np.asarray(picture)[:, :32])  # kept pixels exactly
-    assert np.abs(out[:, 32:].astype(int) - [200, 30, 10]).max() <= 1
-
-
-def test_webuiapi_default_fill_is_the_cli_inpaint_of_the_filled_image(server, tmp_path):
-    from ldm_cli.server import a1111
-
+def test_webuiapi_default_fill_is_the_cli_inpaint_with_masked_content_fill(server, tmp_path):
     picture = Image.fromarray(np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    picture.save(tmp_path / "init.png")
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (8, 8, 40, 40))
     mask.save(tmp_path / "mask.png")
-    (tmp_path / "filled.png").write_bytes(a1111.filled(renders.Upload(_png(picture), "i"),
-                                                       renders.Upload(_png(mask), "m")).data)
     out = api(server).img2img(images=[picture], mask_image=mask, prompt="a cat", seed=6, steps=3, width=64,
                               height=64, inpaint_full_res=False, sampler_name="Euler")  # inpainting_fill: 0
-    cli = cli_png(tmp_path, "inpaint", tmp_path / "filled.png", tmp_path / "mask.png", "a cat", "--seed", 6,
-                  "--steps", 3, "--strength", 0.75, "--scheduler", "euler", "--cfg", 7)
+    cli = cli_png(tmp_path, "inpaint", tmp_path / "init.png", tmp_path / "mask.png", "a cat", "--seed", 6,
+                  "--steps", 3, "--strength", 0.75, "--scheduler", "euler", "--cfg", 7, "--masked-content", "fill")
+    assert same_pixels(out.image, cli) and out.image.text == cli.text
+
+
+@pytest.mark.parametrize("fill, content", [(2, "latent noise"), (3, "latent nothing")])
+def test_latent_fills_are_the_cli_masked_content(server, tmp_path, fill, content):
+    picture = Image.fromarray(np.random.default_rng(7).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    picture.save(tmp_path / "init.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 8, 48, 40))
+    mask.save(tmp_path / "mask.png")
+    out = api(server).img2img(images=[picture], mask_image=mask, prompt="a cat", seed=9, steps=4, width=64,
+                              height=64, inpaint_full_res=False, sampler_name="Euler", inpainting_fill=fill,
+                              denoising_strength=0.6)
+    cli = cli_png(tmp_path, "inpaint", tmp_path / "init.png", tmp_path / "mask.png", "a cat", "--seed", 9,
+                  "--steps", 4, "--strength", 0.6, "--scheduler", "euler", "--cfg", 7, "--masked-content", content)
     assert same_pixels(out.image, cli)
-
-
-def test_inpainting_fill_ldm_cannot_run_is_refused(server):
     image = base64.b64encode(_png(Image.new("RGB", (64, 64)))).decode()
     r = httpx.post(f"{server.url}/sdapi/v1/img2img", json={"init_images": [image], "mask": image,
-                                                           "inpainting_fill": 2, "prompt": "x"})
-    assert r.status_code == 400 and "inpainting_fill 2 (latent noise)" in r.json()["detail"]
+                                                           "inpainting_fill": 7, "prompt": "x"})
+    assert r.status_code == 400 and "inpainting_fill must be 0 (fill)" in r.json()["detail"]
 
 
 def test_lists_and_options(server):

@@ -13,7 +13,7 @@ from ldm_cli.commands import Upload
 from ldm_cli.control_units import ControlUnit
 from ldm_cli.errors import LdmError
 from ldm_cli.server.renders import Config, Request, b64_png, decoded_b64
-from ldm_cli.settings import BadSetting, Settings
+from ldm_cli.settings import MASKED_CONTENT, BadSetting, Settings
 
 # A1111's txt2img fields and defaults (StableDiffusionProcessingTxt2Img as its API takes it);
 # `parameters` in a response echoes these, never what else a body held (SillyTavern puts
@@ -49,15 +49,10 @@ SCHEDULE_LABELS = {"automatic": "Automatic", **schedulers.SCHEDULE_TYPES}
 # A1111's values of the k-diffusion sampler options that mean "the default" (clients such as
 # webuiapi send them on every request): given as they are, they would record and run an option
 SAMPLER_OPTION_DEFAULTS = {"eta": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
-# inpainting_fill: what the masked part starts from. ldm's inpainting starts from the picture itself
-# (original); "fill" first paints it with the colours around it. The latent ones are not run yet.
-FILL, FILL_ORIGINAL = 0, 1
-FILL_RADII = (256, 64, 16, 4, 2)  # blurs from wide to fine: each finer one overwrites where it reaches
 # How A1111's bodies name what a bad value's message names (settings.BadSetting's fields)
 FIELD_NAMES = {"cfg": "cfg_scale", "size": "width x height", "negative": "negative_prompt",
                "strength": "denoising_strength", "padding": "inpaint_full_res_padding",
                "clip_skip": "CLIP_stop_at_last_layers", "scheduler": "sampler_name", "schedule": "scheduler"}
-FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
 
 def _get(body: dict, key: str, defaults: dict, kind: type) -> Any:
@@ -223,19 +218,17 @@ def img2img(body: dict, options: dict, config: Config) -> Request:
     if mask is None:
         return Request(validated(s), count, batch, init=init, vae=vae, controls=controls(body, IMG2IMG, config))
     fill = _get(body, "inpainting_fill", IMG2IMG, int)
-    if fill not in (FILL, FILL_ORIGINAL):
-        raise LdmError(f"inpainting_fill {fill} ({FILLS.get(fill, 'unknown')}) is not one ldm runs yet; send 0 "
-                       "(fill) or 1 (original)")
+    if not 0 <= fill < len(MASKED_CONTENT):  # A1111's 0 fill, 1 original, 2 latent noise, 3 latent nothing
+        raise LdmError(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing); got {fill}")
     blur = _get(body, "mask_blur", IMG2IMG, int)
     s = s.merged(mask_blur=blur if blur is not None else _get(body, "mask_blur_x", IMG2IMG, int),
-                 only_masked=bool(_get(body, "inpaint_full_res", IMG2IMG, bool)) or None,
-                 padding=_get(body, "inpaint_full_res_padding", IMG2IMG, int))
+                 masked_content=MASKED_CONTENT[fill])
+    if _get(body, "inpaint_full_res", IMG2IMG, bool):  # its padding means nothing without it (nor is recorded)
+        s = s.merged(only_masked=True, padding=_get(body, "inpaint_full_res_padding", IMG2IMG, int))
     validated(s)
     upload = decoded_b64(mask, "mask")
     if _get(body, "inpainting_mask_invert", IMG2IMG, int):
         upload = _inverted(upload)
-    if fill == FILL:
-        init = filled(init, upload)
     return Request(s, count, batch, init=init, mask=upload, vae=vae, controls=controls(body, IMG2IMG, config))
 
 
@@ -248,30 +241,6 @@ def _inverted(upload: Upload) -> Upload:
     buffer = io.BytesIO()
     ImageOps.invert(images.decoded(upload.data, "L", upload.name)).save(buffer, format="PNG")
     return Upload(buffer.getvalue(), upload.name)
-
-
-def filled(init: Upload, mask: Upload) -> Upload:
-    """The init image with its masked part (mask > 127) painted with the colours around it: each
-    pixel the mean of the kept pixels near it, weighted by a Gaussian, from wide blurs to fine."""
-    import numpy as np
-    from PIL import Image
-    from scipy.ndimage import gaussian_filter
-
-    from ldm_cli import images
-
-    picture = np.asarray(images.decoded(init.data, "RGB", init.name), dtype=np.float64)
-    repaint = np.asarray(images.decoded(mask.data, "L", mask.name).resize(picture.shape[1::-1])) > 127
-    keep = (~repaint).astype(np.float64)
-    out = picture.copy()
-    for radius in FILL_RADII:
-        weight = gaussian_filter(keep, radius, mode="nearest")
-        reached = repaint & (weight > 1e-3)
-        for channel in range(3):
-            colour = gaussian_filter(picture[..., channel] * keep, radius, mode="nearest")
-            out[..., channel][reached] = colour[reached] / weight[reached]
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8)).save(buffer, format="PNG")
-    return Upload(buffer.getvalue(), init.name)
 
 
 def response(results: list[render.Result], body: dict, defaults: dict, request: Request) -> dict:
