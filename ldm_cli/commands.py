@@ -39,6 +39,9 @@ def base_settings(flags: Settings, from_png: Path | None, models_dir: str | None
     base = render.settings_from_png(from_png) if from_png else Settings()
     if from_png and flags.model is None:
         base.model = model_lookup.recorded_model(base.model, base.model_name, base.model_hash, from_png, models_dir)
+    if from_png and flags.refiner is None and base.refiner_name:  # found as the model is
+        base.refiner = model_lookup.recorded_model(base.refiner, base.refiner_name, base.refiner_hash, from_png,
+                                                   models_dir, "refiner")
     given = {k: v for k, v in flags.to_dict().items() if k != "prompt" or v}
     if from_png:
         render.check_recorded(from_png, base, set(given))  # a bad recorded value is the PNG's, unless overridden
@@ -64,6 +67,10 @@ def load_model(settings: Settings, options: RunOptions):
         unit.validate()
     check_upscaler(settings)
     model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5)))
+    if settings.refiner:
+        from ldm_cli import refiner
+
+        refiner.attach(model, settings.refiner, options.load)
     session.attach(model, options.networks, settings.model)
     if units:  # ControlNet code is imported only for a run that asks for one
         from ldm_cli.loading import controlnet

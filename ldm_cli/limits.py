@@ -28,6 +28,8 @@ MAX_JSON_DEPTH = 20  # ldm's own JSON nests 3 deep; a safetensors header, 3
 MAX_PROMPT_WEIGHT = 100  # a word's emphasis (nested brackets multiplied) and an AND part's weight
 MAX_PROMPT_NESTING = 100  # brackets open at once; (x) nested 49 deep already weighs 1.1**49 > 100
 MAX_HIRES_SCALE = 8  # hires fix's upscale: A1111's slider stops at 4; the size limits apply after it
+REFINER_SWITCH = (0, 1)  # --refiner-switch-at, both ends excluded: each model runs some steps
+DEFAULT_REFINER_SWITCH = 0.8  # A1111's and diffusers' usual split
 MAX_LORA_WEIGHT = 20  # a LoRA's multiplier: slider LoRAs are used up to about 10
 
 # Inclusive (lowest, highest) of the numeric settings; steps and size have their own checks.

@@ -29,6 +29,7 @@ class Model:
     edit_inputs: list[Any] | None = None  # an edit's images its text encoder reads (Editing.prompt_images)
     controls: list[Any] = field(default_factory=list)  # (ControlUnit, its ControlNetModel) pairs acting now
     controlnets: dict[str, Any] = field(default_factory=dict)  # ControlNetModels loaded, by path
+    refiner: Model | None = None  # the Model that finishes its images' last steps (refiner.py)
     # where and in what dtype it computes, when its weights are kept elsewhere or in another
     # dtype (memory.py: offloaded to the CPU, stored in float8); None: where its weights are
     run_device: torch.device | None = None

@@ -32,7 +32,8 @@ LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Den
           "hires_scale": "Hires upscale", "hires_width": "Hires resize", "hires_height": "Hires resize",
           "hires_steps": "Hires steps", "hires_upscaler": "Hires upscaler", "hires_scheduler": "Hires sampler",
           "hires_schedule": "Hires schedule type", "hires_prompt": "Hires prompt",
-          "hires_negative": "Hires negative prompt", "hires_cfg": "Hires CFG Scale"}
+          "hires_negative": "Hires negative prompt", "hires_cfg": "Hires CFG Scale", "refiner": "Refiner",
+          "refiner_switch_at": "Refiner switch at"}
 INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length",
                     "guidance", "clip_skip")
 # Settings only some families take (SD3's and FLUX's flow shift and T5 options, FLUX dev's
@@ -116,6 +117,11 @@ class Settings:
     hires_prompt: str | None = None
     hires_negative: str | None = None
     hires_cfg: float | None = None
+    # SDXL's refiner (refiner.py): its path, A1111's record of it, the fraction of the steps the base runs
+    refiner: str | None = None
+    refiner_name: str | None = None
+    refiner_hash: str | None = None
+    refiner_switch_at: float | None = None
     # `ldm edit`'s input images (edit_inputs.py: a JSON list of their paths and hashes)
     edit_images: str | None = None
 
@@ -141,6 +147,7 @@ class Settings:
         self._check_prompts()
         self.scheduler, self.schedule = schedulers.validated(self.scheduler, self.schedule)
         self._check_hires(max_steps)
+        self._check_refiner()
         if self.rng is not None and self.rng.lower() not in RNG_LABELS:
             raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
         self.rng = self.rng and self.rng.lower()
@@ -187,6 +194,14 @@ class Settings:
         except BadSetting as e:
             raise LdmError(f"the hires fix size {width}x{height} {e.rule}{e.hint}") from None
 
+    def _check_refiner(self) -> None:
+        low, high = limits.REFINER_SWITCH
+        if self.refiner_switch_at is not None and not low < self.refiner_switch_at < high:
+            raise BadSetting("refiner_switch_at", shown(self.refiner_switch_at),
+                             f"must be between {low} and {high}, both excluded (the fraction of the steps the base runs)")
+        if (self.refiner or self.refiner_name) and hires_plan.enabled(self):
+            raise LdmError("--refiner does not combine with hires fix yet; leave one out")
+
     def _check_prompts(self) -> None:
         """Weights that overflow (inf, or 1.1**1000 from nested brackets) would render black."""
         steps = self.steps or limits.MAX_STEPS  # unresolved: every step a schedule can switch at
@@ -214,6 +229,8 @@ class Settings:
         if hires_plan.enabled(out):
             out = out.merged(strength=out.strength if out.strength is not None else hires_plan.DEFAULT_STRENGTH,
                              hires_upscaler=out.hires_upscaler or hires_plan.DEFAULT_UPSCALER)
+        if out.refiner and out.refiner_switch_at is None:
+            out.refiner_switch_at = limits.DEFAULT_REFINER_SWITCH
         out.validate(max_steps)
         return out
 
@@ -266,6 +283,10 @@ class Settings:
         p.update(self._text_options())
         p["RNG"] = RNG_LABELS[self.rng or "cpu"]
         p.update(hires_plan.infotext_params(self))
+        if self.refiner_name:  # A1111's "NAME [hash]"
+            p["Refiner"] = self.refiner_name + (f" [{self.refiner_hash}]" if self.refiner_hash else "")
+            if self.refiner_switch_at is not None:
+                p["Refiner switch at"] = infotext.format_number(self.refiner_switch_at)
         p.update(control_units.infotext_params(self.controlnet))  # sd-webui-controlnet's entries
         if self.lora_hashes:  # A1111's names and place, just before the version
             p["Lora hashes"] = self.lora_hashes
@@ -329,7 +350,19 @@ class Settings:
         s.no_t5 = True if p.get("No T5") == "True" else None
         s.rng = _recorded_rng(p)
         s._read_hires(p)
+        s._read_refiner(p)
         return s
+
+    def _read_refiner(self, p: dict[str, str]) -> None:
+        if "Refiner" not in p:
+            return
+        name, _, rest = p["Refiner"].rpartition(" [")
+        if name and rest.endswith("]"):
+            self.refiner_name, self.refiner_hash = name, rest[:-1] or None
+        else:
+            self.refiner_name = p["Refiner"]
+        if "Refiner switch at" in p:
+            self.refiner_switch_at = _parsed("refiner_switch_at", p["Refiner switch at"], float)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
