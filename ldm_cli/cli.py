@@ -214,13 +214,14 @@ CONTROL_FLAGS = ("controlnet", "control_image", "control_scale", "control_start"
 class RenderFlags(dict):
     """The parsed RENDER_OPTIONS of one command."""
 
-    def settings(self, **own):
-        """The settings of --from-png, if given, with every flag given on top."""
+    def settings(self, refines: bool = False, **own):
+        """The settings of --from-png, if given, with every flag given on top (its refiner only
+        for a command that `refines`)."""
         from ldm_cli import commands
         from ldm_cli.settings import Settings
 
         flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own, controlnet=controlnet_text(self))
-        return commands.base_settings(flags, self["from_png"], self["models_dir"])
+        return commands.base_settings(flags, self["from_png"], self["models_dir"], refines)
 
     def run_options(self):
         return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
@@ -282,7 +283,7 @@ def generate(prompt: Annotated[Optional[str], typer.Argument(help="What to draw.
     from ldm_cli.settings import parsed_size
 
     width, height = parsed_size(hires_resize, "hires_width") if hires_resize is not None else (None, None)
-    settings = flags.settings(prompt=prompt, hires_scale=hires_scale, hires_width=width, hires_height=height,
+    settings = flags.settings(True, prompt=prompt, hires_scale=hires_scale, hires_width=width, hires_height=height,
                               hires_upscaler=hires_upscaler, hires_steps=hires_steps, strength=hires_strength,
                               hires_scheduler=hires_scheduler, hires_schedule=hires_schedule,
                               hires_prompt=hires_prompt, hires_negative=hires_negative, hires_cfg=hires_cfg,

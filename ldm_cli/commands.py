@@ -33,13 +33,18 @@ class RunOptions:
             raise LdmError(f"--batch-size must be at least 1 (got {self.batch_size})")
 
 
-def base_settings(flags: Settings, from_png: Path | None, models_dir: str | None = None) -> Settings:
+def base_settings(flags: Settings, from_png: Path | None, models_dir: str | None = None,
+                  refines: bool = False) -> Settings:
     """The settings of --from-png (if any) with every flag given on top; a recorded model no
-    longer at its path is found by name in the models folders (model_lookup), else refused."""
+    longer at its path is found by name in the models folders (model_lookup), else refused.
+    `refines`: the command runs a recorded refiner (generate), found as the model is; the others
+    leave it out."""
     base = render.settings_from_png(from_png) if from_png else Settings()
     if from_png and flags.model is None:
         base.model = model_lookup.recorded_model(base.model, base.model_name, base.model_hash, from_png, models_dir)
-    if from_png and flags.refiner is None and base.refiner_name:  # found as the model is
+    if not refines:
+        base = replace(base, refiner=None, refiner_name=None, refiner_hash=None, refiner_switch_at=None)
+    elif from_png and flags.refiner is None and base.refiner_name:
         base.refiner = model_lookup.recorded_model(base.refiner, base.refiner_name, base.refiner_hash, from_png,
                                                    models_dir, "refiner")
     given = {k: v for k, v in flags.to_dict().items() if k != "prompt" or v}

@@ -150,3 +150,61 @@ def _refused(args: list[str], tmp_path, message: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ldm: error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_prompt_file_keys_render_what_the_flags_do(sdxl_folder, sdxl_refiner_folder, tmp_path):
+    """A1111's API keys (refiner_checkpoint, refiner_switch_at) on a line, beside a line without."""
+    args = ["--steps", "4", "--scheduler", "euler", "--seed", "5", "-W", "64", "-H", "64"]
+    flags = CliRunner().invoke(app, ["generate", "a fox", "--model", str(sdxl_folder), "--refiner",
+                                     str(sdxl_refiner_folder), "--refiner-switch-at", "0.5", *args,
+                                     "-o", str(tmp_path / "flags"), "--json"])
+    assert flags.exit_code == 0, flags.stderr
+    (tmp_path / "p.jsonl").write_text(json.dumps(dict(prompt="a fox", refiner_checkpoint=str(sdxl_refiner_folder),
+                                                      refiner_switch_at=0.5)) + "\n" + json.dumps(dict(prompt="a fox")) + "\n")
+    result = CliRunner().invoke(app, ["batch", str(tmp_path / "p.jsonl"), "--model", str(sdxl_folder), *args,
+                                      "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    refined = next(r for r in records if r.get("refiner_name"))
+    plain = next(r for r in records if not r.get("refiner_name"))
+    from PIL import Image
+
+    made = pixels(Image.open(json.loads(flags.stdout.strip().splitlines()[-1])["path"]).convert("RGB"))
+    assert np.array_equal(pixels(Image.open(refined["path"]).convert("RGB")), made)
+    assert not np.array_equal(pixels(Image.open(plain["path"]).convert("RGB")), made)
+    assert "Refiner" not in Image.open(plain["path"]).text["parameters"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"refiner_switch_at": 0.5}, "--refiner_switch_at applies to a refiner; add --refiner_checkpoint"),
+    ({"refiner_checkpoint": "r", "init_image": "i.png"}, "--refiner_checkpoint applies to text-to-image lines"),
+    ({"refiner_checkpoint": "nowhere"}, "--refiner_checkpoint: no such file or folder"),
+])
+def test_bad_prompt_file_refiner_is_one_line(sdxl_folder, tmp_path, line, message):
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a fox", **line}) + "\n")
+    result = CliRunner().invoke(app, ["batch", str(tmp_path / "p.jsonl"), "--model", str(sdxl_folder),
+                                      "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("ldm: error: 1 bad line") and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_img2img_from_a_refined_png_leaves_the_refiner_out(sdxl_folder, sdxl_refiner_folder, tmp_path):
+    made = CliRunner().invoke(app, ["generate", "a fox", "--model", str(sdxl_folder), "--refiner",
+                                    str(sdxl_refiner_folder), "--steps", "2", "-o", str(tmp_path / "a"), "--json"])
+    path = json.loads(made.stdout.strip().splitlines()[-1])["path"]
+    again = CliRunner().invoke(app, ["img2img", path, "--from-png", path, "-o", str(tmp_path / "b"), "--json"])
+    assert again.exit_code == 0, again.stderr
+    assert "refiner_name" not in json.loads(again.stdout.strip().splitlines()[-1])
+
+
+def test_a_single_file_refiner_is_one_line(sdxl_folder, tmp_path):
+    """The original sd_xl_refiner_1.0 layout (OpenCLIP-G under conditioner.embedders.0) is not read yet."""
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3),
+               "conditioner.embedders.0.model.token_embedding.weight": torch.zeros(10, 8)},
+              str(tmp_path / "sd_xl_refiner_1.0.safetensors"))
+    _refused(["--model", str(sdxl_folder), "--refiner", str(tmp_path / "sd_xl_refiner_1.0.safetensors")], tmp_path,
+             "is an SDXL refiner's single file, which ldm does not read yet; pass the refiner's diffusers folder")
