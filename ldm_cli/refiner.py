@@ -58,9 +58,13 @@ def check(model, refiner) -> None:
 
 
 def attach(model, path: str, options) -> None:
-    """Load the refiner at `path` as the base's Model.refiner, checked against it."""
+    """Load the refiner at `path` as the base's Model.refiner, checked against it. It takes the
+    base's placement (device, dtype, offload, weights), not the files that replace the base's
+    parts (--vae, --text-encoder, --config): the base's VAE decodes."""
+    from dataclasses import replace
+
     from ldm_cli import loading
 
-    refiner = loading.load(path, options)
+    refiner = loading.load(path, replace(options, vae=None, config=None, text_encoders=[]))
     check(model, refiner)
     model.refiner = refiner

@@ -208,3 +208,19 @@ def test_a_single_file_refiner_is_one_line(sdxl_folder, tmp_path):
               str(tmp_path / "sd_xl_refiner_1.0.safetensors"))
     _refused(["--model", str(sdxl_folder), "--refiner", str(tmp_path / "sd_xl_refiner_1.0.safetensors")], tmp_path,
              "is an SDXL refiner's single file, which ldm does not read yet; pass the refiner's diffusers folder")
+
+
+
+def test_the_base_s_part_files_are_not_the_refiner_s(base, sdxl_refiner_folder, tmp_path):
+    """--text-encoder and --vae replace a single-file base's parts; the refiner's folder loads its
+    own (a folder given --text-encoder is refused, so they must not reach it)."""
+    import copy
+
+    from ldm_cli.loading import LoadOptions
+
+    clip = tmp_path / "clip_g.safetensors"
+    clip.write_bytes(b"")  # never read: the base's part, not the refiner's
+    model = copy.copy(base)
+    refiner.attach(model, str(sdxl_refiner_folder), LoadOptions(device="cpu", text_encoders=[str(clip)],
+                                                                vae=str(clip)))
+    assert model.refiner.options["variant"] == "refiner" and len(model.refiner.text_encoders) == 1
