@@ -224,3 +224,30 @@ def test_the_base_s_part_files_are_not_the_refiner_s(base, sdxl_refiner_folder, 
     refiner.attach(model, str(sdxl_refiner_folder), LoadOptions(device="cpu", text_encoders=[str(clip)],
                                                                 vae=str(clip)))
     assert model.refiner.options["variant"] == "refiner" and len(model.refiner.text_encoders) == 1
+
+
+
+def test_prompt_schedules_count_the_whole_run(base, sdxl_refiner_folder, monkeypatch):
+    """The refiner's steps are numbered from the switch (5 to 9 of 10 at 0.5), so a prompt edit
+    ([a:b:N]) or AND schedule goes on where the base left it rather than starting over."""
+    from ldm_cli import guidance
+
+    asked, calls = [], guidance.Guidance.calls
+    monkeypatch.setattr(guidance.Guidance, "calls", lambda self, step: asked.append(step) or calls(self, step))
+    s = Settings(prompt="[a cat:a fox:0.7]", steps=10, cfg=6.5, seed=2, scheduler="euler",
+                 refiner=str(sdxl_refiner_folder), refiner_switch_at=0.5).resolve({}, base.native_size)
+    pipeline.text_to_image(base, [s])
+    assert asked == list(range(10))
+
+
+def test_offloaded_run_equals_the_plain_one(sdxl_folder, sdxl_refiner_folder, tmp_path):
+    """--offload model: each U-Net set aside after its steps (memory.set_aside); the image is the same."""
+    args = ["generate", "a fox", "--model", str(sdxl_folder), "--refiner", str(sdxl_refiner_folder), "--steps", "4",
+            "--seed", "1", "--json"]
+    runs = [CliRunner().invoke(app, [*args, *extra, "-o", str(tmp_path / name)])
+            for name, extra in (("plain", []), ("offload", ["--offload", "model"]))]
+    assert all(r.exit_code == 0 for r in runs), runs[1].stderr
+    from PIL import Image
+
+    paths = [json.loads(r.stdout.strip().splitlines()[-1])["path"] for r in runs]
+    assert np.array_equal(*(pixels(Image.open(p).convert("RGB")) for p in paths))
