@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ldm_cli import control_units, edit_inputs, hires_plan, infotext, limits, prompt_syntax, schedulers
+from ldm_cli import (control_units, edit_inputs, hires_plan, infotext, limits, prompt_syntax, refiner_record,
+                     schedulers)
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_SEED
 
@@ -283,10 +284,7 @@ class Settings:
         p.update(self._text_options())
         p["RNG"] = RNG_LABELS[self.rng or "cpu"]
         p.update(hires_plan.infotext_params(self))
-        if self.refiner_name:  # A1111's "NAME [hash]"
-            p["Refiner"] = self.refiner_name + (f" [{self.refiner_hash}]" if self.refiner_hash else "")
-            if self.refiner_switch_at is not None:
-                p["Refiner switch at"] = infotext.format_number(self.refiner_switch_at)
+        p.update(refiner_record.infotext_params(self))
         p.update(control_units.infotext_params(self.controlnet))  # sd-webui-controlnet's entries
         if self.lora_hashes:  # A1111's names and place, just before the version
             p["Lora hashes"] = self.lora_hashes
@@ -354,13 +352,8 @@ class Settings:
         return s
 
     def _read_refiner(self, p: dict[str, str]) -> None:
-        if "Refiner" not in p:
-            return
-        name, _, rest = p["Refiner"].rpartition(" [")
-        if name and rest.endswith("]"):
-            self.refiner_name, self.refiner_hash = name, rest[:-1] or None
-        else:
-            self.refiner_name = p["Refiner"]
+        if "Refiner" in p:
+            self.refiner_name, self.refiner_hash = refiner_record.name_and_hash(p["Refiner"])
         if "Refiner switch at" in p:
             self.refiner_switch_at = _parsed("refiner_switch_at", p["Refiner switch at"], float)
 
