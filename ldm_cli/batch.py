@@ -61,7 +61,7 @@ class Task:
 def tasks(jobs: list[Job]) -> list[Task]:
     """Every image of the file, grouped by model, models in the order the file first names them."""
     every = [Task(job, i, s) for job in jobs for i, s in enumerate(render.per_image(job_settings(job), job.count))]
-    return neighbours(every, key=lambda t: t.settings.model)
+    return neighbours(every, key=lambda t: (t.settings.model, t.settings.refiner))
 
 
 def neighbours(items: list, key: Callable) -> list:
@@ -119,8 +119,8 @@ def run(jobs: list[Job], options, grid_name: str | None = None) -> Iterator[rend
         say(options, f"{len(every)} images from {len(jobs)} lines: {len(every) - len(todo)} already in "
                      f"{options.out}, {len(todo)} to render" + (f" by {world} processes" if world > 1 else ""))
     with FileProgress(len(every), len(every) - len(todo), manifest, options.quiet or not main) as progress:
-        for source, group in groupby(todo[rank::world], key=lambda t: t.settings.model):
-            yield from render_model(source, list(group), manifest, options, progress)
+        for (source, refiner), group in groupby(todo[rank::world], key=lambda t: (t.settings.model, t.settings.refiner)):
+            yield from render_model(source, list(group), manifest, options, progress, refiner)
     state.wait_for_everyone()
     if main:
         say(options, f"manifest: {manifest.merge()}")
@@ -153,18 +153,18 @@ def say(options, message: str) -> None:
 
 
 def render_model(source: str | None, group: list[Task], manifest: Manifest, options,
-                 progress: FileProgress) -> Iterator[render.Result]:
+                 progress: FileProgress, refiner: str | None = None) -> Iterator[render.Result]:
     """Load one model and render `group`, which all use it, in shared batches. Images that
     another run sharing the folder has claimed are left to it, and waited for at the end."""
     from ldm_cli import ahead, hires
 
     without_t5 = all(task.settings.no_t5 for task in group)  # then SD3's T5 is not even read
-    model = loaded(source, options, without_t5)
+    model = loaded(source, options, without_t5, refiner)
     pending = [(task, line_resolved(task, model)) for task in group]
     while pending:
         if not model.text_encoders:  # freed by the pass before; a run that held images ended without them
             model = None  # its memory back before the new copy loads
-            model = loaded(source, options, without_t5)
+            model = loaded(source, options, without_t5, refiner)
         planned = list(render.batches(by_lora_set(pending), options.batch_size, key=batch_key))
         model.encoded = ahead.Ahead(model, hires.planned(model, [[settings for _, settings in batch] for batch in planned]))
         theirs = []
@@ -175,11 +175,15 @@ def render_model(source: str | None, group: list[Task], manifest: Manifest, opti
         pending = left_after_waiting(theirs, manifest, options)
 
 
-def loaded(source: str | None, options, without_t5: bool = False):
+def loaded(source: str | None, options, without_t5: bool = False, refiner: str | None = None):
     from ldm_cli import loading
     from ldm_cli.networks import session
 
     model = loading.load(source, replace(options.load, without_t5=without_t5))
+    if refiner:
+        from ldm_cli import refiner as refiners
+
+        refiners.attach(model, refiner, options.load)
     session.attach(model, options.networks, source)
     return model
 

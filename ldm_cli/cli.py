@@ -227,15 +227,17 @@ CONTROL_FLAGS = ("controlnet", "control_image", "control_scale", "control_start"
 class RenderFlags(dict):
     """The parsed RENDER_OPTIONS of one command."""
 
-    def settings(self, **own):
-        """The settings of --from-png, if given, with every flag given on top."""
+    def settings(self, refines: bool = False, **own):
+        """The settings of --from-png, if given, with every flag given on top (its refiner only
+        for a command that `refines`)."""
         from ldm_cli import commands
         from ldm_cli.settings import Settings
 
         flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own, controlnet=controlnet_text(self))
         from ldm_cli import presets
 
-        return commands.base_settings(presets.applied(flags, self["preset"]), self["from_png"], self["models_dir"])
+        return commands.base_settings(presets.applied(flags, self["preset"]), self["from_png"], self["models_dir"],
+                                      refines)
 
     def run_options(self):
         return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
@@ -279,6 +281,9 @@ HiresSchedule = Annotated[Optional[str], typer.Option(help="The second pass's si
 HiresPrompt = Annotated[Optional[str], typer.Option(help="The second pass's prompt [default: the prompt].")]
 HiresNegative = Annotated[Optional[str], typer.Option(help="The second pass's negative prompt [default: --negative].")]
 HiresCfg = Annotated[Optional[float], typer.Option(help="The second pass's CFG scale (Forge's Hires CFG Scale) [default: --cfg].")]
+# SDXL's refiner (generate only): A1111's Refiner and Refiner switch at.
+Refiner = Annotated[Optional[str], typer.Option(help="An SDXL refiner (its diffusers folder) that finishes each image's last steps.")]
+RefinerSwitchAt = Annotated[Optional[float], typer.Option(help="The fraction of the steps the base runs before the refiner takes over [default: 0.8].")]
 
 
 @app.command()
@@ -287,18 +292,22 @@ def generate(prompt: Annotated[Optional[str], typer.Argument(help="What to draw.
              hires_scale: HiresScale = None, hires_resize: HiresResize = None, hires_upscaler: HiresUpscaler = None,
              hires_steps: HiresSteps = None, hires_strength: HiresStrength = None, hires_scheduler: HiresScheduler = None,
              hires_schedule: HiresSchedule = None, hires_prompt: HiresPrompt = None, hires_negative: HiresNegative = None,
-             hires_cfg: HiresCfg = None, *, flags: RenderFlags) -> None:
+             hires_cfg: HiresCfg = None, refiner: Refiner = None, refiner_switch_at: RefinerSwitchAt = None, *,
+             flags: RenderFlags) -> None:
     """Turn a prompt into PNGs."""
     from ldm_cli import commands, hires_plan
     from ldm_cli.settings import parsed_size
 
     width, height = parsed_size(hires_resize, "hires_width") if hires_resize is not None else (None, None)
-    settings = flags.settings(prompt=prompt, hires_scale=hires_scale, hires_width=width, hires_height=height,
+    settings = flags.settings(True, prompt=prompt, hires_scale=hires_scale, hires_width=width, hires_height=height,
                               hires_upscaler=hires_upscaler, hires_steps=hires_steps, strength=hires_strength,
                               hires_scheduler=hires_scheduler, hires_schedule=hires_schedule,
-                              hires_prompt=hires_prompt, hires_negative=hires_negative, hires_cfg=hires_cfg)
+                              hires_prompt=hires_prompt, hires_negative=hires_negative, hires_cfg=hires_cfg,
+                              refiner=refiner, refiner_switch_at=refiner_switch_at)
     if hires_strength is not None and not hires_plan.enabled(settings):
         raise LdmError("--hires-strength applies to hires fix; add --hires-scale X or --hires-resize WxH")
+    if settings.refiner_switch_at is not None and not settings.refiner:
+        raise LdmError("--refiner-switch-at applies to a refiner; add --refiner PATH")
     flags.print(commands.generate(settings, flags.run_options()))
 
 

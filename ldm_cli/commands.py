@@ -36,15 +36,22 @@ class RunOptions:
             raise LdmError(f"--batch-size must be at least 1 (got {self.batch_size})")
 
 
-def base_settings(flags: Settings, from_png: Path | None, models_dir: str | None = None) -> Settings:
+def base_settings(flags: Settings, from_png: Path | None, models_dir: str | None = None,
+                  refines: bool = False) -> Settings:
     """The settings of --from-png (if any) with every flag given on top; a recorded model no
     longer at its path is found by name in the models folders (model_lookup), else refused, and
-    so is --model NAME."""
+    so is --model NAME. `refines`: the command runs a recorded refiner (generate), found as the
+    model is; the others leave it out."""
     if flags.model is not None:
         flags = flags.merged(model=model_lookup.given_model(flags.model, models_dir))
     base = render.settings_from_png(from_png) if from_png else Settings()
     if from_png and flags.model is None:
         base.model = model_lookup.recorded_model(base.model, base.model_name, base.model_hash, from_png, models_dir)
+    if not refines:
+        base = replace(base, refiner=None, refiner_name=None, refiner_hash=None, refiner_switch_at=None)
+    elif from_png and flags.refiner is None and base.refiner_name:
+        base.refiner = model_lookup.recorded_model(base.refiner, base.refiner_name, base.refiner_hash, from_png,
+                                                   models_dir, "refiner")
     given = {k: v for k, v in flags.to_dict().items() if k != "prompt" or v}
     if from_png:
         render.check_recorded(from_png, base, set(given))  # a bad recorded value is the PNG's, unless overridden
@@ -76,6 +83,11 @@ def load_model(settings: Settings, options: RunOptions, slot: ModelSlot | None =
         model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5)))
         session.attach(model, options.networks, settings.model)
     model.controls = []  # a held model keeps no ControlNet of an earlier run acting
+    model.refiner = None  # nor a refiner
+    if settings.refiner:
+        from ldm_cli import refiner
+
+        refiner.attach(model, settings.refiner, options.load)
     if units:  # ControlNet code is imported only for a run that asks for one
         from ldm_cli.loading import controlnet
 

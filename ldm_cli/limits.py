@@ -29,6 +29,8 @@ MAX_TEKKEN_BYTES = 32 * 2**20  # the tekken.json a Mistral file carries (ComfyUI
 MAX_PROMPT_WEIGHT = 100  # a word's emphasis (nested brackets multiplied) and an AND part's weight
 MAX_PROMPT_NESTING = 100  # brackets open at once; (x) nested 49 deep already weighs 1.1**49 > 100
 MAX_HIRES_SCALE = 8  # hires fix's upscale: A1111's slider stops at 4; the size limits apply after it
+REFINER_SWITCH = (0, 1)  # --refiner-switch-at, both ends excluded: each model runs some steps
+DEFAULT_REFINER_SWITCH = 0.8  # A1111's and diffusers' usual split
 MAX_LORA_WEIGHT = 20  # a LoRA's multiplier: slider LoRAs are used up to about 10
 # ldm serve: a request's body (base64 init images and masks: a 4096x4096 PNG is ~30 MB as base64),
 # the jobs waiting for a worker (more are answered 503), and images denoised together by one

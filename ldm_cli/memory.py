@@ -142,6 +142,13 @@ def release_text_encoders(model) -> None:
             encoder.to("cpu")
 
 
+def set_aside(model) -> None:
+    """The denoiser off the GPU where offloaded by model (its hook brings it back when called),
+    so another model's (a refiner's) takes its place; sequential offload keeps none there."""
+    if _offload_hooks(model.denoiser):
+        model.denoiser.to("cpu")
+
+
 def free_text_encoders(model) -> None:
     """Drop the model's text encoders and every reference ldm holds to them: the offload chain's
     (the denoiser's hook sends the encoder before it back to the CPU) and the LoRA session's.

@@ -140,7 +140,7 @@ def given_model(model: str, models_dir: str | None) -> str:
 
 
 def recorded_model(model: str | None, name: str | None, short_hash: str | None, png: Path,
-                   models_dir: str | None) -> str | None:
+                   models_dir: str | None, what: str = "model") -> str | None:
     """The model to replay a PNG with: its recorded path if still there, else the file its recorded
     name (and hash) finds; None (the built-in model) only when it recorded none."""
     if model and files.exists(files.user_path(model)):
@@ -152,9 +152,9 @@ def recorded_model(model: str | None, name: str | None, short_hash: str | None, 
     found = find(name, short_hash, roots)
     if found is not None:
         return str(found)
-    made = f"{str(png)!r} was made with the model {name!r}{f' (hash {short_hash})' if short_hash else ''}"
+    made = f"{str(png)!r} was made with the {what} {name!r}{f' (hash {short_hash})' if short_hash else ''}"
     gone = f"is not at {model!r} and " if model else ""
     if not roots:
-        raise LdmError(f"{made}, which {gone}ldm cannot find without a models folder; pass it with --model, or the "
+        raise LdmError(f"{made}, which {gone}ldm cannot find without a models folder; pass it with --{what}, or the "
                        f"folder holding it with --models-dir (or ${MODELS_ENV})")
-    raise LdmError(f"{made}, which {gone}is not in {', '.join(repr(str(r)) for r in roots)}; pass it with --model")
+    raise LdmError(f"{made}, which {gone}is not in {', '.join(repr(str(r)) for r in roots)}; pass it with --{what}")

@@ -12,14 +12,15 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm_cli import conditioning, control, ksampling, memory, sampling, schedulers, vae
+from ldm_cli import conditioning, control, ksampling, memory, refiner, sampling, schedulers, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
 BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule", "strength", "shift",
                 "max_sequence_length", "no_t5", "guidance", "controlnet", "hires_scale", "hires_width",
                 "hires_height", "hires_upscaler", "hires_steps", "hires_scheduler", "hires_schedule", "hires_cfg",
-                "eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "masked_content")
+                "eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "masked_content",
+                "refiner", "refiner_switch_at")
 
 
 def batch_key(s: Settings) -> tuple:
@@ -113,6 +114,6 @@ def text_to_latents(model, group: list[Settings], on_step: Callable[[], None] | 
     generators = generators_for(group)
     units = control.for_batch(model, group[0].width, group[0].height, generators)  # before the noise, as diffusers
     latents = initial_noise(model, group, generators) * sampling.init_noise_sigma(scheduler)
-    # 5. denoise
-    return sampling.denoise(model, scheduler, latents, positive, negative, group[0].cfg,
-                            generators, scheduler.timesteps, on_step=on_step, control=units)
+    # 5. denoise (the refiner, when asked, finishing from the switch point)
+    return refiner.denoise(model, scheduler, latents, (positive, negative), group, generators, scheduler.timesteps,
+                           on_step, units)

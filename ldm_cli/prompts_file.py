@@ -61,6 +61,8 @@ KEYS: dict[str, Key] = {
     "controlnet": Key(str, None), "control_image": Key(str, None), "control_scale": Key(float, None),
     "control_start": Key(float, None), "control_end": Key(float, None), "control_preprocess": Key(str, None),
     "control_mode": Key(str, None),
+    # SDXL's refiner, A1111's API names
+    "refiner_checkpoint": Key(str, "refiner"), "refiner_switch_at": Key(float, "refiner_switch_at"),
 }
 CONTROL_KEYS = ("controlnet", "control_image", "control_scale", "control_start", "control_end", "control_preprocess",
                 "control_mode")
@@ -226,8 +228,9 @@ def make_job(number: int, line: str, values: dict[str, Any], defaults: Settings,
     check_keys(values)
     values = hires_values(values)
     given = {KEYS[k].field: v for k, v in values.items() if KEYS[k].field}
-    if "model" in given:
-        given["model"] = str(existing(given["model"], folder, "model"))
+    for name in ("model", "refiner"):
+        if name in given:
+            given[name] = str(existing(given[name], folder, "model" if name == "model" else "refiner_checkpoint"))
     settings = defaults.merged(**given, controlnet=line_controlnet(values, folder))
     if given.get("seed") == RANDOM_SEED:
         settings.seed = None
@@ -293,6 +296,10 @@ def check_keys(values: dict[str, Any]) -> None:
         raise LdmError("--denoising_strength applies to img2img and inpaint lines or with --enable_hr true")
     if "init_image" in values and values.get("enable_hr"):
         raise LdmError("--enable_hr applies to text-to-image lines, not to a line with --init_image")
+    if "init_image" in values and "refiner_checkpoint" in values:
+        raise LdmError("--refiner_checkpoint applies to text-to-image lines, not to a line with --init_image")
+    if "refiner_switch_at" in values and "refiner_checkpoint" not in values:
+        raise LdmError("--refiner_switch_at applies to a refiner; add --refiner_checkpoint")
     if "mask" not in values and (given := [k for k in MASK_ONLY if k in values]):
         raise LdmError(f"--{given[0]} applies to inpaint lines; add --mask")
     for key in ("batch_size", "n_iter"):

@@ -108,6 +108,10 @@ def resolved(settings: Settings, model) -> Settings:
     out.model_name, out.model_hash = model.name, model.hash
     out.model = model.path
     out.modules = ", ".join(model.modules) or None
+    if model.refiner is not None:
+        out.refiner_name, out.refiner_hash, out.refiner = model.refiner.name, model.refiner.hash, model.refiner.path
+    else:  # what ran, only
+        out.refiner = out.refiner_name = out.refiner_hash = out.refiner_switch_at = None
     _check_negative_used(out)
     if out.controlnet:  # the ControlNets' names and hashes, the control images checked
         from ldm_cli.loading import controlnet

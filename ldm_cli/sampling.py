@@ -46,10 +46,13 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts
             negative: Cond | list[Schedule] | None, cfg: float, generators: list[torch.Generator],
             timesteps: torch.Tensor, *, extra_input: torch.Tensor | None = None, blend: Blend | None = None,
             on_step: Callable[[], None] | None = None, control: Control | None = None,
-            references: Cond | None = None) -> torch.Tensor:
+            references: Cond | None = None, span: tuple[int, int] | None = None) -> torch.Tensor:
     """Run `timesteps` of `scheduler` from `latents`; returns the final latents. The conditioning
     is either batched (one cond per image, all steps) or per image: weighted AND parts and a
-    negative, each a schedule over the steps (guidance.py)."""
+    negative, each a schedule over the steps (guidance.py). `span`: (the first timestep's step
+    number, the run's step count) where the run is split between two models (refiner.py), so
+    prompt schedules and ControlNet ranges count the whole run's steps."""
+    first, total = span or (0, len(timesteps))
     plan = Guidance(positive, negative, cfg, model.family.guided)
     rows = _row_index(plan.row_images(), len(latents))
     if extra_input is not None:
@@ -64,8 +67,8 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
         with torch.inference_mode():  # the scheduler's arithmetic too: no autograd bookkeeping anywhere
-            at = control.at(i, len(timesteps)) if control is not None else None
-            latents = _step(model, scheduler, latents, t, plan, plan.calls(i), rows, extra_input, step_kwargs, at,
+            at = control.at(first + i, total) if control is not None else None
+            latents = _step(model, scheduler, latents, t, plan, plan.calls(first + i), rows, extra_input, step_kwargs, at,
                             references)
         if blend is not None:
             latents = blend(latents, i)

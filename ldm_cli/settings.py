@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ldm_cli import control_units, edit_inputs, hires_plan, infotext, limits, prompt_syntax, schedulers
+from ldm_cli import (control_units, edit_inputs, hires_plan, infotext, limits, prompt_syntax, refiner_record,
+                     schedulers)
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_SEED
 
@@ -34,7 +35,8 @@ LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Den
           "hires_scale": "Hires upscale", "hires_width": "Hires resize", "hires_height": "Hires resize",
           "hires_steps": "Hires steps", "hires_upscaler": "Hires upscaler", "hires_scheduler": "Hires sampler",
           "hires_schedule": "Hires schedule type", "hires_prompt": "Hires prompt",
-          "hires_negative": "Hires negative prompt", "hires_cfg": "Hires CFG Scale",
+          "hires_negative": "Hires negative prompt", "hires_cfg": "Hires CFG Scale", "refiner": "Refiner",
+          "refiner_switch_at": "Refiner switch at",
           "eta": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
 # A1111's options of its k-diffusion samplers (schedulers.SchedulerSpec.takes says which takes which)
 SAMPLER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
@@ -122,6 +124,11 @@ class Settings:
     hires_prompt: str | None = None
     hires_negative: str | None = None
     hires_cfg: float | None = None
+    # SDXL's refiner (refiner.py): its path, A1111's record of it, the fraction of the steps the base runs
+    refiner: str | None = None
+    refiner_name: str | None = None
+    refiner_hash: str | None = None
+    refiner_switch_at: float | None = None
     # `ldm edit`'s input images (edit_inputs.py: a JSON list of their paths and hashes)
     edit_images: str | None = None
     # A1111's sampler options (ancestral and SDE samplers' eta and noise scale; Euler's, Heun's and
@@ -154,6 +161,7 @@ class Settings:
         self._check_prompts()
         self.scheduler, self.schedule = schedulers.validated(self.scheduler, self.schedule)
         self._check_hires(max_steps)
+        self._check_refiner()
         if self.rng is not None and self.rng.lower() not in RNG_LABELS:
             raise BadSetting("rng", shown(self.rng), f"must be {' or '.join(RNG_LABELS)}")
         self.rng = self.rng and self.rng.lower()
@@ -205,6 +213,14 @@ class Settings:
         except BadSetting as e:
             raise LdmError(f"the hires fix size {width}x{height} {e.rule}{e.hint}") from None
 
+    def _check_refiner(self) -> None:
+        low, high = limits.REFINER_SWITCH
+        if self.refiner_switch_at is not None and not low < self.refiner_switch_at < high:
+            raise BadSetting("refiner_switch_at", shown(self.refiner_switch_at),
+                             f"must be between {low} and {high}, both excluded (the fraction of the steps the base runs)")
+        if (self.refiner or self.refiner_name) and hires_plan.enabled(self):
+            raise LdmError("--refiner does not combine with hires fix yet; leave one out")
+
     def _check_prompts(self) -> None:
         """Weights that overflow (inf, or 1.1**1000 from nested brackets) would render black."""
         steps = self.steps or limits.MAX_STEPS  # unresolved: every step a schedule can switch at
@@ -232,6 +248,8 @@ class Settings:
         if hires_plan.enabled(out):
             out = out.merged(strength=out.strength if out.strength is not None else hires_plan.DEFAULT_STRENGTH,
                              hires_upscaler=out.hires_upscaler or hires_plan.DEFAULT_UPSCALER)
+        if out.refiner and out.refiner_switch_at is None:
+            out.refiner_switch_at = limits.DEFAULT_REFINER_SWITCH
         out.validate(max_steps)
         for name in SAMPLER_OPTIONS:
             if name not in schedulers.SCHEDULERS[out.scheduler].takes:
@@ -288,6 +306,7 @@ class Settings:
         p.update(self._text_options())
         p["RNG"] = RNG_LABELS[self.rng or "cpu"]
         p.update(hires_plan.infotext_params(self))
+        p.update(refiner_record.infotext_params(self))
         p.update(control_units.infotext_params(self.controlnet))  # sd-webui-controlnet's entries
         if self.lora_hashes:  # A1111's names and place, just before the version
             p["Lora hashes"] = self.lora_hashes
@@ -357,7 +376,14 @@ class Settings:
         s.no_t5 = True if p.get("No T5") == "True" else None
         s.rng = _recorded_rng(p)
         s._read_hires(p)
+        s._read_refiner(p)
         return s
+
+    def _read_refiner(self, p: dict[str, str]) -> None:
+        if "Refiner" in p:
+            self.refiner_name, self.refiner_hash = refiner_record.name_and_hash(p["Refiner"])
+        if "Refiner switch at" in p:
+            self.refiner_switch_at = _parsed("refiner_switch_at", p["Refiner switch at"], float)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)

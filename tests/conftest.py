@@ -46,6 +46,13 @@ def sdxl_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sdxl_refiner_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-sdxl-refiner", tiny_models.sdxl_refiner_pipeline)
+
+
+@pytest.fixture(scope="session")
 def sd1_inpaint_folder(tmp_path_factory):
     from tests import tiny_models
 

@@ -42,14 +42,16 @@ def vae(scaling_factor: float = 0.18215, seed: int = 1, force_upcast: bool = Tru
                          scaling_factor=scaling_factor, force_upcast=force_upcast, **extra).eval()
 
 
-def unet(cross_attention_dim: int = 32, in_channels: int = 4, sdxl: bool = False, seed: int = 2):
+def unet(cross_attention_dim: int = 32, in_channels: int = 4, sdxl: bool = False, seed: int = 2,
+         time_ids: int = 6):
+    """time_ids: SDXL's size/crop conditioning numbers, 6 (5 for the refiner: aesthetic score)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     extra = {}
     if sdxl:
         extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                     projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True)
+                     projection_class_embeddings_input_dim=time_ids * 8 + 32, use_linear_projection=True)
     return UNet2DConditionModel(sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=cross_attention_dim,
                                 attention_head_dim=4 if not sdxl else (2, 4),
@@ -83,6 +85,19 @@ def sdxl_pipeline(inpainting: bool = False):
     return cls(vae=vae(0.13025), text_encoder=text_encoder(seed=3), text_encoder_2=text_encoder("gelu", True, seed=4),
                tokenizer=tokenizer(), tokenizer_2=tokenizer(True), unet=unet(64, 9 if inpainting else 4, sdxl=True),
                scheduler=scheduler)
+
+
+def sdxl_refiner_pipeline():
+    """SDXL's refiner at toy width, shaped as its release is: no first text encoder, CLIP-G alone
+    as context (32 here, 1280 real), 5 time ids with the aesthetic score (5 * 8 + 32 wide added
+    embedding; real: 5 * 256 + 1280 = 2560), the base's VAE, no zeroed empty negative."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER.items() if k not in ("skip_prk_steps", "clip_sample", "set_alpha_to_one")})
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=vae(0.13025), text_encoder=None, text_encoder_2=text_encoder("gelu", True, seed=14), tokenizer=None,
+        tokenizer_2=tokenizer(True), unet=unet(32, sdxl=True, seed=15, time_ids=5), scheduler=scheduler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
 
 
 # -- SD3 / SD3.5 ---------------------------------------------------------------------------------

@@ -106,6 +106,9 @@ class Family:
     # Model.options["variant"]: FLUX.1 "dev" runs as Kontext, schnell is absent); a variant
     # absent here cannot edit (`ldm edit` refuses it, suggesting img2img)
     edit: dict[str | None, Editing] = field(default_factory=dict)
+    # the variant of this family that finishes its images' last steps (`--refiner`: SDXL's
+    # "refiner", loaded as a second Model and switched to at --refiner-switch-at); None: none
+    refiner: str | None = None
 
     @property
     def label(self) -> str:

@@ -113,7 +113,8 @@ def kind_of(source: str | None) -> tuple[str, str | None] | None:
             config = path / "transformer" / "config.json"
             variants = {"flux": lambda: "dev" if recipe.read_json(config).get("guidance_embeds") else "schnell",
                         "flux2": lambda: flux2.variant_of_index(index),
-                        "qwen-image": lambda: qwen_image.variant_of_index(index)}
+                        "qwen-image": lambda: qwen_image.variant_of_index(index),
+                        "sdxl": lambda: recipe.sdxl_variant(index)}
             return family, variants[family]() if family in variants else None
         found = detect.detect(tensors.open_checkpoint(path))
         return found.family, found.variant

@@ -175,7 +175,8 @@ def not_a_model(checkpoint: Checkpoint) -> str:
 
 def unknown_text_encoder(checkpoint: Checkpoint) -> str:
     if any(k.startswith("conditioner.embedders.0.model.") for k in checkpoint.shapes):
-        return f"{checkpoint.name} is an SDXL refiner, which ldm does not run; use an SDXL base model"
+        return (f"{checkpoint.name} is an SDXL refiner's single file, which ldm does not read yet; pass the "
+                "refiner's diffusers folder (stabilityai/stable-diffusion-xl-refiner-1.0) with --refiner")
     return (f"{checkpoint.name} has a UNet but no text encoder ldm recognises (SD1 CLIP, SD2 OpenCLIP or SDXL's two); "
             "ldm cannot run it")
 

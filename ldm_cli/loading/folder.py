@@ -20,7 +20,7 @@ from ldm_cli import files
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import tensors
 from ldm_cli.loading.recipe import (PIPELINE_FAMILIES, QWEN3_TOKENIZER, qwen25vl_image_processor,
-                                   qwen25vl_tokenizer, read_json)
+                                   qwen25vl_tokenizer, read_json, sdxl_variant)
 from ldm_cli.notes import note
 
 if TYPE_CHECKING:
@@ -41,18 +41,24 @@ def load_tokenizer(folder: Path, **overrides):
 
 
 def _unet_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
-    """(U-Net, text encoders, tokenizers) of an SD1/SD2/SDXL folder."""
+    """(U-Net, text encoders, tokenizers) of an SD1/SD2/SDXL folder (an SDXL refiner's: CLIP-G alone)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True)
-    encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True)]
-    tokenizers = [load_tokenizer(folder / "tokenizer")]
+    encoders, tokenizers = [], []
+    if name != "sdxl" or not _refiner(folder):
+        encoders.append(CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True))
+        tokenizers.append(load_tokenizer(folder / "tokenizer"))
     if name == "sdxl":
         encoders.append(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", dtype=dtype,
                                                                     local_files_only=True))
         tokenizers.append(load_tokenizer(folder / "tokenizer_2"))
     return unet, encoders, tokenizers
+
+
+def _refiner(folder: Path) -> bool:
+    return sdxl_variant(read_json(folder / "model_index.json")) is not None
 
 
 def _sd3_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
@@ -203,7 +209,8 @@ def _options(folder: Path, index: dict, denoiser, name: str) -> dict:
 
         variant = qwen_image.variant_of_index(index)
         return {"variant": variant} if variant else {}
-    return {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
+    zeros = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
+    return {**zeros, "variant": sdxl_variant(index)} if name == "sdxl" and sdxl_variant(index) else zeros
 
 
 PARTS = {"sd3": _sd3_parts, "flux": _flux_parts, "chroma": _chroma_parts,  # DiT families: a transformer/, not a unet/
@@ -226,6 +233,8 @@ def check_parts(folder: Path, name: str, options) -> None:
     weights there, regular files with sound safetensors headers (as a single file's are checked),
     so a missing or truncated part is one line naming it rather than a library's traceback."""
     for sub in SUBFOLDERS[name]:
+        if sub == "text_encoder" and name == "sdxl" and _refiner(folder):
+            continue  # a refiner reads CLIP-G (text_encoder_2) alone
         if sub == T5_PARTS.get(name) and not (folder / sub / "config.json").exists():
             continue  # _t5 says what a missing T5 means for the family
         if sub == T5_PARTS.get(name) and options.without_t5 and name == "sd3":

@@ -43,6 +43,11 @@ PIPELINE_FAMILIES = {
 }
 
 
+def sdxl_variant(index: dict) -> str | None:
+    """"refiner" for an SDXL refiner's folder (its aesthetic-score time ids, CLIP-G alone), else None."""
+    return "refiner" if index.get("requires_aesthetics_score") is True else None
+
+
 @dataclass
 class Recipe:
     family: str
