@@ -323,7 +323,7 @@ def batch(path: Path, defaults: Settings, options: RunOptions, grid: bool = Fals
     defaults.validate()
     lookup.check_folders(options.networks)
     upscalers: set[str] = set()  # each found once, not once a line
-    jobs = prompts_file.read(path, defaults, options.num_images, lambda s: _line_files(s, options, upscalers))
+    jobs = prompts_file.read(path, defaults, options.num_images, lambda job: _line_files(job, options, upscalers))
     _check_model_files(jobs, options)
     images.check_writable(options.out)
     yield from batching.run(jobs, options, path.stem if grid else None)
@@ -338,12 +338,13 @@ def _check_model_files(jobs: list, options: RunOptions) -> None:
         loading.check(loading.source_path(source), options.load)
 
 
-def _line_files(settings: Settings, options: RunOptions, upscalers_found: set[str]) -> Settings:
-    """A prompts-file line's --lora tags added, its LoRAs and hires upscaler model found, before
-    any model loads."""
+def _line_files(job, options: RunOptions, upscalers_found: set[str]) -> Settings:
+    """A prompts-file line's --lora tags added, its LoRAs and hires upscaler model found, an edit
+    line's model and inputs checked, before any model loads."""
+    from ldm_cli import batch as batching
     from ldm_cli.networks import session
 
-    settings = with_lora_flags(settings, options)
+    settings = with_lora_flags(batching.edit_settings(job) if job.edit else job.settings, options)
     session.check(settings, options.networks)
     if settings.hires_upscaler not in upscalers_found:
         check_upscaler(settings)

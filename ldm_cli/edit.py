@@ -29,17 +29,18 @@ def editing(model) -> Editing:
     return _hook(model.family, variant, model.family.label + (f" {variant}" if variant else ""))
 
 
-def check_model(source: str | None) -> None:
-    """Refuse a model that cannot edit from its configs or header, before its weights load."""
+def check_model(source: str | None) -> Editing | None:
+    """Refuse a model that cannot edit from its configs or header, before its weights load; its
+    way of editing (None: unreadable here, and the load says why, or editing() refuses once loaded)."""
     from ldm_cli import families, loading
 
     found = loading.kind_of(source)
-    if found is None:  # unreadable here: the load says why, or editing() refuses once loaded
-        return
+    if found is None:
+        return None
     name, variant = found
     family = families.get("sd1" if name == "sd" else name)  # neither SD1 nor SD2 edits
     label = "SD1/SD2" if name == "sd" else family.label + (f" {variant}" if variant else "")
-    _hook(family, variant, f"{loading.source_path(source).name!r} ({label})" if source else "the built-in model")
+    return _hook(family, variant, f"{loading.source_path(source).name!r} ({label})" if source else "the built-in model")
 
 
 def _hook(family, variant: str | None, kind: str) -> Editing:
@@ -117,13 +118,13 @@ def edited_latents(model, group: list[Settings], inputs: list[list[Image.Image]]
                    on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """edit's steps 1 to 6: the denoised latents, before the VAE decodes them."""
     # 1. check inputs
-    hook = editing(model)
+    hook, s = editing(model), group[0]
     pipeline.check_inputs(model, group)
     for each in inputs:
         check_count(hook, len(each))
-    # 2. encode the prompts (with the images, for a text encoder that reads them; a run's
-    # images are the same for all its prompts, so they are encoded ahead alike)
-    model.edit_inputs = None if hook.prompt_images is None else hook.prompt_images(model, inputs[0])
+    # 2. encode the prompts (with the images, for a text encoder that reads them; held by their
+    # record, which the prompts of other lines encoded ahead of their turn load theirs from)
+    model.edit_inputs = None if hook.prompt_images is None else {s.edit_images: hook.prompt_images(model, inputs[0])}
     positive, negative = pipeline.encode_prompts(model, group)
     # 3. timesteps
     scheduler = pipeline.make_scheduler(model, group)
@@ -131,7 +132,6 @@ def edited_latents(model, group: list[Settings], inputs: list[list[Image.Image]]
     generators = pipeline.generators_for(group)
     latents = pipeline.initial_noise(model, group, generators) * sampling.init_noise_sigma(scheduler)
     # 5. the input images, as the family conditions on them
-    s = group[0]
     references = hook.references(model, [sized_inputs(model, hook, s, each) for each in inputs], s)
     references = {k: v.to(model.device) for k, v in references.items()}
     # 6. denoise (7. decode: edit above)

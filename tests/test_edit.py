@@ -2,6 +2,7 @@
 same weights, prompt, input image, size, seed and steps give the same image within 2/255), the
 sizes an edit picks, and the refusals (one line, exit 2, nothing written)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -503,3 +504,98 @@ def test_cli_mask_keeps_the_black_part_and_strength_needs_a_mask(flux_dev_folder
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
     assert "--strength and --mask-blur go with --mask" in refused.stderr
     assert png_files(tmp_path / "refused") == []
+
+
+# -- ldm batch: edit lines -------------------------------------------------------------------------------
+def test_batch_edit_lines_equal_ldm_edit(flux2_klein_folder, tmp_path):
+    """A1111-style and JSONL edit lines (paths from the prompts file's folder) render as `ldm edit`
+    does; lines with other inputs never share a denoiser batch, and their records name their inputs."""
+    (tmp_path / "in").mkdir()
+    picture(80, 64).save(tmp_path / "in" / "room.png")
+    picture(64, 64).save(tmp_path / "in" / "chair.png")
+    Image.new("RGB", (64, 64), (20, 200, 90)).save(tmp_path / "in" / "plain.png")
+    common = ["--model", flux2_klein_folder, "--steps", 1, "--max-sequence-length", 64]
+    lines = ['--prompt "put the chair in the room" --init_image in/room.png --reference in/chair.png --seed 3',
+             '--prompt "make it night" --init_image in/plain.png --edit true --seed 4 --n_iter 2']
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "put the chair in the room", "init_image": "in/room.png",
+                                                  "reference": ["in/chair.png"], "seed": 3}) + "\n")
+    for name in ("p.txt", "p.jsonl"):
+        result = cli("batch", tmp_path / name, *common, "--batch-size", 3, "--quiet", "-o", tmp_path / name[2:])
+        assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "txt" / "manifest.jsonl").read_text().splitlines()]
+    [jsonl] = [json.loads(line) for line in (tmp_path / "jsonl" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["width"], r["height"]) for r in rows] == [(1, 80, 64), (2, 64, 64), (2, 64, 64)]
+    assert [Path(i["path"]).name for i in json.loads(rows[0]["edit_images"])] == ["room.png", "chair.png"]
+    assert np.abs(pixels_of(tmp_path / "txt" / rows[0]["path"]) - pixels_of(tmp_path / "jsonl" / jsonl["path"])).max() == 0
+    alone = [cli("edit", tmp_path / "in" / "room.png", "put the chair in the room", "--reference",
+                 tmp_path / "in" / "chair.png", *common, "--seed", 3, "--json", "-o", tmp_path / "alone"),
+             cli("edit", tmp_path / "in" / "plain.png", "make it night", *common, "--seed", 4, "-n", 2, "--json",
+                 "-o", tmp_path / "alone")]
+    own = [json.loads(line) for result in alone for line in result.stdout.splitlines()]
+    for mine, row in zip(own, rows):
+        assert {k: v for k, v in mine.items() if k != "path"} == {
+            k: v for k, v in row.items() if k not in ("path", "line", "index", "base_seed", "init_image")}
+        assert np.abs(pixels_of(mine["path"]) - pixels_of(tmp_path / "txt" / row["path"])).max() <= 2
+
+
+def pixels_of(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.parametrize("line, model, message", [
+    ("--prompt x --init_image good.png --reference gone.png", "dev", "p.txt:2: --reference: no such file"),
+    ("--prompt x --init_image good.png --reference good.png", "dev", "p.txt:2: FLUX.1 Kontext takes no --reference"),
+    ("--prompt x --init_image good.png --edit true", "sd1", "p.txt:2: 'tiny-sd1' (SD1/SD2) cannot edit by instruction"),
+    ("--prompt x --reference good.png", "dev", "p.txt:2: --reference makes an edit line; add --init_image"),
+    ("--prompt x --init_image good.png --edit true --strength 0.5", "dev", "p.txt:2: --strength applies to an edit line with --mask"),
+    ('{"prompt": "x", "init_image": "good.png", "reference": [3]}', "dev", 'p.jsonl:2: "reference" takes a path or a list'),
+])
+def test_batch_edit_line_refusals_name_the_line_before_any_model_loads(flux_dev_folder, sd1_folder, tmp_path,
+                                                                      monkeypatch, line, model, message):
+    from ldm_cli import loading
+
+    picture(64, 64).save(tmp_path / "good.png")
+    file = tmp_path / ("p.jsonl" if line.startswith("{") else "p.txt")
+    file.write_text(('{"prompt": "fine"}' if line.startswith("{") else "fine") + "\n" + line + "\n")
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("a model loaded"))
+    folder = {"dev": flux_dev_folder, "sd1": sd1_folder}[model]
+    result = cli("batch", file, "--model", folder, "--steps", 1, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert png_files(tmp_path / "out") == []
+
+
+def test_batch_qwen_edit_lines_read_each_lines_images(qwen_edit, toy_areas, tmp_path):
+    """Prompts are encoded ahead for the whole file, each read with its own line's images (found
+    from the record) as `ldm edit` reads them with the images it holds."""
+    from ldm_cli import edit_inputs
+    from ldm_cli.families import qwen_edit as family
+    from ldm_cli.families import qwen_image
+
+    model = qwen_edit["edit-plus"][0]
+    for name, size in (("a.png", (96, 64)), ("b.png", (64, 80)), ("c.png", (64, 64))):
+        picture(*size).save(tmp_path / name)
+    lines = ["--prompt \"the woman behind the counter\" --init_image a.png --reference b.png --seed 2",
+             "--prompt \"the woman behind the counter\" --init_image c.png --reference a.png --seed 2"]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    common = ["--model", model.path, "--steps", 2, "-W", 64, "-H", 64]
+    result = cli("batch", tmp_path / "p.txt", *common, "--batch-size", 2, "--quiet", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    for row, (first, second) in zip(rows, (("a.png", "b.png"), ("c.png", "a.png"))):
+        alone = cli("edit", tmp_path / first, "the woman behind the counter", "--reference", tmp_path / second,
+                    *common, "--seed", 2, "--json", "-o", tmp_path / "alone")
+        assert alone.exit_code == 0, alone.stderr
+        assert np.abs(pixels_of(json.loads(alone.stdout)["path"]) - pixels_of(tmp_path / "out" / row["path"])).max() <= 2
+    # the conditioning itself: read from the record as from the images held, unlike another line's
+    s = Settings.from_dict({k: v for k, v in rows[1].items() if k not in ("path", "line", "index", "base_seed")})
+    held = family.prompt_images(model, [Image.open(tmp_path / "c.png").convert("RGB"), Image.open(tmp_path / "a.png").convert("RGB")])
+    assert [p.name for p in edit_inputs.found(edit_inputs.from_text(s.edit_images))] == ["c.png", "a.png"]
+    states = []
+    for images in (None, {s.edit_images: held}, {s.edit_images: held[::-1]}):
+        model.edit_inputs = images
+        states.append(qwen_image.encode(model, [s.prompt], s, False)["encoder_hidden_states"])
+    model.edit_inputs = None
+    assert torch.equal(states[0], states[1]) and (states[0] - states[2]).abs().max() > 1e-3
