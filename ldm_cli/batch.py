@@ -108,7 +108,8 @@ def edit_settings(job: Job) -> Settings:
     if job.mask and not hook.masks:
         raise LdmError(f"--mask does not work with {hook.label} yet; edit the whole image, or make an inpaint line")
     s = s.merged(init_image_hash=init_image_hash(job.init_image),
-                 edit_images=edit_inputs.to_text([edit_inputs.Input(str(p), init_image_hash(p)) for p in job.inputs]))
+                 edit_images=edit_inputs.to_text([edit_inputs.Input(str(p), init_image_hash(p)) for p in job.inputs]),
+                 edit_mask=job.mask and edit_inputs.to_text([edit_inputs.Input(str(job.mask), init_image_hash(job.mask))]))
     if job.mask:  # inpaint's strength and mask blur (the edit sees the whole image)
         s = inpaint.with_defaults(replace(s, only_masked=False, padding=None))
     s = edit.with_defaults(s, hook, [images.image_size(p) for p in job.inputs], loading.size_multiple(s.model),

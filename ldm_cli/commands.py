@@ -258,6 +258,11 @@ def edit(settings: Settings, image_path: Path | None, references: list[Path], op
         raise LdmError("--reference needs an IMAGE to edit beside it")
     paths = [image_path, *references] if image_path is not None else edit_inputs.found(
         edit_inputs.from_text(settings.edit_images))
+    if image_path is None and mask_path is None and settings.edit_mask:  # replayed with the inputs it went with
+        recorded = edit_inputs.found(edit_inputs.from_text(settings.edit_mask, "the recorded edit_mask"), mask=True)
+        if len(recorded) != 1:
+            raise LdmError(f"the recorded edit_mask holds {len(recorded)} images, not one")
+        mask_path = recorded[0]
     if not paths:
         raise LdmError("an IMAGE to edit is required (or --from-png of an image `ldm edit` made)")
     first, s = _with_init_image(settings, paths[0])
@@ -265,7 +270,8 @@ def edit(settings: Settings, image_path: Path | None, references: list[Path], op
     for path in paths[1:]:
         inputs.append(images.load_image(path))
         images.check_min_size(inputs[-1].size, f"the reference {str(path)!r}")
-    s = s.merged(edit_images=edit_inputs.to_text([edit_inputs.recorded(p) for p in paths]))
+    s = replace(s, edit_images=edit_inputs.to_text([edit_inputs.recorded(p) for p in paths]),
+                edit_mask=mask_path and edit_inputs.to_text([edit_inputs.recorded(mask_path)]))
     mask = _edit_mask(mask_path, first)
     if mask is not None:  # inpaint's strength and mask blur (not --only-masked: the edit sees the whole image)
         from ldm_cli import inpaint

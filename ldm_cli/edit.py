@@ -100,18 +100,32 @@ def edit(model, group: list[Settings], inputs: list[list[Image.Image]],
 def edit_masked(model, group: list[Settings], inputs: list[list[Image.Image]], masks: list[Image.Image],
                 on_step: Callable[[], None] | None = None) -> list[Image.Image]:
     """An edit restricted to each mask's white, as inpaint restricts a redraw: the edited image,
-    at the output size, is both what is noised and the reference (FluxKontextInpaintPipeline)."""
+    at the output size, is both what is noised and the first reference (FluxKontextInpaintPipeline,
+    QwenImageEditInpaintPipeline), the other inputs at their VAE sizes."""
     from ldm_cli import inpaint
 
-    hook = editing(model)
+    hook, s = editing(model), group[0]
     if not hook.masks:
         raise LdmError(f"--mask does not work with {hook.label} yet; edit the whole image, or use `ldm inpaint`")
     for each in inputs:
         check_count(hook, len(each))
-    s = group[0]
-    references = hook.references(model, [[images.resized(each[0], s.width, s.height)] for each in inputs], s)
-    references = {k: v.to(model.device) for k, v in references.items()}
-    return inpaint.inpaint(model, group, [each[0] for each in inputs], masks, on_step, references=references)
+    firsts = [images.resized(each[0], s.width, s.height) for each in inputs]
+    model.edit_inputs = None if hook.prompt_images is None else {s.edit_images: hook.prompt_images(model, [firsts[0]])}
+    if hook.masked_references is not None:  # from the image's latents, as inpainting samples them
+        def references(latents: torch.Tensor) -> dict:
+            return _on_device(model, hook.masked_references(model, latents))
+    else:
+        held = _on_device(model, hook.references(
+            model, [[first, *sized_inputs(model, hook, s, each[1:])] for first, each in zip(firsts, inputs)], s))
+
+        def references(latents: torch.Tensor) -> dict:
+            return held
+    return inpaint.inpaint(model, group, [each[0] for each in inputs], masks, on_step, references=references,
+                           sampled=hook.masked_references is not None)
+
+
+def _on_device(model, cond: dict) -> dict:
+    return {k: v.to(model.device) for k, v in cond.items()}
 
 
 def edited_latents(model, group: list[Settings], inputs: list[list[Image.Image]],
@@ -132,8 +146,7 @@ def edited_latents(model, group: list[Settings], inputs: list[list[Image.Image]]
     generators = pipeline.generators_for(group)
     latents = pipeline.initial_noise(model, group, generators) * sampling.init_noise_sigma(scheduler)
     # 5. the input images, as the family conditions on them
-    references = hook.references(model, [sized_inputs(model, hook, s, each) for each in inputs], s)
-    references = {k: v.to(model.device) for k, v in references.items()}
+    references = _on_device(model, hook.references(model, [sized_inputs(model, hook, s, each) for each in inputs], s))
     # 6. denoise (7. decode: edit above)
     return sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators,
                             scheduler.timesteps, on_step=on_step, references=references)

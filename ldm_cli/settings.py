@@ -116,8 +116,9 @@ class Settings:
     hires_prompt: str | None = None
     hires_negative: str | None = None
     hires_cfg: float | None = None
-    # `ldm edit`'s input images (edit_inputs.py: a JSON list of their paths and hashes)
+    # `ldm edit`'s input images and --mask (edit_inputs.py: a JSON list of their paths and hashes)
     edit_images: str | None = None
+    edit_mask: str | None = None
 
     def merged(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied."""
@@ -146,6 +147,7 @@ class Settings:
         self.rng = self.rng and self.rng.lower()
         control_units.from_text(self.controlnet)  # its units' fields typed (their files are checked at load)
         edit_inputs.from_text(self.edit_images)  # paths and hashes (the files are checked by `ldm edit`)
+        edit_inputs.from_text(self.edit_mask, "the recorded edit_mask")
 
     def _check_size(self) -> None:
         for side in ("width", "height"):

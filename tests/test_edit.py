@@ -125,9 +125,9 @@ def test_kontext_with_a_mask_matches_diffusers_kontext_inpaint(kontext, strength
     assert np.array_equal(mine[:, 32:], pixels(image)[:, 32:])  # kept exactly
 
 
-def test_a_mask_is_refused_where_the_model_has_no_masked_edit(klein):
-    ours, _ = klein["distilled"]
-    with pytest.raises(LdmError, match=r"^--mask does not work with FLUX.2 klein yet"):
+def test_a_mask_is_refused_where_the_model_has_no_masked_edit(qwen_edit, toy_areas):
+    ours, _ = qwen_edit["edit-plus"]
+    with pytest.raises(LdmError, match=r"^--mask does not work with Qwen-Image-Edit Plus yet"):
         edit.edit_masked(ours, [settings(ours, width=64, height=64, strength=1.0)], [[picture()]],
                          [Image.new("L", (64, 64), 255)])
 
@@ -163,6 +163,21 @@ def test_klein_matches_diffusers(klein, variant, sizes):
     assert [im.size for im in edit.sized_inputs(ours, edit.editing(ours), s, inputs)] == sizes  # what diffusers takes them at
     mine = pixels(edit.edit(ours, [s], [inputs])[0])
     assert close(mine, theirs_klein(theirs, s, inputs))
+
+
+@pytest.mark.parametrize("references", [0, 1])
+def test_klein_with_a_mask_keeps_the_rest_and_repeats(klein, references):
+    """No diffusers pipeline masks klein's edits: inpaint.py's blend does, so the black part is the
+    input's exactly, the white part is redrawn, and a seed gives the same image again."""
+    ours, _ = klein["distilled"]
+    image, mask = picture(80, 64), Image.new("L", (80, 64), 0)
+    mask.paste(255, (0, 0, 48, 64))
+    inputs = [image, picture(64, 64).transpose(0)][:1 + references]
+    s = settings(ours, width=80, height=64, max_sequence_length=64, steps=2).merged(strength=1.0, mask_blur=0)
+    first, again = (pixels(edit.edit_masked(ours, [s], [inputs], [mask])[0]) for _ in range(2))
+    assert np.array_equal(first, again)
+    assert np.array_equal(first[:, 48:], pixels(image)[:, 48:])
+    assert np.abs(first[:, :48] - pixels(image)[:, :48]).max() > 32  # redrawn from noise
 
 
 def test_klein_takes_the_first_images_size_up_to_a_megapixel():
@@ -264,6 +279,38 @@ def test_qwen_edit_matches_diffusers(qwen_edit, toy_areas, variant, sizes, kw):
     s = settings(ours, width=64, height=64, **kw)
     mine = pixels(edit.edit(ours, [s], [inputs])[0])
     assert close(mine, theirs_qwen(theirs, s, inputs))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.8])
+def test_qwen_edit_with_a_mask_matches_diffusers_edit_inpaint(qwen_edit, toy_areas, monkeypatch, strength):
+    from diffusers import QwenImageEditInpaintPipeline
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as inpaint_module
+
+    from ldm_cli.families import qwen_edit as family
+
+    original = inpaint_module.calculate_dimensions  # its 1 MP is written into its __call__
+    monkeypatch.setattr(inpaint_module, "calculate_dimensions", lambda area, ratio: original(TOY_VAE_AREA, ratio))
+    ours, theirs = qwen_edit["edit"]
+    image, mask = picture(96, 64), Image.new("L", (96, 64), 0)
+    mask.paste(255, (0, 0, 48, 64))
+    width, height = family.size([image.size], 16)
+    s = settings(ours, width=width, height=height, cfg=1.0, steps=4).merged(strength=strength, mask_blur=0)
+    mine = pixels(edit.edit_masked(ours, [s], [[image]], [mask])[0])
+    pipe = QwenImageEditInpaintPipeline(**theirs.components)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(image=image, mask_image=mask, prompt=s.prompt, strength=strength, true_cfg_scale=1.0,
+               num_inference_steps=s.steps, generator=torch.Generator().manual_seed(s.seed), output_type="np").images[0]
+    half = width // 2
+    assert as_pixels(ref).shape[:2] == (height, width)
+    assert close(mine[:, :half], as_pixels(ref)[:, :half])
+    kept = np.asarray(images_resized(mask, width, height)) == 0  # where the resized mask is black
+    assert np.array_equal(mine[kept], pixels(images_resized(image, width, height))[kept]) and kept[:, half + 8:].all()
+
+
+def images_resized(image, width, height):
+    from ldm_cli import images
+
+    return images.resized(image, width, height)
 
 
 def test_qwen_edit_sizes_and_kinds(qwen_edit, qwen_image_folder):
@@ -516,7 +563,11 @@ def test_batch_edit_lines_equal_ldm_edit(flux2_klein_folder, tmp_path):
     Image.new("RGB", (64, 64), (20, 200, 90)).save(tmp_path / "in" / "plain.png")
     common = ["--model", flux2_klein_folder, "--steps", 1, "--max-sequence-length", 64]
     lines = ['--prompt "put the chair in the room" --init_image in/room.png --reference in/chair.png --seed 3',
-             '--prompt "make it night" --init_image in/plain.png --edit true --seed 4 --n_iter 2']
+             '--prompt "make it night" --init_image in/plain.png --edit true --seed 4 --n_iter 2',
+             '--prompt "make it night" --init_image in/plain.png --edit true --mask in/mask.png --strength 0.9 --seed 6']
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(tmp_path / "in" / "mask.png")
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "put the chair in the room", "init_image": "in/room.png",
                                                   "reference": ["in/chair.png"], "seed": 3}) + "\n")
@@ -525,17 +576,20 @@ def test_batch_edit_lines_equal_ldm_edit(flux2_klein_folder, tmp_path):
         assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "txt" / "manifest.jsonl").read_text().splitlines()]
     [jsonl] = [json.loads(line) for line in (tmp_path / "jsonl" / "manifest.jsonl").read_text().splitlines()]
-    assert [(r["line"], r["width"], r["height"]) for r in rows] == [(1, 80, 64), (2, 64, 64), (2, 64, 64)]
+    assert [(r["line"], r["width"], r["height"]) for r in rows] == [(1, 80, 64), (2, 64, 64), (2, 64, 64), (3, 64, 64)]
     assert [Path(i["path"]).name for i in json.loads(rows[0]["edit_images"])] == ["room.png", "chair.png"]
     assert np.abs(pixels_of(tmp_path / "txt" / rows[0]["path"]) - pixels_of(tmp_path / "jsonl" / jsonl["path"])).max() == 0
     alone = [cli("edit", tmp_path / "in" / "room.png", "put the chair in the room", "--reference",
                  tmp_path / "in" / "chair.png", *common, "--seed", 3, "--json", "-o", tmp_path / "alone"),
              cli("edit", tmp_path / "in" / "plain.png", "make it night", *common, "--seed", 4, "-n", 2, "--json",
-                 "-o", tmp_path / "alone")]
+                 "-o", tmp_path / "alone"),
+             cli("edit", tmp_path / "in" / "plain.png", "make it night", *common, "--seed", 6, "--mask",
+                 tmp_path / "in" / "mask.png", "--strength", 0.9, "--json", "-o", tmp_path / "alone")]
     own = [json.loads(line) for result in alone for line in result.stdout.splitlines()]
+    assert len(own) == 4 and json.loads(own[3]["edit_mask"])[0]["path"] == str(tmp_path / "in" / "mask.png")
     for mine, row in zip(own, rows):
         assert {k: v for k, v in mine.items() if k != "path"} == {
-            k: v for k, v in row.items() if k not in ("path", "line", "index", "base_seed", "init_image")}
+            k: v for k, v in row.items() if k not in ("path", "line", "index", "base_seed", "init_image", "mask")}
         assert np.abs(pixels_of(mine["path"]) - pixels_of(tmp_path / "txt" / row["path"])).max() <= 2
 
 
@@ -599,3 +653,35 @@ def test_batch_qwen_edit_lines_read_each_lines_images(qwen_edit, toy_areas, tmp_
         states.append(qwen_image.encode(model, [s.prompt], s, False)["encoder_hidden_states"])
     model.edit_inputs = None
     assert torch.equal(states[0], states[1]) and (states[0] - states[2]).abs().max() > 1e-3
+
+
+def test_from_png_replays_the_mask_and_refuses_a_changed_one(flux2_klein_folder, tmp_path):
+    source, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    picture(64, 64).save(source)
+    drawn = Image.new("L", (64, 64), 0)
+    drawn.paste(255, (0, 0, 32, 64))
+    drawn.save(mask)
+    made = cli("edit", source, "make it night", "--model", flux2_klein_folder, "--steps", 2, "--seed", 5,
+               "--max-sequence-length", 64, "--mask", mask, "--strength", 0.9, "--json", "-o", tmp_path / "out")
+    assert made.exit_code == 0, made.stderr
+    record = json.loads(made.stdout)
+    assert json.loads(record["edit_mask"]) == [{"path": str(mask), "hash": edit_inputs_hash(mask)}]
+    again = cli("edit", "--from-png", record["path"], "--json", "-o", tmp_path / "again")
+    assert again.exit_code == 0, again.stderr
+    replayed = json.loads(again.stdout)
+    assert {k: v for k, v in replayed.items() if k != "path"} == {k: v for k, v in record.items() if k != "path"}
+    assert np.array_equal(pixels_of(record["path"]), pixels_of(replayed["path"]))
+    # new images given: the recorded mask is not theirs, so it is not replayed
+    whole = cli("edit", source, "--from-png", record["path"], "--json", "-o", tmp_path / "whole")
+    assert whole.exit_code == 0 and "edit_mask" not in json.loads(whole.stdout) and "strength" not in json.loads(whole.stdout)
+    Image.new("L", (64, 64), 255).save(mask)
+    changed = cli("edit", "--from-png", record["path"], "-o", tmp_path / "changed")
+    assert changed.exit_code == 2 and changed.stderr.count("\n") == 1, changed.output
+    assert changed.stderr.startswith("ldm: error: the mask this edit was made from") and "has changed since" in changed.stderr
+    assert png_files(tmp_path / "changed") == []
+
+
+def edit_inputs_hash(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]

@@ -117,6 +117,14 @@ def references(model, inputs: list[list[Image.Image]], s: Settings) -> Cond:
     return {"reference_tokens": torch.cat(tokens), "reference_shapes": shapes.expand(len(inputs), -1, -1)}
 
 
-EDIT = Editing("Qwen-Image-Edit", 1, size, references, input_size=input_size, prompt_images=prompt_images)
+def masked_references(model, latents: torch.Tensor) -> Cond:
+    """With --mask: the edited image's latents as inpainting drew them (a VAE sample) are its tokens,
+    as QwenImageEditInpaintPipeline conditions on the latents it noises."""
+    shape = torch.tensor([[1, latents.shape[-2] // flux.PATCH, latents.shape[-1] // flux.PATCH]])
+    return {"reference_tokens": flux.pack(latents), "reference_shapes": shape.expand(len(latents), -1, -1)}
+
+
+EDIT = Editing("Qwen-Image-Edit", 1, size, references, input_size=input_size, prompt_images=prompt_images,
+               masks=True, masked_references=masked_references)
 EDIT_PLUS = Editing("Qwen-Image-Edit Plus", MAX_INPUTS, lambda sizes, m: size(sizes, m, last=True), references,
                     input_size=input_size, prompt_images=prompt_images)
