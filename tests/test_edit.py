@@ -685,3 +685,28 @@ def edit_inputs_hash(path):
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+@pytest.mark.slow
+def test_edit_with_compile_is_the_uncompiled_image(flux2_klein_folder, tmp_path, monkeypatch):
+    """`ldm edit --compile` (klein with a reference: the denoiser compiled with the reference tokens
+    in its input) makes the image the eager run makes; skipped where inductor cannot build code."""
+    from ldm_cli import compiling
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    try:
+        compiling.check_toolchain(torch.device("cpu"))
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))  # inductor builds C++ here, or cannot
+    except Exception as e:  # noqa: BLE001 - any failure of the toolchain itself means no compiler to test
+        pytest.skip(f"no working compiler here: {str(e)[:200]}")
+    source, other = tmp_path / "room.png", tmp_path / "chair.png"
+    picture(64, 64).save(source)
+    picture(64, 48).save(other)
+    common = ["edit", source, "put the chair in the room", "--reference", other, "--model", flux2_klein_folder,
+              "--steps", 2, "--seed", 7, "--max-sequence-length", 64, "--device", "cpu", "--json"]
+    plain = cli(*common, "-o", tmp_path / "plain")
+    compiled = cli(*common, "--compile", "-o", tmp_path / "compiled")
+    assert plain.exit_code == 0 and compiled.exit_code == 0, compiled.output
+    mine, theirs = (json.loads(r.stdout) for r in (plain, compiled))
+    assert {k: v for k, v in mine.items() if k != "path"} == {k: v for k, v in theirs.items() if k != "path"}
+    assert np.abs(pixels_of(mine["path"]) - pixels_of(theirs["path"])).max() <= 1
