@@ -90,6 +90,12 @@ def with_lora_flags(settings: Settings, options: RunOptions) -> Settings:
                            hires_prompt=settings.hires_prompt and tags.with_flag_loras(settings.hires_prompt, files))
 
 
+def not_an_edit(settings: Settings) -> Settings:
+    """Without an edit's record of its inputs (a --from-png of an edited image): other commands
+    neither read them (Qwen-Image-Edit's text encoder would) nor record them."""
+    return replace(settings, edit_images=None, edit_mask=None) if settings.edit_images else settings
+
+
 def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]:
     """Render options.num_images images; image i uses seed + i. Yields each as it is saved."""
     from ldm_cli import hires
@@ -97,7 +103,7 @@ def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]
 
     options.validate()
     images.check_writable(options.out)
-    settings = with_lora_flags(settings, options)
+    settings = with_lora_flags(not_an_edit(settings), options)
     model = load_model(settings, options)
     s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
@@ -162,7 +168,7 @@ def _run(settings: Settings, options: RunOptions, make) -> Iterator[render.Resul
     from ldm_cli.progress import Progress
 
     images.check_writable(options.out)
-    settings = with_lora_flags(settings, options)
+    settings = with_lora_flags(not_an_edit(settings), options)
     model = load_model(settings, options)
     s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)

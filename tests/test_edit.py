@@ -710,3 +710,15 @@ def test_edit_with_compile_is_the_uncompiled_image(flux2_klein_folder, tmp_path,
     mine, theirs = (json.loads(r.stdout) for r in (plain, compiled))
     assert {k: v for k, v in mine.items() if k != "path"} == {k: v for k, v in theirs.items() if k != "path"}
     assert np.abs(pixels_of(mine["path"]) - pixels_of(theirs["path"])).max() <= 1
+
+
+def test_generate_from_an_edited_png_neither_reads_nor_records_the_inputs(flux_dev_folder, tmp_path):
+    source = tmp_path / "photo.png"
+    picture(64, 48).save(source)
+    made = cli("edit", source, "make it night", "--model", flux_dev_folder, "--steps", 1, "-W", 64, "-H", 48,
+               "--json", "-o", tmp_path / "out")
+    assert made.exit_code == 0, made.stderr
+    for command in (["generate"], ["img2img", source]):
+        again = cli(*command, "--from-png", json.loads(made.stdout)["path"], "--json", "-o", tmp_path / "again")
+        assert again.exit_code == 0, again.stderr
+        assert "edit_images" not in json.loads(again.stdout)
