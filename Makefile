@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps "spandrel>=0.4,<0.5"
+	# k-diffusion (MIT), the samplers' test reference, without the dependencies it declares (torchvision,
+	# wandb, clean-fid...): the tests load only its sampling.py, whose imports the test extra covers
+	$(BIN)/pip install -q --no-deps "k-diffusion==0.1.1.post1"
 	touch $(STAMP)
 
 # One test process per core (each runs torch on one thread): 5 minutes instead of 10 on 2 cores.

@@ -1,7 +1,7 @@
 """ldm's denoising loop against diffusers' pipeline on the same model, per step, in one process.
 
 Small random SD3 (4 MMDiT layers, width 256), FLUX.1-dev (2 double + 4 single blocks, width 256),
-Z-Image, Chroma, FLUX.2 klein and Qwen-Image at the tests' toy sizes, SD1 with one ControlNet
+Z-Image, Chroma, FLUX.2 klein and dev and Qwen-Image at the tests' toy sizes, SD1 with one ControlNet
 copied from its UNet and that FLUX with a ControlNet of its blocks: the
 same weights, prompt, seed, scheduler, steps, cfg and size in both; after one warm-up each, runs
 alternate ldm / diffusers, the side that goes first alternating too. A step is the time between
@@ -169,6 +169,8 @@ def cases(folder: Path, size: int, steps: int):
         ("FLUX.2 klein (toy), cfg 1", "flux2", lambda: tiny.flux2_klein_pipeline(distilled=True),
          dict(guidance_scale=1.0)),
         ("Qwen-Image (toy), cfg 1", "qwen-image", tiny.qwen_image_pipeline, dict(true_cfg_scale=1.0)),
+        # its embedded guidance at the default 4 (a transformer input, no second pass)
+        ("FLUX.2 dev (toy), cfg 1, guidance 4", "flux2-dev", tiny.flux2_dev_pipeline, dict(guidance_scale=4.0)),
     ]:
         theirs = build()
         theirs.save_pretrained(folder / short, safe_serialization=True)

@@ -62,7 +62,7 @@ class Ahead:
             count += len(self.groups[end])
             end += 1
         self.end, self.stretch = end, min(2 * self.stretch, MOST_STRETCH)
-        if end < len(self.groups):
+        if end < len(self.groups) or self.model.kept:
             memory.release_text_encoders(self.model)  # off the GPU where offloaded: the denoiser takes its place
         else:
             memory.free_text_encoders(self.model)

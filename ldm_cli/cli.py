@@ -88,7 +88,7 @@ BatchSize = Annotated[int, typer.Option(help="Images denoised together.")]
 Width = Annotated[Optional[int], typer.Option("--width", "-W", help="Width, a multiple of 8 (16 for SD3, FLUX, Chroma, Z-Image, FLUX.2 and Qwen-Image) [default: the model's native size].")]
 Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height, a multiple of 8 (16 for SD3, FLUX, Chroma, Z-Image, FLUX.2 and Qwen-Image) [default: the model's native size].")]
 Scheduler = Annotated[Optional[str], typer.Option(help="Sampler: a name from `ldm schedulers` or an A1111 label [default: dpmpp_2m].")]
-Schedule = Annotated[Optional[str], typer.Option(help="Sigma schedule: karras, exponential, beta or default [default: karras].")]
+Schedule = Annotated[Optional[str], typer.Option(help="Schedule type: default, or a name or A1111 label from `ldm schedulers` (karras, sgm_uniform, 'Align Your Steps' ...) [default: karras].")]
 Shift = Annotated[Optional[float], typer.Option(help="Timestep shift of a flow-matching model (SD3, FLUX, Chroma, Z-Image, FLUX.2, Qwen-Image) [default: the model's: "
                                                      "3 for SD3 and Z-Image, 1 for FLUX schnell, from the image's size for FLUX dev, Chroma and Qwen-Image "
                                                      "(and the steps for FLUX.2)].")]
@@ -96,12 +96,19 @@ MaxSequenceLength = Annotated[Optional[int], typer.Option(help="T5 (SD3, FLUX, C
 Guidance = Annotated[Optional[float], typer.Option(help="Distilled guidance of a guidance-distilled model (FLUX dev), an input of "
                                                         "the model rather than --cfg's second pass [default: 3.5].")]
 ClipSkip = Annotated[Optional[int], typer.Option(help="SD1: use the text encoder's states N-1 layers before its last (A1111's Clip skip, 1-12) [default: 1].")]
+Eta = Annotated[Optional[float], typer.Option(help="Ancestral and SDE samplers' noise per step (A1111's Eta; 0: none) [default: 1].")]
+SChurn = Annotated[Optional[float], typer.Option(help="Euler, Heun, DPM2: noise added back each step (A1111's Sigma churn) [default: 0].")]
+STmin = Annotated[Optional[float], typer.Option(help="Churn only at sigmas from this (A1111's Sigma tmin) [default: 0].")]
+STmax = Annotated[Optional[float], typer.Option(help="Churn only at sigmas up to this, 0: no limit (A1111's Sigma tmax) [default: 0].")]
+SNoise = Annotated[Optional[float], typer.Option(help="Scale of a sampler's added noise (A1111's Sigma noise) [default: 1].")]
+Preset = Annotated[Optional[str], typer.Option(help="A few-step model's settings: lightning, hyper (8 steps, cfg 1, euler, sgm_uniform), lcm (6, 1.5, lcm), turbo (4, 1, euler_a, sgm_uniform); flags given override them.")]
 Rng = Annotated[Optional[str], typer.Option(help="Starting noise: cpu (torch's CPU generator) or nv (CUDA's, as A1111 draws it by default) [default: cpu].")]
 NoT5 = Annotated[Optional[bool], typer.Option("--no-t5", help="Run SD3 without its T5 text encoder (zeros in its place) [default: when the model has no T5].")]
 ModelPath = Annotated[Optional[str], typer.Option("--model", "-m", help="A .safetensors checkpoint or a diffusers folder [default: the built-in model].")]
 ModelsDir = Annotated[Optional[str], typer.Option(
-    "--models-dir", metavar="DIR", help="Where --from-png finds a recorded model that is not at its recorded path, by "
-                                        "name and hash (A1111's and ComfyUI's layouts too) [default: $LDM_MODELS_DIR].")]
+    "--models-dir", metavar="DIR", help="A1111's or ComfyUI's models folder: --model NAME and <lora:NAME> are found in it, "
+                                        "and --from-png's recorded model not at its recorded path, by name and hash "
+                                        "[default: $LDM_MODELS_DIR].")]
 Vae = Annotated[Optional[str], typer.Option(help="A VAE file or folder replacing the model's own.")]
 TextEncoder = Annotated[Optional[list[str]], typer.Option(
     "--text-encoder", metavar="FILE",
@@ -164,7 +171,7 @@ Margin = Annotated[int, typer.Option(min=0, help="Pixels to add on this side.")]
 
 
 def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_flags: dict,
-                network_flags: dict | None = None):
+                network_flags: dict | None = None, models_dir: str | None = None):
     from ldm_cli.commands import RunOptions
     from ldm_cli.loading import LoadOptions
     from ldm_cli.networks.lookup import NetworkOptions
@@ -172,7 +179,7 @@ def run_options(num_images: int, batch_size: int, out: Path, quiet: bool, model_
     flags = {k: v for k, v in model_flags.items() if k != "text_encoder"}
     given = {k: list(v or []) for k, v in (network_flags or {}).items()}
     networks = NetworkOptions(given.get("lora", []), given.get("lora_dir", []), given.get("embeddings_dir", []),
-                              bool(model_flags.get("allow_pickle")))
+                              bool(model_flags.get("allow_pickle")), models_dir)
     return RunOptions(num_images=num_images, batch_size=batch_size, out=out, quiet=quiet,
                       load=LoadOptions(**flags, text_encoders=list(model_flags.get("text_encoder") or [])),
                       networks=networks)
@@ -193,7 +200,9 @@ RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annota
     ("num_images", NumImages, 1), ("batch_size", BatchSize, 1), ("width", Width, None), ("height", Height, None),
     ("scheduler", Scheduler, None), ("schedule", Schedule, None), ("shift", Shift, None),
     ("max_sequence_length", MaxSequenceLength, None), ("no_t5", NoT5, None), ("guidance", Guidance, None),
-    ("clip_skip", ClipSkip, None), ("rng", Rng, None), ("model", ModelPath, None), ("models_dir", ModelsDir, None),
+    ("clip_skip", ClipSkip, None), ("rng", Rng, None), ("eta", Eta, None), ("s_churn", SChurn, None),
+    ("s_tmin", STmin, None), ("s_tmax", STmax, None), ("s_noise", SNoise, None), ("preset", Preset, None),
+    ("model", ModelPath, None), ("models_dir", ModelsDir, None),
     ("vae", Vae, None), ("text_encoder", TextEncoder, None), ("config", Config, None), ("prediction", Prediction, None),
     ("allow_pickle", AllowPickle, False), ("out", Out, Path("outputs")), ("device", Device, "auto"),
     ("dtype", Dtype, "auto"), ("compile", Compile, False), ("offload", Offload, "none"), ("weights", Weights, None),
@@ -203,7 +212,8 @@ RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annota
     ("control_scale", ControlScale, None), ("control_start", ControlStart, None), ("control_end", ControlEnd, None),
     ("control_preprocess", ControlPreprocess, None), ("control_mode", ControlMode, None))]
 SETTINGS_FLAGS = ("negative", "steps", "cfg", "seed", "width", "height", "scheduler", "schedule", "shift",
-                  "max_sequence_length", "no_t5", "guidance", "clip_skip", "rng", "model")
+                  "max_sequence_length", "no_t5", "guidance", "clip_skip", "rng", "eta", "s_churn", "s_tmin", "s_tmax",
+                  "s_noise", "model")
 LOAD_FLAGS = ("vae", "text_encoder", "config", "prediction", "allow_pickle", "device", "dtype", "compile", "offload",
               "weights", "vae_tiling")
 NETWORK_FLAGS = ("lora", "lora_dir", "embeddings_dir")
@@ -220,11 +230,13 @@ class RenderFlags(dict):
         from ldm_cli.settings import Settings
 
         flags = Settings(**{k: self[k] for k in SETTINGS_FLAGS}, **own, controlnet=controlnet_text(self))
-        return commands.base_settings(flags, self["from_png"], self["models_dir"])
+        from ldm_cli import presets
+
+        return commands.base_settings(presets.applied(flags, self["preset"]), self["from_png"], self["models_dir"])
 
     def run_options(self):
         return run_options(self["num_images"], self["batch_size"], self["out"], self["quiet"],
-                           {k: self[k] for k in LOAD_FLAGS}, {k: self[k] for k in NETWORK_FLAGS})
+                           {k: self[k] for k in LOAD_FLAGS}, {k: self[k] for k in NETWORK_FLAGS}, self["models_dir"])
 
     def print(self, results) -> None:
         print_results(results, self["as_json"])
@@ -314,17 +326,23 @@ def info(
 
 @app.command(name="schedulers")
 def list_schedulers() -> None:
-    """List the scheduler names, their A1111 labels and the sigma schedules."""
+    """List every sampler (name, A1111 label), the schedule types each takes, and which models take which."""
     from ldm_cli import schedulers
 
-    print(f"{'name':<14}{'A1111 label':<16}schedules")
+    print("noise-prediction models (SD 1.x, SD 2.x, SDXL):")
+    print(f"{'name':<19}{'A1111 label':<19}schedules")
     for spec in schedulers.SCHEDULERS.values():
-        options = [s for s in schedulers.SCHEDULES if schedulers.supports(spec.name, s)]
-        print(f"{spec.name:<14}{spec.label:<16}{', '.join(['default', *options])}")
-    print("\nflow-matching models (SD3, FLUX, Chroma) take:")
+        runs = ", ".join(["default", *spec.schedules])
+        if spec.k is not None and spec.cls is not None:
+            runs += " (diffusers'); the other types (k-diffusion's)"
+        elif spec.k is not None:
+            runs = f"every schedule type (k-diffusion's; default: {spec.k_schedule})"
+        print(f"{spec.name:<19}{spec.label:<19}{runs}")
+    print("\nschedule types: " + ", ".join(f"{name} ({label})" for name, label in schedulers.SCHEDULE_TYPES.items()))
+    print("\nflow-matching models (SD3, FLUX, Chroma, Z-Image, FLUX.2, Qwen-Image) take:")
     for spec in schedulers.FLOW_SCHEDULERS.values():
         only = "  (not FLUX or Chroma: it cannot take their sigma schedule)" if spec.shift_only else ""
-        print(f"{spec.name:<14}{spec.label:<16}{', '.join(['default', *spec.schedules])}{only}")
+        print(f"{spec.name:<19}{spec.label:<19}{', '.join(['default (Simple)', *spec.schedules])}{only}")
 
 
 @app.command()
@@ -428,7 +446,7 @@ def batch(
     width: Width = None, height: Height = None,
     scheduler: Scheduler = None, schedule: Schedule = None, shift: Shift = None,
     max_sequence_length: MaxSequenceLength = None, no_t5: NoT5 = None, guidance: Guidance = None,
-    clip_skip: ClipSkip = None, rng: Rng = None, model: ModelPath = None,
+    clip_skip: ClipSkip = None, rng: Rng = None, preset: Preset = None, model: ModelPath = None,
     vae: Vae = None, text_encoder: TextEncoder = None, config: Config = None, prediction: Prediction = None,
     allow_pickle: AllowPickle = False, lora: Lora = None, lora_dir: LoraDir = None, embeddings_dir: EmbeddingsDir = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder, with the manifest [default: outputs/<FILE's name>].")] = None,
@@ -442,7 +460,7 @@ def batch(
     """Render a prompts file: each model loaded once, shared batches, resumable by rerunning;
     `accelerate launch -m ldm_cli batch ...` shares the work among processes. --controlnet units
     apply to the lines that name none of their own."""
-    from ldm_cli import commands
+    from ldm_cli import commands, presets
     from ldm_cli.settings import Settings
 
     defaults = Settings(negative=negative or "", steps=steps, cfg=cfg, seed=seed, width=width, height=height,
@@ -452,6 +470,7 @@ def batch(
                             controlnet=controlnet, control_image=control_image, control_scale=control_scale,
                             control_start=control_start, control_end=control_end, control_preprocess=control_preprocess,
                             control_mode=control_mode)))
+    defaults = presets.applied(defaults, preset)
     options = run_options(num_images, batch_size, out or Path("outputs") / file.stem, quiet, dict(
         vae=vae, text_encoder=text_encoder, config=config, prediction=prediction, allow_pickle=allow_pickle,
         device=device, dtype=dtype, compile=compile, offload=offload, weights=weights, vae_tiling=vae_tiling), dict(lora=lora, lora_dir=lora_dir, embeddings_dir=embeddings_dir))
@@ -483,6 +502,35 @@ def upscale(
     options = commands.UpscaleOptions(upscaler, scale, resize, tile, tile_overlap, out, models_dir, device, quiet)
     for result in commands.upscale(image, options):
         print(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else f"saved {result.path}", flush=True)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on; another than loopback needs --api-key or --api-auth.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 7860,
+    model: ModelPath = None,
+    models_dir: Annotated[Optional[str], typer.Option(
+        "--models-dir", metavar="DIR", help="A1111's models/ or ComfyUI's models folder: the checkpoints, VAEs, LoRAs "
+                                            "and embeddings requests may name [default: $LDM_MODELS_DIR].")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", help="Require `Authorization: Bearer KEY` on every route.")] = None,
+    api_auth: Annotated[Optional[str], typer.Option("--api-auth", metavar="USER:PASS", help="Require HTTP Basic USER:PASS on A1111's routes (Bearer --api-key works too).")] = None,
+    cors: Annotated[Optional[list[str]], typer.Option("--cors", metavar="ORIGIN", help="Let pages of ORIGIN (https://host:port) call it from a browser; repeatable [default: none].")] = None,
+    queue: Annotated[int, typer.Option(help="Jobs that may wait for a worker; more are answered 503 with Retry-After.")] = 32,
+    vae: Vae = None, text_encoder: TextEncoder = None, config: Config = None, prediction: Prediction = None,
+    allow_pickle: AllowPickle = False,
+    device: Annotated[str, typer.Option(help="auto (every GPU, one worker and model copy each), cpu, cuda, mps, or a list: cuda:0,cuda:1.")] = "auto",
+    dtype: Dtype = "auto", compile: Compile = False, offload: Offload = "none", weights: Weights = None,
+    vae_tiling: VaeTiling = False,
+) -> None:
+    """Serve A1111's and OpenAI's image APIs over HTTP, the model kept loaded between requests."""
+    from ldm_cli.loading import LoadOptions
+    from ldm_cli.server import main, renders  # fastapi and uvicorn load here, for this command only
+
+    load = LoadOptions(vae=vae, config=config, prediction=prediction, allow_pickle=allow_pickle, dtype=dtype,
+                       text_encoders=list(text_encoder or []), compile=compile, offload=offload, weights=weights,
+                       vae_tiling=vae_tiling)
+    main.serve(renders.Config(model, models_dir, load),
+               main.ServeOptions(host, port, api_key, api_auth, tuple(cors or ()), queue), device)
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """What each command does, as plain functions of plain values; cli.py only parses and prints."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from PIL import Image
 
@@ -11,6 +12,7 @@ from ldm_cli import files, hires_plan, images, limits, model_lookup, render, ups
 from ldm_cli.errors import LdmError
 from ldm_cli.limits import MAX_IMAGES
 from ldm_cli.loading import LoadOptions
+from ldm_cli.model_slot import ModelSlot
 from ldm_cli.networks.lookup import NetworkOptions
 from ldm_cli.notes import note
 from ldm_cli.settings import Settings, check_seed_room
@@ -21,10 +23,11 @@ class RunOptions:
     """How to run, as opposed to what to make (that is Settings)."""
     num_images: int = 1
     batch_size: int = 1
-    out: Path = Path("outputs")
+    out: Path | None = Path("outputs")  # None: the images are kept in memory (Result.image), not saved
     quiet: bool = False
     load: LoadOptions = field(default_factory=LoadOptions)
     networks: NetworkOptions = field(default_factory=NetworkOptions)  # where LoRAs and embeddings are
+    watch: Callable[[int, int], None] | None = None  # told (steps done, steps in all) after each step; may raise to stop
 
     def validate(self) -> None:
         if not 1 <= self.num_images <= MAX_IMAGES:  # every image's settings are listed up front
@@ -35,7 +38,10 @@ class RunOptions:
 
 def base_settings(flags: Settings, from_png: Path | None, models_dir: str | None = None) -> Settings:
     """The settings of --from-png (if any) with every flag given on top; a recorded model no
-    longer at its path is found by name in the models folders (model_lookup), else refused."""
+    longer at its path is found by name in the models folders (model_lookup), else refused, and
+    so is --model NAME."""
+    if flags.model is not None:
+        flags = flags.merged(model=model_lookup.given_model(flags.model, models_dir))
     base = render.settings_from_png(from_png) if from_png else Settings()
     if from_png and flags.model is None:
         base.model = model_lookup.recorded_model(base.model, base.model_name, base.model_hash, from_png, models_dir)
@@ -49,9 +55,10 @@ def base_settings(flags: Settings, from_png: Path | None, models_dir: str | None
     return merged
 
 
-def load_model(settings: Settings, options: RunOptions):
+def load_model(settings: Settings, options: RunOptions, slot: ModelSlot | None = None):
     """The model, with its LoRAs and embeddings session and its ControlNets; the LoRAs the prompt
-    names and the ControlNet files are found before it loads."""
+    names and the ControlNet files are found before it loads. With a `slot` (ldm serve), the
+    model it holds when loaded alike."""
     from ldm_cli import control_units, loading
     from ldm_cli.networks import lookup, session
 
@@ -63,12 +70,17 @@ def load_model(settings: Settings, options: RunOptions):
     for unit in units:  # its files found before the model loads
         unit.validate()
     check_upscaler(settings)
-    model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5)))
-    session.attach(model, options.networks, settings.model)
+    if slot is not None:
+        model = slot.get(settings.model, bool(settings.no_t5), options.load, options.networks)
+    else:
+        model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5)))
+        session.attach(model, options.networks, settings.model)
+    model.controls = []  # a held model keeps no ControlNet of an earlier run acting
     if units:  # ControlNet code is imported only for a run that asks for one
         from ldm_cli.loading import controlnet
 
-        controlnet.attach(model, units)
+        with slot.loading() if slot is not None else nullcontext():
+            controlnet.attach(model, units)
     return model
 
 
@@ -96,19 +108,10 @@ def not_an_edit(settings: Settings) -> Settings:
     return replace(settings, edit_images=None, edit_mask=None) if settings.edit_images else settings
 
 
-def generate(settings: Settings, options: RunOptions) -> Iterator[render.Result]:
+def generate(settings: Settings, options: RunOptions, slot: ModelSlot | None = None) -> Iterator[render.Result]:
     """Render options.num_images images; image i uses seed + i. Yields each as it is saved."""
-    from ldm_cli import hires
-    from ldm_cli.progress import Progress
-
     options.validate()
-    images.check_writable(options.out)
-    settings = with_lora_flags(not_an_edit(settings), options)
-    model = load_model(settings, options)
-    s = render.resolved(settings, model)
-    jobs = render.per_image(s, options.num_images)
-    with Progress(hires.steps(s) * len(jobs), len(jobs), options.quiet) as progress:
-        yield from render.render(model, jobs, options.batch_size, options.out, progress)
+    yield from _run(settings, options, None, slot)
 
 
 def png_info(path: Path) -> dict:
@@ -134,13 +137,33 @@ def checkpoint_info(path: Path, config: str | None = None, allow_pickle: bool = 
 
 
 # -- img2img, inpaint, outpaint: the same run, starting from an image ---------------------------
-def _with_init_image(settings: Settings, path: Path) -> tuple[Image.Image, Settings]:
+@dataclass
+class Upload:
+    """An image sent in a request (ldm serve) rather than read from a file."""
+    data: bytes
+    name: str  # how messages name it, e.g. "init_images[0]"
+
+
+def _named(source: Path | Upload) -> str:
+    return source.name if isinstance(source, Upload) else repr(str(source))
+
+
+def _read(source: Path | Upload, mode: str = "RGB") -> Image.Image:
+    if isinstance(source, Upload):
+        return images.decoded(source.data, mode, source.name)
+    return images.load_image(source, mode)
+
+
+def _with_init_image(settings: Settings, source: Path | Upload) -> tuple[Image.Image, Settings]:
     """The init image, and the settings recording its hash (A1111's short form: 10 hex digits of sha256)."""
+    import hashlib
+
     from ldm_cli import hashing
 
-    image = images.load_image(path)
-    images.check_min_size(image.size, repr(str(path)))
-    return image, settings.merged(init_image_hash=hashing.sha256_file(path)[:10])
+    image = _read(source)
+    images.check_min_size(image.size, _named(source))
+    digest = hashlib.sha256(source.data).hexdigest() if isinstance(source, Upload) else hashing.sha256_file(source)
+    return image, settings.merged(init_image_hash=digest[:10])
 
 
 def _sized_to(settings: Settings, image: Image.Image, what: str) -> Settings:
@@ -163,34 +186,40 @@ def _steps_run(s: Settings, flow: bool) -> int:
     return strength.steps_run(s, flow)
 
 
-def _run(settings: Settings, options: RunOptions, make) -> Iterator[render.Result]:
-    """Load the model and render options.num_images images with `make`; image i uses seed + i."""
+def _run(settings: Settings, options: RunOptions, make, slot: ModelSlot | None = None) -> Iterator[render.Result]:
+    """Load the model and render options.num_images images with `make` (None: text to image);
+    image i uses seed + i."""
+    from ldm_cli import hires
     from ldm_cli.progress import Progress
 
-    images.check_writable(options.out)
+    if options.out is not None:
+        images.check_writable(options.out)
     settings = with_lora_flags(not_an_edit(settings), options)
-    model = load_model(settings, options)
+    model = load_model(settings, options, slot)
     s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
-    with Progress(_steps_run(s, model.family.flow) * len(jobs), len(jobs), options.quiet) as progress:
+    # text to image runs them all (and hires fix's second pass); img2img what its strength keeps
+    steps = hires.steps(s) if make is None else _steps_run(s, model.family.flow)
+    with Progress(steps * len(jobs), len(jobs), options.quiet, watch=options.watch) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress, make)
 
 
-def img2img(settings: Settings, image_path: Path, options: RunOptions) -> Iterator[render.Result]:
-    """Redraw the image at image_path after the prompt, as much as settings.strength says."""
+def img2img(settings: Settings, image: Path | Upload, options: RunOptions,
+            slot: ModelSlot | None = None) -> Iterator[render.Result]:
+    """Redraw `image` after the prompt, as much as settings.strength says."""
     from ldm_cli import img2img as flow
 
     options.validate()
-    init, s = _with_init_image(flow.with_defaults(settings), image_path)
-    s = _sized_to(s, init, repr(str(image_path)))
+    init, s = _with_init_image(flow.with_defaults(settings), image)
+    s = _sized_to(s, init, _named(image))
 
     def make(model, group, on_step):
         return flow.image_to_image(model, group, [init] * len(group), on_step)
-    yield from _run(s, options, make)
+    yield from _run(s, options, make, slot)
 
 
 def _inpaint(s: Settings, init: Image.Image, mask: Image.Image, what: str,
-             options: RunOptions) -> Iterator[render.Result]:
+             options: RunOptions, slot: ModelSlot | None = None) -> Iterator[render.Result]:
     from ldm_cli import inpaint as flow
 
     if not s.only_masked:  # --only-masked renders at the model's size, the picture keeps its own
@@ -198,19 +227,21 @@ def _inpaint(s: Settings, init: Image.Image, mask: Image.Image, what: str,
 
     def make(model, group, on_step):
         return flow.inpaint(model, group, [init] * len(group), [mask] * len(group), on_step)
-    yield from _run(s, options, make)
+    yield from _run(s, options, make, slot)
 
 
-def inpaint(settings: Settings, image_path: Path, mask_path: Path, options: RunOptions) -> Iterator[render.Result]:
-    """Repaint the white part of the mask at mask_path in the image at image_path."""
+def inpaint(settings: Settings, image: Path | Upload, mask: Path | Upload, options: RunOptions,
+            slot: ModelSlot | None = None) -> Iterator[render.Result]:
+    """Repaint the white part of `mask` in `image`."""
     from ldm_cli import inpaint as flow
 
     options.validate()
-    init, s = _with_init_image(flow.with_defaults(settings), image_path)
-    mask = images.load_image(mask_path, "L")
-    images.check_min_size(mask.size, f"the mask {str(mask_path)!r}")
-    flow.check_mask(mask, init.size, f"the mask {str(mask_path)!r}")
-    yield from _inpaint(s, init, mask, repr(str(image_path)), options)
+    init, s = _with_init_image(flow.with_defaults(settings), image)
+    what = f"the mask {_named(mask)}" if isinstance(mask, Path) else mask.name
+    loaded_mask = _read(mask, "L")
+    images.check_min_size(loaded_mask.size, what)
+    flow.check_mask(loaded_mask, init.size, what)
+    yield from _inpaint(s, init, loaded_mask, _named(image), options, slot)
 
 
 def outpaint(settings: Settings, image_path: Path, margins: tuple[int, int, int, int],

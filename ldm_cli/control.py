@@ -91,11 +91,14 @@ class Control:
 
 
 def _sum(a, b):
-    """Two units' residuals for one input: tensors, lists of them (one per block), or a flag both share."""
+    """Two units' residuals for one input: tensors, lists of them (one per block), tables of them by
+    layer (Z-Image's: each net steers its own layers), or a flag both share."""
     if isinstance(a, torch.Tensor):
         return a + b
     if isinstance(a, (list, tuple)):
         return [_sum(x, y) for x, y in zip(a, b)]
+    if isinstance(a, dict):
+        return {k: _sum(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k)) for k in {**a, **b}}
     return a
 
 

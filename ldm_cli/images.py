@@ -3,6 +3,7 @@ safely: metadata in, never overwrite, never leave half a file."""
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
 import re
@@ -58,6 +59,13 @@ def png_info(text_chunks: dict[str, str]) -> PngImagePlugin.PngInfo:
     return info
 
 
+def png_bytes(image: Image.Image, text_chunks: dict[str, str]) -> bytes:
+    """The PNG save_png writes, in memory."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(text_chunks))
+    return buffer.getvalue()
+
+
 def _write_temporary(image: Image.Image, folder: Path, text_chunks: dict[str, str]) -> str:
     """The PNG, complete and synced, under a hidden name in `folder`; the caller moves it into place."""
     # os.open honours the umask, so the PNG gets the user's usual permissions (mkstemp's are 0600)
@@ -111,17 +119,24 @@ def _linked(tmp: str, folder: Path, stem: str) -> Path:
 
 @contextmanager
 def opened(path: Path) -> Iterator[Image.Image]:
-    """The image at `path`, its header read: every image ldm reads is opened here, so that one
-    of more than limits.max_image_pixels() is refused before its pixels are decoded (Pillow's
-    decompression-bomb limit, set from ldm's; its warning, past the limit, is the refusal)."""
+    """The image at `path`, its header read: every image ldm reads is opened here (or by
+    `decoded`), so that one of more than limits.max_image_pixels() is refused before its pixels
+    are decoded (Pillow's decompression-bomb limit, set from ldm's; its warning, past the limit,
+    is the refusal)."""
     files.check_openable(path)
+    with _bounded(path, repr(str(path))) as im:
+        yield im
+
+
+@contextmanager
+def _bounded(source, what: str) -> Iterator[Image.Image]:
     Image.MAX_IMAGE_PIXELS = limit = limits.max_image_pixels()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(source)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise LdmError(f"{str(path)!r} has more than {limit:,} pixels, more than ldm reads (4 times the largest "
+        raise LdmError(f"{what} has more than {limit:,} pixels, more than ldm reads (4 times the largest "
                        f"image it makes); set {limits.MAX_PIXELS_ENV} to allow more, or use a smaller image") from None
     with im:
         yield im
@@ -139,20 +154,43 @@ def read_text_chunks(path: Path) -> dict[str, str]:
         raise LdmError(f"{str(path)!r} is not a readable image ({e})") from None
 
 
+def decoded_text_chunks(data: bytes, what: str) -> dict[str, str]:
+    """The text chunks of a PNG sent as bytes (ldm serve's png-info)."""
+    try:
+        with _bounded(io.BytesIO(data), what) as im:
+            im.load()
+            return {k: v for k, v in getattr(im, "text", {}).items() if isinstance(v, str)}
+    except (OSError, SyntaxError, ValueError) as e:
+        raise LdmError(f"{what} is not a readable image ({e})") from None
+
+
 def load_image(path: Path, mode: str = "RGB") -> Image.Image:
     """The image at `path`, fully read and upright (EXIF orientation applied): mode "RGB" an 8-bit
     picture, mode "L" an 8-bit mask (image_modes says how each source mode is read); a clear
     error for a missing, unreadable or non-image file."""
-    convert = {"RGB": image_modes.picture, "L": image_modes.mask}[mode]
     try:
         with opened(path) as im:
-            turned = _orientation(im) != 1
-            im.load()
-            return convert(ImageOps.exif_transpose(im) if turned else im, repr(str(path)))
+            return _converted(im, mode, repr(str(path)))
     except FileNotFoundError:
         raise LdmError(f"no such file: {str(path)!r}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise LdmError(f"{str(path)!r} is not a readable image ({e})") from None
+
+
+def decoded(data: bytes, mode: str, what: str) -> Image.Image:
+    """An image sent as bytes (ldm serve), read as load_image reads a file; `what` names it."""
+    try:
+        with _bounded(io.BytesIO(data), what) as im:
+            return _converted(im, mode, what)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise LdmError(f"{what} is not a readable image ({e})") from None
+
+
+def _converted(im: Image.Image, mode: str, what: str) -> Image.Image:
+    convert = {"RGB": image_modes.picture, "L": image_modes.mask}[mode]
+    turned = _orientation(im) != 1
+    im.load()
+    return convert(ImageOps.exif_transpose(im) if turned else im, what)
 
 
 def _orientation(im: Image.Image) -> int:

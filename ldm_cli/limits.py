@@ -23,12 +23,19 @@ MAX_PROMPT_BYTES = 32 * 1024
 MAX_PROMPT_CHUNKS = 64
 MAX_JSON_CHARS = 2**20  # a PNG's ldm chunk, a prompts-file or manifest line: real ones are a few KB
 MAX_JSON_DEPTH = 20  # ldm's own JSON nests 3 deep; a safetensors header, 3
+MAX_TEKKEN_BYTES = 32 * 2**20  # the tekken.json a Mistral file carries (ComfyUI's): Mistral's is about 15 MB
 # A1111 bounds none of these; past them an image is only noise, and far past them fp16 overflows
 # into NaN (a black image). Either sign: A1111 takes negative weights.
 MAX_PROMPT_WEIGHT = 100  # a word's emphasis (nested brackets multiplied) and an AND part's weight
 MAX_PROMPT_NESTING = 100  # brackets open at once; (x) nested 49 deep already weighs 1.1**49 > 100
 MAX_HIRES_SCALE = 8  # hires fix's upscale: A1111's slider stops at 4; the size limits apply after it
 MAX_LORA_WEIGHT = 20  # a LoRA's multiplier: slider LoRAs are used up to about 10
+# ldm serve: a request's body (base64 init images and masks: a 4096x4096 PNG is ~30 MB as base64),
+# the jobs waiting for a worker (more are answered 503), and images denoised together by one
+# request (A1111's batch_size; its slider stops at 8): a client's number never sizes memory unbounded
+MAX_REQUEST_BYTES = 64 * 2**20
+MAX_QUEUED_JOBS = 32
+MAX_REQUEST_BATCH = 16
 
 # Inclusive (lowest, highest) of the numeric settings; steps and size have their own checks.
 RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
@@ -36,7 +43,9 @@ RANGES = {"cfg": (0, MAX_CFG), "seed": (0, MAX_SEED), "strength": (0, 1),
           "shift": (0.01, 100), "max_sequence_length": (1, 512),  # 512: T5's tokenizer limit
           "guidance": (0, MAX_CFG), "clip_skip": (1, 12),  # 12: CLIP-L's layers, A1111's slider
           "hires_scale": (1, MAX_HIRES_SCALE), "hires_width": (0, MAX_SIDE), "hires_height": (0, MAX_SIDE),
-          "hires_steps": (0, MAX_STEPS), "hires_cfg": (0, MAX_CFG)}
+          "hires_steps": (0, MAX_STEPS), "hires_cfg": (0, MAX_CFG),
+          # k-diffusion's sampler options: A1111's sliders, eta and the noise scale with room beyond
+          "eta": (0, 10), "s_churn": (0, 100), "s_tmin": (0, 1000), "s_tmax": (0, 1000), "s_noise": (0, 10)}
 
 
 # `ldm upscale`: its output may be larger than a render (a 4000 px photo at 2x); blending tiles

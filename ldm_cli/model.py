@@ -30,6 +30,7 @@ class Model:
     edit_inputs: dict[str | None, list[Any]] | None = None
     controls: list[Any] = field(default_factory=list)  # (ControlUnit, its ControlNetModel) pairs acting now
     controlnets: dict[str, Any] = field(default_factory=dict)  # ControlNetModels loaded, by path
+    kept: bool = False  # held between runs (model_slot.py): its text encoders are released, never freed
     # where and in what dtype it computes, when its weights are kept elsewhere or in another
     # dtype (memory.py: offloaded to the CPU, stored in float8); None: where its weights are
     run_device: torch.device | None = None

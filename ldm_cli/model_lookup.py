@@ -40,9 +40,9 @@ class Kind:
 
 
 CHECKPOINTS = Kind(LAYOUTS, SUFFIXES, True, "--model")
-UPSCALERS = Kind(tuple(f"{top}{sub}" for top in ("models/", "") for sub in (
-    "ESRGAN", "upscale_models", "RealESRGAN", "SwinIR", "DAT", "HAT")),  # A1111's, ComfyUI's, A1111's others
-    (".safetensors", ".pth", ".pt"), False, "--upscaler FILE")
+UPSCALER_FOLDERS = ("ESRGAN", "upscale_models", "RealESRGAN", "SwinIR", "DAT", "HAT")  # A1111's, ComfyUI's, A1111's others
+UPSCALERS = Kind(tuple(f"{top}{sub}" for top in ("models/", "") for sub in UPSCALER_FOLDERS),
+                 (".safetensors", ".pth", ".pt"), False, "--upscaler FILE")
 
 
 def folders(models_dir: str | None, kind: Kind = CHECKPOINTS) -> list[Path]:
@@ -54,6 +54,46 @@ def folders(models_dir: str | None, kind: Kind = CHECKPOINTS) -> list[Path]:
             raise LdmError(f"--models-dir {models_dir!r} is not a folder")
         out += [root / sub for sub in kind.layouts if (root / sub).is_dir()] or [root]
     return out
+
+
+# What a models folder holds, by kind: A1111's folder name, then ComfyUI's (`ldm serve` lists them).
+KINDS = {"checkpoints": ("Stable-diffusion", "checkpoints", "diffusion_models"), "loras": ("Lora", "loras"),
+         "vae": ("VAE", "vae"), "embeddings": ("embeddings",), "controlnet": ("ControlNet", "controlnet"),
+         "text_encoders": ("text_encoders", "clip"), "upscalers": UPSCALER_FOLDERS}
+KIND_SUFFIXES = {"embeddings": (".safetensors", ".pt", ".bin"), "loras": (".safetensors", ".pt", ".ckpt"),
+                 "upscalers": UPSCALERS.suffixes}
+# A diffusers folder of a kind, listed by its name as one entry: the file that marks it
+FOLDER_MARKERS = {"checkpoints": "model_index.json", "controlnet": "config.json", "vae": "config.json"}
+
+
+def listing(kind: str, models_dir: str | None) -> dict[str, Path]:
+    """Every file of `kind` in the models folders, by its name (the stem, as A1111 shows it; the
+    first found wins); diffusers folders too (FOLDER_MARKERS). A request's name means one of these
+    and nothing else (ldm serve): a name is never a path."""
+    found: dict[str, Path] = {}
+    suffixes = KIND_SUFFIXES.get(kind, SUFFIXES)
+    for root in kind_folders(kind, models_dir):
+        for folder, subfolders, names in os.walk(root):
+            here = Path(folder)
+            if FOLDER_MARKERS.get(kind) in names and here != root:
+                found.setdefault(here.name, here)
+                subfolders.clear()  # a diffusers folder's parts are not models of their own
+                continue
+            subfolders.sort()
+            for name in sorted(names):
+                if Path(name).suffix.lower() in suffixes and (here / name).is_file():
+                    found.setdefault(Path(name).stem, here / name)
+    return found
+
+
+def kind_folders(kind: str, models_dir: str | None) -> list[Path]:
+    """The folders of `kind` (KINDS) in the models folders, A1111's and ComfyUI's names alike."""
+    given = [models_dir] if models_dir else os.environ.get(MODELS_ENV, "").split(os.pathsep)
+    roots = []
+    for root in (Path(d).expanduser() for d in given if d):
+        for base in (root / "models", root):
+            roots += [base / sub for sub in KINDS[kind] if (base / sub).is_dir()]
+    return roots
 
 
 def find(name: str, short_hash: str | None, roots: list[Path], kind: Kind = CHECKPOINTS) -> Path | None:
@@ -86,6 +126,17 @@ def _possible(name: str) -> bool:
         return len(os.fsencode(name)) <= NAME_MAX
     except UnicodeEncodeError:
         return False
+
+
+def given_model(model: str, models_dir: str | None) -> str:
+    """--model as given: a path when one is there (or it names a folder: a path), else the model
+    of that name in the models folders (`--model sd_xl_base_1.0`); unchanged when none is, for
+    the load to say it is missing."""
+    if files.exists(files.user_path(model)) or any(sep in model for sep in "/\\"):
+        return model
+    listed = listing("checkpoints", models_dir)
+    found = listed.get(model) or listed.get(Path(model).stem)
+    return str(found) if found else model
 
 
 def recorded_model(model: str | None, name: str | None, short_hash: str | None, png: Path,

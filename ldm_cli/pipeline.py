@@ -12,13 +12,14 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm_cli import conditioning, control, memory, sampling, schedulers, vae
+from ldm_cli import conditioning, control, ksampling, memory, sampling, schedulers, vae
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
 BATCH_FIELDS = ("width", "height", "steps", "cfg", "scheduler", "schedule", "strength", "shift",
                 "max_sequence_length", "no_t5", "guidance", "controlnet", "hires_scale", "hires_width",
-                "hires_height", "hires_upscaler", "hires_steps", "hires_scheduler", "hires_schedule", "hires_cfg")
+                "hires_height", "hires_upscaler", "hires_steps", "hires_scheduler", "hires_schedule", "hires_cfg",
+                "eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
 
 
 def batch_key(s: Settings) -> tuple:
@@ -68,10 +69,15 @@ def scheduler_run(model, s: Settings) -> schedulers.Run:
 def check_steps(model, s: Settings) -> None:
     """The sampler suits the model and can run s.steps with it: one line otherwise, before any image."""
     schedulers.check_for_model(s.scheduler, s.schedule, model.family.flow, model.family)
-    schedulers.check_steps(scheduler_run(model, s), s.steps)
+    if not schedulers.uses_k(s.scheduler, s.schedule, bool(s.sampler_options())):  # k-diffusion's run any count
+        schedulers.check_steps(scheduler_run(model, s), s.steps)
 
 
 def make_scheduler(model, group: list[Settings]):
+    """A diffusers scheduler, or the run of one of A1111's k-diffusion samplers (ksampling.py)."""
+    if not model.family.flow and schedulers.uses_k(group[0].scheduler, group[0].schedule,
+                                                   bool(group[0].sampler_options())):
+        return ksampling.prepared(model, group)
     return schedulers.prepared(scheduler_run(model, group[0]), group[0].steps, model.device, [g.seed for g in group])
 
 

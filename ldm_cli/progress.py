@@ -3,14 +3,17 @@ silent for short work."""
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 from tqdm import tqdm
 
 
 class Progress:
     def __init__(self, total_steps: int, total_images: int, quiet: bool = False, unit_label: str = "images",
-                 unit: str = "step"):
+                 unit: str = "step", watch: Callable[[int, int], None] | None = None):
         self.images_total = total_images
+        self.total_steps, self.watch = total_steps, watch  # watch: (steps done, in all) after each step
+        self.steps_done = 0  # counted here: a disabled (quiet) bar counts nothing
         self.images_done = 0
         self.unit_label = unit_label
         # delay: nothing is drawn for work that ends within a second
@@ -23,6 +26,9 @@ class Progress:
 
     def step(self) -> None:
         self.bar.update(1)
+        self.steps_done += 1
+        if self.watch is not None:
+            self.watch(self.steps_done, self.total_steps)
 
     def grow(self, more: int) -> None:
         """More steps than planned (an upscale started again with smaller tiles)."""

@@ -55,6 +55,9 @@ KEYS: dict[str, Key] = {
     "hr_resize_x": Key(int, "hires_width"), "hr_resize_y": Key(int, "hires_height"),
     "hr_sampler_name": Key(str, "hires_scheduler"), "hr_scheduler": Key(str, "hires_schedule"),
     "hr_prompt": Key(str, "hires_prompt"), "hr_negative_prompt": Key(str, "hires_negative"), "hr_cfg": Key(float, "hires_cfg"),
+    # A1111's k-diffusion sampler options
+    "eta": Key(float, "eta"), "s_churn": Key(float, "s_churn"), "s_tmin": Key(float, "s_tmin"),
+    "s_tmax": Key(float, "s_tmax"), "s_noise": Key(float, "s_noise"),
     # one ControlNet unit (control_units.py), as the command's flags give it
     "controlnet": Key(str, None), "control_image": Key(str, None), "control_scale": Key(float, None),
     "control_start": Key(float, None), "control_end": Key(float, None), "control_preprocess": Key(str, None),

@@ -11,15 +11,16 @@ from PIL import Image
 
 from ldm_cli import __version__, control_units, images, untrusted_json
 from ldm_cli.errors import LdmError
-from ldm_cli.settings import LABELS, BadSetting, Settings, flag_name
+from ldm_cli.settings import LABELS, SAMPLER_OPTIONS, BadSetting, Settings, flag_name
 
 METADATA_KEY = "ldm"  # our own chunk: the settings as JSON, for an exact --from-png
 
 
 @dataclass
 class Result:
-    path: Path
+    path: Path | None  # None: kept in memory (ldm serve), as `image`
     settings: Settings
+    image: Image.Image | None = None
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), **self.settings.to_dict()}
@@ -31,6 +32,11 @@ def metadata(settings: Settings) -> dict[str, str]:
 
 def save(image: Image.Image, settings: Settings, folder: Path) -> Result:
     return Result(images.save_png(image, folder, str(settings.seed), metadata(settings)), settings)
+
+
+def png_bytes(result: Result) -> bytes:
+    """A kept image as the PNG `save` writes: the same pixels and metadata."""
+    return images.png_bytes(result.image, metadata(result.settings))
 
 
 def settings_from_png(path: Path) -> Settings:
@@ -88,7 +94,15 @@ def resolved(settings: Settings, model) -> Settings:
     checked against its sampler, LoRAs and embeddings, whose hashes they record."""
     from ldm_cli import hires, pipeline
 
-    out = settings.resolve(model.defaults, model.native_size, model.train_timesteps)
+    defaults = model.defaults if model.networks is None else {
+        **model.defaults, **model.networks.few_step_defaults(settings.prompt)}  # a LoRA made for few steps
+    out = settings.resolve(defaults, model.native_size, model.train_timesteps)
+    if model.family.flow:  # diffusers' flow-matching schedulers take no k-diffusion option: not run, not recorded
+        out = out.merged()
+        for name in SAMPLER_OPTIONS:
+            setattr(out, name, None)
+        if out.schedule == "simple":  # Forge's label of a flow model's own spacing
+            out.schedule = "default"
     pipeline.check_steps(model, out)
     hires.check(model, out)
     out.model_name, out.model_hash = model.name, model.hash
@@ -127,10 +141,11 @@ def batches(jobs: list[Settings], batch_size: int, key: Callable[[Settings], tup
             yield run[i:i + batch_size]
 
 
-def render(model, jobs: list[Settings], batch_size: int, folder: Path, progress,
+def render(model, jobs: list[Settings], batch_size: int, folder: Path | None, progress,
            make: Callable | None = None) -> Iterator[Result]:
     """`make(model, group, on_step)` renders one batch; text-to-image (with hires fix where the
-    settings ask) unless given (img2img, inpaint)."""
+    settings ask) unless given (img2img, inpaint). Each image is saved in `folder`, or with folder
+    None kept in memory in its Result."""
     from ldm_cli import ahead, hires, pipeline
 
     make = make or hires.text_to_image
@@ -139,5 +154,5 @@ def render(model, jobs: list[Settings], batch_size: int, folder: Path, progress,
     for group in planned:
         pictures = make(model, group, on_step=progress.step)
         for picture, settings in zip(pictures, group):
-            yield save(picture, settings, folder)
+            yield save(picture, settings, folder) if folder is not None else Result(None, settings, picture)
         progress.image_done(len(group))

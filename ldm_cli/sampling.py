@@ -21,8 +21,10 @@ from typing import Callable
 import torch
 
 from ldm_cli.control import Control
+from ldm_cli.errors import LdmError
 from ldm_cli.families.family import Cond
 from ldm_cli.guidance import Call, Guidance, Parts, Schedule
+from ldm_cli.ksampling import OWN_STEPS, KRun
 
 # (latents after step i, i) -> latents; used by inpainting with an ordinary model
 Blend = Callable[[torch.Tensor, int], torch.Tensor]
@@ -56,6 +58,9 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts
         control = control.for_rows(lambda image: _rows(image, rows))
     if references is not None:
         references = {k: _rows(v, rows) for k, v in references.items()}
+    if isinstance(scheduler, KRun):
+        return _k_denoise(model, scheduler, latents, plan, rows, extra_input, control, generators, timesteps,
+                          blend, on_step, references)
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(timesteps):
         with torch.inference_mode():  # the scheduler's arithmetic too: no autograd bookkeeping anywhere
@@ -67,6 +72,40 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts
         if on_step is not None:
             on_step()
     return latents
+
+
+def _k_denoise(model, run: KRun, latents: torch.Tensor, plan: Guidance, rows: torch.Tensor | int,
+               extra_input: torch.Tensor | None, control: Control | None, generators: list[torch.Generator],
+               timesteps: torch.Tensor, blend: Blend | None, on_step: Callable[[], None] | None,
+               references: Cond | None = None) -> torch.Tensor:
+    """A k-diffusion sampler over the kept sigmas: it asks the denoiser for x's denoised image at
+    the sigmas it chooses, several times a step for some; the conditioning schedule advances with
+    each call (A1111's), ControlNet's with each step."""
+    if blend is not None and run.sampler in OWN_STEPS:
+        raise LdmError(f"{run.sampler} takes steps of its own, which inpainting an ordinary model cannot follow; "
+                       "use another --scheduler or an inpainting model")
+    sigmas = torch.cat([timesteps, run.sigmas[-1:]]).to(latents.device)
+    calls, steps = [0], [0]
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x_in = _rows(x, rows) * run.c_in(sigma)
+        t = run.timestep(sigma).to(x.device)
+        full = x_in if extra_input is None else torch.cat([x_in, extra_input], dim=1)
+        at = control.at(steps[0], len(timesteps)) if control is not None else None
+        out = plan.combine(_predict(model, full, t, plan.calls(calls[0]), x_in, at, references))
+        calls[0] += 1
+        return run.denoised(x, sigma, out)
+
+    def done(i: int, x: torch.Tensor) -> torch.Tensor:
+        steps[0] = i + 1
+        if blend is not None:
+            x = blend(x, i)
+        if on_step is not None:
+            on_step()
+        return x
+
+    with torch.inference_mode():
+        return run.sample(denoiser, latents, sigmas, generators, done)
 
 
 def _row_index(images: list[int], count: int) -> torch.Tensor | int:

@@ -3,6 +3,10 @@
 Each entry is data: the diffusers class, the overrides that make it the named sampler, and the
 A1111 label written into PNG metadata. Sigma schedules (karras, exponential, beta) are overrides
 on top, accepted only by classes that implement them.
+
+A1111's k-diffusion samplers also run as ldm's own (ksamplers.py) over the sigmas of any of its
+schedule types (sigma_schedules.py): the samplers diffusers lacks always, the others when their
+schedule type is one diffusers lacks (a diffusers class keeps its pixel parity where it can run).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from ldm_cli import sigma_schedules
 from ldm_cli.errors import LdmError
 
 # Sigma schedules: our name -> (constructor flag, A1111 "Schedule type" label).
@@ -21,12 +26,14 @@ SCHEDULES: dict[str, tuple[str, str]] = {
     "beta": ("use_beta_sigmas", "Beta"),
 }
 ALL_SCHEDULES = tuple(SCHEDULES)
+# Every schedule type, ours -> A1111's label: those above and the ones only ldm's k-diffusion path runs
+SCHEDULE_TYPES: dict[str, str] = {name: label for name, (label, _) in sigma_schedules.SCHEDULE_TYPES.items()}
 
 
 @dataclass(frozen=True)
 class SchedulerSpec:
     name: str
-    cls: str
+    cls: str | None  # the diffusers class; None: ldm's k-diffusion sampler only
     label: str  # A1111's sampler label
     overrides: dict[str, Any] = field(default_factory=dict)
     stochastic: bool = False  # draws fresh noise at each step
@@ -36,26 +43,50 @@ class SchedulerSpec:
     # computes its sigmas from the shift alone, taking neither given sigmas nor a dynamic shift's
     # mu: a family with a spacing of its own (FLUX) cannot run it
     shift_only: bool = False
+    # A1111's k-diffusion sampler of the name (a ksamplers function), or None; cls None: that one only
+    k: str | None = None
+    k_schedule: str = "uniform"  # what A1111's "Automatic" schedule type gives it
+    discard_penultimate: bool = False  # one step more, its next-to-last sigma dropped (A1111's DPM2, 3M SDE)
+    brownian: bool = False  # its noise from a Brownian tree seeded per image (A1111's SDE samplers)
+    takes: tuple[str, ...] = ()  # the A1111 options it takes (eta, s_churn ...: settings.SAMPLER_OPTIONS)
 
 
+CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+ANCESTRAL = ("eta", "s_noise")
 SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
     SchedulerSpec("ddim", "DDIMScheduler", "DDIM"),
     SchedulerSpec("pndm", "PNDMScheduler", "PLMS", {"skip_prk_steps": True}),
     SchedulerSpec("ddpm", "DDPMScheduler", "DDPM", stochastic=True),
-    SchedulerSpec("lms", "LMSDiscreteScheduler", "LMS", schedules=ALL_SCHEDULES),
-    SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler", schedules=ALL_SCHEDULES),
-    SchedulerSpec("euler_a", "EulerAncestralDiscreteScheduler", "Euler a", stochastic=True),
-    SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun", schedules=ALL_SCHEDULES),
-    SchedulerSpec("dpm2", "KDPM2DiscreteScheduler", "DPM2", schedules=ALL_SCHEDULES),
-    SchedulerSpec("dpm2_a", "KDPM2AncestralDiscreteScheduler", "DPM2 a", stochastic=True, schedules=ALL_SCHEDULES),
+    SchedulerSpec("lms", "LMSDiscreteScheduler", "LMS", schedules=ALL_SCHEDULES, k="lms"),
+    SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler", schedules=ALL_SCHEDULES, k="euler", takes=CHURN),
+    SchedulerSpec("euler_a", "EulerAncestralDiscreteScheduler", "Euler a", stochastic=True, k="euler_a",
+                  takes=ANCESTRAL),
+    SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun", schedules=ALL_SCHEDULES, k="heun", takes=CHURN),
+    SchedulerSpec("dpm2", "KDPM2DiscreteScheduler", "DPM2", schedules=ALL_SCHEDULES, k="dpm2", k_schedule="karras",
+                  discard_penultimate=True, takes=CHURN),
+    SchedulerSpec("dpm2_a", "KDPM2AncestralDiscreteScheduler", "DPM2 a", stochastic=True, schedules=ALL_SCHEDULES,
+                  k="dpm2_a", k_schedule="karras", discard_penultimate=True, takes=ANCESTRAL),
     SchedulerSpec("dpmpp_2m", "DPMSolverMultistepScheduler", "DPM++ 2M",
-                  {"algorithm_type": "dpmsolver++", "solver_order": 2}, schedules=ALL_SCHEDULES),
+                  {"algorithm_type": "dpmsolver++", "solver_order": 2}, schedules=ALL_SCHEDULES, k="dpmpp_2m",
+                  k_schedule="karras"),
     SchedulerSpec("dpmpp_2m_sde", "DPMSolverMultistepScheduler", "DPM++ 2M SDE",
-                  {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, stochastic=True, schedules=ALL_SCHEDULES),
-    SchedulerSpec("dpmpp_sde", "DPMSolverSDEScheduler", "DPM++ SDE", stochastic=True, schedules=ALL_SCHEDULES),
+                  {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, stochastic=True, schedules=ALL_SCHEDULES,
+                  k="dpmpp_2m_sde", k_schedule="exponential", brownian=True, takes=ANCESTRAL),
+    SchedulerSpec("dpmpp_sde", "DPMSolverSDEScheduler", "DPM++ SDE", stochastic=True, schedules=ALL_SCHEDULES,
+                  k="dpmpp_sde", k_schedule="karras", brownian=True, takes=ANCESTRAL),
     SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC", schedules=ALL_SCHEDULES),
     SchedulerSpec("deis", "DEISMultistepScheduler", "DEIS", schedules=ALL_SCHEDULES),
     SchedulerSpec("lcm", "LCMScheduler", "LCM", stochastic=True),
+    # k-diffusion's only
+    SchedulerSpec("dpmpp_2m_sde_heun", None, "DPM++ 2M SDE Heun", stochastic=True, k="dpmpp_2m_sde_heun",
+                  k_schedule="exponential", brownian=True, takes=ANCESTRAL),
+    SchedulerSpec("dpmpp_2s_a", None, "DPM++ 2S a", stochastic=True, k="dpmpp_2s_a", k_schedule="karras",
+                  takes=ANCESTRAL),
+    SchedulerSpec("dpmpp_3m_sde", None, "DPM++ 3M SDE", stochastic=True, k="dpmpp_3m_sde", k_schedule="exponential",
+                  discard_penultimate=True, brownian=True, takes=ANCESTRAL),
+    SchedulerSpec("dpm_fast", None, "DPM fast", stochastic=True, k="dpm_fast", takes=ANCESTRAL),
+    SchedulerSpec("dpm_adaptive", None, "DPM adaptive", stochastic=True, k="dpm_adaptive", takes=("eta",)),
+    SchedulerSpec("restart", None, "Restart", stochastic=True, k="restart", k_schedule="karras"),
 ]}
 
 # Flow-matching models (SD3) take these names: diffusers' flow-matching Euler and Heun, and the
@@ -106,13 +137,13 @@ def _spellings() -> dict[str, tuple[str, str | None, str]]:
 
 
 def schedule_name(text: str) -> str:
-    """`default` or a sigma schedule's name, case ignored."""
-    wanted = text.strip().lower()
-    choices = ["default", *SCHEDULES]
-    if wanted == "simple":  # Forge's name for a flow model's own (default) spacing
-        return "default"
-    if wanted in choices:
-        return wanted
+    """`default` or a schedule type's name or A1111 label ("SGM Uniform"), case ignored."""
+    wanted = _norm(text)
+    choices = ["default", *SCHEDULE_TYPES]
+    forms = {_norm(c): c for c in choices} | {_norm(label): name for name, label in SCHEDULE_TYPES.items()}
+    forms[_norm("Automatic")] = "default"
+    if wanted in forms:
+        return forms[wanted]
     hint = _did_you_mean(wanted, {c: c for c in choices})
     raise LdmError(f"unknown schedule {text!r}{hint}; choose one of: {', '.join(choices)}")
 
@@ -136,7 +167,17 @@ def validated(name: str | None, schedule: str | None) -> tuple[str | None, str |
 
 
 def supports(name: str, schedule: str) -> bool:
-    return schedule == "default" or schedule in SCHEDULERS[name].schedules
+    """Whether the sampler runs the schedule: its diffusers class's, or any through k-diffusion's
+    path. "simple" is also Forge's name for a flow model's own spacing, checked with the model."""
+    spec = SCHEDULERS[name]
+    return schedule in ("default", "simple") or schedule in spec.schedules or spec.k is not None
+
+
+def uses_k(name: str, schedule: str | None, options: bool = False) -> bool:
+    """Whether the pair runs through ldm's k-diffusion samplers rather than a diffusers class:
+    those diffusers lacks, and the others with a schedule type or `options` (eta ...) it lacks."""
+    spec = SCHEDULERS[name]
+    return spec.cls is None or (spec.k is not None and (options or schedule not in (None, "default", *spec.schedules)))
 
 
 def check_schedule(name: str, schedule: str | None) -> None:
@@ -162,6 +203,9 @@ def check_for_model(name: str, schedule: str | None, flow: bool, family: SpacedF
     """A flow-matching model takes only the names of FLOW_SCHEDULERS, and their schedules; a
     family with a sigma spacing of its own (FLUX) only those that can take it."""
     if not flow:
+        spec = SCHEDULERS[name]  # "simple" passed supports() as a flow model's name; here it is A1111's type
+        if schedule not in (None, "default", *spec.schedules) and spec.k is None:
+            raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
         return
     names = flow_names(family is not None and family.sigmas is not None)
     if name not in FLOW_SCHEDULERS:
@@ -170,7 +214,7 @@ def check_for_model(name: str, schedule: str | None, flow: bool, family: SpacedF
     if name not in names:
         raise LdmError(f"scheduler {name!r} does not work with {family.label}: diffusers' flow-matching "
                        f"{FLOW_SCHEDULERS[name].label} cannot take its sigma schedule; use one of: {', '.join(names)}")
-    if schedule not in (None, "default", *FLOW_SCHEDULERS[name].schedules):
+    if schedule not in (None, "default", "simple", *FLOW_SCHEDULERS[name].schedules):
         raise LdmError(f"scheduler {name!r} has no {schedule} schedule for flow-matching models; use --schedule "
                        f"default{' or --scheduler euler' if name != 'euler' else ''}")
 
@@ -263,7 +307,7 @@ def build(name: str, schedule: str | None, model_config: dict[str, Any], seeds: 
         overrides.update(_shift(cls, shift if shift is not None else model_config.get("shift", 1.0)))
         if shift is not None and model_config.get("use_dynamic_shifting"):
             overrides["use_dynamic_shifting"] = False  # a shift asked for replaces the size-dependent one
-    if schedule and schedule != "default":
+    if schedule and schedule not in ("default", "simple"):  # simple: Forge's label of a flow model's own
         overrides[SCHEDULES[schedule][0]] = True
     if name == "dpmpp_sde" and seeds is not None:
         # Its Brownian-tree noise is seeded, not drawn from a generator: one seed per image.
@@ -307,11 +351,11 @@ def label(name: str) -> str:
 
 
 def schedule_label(schedule: str | None) -> str | None:
-    return SCHEDULES[schedule][1] if schedule in SCHEDULES else None
+    return SCHEDULE_TYPES.get(schedule)
 
 
 def schedule_from_label(text: str) -> str | None:
-    for name, (_, lab) in SCHEDULES.items():
+    for name, lab in SCHEDULE_TYPES.items():
         if _norm(lab) == _norm(text):
             return name
     return None

@@ -32,9 +32,12 @@ LABELS = {"steps": "Steps", "cfg": "CFG scale", "seed": "Seed", "strength": "Den
           "hires_scale": "Hires upscale", "hires_width": "Hires resize", "hires_height": "Hires resize",
           "hires_steps": "Hires steps", "hires_upscaler": "Hires upscaler", "hires_scheduler": "Hires sampler",
           "hires_schedule": "Hires schedule type", "hires_prompt": "Hires prompt",
-          "hires_negative": "Hires negative prompt", "hires_cfg": "Hires CFG Scale"}
+          "hires_negative": "Hires negative prompt", "hires_cfg": "Hires CFG Scale",
+          "eta": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+# A1111's options of its k-diffusion samplers (schedulers.SchedulerSpec.takes says which takes which)
+SAMPLER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
 INFOTEXT_NUMBERS = ("steps", "cfg", "seed", "strength", "mask_blur", "padding", "shift", "max_sequence_length",
-                    "guidance", "clip_skip")
+                    "guidance", "clip_skip", *SAMPLER_OPTIONS)
 # Settings only some families take (SD3's and FLUX's flow shift and T5 options, FLUX dev's
 # distilled guidance): a model that takes one names a default for it (None: computed, as FLUX
 # dev's size-dependent shift), and for any other model the setting is dropped, never recorded.
@@ -119,6 +122,13 @@ class Settings:
     # `ldm edit`'s input images and --mask (edit_inputs.py: a JSON list of their paths and hashes)
     edit_images: str | None = None
     edit_mask: str | None = None
+    # A1111's sampler options (ancestral and SDE samplers' eta and noise scale; Euler's, Heun's and
+    # DPM2's churn between sigmas tmin and tmax, 0 being no limit); kept only where the sampler takes them
+    eta: float | None = None
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
 
     def merged(self, **overrides: Any) -> Settings:
         """A copy with every override that is not None applied."""
@@ -217,6 +227,9 @@ class Settings:
             out = out.merged(strength=out.strength if out.strength is not None else hires_plan.DEFAULT_STRENGTH,
                              hires_upscaler=out.hires_upscaler or hires_plan.DEFAULT_UPSCALER)
         out.validate(max_steps)
+        for name in SAMPLER_OPTIONS:
+            if name not in schedulers.SCHEDULERS[out.scheduler].takes:
+                setattr(out, name, None)  # neither run nor recorded, as A1111 does
         return out
 
     # -- serial forms ---------------------------------------------------------------------
@@ -265,6 +278,7 @@ class Settings:
             p["Masked area padding"] = str(self.padding)
         if self.clip_skip is not None and self.clip_skip > 1:  # A1111 leaves out its default, 1
             p["Clip skip"] = str(self.clip_skip)
+        p.update({LABELS[k]: infotext.format_number(v) for k, v in self.sampler_options().items()})
         p.update(self._text_options())
         p["RNG"] = RNG_LABELS[self.rng or "cpu"]
         p.update(hires_plan.infotext_params(self))
@@ -275,6 +289,10 @@ class Settings:
             p["TI hashes"] = self.ti_hashes
         p["Version"] = f"ldm {version}"
         return infotext.format_infotext(self.prompt, self.negative, p)
+
+    def sampler_options(self) -> dict[str, float]:
+        """The sampler options given: {"eta": 0.5, ...}."""
+        return {k: v for k in SAMPLER_OPTIONS if (v := getattr(self, k)) is not None}
 
     def _text_options(self) -> dict[str, str]:
         """Forge's `Shift`, and ldm's own T5 options, for the models that take them."""
@@ -321,6 +339,8 @@ class Settings:
             s.scheduler, s.schedule = schedulers.resolve(p["Sampler"])
             if "Schedule type" in p:
                 s.schedule = schedulers.schedule_from_label(p["Schedule type"]) or "default"
+                if s.schedule == "simple" and ("Shift" in p or "Max sequence length" in p):
+                    s.schedule = "default"  # a flow model's own spacing, as to_infotext labels it
             elif s.schedule is None:
                 s.schedule = "default"
         s.model_name, s.model_hash = p.get("Model"), p.get("Model hash")

@@ -116,6 +116,13 @@ def flux2_klein_base_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def flux2_dev_folder(tmp_path_factory):
+    from tests import tiny_models
+
+    return _built(tmp_path_factory, "tiny-flux2-dev", tiny_models.flux2_dev_pipeline)
+
+
+@pytest.fixture(scope="session")
 def qwen_image_folder(tmp_path_factory):
     from tests import tiny_models
 

@@ -1,7 +1,7 @@
 """FLUX.2 klein from the files people download: Black Forest Labs' transformer file (bare keys),
 ComfyUI's split files (`diffusion_models/` under `model.diffusion_model.`,
 `text_encoders/qwen_3_4b.safetensors`, `vae/flux2-vae.safetensors`); `ldm info`; a Qwen3 of the
-other klein's size, dev, and a missing part refused in one line.
+other klein's size and a missing part refused in one line (dev: test_flux2_dev_files.py).
 
 The oracle for the layout is diffusers' own FLUX.2 converter: it turns the file ldm writes back
 into the very weights of the folder's transformer. Each way of giving the same weights then
@@ -130,11 +130,11 @@ def header_only(path: Path, shapes: dict) -> Path:
     return path
 
 
-def klein_transformer(path: Path, text_width: int, guidance: bool = False) -> Path:
+def klein_transformer(path: Path, text_width: int) -> Path:
     shapes = {"img_in.weight": (32, 128), "txt_in.weight": (32, 3 * text_width), "single_stream_modulation.lin.weight":
               (96, 32), "double_blocks.0.img_attn.qkv.weight": (96, 32), "double_blocks.0.img_mlp.0.weight": (192, 32),
               "double_blocks.0.img_attn.norm.query_norm.scale": (16,)}
-    return header_only(path, {**shapes, **({"guidance_in.in_layer.weight": (32, 256)} if guidance else {})})
+    return header_only(path, shapes)
 
 
 @pytest.mark.parametrize("klein, qwen, wanted", [
@@ -143,21 +143,13 @@ def klein_transformer(path: Path, text_width: int, guidance: bool = False) -> Pa
 ])
 def test_the_other_kleins_qwen3_is_refused_in_one_line_naming_the_right_one(tmp_path, klein, qwen, wanted):
     model = klein_transformer(tmp_path / klein, 2560 if wanted.startswith("Qwen3-4B") else 4096)
-    encoder = header_only(tmp_path / "qwen_3.safetensors", {"model.layers.0.mlp.gate_proj.weight": (8, qwen)})
+    encoder = header_only(tmp_path / "qwen_3.safetensors", {"model.layers.0.mlp.gate_proj.weight": (8, qwen),
+                                                            "model.layers.0.self_attn.q_norm.weight": (128,)})
     result = cli("generate", "a fox", "--model", model, "--text-encoder", encoder, "--out", tmp_path)
     assert result.exit_code == 2
     assert result.stderr.splitlines() == [
         f"ldm: error: --text-encoder qwen_3.safetensors holds a Qwen3 text encoder {qwen} wide with 1 layers, which "
         f"this flux2 model does not use; it takes: {wanted}"]
-
-
-def test_dev_is_refused_in_one_line(tmp_path):
-    model = klein_transformer(tmp_path / "flux2-dev.safetensors", 5120, guidance=True)
-    result = cli("generate", "a fox", "--model", model, "--out", tmp_path)
-    assert result.exit_code == 2
-    assert result.stderr.splitlines() == [
-        "ldm: error: this is a FLUX.2 dev transformer (it embeds the guidance scale); ldm runs FLUX.2 klein 4B and 9B, "
-        "not dev and its Mistral text encoder"]
 
 
 def test_metadata_names_the_parts_and_replays(paths, tmp_path):
@@ -193,3 +185,23 @@ def test_released_configs_from_shapes(size, qwen):
         assert {**found.denoiser_config, "timestep_guidance_channels": 256, "rope_theta": 2000, "eps": 1e-06} == shipped
         r = recipe.resolve(found, {}, None)
         assert components.label(r, "text_encoder") == qwen
+
+
+@pytest.mark.parametrize("name, metadata, variant, told", [
+    ("flux-2-klein-4b.safetensors", {"modelspec.title": "FLUX.2 [klein] Base 4B"}, "base",
+     "the file's metadata (modelspec.title)"),
+    ("flux-2-klein-base-4b.safetensors", {"modelspec.architecture": "flux-2-klein-4b"}, "distilled",
+     "the file's metadata (modelspec.architecture)"),  # the metadata outranks the name
+    ("klein_base_4b.safetensors", {}, "base", "the file's name"),
+    ("klein-4b-based-on-my-photos.safetensors", {"modelspec.title": " "}, "distilled", "the file's name"),
+])
+def test_the_klein_variant_is_read_from_the_metadata_then_the_name(paths, tmp_path, name, metadata, variant, told):
+    """ModelSpec's title or architecture, where the file has one, else the file's name; `ldm info`
+    says which it went by."""
+    from safetensors.torch import load_file
+
+    save_single_file(load_file(paths["bfl"]), tmp_path / name, metadata)
+    assert detect.detect(open_checkpoint(tmp_path / name, False)).variant == variant
+    result = cli("info", tmp_path / name, "--json")
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["variant"], json.loads(result.stdout)["variant_from"]) == (variant, told)

@@ -78,3 +78,26 @@ def test_the_recorded_hash_picks_among_files_of_one_name(tmp_path, monkeypatch):
     assert model_lookup.find("../m", None, roots) is None and model_lookup.find("gone", None, roots) is None
     (comfy / "models" / "checkpoints" / "b" / "m.safetensors").unlink()
     assert model_lookup.find("m", "0000000000", roots) == comfy / "models" / "checkpoints" / "a" / "m.safetensors"
+
+
+@pytest.mark.parametrize("layout", [("Stable-diffusion", "Lora"), ("checkpoints", "loras")])  # A1111's, ComfyUI's
+def test_model_and_lora_names_from_the_models_folder(sd1_folder, tmp_path, monkeypatch, layout):
+    from tests import lora_files, tiny_models
+
+    checkpoints, loras = layout
+    root = tmp_path / "models"
+    shutil.copytree(sd1_folder, root / checkpoints / "base" / "tiny-sd1")
+    unet = lora_files.kohya(lora_files.layers(tiny_models.unet(), ("to_q", "to_v")), "lora_unet_")
+    lora = lora_files.write(root / loras / "style" / "fox.safetensors", unet)
+    monkeypatch.setenv(model_lookup.MODELS_ENV, str(tmp_path))
+    assert model_lookup.listing("checkpoints", None) == {"tiny-sd1": root / checkpoints / "base" / "tiny-sd1"}
+    assert model_lookup.listing("loras", None) == {"fox": lora}
+    args = ["generate", "a fox <lora:fox:0.8>", "--steps", "1", "--seed", "3", "--json"]
+    by_name = CliRunner().invoke(app, [*args, "--model", "tiny-sd1", "--out", str(tmp_path / "a")])
+    assert by_name.exit_code == 0, by_name.output
+    by_path = CliRunner().invoke(app, [*args, "--model", str(sd1_folder), "--lora-dir", str(lora.parent),
+                                       "--out", str(tmp_path / "b")])
+    images = [Image.open(json.loads(r.stdout)["path"]) for r in (by_name, by_path)]
+    assert images[0].tobytes() == images[1].tobytes() and "Lora hashes" in images[0].text["parameters"]
+    missing = CliRunner().invoke(app, [*args, "--model", "nope", "--out", str(tmp_path / "c")])
+    assert missing.exit_code == 2 and "nope" in missing.stderr and not (tmp_path / "c").exists()

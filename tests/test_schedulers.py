@@ -6,8 +6,10 @@ from ldm_cli import schedulers
 from ldm_cli.errors import LdmError
 from tests.tiny_models import SCHEDULER
 
+DIFFUSERS = [name for name, spec in schedulers.SCHEDULERS.items() if spec.cls]  # the rest: tests/test_ksamplers.py
 
-@pytest.mark.parametrize("name", list(schedulers.SCHEDULERS))
+
+@pytest.mark.parametrize("name", DIFFUSERS)
 def test_every_scheduler_builds_from_a_model_config_and_runs_its_timesteps(name):
     import torch
 
@@ -42,10 +44,10 @@ def test_unknown_names_list_the_choices():
     with pytest.raises(LdmError, match="dpmpp_2m.*ldm schedulers"):
         schedulers.resolve("dpmpp_9x")
     with pytest.raises(LdmError, match="no karras schedule"):
-        schedulers.check_schedule("euler_a", "karras")
+        schedulers.check_schedule("ddim", "karras")
 
 
-@pytest.mark.parametrize("name", list(schedulers.SCHEDULERS))
+@pytest.mark.parametrize("name", DIFFUSERS)
 def test_the_schedule_table_is_what_the_diffusers_classes_take(name):
     import inspect
 
@@ -67,7 +69,15 @@ def test_names_ignore_case_and_typos_get_a_suggestion():
     with pytest.raises(LdmError, match=r"did you mean 'DPM\+\+ 2M Karras'\?"):
         schedulers.validated("DPM++ 2M Karas", None)
     with pytest.raises(LdmError, match="no karras schedule"):
-        schedulers.validated("Euler A", "KARRAS")
+        schedulers.validated("DDIM", "KARRAS")
+    # A1111's schedule types by label, on any of its k-diffusion samplers
+    assert schedulers.validated("Euler A", "KARRAS") == ("euler_a", "karras")
+    assert schedulers.validated("DPM++ 3M SDE", "SGM Uniform") == ("dpmpp_3m_sde", "sgm_uniform")
+    assert schedulers.validated("dpm++ 2s a", "automatic") == ("dpmpp_2s_a", "default")
+    with pytest.raises(LdmError, match=r"unknown schedule 'SGM Unifrom' \(did you mean 'sgm_uniform'\?\)"):
+        schedulers.validated("euler", "SGM Unifrom")
+    with pytest.raises(LdmError, match=r"unknown scheduler 'DPM\+\+ 3M SDF' \(did you mean 'DPM\+\+ 3M SDE'\?\)"):
+        schedulers.validated("DPM++ 3M SDF", None)
 
 
 SMALL = {**SCHEDULER, "num_train_timesteps": 100}  # the same limits at a tenth of the steps
@@ -90,7 +100,7 @@ def run_all_steps(name: str, schedule: str, steps: int) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-@pytest.mark.parametrize("name", list(schedulers.SCHEDULERS))
+@pytest.mark.parametrize("name", DIFFUSERS)
 def test_the_steps_a_sampler_is_refused_are_those_it_cannot_run(name):
     """The one-pixel probe agrees with a real-sized run (random model outputs) on whether the run
     gets through, at the edge: LCM's 50-step schedule; with SD's offset spacing, about as many
@@ -107,3 +117,24 @@ def test_the_steps_a_sampler_is_refused_are_those_it_cannot_run(name):
     for schedule in ("default", *schedulers.SCHEDULERS[name].schedules):
         assert run_all_steps(name, schedule, steps), schedule
         schedulers.check_steps(schedulers.Run(name, schedule, SMALL), steps)
+
+
+def test_simple_is_a1111s_type_for_unet_models_and_forges_default_for_flow_models():
+    schedulers.check_for_model("euler", "simple", False)  # the k-diffusion path runs it
+    schedulers.check_for_model("unipc", "simple", True)  # a flow model's own spacing
+    with pytest.raises(LdmError, match="'unipc' has no simple schedule"):
+        schedulers.check_for_model("unipc", "simple", False)
+    with pytest.raises(LdmError, match="does not work with flow-matching models"):
+        schedulers.check_for_model("dpmpp_3m_sde", "default", True)
+
+
+def test_the_listing_names_every_sampler_schedule_type_and_which_models_take_them():
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    out = CliRunner().invoke(app, ["schedulers"]).stdout
+    for spec in schedulers.SCHEDULERS.values():
+        assert re.search(rf"^{re.escape(spec.name)} +{re.escape(spec.label)} ", out, re.M), spec.name
+    assert all(label in out for label in schedulers.SCHEDULE_TYPES.values())
+    assert "noise-prediction models (SD 1.x, SD 2.x, SDXL)" in out and "flow-matching models" in out

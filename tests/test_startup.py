@@ -21,7 +21,8 @@ print(json.dumps(sorted(sys.modules)))
 # What a plain run of the built-in model never needs: LoRA training code, torch's compiler (and
 # the sympy it brings), OpenCV (canny), the ControlNet loaders, scipy (Beta schedules, losses).
 NEVER = ("peft", "torch._dynamo", "sympy", "cv2", "scipy", "torch.distributed.tensor",
-         "ldm_cli.loading.controlnet", "ldm_cli.loading.flux_controlnet", "ldm_cli.loading.sd3_controlnet")
+         "ldm_cli.loading.controlnet", "ldm_cli.loading.flux_controlnet", "ldm_cli.loading.sd3_controlnet",
+         "ldm_cli.server", "fastapi", "starlette", "uvicorn")  # the server's stack: `ldm serve`'s alone
 
 
 def modules_after(*args: str, cwd) -> set[str]:

@@ -312,6 +312,54 @@ def flux2_klein_pipeline(distilled: bool = True):
                               text_encoder=klein_qwen3(), tokenizer=qwen3_tokenizer(), is_distilled=distilled)
 
 
+# -- FLUX.2 dev ----------------------------------------------------------------------------------
+MISTRAL_WIDTH = 32
+
+
+def mistral3(seed: int = 14):
+    """Mistral Small 3.x as FLUX.2 dev ships it (Mistral3ForConditionalGeneration: a Pixtral vision
+    tower the pipeline never uses) at toy width over Tekken's 131,072 tokens, 31 layers deep for
+    the pipeline's 10/20/30."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    torch.manual_seed(seed)
+    text = MistralConfig(vocab_size=131072, hidden_size=MISTRAL_WIDTH, intermediate_size=64, num_hidden_layers=31,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                         rope_theta=1e9)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=8, image_size=32, patch_size=16)
+    config = Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), spatial_merge_size=1)
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def flux2_dev_transformer(seed: int = 15):
+    """klein's toy transformer with dev's guidance embedding, reading Mistral's three layers side by side."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = Flux2Transformer2DModel(in_channels=4 * FLUX2_LATENTS, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2,
+                                    joint_attention_dim=3 * MISTRAL_WIDTH, axes_dims_rope=(4, 4, 4, 4),
+                                    guidance_embeds=True).eval()
+    with torch.no_grad():  # open the gates, as for klein; the guidance embedding's too, so that --guidance shows
+        for modulation in (model.double_stream_modulation_img, model.double_stream_modulation_txt,
+                           model.single_stream_modulation):
+            modulation.linear.weight.mul_(10)
+        model.time_guidance_embed.guidance_embedder.linear_2.weight.mul_(10)
+    return model
+
+
+def flux2_dev_pipeline():
+    """A Flux2Pipeline with ldm's Tekken tokenizer (FLUX.2 dev's folder ships the same vocabulary)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    from ldm_cli.loading import tekken
+
+    return Flux2Pipeline(transformer=flux2_dev_transformer(), vae=flux2_vae(),
+                         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), text_encoder=mistral3(),
+                         tokenizer=tekken.load())
+
+
 # -- Qwen-Image ----------------------------------------------------------------------------------
 QWEN25VL_WIDTH = 32
 QWEN_IMAGE_SCHEDULER = dict(  # Qwen-Image's (and 2512's) scheduler_config.json

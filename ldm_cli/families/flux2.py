@@ -1,6 +1,6 @@
-"""FLUX.2 klein (4B and 9B, step-distilled or base): a rectified-flow transformer
-(Flux2Transformer2DModel) conditioned on Qwen3's hidden states, as diffusers' Flux2KleinPipeline
-conditions it.
+"""FLUX.2 klein (4B and 9B, step-distilled or base) and FLUX.2 dev: a rectified-flow transformer
+(Flux2Transformer2DModel) conditioned on an LLM's hidden states, as diffusers' Flux2KleinPipeline
+(Qwen3) and Flux2Pipeline (Mistral Small 3.x) condition it.
 
 The prompt is put in Qwen3's chat template as a user turn (thinking off: llm_text.py), padded to
 --max-sequence-length tokens, and hidden layers 9, 18 and 27 read and laid side by side: each
@@ -14,14 +14,19 @@ it, as the pipeline draws it, and each latent pixel is one token, its position i
 column, 0); the text tokens' ids are (0, 0, 0, index). The schedule is FLUX's spacing shifted by
 the pipeline's empirical mu, which depends on the token count and the step count.
 
-No distilled guidance (klein's transformer has no guidance embedding): real classifier-free
-guidance, --cfg (uncond + cfg x (cond - uncond), the pipeline's own formula), on by default for
-base (4) and off (1) for the distilled release, which diffusers runs without it whatever its
-guidance_scale. The prompt is read as written: A1111's emphasis marks are not weighted.
+klein has no distilled guidance (no guidance embedding): real classifier-free guidance, --cfg
+(uncond + cfg x (cond - uncond), the pipeline's own formula), on by default for base (4) and off
+(1) for the distilled release, which diffusers runs without it whatever its guidance_scale.
+
+dev is guidance-distilled like FLUX.1 dev: --guidance (default 4, the pipeline's guidance_scale)
+is an input of the transformer, and --cfg stays off at 1. Its prompt follows BFL's system
+message in Mistral's chat template (<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]prompt[/INST],
+no assistant turn, "[IMG]" removed from the prompt), and layers 10, 20 and 30 are read.
+A1111's emphasis weighs the LLM's input embeddings (llm_text.py, Forge Neo's way).
 Editing (`ldm edit`): klein takes input images natively, as Flux2KleinPipeline(image=[...]) does:
 each image's packed latents follow the noise tokens, image i's ids (10 + 10 i, row, column, 0),
 and only the noise tokens' output is kept.
-Text encoders: [Qwen3].
+Text encoders: [Qwen3] (klein) or [Mistral Small 3.x] (dev).
 """
 from __future__ import annotations
 
@@ -37,15 +42,21 @@ from ldm_cli.settings import Settings
 MAX_SEQUENCE_LENGTH = 512  # Flux2KleinPipeline's default
 HIDDEN_LAYERS = (9, 18, 27)  # its text_encoder_out_layers
 PATCH = 2  # VAE latent pixels per token side
+DEV_LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers
+# Flux2Pipeline's SYSTEM_MESSAGE (BFL's flux2 repository, system_messages.py), written before every prompt
+DEV_SYSTEM = ("You are an AI that reasons about image descriptions. You give structured responses focusing on "
+              "object relationships, object\nattribution and actions without speculation.")
 DISTILLED = {"steps": 4, "cfg": 1.0}  # BFL's klein model card: 4 steps, no CFG
 BASE = {"steps": 50, "cfg": 4.0}  # Flux2KleinPipeline.__call__'s num_inference_steps and guidance_scale
+DEV = {"steps": 50, "cfg": 1.0, "guidance": 4.0}  # Flux2Pipeline.__call__'s steps and embedded guidance_scale
 
 
 def defaults(name: str, scheduler_config: dict) -> dict:
-    """The variant's (distilled or base, loading/flux2.py tells them) steps and CFG, with flow Euler
-    shifted by the pipeline's mu (None) unless the schedule has a fixed shift."""
+    """The variant's (distilled, base or dev, loading/flux2.py tells them) steps, CFG and guidance,
+    with flow Euler shifted by the pipeline's mu (None) unless the schedule has a fixed shift."""
     dynamic = scheduler_config.get("use_dynamic_shifting", False)
-    return {**(DISTILLED if name == "distilled" else BASE), "scheduler": "euler", "schedule": "default",
+    recommended = {"distilled": DISTILLED, "dev": DEV}.get(name, BASE)
+    return {**recommended, "scheduler": "euler", "schedule": "default",
             "shift": None if dynamic else scheduler_config.get("shift", 1.0),
             "max_sequence_length": MAX_SEQUENCE_LENGTH}
 
@@ -92,9 +103,15 @@ def from_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
     length = s.max_sequence_length or MAX_SEQUENCE_LENGTH
-    layers, _ = llm_text.hidden_states(tokenizer, encoder, texts, length, HIDDEN_LAYERS, thinking=False)
-    states = torch.cat(layers, dim=-1)  # (N, L, 3 x width): each token's layers side by side
-    return {"encoder_hidden_states": states.to(model.device, model.dtype)}
+    if not model.denoiser.config.guidance_embeds:  # klein
+        layers, _ = llm_text.hidden_states(tokenizer, encoder, texts, length, HIDDEN_LAYERS, thinking=False)
+        return {"encoder_hidden_states": torch.cat(layers, dim=-1).to(model.device, model.dtype)}
+    texts = [t.replace("[IMG]", "") for t in texts]  # as the pipeline's format_input
+    layers, _ = llm_text.hidden_states(tokenizer, encoder, texts, length, DEV_LAYERS, thinking=False,
+                                       system=DEV_SYSTEM)
+    # each token's layers side by side, (N, L, 3 x width); the guidance in float32, as the pipeline passes it
+    return {"encoder_hidden_states": torch.cat(layers, dim=-1).to(model.device, model.dtype),
+            "guidance": torch.full((len(texts),), float(s.guidance), dtype=torch.float32, device=model.device)}
 
 
 def _ids(h: int, w: int, time: int = 0) -> torch.Tensor:
@@ -122,7 +139,7 @@ def predict(model, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.
         image_ids = torch.cat([image_ids, cond["reference_ids"][0]])
     out = model.denoiser(hidden_states=tokens, encoder_hidden_states=context,
                          timestep=t.expand(n).to(tokens.dtype) / 1000, img_ids=image_ids, txt_ids=text_ids,
-                         guidance=None, return_dict=False)[0]
+                         guidance=cond.get("guidance"), return_dict=False)[0]
     return out[:, :h * w].permute(0, 2, 1).reshape(n, c, h, w).to(latents.dtype)
 
 

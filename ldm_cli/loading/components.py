@@ -54,9 +54,10 @@ class Source:
 
 
 def label(r: Recipe, name: str) -> str:
-    """A part's name for messages; FLUX.2's Qwen3 by the width its config gives (Qwen3-4B or -8B)."""
+    """A part's name for messages; FLUX.2's encoder by the width its config gives (Qwen3-4B or -8B, Mistral Small)."""
     if r.family == "flux2" and name == "text_encoder":
-        return flux2.QWEN3.get(text_width(r.configs[name]), ("Qwen3",))[0]
+        config = r.configs[name]
+        return flux2.ENCODERS.get(text_width(config), ("Mistral" if config.get("model_type") == "mistral" else "Qwen3",))[0]
     return LABELS.get(r.family, {}).get(name, name.replace("_", " "))
 
 
@@ -166,8 +167,26 @@ def text_encoder_file(path: Path, r: Recipe, allow_pickle: bool) -> dict[str, So
         slot = matching_slot(checkpoint, kind, prefix, r)
         if slot.name in out:
             raise LdmError(f"--text-encoder {checkpoint.name} holds two {label(r, slot.name)} text encoders; pass one")
-        out[slot.name] = Source(checkpoint, slot)
+        out[slot.name] = Source(checkpoint, cut_short(checkpoint, slot, r))
     return out
+
+
+def cut_short(checkpoint: tensors.Checkpoint, slot: Slot, r: Recipe) -> Slot:
+    """FLUX.2 dev's Mistral as ComfyUI ships it: only the layers up to the deepest one the pipeline
+    reads. Its config is cut to the file's depth with the last hidden state left unnormed (as the
+    whole model's layer 30 is), and a final norm the file lacks, never read, is the identity."""
+    config = r.configs[slot.name]
+    if config.get("model_type") != "mistral" or slot.kind != "qwen3":
+        return slot
+    depth = layer_count(checkpoint, slot.kind, slot.prefix)
+    if depth >= config["num_hidden_layers"]:
+        return slot
+    if depth < flux2.MISTRAL_DEPTH:
+        raise LdmError(f"--text-encoder {checkpoint.name} holds {depth} of Mistral's {config['num_hidden_layers']} "
+                       f"layers; FLUX.2 dev reads its layer {flux2.MISTRAL_DEPTH}: pass the whole file "
+                       "(or ComfyUI's mistral_3_small_flux2 file)")
+    r.configs[slot.name] = {**config, "num_hidden_layers": depth, "tie_last_hidden_states": False}
+    return slot if slot.prefix + "norm.weight" in checkpoint.shapes else Slot(slot.name, slot.prefix, "llm_unnormed")
 
 
 def refuse_non_encoders(checkpoint: tensors.Checkpoint) -> None:
@@ -203,6 +222,9 @@ def matching_slot(checkpoint: tensors.Checkpoint, kind: str, prefix: str, r: Rec
     group = GROUPS.get(kind, "CLIP")
     slots = [s for s in detect.text_slots(r.family) if GROUPS.get(s.kind, "CLIP") == group]
     fits = [s for s in slots if text_width(r.configs[s.name]) == width]
+    if kind == "qwen3":  # Qwen3's names are Mistral's too: Qwen3 alone normalises q and k
+        group = "Qwen3" if prefix + "layers.0.self_attn.q_norm.weight" in checkpoint.shapes else "Mistral"
+        fits = [s for s in fits if (r.configs[s.name].get("model_type") == "mistral") == (group == "Mistral")]
     if len(fits) > 1:
         fits = [s for s in fits if r.configs[s.name].get("num_hidden_layers", r.configs[s.name].get("num_layers")) == depth]
     if len(fits) != 1:

@@ -38,8 +38,17 @@ def load(path: str, model):
         from ldm_cli.loading import sd3_controlnet
 
         return sd3_controlnet.load(path, model, config)
+    if model.family.name == "zimage":
+        from ldm_cli.loading import zimage_controlnet
+
+        return zimage_controlnet.load(path, model, config)
+    if model.family.name == "qwen-image":
+        from ldm_cli.loading import qwen_image_controlnet
+
+        return qwen_image_controlnet.load(path, model, config)
     if model.family.control_residuals is None:
-        raise LdmError(f"--controlnet works with SD1, SD2, SDXL, SD3 and FLUX models (this one is {model.family.label})")
+        raise LdmError(f"--controlnet works with SD1, SD2, SDXL, SD3, FLUX, Z-Image and Qwen-Image models (this one "
+                       f"is {model.family.label})")
     if config is not None:
         if config.get("_class_name") in ("FluxControlNetModel", "SD3ControlNetModel"):
             kind = "a FLUX" if config["_class_name"].startswith("Flux") else "an SD3"

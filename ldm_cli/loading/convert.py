@@ -125,9 +125,11 @@ def _skip(*args, **kwargs) -> None:
 
 
 TEXT_MODELS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
-               "T5EncoderModel": "T5Config", "Qwen3Model": "Qwen3Config", "Qwen2_5_VLTextModel": "Qwen2_5_VLTextConfig"}
+               "T5EncoderModel": "T5Config", "Qwen3Model": "Qwen3Config", "Qwen2_5_VLTextModel": "Qwen2_5_VLTextConfig",
+               "MistralModel": "MistralConfig"}
 # a language model's config: only its hidden states are read (Qwen2.5-VL's text model: not its vision tower)
-BASE_MODELS = {"Qwen3ForCausalLM": "Qwen3Model", "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextModel"}
+BASE_MODELS = {"Qwen3ForCausalLM": "Qwen3Model", "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLTextModel",
+               "Mistral3ForConditionalGeneration": "MistralModel", "MistralForCausalLM": "MistralModel"}
 
 
 DENOISERS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "ChromaTransformer2DModel",
@@ -164,7 +166,9 @@ def fill(module, planned: dict[str, plan.Planned], tensors: dict[str, torch.Tens
     like = next(iter(tensors.values()), torch.empty(0))
     for name, (key, origin, shape) in planned.items():
         if origin.eye:
-            state[name] = torch.eye(*shape, dtype=like.dtype, device=like.device)
+            # the identity: a matrix's, or a norm's scale of ones
+            state[name] = (torch.eye(*shape, dtype=like.dtype, device=like.device) if len(shape) == 2
+                           else torch.ones(shape, dtype=like.dtype, device=like.device))
             continue
         t = tensors[key]
         t = part_of(t, origin)

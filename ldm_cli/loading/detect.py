@@ -33,7 +33,7 @@ class Found:
     latent_channels: int
     ema: bool
     variant: str | None = None  # sd3: sd3, sd35-medium or sd35-large; flux: dev or schnell; zimage: turbo or base;
-    # flux2: distilled or base
+    # flux2: distilled, base or dev
     denoiser_slot: keymap.Slot = keymap.UNET  # where the denoiser's keys start
     denoiser_config: dict = field(default_factory=dict, compare=False)  # what its shapes say (SD3)
 
@@ -47,7 +47,7 @@ def detect(checkpoint: Checkpoint) -> Found:
     if (prefix := mmdit.prefix_of(shapes)) is not None:
         return sd3(shapes, prefix)
     if (prefix := flux2.prefix_of(shapes)) is not None:  # FLUX's block names too: asked first
-        return flux2_found(shapes, prefix, checkpoint.name)
+        return flux2_found(shapes, prefix, checkpoint.name, checkpoint.metadata)
     if (prefix := chroma.prefix_of(shapes)) is not None:  # FLUX's blocks too: asked first
         return chroma_found(shapes, prefix)
     if (prefix := flux.prefix_of(shapes)) is not None:
@@ -89,11 +89,11 @@ def chroma_found(shapes: dict, prefix: str) -> Found:
     return Found("chroma", latent, latent, False, None, replace(keymap.CHROMA, prefix=prefix), config)
 
 
-def flux2_found(shapes: dict, prefix: str, name: str) -> Found:
+def flux2_found(shapes: dict, prefix: str, name: str, metadata: dict) -> Found:
     config = flux2.config(shapes, prefix)
     latent = config["in_channels"] // 4  # the VAE's channels, packed in 2x2 patches
-    return Found("flux2", latent, latent, False, flux2.variant_of_name(name), replace(keymap.FLUX2, prefix=prefix),
-                 config)
+    return Found("flux2", latent, latent, False, flux2.variant_of(shapes, prefix, name, metadata),
+                 replace(keymap.FLUX2, prefix=prefix), config)
 
 
 def zimage_found(shapes: dict, prefix: str, name: str) -> Found:
@@ -170,7 +170,7 @@ def not_a_model(checkpoint: Checkpoint) -> str:
     if any(k.endswith(tuple(keymap.TEXT_SIGNATURES.values())) for k in keys):
         return f"{checkpoint.name} holds only a text encoder; pass it with --text-encoder next to a model (SD3, FLUX, Chroma, Z-Image, FLUX.2, Qwen-Image)"
     return (f"{checkpoint.name} is not a Stable Diffusion checkpoint ldm recognises (no "
-            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x, SDXL, SD3/3.5, FLUX.1, Chroma, Z-Image, FLUX.2 klein and Qwen-Image single files and diffusers folders")
+            f"{keymap.UNET.prefix}* UNet weights); ldm loads SD1.x, SD2.x, SDXL, SD3/3.5, FLUX.1, Chroma, Z-Image, FLUX.2 (klein, dev) and Qwen-Image single files and diffusers folders")
 
 
 def unknown_text_encoder(checkpoint: Checkpoint) -> str:

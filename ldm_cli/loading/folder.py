@@ -5,7 +5,8 @@ encoders, of which the third (T5) may be left out: the model then runs without T
 hold a `transformer/`, CLIP-L and T5 (`text_encoder_2/`, required: FLUX never runs without T5);
 Chroma folders a `transformer/` and T5 alone (`text_encoder/`, required likewise); Z-Image folders
 a `transformer/` and Qwen3 (`text_encoder/`; its `tokenizer/`, or ldm's copy); FLUX.2 klein folders
-likewise, with FLUX.2's own VAE (AutoencoderKLFlux2); Qwen-Image folders a `transformer/`,
+likewise, with FLUX.2's own VAE (AutoencoderKLFlux2), and FLUX.2 dev's with Mistral Small 3.x
+(`text_encoder/`, of which only the language model is read; its `tokenizer/`, or ldm's Tekken); Qwen-Image folders a `transformer/`,
 Qwen2.5-VL (`text_encoder/`, of which only the text model is read; its `tokenizer/`, or ldm's
 copy) and their own video VAE (AutoencoderKLQwenImage)."""
 from __future__ import annotations
@@ -94,6 +95,27 @@ def _qwen3_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
     tokenizer = folder / "tokenizer"
     tokenizer = tokenizer if (tokenizer / "tokenizer_config.json").exists() else QWEN3_TOKENIZER
     return transformer, [qwen], [AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)]
+
+
+# Mistral3ForConditionalGeneration's language model, under either name transformers has saved it by
+MISTRAL_KEYS = {r"^model\.language_model\.": "", r"^language_model\.model\.": ""}
+
+
+def _flux2_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
+    """klein's parts (_qwen3_parts), or dev's: (transformer, [Mistral Small's language model], [its
+    tokenizer]); the pipeline reads hidden states only, so the vision tower and LM head stay on disk."""
+    from diffusers import Flux2Transformer2DModel
+    from transformers import MistralModel
+
+    from ldm_cli.loading import tekken
+
+    if read_json(folder / "model_index.json").get("_class_name") != "Flux2Pipeline":
+        return _qwen3_parts(folder, name, dtype, options)
+    transformer = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype,
+                                                          local_files_only=True)
+    mistral = MistralModel.from_pretrained(folder / "text_encoder", dtype=dtype, local_files_only=True,
+                                           key_mapping=MISTRAL_KEYS)
+    return transformer, [mistral], [tekken.load(folder / "tokenizer")]
 
 
 def _qwen_image_parts(folder: Path, name: str, dtype: torch.dtype, options) -> tuple:
@@ -185,7 +207,7 @@ def _options(folder: Path, index: dict, denoiser, name: str) -> dict:
 
 
 PARTS = {"sd3": _sd3_parts, "flux": _flux_parts, "chroma": _chroma_parts,  # DiT families: a transformer/, not a unet/
-         "zimage": _qwen3_parts, "flux2": _qwen3_parts, "qwen-image": _qwen_image_parts}
+         "zimage": _qwen3_parts, "flux2": _flux2_parts, "qwen-image": _qwen_image_parts}
 TRANSFORMERS = {"zimage": "ZImageTransformer2DModel", "flux2": "Flux2Transformer2DModel"}
 # diffusers' VAE class where a family's is not AutoencoderKL
 VAES = {"flux2": "AutoencoderKLFlux2", "qwen-image": "AutoencoderKLQwenImage"}

@@ -27,7 +27,8 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
         chosen, why = prediction.decide(None, r, found, path, lambda: probe(r, found, checkpoint))
         prediction.apply(r, chosen)
     # FLUX.2 klein's step-distilled and base releases have the same shapes: say what was assumed
-    told = {"variant_from": "the file's name"} if found.family == "flux2" else {}
+    told = ({"variant_from": flux2.told_by(checkpoint.shapes, found.denoiser_slot.prefix, checkpoint.metadata)}
+            if found.family == "flux2" else {})
     return {"file": path.name, "family": found.family, **({"variant": found.variant} if found.variant else {}), **told,
             "model": label(found, checkpoint), "prediction": chosen, "prediction_from": why,
             "native_size": native_size(r), "dtype": tensors.dtype_name(checkpoint, found.denoiser_slot.prefix),
@@ -44,6 +45,8 @@ def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
         return flux.VARIANTS[found.variant]
     if found.family == "zimage":
         return zimage.VARIANTS[found.variant]
+    if found.family == "flux2" and found.variant == "dev":
+        return flux2.VARIANTS["dev"]  # one size
     if found.family == "flux2":
         return f"{flux2.VARIANTS[found.variant]} {flux2.size(found.denoiser_config)}"
     if found.variant:

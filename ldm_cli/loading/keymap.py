@@ -27,6 +27,7 @@ class Slot:
     # unet, mmdit (SD3's), vae, clip (Hugging Face CLIP names), clip_unprojected (SD3's CLIP-L),
     # openclip (open_clip names), t5 (Hugging Face T5 encoder), zimage (Tongyi's Z-Image), flux2 (BFL's FLUX.2),
     # qwen3 (Hugging Face's Qwen3, as is), qwen25vl (Hugging Face's Qwen2.5-VL text model, as is),
+    # (Mistral's names are the same), llm_unnormed (those, cut short without the final norm),
     # qwen_vae (Qwen-Image's VAE in Wan's original names), diffusers (as is)
     kind: str
 
@@ -55,7 +56,7 @@ LAYOUTS: dict[str, tuple[Slot, ...]] = {
     # ComfyUI's all-in-one Z-Image files; Tongyi's and ComfyUI's split files hold the transformer
     # alone, with Qwen3 (as Hugging Face names it, under `model.`) and FLUX's VAE beside it
     "zimage": (ZIMAGE, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.qwen3_4b.transformer.model.", "qwen3")),
-    # FLUX.2 klein: BFL's and ComfyUI's files hold the transformer alone (bare, or under
+    # FLUX.2 (klein, dev): BFL's and ComfyUI's files hold the transformer alone (bare, or under
     # `model.diffusion_model.`), with Qwen3 and FLUX.2's VAE in files of their own
     "flux2": (FLUX2, Slot("vae", "vae.", "vae"), Slot("text_encoder", "text_encoders.qwen3_4b.transformer.model.", "qwen3")),
     # Qwen's and ComfyUI's files hold the transformer alone, with Qwen2.5-VL (Hugging Face's
@@ -93,8 +94,14 @@ def mapper(kind: str, config: dict) -> Callable[[str], Origin]:
         return QwenVaeNames(config).origin
     return {"clip": clip_origin, "clip_unprojected": unprojected_clip_origin, "openclip": openclip_origin,
             "t5": t5_origin, "t5_gguf": t5_gguf_origin, "zimage": zimage_origin, "qwen3": Origin,
+            "llm_unnormed": unnormed_origin,
             "qwen3_gguf": qwen3_gguf_origin, "qwen25vl": Origin, "qwen25vl_gguf": qwen3_gguf_origin,
             "diffusers": Origin}[kind]
+
+
+def unnormed_origin(key: str) -> Origin:
+    """A language model's names as they are, but for the final norm a cut-short file does not keep."""
+    return Origin(key, eye=key == "norm.weight")
 
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

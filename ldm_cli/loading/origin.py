@@ -14,7 +14,8 @@ class Origin(NamedTuple):
     transpose: bool = False  # stored as x @ W rather than a Linear's W
     conv: bool = False  # stored as a 1x1 convolution kernel
     swap: bool = False  # stored as (shift, scale) halves; diffusers reads (scale, shift)
-    eye: bool = False  # not read: the identity (SD3 uses CLIP-L's pooled output unprojected)
+    eye: bool = False  # not read: the identity (SD3 uses CLIP-L's pooled output unprojected; a cut-short
+    # Mistral has no final norm, a scale of ones)
 
 
 

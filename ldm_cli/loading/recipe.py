@@ -20,6 +20,7 @@ T5_TOKENIZER = SHIPPED / "t5_tokenizer"
 QWEN3_TOKENIZER = SHIPPED / "qwen3_tokenizer"
 QWEN25VL_TOKENIZER = SHIPPED / "qwen25vl_tokenizer"  # its own config over qwen3_tokenizer's BPE files
 QWEN25VL_PROCESSOR = SHIPPED / "qwen25vl_processor"  # the release's image processor config
+MISTRAL_TOKENIZER = SHIPPED / "mistral_tokenizer"  # Tekken, built by loading/tekken.py
 QWEN25VL_FILES = {"vocab_file": str(QWEN3_TOKENIZER / "vocab.json"), "merges_file": str(QWEN3_TOKENIZER / "merges.txt")}
 OPENCLIP_TOKENS = {"pad_token": "!"}  # OpenCLIP pads with "!"; OpenAI's CLIP repeats the end token
 METADATA_KEY = "ldm.config"
@@ -35,7 +36,7 @@ PIPELINE_FAMILIES = {
     "FluxKontextPipeline": "flux", "FluxKontextInpaintPipeline": "flux",
     "ChromaPipeline": "chroma", "ChromaImg2ImgPipeline": "chroma", "ChromaInpaintPipeline": "chroma",
     "ZImagePipeline": "zimage", "ZImageImg2ImgPipeline": "zimage", "ZImageInpaintPipeline": "zimage",
-    "Flux2KleinPipeline": "flux2", "Flux2KleinInpaintPipeline": "flux2",
+    "Flux2KleinPipeline": "flux2", "Flux2KleinInpaintPipeline": "flux2", "Flux2Pipeline": "flux2",
     "QwenImagePipeline": "qwen-image", "QwenImageImg2ImgPipeline": "qwen-image",
     "QwenImageInpaintPipeline": "qwen-image", "QwenImageEditPipeline": "qwen-image",
     "QwenImageEditPlusPipeline": "qwen-image",
@@ -90,9 +91,11 @@ def resolve(found: Found, metadata: dict[str, str], config_dir: str | None) -> R
 
 def shipped_folder(found: Found) -> Path:
     """FLUX.1 dev and schnell have a config each, FLUX.2 klein 4B and 9B one each (their Qwen3s
-    differ: 4B's for a transformer of unreleased width); the others one."""
+    differ: 4B's for a transformer of unreleased width) and FLUX.2 dev its own (Mistral); the others one."""
     if found.family == "flux":
         return SHIPPED / f"flux-{found.variant}"
+    if found.family == "flux2" and found.variant == "dev":
+        return SHIPPED / "flux2-dev"
     if found.family == "flux2":
         return SHIPPED / ("flux2-klein-9b" if flux2.size(found.denoiser_config) == "9B" else "flux2-klein-4b")
     return SHIPPED / found.family
@@ -134,10 +137,12 @@ def qwen25vl_tokenizer(folder: Path | None = None):
 
 
 def tokenizer_for(slot: keymap.Slot, config: dict) -> tuple[Path, dict]:
-    """T5's, Qwen3's and Qwen2.5-VL's own; else CLIP's, padded with "!" for OpenCLIP models (plain
-    GELU, like SD2's)."""
+    """T5's, Qwen3's, Mistral's (a Llama-named LLM slot holding Mistral) and Qwen2.5-VL's own; else
+    CLIP's, padded with "!" for OpenCLIP models (plain GELU, like SD2's)."""
     if slot.kind == "qwen25vl":
         return QWEN25VL_TOKENIZER, QWEN25VL_FILES
+    if slot.kind == "qwen3" and config.get("model_type") == "mistral":
+        return MISTRAL_TOKENIZER, {}
     if slot.kind in ("t5", "qwen3"):
         return (T5_TOKENIZER if slot.kind == "t5" else QWEN3_TOKENIZER), {}
     return TOKENIZER, OPENCLIP_TOKENS if config.get("hidden_act") == "gelu" else {}

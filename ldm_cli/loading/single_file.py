@@ -14,7 +14,7 @@ import torch
 
 from ldm_cli import untrusted_json
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import components, convert, detect, keymap, plan, prediction, recipe, tensors, vae_file
+from ldm_cli.loading import components, convert, detect, keymap, plan, prediction, recipe, tekken, tensors, vae_file
 from ldm_cli.loading.folder import load_tokenizer, to_device
 from ldm_cli.loading.options import quiet_libraries
 from ldm_cli.loading.prefetch import Prefetch, in_background
@@ -36,6 +36,8 @@ def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> 
     found = detect.detect(checkpoint)
     r = recipe.resolve(found, checkpoint.metadata, options.config)
     sources = components.sources(found, r, checkpoint, options)
+    for source in sources.values():
+        tekken.check_embedded(source.checkpoint)  # ComfyUI's Mistral carries its vocabulary
     if options.without_t5:  # every image of the run asked --no-t5: an optional T5 is not read
         sources = {name: s for name, s in sources.items() if name not in components.OPTIONAL}
     digest = in_background(hashing.short_hash, path)  # a new file's first hash overlaps the load
@@ -118,7 +120,10 @@ def tokenizer(folder: Path, overrides: tuple):
         from transformers import T5TokenizerFast
 
         return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True, **dict(overrides))
-    if kind.startswith("Qwen2"):  # Qwen3's byte-level BPE (Qwen2's tokenizer class)
+    if kind == tekken.MARK:  # ldm's copy of Mistral's
+        return tekken.load(folder)
+    # Qwen3's byte-level BPE (Qwen2's tokenizer class); a --config folder's Mistral (a tokenizer.json)
+    if kind.startswith("Qwen2") or (folder / "tokenizer.json").is_file() and not kind.startswith("CLIP"):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **dict(overrides))
@@ -153,6 +158,8 @@ def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dic
         from ldm_cli.families import qwen_image
 
         base = qwen_image.defaults(r.configs["scheduler"])
+    if r is not None and r.family in ("sd1", "sd2", "sdxl"):
+        base = {**base, **_few_steps(checkpoint)}
     text = checkpoint.metadata.get(DEFAULTS_KEY)
     if text is None:
         return base
@@ -163,3 +170,17 @@ def defaults(checkpoint: tensors.Checkpoint, r: Recipe | None = None, parts: dic
     if not isinstance(data, dict):
         raise LdmError(f"{checkpoint.name}: its {DEFAULTS_KEY} metadata is not a JSON table; the file is damaged")
     return {**base, **data}
+
+
+def _few_steps(checkpoint: tensors.Checkpoint) -> dict:
+    """The settings of a checkpoint whose metadata says it is made for few steps (presets.py), said."""
+    from ldm_cli import presets
+    from ldm_cli.notes import note
+
+    found = presets.from_metadata(checkpoint.metadata)
+    if found is None:
+        return {}
+    note(f"{checkpoint.name} is a {found[0]} model (its metadata says): {presets.described(found[1])} "
+         "unless given otherwise")
+    return found[1]
+

@@ -4,9 +4,12 @@ A name is a file's stem (`fox` for `loras/animals/fox.safetensors`), searched re
 A1111 lists its Lora and embeddings folders; a LoRA is also found by its alias, the output name
 its trainer recorded (A1111's alias), when no stem matches and no other file has that alias.
 Folders, first match wins:
-  LoRAs:      files given with --lora, then --lora-dir, a `loras` folder beside the model, $LDM_LORA_DIR
-  embeddings: --embeddings-dir, an `embeddings` folder beside the model, $LDM_EMBEDDINGS_DIR
-(the variables may hold several folders, separated as in PATH).
+  LoRAs:      files given with --lora, then --lora-dir, a `loras` folder beside the model, $LDM_LORA_DIR,
+              the models folder's Lora (A1111) or loras (ComfyUI)
+  embeddings: --embeddings-dir, an `embeddings` folder beside the model, $LDM_EMBEDDINGS_DIR,
+              the models folder's embeddings
+(the variables may hold several folders, separated as in PATH; the models folder is
+--models-dir, else $LDM_MODELS_DIR).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldm_cli import files
+from ldm_cli import files, model_lookup
 from ldm_cli.errors import LdmError
 from ldm_cli.loading.tensors import MAX_HEADER
 
@@ -32,14 +35,20 @@ class NetworkOptions:
     lora_dirs: list[str] = field(default_factory=list)
     embeddings_dirs: list[str] = field(default_factory=list)
     allow_pickle: bool = False
+    models_dir: str | None = None  # --models-dir (else $LDM_MODELS_DIR): its Lora and embeddings folders
 
 
 def lora_folders(options: NetworkOptions, model: str | None) -> list[Path]:
-    return _folders(options.lora_dirs, model, "loras", LORA_ENV)
+    return _folders(options.lora_dirs, model, "loras", LORA_ENV) + _models_folders("loras", options)
 
 
 def embedding_folders(options: NetworkOptions, model: str | None) -> list[Path]:
-    return _folders(options.embeddings_dirs, model, "embeddings", EMBEDDINGS_ENV)
+    return _folders(options.embeddings_dirs, model, "embeddings", EMBEDDINGS_ENV) + _models_folders("embeddings", options)
+
+
+def _models_folders(kind: str, options: NetworkOptions) -> list[Path]:
+    """A1111's models/Lora and models/embeddings, ComfyUI's models/loras, searched last."""
+    return model_lookup.kind_folders(kind, options.models_dir)
 
 
 def _folders(given: list[str], model: str | None, sibling: str, variable: str) -> list[Path]:

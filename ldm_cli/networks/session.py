@@ -81,6 +81,20 @@ class Session:
         return self._text_keys[tags]
 
     # -- a run's settings -------------------------------------------------------------------
+    def few_step_defaults(self, prompt: str) -> dict:
+        """The settings a LoRA of the prompt made for few steps names in its metadata (presets.py),
+        said once; {} when none does."""
+        from ldm_cli import presets
+        from ldm_cli.loading.tensors import read_header
+
+        for a in self.applied(prompt):
+            if a.lora.path.suffix.lower() == ".safetensors" and (found := presets.from_metadata(
+                    read_header(a.lora.path)[1])):
+                note_once(f"LoRA {a.lora.name} is a {found[0]} LoRA (its metadata says): "
+                          f"{presets.described(found[1])} unless given otherwise")
+                return found[1]
+        return {}
+
     def resolve(self, s: Settings) -> Settings:
         """`s` with A1111's hash records, after checking the LoRAs and embeddings fit the model
         (a hires prompt's LoRAs too: its pass merges them, as A1111's does)."""

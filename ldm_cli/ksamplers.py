@@ -1,0 +1,255 @@
+"""A1111's k-diffusion samplers, as ldm's own functions: a sampler is a function of the denoiser
+(x, sigma) -> denoised x, the sigmas a schedule type made (sigma_schedules.py), and a noise
+source (sigma, sigma_next) -> a draw from the images' seeds. Each follows the arithmetic of
+k-diffusion's sampling.py (Katherine Crowson, MIT) step for step, so that an A1111 image replays;
+tests/test_ksamplers.py holds each to k-diffusion's own function.
+
+`done(i, x)` follows each step i and returns x (inpainting blends the known region back in).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Noise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Done = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """The probability-flow ODE's derivative dx/dsigma."""
+    return (x - denoised) / sigma
+
+
+def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0):
+    """(sigma_down, sigma_up): where a deterministic step lands and how much fresh noise follows."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def _churned(model: Denoiser, x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise):
+    """Karras et al.'s churn: x raised to sigma_hat by fresh noise; (x, sigma_hat, denoised, d)."""
+    gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+    # k-diffusion draws at every step once churn is asked for, used or not: the same draws follow
+    eps = noise(sigmas[i], sigmas[i + 1]) * s_noise if s_churn > 0 else None
+    sigma_hat = sigmas[i] * (gamma + 1)
+    if gamma > 0:
+        x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+    denoised = model(x, sigma_hat)
+    return x, sigma_hat, denoised, to_d(x, sigma_hat, denoised)
+
+
+def euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat, _, d = _churned(model, x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x = x + d * (sigmas[i + 1] - sigma_hat)
+        x = done(i, x)
+    return x
+
+
+def euler_a(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+            eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = x + to_d(x, sigmas[i], denoised) * (down - sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * up
+        x = done(i, x)
+    return x
+
+
+def heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+         s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat, _, d = _churned(model, x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1]))
+            x = x + (d + d_2) / 2 * dt
+        x = done(i, x)
+    return x
+
+
+def dpm2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+         s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat, _, d = _churned(model, x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
+        x = _dpm2_step(model, x, d, sigma_hat, sigmas[i + 1])
+        x = done(i, x)
+    return x
+
+
+def _dpm2_step(model: Denoiser, x, d, sigma, sigma_to):
+    """DPM-Solver-2: the derivative taken again at the log-midpoint; Euler into sigma 0."""
+    if sigma_to == 0:
+        return x + d * (sigma_to - sigma)
+    sigma_mid = sigma.log().lerp(sigma_to.log(), 0.5).exp()
+    x_2 = x + d * (sigma_mid - sigma)
+    return x + to_d(x_2, sigma_mid, model(x_2, sigma_mid)) * (sigma_to - sigma)
+
+
+def dpm2_a(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+           eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = _dpm2_step(model, x, to_d(x, sigmas[i], denoised), sigmas[i], down)
+        if down != 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * up
+        x = done(i, x)
+    return x
+
+
+def dpmpp_2s_a(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+               eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if down == 0:
+            x = x + to_d(x, sigmas[i], denoised) * (down - sigmas[i])
+        else:  # DPM-Solver++(2S): a half step in log sigma, then the whole from there
+            t, t_next = -sigmas[i].log(), -down.log()
+            h = t_next - t
+            s = t + h / 2
+            x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
+            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * model(x_2, (-s).exp())
+        if sigmas[i + 1] > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * up
+        x = done(i, x)
+    return x
+
+
+def dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+              eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> torch.Tensor:
+    sigma_of, t_of = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+        else:
+            t, t_next = t_of(sigmas[i]), t_of(sigmas[i + 1])
+            h = t_next - t
+            s = t + h * r
+            down, up = ancestral_step(sigma_of(t), sigma_of(s), eta)
+            s_ = t_of(down)
+            x_2 = (sigma_of(s_) / sigma_of(t)) * x - (t - s_).expm1() * denoised
+            x_2 = x_2 + noise(sigma_of(t), sigma_of(s)) * s_noise * up
+            denoised_2 = model(x_2, sigma_of(s))
+            down, up = ancestral_step(sigma_of(t), sigma_of(t_next), eta)
+            t_next_ = t_of(down)
+            mixed = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_2
+            x = (sigma_of(t_next_) / sigma_of(t)) * x - (t - t_next_).expm1() * mixed
+            x = x + noise(sigma_of(t), sigma_of(t_next)) * s_noise * up
+        x = done(i, x)
+    return x
+
+
+def dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done) -> torch.Tensor:
+    old = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        mixed = denoised
+        if old is not None and sigmas[i + 1] != 0:
+            r = (t + sigmas[i - 1].log()) / h
+            mixed = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+        x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * mixed
+        old = denoised
+        x = done(i, x)
+    return x
+
+
+def dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                 eta: float = 1.0, s_noise: float = 1.0, solver: str = "midpoint") -> torch.Tensor:
+    old, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        h = None
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = sigmas[i].log() - sigmas[i + 1].log()
+            eta_h = eta * h
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if old is not None:
+                r = h_last / h
+                if solver == "heun":
+                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old)
+                else:
+                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old)
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+        old, h_last = denoised, h
+        x = done(i, x)
+    return x
+
+
+def dpmpp_2m_sde_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                      eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    return dpmpp_2m_sde(model, x, sigmas, noise, done, eta, s_noise, solver="heun")
+
+
+def dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                 eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        h = None
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = sigmas[i].log() - sigmas[i + 1].log()
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            x = x + _3m_correction(denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta)
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
+        x = done(i, x)
+    return x
+
+
+def _3m_correction(denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta):
+    """The second- and third-order terms from the last two denoised images (none at first)."""
+    if h_1 is None:
+        return 0
+    phi_2 = h_eta.neg().expm1() / h_eta + 1
+    if h_2 is None:
+        return phi_2 * (denoised - denoised_1) / (h_1 / h)
+    r0, r1 = h_1 / h, h_2 / h
+    d1_0, d1_1 = (denoised - denoised_1) / r0, (denoised_1 - denoised_2) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    return phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+
+
+def lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done, order: int = 4) -> torch.Tensor:
+    from scipy import integrate
+
+    def coefficient(order: int, t, i: int, j: int) -> float:
+        def product(tau):
+            out = 1.0
+            for k in range(order):
+                if k != j:
+                    out *= (tau - t[i - k]) / (t[i - j] - t[i - k])
+            return out
+        return integrate.quad(product, t[i], t[i + 1], epsrel=1e-4)[0]
+
+    plain = sigmas.detach().cpu().numpy()
+    ds: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        ds = [*ds, to_d(x, sigmas[i], model(x, sigmas[i]))][-order:]
+        now = min(i + 1, order)
+        x = x + sum(coefficient(now, plain, i, j) * d for j, d in enumerate(reversed(ds)))
+        x = done(i, x)
+    return x
+
