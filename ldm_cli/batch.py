@@ -93,29 +93,10 @@ def job_settings(job: Job) -> Settings:
 
 
 def edit_settings(job: Job) -> Settings:
-    """An edit line's settings as `ldm edit` completes them, before any model loads: the model
-    checked to edit and take this many images, every input's path and hash recorded, the edit's
-    defaults and the size the model picks (the same again for settings already completed)."""
-    from ldm_cli import edit, edit_inputs, inpaint, loading
+    """An edit line's settings as `ldm edit` completes them, before any model loads (edit.py)."""
+    from ldm_cli import edit
 
-    s = job.settings
-    if s.controlnet:
-        raise LdmError("a ControlNet does not work with an edit line; the input images steer the edit")
-    hook = edit.check_model(s.model)
-    if hook is None:
-        raise LdmError(f"cannot read {s.model!r} to know how it edits")
-    edit.check_count(hook, len(job.inputs))
-    if job.mask and not hook.masks:
-        raise LdmError(f"--mask does not work with {hook.label} yet; edit the whole image, or make an inpaint line")
-    s = s.merged(init_image_hash=init_image_hash(job.init_image),
-                 edit_images=edit_inputs.to_text([edit_inputs.Input(str(p), init_image_hash(p)) for p in job.inputs]),
-                 edit_mask=job.mask and edit_inputs.to_text([edit_inputs.Input(str(job.mask), init_image_hash(job.mask))]))
-    if job.mask:  # inpaint's strength and mask blur (the edit sees the whole image)
-        s = inpaint.with_defaults(replace(s, only_masked=False, padding=None))
-    s = edit.with_defaults(s, hook, [images.image_size(p) for p in job.inputs], loading.size_multiple(s.model),
-                           masked=job.mask is not None)
-    s.validate()
-    return s
+    return edit.line_settings(job.settings, job.inputs, job.mask, init_image_hash)
 
 
 def init_image_hash(path: Path) -> str:
@@ -343,10 +324,8 @@ def draw_edits(model, group: list[Settings], jobs: list[Job], on_step: Callable[
     from ldm_cli import edit
 
     read = iter(read_once([path for job in jobs for path in job.inputs], "RGB"))
-    per_image = [[next(read) for _ in job.inputs] for job in jobs]
-    if jobs[0].mask:
-        return edit.edit_masked(model, group, per_image, read_once([job.mask for job in jobs], "L"), on_step)
-    return edit.edit(model, group, per_image, on_step)
+    masks = read_once([job.mask for job in jobs], "L") if jobs[0].mask else None
+    return edit.run(model, group, [[next(read) for _ in job.inputs] for job in jobs], masks, on_step)
 
 
 def read_once(paths: list[Path], mode: str) -> list[Image.Image]:

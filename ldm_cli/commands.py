@@ -329,9 +329,7 @@ def edit(settings: Settings, image_path: Path | None, references: list[Path], op
     jobs = render.per_image(s, options.num_images)
 
     def make(model, group, on_step):
-        if mask is not None:
-            return flow.edit_masked(model, group, [inputs] * len(group), [mask] * len(group), on_step)
-        return flow.edit(model, group, [inputs] * len(group), on_step)
+        return flow.run(model, group, [inputs] * len(group), None if mask is None else [mask] * len(group), on_step)
     steps = s.steps if mask is None else _steps_run(s, model.family.flow)
     with Progress(steps * len(jobs), len(jobs), options.quiet) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress, make)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -76,6 +77,32 @@ def with_defaults(s: Settings, hook: Editing, sizes: list[tuple[int, int]], mult
     return s
 
 
+def line_settings(s: Settings, inputs: list[Path], mask: Path | None, hash_of: Callable[[Path], str]) -> Settings:
+    """A prompts-file edit line's settings as `ldm edit` completes them, before any model loads:
+    the model checked to edit and take this many images (and a mask), every input's path and
+    hash recorded, the edit's defaults and the size the model picks (the same again for settings
+    already completed)."""
+    from ldm_cli import edit_inputs, inpaint, loading
+
+    if s.controlnet:
+        raise LdmError("a ControlNet does not work with an edit line; the input images steer the edit")
+    hook = check_model(s.model)
+    if hook is None:
+        raise LdmError(f"cannot read {s.model!r} to know how it edits")
+    check_count(hook, len(inputs))
+    if mask and not hook.masks:
+        raise LdmError(f"--mask does not work with {hook.label} yet; edit the whole image, or make an inpaint line")
+    s = s.merged(init_image_hash=hash_of(inputs[0]),
+                 edit_images=edit_inputs.to_text([edit_inputs.Input(str(p), hash_of(p)) for p in inputs]),
+                 edit_mask=mask and edit_inputs.to_text([edit_inputs.Input(str(mask), hash_of(mask))]))
+    if mask:  # inpaint's strength and mask blur (the edit sees the whole image)
+        s = inpaint.with_defaults(dataclasses.replace(s, only_masked=False, padding=None))
+    s = with_defaults(s, hook, [images.image_size(p) for p in inputs], loading.size_multiple(s.model),
+                      masked=mask is not None)
+    s.validate()
+    return s
+
+
 def input_size(size: tuple[int, int], area: int, multiple: int) -> tuple[int, int]:
     """An input at `area` pixels at its own aspect, each side rounded down to `multiple`."""
     aspect = size[0] / size[1]
@@ -89,6 +116,14 @@ def sized_inputs(model, hook: Editing, s: Settings, inputs: list[Image.Image]) -
     if hook.input_size is not None:
         return [images.resized(im, *hook.input_size(im.size, output, multiple)) for im in inputs]
     return [images.resized(im, *input_size(im.size, s.width * s.height, multiple)) for im in inputs]
+
+
+def run(model, group: list[Settings], inputs: list[list[Image.Image]], masks: list[Image.Image] | None,
+        on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+    """edit, or edit_masked where there are masks."""
+    if masks is not None:
+        return edit_masked(model, group, inputs, masks, on_step)
+    return edit(model, group, inputs, on_step)
 
 
 def edit(model, group: list[Settings], inputs: list[list[Image.Image]],
