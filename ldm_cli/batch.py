@@ -78,6 +78,8 @@ def job_settings(job: Job) -> Settings:
     defaults, the init image's hash, and the image's own size unless a size is given."""
     if job.mode == "txt2img":
         return job.settings
+    if job.edit:
+        return edit_settings(job)
     from ldm_cli import img2img, inpaint
 
     s = (inpaint if job.mode == "inpaint" else img2img).with_defaults(job.settings)
@@ -88,6 +90,13 @@ def job_settings(job: Job) -> Settings:
         width, height = images.rounded_down(images.image_size(job.init_image), loading.size_multiple(s.model))
         s = s.merged(width=s.width or width, height=s.height or height)
     return s
+
+
+def edit_settings(job: Job) -> Settings:
+    """An edit line's settings as `ldm edit` completes them, before any model loads (edit.py)."""
+    from ldm_cli import edit
+
+    return edit.line_settings(job.settings, job.inputs, job.mask, init_image_hash)
 
 
 def init_image_hash(path: Path) -> str:
@@ -285,11 +294,13 @@ def left_after_waiting(theirs: list[tuple[Task, Settings]], manifest: Manifest, 
 def batch_key(item: tuple[Task, Settings]) -> tuple:
     from ldm_cli import pipeline
 
-    return (item[0].job.mode, pipeline.batch_key(item[1]))
+    job = item[0].job
+    # an edit's inputs condition every row alike in size (and its text encoder may read them)
+    return (job.mode, pipeline.batch_key(item[1]), item[1].edit_images if job.edit else None, job.mask is not None)
 
 
 def steps_run(job: Job, s: Settings, flow: bool = False) -> int:
-    if job.mode == "txt2img":
+    if job.mode == "txt2img" or (job.edit and not job.mask):
         from ldm_cli import hires
 
         return hires.steps(s)
@@ -305,10 +316,20 @@ def draw(model, batch: list[tuple[Task, Settings]], on_step: Callable[[], None])
     jobs = [task.job for task, _ in batch]
     if jobs[0].mode == "txt2img":
         return hires.text_to_image(model, group, on_step)
+    if jobs[0].edit:
+        return draw_edits(model, group, jobs, on_step)
     inits = read_once([job.init_image for job in jobs], "RGB")
     if jobs[0].mode == "img2img":
         return img2img.image_to_image(model, group, inits, on_step)
     return inpaint.inpaint(model, group, inits, read_once([job.mask for job in jobs], "L"), on_step)
+
+
+def draw_edits(model, group: list[Settings], jobs: list[Job], on_step: Callable[[], None]) -> list[Image.Image]:
+    from ldm_cli import edit
+
+    read = iter(read_once([path for job in jobs for path in job.inputs], "RGB"))
+    masks = read_once([job.mask for job in jobs], "L") if jobs[0].mask else None
+    return edit.run(model, group, [[next(read) for _ in job.inputs] for job in jobs], masks, on_step)
 
 
 def read_once(paths: list[Path], mode: str) -> list[Image.Image]:

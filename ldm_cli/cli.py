@@ -431,7 +431,7 @@ def edit(
     reference: Annotated[Optional[list[Path]], typer.Option(
         "--reference", metavar="IMAGE", help="Another input image, for models that take several; repeatable.")] = None,
     mask: Annotated[Optional[Path], typer.Option(
-        help="Edit only where this mask is white, as inpaint does (FLUX.1 Kontext).")] = None,
+        help="Edit only where this mask is white, as inpaint does (FLUX.1 Kontext, FLUX.2 klein, Qwen-Image-Edit).")] = None,
     strength: Strength = None, mask_blur: MaskBlur = None, *, flags: RenderFlags,
 ) -> None:
     """Change an image as a prompt says, with reference images for models that take them

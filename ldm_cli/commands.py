@@ -114,6 +114,12 @@ def with_lora_flags(settings: Settings, options: RunOptions) -> Settings:
                            hires_prompt=settings.hires_prompt and tags.with_flag_loras(settings.hires_prompt, files))
 
 
+def not_an_edit(settings: Settings) -> Settings:
+    """Without an edit's record of its inputs (a --from-png of an edited image): other commands
+    neither read them (Qwen-Image-Edit's text encoder would) nor record them."""
+    return replace(settings, edit_images=None, edit_mask=None) if settings.edit_images else settings
+
+
 def generate(settings: Settings, options: RunOptions, slot: ModelSlot | None = None) -> Iterator[render.Result]:
     """Render options.num_images images; image i uses seed + i. Yields each as it is saved."""
     options.validate()
@@ -200,7 +206,7 @@ def _run(settings: Settings, options: RunOptions, make, slot: ModelSlot | None =
 
     if options.out is not None:
         images.check_writable(options.out)
-    settings = with_lora_flags(settings, options)
+    settings = with_lora_flags(not_an_edit(settings), options)
     model = load_model(settings, options, slot)
     s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
@@ -301,6 +307,11 @@ def edit(settings: Settings, image_path: Path | None, references: list[Path], op
         raise LdmError("--reference needs an IMAGE to edit beside it")
     paths = [image_path, *references] if image_path is not None else edit_inputs.found(
         edit_inputs.from_text(settings.edit_images))
+    if image_path is None and mask_path is None and settings.edit_mask:  # replayed with the inputs it went with
+        recorded = edit_inputs.found(edit_inputs.from_text(settings.edit_mask, "the recorded edit_mask"), mask=True)
+        if len(recorded) != 1:
+            raise LdmError(f"the recorded edit_mask holds {len(recorded)} images, not one")
+        mask_path = recorded[0]
     if not paths:
         raise LdmError("an IMAGE to edit is required (or --from-png of an image `ldm edit` made)")
     first, s = _with_init_image(settings, paths[0])
@@ -308,7 +319,8 @@ def edit(settings: Settings, image_path: Path | None, references: list[Path], op
     for path in paths[1:]:
         inputs.append(images.load_image(path))
         images.check_min_size(inputs[-1].size, f"the reference {str(path)!r}")
-    s = s.merged(edit_images=edit_inputs.to_text([edit_inputs.recorded(p) for p in paths]))
+    s = replace(s, edit_images=edit_inputs.to_text([edit_inputs.recorded(p) for p in paths]),
+                edit_mask=mask_path and edit_inputs.to_text([edit_inputs.recorded(mask_path)]))
     mask = _edit_mask(mask_path, first)
     if mask is not None:  # inpaint's strength and mask blur (not --only-masked: the edit sees the whole image)
         from ldm_cli import inpaint
@@ -329,9 +341,7 @@ def edit(settings: Settings, image_path: Path | None, references: list[Path], op
     jobs = render.per_image(s, options.num_images)
 
     def make(model, group, on_step):
-        if mask is not None:
-            return flow.edit_masked(model, group, [inputs] * len(group), [mask] * len(group), on_step)
-        return flow.edit(model, group, [inputs] * len(group), on_step)
+        return flow.run(model, group, [inputs] * len(group), None if mask is None else [mask] * len(group), on_step)
     steps = s.steps if mask is None else _steps_run(s, model.family.flow)
     with Progress(steps * len(jobs), len(jobs), options.quiet) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress, make)
@@ -366,7 +376,7 @@ def batch(path: Path, defaults: Settings, options: RunOptions, grid: bool = Fals
     defaults.validate()
     lookup.check_folders(options.networks)
     upscalers: set[str] = set()  # each found once, not once a line
-    jobs = prompts_file.read(path, defaults, options.num_images, lambda s: _line_files(s, options, upscalers))
+    jobs = prompts_file.read(path, defaults, options.num_images, lambda job: _line_files(job, options, upscalers))
     _check_model_files(jobs, options)
     images.check_writable(options.out)
     yield from batching.run(jobs, options, path.stem if grid else None)
@@ -381,12 +391,13 @@ def _check_model_files(jobs: list, options: RunOptions) -> None:
         loading.check(loading.source_path(source), options.load)
 
 
-def _line_files(settings: Settings, options: RunOptions, upscalers_found: set[str]) -> Settings:
-    """A prompts-file line's --lora tags added, its LoRAs and hires upscaler model found, before
-    any model loads."""
+def _line_files(job, options: RunOptions, upscalers_found: set[str]) -> Settings:
+    """A prompts-file line's --lora tags added, its LoRAs and hires upscaler model found, an edit
+    line's model and inputs checked, before any model loads."""
+    from ldm_cli import batch as batching
     from ldm_cli.networks import session
 
-    settings = with_lora_flags(settings, options)
+    settings = with_lora_flags(batching.edit_settings(job) if job.edit else job.settings, options)
     session.check(settings, options.networks)
     if settings.hires_upscaler not in upscalers_found:
         check_upscaler(settings)

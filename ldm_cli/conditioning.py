@@ -16,7 +16,8 @@ from ldm_cli.settings import Settings
 
 # every Settings field a family's encode (or the prompt schedule) reads: two prompts with the same
 # text and these are the same conditioning (tests/test_ahead.py watches the families)
-ENCODING_FIELDS = ("steps", "clip_skip", "width", "height", "max_sequence_length", "no_t5", "guidance")
+ENCODING_FIELDS = ("steps", "clip_skip", "width", "height", "max_sequence_length", "no_t5", "guidance",
+                   "edit_images")  # a text encoder may read an edit's images (Qwen-Image-Edit)
 
 Cache = dict[tuple, Schedule]
 

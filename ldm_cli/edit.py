@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,17 +30,18 @@ def editing(model) -> Editing:
     return _hook(model.family, variant, model.family.label + (f" {variant}" if variant else ""))
 
 
-def check_model(source: str | None) -> None:
-    """Refuse a model that cannot edit from its configs or header, before its weights load."""
+def check_model(source: str | None) -> Editing | None:
+    """Refuse a model that cannot edit from its configs or header, before its weights load; its
+    way of editing (None: unreadable here, and the load says why, or editing() refuses once loaded)."""
     from ldm_cli import families, loading
 
     found = loading.kind_of(source)
-    if found is None:  # unreadable here: the load says why, or editing() refuses once loaded
-        return
+    if found is None:
+        return None
     name, variant = found
     family = families.get("sd1" if name == "sd" else name)  # neither SD1 nor SD2 edits
     label = "SD1/SD2" if name == "sd" else family.label + (f" {variant}" if variant else "")
-    _hook(family, variant, f"{loading.source_path(source).name!r} ({label})" if source else "the built-in model")
+    return _hook(family, variant, f"{loading.source_path(source).name!r} ({label})" if source else "the built-in model")
 
 
 def _hook(family, variant: str | None, kind: str) -> Editing:
@@ -75,6 +77,32 @@ def with_defaults(s: Settings, hook: Editing, sizes: list[tuple[int, int]], mult
     return s
 
 
+def line_settings(s: Settings, inputs: list[Path], mask: Path | None, hash_of: Callable[[Path], str]) -> Settings:
+    """A prompts-file edit line's settings as `ldm edit` completes them, before any model loads:
+    the model checked to edit and take this many images (and a mask), every input's path and
+    hash recorded, the edit's defaults and the size the model picks (the same again for settings
+    already completed)."""
+    from ldm_cli import edit_inputs, inpaint, loading
+
+    if s.controlnet:
+        raise LdmError("a ControlNet does not work with an edit line; the input images steer the edit")
+    hook = check_model(s.model)
+    if hook is None:
+        raise LdmError(f"cannot read {s.model!r} to know how it edits")
+    check_count(hook, len(inputs))
+    if mask and not hook.masks:
+        raise LdmError(f"--mask does not work with {hook.label} yet; edit the whole image, or make an inpaint line")
+    s = s.merged(init_image_hash=hash_of(inputs[0]),
+                 edit_images=edit_inputs.to_text([edit_inputs.Input(str(p), hash_of(p)) for p in inputs]),
+                 edit_mask=mask and edit_inputs.to_text([edit_inputs.Input(str(mask), hash_of(mask))]))
+    if mask:  # inpaint's strength and mask blur (the edit sees the whole image)
+        s = inpaint.with_defaults(dataclasses.replace(s, only_masked=False, padding=None))
+    s = with_defaults(s, hook, [images.image_size(p) for p in inputs], loading.size_multiple(s.model),
+                      masked=mask is not None)
+    s.validate()
+    return s
+
+
 def input_size(size: tuple[int, int], area: int, multiple: int) -> tuple[int, int]:
     """An input at `area` pixels at its own aspect, each side rounded down to `multiple`."""
     aspect = size[0] / size[1]
@@ -90,6 +118,14 @@ def sized_inputs(model, hook: Editing, s: Settings, inputs: list[Image.Image]) -
     return [images.resized(im, *input_size(im.size, s.width * s.height, multiple)) for im in inputs]
 
 
+def run(model, group: list[Settings], inputs: list[list[Image.Image]], masks: list[Image.Image] | None,
+        on_step: Callable[[], None] | None = None) -> list[Image.Image]:
+    """edit, or edit_masked where there are masks."""
+    if masks is not None:
+        return edit_masked(model, group, inputs, masks, on_step)
+    return edit(model, group, inputs, on_step)
+
+
 def edit(model, group: list[Settings], inputs: list[list[Image.Image]],
          on_step: Callable[[], None] | None = None) -> list[Image.Image]:
     """Images of `group`, image i edited from inputs[i] (the edited image, then its references)."""
@@ -99,31 +135,45 @@ def edit(model, group: list[Settings], inputs: list[list[Image.Image]],
 def edit_masked(model, group: list[Settings], inputs: list[list[Image.Image]], masks: list[Image.Image],
                 on_step: Callable[[], None] | None = None) -> list[Image.Image]:
     """An edit restricted to each mask's white, as inpaint restricts a redraw: the edited image,
-    at the output size, is both what is noised and the reference (FluxKontextInpaintPipeline)."""
+    at the output size, is both what is noised and the first reference (FluxKontextInpaintPipeline,
+    QwenImageEditInpaintPipeline), the other inputs at their VAE sizes."""
     from ldm_cli import inpaint
 
-    hook = editing(model)
+    hook, s = editing(model), group[0]
     if not hook.masks:
         raise LdmError(f"--mask does not work with {hook.label} yet; edit the whole image, or use `ldm inpaint`")
     for each in inputs:
         check_count(hook, len(each))
-    s = group[0]
-    references = hook.references(model, [[images.resized(each[0], s.width, s.height)] for each in inputs], s)
-    references = {k: v.to(model.device) for k, v in references.items()}
-    return inpaint.inpaint(model, group, [each[0] for each in inputs], masks, on_step, references=references)
+    firsts = [images.resized(each[0], s.width, s.height) for each in inputs]
+    model.edit_inputs = None if hook.prompt_images is None else {s.edit_images: hook.prompt_images(model, [firsts[0]])}
+    if hook.masked_references is not None:  # from the image's latents, as inpainting samples them
+        def references(latents: torch.Tensor) -> dict:
+            return _on_device(model, hook.masked_references(model, latents))
+    else:
+        held = _on_device(model, hook.references(
+            model, [[first, *sized_inputs(model, hook, s, each[1:])] for first, each in zip(firsts, inputs)], s))
+
+        def references(latents: torch.Tensor) -> dict:
+            return held
+    return inpaint.inpaint(model, group, [each[0] for each in inputs], masks, on_step, references=references,
+                           sampled=hook.masked_references is not None)
+
+
+def _on_device(model, cond: dict) -> dict:
+    return {k: v.to(model.device) for k, v in cond.items()}
 
 
 def edited_latents(model, group: list[Settings], inputs: list[list[Image.Image]],
                    on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """edit's steps 1 to 6: the denoised latents, before the VAE decodes them."""
     # 1. check inputs
-    hook = editing(model)
+    hook, s = editing(model), group[0]
     pipeline.check_inputs(model, group)
     for each in inputs:
         check_count(hook, len(each))
-    # 2. encode the prompts (with the images, for a text encoder that reads them; a run's
-    # images are the same for all its prompts, so they are encoded ahead alike)
-    model.edit_inputs = None if hook.prompt_images is None else hook.prompt_images(model, inputs[0])
+    # 2. encode the prompts (with the images, for a text encoder that reads them; held by their
+    # record, which the prompts of other lines encoded ahead of their turn load theirs from)
+    model.edit_inputs = None if hook.prompt_images is None else {s.edit_images: hook.prompt_images(model, inputs[0])}
     positive, negative = pipeline.encode_prompts(model, group)
     # 3. timesteps
     scheduler = pipeline.make_scheduler(model, group)
@@ -131,9 +181,7 @@ def edited_latents(model, group: list[Settings], inputs: list[list[Image.Image]]
     generators = pipeline.generators_for(group)
     latents = pipeline.initial_noise(model, group, generators) * sampling.init_noise_sigma(scheduler)
     # 5. the input images, as the family conditions on them
-    s = group[0]
-    references = hook.references(model, [sized_inputs(model, hook, s, each) for each in inputs], s)
-    references = {k: v.to(model.device) for k, v in references.items()}
+    references = _on_device(model, hook.references(model, [sized_inputs(model, hook, s, each) for each in inputs], s))
     # 6. denoise (7. decode: edit above)
     return sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators,
                             scheduler.timesteps, on_step=on_step, references=references)

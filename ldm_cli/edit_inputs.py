@@ -27,11 +27,10 @@ def to_text(inputs: list[Input]) -> str:
     return json.dumps([{"path": i.path, "hash": i.hash} for i in inputs], ensure_ascii=False)
 
 
-def from_text(text: str | None) -> list[Input]:
+def from_text(text: str | None, what: str = "the recorded edit_images") -> list[Input]:
     """The inputs a record holds (none for None); an error naming what is malformed."""
     if text is None:
         return []
-    what = "the recorded edit_images"
     data = untrusted_json.loads(text, what)
     if not isinstance(data, list) or not data:
         raise LdmError(f"{what} is not a list of input images")
@@ -41,13 +40,14 @@ def from_text(text: str | None) -> list[Input]:
     return [Input(entry["path"], entry["hash"]) for entry in data]
 
 
-def found(inputs: list[Input]) -> list[Path]:
-    """The recorded inputs' paths, each checked to hold the image it held: one line otherwise."""
+def found(inputs: list[Input], mask: bool = False) -> list[Path]:
+    """The recorded inputs' paths (or the mask's), each checked to hold the image it held: one
+    line otherwise."""
     from ldm_cli import hashing
 
     paths = []
     for number, entry in enumerate(inputs):
-        name = "the edited image" if number == 0 else f"reference {number}"
+        name = "the mask" if mask else "the edited image" if number == 0 else f"reference {number}"
         path = files.user_path(entry.path)
         if not files.exists(path) or not path.is_file():
             raise LdmError(f"{name} this edit was made from, {entry.path!r}, is gone; give the images again")

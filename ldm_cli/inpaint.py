@@ -283,9 +283,11 @@ def check_inputs(model, group: list[Settings], init_images: list[Image.Image], m
 
 
 def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks: list[Image.Image],
-            on_step: Callable[[], None] | None = None, references: dict | None = None) -> list[Image.Image]:
-    """`references`: an edit's per-image conditioning (edit.py, `ldm edit --mask`): the loop adds it
-    to every call, and the image's latents are its VAE mode, as the edit pipelines encode it."""
+            on_step: Callable[[], None] | None = None, references: Callable[[torch.Tensor], dict] | None = None,
+            sampled: bool = False) -> list[Image.Image]:
+    """`references`: an edit's per-image conditioning, given the image's latents (edit.py, `ldm edit
+    --mask`): the loop adds it to every call, and the image's latents are its VAE mode, as
+    FluxKontextInpaintPipeline encodes them, unless `sampled` (QwenImageEditInpaintPipeline's)."""
     # 1. check inputs; each image's part at the render size
     check_inputs(model, group, init_images, masks)
     regions = [prepare(s, image, mask) for s, image, mask in zip(group, init_images, masks)]
@@ -305,7 +307,7 @@ def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks:
     small = torch.nn.functional.interpolate(mask, size=(pixels.shape[2] // f, pixels.shape[3] // f))
     small = small.to(model.device, model.dtype)
     latents, noise, image_latents = _latents(model, group, scheduler, timesteps, pixels, generators, small,
-                                             mode=references is not None)
+                                             mode=references is not None and not sampled)
     # 5. the mask at latent size and the masked image
     masked = _masked_image_latents(model, pixels, mask, generators)
     mask = small
@@ -313,6 +315,7 @@ def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks:
     extra = torch.cat([mask, masked], dim=1) if masked is not None else None
     blend = None if masked is not None else _blend(scheduler, image_latents, noise, mask, timesteps)
     latents = sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators, timesteps,
-                               extra_input=extra, blend=blend, on_step=on_step, control=units, references=references)
+                               extra_input=extra, blend=blend, on_step=on_step, control=units,
+                               references=None if references is None else references(image_latents))
     # 7. decode, and paste into the originals
     return [paste(r, picture) for r, picture in zip(regions, vae.decode(model, latents))]

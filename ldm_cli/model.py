@@ -26,7 +26,8 @@ class Model:
     embeddings: Any = None  # textual inversion: a clip_text.EmbeddingLookup read as prompts are tokenized
     networks: Any = None  # its LoRAs and embeddings for the run (networks.session.Session)
     encoded: Any = None  # the run's prompts encoded ahead of its batches (ahead.Ahead)
-    edit_inputs: list[Any] | None = None  # an edit's images its text encoder reads (Editing.prompt_images)
+    # an edit's images its text encoder reads (Editing.prompt_images), by the record of its inputs
+    edit_inputs: dict[str | None, list[Any]] | None = None
     controls: list[Any] = field(default_factory=list)  # (ControlUnit, its ControlNetModel) pairs acting now
     controlnets: dict[str, Any] = field(default_factory=dict)  # ControlNetModels loaded, by path
     kept: bool = False  # held between runs (model_slot.py): its text encoders are released, never freed

@@ -42,6 +42,8 @@ KEYS: dict[str, Key] = {
     "init_image": Key(str, None), "strength": Key(float, "strength"), "mask": Key(str, None),
     "mask_blur": Key(int, "mask_blur"), "only_masked": Key(bool, "only_masked"), "padding": Key(int, "padding"),
     "masked_content": Key(str, "masked_content"),
+    # `ldm edit` lines: the edited image is init_image; reference may repeat (JSONL: a list)
+    "edit": Key(bool, None), "reference": Key(str, None),
     # flow-matching and T5 models (SD3)
     "shift": Key(float, "shift"), "max_sequence_length": Key(int, "max_sequence_length"), "no_t5": Key(bool, "no_t5"),
     # guidance-distilled models (FLUX dev): ours, and Forge's API name
@@ -76,6 +78,7 @@ HIRES_KEYS = ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", 
 HIRES_SAME = {"hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler", "hr_prompt": "",
               "hr_negative_prompt": "", "hr_resize_x": 0, "hr_resize_y": 0, "hr_second_pass_steps": 0}
 FREE_TEXT = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")  # A1111 joins the unquoted words that follow these
+REPEATED = ("reference",)  # given once per value: a list
 IMAGE_ONLY = ("strength", "mask", "mask_blur", "only_masked", "padding", "masked_content")
 MASK_ONLY = ("mask_blur", "only_masked", "padding")
 RANDOM_SEED = -1  # A1111's "random seed"
@@ -91,14 +94,21 @@ class Job:
     count: int = 1
     init_image: Path | None = None
     mask: Path | None = None
+    references: tuple[Path, ...] = ()  # an edit's input images after init_image
+    edit: bool = False  # `ldm edit`'s run, not img2img's (a line with a reference, or edit true)
 
     @property
     def mode(self) -> str:
-        return "inpaint" if self.mask else "img2img" if self.init_image else "txt2img"
+        return "edit" if self.edit else "inpaint" if self.mask else "img2img" if self.init_image else "txt2img"
+
+    @property
+    def inputs(self) -> list[Path]:
+        """An edit's input images: the edited one, then its references."""
+        return [self.init_image, *self.references]
 
 
 def read(path: Path, defaults: Settings, count: int = 1,
-         check: Callable[[Settings], Settings] | None = None) -> list[Job]:
+         check: Callable[[Job], Settings] | None = None) -> list[Job]:
     """Every job of the file, with `defaults` under each line's own values; raises one LdmError
     naming every bad line when any line is bad. `check` completes and checks a line's settings
     further (its LoRAs), its errors reported with the line's number as the others."""
@@ -110,7 +120,7 @@ def read(path: Path, defaults: Settings, count: int = 1,
         try:
             job = make_job(number, line, values_of(line), defaults, count, path.parent)
             if check is not None:
-                job.settings = check(job.settings)
+                job.settings = check(job)
             jobs.append(job)
         except LdmError as e:
             errors.append(f"{path}:{number}: {e}")
@@ -151,7 +161,11 @@ def line_values(line: str) -> dict[str, Any]:
     while i < len(words):
         name = option_name(words[i])
         n = _value_words(words, i + 1, name)
-        _put(values, name, from_text(name, " ".join(words[i + 1:i + 1 + n])))
+        value = from_text(name, " ".join(words[i + 1:i + 1 + n]))
+        if name in REPEATED:
+            values.setdefault(name, []).append(value)
+        else:
+            _put(values, name, value)
         i += 1 + n
     return values
 
@@ -208,6 +222,11 @@ def from_text(name: str, text: str) -> Any:
 
 
 def checked_json(name: str, value: Any) -> Any:
+    if name in REPEATED:
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) for v in values):
+            raise LdmError(f'"{name}" takes a path or a list of paths (got {json.dumps(value)[:60]})')
+        return values
     kind = KEYS[name].kind
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float:
@@ -247,7 +266,8 @@ def make_job(number: int, line: str, values: dict[str, Any], defaults: Settings,
     mask = image_file(values["mask"], folder, "mask") if "mask" in values else None
     if mask:
         check_mask(mask, init)
-    return Job(number, settings, count, init, mask)
+    references = tuple(image_file(text, folder, "reference") for text in values.get("reference", ()))
+    return Job(number, settings, count, init, mask, references, bool(references) or values.get("edit", False))
 
 
 def hires_values(values: dict[str, Any]) -> dict[str, Any]:
@@ -300,6 +320,16 @@ def check_keys(values: dict[str, Any]) -> None:
         raise LdmError("--refiner_checkpoint applies to text-to-image lines, not to a line with --init_image")
     if "refiner_switch_at" in values and "refiner_checkpoint" not in values:
         raise LdmError("--refiner_switch_at applies to a refiner; add --refiner_checkpoint")
+    if "init_image" not in values and (given := [k for k in ("edit", "reference") if k in values]):
+        raise LdmError(f"--{given[0]} makes an edit line; add --init_image, the image to edit")
+    if values.get("edit") is False and "reference" in values:
+        raise LdmError("--reference makes an edit line; remove --edit false")
+    if values.get("edit") or "reference" in values:
+        if given := [k for k in ("only_masked", "padding") if k in values]:
+            raise LdmError(f"--{given[0]} does not apply to an edit line: the edit sees the whole image")
+        if "mask" not in values and (given := [k for k in ("strength", "denoising_strength") if k in values]):
+            raise LdmError(f"--{given[0]} applies to an edit line with --mask; an edit without one redraws "
+                           "the whole image")
     if "mask" not in values and (given := [k for k in MASK_ONLY if k in values]):
         raise LdmError(f"--{given[0]} applies to inpaint lines; add --mask")
     for key in ("batch_size", "n_iter"):

@@ -129,8 +129,9 @@ class Settings:
     refiner_name: str | None = None
     refiner_hash: str | None = None
     refiner_switch_at: float | None = None
-    # `ldm edit`'s input images (edit_inputs.py: a JSON list of their paths and hashes)
+    # `ldm edit`'s input images and --mask (edit_inputs.py: a JSON list of their paths and hashes)
     edit_images: str | None = None
+    edit_mask: str | None = None
     # A1111's sampler options (ancestral and SDE samplers' eta and noise scale; Euler's, Heun's and
     # DPM2's churn between sigmas tmin and tmax, 0 being no limit); kept only where the sampler takes them
     eta: float | None = None
@@ -172,6 +173,7 @@ class Settings:
             self.masked_content = wanted
         control_units.from_text(self.controlnet)  # its units' fields typed (their files are checked at load)
         edit_inputs.from_text(self.edit_images)  # paths and hashes (the files are checked by `ldm edit`)
+        edit_inputs.from_text(self.edit_mask, "the recorded edit_mask")
 
     def _check_size(self) -> None:
         for side in ("width", "height"):

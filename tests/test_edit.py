@@ -2,6 +2,7 @@
 same weights, prompt, input image, size, seed and steps give the same image within 2/255), the
 sizes an edit picks, and the refusals (one line, exit 2, nothing written)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,9 +125,9 @@ def test_kontext_with_a_mask_matches_diffusers_kontext_inpaint(kontext, strength
     assert np.array_equal(mine[:, 32:], pixels(image)[:, 32:])  # kept exactly
 
 
-def test_a_mask_is_refused_where_the_model_has_no_masked_edit(klein):
-    ours, _ = klein["distilled"]
-    with pytest.raises(LdmError, match=r"^--mask does not work with FLUX.2 klein yet"):
+def test_a_mask_is_refused_where_the_model_has_no_masked_edit(qwen_edit, toy_areas):
+    ours, _ = qwen_edit["edit-plus"]
+    with pytest.raises(LdmError, match=r"^--mask does not work with Qwen-Image-Edit Plus yet"):
         edit.edit_masked(ours, [settings(ours, width=64, height=64, strength=1.0)], [[picture()]],
                          [Image.new("L", (64, 64), 255)])
 
@@ -162,6 +163,21 @@ def test_klein_matches_diffusers(klein, variant, sizes):
     assert [im.size for im in edit.sized_inputs(ours, edit.editing(ours), s, inputs)] == sizes  # what diffusers takes them at
     mine = pixels(edit.edit(ours, [s], [inputs])[0])
     assert close(mine, theirs_klein(theirs, s, inputs))
+
+
+@pytest.mark.parametrize("references", [0, 1])
+def test_klein_with_a_mask_keeps_the_rest_and_repeats(klein, references):
+    """No diffusers pipeline masks klein's edits: inpaint.py's blend does, so the black part is the
+    input's exactly, the white part is redrawn, and a seed gives the same image again."""
+    ours, _ = klein["distilled"]
+    image, mask = picture(80, 64), Image.new("L", (80, 64), 0)
+    mask.paste(255, (0, 0, 48, 64))
+    inputs = [image, picture(64, 64).transpose(0)][:1 + references]
+    s = settings(ours, width=80, height=64, max_sequence_length=64, steps=2).merged(strength=1.0, mask_blur=0)
+    first, again = (pixels(edit.edit_masked(ours, [s], [inputs], [mask])[0]) for _ in range(2))
+    assert np.array_equal(first, again)
+    assert np.array_equal(first[:, 48:], pixels(image)[:, 48:])
+    assert np.abs(first[:, :48] - pixels(image)[:, :48]).max() > 32  # redrawn from noise
 
 
 def test_klein_takes_the_first_images_size_up_to_a_megapixel():
@@ -263,6 +279,38 @@ def test_qwen_edit_matches_diffusers(qwen_edit, toy_areas, variant, sizes, kw):
     s = settings(ours, width=64, height=64, **kw)
     mine = pixels(edit.edit(ours, [s], [inputs])[0])
     assert close(mine, theirs_qwen(theirs, s, inputs))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.8])
+def test_qwen_edit_with_a_mask_matches_diffusers_edit_inpaint(qwen_edit, toy_areas, monkeypatch, strength):
+    from diffusers import QwenImageEditInpaintPipeline
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as inpaint_module
+
+    from ldm_cli.families import qwen_edit as family
+
+    original = inpaint_module.calculate_dimensions  # its 1 MP is written into its __call__
+    monkeypatch.setattr(inpaint_module, "calculate_dimensions", lambda area, ratio: original(TOY_VAE_AREA, ratio))
+    ours, theirs = qwen_edit["edit"]
+    image, mask = picture(96, 64), Image.new("L", (96, 64), 0)
+    mask.paste(255, (0, 0, 48, 64))
+    width, height = family.size([image.size], 16)
+    s = settings(ours, width=width, height=height, cfg=1.0, steps=4).merged(strength=strength, mask_blur=0)
+    mine = pixels(edit.edit_masked(ours, [s], [[image]], [mask])[0])
+    pipe = QwenImageEditInpaintPipeline(**theirs.components)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(image=image, mask_image=mask, prompt=s.prompt, strength=strength, true_cfg_scale=1.0,
+               num_inference_steps=s.steps, generator=torch.Generator().manual_seed(s.seed), output_type="np").images[0]
+    half = width // 2
+    assert as_pixels(ref).shape[:2] == (height, width)
+    assert close(mine[:, :half], as_pixels(ref)[:, :half])
+    kept = np.asarray(images_resized(mask, width, height)) == 0  # where the resized mask is black
+    assert np.array_equal(mine[kept], pixels(images_resized(image, width, height))[kept]) and kept[:, half + 8:].all()
+
+
+def images_resized(image, width, height):
+    from ldm_cli import images
+
+    return images.resized(image, width, height)
 
 
 def test_qwen_edit_sizes_and_kinds(qwen_edit, qwen_image_folder):
@@ -503,3 +551,174 @@ def test_cli_mask_keeps_the_black_part_and_strength_needs_a_mask(flux_dev_folder
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
     assert "--strength and --mask-blur go with --mask" in refused.stderr
     assert png_files(tmp_path / "refused") == []
+
+
+# -- ldm batch: edit lines -------------------------------------------------------------------------------
+def test_batch_edit_lines_equal_ldm_edit(flux2_klein_folder, tmp_path):
+    """A1111-style and JSONL edit lines (paths from the prompts file's folder) render as `ldm edit`
+    does; lines with other inputs never share a denoiser batch, and their records name their inputs."""
+    (tmp_path / "in").mkdir()
+    picture(80, 64).save(tmp_path / "in" / "room.png")
+    picture(64, 64).save(tmp_path / "in" / "chair.png")
+    Image.new("RGB", (64, 64), (20, 200, 90)).save(tmp_path / "in" / "plain.png")
+    common = ["--model", flux2_klein_folder, "--steps", 1, "--max-sequence-length", 64]
+    lines = ['--prompt "put the chair in the room" --init_image in/room.png --reference in/chair.png --seed 3',
+             '--prompt "make it night" --init_image in/plain.png --edit true --seed 4 --n_iter 2',
+             '--prompt "make it night" --init_image in/plain.png --edit true --mask in/mask.png --strength 0.9 --seed 6']
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(tmp_path / "in" / "mask.png")
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "put the chair in the room", "init_image": "in/room.png",
+                                                  "reference": ["in/chair.png"], "seed": 3}) + "\n")
+    for name in ("p.txt", "p.jsonl"):
+        result = cli("batch", tmp_path / name, *common, "--batch-size", 3, "--quiet", "-o", tmp_path / name[2:])
+        assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "txt" / "manifest.jsonl").read_text().splitlines()]
+    [jsonl] = [json.loads(line) for line in (tmp_path / "jsonl" / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["width"], r["height"]) for r in rows] == [(1, 80, 64), (2, 64, 64), (2, 64, 64), (3, 64, 64)]
+    assert [Path(i["path"]).name for i in json.loads(rows[0]["edit_images"])] == ["room.png", "chair.png"]
+    assert np.abs(pixels_of(tmp_path / "txt" / rows[0]["path"]) - pixels_of(tmp_path / "jsonl" / jsonl["path"])).max() == 0
+    alone = [cli("edit", tmp_path / "in" / "room.png", "put the chair in the room", "--reference",
+                 tmp_path / "in" / "chair.png", *common, "--seed", 3, "--json", "-o", tmp_path / "alone"),
+             cli("edit", tmp_path / "in" / "plain.png", "make it night", *common, "--seed", 4, "-n", 2, "--json",
+                 "-o", tmp_path / "alone"),
+             cli("edit", tmp_path / "in" / "plain.png", "make it night", *common, "--seed", 6, "--mask",
+                 tmp_path / "in" / "mask.png", "--strength", 0.9, "--json", "-o", tmp_path / "alone")]
+    own = [json.loads(line) for result in alone for line in result.stdout.splitlines()]
+    assert len(own) == 4 and json.loads(own[3]["edit_mask"])[0]["path"] == str(tmp_path / "in" / "mask.png")
+    for mine, row in zip(own, rows):
+        assert {k: v for k, v in mine.items() if k != "path"} == {
+            k: v for k, v in row.items() if k not in ("path", "line", "index", "base_seed", "init_image", "mask")}
+        assert np.abs(pixels_of(mine["path"]) - pixels_of(tmp_path / "txt" / row["path"])).max() <= 2
+
+
+def pixels_of(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.parametrize("line, model, message", [
+    ("--prompt x --init_image good.png --reference gone.png", "dev", "p.txt:2: --reference: no such file"),
+    ("--prompt x --init_image good.png --reference good.png", "dev", "p.txt:2: FLUX.1 Kontext takes no --reference"),
+    ("--prompt x --init_image good.png --edit true", "sd1", "p.txt:2: 'tiny-sd1' (SD1/SD2) cannot edit by instruction"),
+    ("--prompt x --reference good.png", "dev", "p.txt:2: --reference makes an edit line; add --init_image"),
+    ("--prompt x --init_image good.png --edit true --strength 0.5", "dev", "p.txt:2: --strength applies to an edit line with --mask"),
+    ('{"prompt": "x", "init_image": "good.png", "reference": [3]}', "dev", 'p.jsonl:2: "reference" takes a path or a list'),
+])
+def test_batch_edit_line_refusals_name_the_line_before_any_model_loads(flux_dev_folder, sd1_folder, tmp_path,
+                                                                      monkeypatch, line, model, message):
+    from ldm_cli import loading
+
+    picture(64, 64).save(tmp_path / "good.png")
+    file = tmp_path / ("p.jsonl" if line.startswith("{") else "p.txt")
+    file.write_text(('{"prompt": "fine"}' if line.startswith("{") else "fine") + "\n" + line + "\n")
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("a model loaded"))
+    folder = {"dev": flux_dev_folder, "sd1": sd1_folder}[model]
+    result = cli("batch", file, "--model", folder, "--steps", 1, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert png_files(tmp_path / "out") == []
+
+
+def test_batch_qwen_edit_lines_read_each_lines_images(qwen_edit, toy_areas, tmp_path):
+    """Prompts are encoded ahead for the whole file, each read with its own line's images (found
+    from the record) as `ldm edit` reads them with the images it holds."""
+    from ldm_cli import edit_inputs
+    from ldm_cli.families import qwen_edit as family
+    from ldm_cli.families import qwen_image
+
+    model = qwen_edit["edit-plus"][0]
+    for name, size in (("a.png", (96, 64)), ("b.png", (64, 80)), ("c.png", (64, 64))):
+        picture(*size).save(tmp_path / name)
+    lines = ["--prompt \"the woman behind the counter\" --init_image a.png --reference b.png --seed 2",
+             "--prompt \"the woman behind the counter\" --init_image c.png --reference a.png --seed 2"]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    common = ["--model", model.path, "--steps", 2, "-W", 64, "-H", 64]
+    result = cli("batch", tmp_path / "p.txt", *common, "--batch-size", 2, "--quiet", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    for row, (first, second) in zip(rows, (("a.png", "b.png"), ("c.png", "a.png"))):
+        alone = cli("edit", tmp_path / first, "the woman behind the counter", "--reference", tmp_path / second,
+                    *common, "--seed", 2, "--json", "-o", tmp_path / "alone")
+        assert alone.exit_code == 0, alone.stderr
+        assert np.abs(pixels_of(json.loads(alone.stdout)["path"]) - pixels_of(tmp_path / "out" / row["path"])).max() <= 2
+    # the conditioning itself: read from the record as from the images held, unlike another line's
+    s = Settings.from_dict({k: v for k, v in rows[1].items() if k not in ("path", "line", "index", "base_seed")})
+    held = family.prompt_images(model, [Image.open(tmp_path / "c.png").convert("RGB"), Image.open(tmp_path / "a.png").convert("RGB")])
+    assert [p.name for p in edit_inputs.found(edit_inputs.from_text(s.edit_images))] == ["c.png", "a.png"]
+    states = []
+    for images in (None, {s.edit_images: held}, {s.edit_images: held[::-1]}):
+        model.edit_inputs = images
+        states.append(qwen_image.encode(model, [s.prompt], s, False)["encoder_hidden_states"])
+    model.edit_inputs = None
+    assert torch.equal(states[0], states[1]) and (states[0] - states[2]).abs().max() > 1e-3
+
+
+def test_from_png_replays_the_mask_and_refuses_a_changed_one(flux2_klein_folder, tmp_path):
+    source, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    picture(64, 64).save(source)
+    drawn = Image.new("L", (64, 64), 0)
+    drawn.paste(255, (0, 0, 32, 64))
+    drawn.save(mask)
+    made = cli("edit", source, "make it night", "--model", flux2_klein_folder, "--steps", 2, "--seed", 5,
+               "--max-sequence-length", 64, "--mask", mask, "--strength", 0.9, "--json", "-o", tmp_path / "out")
+    assert made.exit_code == 0, made.stderr
+    record = json.loads(made.stdout)
+    assert json.loads(record["edit_mask"]) == [{"path": str(mask), "hash": edit_inputs_hash(mask)}]
+    again = cli("edit", "--from-png", record["path"], "--json", "-o", tmp_path / "again")
+    assert again.exit_code == 0, again.stderr
+    replayed = json.loads(again.stdout)
+    assert {k: v for k, v in replayed.items() if k != "path"} == {k: v for k, v in record.items() if k != "path"}
+    assert np.array_equal(pixels_of(record["path"]), pixels_of(replayed["path"]))
+    # new images given: the recorded mask is not theirs, so it is not replayed
+    whole = cli("edit", source, "--from-png", record["path"], "--json", "-o", tmp_path / "whole")
+    assert whole.exit_code == 0 and "edit_mask" not in json.loads(whole.stdout) and "strength" not in json.loads(whole.stdout)
+    Image.new("L", (64, 64), 255).save(mask)
+    changed = cli("edit", "--from-png", record["path"], "-o", tmp_path / "changed")
+    assert changed.exit_code == 2 and changed.stderr.count("\n") == 1, changed.output
+    assert changed.stderr.startswith("ldm: error: the mask this edit was made from") and "has changed since" in changed.stderr
+    assert png_files(tmp_path / "changed") == []
+
+
+def edit_inputs_hash(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+@pytest.mark.slow
+def test_edit_with_compile_is_the_uncompiled_image(flux2_klein_folder, tmp_path, monkeypatch):
+    """`ldm edit --compile` (klein with a reference: the denoiser compiled with the reference tokens
+    in its input) makes the image the eager run makes; skipped where inductor cannot build code."""
+    from ldm_cli import compiling
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    try:
+        compiling.check_toolchain(torch.device("cpu"))
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))  # inductor builds C++ here, or cannot
+    except Exception as e:  # noqa: BLE001 - any failure of the toolchain itself means no compiler to test
+        pytest.skip(f"no working compiler here: {str(e)[:200]}")
+    source, other = tmp_path / "room.png", tmp_path / "chair.png"
+    picture(64, 64).save(source)
+    picture(64, 48).save(other)
+    common = ["edit", source, "put the chair in the room", "--reference", other, "--model", flux2_klein_folder,
+              "--steps", 2, "--seed", 7, "--max-sequence-length", 64, "--device", "cpu", "--json"]
+    plain = cli(*common, "-o", tmp_path / "plain")
+    compiled = cli(*common, "--compile", "-o", tmp_path / "compiled")
+    assert plain.exit_code == 0 and compiled.exit_code == 0, compiled.output
+    mine, theirs = (json.loads(r.stdout) for r in (plain, compiled))
+    assert {k: v for k, v in mine.items() if k != "path"} == {k: v for k, v in theirs.items() if k != "path"}
+    assert np.abs(pixels_of(mine["path"]) - pixels_of(theirs["path"])).max() <= 1
+
+
+def test_generate_from_an_edited_png_neither_reads_nor_records_the_inputs(flux_dev_folder, tmp_path):
+    source = tmp_path / "photo.png"
+    picture(64, 48).save(source)
+    made = cli("edit", source, "make it night", "--model", flux_dev_folder, "--steps", 1, "-W", 64, "-H", 48,
+               "--json", "-o", tmp_path / "out")
+    assert made.exit_code == 0, made.stderr
+    for command in (["generate"], ["img2img", source]):
+        again = cli(*command, "--from-png", json.loads(made.stdout)["path"], "--json", "-o", tmp_path / "again")
+        assert again.exit_code == 0, again.stderr
+        assert "edit_images" not in json.loads(again.stdout)

@@ -52,9 +52,13 @@ class Editing:
     # encode finds in model.edit_inputs (Qwen-Image-Edit's vision tower); None: text alone
     prompt_images: Callable[[Any, list[Image.Image]], list[Image.Image]] | None = None
     # `--mask`: the edit restricted as inpaint restricts (the image noised by strength, the kept
-    # part blended back each step), its references the edited image at the output size
-    # (FluxKontextInpaintPipeline); False: refused
+    # part blended back each step), its references the edited image at the output size with the
+    # other inputs at their VAE sizes (FluxKontextInpaintPipeline; FLUX.2 klein alike); False: refused
     masks: bool = False
+    # with --mask, (model, the edited image's latents as inpainting encodes them, a VAE sample) ->
+    # the references, for a pipeline that conditions on that sample (QwenImageEditInpaintPipeline);
+    # None: `references` of the images, the image's latents the VAE's mode (Kontext's)
+    masked_references: Callable[[Any, torch.Tensor], Cond] | None = None
 
 
 @dataclass(frozen=True)

@@ -169,8 +169,9 @@ def references(model, inputs: list[list], s: Settings) -> Cond:
 
 
 # each input at its own size (shrunk to 1 MP if larger), as the pipeline reads it, whatever the output's
+# --mask: no diffusers pipeline; inpaint.py's blend, as for families without an inpaint pipeline
 KLEIN = Editing("FLUX.2 klein", MAX_INPUTS, edit_size, references,
-                input_size=lambda size, output, multiple: edit_size([size], multiple))
+                input_size=lambda size, output, multiple: edit_size([size], multiple), masks=True)
 
 
 # bf16: BFL ship FLUX.2 in bf16, and Qwen3 is trained in it. sample_size 64: 1024 pixels at the

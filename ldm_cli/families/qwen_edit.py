@@ -18,7 +18,7 @@ import math
 import torch
 from PIL import Image
 
-from ldm_cli import images, vae
+from ldm_cli import edit_inputs, images, vae
 from ldm_cli.families import flux
 from ldm_cli.families.family import Cond, Editing
 from ldm_cli.settings import Settings
@@ -73,12 +73,24 @@ def _prompt(model, text: str, grid: torch.Tensor, merge: int) -> str:
     return parts[0] + "".join(IMAGE_PAD * n + part for n, part in zip(counts, parts[1:]))
 
 
-def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
-    """Each prompt read with the run's input images (model.edit_inputs), one at a time as the
-    pipelines read them; padded with a mask to a common length, as Qwen-Image's prompts travel."""
+def prompt_inputs(model, s: Settings) -> list[Image.Image] | None:
+    """The images a prompt is read with: those edit.py holds for the run, else those the settings
+    record (a prompts file's other lines, encoded ahead of their turn), found unchanged; None: the
+    prompt alone (a model that is not an edit model, or no edit)."""
+    held = model.edit_inputs or {}
+    if s.edit_images in held:
+        return held[s.edit_images]
+    if s.edit_images is None or model.options.get("variant") not in TEMPLATES:
+        return None
+    return prompt_images(model, [images.load_image(p) for p in edit_inputs.found(edit_inputs.from_text(s.edit_images))])
+
+
+def encode(model, texts: list[str], s: Settings, inputs: list[Image.Image]) -> Cond:
+    """Each prompt read with its input images (prompt_inputs), one at a time as the pipelines
+    read them; padded with a mask to a common length, as Qwen-Image's prompts travel."""
     tokenizer, processor = model.tokenizers
     encoder = model.text_encoders[0]
-    vision = processor(images=model.edit_inputs, return_tensors="pt")
+    vision = processor(images=inputs, return_tensors="pt")
     pixels, grid = vision["pixel_values"].to(encoder.device, encoder.dtype), vision["image_grid_thw"].to(encoder.device)
     rows = []
     for text in texts:
@@ -105,6 +117,14 @@ def references(model, inputs: list[list[Image.Image]], s: Settings) -> Cond:
     return {"reference_tokens": torch.cat(tokens), "reference_shapes": shapes.expand(len(inputs), -1, -1)}
 
 
-EDIT = Editing("Qwen-Image-Edit", 1, size, references, input_size=input_size, prompt_images=prompt_images)
+def masked_references(model, latents: torch.Tensor) -> Cond:
+    """With --mask: the edited image's latents as inpainting drew them (a VAE sample) are its tokens,
+    as QwenImageEditInpaintPipeline conditions on the latents it noises."""
+    shape = torch.tensor([[1, latents.shape[-2] // flux.PATCH, latents.shape[-1] // flux.PATCH]])
+    return {"reference_tokens": flux.pack(latents), "reference_shapes": shape.expand(len(latents), -1, -1)}
+
+
+EDIT = Editing("Qwen-Image-Edit", 1, size, references, input_size=input_size, prompt_images=prompt_images,
+               masks=True, masked_references=masked_references)
 EDIT_PLUS = Editing("Qwen-Image-Edit Plus", MAX_INPUTS, lambda sizes, m: size(sizes, m, last=True), references,
                     input_size=input_size, prompt_images=prompt_images)

@@ -55,8 +55,9 @@ def note_cut(tokenizer, prompts: list[str], length: int) -> None:
 
 
 def encode(model, texts: list[str], s: Settings, negative: bool) -> Cond:
-    if model.edit_inputs is not None:  # an edit: the prompt read with its images (Qwen-Image-Edit)
-        return qwen_edit.encode(model, texts, s, negative)
+    inputs = qwen_edit.prompt_inputs(model, s)
+    if inputs is not None:  # an edit: the prompt read with its images (Qwen-Image-Edit)
+        return qwen_edit.encode(model, texts, s, inputs)
     tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
     length = s.max_sequence_length or MAX_SEQUENCE_LENGTH
     parts = [llm_text.fragments(t) for t in texts]
