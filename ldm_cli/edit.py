@@ -29,11 +29,11 @@ def editing(model) -> Editing:
     return _hook(model.family, variant, model.family.label + (f" {variant}" if variant else ""))
 
 
-def check_model(source: str | None) -> None:
+def check_model(source: str | None, variant: str | None = None) -> None:
     """Refuse a model that cannot edit from its configs or header, before its weights load."""
     from ldm_cli import families, loading
 
-    found = loading.kind_of(source)
+    found = loading.kind_of(source, variant)
     if found is None:  # unreadable here: the load says why, or editing() refuses once loaded
         return
     name, variant = found

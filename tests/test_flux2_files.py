@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from ldm_cli import loading, pipeline
@@ -205,3 +206,34 @@ def test_the_klein_variant_is_read_from_the_metadata_then_the_name(paths, tmp_pa
     result = cli("info", tmp_path / name, "--json")
     assert result.exit_code == 0, result.output
     assert (json.loads(result.stdout)["variant"], json.loads(result.stdout)["variant_from"]) == (variant, told)
+
+
+def test_variant_flag_outranks_the_metadata_and_the_name(paths, tmp_path):
+    """--variant says the release where shapes cannot: the base defaults load, `ldm info` says it
+    went by the flag, and the image records it so --from-png replays it."""
+    model = loading.load(str(paths["comfy"]), options(paths, variant="base"))  # named as the distilled one
+    assert (model.options["variant"], model.defaults["steps"], model.defaults["cfg"]) == ("base", 50, 4.0)
+    result = cli("info", paths["comfy"], "--json", "--config", paths["configs"], "--variant", "base")
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["variant"], json.loads(result.stdout)["variant_from"]) == ("base", "--variant")
+    made = ["--model", paths["comfy"], "--vae", paths["vae"], "--text-encoder", paths["qwen"], "--config", paths["configs"],
+            "--steps", "2", "--width", "64", "--height", "64", "--seed", "3", "--max-sequence-length", "32"]
+    first = cli("generate", "a fox", *made, "--variant", "base", "--out", tmp_path / "first", "--json")
+    assert first.exit_code == 0, first.output
+    recorded = json.loads(first.stdout)
+    assert (recorded["variant"], recorded["cfg"]) == ("base", 4.0)  # base's CFG, not distilled's 1
+    again = cli("generate", "--from-png", recorded["path"], *made[:8], "--out", tmp_path / "again", "--json")
+    assert again.exit_code == 0, again.output
+    replayed = json.loads(again.stdout)
+    assert replayed["variant"] == "base"
+    assert np.array_equal(np.asarray(Image.open(replayed["path"])), np.asarray(Image.open(recorded["path"])))
+
+
+def test_a_variant_the_family_lacks_is_one_line_listing_those_it_has(paths, tmp_path):
+    name, message = "turbo", "ldm: error: --variant turbo: flux2 has distilled, base"
+    generate = cli("generate", "a fox", "--model", paths["comfy"], "--vae", paths["vae"], "--text-encoder",
+                   paths["qwen"], "--config", paths["configs"], "--variant", name, "--out", tmp_path / "out")
+    info = cli("info", paths["comfy"], "--variant", name)
+    for result in (generate, info):
+        assert result.exit_code == 2 and result.stderr.splitlines() == [message]
+    assert not (tmp_path / "out").exists()

@@ -33,7 +33,7 @@ def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> 
     from ldm_cli.model import Model
 
     checkpoint = tensors.open_checkpoint(path, options.allow_pickle)
-    found = detect.detect(checkpoint)
+    found = detect.detect(checkpoint, options.variant)
     r = recipe.resolve(found, checkpoint.metadata, options.config)
     sources = components.sources(found, r, checkpoint, options)
     for source in sources.values():
