@@ -237,3 +237,61 @@ def test_a_variant_the_family_lacks_is_one_line_listing_those_it_has(paths, tmp_
     for result in (generate, info):
         assert result.exit_code == 2 and result.stderr.splitlines() == [message]
     assert not (tmp_path / "out").exists()
+
+
+# -- ComfyUI's mixed-precision float8 ---------------------------------------------------------------
+def mixed_fp8(state: dict, header: bool) -> tuple[dict, dict, dict]:
+    """(a `*_fp8_mixed` file's tensors: every other double block's matrices float8 of weight / scale
+    with a 0-dim `.weight_scale`, an unused `.input_scale` and, unless `header`, a `.comfy_quant`
+    naming the format; its metadata (the header's `_quantization_metadata` when `header`); the
+    weights it holds, dequantized)."""
+    stored, held, layers = {}, {}, {}
+    for key, w in state.items():
+        if w.dim() == 2 and key.endswith(".weight") and ".double_blocks.0." in key:
+            layer, scale = key.removesuffix(".weight"), w.float().abs().max() / 448
+            stored[key], stored[layer + ".weight_scale"] = (w.float() / scale).to(torch.float8_e4m3fn), scale
+            stored[layer + ".input_scale"] = torch.tensor(1.0)
+            if not header:
+                stored[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+            layers[layer] = {"format": "float8_e4m3fn"}
+            held[key] = stored[key].float() * scale
+        else:
+            stored[key], held[key] = w, w.float()
+    metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})} if header else {}
+    return stored, metadata, held
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_a_mixed_precision_fp8_transformer_renders_its_dequantized_weights(paths, tmp_path, header):
+    """Each float8 layer is multiplied by its weight_scale as read: the same image as a file of the
+    weights it holds, dequantized; `ldm info` names the storage."""
+    from safetensors.torch import load_file
+
+    stored, metadata, held = mixed_fp8(load_file(paths["comfy"]), header)
+    mixed, plain = tmp_path / "flux-2-klein-4b-fp8mixed.safetensors", tmp_path / "flux-2-klein-4b-held.safetensors"
+    save_single_file(stored, mixed, metadata)
+    save_single_file(held, plain, {})
+    ours, ref = loading.load(str(mixed), options(paths)), loading.load(str(plain), options(paths))
+    mine, theirs = ours.denoiser.state_dict(), ref.denoiser.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert ours.denoiser.transformer_blocks[0].attn.to_q.weight.abs().max() < 10  # scaled: stored values reach 448
+    assert np.array_equal(image(ours), image(ref))
+    result = cli("info", mixed, "--json", "--config", paths["configs"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["storage"]["transformer"] == (
+        "bf16 mixed precision (float8_e4m3fn layers, comfy_quant)")
+
+
+def test_a_mixed_precision_format_ldm_cannot_dequantize_is_one_line(paths, tmp_path):
+    from safetensors.torch import load_file
+
+    stored, _, _ = mixed_fp8(load_file(paths["comfy"]), False)
+    marks = [k for k in stored if k.endswith(".comfy_quant")]
+    stored[marks[0]] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    save_single_file(stored, tmp_path / "flux-2-klein-4b-nvfp4.safetensors", {})
+    result = cli("generate", "a fox", "--model", tmp_path / "flux-2-klein-4b-nvfp4.safetensors", "--vae", paths["vae"],
+                 "--text-encoder", paths["qwen"], "--config", paths["configs"], "--out", tmp_path / "out")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.splitlines() == [
+        f"ldm: error: flux-2-klein-4b-nvfp4.safetensors stores {marks[0].removesuffix('.comfy_quant')!r} (and 0 more "
+        "layers) in ComfyUI's nvfp4 format, which ldm cannot dequantize; use its fp8, fp8_scaled or bf16 file"]
