@@ -9,6 +9,7 @@ renders the folder's image exactly.
 """
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -295,3 +296,29 @@ def test_a_mixed_precision_format_ldm_cannot_dequantize_is_one_line(paths, tmp_p
     assert result.stderr.splitlines() == [
         f"ldm: error: flux-2-klein-4b-nvfp4.safetensors stores {marks[0].removesuffix('.comfy_quant')!r} (and 0 more "
         "layers) in ComfyUI's nvfp4 format, which ldm cannot dequantize; use its fp8, fp8_scaled or bf16 file"]
+
+
+# -- GGUF ---------------------------------------------------------------------------------------------
+def test_a_gguf_q8_0_transformer_stays_quantized(paths, tmp_path):
+    """A city96/unsloth-style .gguf of the klein transformer (BFL's names, bare): each Linear stays
+    Q8_0 (fused q/k/v and the single blocks' q/k/v+MLP split in whole blocks) and dequantizes as
+    it runs; the image is that of the weights the gguf package's own code dequantizes, read from
+    a plain file of them (within 2/255: fp16 block scales round differently)."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+    from safetensors.torch import load_file
+
+    from tests.test_flux_files import q8_where_possible, write_gguf
+
+    held = write_gguf(tmp_path / "flux-2-klein-4b-Q8_0.gguf", load_file(paths["bfl"]), q8_where_possible)
+    save_single_file(held, tmp_path / "flux-2-klein-4b-held.safetensors", {})
+    fp32 = replace(options(paths), dtype="fp32")  # bf16 would round the two paths' sums differently
+    ours = loading.load(str(tmp_path / "flux-2-klein-4b-Q8_0.gguf"), fp32)
+    ref = loading.load(str(tmp_path / "flux-2-klein-4b-held.safetensors"), fp32)
+    assert (ours.family.name, ours.options["variant"]) == ("flux2", "distilled")
+    assert isinstance(ours.denoiser.transformer_blocks[0].attn.to_q, GGUFLinear)
+    assert isinstance(ours.denoiser.single_transformer_blocks[0].attn.to_qkv_mlp_proj, GGUFLinear)
+    mine, theirs = image(ours), image(ref)
+    assert np.abs(mine - theirs).max() <= 2 and mine.std() > 1
+    result = cli("info", tmp_path / "flux-2-klein-4b-Q8_0.gguf", "--json", "--config", paths["configs"])
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["family"], json.loads(result.stdout)["storage"]["transformer"]) == ("flux2", "Q8_0")
