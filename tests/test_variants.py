@@ -36,3 +36,15 @@ def test_the_variant_round_trips_through_the_infotext():
     assert "Model variant: edit-plus" in text
     assert Settings.from_infotext(text).variant == "edit-plus"
     assert Settings.from_infotext(Settings(prompt="a fox", steps=4).to_infotext("test")).variant is None
+
+
+def test_a_prompts_file_line_names_its_variant_and_lines_load_by_model_and_variant(tmp_path):
+    from ldm_cli import batch, prompts_file
+
+    (tmp_path / "m.safetensors").write_bytes(b"")  # a path the lines name; never read here
+    (tmp_path / "p.txt").write_text('--prompt "a fox" --model m.safetensors --variant base\n'
+                                    '--prompt "a cat" --model m.safetensors\n'
+                                    '--prompt "a dog" --model m.safetensors --variant base\n')
+    jobs = prompts_file.read(tmp_path / "p.txt", Settings())
+    assert [j.settings.variant for j in jobs] == ["base", None, "base"]
+    assert [t.settings.prompt for t in batch.tasks(jobs)] == ["a fox", "a dog", "a cat"]  # one load per variant
