@@ -61,7 +61,7 @@ class Task:
 def tasks(jobs: list[Job]) -> list[Task]:
     """Every image of the file, grouped by model, models in the order the file first names them."""
     every = [Task(job, i, s) for job in jobs for i, s in enumerate(render.per_image(job_settings(job), job.count))]
-    return neighbours(every, key=lambda t: (t.settings.model, t.settings.refiner))
+    return neighbours(every, key=lambda t: (t.settings.model, t.settings.refiner, t.settings.variant))
 
 
 def neighbours(items: list, key: Callable) -> list:
@@ -128,7 +128,8 @@ def run(jobs: list[Job], options, grid_name: str | None = None) -> Iterator[rend
         say(options, f"{len(every)} images from {len(jobs)} lines: {len(every) - len(todo)} already in "
                      f"{options.out}, {len(todo)} to render" + (f" by {world} processes" if world > 1 else ""))
     with FileProgress(len(every), len(every) - len(todo), manifest, options.quiet or not main) as progress:
-        for (source, refiner), group in groupby(todo[rank::world], key=lambda t: (t.settings.model, t.settings.refiner)):
+        for (source, refiner, _), group in groupby(todo[rank::world], key=lambda t: (
+                t.settings.model, t.settings.refiner, t.settings.variant)):
             yield from render_model(source, list(group), manifest, options, progress, refiner)
     state.wait_for_everyone()
     if main:
@@ -168,6 +169,7 @@ def render_model(source: str | None, group: list[Task], manifest: Manifest, opti
     from ldm_cli import ahead, hires
 
     without_t5 = all(task.settings.no_t5 for task in group)  # then SD3's T5 is not even read
+    options = replace(options, load=replace(options.load, variant=group[0].settings.variant))  # one a group
     model = loaded(source, options, without_t5, refiner)
     pending = [(task, line_resolved(task, model)) for task in group]
     while pending:

@@ -105,6 +105,9 @@ Preset = Annotated[Optional[str], typer.Option(help="A few-step model's settings
 Rng = Annotated[Optional[str], typer.Option(help="Starting noise: cpu (torch's CPU generator) or nv (CUDA's, as A1111 draws it by default) [default: cpu].")]
 NoT5 = Annotated[Optional[bool], typer.Option("--no-t5", help="Run SD3 without its T5 text encoder (zeros in its place) [default: when the model has no T5].")]
 ModelPath = Annotated[Optional[str], typer.Option("--model", "-m", help="A .safetensors checkpoint or a diffusers folder [default: the built-in model].")]
+Variant = Annotated[Optional[str], typer.Option("--variant", metavar="NAME", help="The model's release where its tensors "
+                                                "cannot tell, over its metadata and name: FLUX.2 klein distilled|base, "
+                                                "Z-Image turbo|base, Qwen-Image plain|edit|edit-plus.")]
 ModelsDir = Annotated[Optional[str], typer.Option(
     "--models-dir", metavar="DIR", help="A1111's or ComfyUI's models folder: --model NAME and <lora:NAME> are found in it, "
                                         "and --from-png's recorded model not at its recorded path, by name and hash "
@@ -205,7 +208,7 @@ RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annota
     ("max_sequence_length", MaxSequenceLength, None), ("no_t5", NoT5, None), ("guidance", Guidance, None),
     ("clip_skip", ClipSkip, None), ("rng", Rng, None), ("eta", Eta, None), ("s_churn", SChurn, None),
     ("s_tmin", STmin, None), ("s_tmax", STmax, None), ("s_noise", SNoise, None), ("preset", Preset, None),
-    ("model", ModelPath, None), ("models_dir", ModelsDir, None),
+    ("model", ModelPath, None), ("variant", Variant, None), ("models_dir", ModelsDir, None),
     ("vae", Vae, None), ("text_encoder", TextEncoder, None), ("config", Config, None), ("prediction", Prediction, None),
     ("allow_pickle", AllowPickle, False), ("out", Out, Path("outputs")), ("device", Device, "auto"),
     ("dtype", Dtype, "auto"), ("compile", Compile, False), ("offload", Offload, "none"), ("weights", Weights, None),
@@ -216,7 +219,7 @@ RENDER_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annota
     ("control_preprocess", ControlPreprocess, None), ("control_mode", ControlMode, None))]
 SETTINGS_FLAGS = ("negative", "steps", "cfg", "seed", "width", "height", "scheduler", "schedule", "shift",
                   "max_sequence_length", "no_t5", "guidance", "clip_skip", "rng", "eta", "s_churn", "s_tmin", "s_tmax",
-                  "s_noise", "model")
+                  "s_noise", "model", "variant")
 LOAD_FLAGS = ("vae", "text_encoder", "config", "prediction", "allow_pickle", "device", "dtype", "compile", "offload",
               "weights", "vae_tiling")
 NETWORK_FLAGS = ("lora", "lora_dir", "embeddings_dir")
@@ -314,7 +317,7 @@ def generate(prompt: Annotated[Optional[str], typer.Argument(help="What to draw.
 @app.command()
 def info(
     path: Annotated[Path, typer.Argument(help="A PNG made by ldm or A1111, or a checkpoint.")],
-    as_json: AsJson = False, config: Config = None, allow_pickle: AllowPickle = False,
+    as_json: AsJson = False, config: Config = None, allow_pickle: AllowPickle = False, variant: Variant = None,
 ) -> None:
     """Show how an image was made, or what a checkpoint holds."""
     from ldm_cli import commands
@@ -325,7 +328,7 @@ def info(
         if "problem" in data:
             note(data["problem"])
         return
-    data = commands.checkpoint_info(path, config, allow_pickle)
+    data = commands.checkpoint_info(path, config, allow_pickle, variant)
     if as_json:
         print(json.dumps(data, indent=2))
     else:
@@ -460,7 +463,7 @@ def batch(
     scheduler: Scheduler = None, schedule: Schedule = None, shift: Shift = None,
     max_sequence_length: MaxSequenceLength = None, no_t5: NoT5 = None, guidance: Guidance = None,
     clip_skip: ClipSkip = None, rng: Rng = None, preset: Preset = None, model: ModelPath = None,
-    vae: Vae = None, text_encoder: TextEncoder = None, config: Config = None, prediction: Prediction = None,
+    variant: Variant = None, vae: Vae = None, text_encoder: TextEncoder = None, config: Config = None, prediction: Prediction = None,
     allow_pickle: AllowPickle = False, lora: Lora = None, lora_dir: LoraDir = None, embeddings_dir: EmbeddingsDir = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder, with the manifest [default: outputs/<FILE's name>].")] = None,
     device: Device = "auto", dtype: Dtype = "auto", compile: Compile = False, offload: Offload = "none",
@@ -478,7 +481,7 @@ def batch(
 
     defaults = Settings(negative=negative or "", steps=steps, cfg=cfg, seed=seed, width=width, height=height,
                         scheduler=scheduler, schedule=schedule, shift=shift, max_sequence_length=max_sequence_length,
-                        no_t5=no_t5, guidance=guidance, clip_skip=clip_skip, rng=rng, model=model,
+                        no_t5=no_t5, guidance=guidance, clip_skip=clip_skip, rng=rng, model=model, variant=variant,
                         controlnet=controlnet_text(dict(
                             controlnet=controlnet, control_image=control_image, control_scale=control_scale,
                             control_start=control_start, control_end=control_end, control_preprocess=control_preprocess,

@@ -78,9 +78,11 @@ def load_model(settings: Settings, options: RunOptions, slot: ModelSlot | None =
         unit.validate()
     check_upscaler(settings)
     if slot is not None:
-        model = slot.get(settings.model, bool(settings.no_t5), options.load, options.networks)
+        model = slot.get(settings.model, bool(settings.no_t5), replace(options.load, variant=settings.variant),
+                         options.networks)
     else:
-        model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5)))
+        model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5),
+                                                     variant=settings.variant))
         session.attach(model, options.networks, settings.model)
     model.controls = []  # a held model keeps no ControlNet of an earlier run acting
     model.refiner = None  # nor a refiner
@@ -140,12 +142,13 @@ def png_info(path: Path) -> dict:
     return {"parameters": chunks.get("parameters") or settings.to_infotext(""), **settings.to_dict()}
 
 
-def checkpoint_info(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:
+def checkpoint_info(path: Path, config: str | None = None, allow_pickle: bool = False,
+                    variant: str | None = None) -> dict:
     """What a checkpoint holds: family, prediction, native size, component sizes, dtype, hash, EMA."""
     from ldm_cli.loading import info
 
     files.check_openable(Path(path).expanduser(), folders=True)  # a FIFO would hang: refused before the imports
-    return info.describe(path, config, allow_pickle)
+    return info.describe(path, config, allow_pickle, variant)
 
 
 # -- img2img, inpaint, outpaint: the same run, starting from an image ---------------------------
@@ -326,7 +329,7 @@ def edit(settings: Settings, image_path: Path | None, references: list[Path], op
         from ldm_cli import inpaint
 
         s = inpaint.with_defaults(replace(s, only_masked=False, padding=None))
-    flow.check_model(s.model)  # before the weights load
+    flow.check_model(s.model, s.variant)  # before the weights load
     images.check_writable(options.out)
     s = with_lora_flags(s, options)
     model = load_model(s, options)

@@ -30,12 +30,12 @@ def editing(model) -> Editing:
     return _hook(model.family, variant, model.family.label + (f" {variant}" if variant else ""))
 
 
-def check_model(source: str | None) -> Editing | None:
+def check_model(source: str | None, variant: str | None = None) -> Editing | None:
     """Refuse a model that cannot edit from its configs or header, before its weights load; its
     way of editing (None: unreadable here, and the load says why, or editing() refuses once loaded)."""
     from ldm_cli import families, loading
 
-    found = loading.kind_of(source)
+    found = loading.kind_of(source, variant)
     if found is None:
         return None
     name, variant = found
@@ -86,7 +86,7 @@ def line_settings(s: Settings, inputs: list[Path], mask: Path | None, hash_of: C
 
     if s.controlnet:
         raise LdmError("a ControlNet does not work with an edit line; the input images steer the edit")
-    hook = check_model(s.model)
+    hook = check_model(s.model, s.variant)
     if hook is None:
         raise LdmError(f"cannot read {s.model!r} to know how it edits")
     check_count(hook, len(inputs))

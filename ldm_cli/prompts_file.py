@@ -39,6 +39,7 @@ KEYS: dict[str, Key] = {
     "batch_size": Key(int, None), "n_iter": Key(int, None),
     # ldm's own
     "scheduler": Key(str, "scheduler"), "schedule": Key(str, "schedule"), "model": Key(str, "model"),
+    "variant": Key(str, "variant"),
     "init_image": Key(str, None), "strength": Key(float, "strength"), "mask": Key(str, None),
     "mask_blur": Key(int, "mask_blur"), "only_masked": Key(bool, "only_masked"), "padding": Key(int, "padding"),
     "masked_content": Key(str, "masked_content"),

@@ -93,6 +93,7 @@ class Settings:
     model_name: str | None = None
     model_hash: str | None = None
     modules: str | None = None  # parts given as separate files (--vae, --text-encoder), ", "-joined
+    variant: str | None = None  # --variant: the model's release where its tensors cannot tell (loading/variants.py)
     # img2img / inpaint
     strength: float | None = None
     init_image_hash: str | None = None
@@ -291,6 +292,8 @@ class Settings:
             p["Model hash"] = self.model_hash
         if self.model_name:
             p["Model"] = self.model_name
+        if self.variant:
+            p["Model variant"] = self.variant
         for i, name in enumerate(self.modules.split(", ") if self.modules else [], start=1):
             p[f"Module {i}"] = name  # Forge's layout
         if self.strength is not None:
@@ -371,6 +374,7 @@ class Settings:
             elif s.schedule is None:
                 s.schedule = "default"
         s.model_name, s.model_hash = p.get("Model"), p.get("Model hash")
+        s.variant = p.get("Model variant")
         s.modules = ", ".join(p[f"Module {i}"] for i in range(1, len(p)) if f"Module {i}" in p) or None
         s.init_image_hash = p.get("Init image hash")
         s.lora_hashes, s.ti_hashes = p.get("Lora hashes"), p.get("TI hashes")

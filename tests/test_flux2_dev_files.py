@@ -113,6 +113,14 @@ def test_info_names_the_variant_and_the_parts_it_needs(paths):
     assert any("Mistral" in part for part in info["needs"]) and any(part.startswith("vae") for part in info["needs"])
 
 
+
+def test_a_klein_variant_named_for_dev_is_one_line(paths):
+    result = cli("info", paths["bfl"], "--variant", "base")
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        "ldm: error: --variant base: this is FLUX.2 dev, by its guidance embedding; --variant names FLUX.2 klein's "
+        "releases (distilled, base)"]
+
+
 def test_a_mistral_cut_too_short_is_refused_in_one_line(paths, tmp_path):
     from safetensors.torch import load_file, save_file
 

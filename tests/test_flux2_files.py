@@ -9,11 +9,13 @@ renders the folder's image exactly.
 """
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from ldm_cli import loading, pipeline
@@ -205,3 +207,118 @@ def test_the_klein_variant_is_read_from_the_metadata_then_the_name(paths, tmp_pa
     result = cli("info", tmp_path / name, "--json")
     assert result.exit_code == 0, result.output
     assert (json.loads(result.stdout)["variant"], json.loads(result.stdout)["variant_from"]) == (variant, told)
+
+
+def test_variant_flag_outranks_the_metadata_and_the_name(paths, tmp_path):
+    """--variant says the release where shapes cannot: the base defaults load, `ldm info` says it
+    went by the flag, and the image records it so --from-png replays it."""
+    model = loading.load(str(paths["comfy"]), options(paths, variant="base"))  # named as the distilled one
+    assert (model.options["variant"], model.defaults["steps"], model.defaults["cfg"]) == ("base", 50, 4.0)
+    result = cli("info", paths["comfy"], "--json", "--config", paths["configs"], "--variant", "base")
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["variant"], json.loads(result.stdout)["variant_from"]) == ("base", "--variant")
+    made = ["--model", paths["comfy"], "--vae", paths["vae"], "--text-encoder", paths["qwen"], "--config", paths["configs"],
+            "--steps", "2", "--width", "64", "--height", "64", "--seed", "3", "--max-sequence-length", "32"]
+    first = cli("generate", "a fox", *made, "--variant", "base", "--out", tmp_path / "first", "--json")
+    assert first.exit_code == 0, first.output
+    recorded = json.loads(first.stdout)
+    assert (recorded["variant"], recorded["cfg"]) == ("base", 4.0)  # base's CFG, not distilled's 1
+    again = cli("generate", "--from-png", recorded["path"], *made[:8], "--out", tmp_path / "again", "--json")
+    assert again.exit_code == 0, again.output
+    replayed = json.loads(again.stdout)
+    assert replayed["variant"] == "base"
+    assert np.array_equal(np.asarray(Image.open(replayed["path"])), np.asarray(Image.open(recorded["path"])))
+
+
+def test_a_variant_the_family_lacks_is_one_line_listing_those_it_has(paths, tmp_path):
+    name, message = "turbo", "ldm: error: --variant turbo: flux2 has distilled, base"
+    generate = cli("generate", "a fox", "--model", paths["comfy"], "--vae", paths["vae"], "--text-encoder",
+                   paths["qwen"], "--config", paths["configs"], "--variant", name, "--out", tmp_path / "out")
+    info = cli("info", paths["comfy"], "--variant", name)
+    for result in (generate, info):
+        assert result.exit_code == 2 and result.stderr.splitlines() == [message]
+    assert not (tmp_path / "out").exists()
+
+
+# -- ComfyUI's mixed-precision float8 ---------------------------------------------------------------
+def mixed_fp8(state: dict, header: bool) -> tuple[dict, dict, dict]:
+    """(a `*_fp8_mixed` file's tensors: every other double block's matrices float8 of weight / scale
+    with a 0-dim `.weight_scale`, an unused `.input_scale` and, unless `header`, a `.comfy_quant`
+    naming the format; its metadata (the header's `_quantization_metadata` when `header`); the
+    weights it holds, dequantized)."""
+    stored, held, layers = {}, {}, {}
+    for key, w in state.items():
+        if w.dim() == 2 and key.endswith(".weight") and ".double_blocks.0." in key:
+            layer, scale = key.removesuffix(".weight"), w.float().abs().max() / 448
+            stored[key], stored[layer + ".weight_scale"] = (w.float() / scale).to(torch.float8_e4m3fn), scale
+            stored[layer + ".input_scale"] = torch.tensor(1.0)
+            if not header:
+                stored[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+            layers[layer] = {"format": "float8_e4m3fn"}
+            held[key] = stored[key].float() * scale
+        else:
+            stored[key], held[key] = w, w.float()
+    metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})} if header else {}
+    return stored, metadata, held
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_a_mixed_precision_fp8_transformer_renders_its_dequantized_weights(paths, tmp_path, header):
+    """Each float8 layer is multiplied by its weight_scale as read: the same image as a file of the
+    weights it holds, dequantized; `ldm info` names the storage."""
+    from safetensors.torch import load_file
+
+    stored, metadata, held = mixed_fp8(load_file(paths["comfy"]), header)
+    mixed, plain = tmp_path / "flux-2-klein-4b-fp8mixed.safetensors", tmp_path / "flux-2-klein-4b-held.safetensors"
+    save_single_file(stored, mixed, metadata)
+    save_single_file(held, plain, {})
+    ours, ref = loading.load(str(mixed), options(paths)), loading.load(str(plain), options(paths))
+    mine, theirs = ours.denoiser.state_dict(), ref.denoiser.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert ours.denoiser.transformer_blocks[0].attn.to_q.weight.abs().max() < 10  # scaled: stored values reach 448
+    assert np.array_equal(image(ours), image(ref))
+    result = cli("info", mixed, "--json", "--config", paths["configs"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["storage"]["transformer"] == (
+        "bf16 mixed precision (float8_e4m3fn layers, comfy_quant)")
+
+
+def test_a_mixed_precision_format_ldm_cannot_dequantize_is_one_line(paths, tmp_path):
+    from safetensors.torch import load_file
+
+    stored, _, _ = mixed_fp8(load_file(paths["comfy"]), False)
+    marks = [k for k in stored if k.endswith(".comfy_quant")]
+    stored[marks[0]] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    save_single_file(stored, tmp_path / "flux-2-klein-4b-nvfp4.safetensors", {})
+    result = cli("generate", "a fox", "--model", tmp_path / "flux-2-klein-4b-nvfp4.safetensors", "--vae", paths["vae"],
+                 "--text-encoder", paths["qwen"], "--config", paths["configs"], "--out", tmp_path / "out")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.splitlines() == [
+        f"ldm: error: flux-2-klein-4b-nvfp4.safetensors stores {marks[0].removesuffix('.comfy_quant')!r} (and 0 more "
+        "layers) in ComfyUI's nvfp4 format, which ldm cannot dequantize; use its fp8, fp8_scaled or bf16 file"]
+
+
+# -- GGUF ---------------------------------------------------------------------------------------------
+def test_a_gguf_q8_0_transformer_stays_quantized(paths, tmp_path):
+    """A city96/unsloth-style .gguf of the klein transformer (BFL's names, bare): each Linear stays
+    Q8_0 (fused q/k/v and the single blocks' q/k/v+MLP split in whole blocks) and dequantizes as
+    it runs; the image is that of the weights the gguf package's own code dequantizes, read from
+    a plain file of them (within 2/255: fp16 block scales round differently)."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+    from safetensors.torch import load_file
+
+    from tests.test_flux_files import q8_where_possible, write_gguf
+
+    held = write_gguf(tmp_path / "flux-2-klein-4b-Q8_0.gguf", load_file(paths["bfl"]), q8_where_possible)
+    save_single_file(held, tmp_path / "flux-2-klein-4b-held.safetensors", {})
+    fp32 = replace(options(paths), dtype="fp32")  # bf16 would round the two paths' sums differently
+    ours = loading.load(str(tmp_path / "flux-2-klein-4b-Q8_0.gguf"), fp32)
+    ref = loading.load(str(tmp_path / "flux-2-klein-4b-held.safetensors"), fp32)
+    assert (ours.family.name, ours.options["variant"]) == ("flux2", "distilled")
+    assert isinstance(ours.denoiser.transformer_blocks[0].attn.to_q, GGUFLinear)
+    assert isinstance(ours.denoiser.single_transformer_blocks[0].attn.to_qkv_mlp_proj, GGUFLinear)
+    mine, theirs = image(ours), image(ref)
+    assert np.abs(mine - theirs).max() <= 2 and mine.std() > 1
+    result = cli("info", tmp_path / "flux-2-klein-4b-Q8_0.gguf", "--json", "--config", paths["configs"])
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["family"], json.loads(result.stdout)["storage"]["transformer"]) == ("flux2", "Q8_0")

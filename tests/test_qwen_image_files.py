@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from ldm_cli import loading, pipeline
 from ldm_cli.cli import app
+from ldm_cli.errors import LdmError
 from ldm_cli.loading import LoadOptions, detect, qwen_image
 from ldm_cli.loading.tensors import open_checkpoint
 from ldm_cli.settings import Settings
@@ -276,3 +277,21 @@ def test_qwen25_is_told_from_qwen3_and_from_clip():
     assert found(qwen) == [("qwen25vl", "model.")]
     assert found(qwen[1:]) == [("qwen3", "model.")]
     assert found(clip) == [("clip", "")]
+
+
+def test_variant_flag_makes_a_single_file_an_edit_model(paths):
+    """A Qwen-Image-Edit file has Qwen-Image's shapes: --variant says so, `ldm info` names it and
+    `ldm edit` takes it (refused without the flag, before anything loads)."""
+    from ldm_cli import edit
+
+    result = CliRunner().invoke(app, ["info", str(paths["comfy"]), "--json", "--config", str(paths["configs"]),
+                                      "--variant", "edit-plus"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert (info["variant"], info["variant_from"], info["model"]) == (
+        "edit-plus", "--variant", "Qwen-Image-Edit Plus (2509, 2511)")
+    edit.check_model(str(paths["comfy"]), "edit-plus")
+    with pytest.raises(LdmError, match="cannot edit by instruction"):
+        edit.check_model(str(paths["comfy"]))
+    model = loading.load(str(paths["comfy"]), options(paths, variant="edit"))
+    assert model.options["variant"] == "edit" and edit.editing(model).label.startswith("Qwen-Image-Edit")

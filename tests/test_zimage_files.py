@@ -253,3 +253,21 @@ def test_an_all_in_one_file_renders_the_folders_image(paths, tmp_path):
     result = cli("info", file, "--json", "--config", paths["configs"])
     assert json.loads(result.stdout)["components"] == ["transformer", "vae", "text_encoder"]
     assert json.loads(result.stdout)["needs"] == []
+
+
+def test_variant_flag_outranks_the_name(paths, tmp_path):
+    base = shutil.copy(paths["comfy"], tmp_path / "z_image_bf16.safetensors")  # named as Base
+    _, options = parts(paths)
+    options.variant = "turbo"
+    model = loading.load(str(base), options)
+    assert (model.options["variant"], model.defaults["steps"], model.defaults["cfg"]) == ("turbo", 9, 1.0)
+    result = cli("info", base, "--json", "--config", paths["configs"], "--variant", "turbo")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert (info["variant"], info["variant_from"], info["model"]) == ("turbo", "--variant", "Z-Image Turbo")
+    assert json.loads(cli("info", base, "--json", "--config", paths["configs"]).stdout)["variant_from"] == "the file's name"
+
+
+def test_variant_flag_outranks_a_folders_name(paths):
+    model = loading.load(str(paths["folder"]), LoadOptions(variant="base"))
+    assert (model.options["variant"], model.defaults["steps"]) == ("base", 50)

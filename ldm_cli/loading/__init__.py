@@ -99,11 +99,11 @@ def size_multiple(source: str | None) -> int:
     return 8 * (mmdit.config(shapes, prefix)["patch_size"] if prefix is not None else 1)
 
 
-def kind_of(source: str | None) -> tuple[str, str | None] | None:
-    """The model's family ("sd" for SD1 and SD2) and variant (None: the family's plain model),
-    from its configs or file header alone, so a command can refuse a model before its
-    weights load; None when they cannot be read (loading says why)."""
-    from ldm_cli.loading import detect, flux2, qwen_image, recipe, tensors
+def kind_of(source: str | None, variant: str | None = None) -> tuple[str, str | None] | None:
+    """The model's family ("sd" for SD1 and SD2) and variant (None: the family's plain model;
+    `variant`: --variant's), from its configs or file header alone, so a command can refuse a
+    model before its weights load; None when they cannot be read (loading says why)."""
+    from ldm_cli.loading import detect, flux2, qwen_image, recipe, tensors, variants
 
     path = source_path(source)
     try:
@@ -111,12 +111,14 @@ def kind_of(source: str | None) -> tuple[str, str | None] | None:
             index = recipe.read_json(path / "model_index.json")
             family = recipe.PIPELINE_FAMILIES[index["_class_name"]]
             config = path / "transformer" / "config.json"
-            variants = {"flux": lambda: "dev" if recipe.read_json(config).get("guidance_embeds") else "schnell",
-                        "flux2": lambda: flux2.variant_of_index(index),
-                        "qwen-image": lambda: qwen_image.variant_of_index(index),
-                        "sdxl": lambda: recipe.sdxl_variant(index)}
-            return family, variants[family]() if family in variants else None
-        found = detect.detect(tensors.open_checkpoint(path))
-        return found.family, found.variant
+            told = {"flux": lambda: "dev" if recipe.read_json(config).get("guidance_embeds") else "schnell",
+                    "flux2": lambda: flux2.variant_of_index(index),
+                    "qwen-image": lambda: qwen_image.variant_of_index(index),
+                    "sdxl": lambda: recipe.sdxl_variant(index)}
+            found = told[family]() if family in told else None
+        else:
+            detected = detect.detect(tensors.open_checkpoint(path))
+            family, found = detected.family, detected.variant
     except (OSError, ValueError, KeyError, TypeError, LdmError):
         return None
+    return family, variants.told(family, found, variant)  # a name the family lacks: refused here

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import chroma, flux, flux2, keymap, mmdit, qwen_image, zimage
+from ldm_cli.loading import chroma, flux, flux2, keymap, mmdit, qwen_image, variants, zimage
 from ldm_cli.loading.tensors import Checkpoint
 
 UNET_IN = keymap.UNET.prefix + "input_blocks.0.0.weight"
@@ -33,7 +33,7 @@ class Found:
     latent_channels: int
     ema: bool
     variant: str | None = None  # sd3: sd3, sd35-medium or sd35-large; flux: dev or schnell; zimage: turbo or base;
-    # flux2: distilled, base or dev
+    # flux2: distilled, base or dev; qwen-image: edit or edit-plus
     denoiser_slot: keymap.Slot = keymap.UNET  # where the denoiser's keys start
     denoiser_config: dict = field(default_factory=dict, compare=False)  # what its shapes say (SD3)
 
@@ -42,7 +42,14 @@ class Found:
         return self.in_channels == 2 * self.latent_channels + 1
 
 
-def detect(checkpoint: Checkpoint) -> Found:
+def detect(checkpoint: Checkpoint, variant: str | None = None) -> Found:
+    """The model the file holds; `variant` (--variant) says its release where shapes cannot."""
+    found = _detect(checkpoint)
+    told = variants.told(found.family, found.variant, variant)
+    return found if told == found.variant else replace(found, variant=told)
+
+
+def _detect(checkpoint: Checkpoint) -> Found:
     shapes = checkpoint.shapes
     if (prefix := mmdit.prefix_of(shapes)) is not None:
         return sd3(shapes, prefix)

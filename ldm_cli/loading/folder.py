@@ -172,45 +172,42 @@ def _t5(folder: Path, dtype: torch.dtype, suffix: str, optional: bool, family: s
             T5TokenizerFast.from_pretrained(str(tokenizer_folder), local_files_only=True))
 
 
-def _defaults(folder: Path, name: str, scheduler_config: dict, encoders: list, denoiser) -> dict:
+def _defaults(folder: Path, name: str, variant: str | None, scheduler_config: dict, encoders: list) -> dict:
     """SD3's, FLUX's, Chroma's and Z-Image's recommended settings; a folder cannot say it holds SD3's
-    or Z-Image's turbo model but by its name."""
+    turbo model but by its name."""
     from ldm_cli.families import chroma, flux, flux2, qwen_image, sd3, zimage
-    from ldm_cli.loading.flux2 import variant_of_index
-    from ldm_cli.loading.zimage import variant
 
-    if name == "flux2":
-        return flux2.defaults(variant_of_index(read_json(folder / "model_index.json")), scheduler_config)
     if name == "chroma":
         return chroma.defaults(scheduler_config)
     if name == "qwen-image":
         return qwen_image.defaults(scheduler_config)
-    if name == "flux":
-        return flux.defaults(flux.variant(denoiser.config), scheduler_config)
-    if name == "zimage":
-        return zimage.defaults(variant(folder.name), scheduler_config)
+    if name in ("flux", "flux2", "zimage"):
+        return {"flux": flux, "flux2": flux2, "zimage": zimage}[name].defaults(variant, scheduler_config)
     if name != "sd3":
         return {}
     return sd3.defaults("turbo" in folder.name.lower(), scheduler_config.get("shift", 3.0), encoders[2] is not None)
 
 
-def _options(folder: Path, index: dict, denoiser, name: str) -> dict:
+def _variant(folder: Path, index: dict, name: str, given: str | None) -> str | None:
+    """The folder's variant, before its weights load: --variant's (`given`), else its
+    model_index.json's pipeline (SDXL's refiner too), its transformer's config (SD3, FLUX) or, for
+    Z-Image, its name."""
     from ldm_cli.families import flux, sd3
-    from ldm_cli.loading import flux2, zimage
+    from ldm_cli.loading import flux2, qwen_image, variants, zimage
 
-    if name == "flux2":
-        return {"variant": flux2.variant_of_index(index)}
-    if name == "zimage":
-        return {"variant": zimage.variant(folder.name)}
-    if name in ("sd3", "flux"):
-        return {"variant": (sd3 if name == "sd3" else flux).variant(denoiser.config)}
-    if name == "qwen-image":
-        from ldm_cli.loading import qwen_image
+    found = {"flux2": lambda: flux2.variant_of_index(index), "zimage": lambda: zimage.variant(folder.name),
+             "sd3": lambda: sd3.variant(read_json(folder / "transformer" / "config.json")),
+             "flux": lambda: flux.variant(read_json(folder / "transformer" / "config.json")),
+             "qwen-image": lambda: qwen_image.variant_of_index(index),
+             "sdxl": lambda: sdxl_variant(index)}.get(name, lambda: None)()
+    return variants.told(name, found, given)
 
-        variant = qwen_image.variant_of_index(index)
+
+def _options(index: dict, name: str, variant: str | None) -> dict:
+    if name in ("sd3", "flux", "zimage", "flux2", "qwen-image"):
         return {"variant": variant} if variant else {}
     zeros = {"force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
-    return {**zeros, "variant": sdxl_variant(index)} if name == "sdxl" and sdxl_variant(index) else zeros
+    return {**zeros, "variant": variant} if variant else zeros  # SDXL's refiner
 
 
 PARTS = {"sd3": _sd3_parts, "flux": _flux_parts, "chroma": _chroma_parts,  # DiT families: a transformer/, not a unet/
@@ -274,6 +271,7 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
         raise LdmError(f"{str(folder)!r} holds a {index.get('_class_name')!r}, which ldm does not run; supported: {', '.join(sorted(PIPELINE_FAMILIES))}")
     name = kind if kind != "sd" else sd_family_name(read_json(folder / "text_encoder" / "config.json"))
     check_parts(folder, name, options)
+    variant = _variant(folder, index, name, options.variant)
     family = families.get(name)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
     denoiser, encoders, tokenizers = PARTS.get(name, _unet_parts)(folder, name, dtype, options)
@@ -286,8 +284,8 @@ def load_folder(folder: Path, device: torch.device, options) -> Model:
     model = Model(family=family, denoiser=denoiser, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                   scheduler_config=scheduler_config, name=folder.name,
                   hash=hashing.short_hash(weights) if weights else None, path=str(folder),
-                  defaults=_defaults(folder, name, scheduler_config, encoders, denoiser),
-                  options=_options(folder, index, denoiser, name))
+                  defaults=_defaults(folder, name, variant, scheduler_config, encoders),
+                  options=_options(index, name, variant))
     if options.vae:
         from ldm_cli.loading import vae_file
 

@@ -7,18 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import (components, detect, flux, flux2, keymap, mmdit, plan, prediction, quantized, recipe,
-                              tensors, weight_table, zimage)
+from ldm_cli.loading import (components, detect, flux, flux2, keymap, mmdit, plan, prediction, quantized, qwen_image, recipe,
+                              tensors, variants, weight_table, zimage)
 
 
-def describe(path: Path, config: str | None = None, allow_pickle: bool = False) -> dict:
+def describe(path: Path, config: str | None = None, allow_pickle: bool = False, variant: str | None = None) -> dict:
     from ldm_cli import hashing
 
     path = Path(path).expanduser()
     if path.is_dir() or not path.exists():
         raise LdmError(f"{str(path)!r} is not a checkpoint file; `ldm info` reads .safetensors files and PNGs")
     checkpoint = tensors.open_checkpoint(path, allow_pickle)
-    found = detect.detect(checkpoint)
+    found = detect.detect(checkpoint, variant)
     r = recipe.resolve(found, checkpoint.metadata, config)
     held = [s for s in detect.slots(found) if s == found.denoiser_slot or components.holds(checkpoint, s)]
     sizes = {s.name: parameters(r, s, checkpoint) for s in held}
@@ -26,9 +26,7 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
     if r.denoiser == "unet":
         chosen, why = prediction.decide(None, r, found, path, lambda: probe(r, found, checkpoint))
         prediction.apply(r, chosen)
-    # FLUX.2 klein's step-distilled and base releases have the same shapes: say what was assumed
-    told = ({"variant_from": flux2.told_by(checkpoint.shapes, found.denoiser_slot.prefix, checkpoint.metadata)}
-            if found.family == "flux2" else {})
+    told = variant_from(found, checkpoint, variant)
     return {"file": path.name, "family": found.family, **({"variant": found.variant} if found.variant else {}), **told,
             "model": label(found, checkpoint), "prediction": chosen, "prediction_from": why,
             "native_size": native_size(r), "dtype": tensors.dtype_name(checkpoint, found.denoiser_slot.prefix),
@@ -36,6 +34,16 @@ def describe(path: Path, config: str | None = None, allow_pickle: bool = False) 
             **{f"parameters_{name}": n for name, n in sizes.items()},
             "components": [s.name for s in held], "needs": needs(r, [s.name for s in held]),
             "hash": hashing.short_hash(path), "ema": found.ema}
+
+
+def variant_from(found: detect.Found, checkpoint: tensors.Checkpoint, given: str | None) -> dict:
+    """What the variant was taken from where shapes cannot tell (FLUX.2 klein's step-distilled and
+    base releases, Z-Image Turbo and Base): --variant, else the file's metadata or name."""
+    if given is not None:
+        return {"variant_from": variants.TOLD}
+    if found.family == "flux2":
+        return {"variant_from": flux2.told_by(checkpoint.shapes, found.denoiser_slot.prefix, checkpoint.metadata)}
+    return {"variant_from": "the file's name"} if found.family == "zimage" else {}
 
 
 def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
@@ -47,6 +55,8 @@ def label(found: detect.Found, checkpoint: tensors.Checkpoint) -> str:
         return zimage.VARIANTS[found.variant]
     if found.family == "flux2" and found.variant == "dev":
         return flux2.VARIANTS["dev"]  # one size
+    if found.family == "qwen-image" and found.variant:
+        return qwen_image.VARIANTS[found.variant]
     if found.family == "flux2":
         return f"{flux2.VARIANTS[found.variant]} {flux2.size(found.denoiser_config)}"
     if found.variant:

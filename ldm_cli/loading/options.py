@@ -19,6 +19,7 @@ class LoadOptions:
     offload: str = "none"  # none, model or sequential (memory.py)
     weights: str | None = None  # fp8: the denoiser and T5 stored in float8 (memory.py)
     vae_tiling: bool = False
+    variant: str | None = None  # --variant: the release where shapes cannot tell (loading/variants.py)
     without_t5: bool = False  # SD3 run wholly with --no-t5: its T5 is not read (FLUX needs T5 and reads it)
 
 

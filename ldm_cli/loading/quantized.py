@@ -5,6 +5,13 @@
   weight a `.scale_weight` it must be multiplied by; without the multiply the weights are far too
   small and images come out white). The multiply happens as the stored tensor is read, before a
   fused tensor is split. `.scale_input` only serves float8 matmuls, which ldm does not run.
+- ComfyUI's newer mixed-precision files (`*_fp8_mixed`): some layers float8, each with a
+  `.weight_scale` (a scalar, or one per row) and an `.input_scale` beside it, the rest in bf16;
+  which layers, and in what format, is said per layer by a `.comfy_quant` tensor (the JSON's
+  bytes, `{"format": "float8_e4m3fn"}`) and/or the header's `_quantization_metadata`
+  (`{"format_version": "1.0", "layers": {layer: {"format": ...}}}`). float8 layers are
+  multiplied by their `.weight_scale` as read, as the older form; the formats ldm cannot
+  dequantize (nvfp4, mxfp8, int8) are refused in one line before anything is read.
 - GGUF (llama.cpp's format; city96's FLUX and T5 files), read with the `gguf` package: quantized
   weights stay quantized in memory as diffusers' GGUFParameter, their Linear layers become
   diffusers' GGUFLinear, which dequantizes at each call; weights stored F32/F16/BF16 are plain.
@@ -22,7 +29,12 @@ from ldm_cli.errors import LdmError
 if TYPE_CHECKING:
     import torch
 
-SIDE_TENSORS = (".scale_weight", ".scale_input", "scaled_fp8")  # scaled float8's bookkeeping, never a weight
+# scaled float8's bookkeeping (the older form's and the mixed-precision one's), never a weight
+SIDE_TENSORS = (".scale_weight", ".scale_input", "scaled_fp8", ".weight_scale", ".input_scale", ".comfy_quant")
+SCALES = ("scale_weight", "weight_scale")  # a float8 weight's multiplier: the older name, the newer
+MIXED_MARK = ".comfy_quant"
+MIXED_METADATA = "_quantization_metadata"
+MIXED_FLOAT8 = {"float8_e4m3fn", "float8_e5m2"}  # ComfyUI's per-layer formats that are float8 times a scale
 FLOAT8 = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
 PLAIN = ("F32", "F16", "BF16")  # GGUF types that are not quantized
 # Where each GGUF block keeps its fp16 scales (d, and dmin where it has one), in bytes from the
@@ -43,9 +55,39 @@ def weight_keys(checkpoint, prefixes: list[str]) -> list[str]:
 
 
 def scale_key(checkpoint, key: str) -> str | None:
-    """Where the scale of a scaled-float8 weight lies, if it has one."""
-    scale = key.removesuffix("weight") + "scale_weight"
-    return scale if key.endswith(".weight") and scale in checkpoint.shapes else None
+    """Where the scale of a scaled-float8 weight lies, if it has one (`.scale_weight`, or the
+    mixed-precision files' `.weight_scale`)."""
+    if not key.endswith(".weight"):
+        return None
+    return next((s for s in (key.removesuffix("weight") + name for name in SCALES) if s in checkpoint.shapes), None)
+
+
+def mixed_formats(checkpoint) -> dict[str, str]:
+    """Each layer's format in a ComfyUI mixed-precision file (layer -> "float8_e4m3fn", ...): its
+    `.comfy_quant` tensor's, else the header's `_quantization_metadata`; empty for any other file."""
+    from ldm_cli import untrusted_json
+
+    formats = {}
+    if MIXED_METADATA in checkpoint.metadata:
+        data = untrusted_json.loads(checkpoint.metadata[MIXED_METADATA], f"{checkpoint.name}'s {MIXED_METADATA}")
+        layers = data.get("layers") if isinstance(data, dict) else None
+        formats = {k: v.get("format") for k, v in (layers or {}).items() if isinstance(v, dict)}
+    for key in (k for k in checkpoint.shapes if k.endswith(MIXED_MARK)):
+        raw = checkpoint.get(key)
+        data = untrusted_json.loads(bytes(raw.flatten().tolist()), f"{checkpoint.name}'s {key!r}")
+        formats[key.removesuffix(MIXED_MARK)] = data.get("format") if isinstance(data, dict) else None
+    return formats
+
+
+def check_mixed(checkpoint) -> None:
+    """A mixed-precision file's layers are all in formats ldm dequantizes: one line otherwise,
+    before anything is read."""
+    formats = mixed_formats(checkpoint)
+    if unread := sorted({str(f) for f in formats.values() if f not in MIXED_FLOAT8}):
+        layer = next(k for k, f in formats.items() if str(f) == unread[0])
+        raise LdmError(f"{checkpoint.name} stores {layer!r} (and {sum(str(f) in unread for f in formats.values()) - 1} "
+                       f"more layers) in ComfyUI's {', '.join(unread)} format, which ldm cannot dequantize; use its "
+                       "fp8, fp8_scaled or bf16 file")
 
 
 def read(checkpoint, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -90,7 +132,16 @@ def storage(checkpoint, prefix: str) -> str:
     top = max(counts, key=counts.get) if counts else "?"
     scaled = top in FLOAT8 and any(k.startswith(prefix) and k.endswith(".scale_weight") for k in checkpoint.shapes)
     names = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", **FLOAT8}
-    return names.get(top, top) + (" scaled" if scaled else "")
+    return names.get(top, top) + (" scaled" if scaled else "") + mixed_storage(checkpoint, prefix)
+
+
+def mixed_storage(checkpoint, prefix: str) -> str:
+    """ComfyUI's mixed precision under `prefix`, as `ldm info` names it: its layers' formats."""
+    formats = sorted({str(f) for layer, f in mixed_formats(checkpoint).items() if layer.startswith(prefix)})
+    if formats:
+        return f" mixed precision ({', '.join(formats)} layers, comfy_quant)"
+    scaled = any(k.startswith(prefix) and k.endswith(".weight_scale") for k in checkpoint.shapes)
+    return " mixed precision (weight_scale)" if scaled else ""
 
 
 # -- GGUF -------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from ldm_cli.errors import LdmError
 PREFIXES = ("model.diffusion_model.", "")
 # a folder's pipeline class -> the variant (the same transformer shapes: only the folder tells)
 INDEX_VARIANTS = {"QwenImageEditPipeline": "edit", "QwenImageEditPlusPipeline": "edit-plus"}
+VARIANTS = {"edit": "Qwen-Image-Edit", "edit-plus": "Qwen-Image-Edit Plus (2509, 2511)"}
 SIGNATURE = ("txt_norm.weight", "img_in.weight")
 HEAD_NORM = "transformer_blocks.0.attn.norm_q.weight"  # (head width,)
 PATCH = 2

@@ -14,7 +14,7 @@ import torch
 
 from ldm_cli import untrusted_json
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import components, convert, detect, keymap, plan, prediction, recipe, tekken, tensors, vae_file
+from ldm_cli.loading import components, convert, detect, keymap, plan, prediction, quantized, recipe, tekken, tensors, vae_file
 from ldm_cli.loading.folder import load_tokenizer, to_device
 from ldm_cli.loading.options import quiet_libraries
 from ldm_cli.loading.prefetch import Prefetch, in_background
@@ -33,11 +33,12 @@ def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> 
     from ldm_cli.model import Model
 
     checkpoint = tensors.open_checkpoint(path, options.allow_pickle)
-    found = detect.detect(checkpoint)
+    found = detect.detect(checkpoint, options.variant)
     r = recipe.resolve(found, checkpoint.metadata, options.config)
     sources = components.sources(found, r, checkpoint, options)
     for source in sources.values():
         tekken.check_embedded(source.checkpoint)  # ComfyUI's Mistral carries its vocabulary
+        quantized.check_mixed(source.checkpoint)
     if options.without_t5:  # every image of the run asked --no-t5: an optional T5 is not read
         sources = {name: s for name, s in sources.items() if name not in components.OPTIONAL}
     digest = in_background(hashing.short_hash, path)  # a new file's first hash overlaps the load
