@@ -187,8 +187,8 @@ def test_a1111_infotext_turns_hires_on():
     forge = Settings.from_infotext(A1111_TEXT.replace("Hires upscale: 1.5", "Hires resize: 1024x0, Hires CFG Scale: 3.5")
                                    .replace("Version: v1.10.0", "Hires sampler: Euler a, Version: f2.0.1"))
     assert (forge.hires_scale, forge.hires_width, forge.hires_height, forge.hires_cfg) == (None, 1024, 0, 3.5)
-    # "Euler a" keeps A1111's first-pass Karras where ldm's sampler has it, else runs its own schedule
-    assert (forge.hires_scheduler, hires_plan.second_pass(forge).schedule) == ("euler_a", "default")
+    # "Euler a" keeps A1111's first-pass Karras (ldm's k-diffusion path runs it, as A1111's does)
+    assert (forge.hires_scheduler, hires_plan.second_pass(forge).schedule) == ("euler_a", "karras")
     assert hires_plan.second_pass(forge.merged(hires_scheduler="euler")).schedule == "karras"
     alone = Settings.from_infotext(A1111_TEXT.replace("Hires upscale: 1.5, ", ""))
     assert alone.hires_scale == hires_plan.DEFAULT_SCALE  # A1111's default with an upscaler recorded
@@ -445,11 +445,11 @@ def test_an_a1111_png_replays_with_its_hires_pass(sd1_folder, tmp_path):
 
 def test_a_hires_sampler_without_the_first_schedule_runs_its_own_and_says_so():
     s = Settings(prompt="a fox", steps=20, cfg=7, seed=3, width=64, height=64, scheduler="dpmpp_2m", schedule="karras",
-                 strength=0.5, hires_scale=2.0, hires_scheduler="euler_a")
+                 strength=0.5, hires_scale=2.0, hires_scheduler="ddim")  # diffusers' DDIM has no Karras
     s.validate()
     assert hires_plan.second_pass(s).schedule == "default"
     text = s.to_infotext("0")
-    assert "Hires sampler: Euler a" in text and "Hires schedule type: Automatic" in text
+    assert "Hires sampler: DDIM" in text and "Hires schedule type: Automatic" in text
     assert hires_plan.second_pass(Settings.from_infotext(text)).schedule == "default"
 
 
