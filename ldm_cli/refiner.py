@@ -14,6 +14,7 @@ import torch
 from ldm_cli import conditioning, memory, sampling
 from ldm_cli.control import Control
 from ldm_cli.errors import LdmError
+from ldm_cli.ksampling import KRun
 from ldm_cli.settings import Settings
 
 
@@ -29,6 +30,10 @@ def denoise(model, scheduler, latents: torch.Tensor, encoded: tuple, group: list
     """The loop over `timesteps`: the base alone, or the base to the switch and the refiner after."""
     s, (positive, negative) = group[0], encoded
     refiner = model.refiner if s.refiner else None
+    if refiner is not None and isinstance(scheduler, KRun):  # its split counts timesteps, a KRun walks sigmas
+        raise LdmError(f"--refiner runs with diffusers' samplers, not yet with ldm's k-diffusion ones: "
+                       f"{s.scheduler} with the {s.schedule or 'default'} schedule is one; pick e.g. "
+                       "--scheduler euler --schedule default")
     k = len(timesteps) if refiner is None else switch_index(timesteps, s.refiner_switch_at, model.train_timesteps)
     span = (0, len(timesteps))
     latents = sampling.denoise(model, scheduler, latents, positive, negative, s.cfg, generators, timesteps[:k],

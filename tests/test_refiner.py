@@ -124,6 +124,11 @@ def test_bad_switch_is_one_line(sdxl_folder, sdxl_refiner_folder, tmp_path, args
     _refused(["--model", str(sdxl_folder), "--refiner", str(sdxl_refiner_folder), *args], tmp_path, message)
 
 
+def test_a_k_diffusion_sampler_with_the_refiner_is_one_line(sdxl_folder, sdxl_refiner_folder, tmp_path):
+    _refused(["--model", str(sdxl_folder), "--refiner", str(sdxl_refiner_folder), "--scheduler", "DPM++ 2S a"],
+             tmp_path, "--refiner runs with diffusers' samplers")
+
+
 def test_switch_without_refiner_is_one_line(sdxl_folder, tmp_path):
     _refused(["--model", str(sdxl_folder), "--refiner-switch-at", "0.7"], tmp_path, "add --refiner PATH")
 
