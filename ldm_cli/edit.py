@@ -41,7 +41,11 @@ def check_model(source: str | None, variant: str | None = None) -> Editing | Non
     name, variant = found
     family = families.get("sd1" if name == "sd" else name)  # neither SD1 nor SD2 edits
     label = "SD1/SD2" if name == "sd" else family.label + (f" {variant}" if variant else "")
-    return _hook(family, variant, f"{loading.source_path(source).name!r} ({label})" if source else "the built-in model")
+    hook = _hook(family, variant, f"{loading.source_path(source).name!r} ({label})" if source else "the built-in model")
+    if hook.prompt_images is not None and source and not loading.source_path(source).is_dir():
+        raise LdmError(f"{hook.label} reads its input images with Qwen2.5-VL's vision tower, which ldm loads from a "
+                       f"diffusers folder only (not yet from a text-encoder file); give the {hook.label} folder")
+    return hook
 
 
 def _hook(family, variant: str | None, kind: str) -> Editing:

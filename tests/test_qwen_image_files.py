@@ -280,8 +280,9 @@ def test_qwen25_is_told_from_qwen3_and_from_clip():
 
 
 def test_variant_flag_makes_a_single_file_an_edit_model(paths):
-    """A Qwen-Image-Edit file has Qwen-Image's shapes: --variant says so, `ldm info` names it and
-    `ldm edit` takes it (refused without the flag, before anything loads)."""
+    """A Qwen-Image-Edit file has Qwen-Image's shapes: --variant says so and `ldm info` names it;
+    `ldm edit` refuses it before anything loads, in one line either way: without the flag it is
+    plain Qwen-Image, and with it the vision tower it reads images with comes only from a folder."""
     from ldm_cli import edit
 
     result = CliRunner().invoke(app, ["info", str(paths["comfy"]), "--json", "--config", str(paths["configs"]),
@@ -290,7 +291,8 @@ def test_variant_flag_makes_a_single_file_an_edit_model(paths):
     info = json.loads(result.stdout)
     assert (info["variant"], info["variant_from"], info["model"]) == (
         "edit-plus", "--variant", "Qwen-Image-Edit Plus (2509, 2511)")
-    edit.check_model(str(paths["comfy"]), "edit-plus")
+    with pytest.raises(LdmError, match="vision tower, which ldm loads from a diffusers folder only"):
+        edit.check_model(str(paths["comfy"]), "edit-plus")
     with pytest.raises(LdmError, match="cannot edit by instruction"):
         edit.check_model(str(paths["comfy"]))
     model = loading.load(str(paths["comfy"]), options(paths, variant="edit"))
