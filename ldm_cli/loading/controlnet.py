@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import LdmError
+from ldm_cli.loading import controlnet_files
 from ldm_cli.loading.detect import CONTROLNET_HINT as HINT_KEY
 from ldm_cli.loading.detect import FLUX_CONTROLNET_KEY
 from ldm_cli.loading.detect import ORIGINAL_CONTROLNET_HINT as ORIGINAL_HINT
@@ -69,13 +70,8 @@ def folder_config(path: str, folder: Path) -> dict:
 
 def _from_file(path: str, model):
     from diffusers import ControlNetModel
-    from safetensors.torch import load_file
 
-    try:
-        state = load_file(str(Path(path).expanduser()))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise LdmError(f"--controlnet {path!r} is not a readable safetensors file ({e})") from None
-    state = {k.removeprefix(ORIGINAL_PREFIX): v for k, v in state.items()}
+    state = {k.removeprefix(ORIGINAL_PREFIX): v for k, v in controlnet_files.read(path).items()}
     if ORIGINAL_HINT in state:
         state = from_original(state, model.denoiser.config)
     if FLUX_CONTROLNET_KEY in state:
@@ -84,12 +80,7 @@ def _from_file(path: str, model):
         raise LdmError(f"--controlnet {path!r} is not a ControlNet; give a ControlNet folder or .safetensors file")
     config = config_for(state, model.denoiser.config)
     check_fits(path, config, model)
-    net = ControlNetModel.from_config(config)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise LdmError(f"--controlnet {path!r} does not fit this model's ControlNet layout ({first})") from None
+    net = controlnet_files.filled(ControlNetModel.from_config(config), state, path, "this model's ControlNet layout")
     return net
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import LdmError
+from ldm_cli.loading import controlnet_files
 from ldm_cli.loading.detect import CONTROLNET_HINT, FLUX_CONTROLNET_KEY, ORIGINAL_CONTROLNET_PREFIX
 
 XLABS_KEYS = ("double_blocks.0.img_attn.qkv.weight", "controlnet_blocks.0.weight")
@@ -31,13 +32,7 @@ def load(path: str, model, config: dict | None):
         state = _read(path)
         config = config_for(state, model.denoiser.config)
         check_fits(path, config, model, state["x_embedder.weight"].shape[0])
-        net = FluxControlNetModel.from_config(config)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            lines = str(e).splitlines()
-            raise LdmError(f"--controlnet {path!r} does not fit a FLUX ControlNet's layout "
-                           f"({(lines[1] if len(lines) > 1 else lines[0]).strip()})") from None
+        net = controlnet_files.filled(FluxControlNetModel.from_config(config), state, path, "a FLUX ControlNet's layout")
     return net.to(model.device, model.dtype).eval().requires_grad_(False)
 
 
@@ -52,12 +47,7 @@ def _width(config: dict) -> int:
 
 
 def _read(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(Path(path).expanduser()))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise LdmError(f"--controlnet {path!r} is not a readable safetensors file ({e})") from None
+    state = controlnet_files.read(path)
     if FLUX_CONTROLNET_KEY in state:
         return state
     if all(k in state for k in XLABS_KEYS):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.errors import LdmError
+from ldm_cli.loading import controlnet_files
 from ldm_cli.loading.detect import FLUX_CONTROLNET_KEY
 
 CLASS = "QwenImageControlNetModel"
@@ -35,23 +36,12 @@ def load(path: str, model, config: dict | None):
         state = _read(path)
         config = config_for(state, model.denoiser.config)
         check_fits(path, config, model)
-        net = QwenImageControlNetModel.from_config(config)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            lines = str(e).splitlines()
-            raise LdmError(f"--controlnet {path!r} does not fit a Qwen-Image ControlNet's layout "
-                           f"({(lines[1] if len(lines) > 1 else lines[0]).strip()})") from None
+        net = controlnet_files.filled(QwenImageControlNetModel.from_config(config), state, path, "a Qwen-Image ControlNet's layout")
     return net.to(model.device, model.dtype).eval().requires_grad_(False)
 
 
 def _read(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(Path(path).expanduser()))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise LdmError(f"--controlnet {path!r} is not a readable safetensors file ({e})") from None
+    state = controlnet_files.read(path)
     if FLUX_CONTROLNET_KEY not in state or BLOCK_KEY not in state:
         raise LdmError(f"--controlnet {path!r} is not a Qwen-Image ControlNet in diffusers' names")
     return state
