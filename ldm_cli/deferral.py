@@ -3,7 +3,8 @@
 `Transform` turns each deferrable statement into `__ldm_defer__(i)`, which binds a `Deferred`
 stand-in for every name block i defines: an availability check's block (`if is_x_available():`;
 the check itself still runs, and its else branch is kept), a `from X import name` of a module the
-rules name, a `name = f(...)` of a function they name. A stand-in runs its block in the module's
+rules name (or of names they list), an `import X` of a module they name, a `name = f(...)` of
+a function they name. A stand-in runs its block in the module's
 namespace the first time it is used (called, asked for an attribute, checked against with
 isinstance, subclassed), after which the module holds the real objects. Decorators the rules
 name become `__ldm_compiler_mark__(path, called, *args)`. The names `__ldm_defer__` and
@@ -20,6 +21,11 @@ class Rules(NamedTuple):
     imports: tuple[str, ...]  # modules (and their submodules) whose from-imports wait
     calls: tuple[str, ...]  # functions whose module-level assignments wait
     marks: tuple[str, ...]  # dotted decorator prefixes that wait for torch's compiler
+    modules: tuple[str, ...] = ()  # top-level modules whose plain `import X` waits
+    # module -> names whose from-imports wait, each used only by calling it or asking it for an
+    # attribute (a statement importing anything else stays eager: a stand-in cannot be a sentinel
+    # compared with `is`, a constant in arithmetic or an exception class in an except clause)
+    names: dict[str, frozenset[str]] = {}
 
 
 class Deferred:
@@ -110,8 +116,21 @@ class Transform(ast.NodeTransformer):
         # a name the module binds elsewhere too (say `torch`, by `import torch.distributed`) stays eager
         self.elsewhere = {name for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
                           for name in _bound_names([node]) or []}
-        tree.body = [self._top(node) for node in tree.body]
+        self.listed: set[str] = set()  # names waiting by the rules' modules and names
+        tree.body = [self._top(part) for node in tree.body for part in self._split(node)]
+        if self.listed:
+            _Annotations(self.listed).visit(tree)
         return tree
+
+    def _split(self, node: ast.stmt) -> list[ast.stmt]:
+        """A from-import of listed names beside others becomes two, so that the listed ones wait."""
+        if not isinstance(node, ast.ImportFrom):
+            return [node]
+        listed = self.rules.names.get(_absolute(node, self.package), ())
+        wait, rest = [a for a in node.names if a.name in listed], [a for a in node.names if a.name not in listed]
+        if not (wait and rest):
+            return [node]
+        return [ast.copy_location(ast.ImportFrom(node.module, names, node.level), node) for names in (rest, wait)]
 
     def _top(self, node: ast.stmt) -> ast.stmt:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
@@ -122,13 +141,19 @@ class Transform(ast.NodeTransformer):
             statements = node.body
         elif (isinstance(node, ast.ImportFrom) and _absolute(node, self.package).startswith(self.rules.imports)) \
                 or (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-                    and getattr(node.value.func, "id", None) in self.rules.calls):
+                    and getattr(node.value.func, "id", None) in self.rules.calls) \
+                or (isinstance(node, ast.Import) and all(a.name in self.rules.modules for a in node.names)) \
+                or (isinstance(node, ast.ImportFrom) and _absolute(node, self.package) in self.rules.names
+                    and all(a.name in self.rules.names[_absolute(node, self.package)] for a in node.names)):
             statements = [node]
         else:
             return node
         names = _bound_names(statements)
         if not names or (checked and self.elsewhere.intersection(names)):
             return node
+        if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom)
+                                            and _absolute(node, self.package) in self.rules.names):
+            self.listed.update(names)
         block = ast.Module(body=statements, type_ignores=[])
         self.blocks.append((compile(block, self.filename, "exec", dont_inherit=True),  # not this module's futures
                             tuple(dict.fromkeys(names))))
@@ -156,3 +181,41 @@ class Transform(ast.NodeTransformer):
         args = [ast.Constant(path), ast.Constant(called), *(decorator.args if called else [])]
         mark = ast.Call(ast.Name("__ldm_compiler_mark__", ast.Load()), args, decorator.keywords if called else [])
         return ast.fix_missing_locations(ast.copy_location(mark, decorator))  # the new nodes only: cheap
+
+
+class _Annotations(ast.NodeVisitor):
+    """Annotations Python evaluates where they stand (a def's, a module's or a class's variables')
+    that do more with a waiting name than name it (`HfApi | None`, `list[ModelCard]`) become
+    strings, as `from __future__ import annotations` makes them: an operator would need the real
+    object at once."""
+
+    def __init__(self, waiting: set[str]):
+        self.waiting = waiting
+
+    def _string(self, annotation: ast.expr | None) -> ast.expr | None:
+        if annotation is None or isinstance(annotation, ast.Name) or \
+                not any(isinstance(n, ast.Name) and n.id in self.waiting for n in ast.walk(annotation)):
+            return annotation
+        return ast.copy_location(ast.Constant(ast.unparse(annotation)), annotation)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        a = node.args
+        for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]:
+            arg.annotation = self._string(arg.annotation)
+        node.returns = self._string(node.returns)
+        self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Module(self, node: ast.Module) -> None:
+        self._variables(node.body)
+        self.generic_visit(node)
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self._variables(node.body)
+        self.generic_visit(node)
+
+    def _variables(self, body: list[ast.stmt]) -> None:
+        for statement in body:
+            if isinstance(statement, ast.AnnAssign):
+                statement.annotation = self._string(statement.annotation)

@@ -29,22 +29,26 @@ missing or built for another torch.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import importlib.abc
 import importlib.machinery
+import importlib.metadata
 import os
 import shutil
 import sys
 import time
 import types
+from typing import Iterator
 
 from ldm_cli import cache, deferral
 
-ROOTS = ("diffusers.", "transformers.")
+ROOTS = ("diffusers.", "transformers.", "kernels.")  # kernels: transformers' activations import it
 # Subpackages whose __init__ imports every sibling, or scans for them.
 EAGER_PACKAGES = frozenset(f"diffusers.{p}" for p in (
     "models.autoencoders", "models.controlnets", "models.transformers", "models.unets", "hooks",
+    "quantizers",  # every quantizer's module (GGUF's imports gguf), for a model loaded quantized
 )) | {"transformers.models"}  # it reads the files of its ~600 model families
 TORCH_UTILS = "diffusers.utils.torch_utils"
 PEFT_UTILS = "diffusers.utils.peft_utils"
@@ -61,9 +65,25 @@ DEFERRED_CALLS = ("direct_transformers_import",)
 # its Auto classes (their package reads every file of its folder for names, ~0.5 s).
 DEFERRED_IMPORTS = ("torch._dynamo", "torch.distributed.tensor", "transformers.distributed.expert_parallel",
                     "transformers.distributed.tensor_parallel", "transformers.models.auto")
-RULES = deferral.Rules(DEFERRED_CHECKS, DEFERRED_IMPORTS, DEFERRED_CALLS, COMPILER_MARKS)
+# `import requests` waits (diffusers fetches images and files from URLs with it; ~0.2 s to import),
+# and so do the Hub's names diffusers imports (naming them imports the Hub's whole API client,
+# ~0.2 s), each used only by calling it or asking it for an attribute: ldm is offline.
+DEFERRED_MODULES = ("requests",)
+HUB_NAMES = {
+    "huggingface_hub": frozenset((
+        "CommitOperationAdd", "HfApi", "ModelCard", "ModelCardData", "ResolvedRevision", "create_repo", "delete_repo", "get_organization_overview", "get_repo_discussions",
+        "get_token", "hf_hub_download", "hf_hub_url", "model_info", "resolve_revision", "scan_cache_dir",
+        "snapshot_download", "split_torch_state_dict_into_shards", "try_to_load_from_cache", "upload_file",
+        "upload_folder")),
+    "huggingface_hub.file_download": frozenset(("REGEX_COMMIT_HASH",)),  # a pattern, asked to .match
+    "huggingface_hub.hf_api": frozenset(("GitRefInfo", "HfApi", "RepoFolder")),  # RepoFolder: isinstance
+    # the quantizers' package names, which its __init__ binds by importing every quantizer
+    "diffusers.quantizers": frozenset(("DiffusersAutoQuantizer", "DiffusersQuantizer")),
+}
+RULES = deferral.Rules(DEFERRED_CHECKS, DEFERRED_IMPORTS, DEFERRED_CALLS, COMPILER_MARKS, DEFERRED_MODULES, HUB_NAMES)
 IMPORT_MARKERS = ("torch._dynamo", "torch.distributed.tensor", "expert_parallel import", "tensor_parallel import",
-                  "models.auto")
+                  "models.auto", "\nimport requests", "\nfrom huggingface_hub", "quantizers import Diffusers")
+DIFFUSERS_IMPORT_UTILS = "diffusers.utils.import_utils"
 _marks: list = []  # (cell or None, target, path, called, args, kwargs): compiler decorations owed
 
 
@@ -129,7 +149,18 @@ class _Narrowed(importlib.abc.Loader):
             return  # deferred to the first missing name
         if module.__name__ == TORCH_UTILS and not _compiler_loaded():
             self._torch_utils(module)
-        elif self.source is None:
+        elif module.__name__ == DIFFUSERS_IMPORT_UTILS:
+            with _kept_distributions():
+                self._run(module)
+        else:
+            self._run(module)
+        if module.__name__ == PEFT_UTILS:
+            _skip_unit_lora_scale(module)
+        if module.__name__ == IMPORT_UTILS:
+            _kept_listings(module)
+
+    def _run(self, module) -> None:
+        if self.source is None:
             self.real.exec_module(module)
         else:
             code, blocks = _transformed(module.__file__, module.__package__ or "", self.source)
@@ -142,10 +173,6 @@ class _Narrowed(importlib.abc.Loader):
 
             namespace["__ldm_compiler_mark__"], namespace["__ldm_defer__"] = compiler_mark, defer
             exec(code, namespace)
-        if module.__name__ == PEFT_UTILS:
-            _skip_unit_lora_scale(module)
-        if module.__name__ == IMPORT_UTILS:
-            _kept_listings(module)
 
     def _torch_utils(self, module) -> None:
         """diffusers' utilities try `from torch._dynamo import allow_in_graph`: held off, they fall
@@ -166,7 +193,7 @@ def _generation():
     """This Python's and this ldm's folder of kept imports, marked used. A new one clears those no
     run has used for a week: an upgrade's old ones go, while two installs sharing the cache
     (two virtual environments, a checkout beside a release) keep theirs."""
-    folder = cache.root() / "imports" / hashlib.sha256(repr(cache.stamp(__file__)).encode()).hexdigest()[:16]
+    folder = cache.root() / "imports" / hashlib.sha256(repr(cache.stamp(__file__, deferral.__file__)).encode()).hexdigest()[:16]
     try:
         os.utime(folder)
     except FileNotFoundError:
@@ -212,6 +239,26 @@ def _kept_listings(import_utils: types.ModuleType) -> None:
         return _kept("listings", stamp, lambda: original(module_path, prefix))
 
     import_utils.define_import_structure = define_import_structure
+
+
+@contextlib.contextmanager
+def _kept_distributions() -> Iterator[None]:
+    """diffusers maps import names to distributions at import with importlib.metadata, which reads
+    the file list of every installed distribution (~0.2 s). The map changes only when one is
+    installed or removed, which changes the folder on sys.path that holds it: it is kept, stamped
+    with those folders' times, for the length of that import."""
+    original = importlib.metadata.packages_distributions
+
+    def packages_distributions() -> dict[str, list[str]]:
+        folders = [p for p in sys.path if os.path.isdir(p)]
+        return _kept("distributions", cache.stamp(*folders), original)
+
+    packages_distributions.__wrapped__ = original
+    importlib.metadata.packages_distributions = packages_distributions
+    try:
+        yield
+    finally:
+        importlib.metadata.packages_distributions = original
 
 
 class _LazyPackage(types.ModuleType):
@@ -266,7 +313,7 @@ class _Narrowing(importlib.abc.MetaPathFinder):
             return spec
         lazy = name in EAGER_PACKAGES
         source = None if lazy else spec.loader.get_data(spec.origin).decode("utf-8")
-        if lazy or name in (TORCH_UTILS, PEFT_UTILS, IMPORT_UTILS) or _needs_change(source):
+        if lazy or name in (TORCH_UTILS, PEFT_UTILS, IMPORT_UTILS, DIFFUSERS_IMPORT_UTILS) or _needs_change(source):
             spec.loader = _Narrowed(spec.loader, source if source and _needs_change(source) else None, lazy)
         return spec
 

@@ -267,6 +267,27 @@ def test_a_bug_shows_its_own_traceback(tmp_path):
     assert "ldm: error" not in result.stderr and "AttributeError" not in result.stderr
 
 
+END = """
+import atexit, sys, threading, time
+from ldm_cli import cli
+atexit.register(lambda: print("exit handler ran"))
+late = threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished")))
+late.start()
+sys.argv = ["ldm", *sys.argv[1:]]
+cli.main()
+print("never here")
+"""
+
+
+@pytest.mark.parametrize("args, status", [(["--version"], 0), (["generate", "x", "--steps", "0"], 2)])
+def test_the_program_ends_at_once_after_its_threads_exit_handlers_and_output(args, status):
+    done = subprocess.run([sys.executable, "-c", END, *args], capture_output=True, text=True)
+    assert done.returncode == status, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-2:] == ["thread finished", "exit handler ran"] and "never here" not in done.stdout
+    assert (lines[0] == f"ldm {__version__}") if status == 0 else done.stderr.startswith("ldm: error: ")
+
+
 def test_scheduler_and_schedule_names_ignore_case(run, tmp_path):
     [row] = generate_json(run, tmp_path / "a", "--scheduler", "EULER", "--schedule", "Karras")
     assert (row["scheduler"], row["schedule"]) == ("euler", "karras")

@@ -124,3 +124,46 @@ from transformers import processing_utils
 print(sorted({type(v).__name__ for v in processing_utils.ProcessingKwargs.__annotations__.values()}))
 """, tmp_path)
     assert "ForwardRef" not in out and "str" not in out
+
+
+def test_what_an_offline_run_never_calls_waits_and_resolves_to_the_real_objects_on_use(tmp_path):
+    """requests (diffusers' URL fetching) and the Hub's API client (naming its functions imports
+    all of it) wait; on first use each name is the library's own object."""
+    out = run("""
+import sys
+import diffusers.utils.loading_utils as loading_utils, diffusers.utils.hub_utils as hub_utils
+import transformers.utils.hub as transformers_hub
+print('requests' in sys.modules, 'huggingface_hub.hf_api' in sys.modules)
+print(type(loading_utils.__dict__['requests']).__name__, type(hub_utils.__dict__['model_info']).__name__)
+print(transformers_hub._CACHED_NO_EXIST is __import__('huggingface_hub')._CACHED_NO_EXIST)  # a sentinel stays itself
+print(transformers_hub.__annotations__['_hf_api'])  # `HfApi | None` cannot wait as an object: a string
+import requests, huggingface_hub
+print(loading_utils.requests.get is requests.get, hub_utils.model_info.__name__)
+print(isinstance('main', transformers_hub.ResolvedRevision), hub_utils.__dict__['model_info'] is huggingface_hub.model_info)
+""", tmp_path)
+    assert out.splitlines() == ["False False", "Deferred Deferred", "True", "HfApi | None", "True model_info",
+                                "False True"]
+
+
+def test_the_kept_distribution_map_is_importlibs_and_follows_an_install(tmp_path):
+    import importlib.metadata
+    import os
+
+    from ldm_cli import libraries
+
+    os.environ["LDM_CACHE_DIR"] = str(tmp_path / "cache")
+    site = tmp_path / "site"
+    site.mkdir()
+    sys.path.insert(0, str(site))
+    try:
+        with libraries._kept_distributions():
+            assert importlib.metadata.packages_distributions() == importlib.metadata.packages_distributions.__wrapped__()
+            (site / "ldmprobe-1.0.dist-info").mkdir()  # an install: the folder's time changes
+            (site / "ldmprobe-1.0.dist-info" / "METADATA").write_text("Name: ldmprobe\nVersion: 1.0\n")
+            (site / "ldmprobe-1.0.dist-info" / "top_level.txt").write_text("ldmprobe\n")
+            os.utime(site, ns=(site.stat().st_atime_ns, site.stat().st_mtime_ns + 10**9))
+            assert importlib.metadata.packages_distributions()["ldmprobe"] == ["ldmprobe"]
+        assert not hasattr(importlib.metadata.packages_distributions, "__wrapped__")  # put back after the import
+    finally:
+        sys.path.remove(str(site))
+        del os.environ["LDM_CACHE_DIR"]

@@ -14,7 +14,7 @@ import sys
 from ldm_cli import cli
 sys.argv = ["ldm", *sys.argv[1:]]
 try:
-    cli.main()
+    cli.app()
 except SystemExit as e:
     assert e.code == 0, e.code
 heavy = [name for name in ("torch", "diffusers", "transformers") if name in sys.modules]

@@ -12,7 +12,7 @@ import json, sys
 from ldm_cli import cli
 sys.argv = ["ldm", *sys.argv[1:]]
 try:
-    cli.main()
+    cli.app()
 except SystemExit as e:
     assert e.code == 0, e.code
 print(json.dumps(sorted(sys.modules)))
@@ -22,7 +22,9 @@ print(json.dumps(sorted(sys.modules)))
 # the sympy it brings), OpenCV (canny), the ControlNet loaders, scipy (Beta schedules, losses).
 NEVER = ("peft", "torch._dynamo", "sympy", "cv2", "scipy", "torch.distributed.tensor",
          "ldm_cli.loading.controlnet", "ldm_cli.loading.flux_controlnet", "ldm_cli.loading.sd3_controlnet",
-         "ldm_cli.server", "fastapi", "starlette", "uvicorn")  # the server's stack: `ldm serve`'s alone
+         "ldm_cli.server", "fastapi", "starlette", "uvicorn",  # the server's stack: `ldm serve`'s alone
+         "requests", "huggingface_hub.hf_api",  # URL fetching and the Hub's API client: ldm is offline
+         "gguf", "diffusers.quantizers.auto")  # quantizers, for quantized files only
 
 
 def modules_after(*args: str, cwd) -> set[str]:

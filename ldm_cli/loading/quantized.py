@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -203,8 +204,11 @@ def place(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
     """Put the quantized weights of `state` into `module` (their Linear layers becoming GGUFLinear)
     and return the rest, for load_state_dict; weights GGUFLinear cannot hold are dequantized."""
     import torch
-    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
 
+    gguf_utils = sys.modules.get("diffusers.quantizers.gguf.utils")
+    if gguf_utils is None:  # what makes GGUF weights was never imported: there are none (and gguf stays unloaded)
+        return state
+    GGUFParameter, dequantize_gguf_tensor = gguf_utils.GGUFParameter, gguf_utils.dequantize_gguf_tensor
     quantized = {k for k, v in state.items() if isinstance(v, GGUFParameter)}
     if not quantized:
         return state
