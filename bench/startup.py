@@ -53,8 +53,8 @@ def timed(argv: list[str]) -> float:
 
 def imports_torch(argv: list[str]) -> bool:
     """Whether the command's process imported torch (run once more, in-process check)."""
-    check = ("import runpy, sys\n"
-             "try:\n    runpy.run_module('ldm_cli', run_name='__main__')\n"
+    check = ("import sys\nfrom ldm_cli import cli\nsys.argv = ['ldm', *sys.argv[1:]]\n"
+             "try:\n    cli.app()\n"  # not cli.main(), which ends the process before the check
              "except SystemExit:\n    pass\n"
              "print('TORCH', 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", check, *argv[3:]] if argv[1:3] == ["-m", "ldm_cli"] else argv,
