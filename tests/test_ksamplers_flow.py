@@ -155,16 +155,24 @@ def test_each_sampler_and_schedule_equals_k_diffusions(models, family, name, sch
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_euler_on_the_k_path_is_the_diffusers_path(models, family, monkeypatch):
-    """The default (Forge's "Simple") schedule is the diffusers path's own sigmas: Euler gives
-    the same image either way."""
+def test_the_default_schedule_is_the_diffusers_paths_sigmas(models, family, monkeypatch):
     model = models[family]
     s = settings(model, "euler", "default")
-    diffusers_path = ours(model, s)
     monkeypatch.setattr(pipeline, "uses_k", lambda *_: True)
     run = pipeline.make_scheduler(model, [s])
     assert type(run).__name__ == "KRun"
     assert torch.equal(run.sigmas, torch.tensor(diffusers_sigmas(model, s, s.steps), dtype=torch.float32))
+
+
+@pytest.mark.parametrize("folder", ["sd3_folder", "flux_dev_folder", "flux_schnell_folder", "chroma_folder",
+                                    "zimage_turbo_folder", "flux2_klein_folder", "qwen_image_folder"])
+def test_euler_on_the_k_path_is_the_diffusers_path(request, folder, monkeypatch):
+    """Every flow family's timestep, output and spacing read alike on both paths (Z-Image's
+    1 - t, FLUX.2's mu of steps, Qwen-Image's terminal stretch): Euler gives the same image."""
+    model = loading.load(str(request.getfixturevalue(folder)))
+    s = settings(model, "euler", "default").merged(steps=3)
+    diffusers_path = ours(model, s)
+    monkeypatch.setattr(pipeline, "uses_k", lambda *_: True)
     k_path = ours(model, s)
     assert diffusers_path.std() > 1 and np.abs(k_path - diffusers_path).max() <= 2
 
