@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -21,6 +21,9 @@ from ldm_cli.ksamplers import (dpm2, dpm2_a, dpm2_a_flow, dpmpp_2m, dpmpp_2m_sde
                                dpmpp_2m_sde_heun, dpmpp_2m_sde_heun_flow, dpmpp_2s_a, dpmpp_2s_a_flow, dpmpp_3m_sde,
                                dpmpp_3m_sde_flow, dpmpp_sde, dpmpp_sde_flow, euler, euler_a, euler_a_flow, heun, lms)
 from ldm_cli.sigma_schedules import Table
+
+if TYPE_CHECKING:
+    from ldm_cli import schedulers
 
 SAMPLERS = {f.__name__: f for f in [euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2s_a, dpmpp_sde, dpmpp_2m,
                                     dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, dpm_solver.dpm_fast,
@@ -144,7 +147,7 @@ def _quiet_torchsde() -> Iterator[None]:
         yield
 
 
-def prepared(model, group: list, run=None) -> KRun:
+def prepared(model, group: list, run: schedulers.Run | None = None) -> KRun:
     """The run of the group's sampler and schedule type on `model`, A1111's "Automatic" schedule
     type being the sampler's own choice; a flow-matching model's from `run` (its schedulers.Run)."""
     from ldm_cli import schedulers
@@ -163,7 +166,7 @@ def prepared(model, group: list, run=None) -> KRun:
                 [g.rng or "cpu" for g in group], spec.brownian, options)
 
 
-def _prepared_flow(model, group: list, run, spec) -> KRun:
+def _prepared_flow(model, group: list, run: schedulers.Run, spec: schedulers.SchedulerSpec) -> KRun:
     """A flow-matching model's run: its own spacing ("default", Forge's "Simple") is exactly the
     sigmas of ldm's diffusers path (FlowMatchEuler's, with the family's spacing and mu); the other
     schedule types are computed from its shifted table at the shift that path would use."""
@@ -178,7 +181,7 @@ def _prepared_flow(model, group: list, run, spec) -> KRun:
                 options, flow=True)
 
 
-def _own_spacing(run, steps: int, discard_penultimate: bool) -> torch.Tensor:
+def _own_spacing(run: schedulers.Run, steps: int, discard_penultimate: bool) -> torch.Tensor:
     """FlowMatchEuler's sigmas on ldm's diffusers path; A1111's DPM2 and 3M SDE take one step
     more and drop the next-to-last."""
     from ldm_cli import schedulers
@@ -190,7 +193,7 @@ def _own_spacing(run, steps: int, discard_penultimate: bool) -> torch.Tensor:
     return torch.cat([more[:-2], more[-1:]])
 
 
-def _mu(model, run, steps: int) -> float | None:
+def _mu(model, run: schedulers.Run, steps: int) -> float | None:
     """The dynamic shift ldm's diffusers path gives this image size (None: a static shift)."""
     from ldm_cli import schedulers
 

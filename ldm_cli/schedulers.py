@@ -206,7 +206,7 @@ def check_schedule(name: str, schedule: str | None) -> None:
         raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
 
 
-class SpacedFamily(Protocol):
+class LabelledFamily(Protocol):
     """What check_for_model reads of a model's family: a families.family.Family, not imported
     because families sit above the settings, which import this module."""
     label: str
@@ -217,7 +217,7 @@ def flow_names() -> list[str]:
     return [n for n, spec in SCHEDULERS.items() if (n in FLOW_SCHEDULERS or spec.k) and n not in NOT_ON_FLOW]
 
 
-def check_for_model(name: str, schedule: str | None, flow: bool, family: SpacedFamily | None = None) -> None:
+def check_for_model(name: str, schedule: str | None, flow: bool, family: LabelledFamily | None = None) -> None:
     """A flow-matching model takes FLOW_SCHEDULERS' names with their schedules, and k-diffusion's
     samplers (but NOT_ON_FLOW) with every schedule type but Align Your Steps."""
     if not flow:
@@ -238,7 +238,7 @@ def check_for_model(name: str, schedule: str | None, flow: bool, family: SpacedF
                        f"use one of: {', '.join(flow_names())}")
     if schedule not in (None, "default", "simple", *FLOW_SCHEDULERS[name].schedules):
         raise LdmError(f"scheduler {name!r} has no {schedule} schedule for flow-matching models; use --schedule "
-                       f"default or a k-diffusion sampler (euler, dpmpp_2m ...)")
+                       "default or a k-diffusion sampler (euler, dpmpp_2m ...)")
 
 
 @dataclass(frozen=True)
