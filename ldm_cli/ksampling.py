@@ -170,13 +170,15 @@ def _prepared_flow(model, group: list, run: schedulers.Run, spec: schedulers.Sch
     """A flow-matching model's run: its own spacing ("default", Forge's "Simple") is exactly the
     sigmas of ldm's diffusers path (FlowMatchEuler's, with the family's spacing and mu); the other
     schedule types are computed from its shifted table at the shift that path would use."""
+    from ldm_cli import schedulers
+
     s = group[0]
     table = sigma_schedules.flow_table(model.scheduler_config, run.shift, _mu(model, run, s.steps))
     if s.schedule in (None, "default", "simple"):
         sigmas = _own_spacing(run, s.steps, spec.discard_penultimate).to(model.device)
     else:
         sigmas = sigmas_for(s.schedule, table, s.steps, model.device, spec.discard_penultimate)
-    options = {k: v for k, v in s.sampler_options().items() if k in spec.takes}
+    options = {k: v for k, v in s.sampler_options().items() if k in schedulers.flow_takes(s.scheduler)}
     return KRun(spec.k, sigmas, table, False, [g.seed for g in group], [g.rng or "cpu" for g in group], spec.brownian,
                 options, flow=True)
 
