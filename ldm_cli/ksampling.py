@@ -32,7 +32,7 @@ SAMPLERS = {f.__name__: f for f in [euler, euler_a, heun, dpm2, dpm2_a, lms, dpm
 # the others solve the same ODE unchanged (schedulers.NOT_ON_FLOW lists those that run on none)
 FLOW_SAMPLERS = {**SAMPLERS, **{f.__name__.removesuffix("_flow"): f for f in [
     euler_a_flow, dpm2_a_flow, dpmpp_2s_a_flow, dpmpp_sde_flow, dpmpp_2m_sde_flow, dpmpp_2m_sde_heun_flow,
-    dpmpp_3m_sde_flow]}}
+    dpmpp_3m_sde_flow, dpm_solver.dpm_fast_flow, dpm_solver.dpm_adaptive_flow]}}
 # steps of their own, not the schedule's: inpainting's blend after each scheduled step cannot follow them
 OWN_STEPS = ("dpm_fast", "dpm_adaptive", "restart")
 

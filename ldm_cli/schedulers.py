@@ -102,9 +102,9 @@ FLOW_SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
     SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC", FLOW_SIGMAS),
 ]}
 
-# k-diffusion's samplers that run on no flow-matching model: the noise they add is a VE model's
-# (DPM fast's and adaptive's eta, Restart's climb back to sigma 2)
-NOT_ON_FLOW = ("dpm_fast", "dpm_adaptive", "restart")
+# k-diffusion's samplers that run on no flow-matching model: Restart climbs back to sigma 2, a
+# noise level a flow model (sigma at most 1) does not have
+NOT_ON_FLOW = ("restart",)
 
 DEFAULT_SCHEDULER = "dpmpp_2m"
 DEFAULT_SCHEDULE = "karras"
@@ -226,8 +226,9 @@ def check_for_model(name: str, schedule: str | None, flow: bool, family: Labelle
             raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
         return
     if name in NOT_ON_FLOW:
-        raise LdmError(f"scheduler {name!r} adds noise as noise-prediction models take it, not flow-matching models "
-                       f"such as {family.label if family else 'SD3'}; use one of: {', '.join(flow_names())}")
+        raise LdmError(f"scheduler {name!r} climbs back to noise levels of noise-prediction models, not of "
+                       f"flow-matching models such as {family.label if family else 'SD3'}; use one of: "
+                       f"{', '.join(flow_names())}")
     if SCHEDULERS[name].k is not None:
         if schedule == "align_your_steps":
             raise LdmError("the align_your_steps schedule is NVIDIA's tables for SD 1.x and SDXL, not flow-matching "

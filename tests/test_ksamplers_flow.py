@@ -13,7 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
-from ldm_cli import ksamplers, loading, pipeline, render, schedulers, sigma_schedules, vae
+from ldm_cli import dpm_solver, ksamplers, loading, pipeline, render, schedulers, sigma_schedules, vae
 from ldm_cli.cli import app
 from ldm_cli.settings import Settings
 from tests import kdiffusion
@@ -108,7 +108,9 @@ def flow_denoiser(model, s: Settings):
 K_FUNCTIONS = {"euler": ("sample_euler", {}), "heun": ("sample_heun", {}), "dpm2": ("sample_dpm_2", {}),
                "lms": ("sample_lms", {}), "dpmpp_2m": ("sample_dpmpp_2m", {}),
                "euler_a": ("sample_euler_ancestral", {}), "dpm2_a": ("sample_dpm_2_ancestral", {}),
-               "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {})}
+               "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
+               "dpm_fast": ("sample_dpm_fast", {}), "dpm_adaptive": ("sample_dpm_adaptive", {})}
+OWN_STEPS = ("dpm_fast", "dpm_adaptive")  # given the schedule's ends (DPM fast: and the steps) as A1111 gives them
 
 
 def reference_image(model, s: Settings, schedule: str, **options) -> np.ndarray:
@@ -124,8 +126,12 @@ def reference_image(model, s: Settings, schedule: str, **options) -> np.ndarray:
             x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[s.seed])}
     elif "eta" in spec.takes:
         kwargs = {**kwargs, "noise_sampler": lambda *_: torch.randn(x.shape[1:], generator=generator)[None]}
+    if s.scheduler in OWN_STEPS:
+        kwargs = {**kwargs, "sigma_min": sigmas[-2].item(), "sigma_max": sigmas[0].item(),
+                  **({"n": s.steps} if s.scheduler == "dpm_fast" else {})}
     with torch.inference_mode():
-        latents = getattr(sampling, name)(flow_denoiser(model, s), x, sigmas, disable=True, **kwargs, **options)
+        latents = getattr(sampling, name)(flow_denoiser(model, s), x, *([] if s.scheduler in OWN_STEPS else [sigmas]),
+                                          disable=True, **kwargs, **options)
         return np.asarray(vae.decode(model, latents)[0]).astype(np.int16)
 
 
@@ -140,6 +146,7 @@ CASES = [  # the samplers that solve the ODE as they do on any model, and every 
     # the ancestral ones without their fresh noise are k-diffusion's (the noise: below)
     ("euler_a", "default", {"eta": 0.0}), ("dpm2_a", "karras", {"eta": 0.0}),
     ("dpmpp_2s_a", "sgm_uniform", {"eta": 0.0}), ("dpmpp_sde", "beta", {"eta": 0.0}),
+    ("dpm_fast", "default", {"eta": 0.0}), ("dpm_adaptive", "karras", {"eta": 0.0}),
 ]
 
 
@@ -228,7 +235,8 @@ def test_sde_samplers_are_k_diffusions_in_the_flow_models_ve_form(models, name):
 
 
 FLOW_NOISE = [ksamplers.euler_a_flow, ksamplers.dpm2_a_flow, ksamplers.dpmpp_2s_a_flow, ksamplers.dpmpp_sde_flow,
-              ksamplers.dpmpp_2m_sde_flow, ksamplers.dpmpp_2m_sde_heun_flow, ksamplers.dpmpp_3m_sde_flow]
+              ksamplers.dpmpp_2m_sde_flow, ksamplers.dpmpp_2m_sde_heun_flow, ksamplers.dpmpp_3m_sde_flow,
+              dpm_solver.dpm_fast_flow, dpm_solver.dpm_adaptive_flow]
 
 
 @pytest.mark.parametrize("sampler", FLOW_NOISE, ids=lambda f: f.__name__)
@@ -312,7 +320,7 @@ def test_a_forge_flux_png_replays(flux_dev_folder, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--scheduler", "restart"], "scheduler 'restart' adds noise as noise-prediction models take it"),
+    (["--scheduler", "restart"], "scheduler 'restart' climbs back to noise levels of noise-prediction models"),
     (["--scheduler", "euler_a", "--schedule", "align_your_steps"], "the align_your_steps schedule is NVIDIA's tables"),
     (["--scheduler", "ddim"], "scheduler 'ddim' does not work with flow-matching models"),
     (["--scheduler", "unipc", "--schedule", "karras"], "scheduler 'unipc' has no karras schedule for flow-matching"),
@@ -333,4 +341,4 @@ def test_the_listing_says_which_samplers_flow_models_take():
         taken = re.search(rf"^{name} +{re.escape(schedulers.label(name))} ", flow, re.M) is not None
         assert taken == (name in schedulers.flow_names()), name
     assert set(schedulers.NOT_ON_FLOW) & set(schedulers.flow_names()) == set()
-    assert "not: dpm_fast, dpm_adaptive, restart" in flow
+    assert "not: restart" in flow

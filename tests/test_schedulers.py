@@ -125,7 +125,7 @@ def test_simple_is_a1111s_type_for_unet_models_and_forges_default_for_flow_model
     with pytest.raises(LdmError, match="'unipc' has no simple schedule"):
         schedulers.check_for_model("unipc", "simple", False)
     schedulers.check_for_model("dpmpp_3m_sde", "default", True)  # k-diffusion's, in its flow form
-    with pytest.raises(LdmError, match="adds noise as noise-prediction models take it"):
+    with pytest.raises(LdmError, match="climbs back to noise levels of noise-prediction models"):
         schedulers.check_for_model("restart", "default", True)
 
 
