@@ -70,8 +70,7 @@ def main() -> None:
             build_small_sd1(Path(tmp))
         model = loading.load(tmp)
     size = 128 if args.flow else 256
-    names = [n for n, spec in schedulers.SCHEDULERS.items()
-             if spec.k is not None and not (args.flow and n in schedulers.NOT_ON_FLOW)]
+    names = [n for n, spec in schedulers.SCHEDULERS.items() if spec.k is not None]
     print(f"{'sampler':<20}{'calls':>6}{'denoiser ms/call':>18}{'run ms':>10}{'beyond the denoiser':>21}")
     for name in names:
         s = Settings(prompt="a red fox in snow, detailed", steps=args.steps, cfg=7.5, seed=1, scheduler=name,

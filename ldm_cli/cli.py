@@ -357,8 +357,7 @@ def list_schedulers() -> None:
     print("\nflow-matching models (SD3, FLUX, Chroma, Z-Image, FLUX.2, Qwen-Image) take:")
     for name in schedulers.flow_names():
         print(f"{name:<19}{schedulers.label(name):<19}{_flow_schedules(name)}")
-    print(f"not: {', '.join(schedulers.NOT_ON_FLOW)} (its restarts climb to sigma 2, above a flow model's 1); "
-          "no align_your_steps (its tables are SD 1.x's and SDXL's)")
+    print("every schedule type but align_your_steps (its tables are SD 1.x's and SDXL's)")
 
 
 def _flow_schedules(name: str) -> str:

@@ -28,11 +28,11 @@ if TYPE_CHECKING:
 SAMPLERS = {f.__name__: f for f in [euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2s_a, dpmpp_sde, dpmpp_2m,
                                     dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, dpm_solver.dpm_fast,
                                     dpm_solver.dpm_adaptive, restart.restart]}
-# on a flow-matching model, the samplers that draw fresh noise take their flow form (ksamplers.py);
-# the others solve the same ODE unchanged (schedulers.NOT_ON_FLOW lists those that run on none)
+# on a flow-matching model, the samplers that draw fresh noise take their flow form (ksamplers.py,
+# dpm_solver.py, restart.py); the others solve the same ODE unchanged
 FLOW_SAMPLERS = {**SAMPLERS, **{f.__name__.removesuffix("_flow"): f for f in [
     euler_a_flow, dpm2_a_flow, dpmpp_2s_a_flow, dpmpp_sde_flow, dpmpp_2m_sde_flow, dpmpp_2m_sde_heun_flow,
-    dpmpp_3m_sde_flow, dpm_solver.dpm_fast_flow, dpm_solver.dpm_adaptive_flow]}}
+    dpmpp_3m_sde_flow, dpm_solver.dpm_fast_flow, dpm_solver.dpm_adaptive_flow, restart.restart_flow]}}
 # steps of their own, not the schedule's: inpainting's blend after each scheduled step cannot follow them
 OWN_STEPS = ("dpm_fast", "dpm_adaptive", "restart")
 

@@ -102,10 +102,6 @@ FLOW_SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
     SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC", FLOW_SIGMAS),
 ]}
 
-# k-diffusion's samplers that run on no flow-matching model: Restart climbs back to sigma 2, a
-# noise level a flow model (sigma at most 1) does not have
-NOT_ON_FLOW = ("restart",)
-
 DEFAULT_SCHEDULER = "dpmpp_2m"
 DEFAULT_SCHEDULE = "karras"
 
@@ -214,21 +210,17 @@ class LabelledFamily(Protocol):
 
 def flow_names() -> list[str]:
     """The schedulers a flow-matching model takes: diffusers' flow classes and k-diffusion's samplers."""
-    return [n for n, spec in SCHEDULERS.items() if (n in FLOW_SCHEDULERS or spec.k) and n not in NOT_ON_FLOW]
+    return [n for n, spec in SCHEDULERS.items() if n in FLOW_SCHEDULERS or spec.k]
 
 
 def check_for_model(name: str, schedule: str | None, flow: bool, family: LabelledFamily | None = None) -> None:
     """A flow-matching model takes FLOW_SCHEDULERS' names with their schedules, and k-diffusion's
-    samplers (but NOT_ON_FLOW) with every schedule type but Align Your Steps."""
+    samplers with every schedule type but Align Your Steps."""
     if not flow:
         spec = SCHEDULERS[name]  # "simple" passed supports() as a flow model's name; here it is A1111's type
         if schedule not in (None, "default", *spec.schedules) and spec.k is None:
             raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
         return
-    if name in NOT_ON_FLOW:
-        raise LdmError(f"scheduler {name!r} climbs back to noise levels of noise-prediction models, not of "
-                       f"flow-matching models such as {family.label if family else 'SD3'}; use one of: "
-                       f"{', '.join(flow_names())}")
     if SCHEDULERS[name].k is not None:
         if schedule == "align_your_steps":
             raise LdmError("the align_your_steps schedule is NVIDIA's tables for SD 1.x and SDXL, not flow-matching "

@@ -109,7 +109,8 @@ K_FUNCTIONS = {"euler": ("sample_euler", {}), "heun": ("sample_heun", {}), "dpm2
                "lms": ("sample_lms", {}), "dpmpp_2m": ("sample_dpmpp_2m", {}),
                "euler_a": ("sample_euler_ancestral", {}), "dpm2_a": ("sample_dpm_2_ancestral", {}),
                "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
-               "dpm_fast": ("sample_dpm_fast", {}), "dpm_adaptive": ("sample_dpm_adaptive", {})}
+               "dpm_fast": ("sample_dpm_fast", {}), "dpm_adaptive": ("sample_dpm_adaptive", {}),
+               "restart": ("sample_heun", {})}  # A1111's Restart below 20 steps is Heun's method
 OWN_STEPS = ("dpm_fast", "dpm_adaptive")  # given the schedule's ends (DPM fast: and the steps) as A1111 gives them
 
 
@@ -146,7 +147,7 @@ CASES = [  # the samplers that solve the ODE as they do on any model, and every 
     # the ancestral ones without their fresh noise are k-diffusion's (the noise: below)
     ("euler_a", "default", {"eta": 0.0}), ("dpm2_a", "karras", {"eta": 0.0}),
     ("dpmpp_2s_a", "sgm_uniform", {"eta": 0.0}), ("dpmpp_sde", "beta", {"eta": 0.0}),
-    ("dpm_fast", "default", {"eta": 0.0}), ("dpm_adaptive", "karras", {"eta": 0.0}),
+    ("dpm_fast", "default", {"eta": 0.0}), ("dpm_adaptive", "karras", {"eta": 0.0}), ("restart", "sgm_uniform", {}),
 ]
 
 
@@ -261,6 +262,35 @@ def test_fresh_noise_keeps_a_flow_models_mix(sampler, eta):
         assert ve.std() == pytest.approx(float(sigmas[-1]), rel=0.01) and ve.mean() > 0.04
 
 
+@pytest.mark.parametrize("flow_form", [True, False])
+def test_restart_climbs_back_at_a1111s_signal_to_noise_keeping_the_flow_mix(flow_form):
+    """From 20 steps Restart goes back up from the sigma nearest 1/11 to the one nearest 2/3 (VE
+    sigmas 0.1 and 2: x / (1 - sigma) = x0 + sigma / (1 - sigma) noise), and its fresh noise keeps
+    (1 - sigma) x0 + sigma noise with a perfect denoiser; A1111's own climb (noise added on top)
+    does not."""
+    from ldm_cli import restart
+
+    sigmas = torch.tensor(sigma_schedules.sigmas("karras", sigma_schedules.flow_table({"shift": 3.0}), 25))
+    pairs = restart.walk(sigmas, restart.FLOW_RESTART_AT, restart.FLOW_RESTART_TO)
+    k = next(k for k, ((_, last), (start, _)) in enumerate(zip(pairs, pairs[1:])) if start > last)
+    descent = [pairs[0][0]] + [b for _, b in pairs[:k + 1]]
+    assert pairs[k][1] == min(descent, key=lambda v: abs(v - 1 / 11))
+    assert pairs[k + 1][0] == pytest.approx(min(descent, key=lambda v: abs(v - 2 / 3)))
+    x0, states = torch.full((1, 4, 256, 256), 0.4), {}
+    generator = torch.Generator().manual_seed(0)
+
+    def done(i, x):
+        states[i] = x
+        return x
+    function = restart.restart_flow if flow_form else restart.restart
+    function(lambda x, sigma: x0, torch.randn(x0.shape, generator=generator), sigmas,
+             lambda *_: torch.randn(x0.shape, generator=generator), done)
+    sigma = float(pairs[k + 1][1])  # one step after the climb
+    left = states[k + 1] - (1 - sigma) * x0
+    kept = math.isclose(left.std(), sigma, rel_tol=0.01) and abs(left.mean()) < 0.01
+    assert kept == flow_form
+
+
 def test_img2img_noises_the_image_the_flow_way_and_keeps_the_sigmas(models):
     from ldm_cli import img2img
     from tests.test_img2img import picture
@@ -320,7 +350,6 @@ def test_a_forge_flux_png_replays(flux_dev_folder, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--scheduler", "restart"], "scheduler 'restart' climbs back to noise levels of noise-prediction models"),
     (["--scheduler", "euler_a", "--schedule", "align_your_steps"], "the align_your_steps schedule is NVIDIA's tables"),
     (["--scheduler", "ddim"], "scheduler 'ddim' does not work with flow-matching models"),
     (["--scheduler", "unipc", "--schedule", "karras"], "scheduler 'unipc' has no karras schedule for flow-matching"),
@@ -340,5 +369,4 @@ def test_the_listing_says_which_samplers_flow_models_take():
     for name in schedulers.SCHEDULERS:
         taken = re.search(rf"^{name} +{re.escape(schedulers.label(name))} ", flow, re.M) is not None
         assert taken == (name in schedulers.flow_names()), name
-    assert set(schedulers.NOT_ON_FLOW) & set(schedulers.flow_names()) == set()
-    assert "not: restart" in flow
+    assert "every schedule type but align_your_steps" in flow

@@ -125,8 +125,8 @@ def test_simple_is_a1111s_type_for_unet_models_and_forges_default_for_flow_model
     with pytest.raises(LdmError, match="'unipc' has no simple schedule"):
         schedulers.check_for_model("unipc", "simple", False)
     schedulers.check_for_model("dpmpp_3m_sde", "default", True)  # k-diffusion's, in its flow form
-    with pytest.raises(LdmError, match="climbs back to noise levels of noise-prediction models"):
-        schedulers.check_for_model("restart", "default", True)
+    with pytest.raises(LdmError, match="align_your_steps schedule is NVIDIA's tables"):
+        schedulers.check_for_model("restart", "align_your_steps", True)
 
 
 def test_the_listing_names_every_sampler_schedule_type_and_which_models_take_them():
