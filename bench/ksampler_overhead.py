@@ -4,9 +4,11 @@ denoiser (the model's call with CFG and the k-diffusion scalings), so the rest i
 own arithmetic, its noise (Brownian trees for the SDE samplers) and the loop's bookkeeping.
 
 The small random SD1 model of bench/generate_vs_diffusers.py (diffusers folder), 256x256,
-cfg 7.5, one image; medians of --runs runs after a warm-up.
+cfg 7.5, one image; medians of --runs runs after a warm-up. `--flow`: the small random SD3 of
+bench/loop_vs_diffusers.py instead (the samplers' flow forms; 128x128, its toy size's double).
 
     python bench/ksampler_overhead.py --runs 3 --steps 10
+    python bench/ksampler_overhead.py --runs 3 --steps 10 --flow
 """
 from __future__ import annotations
 
@@ -57,15 +59,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--flow", action="store_true", help="a flow-matching model (SD3) instead of SD1")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        build_small_sd1(Path(tmp))
+        if args.flow:
+            from loop_vs_diffusers import sd3_pipe
+
+            sd3_pipe().save_pretrained(tmp)
+        else:
+            build_small_sd1(Path(tmp))
         model = loading.load(tmp)
+    size = 128 if args.flow else 256
     names = [n for n, spec in schedulers.SCHEDULERS.items() if spec.k is not None]
     print(f"{'sampler':<20}{'calls':>6}{'denoiser ms/call':>18}{'run ms':>10}{'beyond the denoiser':>21}")
     for name in names:
         s = Settings(prompt="a red fox in snow, detailed", steps=args.steps, cfg=7.5, seed=1, scheduler=name,
-                     schedule="sgm_uniform", width=256, height=256).resolve({}, (256, 256))
+                     schedule="sgm_uniform", width=size, height=size)
+        s = s.resolve(model.defaults if args.flow else {}, (size, size))
         measured(model, s)  # warm-up
         runs = [measured(model, s) for _ in range(args.runs)]
         total, inside = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)

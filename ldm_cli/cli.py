@@ -358,9 +358,22 @@ def list_schedulers() -> None:
         print(f"{spec.name:<19}{spec.label:<19}{runs}")
     print("\nschedule types: " + ", ".join(f"{name} ({label})" for name, label in schedulers.SCHEDULE_TYPES.items()))
     print("\nflow-matching models (SD3, FLUX, Chroma, Z-Image, FLUX.2, Qwen-Image) take:")
-    for spec in schedulers.FLOW_SCHEDULERS.values():
-        only = "  (not FLUX or Chroma: it cannot take their sigma schedule)" if spec.shift_only else ""
-        print(f"{spec.name:<19}{spec.label:<19}{', '.join(['default (Simple)', *spec.schedules])}{only}")
+    for name in schedulers.flow_names():
+        print(f"{name:<19}{schedulers.label(name):<19}{_flow_schedules(name)}")
+    print("every schedule type but align_your_steps (its tables are SD 1.x's and SDXL's)")
+
+
+def _flow_schedules(name: str) -> str:
+    """What `ldm schedulers` says a flow-matching model runs `name` with."""
+    from ldm_cli import schedulers
+
+    ours = schedulers.FLOW_SCHEDULERS.get(name)
+    if ours is None:
+        return "every schedule type (k-diffusion's; default: the model's own, Simple)"
+    if ours.shift_only:
+        return "default (Simple: diffusers', k-diffusion's on FLUX-spaced models); the other types (k-diffusion's)"
+    runs = ", ".join(["default (Simple)", *ours.schedules]) + " (diffusers')"
+    return runs + ("; the other types (k-diffusion's)" if schedulers.SCHEDULERS[name].k else "")
 
 
 @app.command()

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ldm_cli.ksamplers import Denoiser, Done, Noise, ancestral_step
+from ldm_cli.ksamplers import Denoiser, Done, Noise, ancestral_step, rf_ancestral_step
 
 
 def _sigma(t: torch.Tensor) -> torch.Tensor:
@@ -138,3 +138,60 @@ class _StepSize:
             self.errs[1:] = self.errs[:2]
         self.h *= factor
         return accept
+
+
+# -- flow-matching models: the same solver, its fresh noise in ksamplers.rf_ancestral_step's form
+def _flow_ancestral(s: torch.Tensor, t: torch.Tensor, t_end: torch.Tensor, eta: float):
+    """(where the deterministic step lands, the scale and the noise's size after it): a flow
+    model's x = (1 - sigma) x0 + sigma noise kept, from t's sigma_down (clamped at t_end)."""
+    if not eta:
+        return t, 1.0, 0.0
+    down, _, _ = rf_ancestral_step(_sigma(s), _sigma(t), eta)
+    t_ = torch.minimum(t_end, _t(down))
+    scale = (1 - _sigma(t)) / (1 - _sigma(t_))
+    return t_, scale, (_sigma(t) ** 2 - (_sigma(t_) * scale) ** 2).clamp(min=0) ** 0.5
+
+
+def dpm_fast_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                  eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    """dpm_fast on a flow-matching model."""
+    solver, calls = _Solver(model), len(sigmas) - 1
+    t_start, t_end = _ends(sigmas)
+    m = math.floor(calls / 3) + 1
+    ts = torch.linspace(t_start, t_end, m + 1)
+    orders = [3] * (m - 2) + [2, 1] if calls % 3 == 0 else [3] * (m - 1) + [calls % 3]
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        t_next_, scale, up = _flow_ancestral(t, t_next, t_end, eta)
+        step = {1: solver.step_1, 2: solver.step_2, 3: solver.step_3}[order]
+        x = scale * step(x, t, t_next_, {}) + up * s_noise * noise(_sigma(t), _sigma(t_next))
+        x = done(i, x)
+    return x
+
+
+def dpm_adaptive_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                      eta: float = 1.0, s_noise: float = 1.0, order: int = 3, rtol: float = 0.05,
+                      atol: float = 0.0078, h_init: float = 0.05, accept_safety: float = 0.81) -> torch.Tensor:
+    """dpm_adaptive on a flow-matching model."""
+    solver = _Solver(model)
+    s, t_end = _ends(sigmas)
+    atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
+    x_prev, steps = x, 0
+    control = _StepSize(h_init, 1.5 if eta else order, accept_safety)
+    while s < t_end - 1e-5:
+        t = torch.minimum(t_end, s + control.h)
+        t_, scale, up = _flow_ancestral(s, t, t_end, eta)
+        cache: dict = {}
+        if order == 2:
+            x_low, x_high = solver.step_1(x, s, t_, cache), solver.step_2(x, s, t_, cache)
+        else:
+            x_low, x_high = solver.step_2(x, s, t_, cache, r1=1 / 3), solver.step_3(x, s, t_, cache)
+        delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+        if control.accepts(error):
+            x_prev = x_low
+            x = scale * x_high + up * s_noise * noise(_sigma(s), _sigma(t))
+            s = t
+            x = done(steps, x)
+            steps += 1
+    return x

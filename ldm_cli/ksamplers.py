@@ -253,3 +253,147 @@ def lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, do
         x = done(i, x)
     return x
 
+
+
+# -- flow-matching models (x = (1 - sigma) x0 + sigma noise) ------------------------------------
+# The probability-flow ODE has the same form, dx/dsigma = (x - denoised) / sigma, so the samplers
+# above run unchanged; fresh noise differs. Where a VE sampler adds noise on top (its variance
+# sigma^2 on the image), a flow model's image shrinks by alpha = 1 - sigma as noise grows: these
+# variants keep x's mix at alpha x0 + sigma noise after every draw.
+
+def rf_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0):
+    """(sigma_down, scale, renoise) of a rectified-flow ancestral step (Forge's, for FLUX): the
+    deterministic step lands eta's share of the way from sigma_to towards sigma_to^2 / sigma_from
+    (the VE step's sigma_down at eta 1); x there, scaled by alpha_to / alpha_down, takes fresh
+    noise `renoise` so that its noise is sigma_to again."""
+    down = sigma_to * (1 + (sigma_to / sigma_from - 1) * eta)
+    scale = (1 - sigma_to) / (1 - down)
+    return down, scale, (sigma_to ** 2 - (down * scale) ** 2).clamp(min=0) ** 0.5
+
+
+def euler_a_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                 eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            down, scale, renoise = rf_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+            x = x + to_d(x, sigmas[i], denoised) * (down - sigmas[i])
+            if eta:
+                x = scale * x + noise(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+        x = done(i, x)
+    return x
+
+
+def dpm2_a_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        down, scale, renoise = rf_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = _dpm2_step(model, x, to_d(x, sigmas[i], denoised), sigmas[i], down)
+        if down != 0:
+            x = scale * x + noise(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+        x = done(i, x)
+    return x
+
+
+def dpmpp_2s_a_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                    eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        down, scale, renoise = rf_ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if down == 0:
+            x = denoised
+        else:  # DPM-Solver++(2S) to sigma_down: a half step in log sigma, then the whole from there
+            h = sigmas[i].log() - down.log()
+            mid = sigmas[i] * (-h / 2).exp()
+            x_2 = (mid / sigmas[i]) * x - (-h / 2).expm1() * denoised
+            x = (down / sigmas[i]) * x - (-h).expm1() * model(x_2, mid)
+        if sigmas[i + 1] > 0:
+            x = scale * x + noise(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+        x = done(i, x)
+    return x
+
+
+def dpmpp_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                   eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> torch.Tensor:
+    """DPM++ SDE's two stages (to the point r of the step in log sigma, then to its end), each
+    a first-order step to a rectified-flow ancestral step's sigma_down and its fresh noise."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            sigma_s = sigmas[i] ** (1 - r) * sigmas[i + 1] ** r
+            x_2 = _rf_stage(x, sigmas[i], sigma_s, denoised, noise, eta, s_noise)
+            denoised_2 = model(x_2, sigma_s)
+            mixed = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_2
+            x = _rf_stage(x, sigmas[i], sigmas[i + 1], mixed, noise, eta, s_noise)
+        x = done(i, x)
+    return x
+
+
+def _rf_stage(x, sigma, sigma_to, denoised, noise: Noise, eta: float, s_noise: float):
+    down, scale, renoise = rf_ancestral_step(sigma, sigma_to, eta)
+    x = (down / sigma) * x + (1 - down / sigma) * denoised
+    return scale * x + noise(sigma, sigma_to) * s_noise * renoise
+
+
+def half_log_snr(sigma: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha / sigma), alpha = 1 - sigma: -inf at sigma 1 (pure noise)."""
+    return torch.log1p(-sigma) - sigma.log()
+
+
+def dpmpp_2m_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                      eta: float = 1.0, s_noise: float = 1.0, solver: str = "midpoint") -> torch.Tensor:
+    """DPM++ 2M SDE in the half-log-SNR lambda of alpha = 1 - sigma (VE's alpha is 1, lambda
+    -log sigma: k-diffusion's arithmetic): the image's terms scale by alpha_next."""
+    old, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        h = None
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = half_log_snr(sigmas[i + 1]) - half_log_snr(sigmas[i])
+            eta_h = h * eta if eta else torch.zeros_like(h)  # h is infinite from sigma 1
+            alpha = 1 - sigmas[i + 1]
+            kept = (-h - eta_h).expm1().neg()
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + alpha * kept * denoised
+            if old is not None:
+                weight = (kept / (-h - eta_h) + 1) if solver == "heun" else 0.5 * kept
+                x = x + alpha * weight * (h / h_last) * (denoised - old)
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+        old, h_last = denoised, h
+        x = done(i, x)
+    return x
+
+
+def dpmpp_2m_sde_heun_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                           eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    return dpmpp_2m_sde_flow(model, x, sigmas, noise, done, eta, s_noise, solver="heun")
+
+
+def dpmpp_3m_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                      eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    """DPM++ 3M SDE in the half-log-SNR lambda, as dpmpp_2m_sde_flow."""
+    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        h = None
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = half_log_snr(sigmas[i + 1]) - half_log_snr(sigmas[i])
+            eta_h = h * eta if eta else torch.zeros_like(h)
+            h_eta = h + eta_h
+            alpha = 1 - sigmas[i + 1]
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + alpha * (-h_eta).expm1().neg() * denoised
+            x = x + alpha * _3m_correction(denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta)
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
+        x = done(i, x)
+    return x

@@ -70,16 +70,22 @@ def scheduler_run(model, s: Settings) -> schedulers.Run:
 def check_steps(model, s: Settings) -> None:
     """The sampler suits the model and can run s.steps with it: one line otherwise, before any image."""
     schedulers.check_for_model(s.scheduler, s.schedule, model.family.flow, model.family)
-    if not schedulers.uses_k(s.scheduler, s.schedule, bool(s.sampler_options())):  # k-diffusion's run any count
+    if not uses_k(model, s):  # k-diffusion's run any count
         schedulers.check_steps(scheduler_run(model, s), s.steps)
+
+
+def uses_k(model, s: Settings) -> bool:
+    """Whether s runs on one of A1111's k-diffusion samplers (ksampling.py) with this model."""
+    family = model.family
+    return schedulers.uses_k(s.scheduler, s.schedule, bool(s.sampler_options()), family.flow, family.sigmas is not None)
 
 
 def make_scheduler(model, group: list[Settings]):
     """A diffusers scheduler, or the run of one of A1111's k-diffusion samplers (ksampling.py)."""
-    if not model.family.flow and schedulers.uses_k(group[0].scheduler, group[0].schedule,
-                                                   bool(group[0].sampler_options())):
-        return ksampling.prepared(model, group)
-    return schedulers.prepared(scheduler_run(model, group[0]), group[0].steps, model.device, [g.seed for g in group])
+    run = scheduler_run(model, group[0])
+    if uses_k(model, group[0]):
+        return ksampling.prepared(model, group, run)
+    return schedulers.prepared(run, group[0].steps, model.device, [g.seed for g in group])
 
 
 def initial_noise(model, group: list[Settings], generators: list[torch.Generator]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from ldm_cli import __version__, control_units, images, untrusted_json
+from ldm_cli import __version__, control_units, images, schedulers, untrusted_json
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import LABELS, SAMPLER_OPTIONS, BadSetting, Settings, flag_name
 
@@ -97,10 +97,11 @@ def resolved(settings: Settings, model) -> Settings:
     defaults = model.defaults if model.networks is None else {
         **model.defaults, **model.networks.few_step_defaults(settings.prompt)}  # a LoRA made for few steps
     out = settings.resolve(defaults, model.native_size, model.train_timesteps)
-    if model.family.flow:  # diffusers' flow-matching schedulers take no k-diffusion option: not run, not recorded
+    if model.family.flow:  # churn raises a VE model's noise: on a flow model neither run nor recorded
         out = out.merged()
         for name in SAMPLER_OPTIONS:
-            setattr(out, name, None)
+            if name not in schedulers.flow_takes(out.scheduler):
+                setattr(out, name, None)
         if out.schedule == "simple":  # Forge's label of a flow model's own spacing
             out.schedule = "default"
     pipeline.check_steps(model, out)

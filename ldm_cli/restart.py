@@ -39,14 +39,16 @@ def _heun(model: Denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: tor
     return x + (d + to_d(x_2, sigma_next, model(x_2, sigma_next))) / 2 * dt
 
 
-def walk(sigmas: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (sigma, next sigma) pairs the sampler steps through, restarts included."""
+def walk(sigmas: torch.Tensor, at: float = RESTART_AT,
+         to: float = RESTART_TO) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (sigma, next sigma) pairs the sampler steps through, restarts included (from the
+    sigma nearest `at` back up to the one nearest `to`)."""
     steps = len(sigmas) - 1
     if steps < FROM_STEPS:
         return list(zip(sigmas[:-1], sigmas[1:]))
     times, length = (2, steps // 4) if steps >= TWICE_FROM else (1, 9)
     sigmas = _karras(sigmas[-2].item(), sigmas[0].item(), steps - length * times, sigmas.device)
-    low, high = _nearest(sigmas, RESTART_AT), _nearest(sigmas, RESTART_TO)
+    low, high = _nearest(sigmas, at), _nearest(sigmas, to)
     pairs = []
     for i in range(len(sigmas) - 1):
         pairs.append((sigmas[i], sigmas[i + 1]))
@@ -62,3 +64,23 @@ def _karras(sigma_min: float, sigma_max: float, n: int, device) -> torch.Tensor:
 
 def _nearest(sigmas: torch.Tensor, value: float) -> int:
     return int(torch.argmin((sigmas - value).abs()))
+
+
+# A flow model's x = (1 - sigma) x0 + sigma noise is x / (1 - sigma) = x0 + sigma / (1 - sigma) noise:
+# A1111's restart levels as a flow model's sigmas of the same signal-to-noise ratio
+FLOW_RESTART_AT, FLOW_RESTART_TO = RESTART_AT / (1 + RESTART_AT), RESTART_TO / (1 + RESTART_TO)
+
+
+def restart_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+                 s_noise: float = 1.0) -> torch.Tensor:
+    """Restart on a flow-matching model: its restart levels at A1111's signal-to-noise ratios, and
+    going back up rescales x by alpha_high / alpha_low before the noise that tops it up to sigma_high."""
+    last = None
+    for i, (sigma, sigma_next) in enumerate(walk(sigmas, FLOW_RESTART_AT, FLOW_RESTART_TO)):
+        if last is not None and last < sigma:
+            scale = (1 - sigma) / (1 - last)
+            x = scale * x + noise(last, sigma) * s_noise * (sigma ** 2 - (scale * last) ** 2) ** 0.5
+        x = _heun(model, x, sigma, sigma_next)
+        last = sigma_next
+        x = done(i, x)
+    return x

@@ -89,9 +89,10 @@ SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
     SchedulerSpec("restart", None, "Restart", stochastic=True, k="restart", k_schedule="karras"),
 ]}
 
-# Flow-matching models (SD3) take these names: diffusers' flow-matching Euler and Heun, and the
-# multistep solvers on flow sigmas. Karras, exponential and beta spacing exist for Euler only (the
-# solvers would compute them from a DDPM beta schedule that flow models do not have).
+# Flow-matching models (SD3) take these names through diffusers: its flow-matching Euler and Heun,
+# and the multistep solvers on flow sigmas. Karras, exponential and beta spacing exist for Euler
+# only (the solvers would compute them from a DDPM beta schedule that flow models do not have).
+# k-diffusion's samplers run the rest on the flow form of ksampling.KRun, as Forge offers them.
 FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 FLOW_SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
     SchedulerSpec("euler", "FlowMatchEulerDiscreteScheduler", "Euler", schedules=ALL_SCHEDULES),
@@ -173,11 +174,25 @@ def supports(name: str, schedule: str) -> bool:
     return schedule in ("default", "simple") or schedule in spec.schedules or spec.k is not None
 
 
-def uses_k(name: str, schedule: str | None, options: bool = False) -> bool:
+def uses_k(name: str, schedule: str | None, options: bool = False, flow: bool = False,
+           own_sigmas: bool = False) -> bool:
     """Whether the pair runs through ldm's k-diffusion samplers rather than a diffusers class:
-    those diffusers lacks, and the others with a schedule type or `options` (eta ...) it lacks."""
+    those diffusers lacks, and the others with a schedule type or `options` (eta ...) it lacks.
+    `flow`: on a flow-matching model, whose diffusers classes are FLOW_SCHEDULERS (`own_sigmas`:
+    a family with its own spacing, which a shift-only class cannot take)."""
     spec = SCHEDULERS[name]
+    if flow:
+        ours = FLOW_SCHEDULERS.get(name)
+        return spec.k is not None and (ours is None or (own_sigmas and ours.shift_only) or options
+                                       or schedule not in (None, "default", "simple", *ours.schedules))
     return spec.cls is None or (spec.k is not None and (options or schedule not in (None, "default", *spec.schedules)))
+
+
+def flow_takes(name: str) -> tuple[str, ...]:
+    """The A1111 options a sampler takes on a flow-matching model: not churn, which raises a VE
+    model's noise (above sigma 1 on a flow model)."""
+    takes = SCHEDULERS[name].takes
+    return () if takes == CHURN else takes
 
 
 def check_schedule(name: str, schedule: str | None) -> None:
@@ -187,36 +202,36 @@ def check_schedule(name: str, schedule: str | None) -> None:
         raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
 
 
-class SpacedFamily(Protocol):
+class LabelledFamily(Protocol):
     """What check_for_model reads of a model's family: a families.family.Family, not imported
     because families sit above the settings, which import this module."""
     label: str
-    sigmas: Callable[[int], list[float]] | None
 
 
-def flow_names(own_sigmas: bool = False) -> list[str]:
-    """The schedulers a flow-matching model takes; `own_sigmas`: one whose family gives its spacing."""
-    return [n for n, spec in FLOW_SCHEDULERS.items() if not (own_sigmas and spec.shift_only)]
+def flow_names() -> list[str]:
+    """The schedulers a flow-matching model takes: diffusers' flow classes and k-diffusion's samplers."""
+    return [n for n, spec in SCHEDULERS.items() if n in FLOW_SCHEDULERS or spec.k]
 
 
-def check_for_model(name: str, schedule: str | None, flow: bool, family: SpacedFamily | None = None) -> None:
-    """A flow-matching model takes only the names of FLOW_SCHEDULERS, and their schedules; a
-    family with a sigma spacing of its own (FLUX) only those that can take it."""
+def check_for_model(name: str, schedule: str | None, flow: bool, family: LabelledFamily | None = None) -> None:
+    """A flow-matching model takes FLOW_SCHEDULERS' names with their schedules, and k-diffusion's
+    samplers with every schedule type but Align Your Steps."""
     if not flow:
         spec = SCHEDULERS[name]  # "simple" passed supports() as a flow model's name; here it is A1111's type
         if schedule not in (None, "default", *spec.schedules) and spec.k is None:
             raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
         return
-    names = flow_names(family is not None and family.sigmas is not None)
+    if SCHEDULERS[name].k is not None:
+        if schedule == "align_your_steps":
+            raise LdmError("the align_your_steps schedule is NVIDIA's tables for SD 1.x and SDXL, not flow-matching "
+                           "models; use another --schedule (sgm_uniform, beta, karras ...)")
+        return
     if name not in FLOW_SCHEDULERS:
         raise LdmError(f"scheduler {name!r} does not work with flow-matching models such as SD3; "
-                       f"use one of: {', '.join(names)}")
-    if name not in names:
-        raise LdmError(f"scheduler {name!r} does not work with {family.label}: diffusers' flow-matching "
-                       f"{FLOW_SCHEDULERS[name].label} cannot take its sigma schedule; use one of: {', '.join(names)}")
+                       f"use one of: {', '.join(flow_names())}")
     if schedule not in (None, "default", "simple", *FLOW_SCHEDULERS[name].schedules):
         raise LdmError(f"scheduler {name!r} has no {schedule} schedule for flow-matching models; use --schedule "
-                       f"default{' or --scheduler euler' if name != 'euler' else ''}")
+                       "default or a k-diffusion sampler (euler, dpmpp_2m ...)")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ smallest sigma, as A1111's does). No torch: the arithmetic is float64 Python.
 
 The table is k-diffusion's DiscreteSchedule of a noise-prediction model: sigma_t =
 sqrt((1 - alphas_cumprod_t) / alphas_cumprod_t) for its training timesteps, with fractional
-timesteps interpolated linearly in log sigma.
+timesteps interpolated linearly in log sigma. A flow-matching model's (FlowTable) is its shifted
+sigmas over the training timesteps, sigma(t) = shift(t / N) for t = 1..N, as Forge's and ComfyUI's
+flow "model sampling" makes it; its timestep of a sigma is sigma * N, what the model is fed.
 """
 from __future__ import annotations
 
@@ -50,9 +52,54 @@ class Table:
         w = min(max((logs[low] - log_sigma) / (logs[low] - logs[low + 1]), 0.0), 1.0)
         return (1 - w) * low + w * (low + 1)
 
+    def index_to_sigma(self, x: float) -> float:
+        """The sigma at a fractional place in the table (here its timestep)."""
+        return self.t_to_sigma(x)
+
     @functools.cached_property
     def _logs(self) -> list[float]:
         return [math.log(s) for s in self.sigmas]
+
+
+@dataclass(frozen=True)
+class FlowTable(Table):
+    """A flow-matching model's table: sigma(t) = its shift of t / N (static, or a dynamic shift's
+    mu), for t = 1..N. Timesteps and sigmas map as the model takes them (t = sigma * N, sigma(t)
+    = shift(t / N)), so SGM Uniform and Normal space the model's timesteps as Forge does for SD3;
+    Uniform walks the table's places evenly (A1111's meaning: t = place + 1)."""
+    shift: float = 1.0
+    mu: float | None = None  # a dynamic shift: shift = exp(mu) ("exponential") or mu ("linear")
+    linear: bool = False  # diffusers' time_shift_type "linear"
+
+    def shifted(self, u: float) -> float:
+        """The sigma of unshifted time u in [0, 1] (diffusers' FlowMatchEulerDiscreteScheduler)."""
+        if u <= 0:
+            return 0.0
+        if self.mu is None:
+            return self.shift * u / (1 + (self.shift - 1) * u)
+        factor = self.mu if self.linear else math.exp(self.mu)
+        return factor / (factor + (1 / u - 1))
+
+    def t_to_sigma(self, t: float) -> float:
+        return self.shifted(t / len(self.sigmas))
+
+    def sigma_to_t(self, sigma: float) -> float:
+        return sigma * len(self.sigmas)
+
+    def index_to_sigma(self, x: float) -> float:
+        return self.shifted((x + 1) / len(self.sigmas))
+
+
+def flow_table(config: dict[str, Any], shift: float | None = None, mu: float | None = None) -> FlowTable:
+    """The table of a flow-matching scheduler config: `shift` a static one asked for (it replaces
+    a dynamic shift, as on ldm's diffusers path), `mu` the dynamic shift for this image's size."""
+    n = config.get("num_train_timesteps", 1000)
+    if shift is None and not config.get("use_dynamic_shifting"):
+        shift = config.get("shift", 1.0)
+    linear = config.get("time_shift_type", "exponential") == "linear"
+    empty = FlowTable((), shift=shift or 1.0, mu=None if shift is not None else mu, linear=linear)
+    return FlowTable(tuple(empty.shifted(t / n) for t in range(1, n + 1)), shift=empty.shift, mu=empty.mu,
+                     linear=linear)
 
 
 def table(config: dict[str, Any], sdxl: bool = False) -> Table:
@@ -79,8 +126,8 @@ def _linspace(start: float, end: float, n: int) -> list[float]:
 
 
 def uniform(t: Table, n: int) -> list[float]:
-    """n timesteps evenly from the last to 0 (k-diffusion's get_sigmas)."""
-    return [t.t_to_sigma(x) for x in _linspace(len(t.sigmas) - 1, 0, n)] + [0.0]
+    """n places evenly from the table's last to its first (k-diffusion's get_sigmas)."""
+    return [t.index_to_sigma(x) for x in _linspace(len(t.sigmas) - 1, 0, n)] + [0.0]
 
 
 def sgm_uniform(t: Table, n: int) -> list[float]:

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from ldm_cli import img2img, inpaint, pipeline
-from ldm_cli.errors import LdmError
 from ldm_cli.families import chroma, t5
 from ldm_cli.settings import Settings
 from tests import flow_parity
@@ -65,10 +64,14 @@ def test_model_is_chroma_with_its_pipelines_defaults(models):
     assert settings(ours, guidance=4.0).guidance is None  # no distilled guidance: never recorded
 
 
-def test_heun_is_refused_as_for_flux(models):
+def test_heun_runs_on_the_k_diffusion_path_over_its_own_spacing(models):
+    """diffusers' flow-matching Heun cannot take Chroma's spacing; k-diffusion's Heun walks it."""
     ours, _ = models
-    with pytest.raises(LdmError, match="scheduler 'heun' does not work with Chroma: diffusers' flow-matching Heun"):
-        pipeline.check_inputs(ours, [settings(ours, scheduler="heun")])
+    s = settings(ours, scheduler="heun")
+    pipeline.check_inputs(ours, [s])
+    run = pipeline.make_scheduler(ours, [s])
+    euler = pipeline.make_scheduler(ours, [s.merged(scheduler="euler")])
+    assert run.sampler == "heun" and torch.equal(run.sigmas, euler.sigmas)
 
 
 def test_the_mask_lets_one_padding_token_through(models):

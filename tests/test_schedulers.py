@@ -124,8 +124,9 @@ def test_simple_is_a1111s_type_for_unet_models_and_forges_default_for_flow_model
     schedulers.check_for_model("unipc", "simple", True)  # a flow model's own spacing
     with pytest.raises(LdmError, match="'unipc' has no simple schedule"):
         schedulers.check_for_model("unipc", "simple", False)
-    with pytest.raises(LdmError, match="does not work with flow-matching models"):
-        schedulers.check_for_model("dpmpp_3m_sde", "default", True)
+    schedulers.check_for_model("dpmpp_3m_sde", "default", True)  # k-diffusion's, in its flow form
+    with pytest.raises(LdmError, match="align_your_steps schedule is NVIDIA's tables"):
+        schedulers.check_for_model("restart", "align_your_steps", True)
 
 
 def test_the_listing_names_every_sampler_schedule_type_and_which_models_take_them():

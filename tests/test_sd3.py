@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from ldm_cli import img2img, inpaint, loading, pipeline
+from ldm_cli import img2img, inpaint, loading, pipeline, schedulers
 from ldm_cli.strength import steps_run
 from ldm_cli.cli import app
 from ldm_cli.families import sd3
@@ -204,13 +204,14 @@ def test_non_flow_scheduler_refused_in_one_line_writing_nothing(sd3_folder, tmp_
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
     assert line == ("ldm: error: scheduler 'ddim' does not work with flow-matching models such as SD3; "
-                    "use one of: euler, heun, dpmpp_2m, unipc")
+                    f"use one of: {', '.join(schedulers.flow_names())}")
+    assert "dpmpp_2m_sde" in line and "unipc" in line and "ddim" not in line.split("use one of")[1]
     assert not list(tmp_path.rglob("*.png"))
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"scheduler": "heun", "schedule": "karras"}, "scheduler 'heun' has no karras schedule for flow-matching models"),
-    ({"scheduler": "dpmpp_2m", "schedule": "karras"}, "scheduler 'dpmpp_2m' has no karras schedule"),
+    ({"scheduler": "unipc", "schedule": "karras"}, "scheduler 'unipc' has no karras schedule for flow-matching models"),
+    ({"scheduler": "euler_a", "schedule": "align_your_steps"}, "the align_your_steps schedule is NVIDIA's tables"),
     ({"width": 72}, "--width must be a multiple of 16 for this model (got 72); try 64"),
 ])
 def test_refused_before_anything_runs(models, kw, message):
