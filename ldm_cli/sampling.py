@@ -87,12 +87,12 @@ def _k_denoise(model, run: KRun, latents: torch.Tensor, plan: Guidance, rows: to
     if blend is not None and run.sampler in OWN_STEPS:
         raise LdmError(f"{run.sampler} takes steps of its own, which inpainting an ordinary model cannot follow; "
                        "use another --scheduler or an inpainting model")
-    sigmas = torch.cat([timesteps, run.sigmas[-1:]]).to(latents.device)
+    sigmas = run.kept(len(timesteps))
     calls, steps = [0], [0]
 
-    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
         x_in = _rows(x, rows) * run.c_in(sigma)
-        t = run.timestep(sigma).to(x.device)
+        t = run.timestep(sigma, x.device)
         full = x_in if extra_input is None else torch.cat([x_in, extra_input], dim=1)
         at = control.at(steps[0], len(timesteps)) if control is not None else None
         out = plan.combine(_predict(model, full, t, plan.calls(calls[0]), x_in, at, references))

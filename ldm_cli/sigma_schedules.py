@@ -8,6 +8,7 @@ timesteps interpolated linearly in log sigma.
 """
 from __future__ import annotations
 
+import array
 import bisect
 import functools
 import math
@@ -175,6 +176,11 @@ SCHEDULE_TYPES: dict[str, tuple[str, Callable[[Table, int], list[float]]]] = {
     "ddim": ("DDIM", ddim),
     "beta": ("Beta", beta),
 }
+
+
+def float32(values: list[float]) -> list[float]:
+    """The values as float32 holds them: the sigmas A1111's tensors carry, kept as host floats."""
+    return array.array("f", values).tolist()
 
 
 def sigmas(schedule: str, t: Table, steps: int, discard_penultimate: bool = False) -> list[float]:

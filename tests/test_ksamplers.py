@@ -281,8 +281,7 @@ def test_restart_goes_back_up_as_a1111_plans(steps, times):
     from ldm_cli import restart
 
     table = sigma_schedules.table({"beta_start": 0.00085, "beta_end": 0.012})
-    sigmas = torch.tensor(sigma_schedules.sigmas("karras", table, steps))
-    pairs = [(float(a), float(b)) for a, b in restart.walk(sigmas)]
+    pairs = restart.walk(sigma_schedules.float32(sigma_schedules.sigmas("karras", table, steps)))
     assert len(pairs) == steps and pairs[-1][1] == 0 and pairs[0][0] == pytest.approx(table.sigma_max)
     ups = [k for k, ((_, last), (start, _)) in enumerate(zip(pairs, pairs[1:])) if start > last]
     assert len(ups) == times
