@@ -9,7 +9,7 @@ encoded only where guidance needs it.
 """
 from __future__ import annotations
 
-from ldm_cli import guidance, prompt_syntax
+from ldm_cli import guidance, prompt_syntax, schedulers
 from ldm_cli.guidance import Parts, Schedule
 from ldm_cli.networks import session
 from ldm_cli.settings import Settings
@@ -59,7 +59,8 @@ def text_lora_key(model, prompt: str) -> tuple:
 
 
 def _key(model, text: str, s: Settings, negative: bool) -> tuple:
-    return (text, negative, *(getattr(s, f) for f in ENCODING_FIELDS), text_lora_key(model, s.prompt))
+    return (text, negative, schedulers.prompt_steps(s.scheduler, s.steps), *(getattr(s, f) for f in ENCODING_FIELDS),
+            text_lora_key(model, s.prompt))
 
 
 def _parts(model, s: Settings, cache: Cache) -> Parts:
@@ -70,7 +71,7 @@ def _parts(model, s: Settings, cache: Cache) -> Parts:
 def _schedule(model, text: str, s: Settings, negative: bool, cache: Cache) -> Schedule:
     key = _key(model, text, s, negative)
     if key not in cache:
-        plan = prompt_syntax.schedule(text, s.steps)
+        plan = prompt_syntax.schedule(text, schedulers.prompt_steps(s.scheduler, s.steps))
         cond = model.family.encode(model, [prompt for _, prompt in plan], s, negative)
         cache[key] = Schedule([end for end, _ in plan], guidance.rows_of(cond))
     return cache[key]
