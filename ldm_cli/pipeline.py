@@ -74,10 +74,14 @@ def check_steps(model, s: Settings) -> None:
         schedulers.check_steps(scheduler_run(model, s), s.steps)
 
 
+def k_path(s: Settings, flow: bool) -> bool:
+    """Whether `s` runs on ldm's k-diffusion samplers (ksampling.py) rather than a diffusers scheduler."""
+    return not flow and schedulers.uses_k(s.scheduler, s.schedule, bool(s.sampler_options()))
+
+
 def make_scheduler(model, group: list[Settings]):
     """A diffusers scheduler, or the run of one of A1111's k-diffusion samplers (ksampling.py)."""
-    if not model.family.flow and schedulers.uses_k(group[0].scheduler, group[0].schedule,
-                                                   bool(group[0].sampler_options())):
+    if k_path(group[0], model.family.flow):
         return ksampling.prepared(model, group)
     return schedulers.prepared(scheduler_run(model, group[0]), group[0].steps, model.device, [g.seed for g in group])
 

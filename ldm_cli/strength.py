@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ldm_cli import pipeline, sampling
+from ldm_cli import pipeline, sampling, strength_steps
 from ldm_cli.settings import Settings
 
 
 def steps_run(s: Settings, flow: bool = False) -> int:
-    """How many of the settings' steps strength keeps (strength 0.75 of 40 runs 30). diffusers'
-    flow-matching pipelines round the other way: they skip int(steps - steps * strength)."""
-    if flow:
-        return s.steps - int(max(s.steps - s.steps * s.strength, 0))
-    return min(int(s.steps * s.strength), s.steps)
+    """How many of the settings' steps strength keeps: A1111's count on the k-diffusion path
+    (strength 0.75 of 40 runs 31), diffusers' on its schedulers (30). Strength 0 keeps none on
+    either: the image comes back through the VAE."""
+    if pipeline.k_path(s, flow) and s.strength > 0:
+        return strength_steps.a1111(s.steps, s.strength)[1]
+    return strength_steps.diffusers(s.steps, s.strength, flow)
 
 
 def strength_timesteps(scheduler, s: Settings, flow: bool = False) -> torch.Tensor:

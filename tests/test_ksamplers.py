@@ -292,27 +292,49 @@ def test_restart_goes_back_up_as_a1111_plans(steps, times):
         assert high == pytest.approx(min(descent, key=lambda v: abs(v - 2)))
 
 
-def test_img2img_runs_the_kept_sigmas_as_k_diffusion_does(models):
-    """Strength keeps the last int(steps x strength) sigmas; the image latents noised to the first
-    of them are sampled from there, as k-diffusion would from those sigmas."""
-    from ldm_cli import img2img
+@pytest.mark.parametrize("name, strength", [("dpmpp_2s_a", 0.6), ("dpm2", 0.95), ("euler", 0.3)])
+def test_img2img_runs_the_sigmas_a1111_keeps_as_k_diffusion_does(models, name, strength):
+    """A1111's img2img (setup_img2img_steps, img2img_fix_steps off): t_enc = int(min(strength,
+    0.999) x steps), and the sampler runs sigmas[steps - t_enc - 1:] of the whole schedule (DPM2's
+    with its next-to-last dropped) from the image latents noised to the first of them: t_enc + 1
+    steps, where diffusers' rule would run int(steps x strength)."""
+    from ldm_cli import img2img, strength as strength_rule
     from tests.test_img2img import picture
 
     sampling, _ = kdiffusion.load()
-    model = models["sd1"]
-    s = settings(model, "dpmpp_2s_a", "sgm_uniform", strength=0.6).merged(steps=6)
+    model, steps = models["sd1"], 6
+    s = settings(model, name, "sgm_uniform", strength=strength).merged(steps=steps)
     mine = np.asarray(img2img.image_to_image(model, [s], [picture()])[0]).astype(np.int16)
     generators = pipeline.generators_for([s])
     latents = img2img.encode_images(model, [s], [picture()], generators)
     noise = pipeline.initial_noise(model, [s], generators)
     den, cfg_model = reference_denoiser(model, s)
-    kept = a1111_sigmas(den, "sgm_uniform", 6, False)[6 - int(6 * 0.6):]
+    if schedulers.SCHEDULERS[name].discard_penultimate:
+        whole = a1111_sigmas(den, "sgm_uniform", steps + 1, False)
+        whole = torch.cat([whole[:-2], whole[-1:]])
+    else:
+        whole = a1111_sigmas(den, "sgm_uniform", steps, False)
+    t_enc = int(min(strength, 0.999) * steps)
+    kept = whole[steps - t_enc - 1:]
+    assert strength_rule.steps_run(s) == len(kept) - 1 == t_enc + 1 != int(steps * strength)  # the progress count too
     x = latents + noise * kept[0]
+    function = getattr(sampling, K_FUNCTIONS[name][0])
     with torch.inference_mode():
-        out = sampling.sample_dpmpp_2s_ancestral(cfg_model, x, kept, disable=True, noise_sampler=lambda *_: torch.randn(
-            x.shape[1:], generator=generators[0])[None])
+        out = function(cfg_model, x, kept, disable=True, **({"noise_sampler": lambda *_: torch.randn(
+            x.shape[1:], generator=generators[0])[None]} if "noise_sampler" in _parameters(function) else {}))
     ref = np.asarray(vae.decode(model, out)[0]).astype(np.int16)
     assert np.abs(mine - ref).max() <= 2 and np.abs(mine - np.asarray(picture())).mean() > 1
+
+
+def test_strength_counts_by_diffusers_rule_on_its_schedulers_and_hires_by_a1111s():
+    from ldm_cli import hires_plan, strength as strength_rule
+
+    diffusers_euler = Settings(steps=40, strength=0.75, scheduler="euler", schedule="default")
+    k_euler = diffusers_euler.merged(schedule="sgm_uniform")
+    assert (strength_rule.steps_run(diffusers_euler), strength_rule.steps_run(k_euler)) == (30, 31)
+    assert strength_rule.steps_run(k_euler.merged(strength=1.0)) == 40  # min(1, 0.999) x 40 = 39, + 1
+    assert strength_rule.steps_run(k_euler.merged(strength=0.0)) == 0  # the image through the VAE, as everywhere
+    assert hires_plan.steps(Settings(steps=10, strength=0.5, hires_steps=None)) == (20, 10)  # N of int(N / D)
 
 
 def test_inpainting_keeps_the_original_outside_with_a_k_sampler(models):
