@@ -350,6 +350,8 @@ def list_schedulers() -> None:
         runs = ", ".join(["default", *spec.schedules])
         if spec.k is not None and spec.cls is not None:
             runs += " (diffusers'); the other types (k-diffusion's)"
+        elif spec.cfg_pp:
+            runs = "default (A1111's DDIM timesteps)"
         elif spec.k is not None:
             runs = f"every schedule type (k-diffusion's; default: {spec.k_schedule})"
         print(f"{spec.name:<19}{spec.label:<19}{runs}")

@@ -31,7 +31,7 @@ def uses_negative(s: Settings) -> bool:
     """Whether the negative prompt is encoded and guides: always at cfg != 1, and at cfg 1 for a
     prompt of several AND parts or a weight other than 1."""
     parts = prompt_syntax.and_parts(positive_text(s.prompt))
-    return guidance.needs_negative(s.cfg, [[(weight, None) for _, weight in parts]])
+    return guidance.needs_negative(s.cfg, [[(weight, None) for _, weight in parts]]) or schedulers.cfg_pp(s.scheduler)
 
 
 def encode(model, group: list[Settings], cache: Cache | None = None) -> tuple[list[Parts], list[Schedule] | None]:
@@ -39,7 +39,7 @@ def encode(model, group: list[Settings], cache: Cache | None = None) -> tuple[li
     schedules found in `cache` are not encoded again, those encoded are added to it."""
     cache = {} if cache is None else cache
     positive = [_parts(model, s, cache) for s in group]
-    if not guidance.needs_negative(group[0].cfg, positive):
+    if not guidance.needs_negative(group[0].cfg, positive) and not schedulers.cfg_pp(group[0].scheduler):
         return positive, None
     return positive, [_schedule(model, s.negative, s, True, cache) for s in group]
 

@@ -16,14 +16,14 @@ from typing import Any, Iterator
 
 import torch
 
-from ldm_cli import dpm_solver, ksamplers, restart, sigma_schedules
+from ldm_cli import ddim_cfgpp, dpm_solver, ksamplers, restart, sigma_schedules
 from ldm_cli.ksamplers import (dpm2, dpm2_a, dpmpp_2m, dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_2s_a, dpmpp_3m_sde,
                                dpmpp_sde, euler, euler_a, heun, lms)
 from ldm_cli.sigma_schedules import Table
 
 SAMPLERS = {f.__name__: f for f in [euler, euler_a, heun, dpm2, dpm2_a, lms, dpmpp_2s_a, dpmpp_sde, dpmpp_2m,
                                     dpmpp_2m_sde, dpmpp_2m_sde_heun, dpmpp_3m_sde, dpm_solver.dpm_fast,
-                                    dpm_solver.dpm_adaptive, restart.restart]}
+                                    dpm_solver.dpm_adaptive, restart.restart, ddim_cfgpp.ddim_cfgpp]}
 # steps of their own, not the schedule's: inpainting's blend after each scheduled step cannot follow them
 OWN_STEPS = ("dpm_fast", "dpm_adaptive", "restart")
 
@@ -39,6 +39,7 @@ class KRun:
     brownian: bool  # A1111 draws its SDE samplers' noise from a Brownian tree seeded by the image's seed
     options: dict[str, Any] = field(default_factory=dict)  # eta, s_churn ... where the sampler takes them
     sigma_values: list[float] = field(default_factory=list)  # `sigmas` as host floats
+    cfg_pp: bool = False  # CFG++ (ddim_cfgpp.py): its denoiser answers the unguided image too
     order = 1
 
     @property
@@ -47,6 +48,8 @@ class KRun:
 
     @property
     def init_noise_sigma(self) -> float:
+        if self.cfg_pp:  # A1111's DDIM starts from the noise unscaled, x / sqrt(alpha) in scaled latents
+            return (self.sigma_values[0] ** 2 + 1) ** 0.5
         return self.sigma_values[0]
 
     def kept(self, steps: int) -> list[float]:
@@ -146,10 +149,11 @@ def prepared(model, group: list) -> KRun:
     spec = schedulers.SCHEDULERS[s.scheduler]
     schedule = spec.k_schedule if s.schedule in (None, "default") else s.schedule
     table = sigma_schedules.table(model.scheduler_config, sdxl=model.family.name == "sdxl")
-    values = sigma_schedules.float32(sigma_schedules.sigmas(schedule, table, s.steps, spec.discard_penultimate))
+    values = sigma_schedules.float32(ddim_cfgpp.sigmas(table, s.steps) if spec.cfg_pp else
+                                     sigma_schedules.sigmas(schedule, table, s.steps, spec.discard_penultimate))
     options = {k: v for k, v in s.sampler_options().items() if k in spec.takes}
     if options.get("s_tmax") == 0:
         options["s_tmax"] = float("inf")  # A1111's 0: no limit
     return KRun(spec.k, torch.tensor(values, dtype=torch.float32).to(model.device), table,
                 model.prediction_type == "v_prediction", [g.seed for g in group], [g.rng or "cpu" for g in group],
-                spec.brownian, options, values)
+                spec.brownian, options, values, spec.cfg_pp)

@@ -52,6 +52,9 @@ class SchedulerSpec:
     # A1111's "second_order": about two denoiser calls a step, so its prompt schedules (which count
     # calls) span twice the steps (prompt_steps)
     second_order: bool = False
+    # CFG++ (ddim_cfgpp.py): guidance at cfg / 12.5, the step along the negative's prediction (so
+    # the negative is always encoded); its own timesteps, no schedule type
+    cfg_pp: bool = False
 
 
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
@@ -91,6 +94,7 @@ SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
     SchedulerSpec("dpm_fast", None, "DPM fast", stochastic=True, k="dpm_fast", takes=ANCESTRAL),
     SchedulerSpec("dpm_adaptive", None, "DPM adaptive", stochastic=True, k="dpm_adaptive", takes=("eta",)),
     SchedulerSpec("restart", None, "Restart", stochastic=True, k="restart", k_schedule="karras", second_order=True),
+    SchedulerSpec("ddim_cfgpp", None, "DDIM CFG++", k="ddim_cfgpp", cfg_pp=True),
 ]}
 
 # Flow-matching models (SD3) take these names: diffusers' flow-matching Euler and Heun, and the
@@ -158,6 +162,12 @@ def _did_you_mean(wanted: str, forms: dict[str, str]) -> str:
     return f" (did you mean {forms[close[0]]!r}?)" if close else ""
 
 
+def cfg_pp(name: str | None) -> bool:
+    """Whether the sampler guides as CFG++ does (and so always needs the negative)."""
+    spec = SCHEDULERS.get(name) if name is not None else None
+    return spec is not None and spec.cfg_pp
+
+
 def prompt_steps(name: str | None, steps: int) -> int:
     """The steps A1111 spreads a prompt schedule (`[a:b:0.5]`, alternation) over: twice `steps`
     for a second-order sampler, since the schedule advances with each denoiser call, on either
@@ -182,7 +192,7 @@ def supports(name: str, schedule: str) -> bool:
     """Whether the sampler runs the schedule: its diffusers class's, or any through k-diffusion's
     path. "simple" is also Forge's name for a flow model's own spacing, checked with the model."""
     spec = SCHEDULERS[name]
-    return schedule in ("default", "simple") or schedule in spec.schedules or spec.k is not None
+    return schedule in ("default", "simple") or schedule in spec.schedules or (spec.k is not None and not spec.cfg_pp)
 
 
 def uses_k(name: str, schedule: str | None, options: bool = False) -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ldm_cli import pipeline, sampling, strength_steps
+from ldm_cli import pipeline, sampling, schedulers, strength_steps
+from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
 
@@ -41,7 +42,15 @@ def add_noise(model, group: list[Settings], scheduler, latents: torch.Tensor,
     return latents, noise
 
 
+def check_sampler(s: Settings, what: str = "img2img and inpainting") -> None:
+    """One line for a sampler that ldm runs from noise only: DDIM CFG++ (A1111's img2img with it
+    noises the image to one timestep and starts at the next, not copied here)."""
+    if schedulers.cfg_pp(s.scheduler):
+        raise LdmError(f"{schedulers.label(s.scheduler)} runs text to image only; use another sampler for {what}")
+
+
 def check_inputs(model, group: list[Settings], init_images: list[Image.Image]) -> None:
     pipeline.check_inputs(model, group)
+    check_sampler(group[0])
     if group[0].strength is None or len(init_images) != len(group):
         raise ValueError("img2img needs a strength and one init image per settings")

@@ -399,3 +399,80 @@ def test_a_flow_model_neither_runs_nor_records_the_k_diffusion_options(sd3_folde
     simple = CliRunner().invoke(app, ["generate", "a fox", "--model", str(sd3_folder), "--steps", "2", "--seed", "1",
                                       "--schedule", "Simple", "--out", str(tmp_path / "s"), "--json"])
     assert json.loads(simple.stdout.splitlines()[-1])["schedule"] == "default"  # Forge's name of its own spacing
+
+
+def reference_ddim_cfgpp(model, s: Settings) -> np.ndarray:
+    """DDIM CFG++ written from its formula, in DDIM's own latents as A1111 1.10 runs it: timesteps
+    every 1000 // steps from 1 (clipped to 999); at each but the lowest, from the top, the noise
+    predictions e_u (negative) and e_c give e = e_u + (e_c - e_u) x cfg / 12.5, then
+    x0 = (x - sqrt(1 - a_t) e) / sqrt(a_t) and x = sqrt(a_prev) x0 + sqrt(1 - a_prev) e_u."""
+    inner = Inner(model)
+    alphas = inner.alphas_cumprod.double()
+    timesteps = [min(t + 1, 999) for t in range(0, 1000, 1000 // s.steps)]
+    positive, negative = pipeline.encode_prompts(model, [s])
+    cond, uncond = positive[0][0][1].conds[0], negative[0].conds[0]
+    v_model = model.prediction_type == "v_prediction"
+    # a v model's noise prediction: sqrt(a) v + sqrt(1 - a) x (A1111's timesteps v denoiser)
+    eps = (lambda out, x, a: a ** 0.5 * out + (1 - a) ** 0.5 * x) if v_model else (lambda out, x, a: out)  # noqa: E731
+    f = model.vae_scale_factor
+    x = torch.randn((1, model.latent_channels, s.height // f, s.width // f), generator=torch.Generator().manual_seed(s.seed))
+    with torch.inference_mode():
+        for index in range(len(timesteps) - 1, 0, -1):
+            t = torch.tensor([float(timesteps[index])])
+            a_t, a_prev = alphas[timesteps[index]].item(), alphas[timesteps[index - 1]].item()
+            e_u, e_c = (eps(inner.apply_model(x, t, c), x, a_t) for c in (uncond, cond))
+            e = e_u + (e_c - e_u) * (s.cfg / 12.5)
+            x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+            x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * e_u
+        return np.asarray(vae.decode(model, x)[0]).astype(np.int16)
+
+
+@pytest.mark.parametrize("family, steps", [("sd1", 4), ("sd1", 6), ("sdxl", 5), ("sd2", 4)])
+def test_ddim_cfgpp_equals_its_formula(models, family, steps):
+    model = models[family]
+    s = settings(model, "ddim_cfgpp", "default").merged(steps=steps, cfg=25.0)
+    mine = ours(model, s)
+    assert mine.std() > 1
+    assert np.abs(mine - reference_ddim_cfgpp(model, s)).max() <= 2
+    assert np.abs(mine - ours(model, settings(model, "ddim", "default").merged(steps=steps, cfg=25.0))).max() > 2
+
+
+def test_ddim_cfgpp_replays_from_an_a1111_png_and_refuses_img2img_in_one_line(sd1_folder, tmp_path):
+    import json
+
+    from PIL import Image, PngImagePlugin
+    from typer.testing import CliRunner
+
+    from ldm_cli import render
+    from ldm_cli.cli import app
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a red fox\nNegative prompt: blurry\nSteps: 4, Sampler: DDIM CFG++, CFG scale: 9, "
+                                "Seed: 5, Size: 64x64, Version: v1.10.1")
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png", pnginfo=info)
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", "--from-png", str(tmp_path / "a.png"), "--model", str(sd1_folder),
+                                 "--out", str(tmp_path / "out"), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert row["scheduler"] == "ddim_cfgpp" and "Sampler: DDIM CFG++," in Image.open(row["path"]).text["parameters"]
+    assert render.settings_from_png(row["path"]).scheduler == "ddim_cfgpp"
+    again = runner.invoke(app, ["generate", "--from-png", row["path"], "--model", str(sd1_folder),
+                                "--out", str(tmp_path / "again"), "--json", "--quiet"])
+    assert np.array_equal(np.asarray(Image.open(row["path"])),
+                          np.asarray(Image.open(json.loads(again.stdout.splitlines()[-1])["path"])))
+    for command in (["img2img", row["path"], "a cat"], ["generate", "a cat", "--hires-scale", "1.5"]):
+        refused = runner.invoke(app, [*command, "--model", str(sd1_folder), "--scheduler", "DDIM CFG++", "--steps", "3",
+                                      "--out", str(tmp_path / "no")])
+        lines = refused.stderr.strip().splitlines()
+        assert refused.exit_code == 2 and len(lines) == 1 and "DDIM CFG++ runs text to image only" in lines[0]
+        assert not (tmp_path / "no").exists()
+    listed = runner.invoke(app, ["schedulers"]).stdout
+    assert "ddim_cfgpp         DDIM CFG++         default (A1111's DDIM timesteps)" in listed
+
+
+def test_an_a1111_api_body_naming_ddim_cfgpp_runs_its_own_timesteps():
+    from ldm_cli.server import a1111
+
+    assert a1111.sampler({"sampler_name": "DDIM CFG++", "scheduler": "SGM Uniform"}, {}) == ("ddim_cfgpp", "default")
+    assert a1111.sampler({"sampler_name": "DDIM CFG++"}, {}) == ("ddim_cfgpp", None)
