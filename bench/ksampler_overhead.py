@@ -64,8 +64,9 @@ def main() -> None:
     names = [n for n, spec in schedulers.SCHEDULERS.items() if spec.k is not None]
     print(f"{'sampler':<20}{'calls':>6}{'denoiser ms/call':>18}{'run ms':>10}{'beyond the denoiser':>21}")
     for name in names:
+        schedule = "default" if schedulers.cfg_pp(name) else "sgm_uniform"  # DDIM CFG++ walks its own timesteps
         s = Settings(prompt="a red fox in snow, detailed", steps=args.steps, cfg=7.5, seed=1, scheduler=name,
-                     schedule="sgm_uniform", width=256, height=256).resolve({}, (256, 256))
+                     schedule=schedule, width=256, height=256).resolve({}, (256, 256))
         measured(model, s)  # warm-up
         runs = [measured(model, s) for _ in range(args.runs)]
         total, inside = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)

@@ -28,8 +28,9 @@ def positive_text(prompt: str) -> str:
 
 
 def uses_negative(s: Settings) -> bool:
-    """Whether the negative prompt is encoded and guides: always at cfg != 1, and at cfg 1 for a
-    prompt of several AND parts or a weight other than 1."""
+    """Whether the negative prompt is encoded and guides: always at cfg != 1 or with CFG++ (which
+    steps along the negative's prediction), and at cfg 1 for a prompt of several AND parts or a
+    weight other than 1."""
     parts = prompt_syntax.and_parts(positive_text(s.prompt))
     return guidance.needs_negative(s.cfg, [[(weight, None) for _, weight in parts]]) or schedulers.cfg_pp(s.scheduler)
 
