@@ -73,8 +73,9 @@ def main() -> None:
     names = [n for n, spec in schedulers.SCHEDULERS.items() if spec.k is not None]
     print(f"{'sampler':<20}{'calls':>6}{'denoiser ms/call':>18}{'run ms':>10}{'beyond the denoiser':>21}")
     for name in names:
+        schedule = "default" if schedulers.cfg_pp(name) else "sgm_uniform"  # DDIM CFG++ walks its own timesteps
         s = Settings(prompt="a red fox in snow, detailed", steps=args.steps, cfg=7.5, seed=1, scheduler=name,
-                     schedule="sgm_uniform", width=size, height=size)
+                     schedule=schedule, width=size, height=size)
         s = s.resolve(model.defaults if args.flow else {}, (size, size))
         measured(model, s)  # warm-up
         runs = [measured(model, s) for _ in range(args.runs)]

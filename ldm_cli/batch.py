@@ -223,7 +223,7 @@ def render_batch(model, batch: list[tuple[Task, Settings]], manifest: Manifest, 
     if not batch:
         return
     with lines_named(batch):
-        steps = steps_run(batch[0][0].job, batch[0][1], model.family.flow)
+        steps = steps_run(batch[0][0].job, batch[0][1], model.family)
         units = control_units.from_text(batch[0][1].controlnet)  # a batch shares its units
         if units or model.controls:  # ControlNet code is imported only for a file that asks for one
             from ldm_cli.loading import controlnet
@@ -301,14 +301,14 @@ def batch_key(item: tuple[Task, Settings]) -> tuple:
     return (job.mode, pipeline.batch_key(item[1]), item[1].edit_images if job.edit else None, job.mask is not None)
 
 
-def steps_run(job: Job, s: Settings, flow: bool = False) -> int:
+def steps_run(job: Job, s: Settings, family=None) -> int:
     if job.mode == "txt2img" or (job.edit and not job.mask):
         from ldm_cli import hires
 
         return hires.steps(s)
     from ldm_cli import strength
 
-    return strength.steps_run(s, flow)
+    return strength.steps_run(s, family)
 
 
 def draw(model, batch: list[tuple[Task, Settings]], on_step: Callable[[], None]) -> list[Image.Image]:

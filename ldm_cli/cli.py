@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import inspect
 import json
 import os
@@ -353,6 +354,8 @@ def list_schedulers() -> None:
         runs = ", ".join(["default", *spec.schedules])
         if spec.k is not None and spec.cls is not None:
             runs += " (diffusers'); the other types (k-diffusion's)"
+        elif spec.cfg_pp:
+            runs = "default (A1111's DDIM timesteps)"
         elif spec.k is not None:
             runs = f"every schedule type (k-diffusion's; default: {spec.k_schedule})"
         print(f"{spec.name:<19}{spec.label:<19}{runs}")
@@ -574,16 +577,20 @@ def main() -> NoReturn:
     try:
         app()
     except SystemExit as done:
-        _end(done.code)
-    _end(0)
+        code = done.code
+    else:
+        code = 0
+    _end(code)  # outside the handler: the exception and the frames it holds are let go first
 
 
 def _end(code: object) -> NoReturn:
+    status = 0 if code is None else code if isinstance(code, int) else 1
+    if status:  # a stop or an error may leave a generator suspended in a `with` (batch's claims): close it
+        gc.collect()
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()  # what sys.exit would run: logging's flush, weakref finalizers ...
-    status = 0 if code is None else code if isinstance(code, int) else 1
     if status == 1 and not isinstance(code, int):  # SystemExit's own rule: a message goes to stderr
         print(code, file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):

@@ -195,10 +195,10 @@ def _sized_to(settings: Settings, image: Image.Image, what: str) -> Settings:
     return out
 
 
-def _steps_run(s: Settings, flow: bool) -> int:
+def _steps_run(s: Settings, family) -> int:
     from ldm_cli import strength
 
-    return strength.steps_run(s, flow)
+    return strength.steps_run(s, family)
 
 
 def _run(settings: Settings, options: RunOptions, make, slot: ModelSlot | None = None) -> Iterator[render.Result]:
@@ -214,7 +214,7 @@ def _run(settings: Settings, options: RunOptions, make, slot: ModelSlot | None =
     s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
     # text to image runs them all (and hires fix's second pass); img2img what its strength keeps
-    steps = hires.steps(s) if make is None else _steps_run(s, model.family.flow)
+    steps = hires.steps(s) if make is None else _steps_run(s, model.family)
     with Progress(steps * len(jobs), len(jobs), options.quiet, watch=options.watch) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress, make)
 
@@ -345,7 +345,7 @@ def edit(settings: Settings, image_path: Path | None, references: list[Path], op
 
     def make(model, group, on_step):
         return flow.run(model, group, [inputs] * len(group), None if mask is None else [mask] * len(group), on_step)
-    steps = s.steps if mask is None else _steps_run(s, model.family.flow)
+    steps = s.steps if mask is None else _steps_run(s, model.family)
     with Progress(steps * len(jobs), len(jobs), options.quiet) as progress:
         yield from render.render(model, jobs, options.batch_size, options.out, progress, make)
 

@@ -9,7 +9,7 @@ encoded only where guidance needs it.
 """
 from __future__ import annotations
 
-from ldm_cli import guidance, prompt_syntax
+from ldm_cli import guidance, prompt_syntax, schedulers
 from ldm_cli.guidance import Parts, Schedule
 from ldm_cli.networks import session
 from ldm_cli.settings import Settings
@@ -28,10 +28,11 @@ def positive_text(prompt: str) -> str:
 
 
 def uses_negative(s: Settings) -> bool:
-    """Whether the negative prompt is encoded and guides: always at cfg != 1, and at cfg 1 for a
-    prompt of several AND parts or a weight other than 1."""
+    """Whether the negative prompt is encoded and guides: always at cfg != 1 or with CFG++ (which
+    steps along the negative's prediction), and at cfg 1 for a prompt of several AND parts or a
+    weight other than 1."""
     parts = prompt_syntax.and_parts(positive_text(s.prompt))
-    return guidance.needs_negative(s.cfg, [[(weight, None) for _, weight in parts]])
+    return guidance.needs_negative(s.cfg, [[(weight, None) for _, weight in parts]]) or schedulers.cfg_pp(s.scheduler)
 
 
 def encode(model, group: list[Settings], cache: Cache | None = None) -> tuple[list[Parts], list[Schedule] | None]:
@@ -39,7 +40,7 @@ def encode(model, group: list[Settings], cache: Cache | None = None) -> tuple[li
     schedules found in `cache` are not encoded again, those encoded are added to it."""
     cache = {} if cache is None else cache
     positive = [_parts(model, s, cache) for s in group]
-    if not guidance.needs_negative(group[0].cfg, positive):
+    if not guidance.needs_negative(group[0].cfg, positive) and not schedulers.cfg_pp(group[0].scheduler):
         return positive, None
     return positive, [_schedule(model, s.negative, s, True, cache) for s in group]
 
@@ -59,7 +60,8 @@ def text_lora_key(model, prompt: str) -> tuple:
 
 
 def _key(model, text: str, s: Settings, negative: bool) -> tuple:
-    return (text, negative, *(getattr(s, f) for f in ENCODING_FIELDS), text_lora_key(model, s.prompt))
+    return (text, negative, schedulers.prompt_steps(s.scheduler, s.steps), *(getattr(s, f) for f in ENCODING_FIELDS),
+            text_lora_key(model, s.prompt))
 
 
 def _parts(model, s: Settings, cache: Cache) -> Parts:
@@ -70,7 +72,7 @@ def _parts(model, s: Settings, cache: Cache) -> Parts:
 def _schedule(model, text: str, s: Settings, negative: bool, cache: Cache) -> Schedule:
     key = _key(model, text, s, negative)
     if key not in cache:
-        plan = prompt_syntax.schedule(text, s.steps)
+        plan = prompt_syntax.schedule(text, schedulers.prompt_steps(s.scheduler, s.steps))
         cond = model.family.encode(model, [prompt for _, prompt in plan], s, negative)
         cache[key] = Schedule([end for end, _ in plan], guidance.rows_of(cond))
     return cache[key]

@@ -88,13 +88,15 @@ class Guidance:
     """The rows of each step and the combination of their outputs, for one batch of images."""
 
     def __init__(self, positive: Cond | list[Parts], negative: Cond | list[Schedule] | None, cfg: float,
-                 adjust: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 adjust: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 keep_negative: bool = False):
         self.positive = plain(positive) if isinstance(positive, dict) else positive
         if isinstance(negative, dict):
             negative = [p[0][1] for p in plain(negative)]
         self.cfg = cfg
         self.adjust = adjust  # the family's own step after CFG (Family.guided)
-        self.negative = negative if negative is not None and needs_negative(cfg, self.positive) else None
+        # keep_negative: the sampler reads the negative's own answer (CFG++), at any cfg
+        self.negative = negative if negative is not None and (keep_negative or needs_negative(cfg, self.positive)) else None
         self.images = len(self.positive)
         self._cached: tuple[tuple, list[Call]] | None = None
         self._combine = self._combination()
@@ -145,6 +147,10 @@ class Guidance:
         if self.adjust is not None:  # against each image's first part, its conditional output
             result = self.adjust(out[self._combine[0][0]], result)
         return result
+
+    def unguided(self, out: torch.Tensor) -> torch.Tensor:
+        """The negative's rows: each image's unguided output."""
+        return out[:self.images]
 
 
 def _calls(chosen: list[Cond]) -> list[Call]:

@@ -81,6 +81,7 @@ def check(model, s: Settings) -> None:
     if not hires_plan.enabled(s):
         return
     hires = hires_plan.second_pass(s, model.size_multiple)
+    strength.check_sampler(hires, "hires fix's second pass (--hires-scheduler)")
     if hires.width % model.size_multiple or hires.height % model.size_multiple:
         raise LdmError(f"--hires-resize must be a multiple of {model.size_multiple} a side for this model "
                        f"(got {hires.width}x{hires.height})")

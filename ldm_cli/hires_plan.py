@@ -7,14 +7,15 @@ A1111 1.10's rules, learned from its txt2img processing:
   the first pass's shape; with both, the image is scaled to cover WxH and the excess cropped
   evenly, in whole latent pixels, after the upscale (the left and top get the smaller half).
 - The second pass runs exactly N steps (`Hires steps`, else the first pass's) from the tail of an
-  int(N / min(D, 0.999))-step schedule, D being `Denoising strength`.
+  int(N / min(D, 0.999))-step schedule, D being `Denoising strength` (strength_steps.py: img2img
+  on the k-diffusion path counts by the same rule).
 - Its prompt, negative, sampler and schedule are the first pass's unless given.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from ldm_cli import infotext, schedulers
+from ldm_cli import infotext, schedulers, strength_steps
 from ldm_cli.errors import LdmError
 
 # A1111's latent upscale modes: torch interpolate's (mode, antialias)
@@ -27,7 +28,6 @@ UPSCALERS = (*LATENT_MODES, *IMAGE_UPSCALERS)
 DEFAULT_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode
 DEFAULT_STRENGTH = 0.7  # A1111's txt2img slider
 DEFAULT_SCALE = 2.0  # A1111's hr_scale, for a record or a prompts-file line that enables hires alone
-MOST_STRENGTH = 0.999  # A1111 divides by at most this: strength 1 still keeps N of N + 0 steps
 # the Settings fields that only mean something with hires fix on
 FIELDS = ("hires_upscaler", "hires_steps", "hires_scheduler", "hires_schedule", "hires_prompt",
           "hires_negative", "hires_cfg")
@@ -82,8 +82,7 @@ def crop(s, factor: int, multiple: int = 8) -> tuple[int, int, int, int]:
 
 def steps(s) -> tuple[int, int]:
     """(the schedule's steps, the steps run from its tail)."""
-    kept = s.hires_steps or s.steps
-    return int(kept / min(s.strength, MOST_STRENGTH)), kept
+    return strength_steps.a1111(s.steps, s.strength, s.hires_steps or s.steps)
 
 
 def second_pass(s, multiple: int = 8):

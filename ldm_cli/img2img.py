@@ -57,7 +57,7 @@ def image_to_image(model, group: list[Settings], init_images: list[Image.Image],
     positive, negative = pipeline.encode_prompts(model, group)
     # 3. timesteps from strength
     scheduler = pipeline.make_scheduler(model, group)
-    timesteps = strength_timesteps(scheduler, s, model.family.flow)
+    timesteps = strength_timesteps(scheduler, s, model.family)
     # 4. image latents
     generators = pipeline.generators_for(group)
     units = control.for_batch(model, s.width, s.height, generators)  # before the image's sample, as diffusers

@@ -296,7 +296,7 @@ def inpaint(model, group: list[Settings], init_images: list[Image.Image], masks:
     positive, negative = pipeline.encode_prompts(model, group)
     # 3. timesteps from strength
     scheduler = pipeline.make_scheduler(model, group)
-    timesteps = strength.strength_timesteps(scheduler, s, model.family.flow)
+    timesteps = strength.strength_timesteps(scheduler, s, model.family)
     # 4. latents: image latents, then noise
     generators = pipeline.generators_for(group)
     # at the render size (the region's with --only-masked), before the image's sample, as diffusers

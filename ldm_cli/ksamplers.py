@@ -4,25 +4,31 @@ source (sigma, sigma_next) -> a draw from the images' seeds. Each follows the ar
 k-diffusion's sampling.py (Katherine Crowson, MIT) step for step, so that an A1111 image replays;
 tests/test_ksamplers.py holds each to k-diffusion's own function.
 
+The sigmas are host floats, and so is every branch and coefficient computed from them: k-diffusion
+keeps them as tensors, where each comparison or min() would wait for a GPU to finish its queued
+work. Only the images (x, denoised, noise) are tensors.
+
 `done(i, x)` follows each step i and returns x (inpainting blends the known region back in).
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Noise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
+Noise = Callable[[float, float], torch.Tensor]
 Done = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
     """The probability-flow ODE's derivative dx/dsigma."""
     return (x - denoised) / sigma
 
 
-def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0):
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
     """(sigma_down, sigma_up): where a deterministic step lands and how much fresh noise follows."""
     if not eta:
         return sigma_to, 0.0
@@ -42,7 +48,7 @@ def _churned(model: Denoiser, x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_no
     return x, sigma_hat, denoised, to_d(x, sigma_hat, denoised)
 
 
-def euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def euler(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
           s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         x, sigma_hat, _, d = _churned(model, x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
@@ -51,7 +57,7 @@ def euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, 
     return x
 
 
-def euler_a(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def euler_a(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
             eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -63,7 +69,7 @@ def euler_a(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise
     return x
 
 
-def heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def heun(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         x, sigma_hat, _, d = _churned(model, x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
@@ -78,7 +84,7 @@ def heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, d
     return x
 
 
-def dpm2(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpm2(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
          s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         x, sigma_hat, _, d = _churned(model, x, sigmas, i, noise, s_churn, s_tmin, s_tmax, s_noise)
@@ -91,12 +97,12 @@ def _dpm2_step(model: Denoiser, x, d, sigma, sigma_to):
     """DPM-Solver-2: the derivative taken again at the log-midpoint; Euler into sigma 0."""
     if sigma_to == 0:
         return x + d * (sigma_to - sigma)
-    sigma_mid = sigma.log().lerp(sigma_to.log(), 0.5).exp()
+    sigma_mid = math.exp(math.log(sigma) + (math.log(sigma_to) - math.log(sigma)) * 0.5)
     x_2 = x + d * (sigma_mid - sigma)
     return x + to_d(x_2, sigma_mid, model(x_2, sigma_mid)) * (sigma_to - sigma)
 
 
-def dpm2_a(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpm2_a(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
            eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -108,7 +114,7 @@ def dpm2_a(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
     return x
 
 
-def dpmpp_2s_a(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpmpp_2s_a(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -116,20 +122,20 @@ def dpmpp_2s_a(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: No
         if down == 0:
             x = x + to_d(x, sigmas[i], denoised) * (down - sigmas[i])
         else:  # DPM-Solver++(2S): a half step in log sigma, then the whole from there
-            t, t_next = -sigmas[i].log(), -down.log()
+            t, t_next = -math.log(sigmas[i]), -math.log(down)
             h = t_next - t
             s = t + h / 2
-            x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
-            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * model(x_2, (-s).exp())
+            x_2 = (math.exp(-s) / math.exp(-t)) * x - math.expm1(-h / 2) * denoised
+            x = (math.exp(-t_next) / math.exp(-t)) * x - math.expm1(-h) * model(x_2, math.exp(-s))
         if sigmas[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * s_noise * up
         x = done(i, x)
     return x
 
 
-def dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
               eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> torch.Tensor:
-    sigma_of, t_of = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())
+    sigma_of, t_of = (lambda t: math.exp(-t)), (lambda sigma: -math.log(sigma))
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         if sigmas[i + 1] == 0:
@@ -140,35 +146,35 @@ def dpmpp_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noi
             s = t + h * r
             down, up = ancestral_step(sigma_of(t), sigma_of(s), eta)
             s_ = t_of(down)
-            x_2 = (sigma_of(s_) / sigma_of(t)) * x - (t - s_).expm1() * denoised
+            x_2 = (sigma_of(s_) / sigma_of(t)) * x - math.expm1(t - s_) * denoised
             x_2 = x_2 + noise(sigma_of(t), sigma_of(s)) * s_noise * up
             denoised_2 = model(x_2, sigma_of(s))
             down, up = ancestral_step(sigma_of(t), sigma_of(t_next), eta)
             t_next_ = t_of(down)
             mixed = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_2
-            x = (sigma_of(t_next_) / sigma_of(t)) * x - (t - t_next_).expm1() * mixed
+            x = (sigma_of(t_next_) / sigma_of(t)) * x - math.expm1(t - t_next_) * mixed
             x = x + noise(sigma_of(t), sigma_of(t_next)) * s_noise * up
         x = done(i, x)
     return x
 
 
-def dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done) -> torch.Tensor:
+def dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done) -> torch.Tensor:
     old = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
-        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        t, t_next = -math.log(sigmas[i]), _neg_log(sigmas[i + 1])
         h = t_next - t
         mixed = denoised
         if old is not None and sigmas[i + 1] != 0:
-            r = (t + sigmas[i - 1].log()) / h
+            r = (t + math.log(sigmas[i - 1])) / h
             mixed = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
-        x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * mixed
+        x = (math.exp(-t_next) / math.exp(-t)) * x - math.expm1(-h) * mixed
         old = denoised
         x = done(i, x)
     return x
 
 
-def dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                  eta: float = 1.0, s_noise: float = 1.0, solver: str = "midpoint") -> torch.Tensor:
     old, h_last = None, None
     for i in range(len(sigmas) - 1):
@@ -177,28 +183,28 @@ def dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: 
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            h = sigmas[i].log() - sigmas[i + 1].log()
+            h = math.log(sigmas[i]) - math.log(sigmas[i + 1])
             eta_h = eta * h
-            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + -math.expm1(-h - eta_h) * denoised
             if old is not None:
                 r = h_last / h
                 if solver == "heun":
-                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old)
+                    x = x + (-math.expm1(-h - eta_h) / (-h - eta_h) + 1) * (1 / r) * (denoised - old)
                 else:
-                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old)
+                    x = x + 0.5 * -math.expm1(-h - eta_h) * (1 / r) * (denoised - old)
             if eta:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
         old, h_last = denoised, h
         x = done(i, x)
     return x
 
 
-def dpmpp_2m_sde_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpmpp_2m_sde_heun(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                       eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     return dpmpp_2m_sde(model, x, sigmas, noise, done, eta, s_noise, solver="heun")
 
 
-def dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                  eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(sigmas) - 1):
@@ -207,22 +213,27 @@ def dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: 
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            h = sigmas[i].log() - sigmas[i + 1].log()
+            h = math.log(sigmas[i]) - math.log(sigmas[i + 1])
             h_eta = h * (eta + 1)
-            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            x = math.exp(-h_eta) * x + -math.expm1(-h_eta) * denoised
             x = x + _3m_correction(denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta)
             if eta:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
         denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
         x = done(i, x)
     return x
+
+
+def _neg_log(sigma: float) -> float:
+    """-log sigma, inf at sigma 0 (the last step lands there, as torch's log gives -inf)."""
+    return -math.log(sigma) if sigma > 0 else math.inf
 
 
 def _3m_correction(denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta):
     """The second- and third-order terms from the last two denoised images (none at first)."""
     if h_1 is None:
         return 0
-    phi_2 = h_eta.neg().expm1() / h_eta + 1
+    phi_2 = math.expm1(-h_eta) / h_eta + 1
     if h_2 is None:
         return phi_2 * (denoised - denoised_1) / (h_1 / h)
     r0, r1 = h_1 / h, h_2 / h
@@ -232,7 +243,7 @@ def _3m_correction(denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta):
     return phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
 
 
-def lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done, order: int = 4) -> torch.Tensor:
+def lms(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done, order: int = 4) -> torch.Tensor:
     from scipy import integrate
 
     def coefficient(order: int, t, i: int, j: int) -> float:
@@ -244,12 +255,11 @@ def lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, do
             return out
         return integrate.quad(product, t[i], t[i + 1], epsrel=1e-4)[0]
 
-    plain = sigmas.detach().cpu().numpy()
     ds: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
         ds = [*ds, to_d(x, sigmas[i], model(x, sigmas[i]))][-order:]
         now = min(i + 1, order)
-        x = x + sum(coefficient(now, plain, i, j) * d for j, d in enumerate(reversed(ds)))
+        x = x + sum(coefficient(now, sigmas, i, j) * d for j, d in enumerate(reversed(ds)))
         x = done(i, x)
     return x
 
@@ -261,17 +271,17 @@ def lms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, do
 # sigma^2 on the image), a flow model's image shrinks by alpha = 1 - sigma as noise grows: these
 # variants keep x's mix at alpha x0 + sigma noise after every draw.
 
-def rf_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0):
+def rf_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float, float]:
     """(sigma_down, scale, renoise) of a rectified-flow ancestral step (Forge's, for FLUX): the
     deterministic step lands eta's share of the way from sigma_to towards sigma_to^2 / sigma_from
     (the VE step's sigma_down at eta 1); x there, scaled by alpha_to / alpha_down, takes fresh
     noise `renoise` so that its noise is sigma_to again."""
     down = sigma_to * (1 + (sigma_to / sigma_from - 1) * eta)
     scale = (1 - sigma_to) / (1 - down)
-    return down, scale, (sigma_to ** 2 - (down * scale) ** 2).clamp(min=0) ** 0.5
+    return down, scale, max(sigma_to ** 2 - (down * scale) ** 2, 0.0) ** 0.5
 
 
-def euler_a_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def euler_a_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                  eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -286,7 +296,7 @@ def euler_a_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: 
     return x
 
 
-def dpm2_a_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpm2_a_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                 eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -298,7 +308,7 @@ def dpm2_a_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: N
     return x
 
 
-def dpmpp_2s_a_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpmpp_2s_a_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                     eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -306,17 +316,17 @@ def dpmpp_2s_a_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, nois
         if down == 0:
             x = denoised
         else:  # DPM-Solver++(2S) to sigma_down: a half step in log sigma, then the whole from there
-            h = sigmas[i].log() - down.log()
-            mid = sigmas[i] * (-h / 2).exp()
-            x_2 = (mid / sigmas[i]) * x - (-h / 2).expm1() * denoised
-            x = (down / sigmas[i]) * x - (-h).expm1() * model(x_2, mid)
+            h = math.log(sigmas[i]) - math.log(down)
+            mid = sigmas[i] * math.exp(-h / 2)
+            x_2 = (mid / sigmas[i]) * x - math.expm1(-h / 2) * denoised
+            x = (down / sigmas[i]) * x - math.expm1(-h) * model(x_2, mid)
         if sigmas[i + 1] > 0:
             x = scale * x + noise(sigmas[i], sigmas[i + 1]) * s_noise * renoise
         x = done(i, x)
     return x
 
 
-def dpmpp_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpmpp_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                    eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> torch.Tensor:
     """DPM++ SDE's two stages (to the point r of the step in log sigma, then to its end), each
     a first-order step to a rectified-flow ancestral step's sigma_down and its fresh noise."""
@@ -334,18 +344,18 @@ def dpmpp_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise
     return x
 
 
-def _rf_stage(x, sigma, sigma_to, denoised, noise: Noise, eta: float, s_noise: float):
+def _rf_stage(x, sigma: float, sigma_to: float, denoised, noise: Noise, eta: float, s_noise: float):
     down, scale, renoise = rf_ancestral_step(sigma, sigma_to, eta)
     x = (down / sigma) * x + (1 - down / sigma) * denoised
     return scale * x + noise(sigma, sigma_to) * s_noise * renoise
 
 
-def half_log_snr(sigma: torch.Tensor) -> torch.Tensor:
+def half_log_snr(sigma: float) -> float:
     """lambda = log(alpha / sigma), alpha = 1 - sigma: -inf at sigma 1 (pure noise)."""
-    return torch.log1p(-sigma) - sigma.log()
+    return math.log1p(-sigma) - math.log(sigma) if sigma < 1 else -math.inf
 
 
-def dpmpp_2m_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpmpp_2m_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                       eta: float = 1.0, s_noise: float = 1.0, solver: str = "midpoint") -> torch.Tensor:
     """DPM++ 2M SDE in the half-log-SNR lambda of alpha = 1 - sigma (VE's alpha is 1, lambda
     -log sigma: k-diffusion's arithmetic): the image's terms scale by alpha_next."""
@@ -357,26 +367,26 @@ def dpmpp_2m_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, no
             x = denoised
         else:
             h = half_log_snr(sigmas[i + 1]) - half_log_snr(sigmas[i])
-            eta_h = h * eta if eta else torch.zeros_like(h)  # h is infinite from sigma 1
+            eta_h = h * eta if eta else 0.0  # h is infinite from sigma 1
             alpha = 1 - sigmas[i + 1]
-            kept = (-h - eta_h).expm1().neg()
-            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + alpha * kept * denoised
+            kept = -math.expm1(-h - eta_h)
+            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + alpha * kept * denoised
             if old is not None:
                 weight = (kept / (-h - eta_h) + 1) if solver == "heun" else 0.5 * kept
                 x = x + alpha * weight * (h / h_last) * (denoised - old)
             if eta:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
         old, h_last = denoised, h
         x = done(i, x)
     return x
 
 
-def dpmpp_2m_sde_heun_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpmpp_2m_sde_heun_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                            eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     return dpmpp_2m_sde_flow(model, x, sigmas, noise, done, eta, s_noise, solver="heun")
 
 
-def dpmpp_3m_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def dpmpp_3m_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                       eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """DPM++ 3M SDE in the half-log-SNR lambda, as dpmpp_2m_sde_flow."""
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
@@ -387,13 +397,13 @@ def dpmpp_3m_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, no
             x = denoised
         else:
             h = half_log_snr(sigmas[i + 1]) - half_log_snr(sigmas[i])
-            eta_h = h * eta if eta else torch.zeros_like(h)
+            eta_h = h * eta if eta else 0.0
             h_eta = h + eta_h
             alpha = 1 - sigmas[i + 1]
-            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + alpha * (-h_eta).expm1().neg() * denoised
+            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + alpha * -math.expm1(-h_eta) * denoised
             x = x + alpha * _3m_correction(denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta)
             if eta:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
         denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
         x = done(i, x)
     return x

@@ -76,8 +76,15 @@ def check_steps(model, s: Settings) -> None:
 
 def uses_k(model, s: Settings) -> bool:
     """Whether s runs on one of A1111's k-diffusion samplers (ksampling.py) with this model."""
-    family = model.family
-    return schedulers.uses_k(s.scheduler, s.schedule, bool(s.sampler_options()), family.flow, family.sigmas is not None)
+    return k_path(s, model.family)
+
+
+def k_path(s: Settings, family=None) -> bool:
+    """Whether `s` runs on ldm's k-diffusion samplers (ksampling.py) rather than a diffusers
+    scheduler, on a model of `family` (a families.family.Family; None: a noise-prediction one)."""
+    flow = family is not None and family.flow
+    return schedulers.uses_k(s.scheduler, s.schedule, bool(s.sampler_options()), flow,
+                             flow and family.sigmas is not None)
 
 
 def make_scheduler(model, group: list[Settings]):

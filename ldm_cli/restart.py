@@ -18,7 +18,7 @@ TWICE_FROM = 36
 RESTART_AT, RESTART_TO = 0.1, 2.0
 
 
-def restart(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def restart(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
             s_noise: float = 1.0) -> torch.Tensor:
     last = None
     for i, (sigma, sigma_next) in enumerate(walk(sigmas)):
@@ -30,7 +30,7 @@ def restart(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise
     return x
 
 
-def _heun(model: Denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+def _heun(model: Denoiser, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     d = to_d(x, sigma, model(x, sigma))
     dt = sigma_next - sigma
     if sigma_next == 0:
@@ -39,31 +39,31 @@ def _heun(model: Denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: tor
     return x + (d + to_d(x_2, sigma_next, model(x_2, sigma_next))) / 2 * dt
 
 
-def walk(sigmas: torch.Tensor, at: float = RESTART_AT,
-         to: float = RESTART_TO) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def walk(sigmas: list[float], at: float = RESTART_AT, to: float = RESTART_TO) -> list[tuple[float, float]]:
     """The (sigma, next sigma) pairs the sampler steps through, restarts included (from the
     sigma nearest `at` back up to the one nearest `to`)."""
     steps = len(sigmas) - 1
     if steps < FROM_STEPS:
         return list(zip(sigmas[:-1], sigmas[1:]))
     times, length = (2, steps // 4) if steps >= TWICE_FROM else (1, 9)
-    sigmas = _karras(sigmas[-2].item(), sigmas[0].item(), steps - length * times, sigmas.device)
+    sigmas = _karras(sigmas[-2], sigmas[0], steps - length * times)
     low, high = _nearest(sigmas, at), _nearest(sigmas, to)
     pairs = []
     for i in range(len(sigmas) - 1):
         pairs.append((sigmas[i], sigmas[i + 1]))
         if i + 1 == low and high < low:
-            back = _karras(sigmas[low].item(), sigmas[high].item(), length + 1, sigmas.device)[:-1]
+            back = _karras(sigmas[low], sigmas[high], length + 1)[:-1]
             pairs += list(zip(back[:-1], back[1:])) * times
     return pairs
 
 
-def _karras(sigma_min: float, sigma_max: float, n: int, device) -> torch.Tensor:
-    return torch.tensor(sigma_schedules.karras_between(sigma_min, sigma_max, n), dtype=torch.float32, device=device)
+def _karras(sigma_min: float, sigma_max: float, n: int) -> list[float]:
+    """A Karras schedule rounded to float32, as A1111's tensors hold it."""
+    return sigma_schedules.float32(sigma_schedules.karras_between(sigma_min, sigma_max, n))
 
 
-def _nearest(sigmas: torch.Tensor, value: float) -> int:
-    return int(torch.argmin((sigmas - value).abs()))
+def _nearest(sigmas: list[float], value: float) -> int:
+    return min(range(len(sigmas)), key=lambda i: abs(sigmas[i] - value))
 
 
 # A flow model's x = (1 - sigma) x0 + sigma noise is x / (1 - sigma) = x0 + sigma / (1 - sigma) noise:
@@ -71,7 +71,7 @@ def _nearest(sigmas: torch.Tensor, value: float) -> int:
 FLOW_RESTART_AT, FLOW_RESTART_TO = RESTART_AT / (1 + RESTART_AT), RESTART_TO / (1 + RESTART_TO)
 
 
-def restart_flow(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise, done: Done,
+def restart_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                  s_noise: float = 1.0) -> torch.Tensor:
     """Restart on a flow-matching model: its restart levels at A1111's signal-to-noise ratios, and
     going back up rescales x by alpha_high / alpha_low before the noise that tops it up to sigma_high."""

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from ldm_cli import ddim_cfgpp
 from ldm_cli.control import Control
 from ldm_cli.errors import LdmError
 from ldm_cli.families.family import Cond
@@ -53,7 +54,9 @@ def denoise(model, scheduler, latents: torch.Tensor, positive: Cond | list[Parts
     number, the run's step count) where the run is split between two models (refiner.py), so
     prompt schedules and ControlNet ranges count the whole run's steps."""
     first, total = span or (0, len(timesteps))
-    plan = Guidance(positive, negative, cfg, model.family.guided)
+    cfg_pp = isinstance(scheduler, KRun) and scheduler.cfg_pp
+    plan = Guidance(positive, negative, cfg / ddim_cfgpp.CFG_DIVISOR if cfg_pp else cfg, model.family.guided,
+                    keep_negative=cfg_pp)
     rows = _row_index(plan.row_images(), len(latents))
     if extra_input is not None:
         extra_input = _rows(extra_input, rows)
@@ -87,17 +90,20 @@ def _k_denoise(model, run: KRun, latents: torch.Tensor, plan: Guidance, rows: to
     if blend is not None and run.sampler in OWN_STEPS:
         raise LdmError(f"{run.sampler} takes steps of its own, which inpainting an ordinary model cannot follow; "
                        "use another --scheduler or an inpainting model")
-    sigmas = torch.cat([timesteps, run.sigmas[-1:]]).to(latents.device)
+    sigmas = run.kept(len(timesteps))
     calls, steps = [0], [0]
 
-    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        x_in = _rows(x, rows) * run.c_in(sigma)
-        t = run.timestep(sigma).to(x.device)
+    def denoiser(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        scale = run.c_in(sigma)
+        x_in = _rows(x, rows) if scale == 1 else _rows(x, rows) * scale  # a flow model's is 1
+        t = run.timestep(sigma, x.device)
         full = x_in if extra_input is None else torch.cat([x_in, extra_input], dim=1)
         at = control.at(steps[0], len(timesteps)) if control is not None else None
-        out = plan.combine(_predict(model, full, t, plan.calls(calls[0]), x_in, at, references))
+        out = _predict(model, full, t, plan.calls(calls[0]), x_in, at, references)
         calls[0] += 1
-        return run.denoised(x, sigma, out)
+        if run.cfg_pp:
+            return run.denoised(x, sigma, plan.combine(out)), run.denoised(x, sigma, plan.unguided(out))
+        return run.denoised(x, sigma, plan.combine(out))
 
     def done(i: int, x: torch.Tensor) -> torch.Tensor:
         steps[0] = i + 1

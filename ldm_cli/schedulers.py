@@ -49,6 +49,12 @@ class SchedulerSpec:
     discard_penultimate: bool = False  # one step more, its next-to-last sigma dropped (A1111's DPM2, 3M SDE)
     brownian: bool = False  # its noise from a Brownian tree seeded per image (A1111's SDE samplers)
     takes: tuple[str, ...] = ()  # the A1111 options it takes (eta, s_churn ...: settings.SAMPLER_OPTIONS)
+    # A1111's "second_order": about two denoiser calls a step, so its prompt schedules (which count
+    # calls) span twice the steps (prompt_steps)
+    second_order: bool = False
+    # CFG++ (ddim_cfgpp.py): guidance at cfg / 12.5, the step along the negative's prediction (so
+    # the negative is always encoded); its own timesteps, no schedule type
+    cfg_pp: bool = False
 
 
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
@@ -61,11 +67,12 @@ SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
     SchedulerSpec("euler", "EulerDiscreteScheduler", "Euler", schedules=ALL_SCHEDULES, k="euler", takes=CHURN),
     SchedulerSpec("euler_a", "EulerAncestralDiscreteScheduler", "Euler a", stochastic=True, k="euler_a",
                   takes=ANCESTRAL),
-    SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun", schedules=ALL_SCHEDULES, k="heun", takes=CHURN),
+    SchedulerSpec("heun", "HeunDiscreteScheduler", "Heun", schedules=ALL_SCHEDULES, k="heun", takes=CHURN,
+                  second_order=True),
     SchedulerSpec("dpm2", "KDPM2DiscreteScheduler", "DPM2", schedules=ALL_SCHEDULES, k="dpm2", k_schedule="karras",
-                  discard_penultimate=True, takes=CHURN),
+                  discard_penultimate=True, takes=CHURN, second_order=True),
     SchedulerSpec("dpm2_a", "KDPM2AncestralDiscreteScheduler", "DPM2 a", stochastic=True, schedules=ALL_SCHEDULES,
-                  k="dpm2_a", k_schedule="karras", discard_penultimate=True, takes=ANCESTRAL),
+                  k="dpm2_a", k_schedule="karras", discard_penultimate=True, takes=ANCESTRAL, second_order=True),
     SchedulerSpec("dpmpp_2m", "DPMSolverMultistepScheduler", "DPM++ 2M",
                   {"algorithm_type": "dpmsolver++", "solver_order": 2}, schedules=ALL_SCHEDULES, k="dpmpp_2m",
                   k_schedule="karras"),
@@ -73,7 +80,7 @@ SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
                   {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, stochastic=True, schedules=ALL_SCHEDULES,
                   k="dpmpp_2m_sde", k_schedule="exponential", brownian=True, takes=ANCESTRAL),
     SchedulerSpec("dpmpp_sde", "DPMSolverSDEScheduler", "DPM++ SDE", stochastic=True, schedules=ALL_SCHEDULES,
-                  k="dpmpp_sde", k_schedule="karras", brownian=True, takes=ANCESTRAL),
+                  k="dpmpp_sde", k_schedule="karras", brownian=True, takes=ANCESTRAL, second_order=True),
     SchedulerSpec("unipc", "UniPCMultistepScheduler", "UniPC", schedules=ALL_SCHEDULES),
     SchedulerSpec("deis", "DEISMultistepScheduler", "DEIS", schedules=ALL_SCHEDULES),
     SchedulerSpec("lcm", "LCMScheduler", "LCM", stochastic=True),
@@ -81,12 +88,13 @@ SCHEDULERS: dict[str, SchedulerSpec] = {s.name: s for s in [
     SchedulerSpec("dpmpp_2m_sde_heun", None, "DPM++ 2M SDE Heun", stochastic=True, k="dpmpp_2m_sde_heun",
                   k_schedule="exponential", brownian=True, takes=ANCESTRAL),
     SchedulerSpec("dpmpp_2s_a", None, "DPM++ 2S a", stochastic=True, k="dpmpp_2s_a", k_schedule="karras",
-                  takes=ANCESTRAL),
+                  takes=ANCESTRAL, second_order=True),
     SchedulerSpec("dpmpp_3m_sde", None, "DPM++ 3M SDE", stochastic=True, k="dpmpp_3m_sde", k_schedule="exponential",
                   discard_penultimate=True, brownian=True, takes=ANCESTRAL),
     SchedulerSpec("dpm_fast", None, "DPM fast", stochastic=True, k="dpm_fast", takes=ANCESTRAL),
     SchedulerSpec("dpm_adaptive", None, "DPM adaptive", stochastic=True, k="dpm_adaptive", takes=("eta",)),
-    SchedulerSpec("restart", None, "Restart", stochastic=True, k="restart", k_schedule="karras"),
+    SchedulerSpec("restart", None, "Restart", stochastic=True, k="restart", k_schedule="karras", second_order=True),
+    SchedulerSpec("ddim_cfgpp", None, "DDIM CFG++", k="ddim_cfgpp", cfg_pp=True),
 ]}
 
 # Flow-matching models (SD3) take these names through diffusers: its flow-matching Euler and Heun,
@@ -155,6 +163,20 @@ def _did_you_mean(wanted: str, forms: dict[str, str]) -> str:
     return f" (did you mean {forms[close[0]]!r}?)" if close else ""
 
 
+def cfg_pp(name: str | None) -> bool:
+    """Whether the sampler guides as CFG++ does (and so always needs the negative)."""
+    spec = SCHEDULERS.get(name) if name is not None else None
+    return spec is not None and spec.cfg_pp
+
+
+def prompt_steps(name: str | None, steps: int) -> int:
+    """The steps A1111 spreads a prompt schedule (`[a:b:0.5]`, alternation) over: twice `steps`
+    for a second-order sampler, since the schedule advances with each denoiser call, on either
+    path (diffusers' second-order classes, Heun's and DPM2's, have a timestep per call too)."""
+    spec = SCHEDULERS.get(name) if name is not None else None
+    return steps * 2 if spec is not None and spec.second_order else steps
+
+
 def validated(name: str | None, schedule: str | None) -> tuple[str | None, str | None]:
     """(scheduler, schedule) with names checked, case ignored, and the pair checked when both
     are known; None stays None (the model's default fills it)."""
@@ -171,7 +193,7 @@ def supports(name: str, schedule: str) -> bool:
     """Whether the sampler runs the schedule: its diffusers class's, or any through k-diffusion's
     path. "simple" is also Forge's name for a flow model's own spacing, checked with the model."""
     spec = SCHEDULERS[name]
-    return schedule in ("default", "simple") or schedule in spec.schedules or spec.k is not None
+    return schedule in ("default", "simple") or schedule in spec.schedules or (spec.k is not None and not spec.cfg_pp)
 
 
 def uses_k(name: str, schedule: str | None, options: bool = False, flow: bool = False,
@@ -209,8 +231,9 @@ class LabelledFamily(Protocol):
 
 
 def flow_names() -> list[str]:
-    """The schedulers a flow-matching model takes: diffusers' flow classes and k-diffusion's samplers."""
-    return [n for n, spec in SCHEDULERS.items() if n in FLOW_SCHEDULERS or spec.k]
+    """The schedulers a flow-matching model takes: diffusers' flow classes and k-diffusion's samplers
+    (not DDIM CFG++, which walks a DDPM model's timesteps)."""
+    return [n for n, spec in SCHEDULERS.items() if n in FLOW_SCHEDULERS or (spec.k and not spec.cfg_pp)]
 
 
 def check_for_model(name: str, schedule: str | None, flow: bool, family: LabelledFamily | None = None) -> None:
@@ -221,7 +244,7 @@ def check_for_model(name: str, schedule: str | None, flow: bool, family: Labelle
         if schedule not in (None, "default", *spec.schedules) and spec.k is None:
             raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
         return
-    if SCHEDULERS[name].k is not None:
+    if SCHEDULERS[name].k is not None and not SCHEDULERS[name].cfg_pp:
         if schedule == "align_your_steps":
             raise LdmError("the align_your_steps schedule is NVIDIA's tables for SD 1.x and SDXL, not flow-matching "
                            "models; use another --schedule (sgm_uniform, beta, karras ...)")

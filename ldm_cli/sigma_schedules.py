@@ -10,6 +10,7 @@ flow "model sampling" makes it; its timestep of a sigma is sigma * N, what the m
 """
 from __future__ import annotations
 
+import array
 import bisect
 import functools
 import math
@@ -222,6 +223,11 @@ SCHEDULE_TYPES: dict[str, tuple[str, Callable[[Table, int], list[float]]]] = {
     "ddim": ("DDIM", ddim),
     "beta": ("Beta", beta),
 }
+
+
+def float32(values: list[float]) -> list[float]:
+    """The values as float32 holds them: the sigmas A1111's tensors carry, kept as host floats."""
+    return array.array("f", values).tolist()
 
 
 def sigmas(schedule: str, t: Table, steps: int, discard_penultimate: bool = False) -> list[float]:

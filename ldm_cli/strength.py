@@ -5,21 +5,24 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from ldm_cli import pipeline, sampling
+from ldm_cli import pipeline, sampling, schedulers, strength_steps
+from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 
 
-def steps_run(s: Settings, flow: bool = False) -> int:
-    """How many of the settings' steps strength keeps (strength 0.75 of 40 runs 30). diffusers'
-    flow-matching pipelines round the other way: they skip int(steps - steps * strength)."""
-    if flow:
-        return s.steps - int(max(s.steps - s.steps * s.strength, 0))
-    return min(int(s.steps * s.strength), s.steps)
+def steps_run(s: Settings, family=None) -> int:
+    """How many of the settings' steps strength keeps on a model of `family` (None: a
+    noise-prediction one): A1111's count on the k-diffusion path (strength 0.75 of 40 runs 31, as
+    Forge counts for flow models too), diffusers' on its schedulers (30). Strength 0 keeps none
+    on either: the image comes back through the VAE."""
+    if pipeline.k_path(s, family) and s.strength > 0:
+        return strength_steps.a1111(s.steps, s.strength)[1]
+    return strength_steps.diffusers(s.steps, s.strength, family is not None and family.flow)
 
 
-def strength_timesteps(scheduler, s: Settings, flow: bool = False) -> torch.Tensor:
+def strength_timesteps(scheduler, s: Settings, family=None) -> torch.Tensor:
     """The last steps_run(s) steps of the schedule; the scheduler is told to start there."""
-    return tail_timesteps(scheduler, s.steps, steps_run(s, flow))
+    return tail_timesteps(scheduler, s.steps, steps_run(s, family))
 
 
 def tail_timesteps(scheduler, steps: int, kept: int) -> torch.Tensor:
@@ -40,7 +43,15 @@ def add_noise(model, group: list[Settings], scheduler, latents: torch.Tensor,
     return latents, noise
 
 
+def check_sampler(s: Settings, what: str = "img2img and inpainting") -> None:
+    """One line for a sampler that ldm runs from noise only: DDIM CFG++ (A1111's img2img with it
+    noises the image to one timestep and starts at the next, not copied here)."""
+    if schedulers.cfg_pp(s.scheduler):
+        raise LdmError(f"{schedulers.label(s.scheduler)} runs text to image only; use another sampler for {what}")
+
+
 def check_inputs(model, group: list[Settings], init_images: list[Image.Image]) -> None:
     pipeline.check_inputs(model, group)
+    check_sampler(group[0])
     if group[0].strength is None or len(init_images) != len(group):
         raise ValueError("img2img needs a strength and one init image per settings")

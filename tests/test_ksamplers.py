@@ -281,8 +281,7 @@ def test_restart_goes_back_up_as_a1111_plans(steps, times):
     from ldm_cli import restart
 
     table = sigma_schedules.table({"beta_start": 0.00085, "beta_end": 0.012})
-    sigmas = torch.tensor(sigma_schedules.sigmas("karras", table, steps))
-    pairs = [(float(a), float(b)) for a, b in restart.walk(sigmas)]
+    pairs = restart.walk(sigma_schedules.float32(sigma_schedules.sigmas("karras", table, steps)))
     assert len(pairs) == steps and pairs[-1][1] == 0 and pairs[0][0] == pytest.approx(table.sigma_max)
     ups = [k for k, ((_, last), (start, _)) in enumerate(zip(pairs, pairs[1:])) if start > last]
     assert len(ups) == times
@@ -293,27 +292,49 @@ def test_restart_goes_back_up_as_a1111_plans(steps, times):
         assert high == pytest.approx(min(descent, key=lambda v: abs(v - 2)))
 
 
-def test_img2img_runs_the_kept_sigmas_as_k_diffusion_does(models):
-    """Strength keeps the last int(steps x strength) sigmas; the image latents noised to the first
-    of them are sampled from there, as k-diffusion would from those sigmas."""
-    from ldm_cli import img2img
+@pytest.mark.parametrize("name, strength", [("dpmpp_2s_a", 0.6), ("dpm2", 0.95), ("euler", 0.3)])
+def test_img2img_runs_the_sigmas_a1111_keeps_as_k_diffusion_does(models, name, strength):
+    """A1111's img2img (setup_img2img_steps, img2img_fix_steps off): t_enc = int(min(strength,
+    0.999) x steps), and the sampler runs sigmas[steps - t_enc - 1:] of the whole schedule (DPM2's
+    with its next-to-last dropped) from the image latents noised to the first of them: t_enc + 1
+    steps, where diffusers' rule would run int(steps x strength)."""
+    from ldm_cli import img2img, strength as strength_rule
     from tests.test_img2img import picture
 
     sampling, _ = kdiffusion.load()
-    model = models["sd1"]
-    s = settings(model, "dpmpp_2s_a", "sgm_uniform", strength=0.6).merged(steps=6)
+    model, steps = models["sd1"], 6
+    s = settings(model, name, "sgm_uniform", strength=strength).merged(steps=steps)
     mine = np.asarray(img2img.image_to_image(model, [s], [picture()])[0]).astype(np.int16)
     generators = pipeline.generators_for([s])
     latents = img2img.encode_images(model, [s], [picture()], generators)
     noise = pipeline.initial_noise(model, [s], generators)
     den, cfg_model = reference_denoiser(model, s)
-    kept = a1111_sigmas(den, "sgm_uniform", 6, False)[6 - int(6 * 0.6):]
+    if schedulers.SCHEDULERS[name].discard_penultimate:
+        whole = a1111_sigmas(den, "sgm_uniform", steps + 1, False)
+        whole = torch.cat([whole[:-2], whole[-1:]])
+    else:
+        whole = a1111_sigmas(den, "sgm_uniform", steps, False)
+    t_enc = int(min(strength, 0.999) * steps)
+    kept = whole[steps - t_enc - 1:]
+    assert strength_rule.steps_run(s) == len(kept) - 1 == t_enc + 1 != int(steps * strength)  # the progress count too
     x = latents + noise * kept[0]
+    function = getattr(sampling, K_FUNCTIONS[name][0])
     with torch.inference_mode():
-        out = sampling.sample_dpmpp_2s_ancestral(cfg_model, x, kept, disable=True, noise_sampler=lambda *_: torch.randn(
-            x.shape[1:], generator=generators[0])[None])
+        out = function(cfg_model, x, kept, disable=True, **({"noise_sampler": lambda *_: torch.randn(
+            x.shape[1:], generator=generators[0])[None]} if "noise_sampler" in _parameters(function) else {}))
     ref = np.asarray(vae.decode(model, out)[0]).astype(np.int16)
     assert np.abs(mine - ref).max() <= 2 and np.abs(mine - np.asarray(picture())).mean() > 1
+
+
+def test_strength_counts_by_diffusers_rule_on_its_schedulers_and_hires_by_a1111s():
+    from ldm_cli import hires_plan, strength as strength_rule
+
+    diffusers_euler = Settings(steps=40, strength=0.75, scheduler="euler", schedule="default")
+    k_euler = diffusers_euler.merged(schedule="sgm_uniform")
+    assert (strength_rule.steps_run(diffusers_euler), strength_rule.steps_run(k_euler)) == (30, 31)
+    assert strength_rule.steps_run(k_euler.merged(strength=1.0)) == 40  # min(1, 0.999) x 40 = 39, + 1
+    assert strength_rule.steps_run(k_euler.merged(strength=0.0)) == 0  # the image through the VAE, as everywhere
+    assert hires_plan.steps(Settings(steps=10, strength=0.5, hires_steps=None)) == (20, 10)  # N of int(N / D)
 
 
 def test_inpainting_keeps_the_original_outside_with_a_k_sampler(models):
@@ -378,3 +399,80 @@ def test_a_flow_model_neither_runs_nor_records_the_k_diffusion_options(sd3_folde
     simple = CliRunner().invoke(app, ["generate", "a fox", "--model", str(sd3_folder), "--steps", "2", "--seed", "1",
                                       "--schedule", "Simple", "--out", str(tmp_path / "s"), "--json"])
     assert json.loads(simple.stdout.splitlines()[-1])["schedule"] == "default"  # Forge's name of its own spacing
+
+
+def reference_ddim_cfgpp(model, s: Settings) -> np.ndarray:
+    """DDIM CFG++ written from its formula, in DDIM's own latents as A1111 1.10 runs it: timesteps
+    every 1000 // steps from 1 (clipped to 999); at each but the lowest, from the top, the noise
+    predictions e_u (negative) and e_c give e = e_u + (e_c - e_u) x cfg / 12.5, then
+    x0 = (x - sqrt(1 - a_t) e) / sqrt(a_t) and x = sqrt(a_prev) x0 + sqrt(1 - a_prev) e_u."""
+    inner = Inner(model)
+    alphas = inner.alphas_cumprod.double()
+    timesteps = [min(t + 1, 999) for t in range(0, 1000, 1000 // s.steps)]
+    positive, negative = pipeline.encode_prompts(model, [s])
+    cond, uncond = positive[0][0][1].conds[0], negative[0].conds[0]
+    v_model = model.prediction_type == "v_prediction"
+    # a v model's noise prediction: sqrt(a) v + sqrt(1 - a) x (A1111's timesteps v denoiser)
+    eps = (lambda out, x, a: a ** 0.5 * out + (1 - a) ** 0.5 * x) if v_model else (lambda out, x, a: out)  # noqa: E731
+    f = model.vae_scale_factor
+    x = torch.randn((1, model.latent_channels, s.height // f, s.width // f), generator=torch.Generator().manual_seed(s.seed))
+    with torch.inference_mode():
+        for index in range(len(timesteps) - 1, 0, -1):
+            t = torch.tensor([float(timesteps[index])])
+            a_t, a_prev = alphas[timesteps[index]].item(), alphas[timesteps[index - 1]].item()
+            e_u, e_c = (eps(inner.apply_model(x, t, c), x, a_t) for c in (uncond, cond))
+            e = e_u + (e_c - e_u) * (s.cfg / 12.5)
+            x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+            x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * e_u
+        return np.asarray(vae.decode(model, x)[0]).astype(np.int16)
+
+
+@pytest.mark.parametrize("family, steps", [("sd1", 4), ("sd1", 6), ("sdxl", 5), ("sd2", 4)])
+def test_ddim_cfgpp_equals_its_formula(models, family, steps):
+    model = models[family]
+    s = settings(model, "ddim_cfgpp", "default").merged(steps=steps, cfg=25.0)
+    mine = ours(model, s)
+    assert mine.std() > 1
+    assert np.abs(mine - reference_ddim_cfgpp(model, s)).max() <= 2
+    assert np.abs(mine - ours(model, settings(model, "ddim", "default").merged(steps=steps, cfg=25.0))).max() > 2
+
+
+def test_ddim_cfgpp_replays_from_an_a1111_png_and_refuses_img2img_in_one_line(sd1_folder, tmp_path):
+    import json
+
+    from PIL import Image, PngImagePlugin
+    from typer.testing import CliRunner
+
+    from ldm_cli import render
+    from ldm_cli.cli import app
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a red fox\nNegative prompt: blurry\nSteps: 4, Sampler: DDIM CFG++, CFG scale: 9, "
+                                "Seed: 5, Size: 64x64, Version: v1.10.1")
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png", pnginfo=info)
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", "--from-png", str(tmp_path / "a.png"), "--model", str(sd1_folder),
+                                 "--out", str(tmp_path / "out"), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert row["scheduler"] == "ddim_cfgpp" and "Sampler: DDIM CFG++," in Image.open(row["path"]).text["parameters"]
+    assert render.settings_from_png(row["path"]).scheduler == "ddim_cfgpp"
+    again = runner.invoke(app, ["generate", "--from-png", row["path"], "--model", str(sd1_folder),
+                                "--out", str(tmp_path / "again"), "--json", "--quiet"])
+    assert np.array_equal(np.asarray(Image.open(row["path"])),
+                          np.asarray(Image.open(json.loads(again.stdout.splitlines()[-1])["path"])))
+    for command in (["img2img", row["path"], "a cat"], ["generate", "a cat", "--hires-scale", "1.5"]):
+        refused = runner.invoke(app, [*command, "--model", str(sd1_folder), "--scheduler", "DDIM CFG++", "--steps", "3",
+                                      "--out", str(tmp_path / "no")])
+        lines = refused.stderr.strip().splitlines()
+        assert refused.exit_code == 2 and len(lines) == 1 and "DDIM CFG++ runs text to image only" in lines[0]
+        assert not (tmp_path / "no").exists()
+    listed = runner.invoke(app, ["schedulers"]).stdout
+    assert "ddim_cfgpp         DDIM CFG++         default (A1111's DDIM timesteps)" in listed
+
+
+def test_an_a1111_api_body_naming_ddim_cfgpp_runs_its_own_timesteps():
+    from ldm_cli.server import a1111
+
+    assert a1111.sampler({"sampler_name": "DDIM CFG++", "scheduler": "SGM Uniform"}, {}) == ("ddim_cfgpp", "default")
+    assert a1111.sampler({"sampler_name": "DDIM CFG++"}, {}) == ("ddim_cfgpp", None)

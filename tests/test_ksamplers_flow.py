@@ -355,6 +355,7 @@ def test_a_forge_flux_png_replays(flux_dev_folder, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--scheduler", "euler_a", "--schedule", "align_your_steps"], "the align_your_steps schedule is NVIDIA's tables"),
     (["--scheduler", "ddim"], "scheduler 'ddim' does not work with flow-matching models"),
+    (["--scheduler", "DDIM CFG++"], "scheduler 'ddim_cfgpp' does not work with flow-matching models"),
     (["--scheduler", "unipc", "--schedule", "karras"], "scheduler 'unipc' has no karras schedule for flow-matching"),
     (["--scheduler", "euler_b"], "unknown scheduler 'euler_b' (did you mean 'euler_a'?)"),
 ])

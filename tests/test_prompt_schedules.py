@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldm_cli import conditioning, guidance, loading, pipeline, sampling
 from ldm_cli.families.family import Family
@@ -126,3 +127,65 @@ def test_images_of_a_batch_keep_their_own_schedules(model):
 def test_lora_tags_are_not_encoded(model):
     assert np.abs(render(model, ["a red fox <lora:x:0.8>"])[0] - render(model, ["a red fox "])[0]).max() == 0
     assert conditioning.positive_text("<hypernet:h:1>a fox") == "a fox"
+
+
+# A1111 1.10's samplers flagged "second_order" (sd_samplers_kdiffusion.py; none of
+# sd_samplers_timesteps.py's): their prompt schedules span twice the steps (processing.py)
+A1111_SECOND_ORDER = {"heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_2s_a", "restart"}
+
+
+def positive_rows(model, monkeypatch, s: Settings) -> list[torch.Tensor]:
+    """The positive row's text states of each denoiser call while `s` renders (the negative's row
+    comes first)."""
+    import dataclasses
+
+    seen, predict = [], model.family.predict
+
+    def recording(m, x, t, c):
+        seen.append(c["encoder_hidden_states"][1].clone())
+        return predict(m, x, t, c)
+    monkeypatch.setattr(model, "family", dataclasses.replace(model.family, predict=recording))
+    pipeline.text_to_image(model, [s])
+    return seen
+
+
+@pytest.mark.parametrize("name, schedule", [
+    ("heun", "default"), ("dpm2", "default"), ("dpm2_a", "karras"), ("dpmpp_sde", "default"),  # diffusers' classes
+    ("heun", "sgm_uniform"), ("dpmpp_2s_a", "default"), ("restart", "default"),  # the k-diffusion path
+    ("euler", "default"), ("dpmpp_2m_sde_heun", "default"), ("lms", "sgm_uniform"),  # first order
+])
+def test_prompt_editing_switches_at_the_call_a1111s_rule_gives(model, monkeypatch, name, schedule):
+    """A1111 counts a schedule in denoiser calls over steps x 2 for a second-order sampler:
+    `[a:b:0.5]` of 4 Heun steps is `a` for calls 0-4 of its 7 (step counting would switch after 2)."""
+    s = Settings(prompt="[a red fox:a blue cat:0.5]", negative="blurry", steps=4, cfg=6.0, seed=3, scheduler=name,
+                 schedule=schedule).resolve({}, model.native_size)
+    red, blue = (pipeline.encode_prompts(model, [s.merged(prompt=p)])[0][0][0][1].conds[0]["encoder_hidden_states"][0]
+                 for p in ("a red fox", "a blue cat"))
+    rows = positive_rows(model, monkeypatch, s)
+    assert len(rows) == (7 if name in A1111_SECOND_ORDER else 4)
+    switch = int(0.5 * s.steps * (2 if name in A1111_SECOND_ORDER else 1))  # A1111's end step of `a red fox`
+    for call, row in enumerate(rows):
+        expected, other = (red, blue) if call <= switch else (blue, red)
+        assert torch.allclose(row, expected, atol=1e-5) and not torch.allclose(row, other, atol=1e-3), call
+
+
+def test_a_second_order_image_records_and_replays_as_before(sd1_folder, tmp_path):
+    """The doubled schedule is A1111's reading of the same settings: the PNG records the prompt
+    and steps as given, and --from-png renders the same image."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    def generate(*args):
+        result = CliRunner().invoke(app, ["generate", *args, "--json", "--quiet"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.splitlines()[-1])
+
+    first = generate("a [red fox:blue cat:0.5]", "--model", str(sd1_folder), "--scheduler", "heun", "--steps", "4",
+                     "--seed", "5", "--width", "64", "--height", "64", "--out", str(tmp_path / "a"))
+    written = Image.open(first["path"]).text["parameters"]
+    assert written.startswith("a [red fox:blue cat:0.5]\n") and "Steps: 4, Sampler: Heun," in written
+    again = generate("--from-png", first["path"], "--model", str(sd1_folder), "--out", str(tmp_path / "b"))
+    assert np.array_equal(np.asarray(Image.open(first["path"])), np.asarray(Image.open(again["path"])))

@@ -136,7 +136,7 @@ def test_img2img_matches_diffusers(models, name, strength, steps):
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(s.prompt, image=picture(), negative_prompt=s.negative, strength=strength, num_inference_steps=steps,
                guidance_scale=s.cfg, generator=torch.Generator("cpu").manual_seed(s.seed), output_type="np").images[0]
-    assert steps_run(s, flow=True) == {0.7: 3, 0.5: 2}[strength]
+    assert steps_run(s, ours.family) == {0.7: 3, 0.5: 2}[strength]
     assert close(mine, (ref * 255).round().astype(np.int16))
 
 

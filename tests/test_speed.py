@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-from ldm_cli import compiling, img2img, inpaint, loading, pipeline, schedulers, speed
+from ldm_cli import compiling, img2img, inpaint, ksampling, loading, pipeline, schedulers, speed
 from ldm_cli.errors import LdmError
 from ldm_cli.settings import Settings
 from tests import compile_cache
@@ -255,19 +255,36 @@ def count_loop_syncs(monkeypatch, render) -> Counter:
     return counter.calls
 
 
-# ldm's k-diffusion samplers (ksamplers.py, restart.py, dpm_solver.py) branch on each step's sigma
-# as k-diffusion does, a tensor: a host sync a step. Moving their sigma arithmetic to the host
-# (floats from sigma_schedules, which are host floats already) is the way out; DPM adaptive's
-# step control reads its error estimate, a sync by nature. Until then they are not held to this.
-K_ONLY = sorted(n for n, spec in schedulers.SCHEDULERS.items() if spec.cls is None)
+# DPM adaptive sizes each step from its error estimate, read back from the device: a sync a step
+# by nature. Every other k-diffusion sampler keeps its sigma arithmetic on the host.
+READS_BACK = ("dpm_adaptive",)
+K_SAMPLERS = sorted(n for n, spec in schedulers.SCHEDULERS.items() if spec.k is not None and n not in READS_BACK)
 
 
-@pytest.mark.parametrize("name", sorted(set(schedulers.SCHEDULERS) - set(K_ONLY)))
+@pytest.mark.parametrize("name", sorted(n for n, spec in schedulers.SCHEDULERS.items() if spec.cls is not None))
 def test_ldms_loop_never_syncs_the_host(model, monkeypatch, name):
     """Per step, ldm's own code calls nothing that waits for the GPU (diffusers' schedulers may:
     the count of theirs is not asserted)."""
     s = settings(model, scheduler=name, schedule="default", steps=4)
     calls = count_loop_syncs(monkeypatch, lambda: pipeline.text_to_image(model, [s]))
+    assert calls["ldm"] == 0
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # a host float's negative square root is complex, and warns
+@pytest.mark.parametrize("name", K_SAMPLERS)
+def test_the_k_diffusion_samplers_never_sync_the_host(model, monkeypatch, name):
+    """Nor do ldm's k-diffusion samplers (SGM Uniform runs every one of them on that path; churn
+    where the sampler takes it), inpainting's blend and img2img's kept tail included."""
+    cfg_pp = schedulers.cfg_pp(name)  # its own timesteps; text to image only
+    s = settings(model, scheduler=name, schedule="default" if cfg_pp else "sgm_uniform", steps=4, s_churn=1.0)
+    assert schedulers.uses_k(name, s.schedule)
+    calls = count_loop_syncs(monkeypatch, lambda: pipeline.text_to_image(model, [s]))
+    if name not in ksampling.OWN_STEPS and not cfg_pp:
+        image = Image.new("RGB", (64, 64), (200, 30, 30))
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (16, 16, 48, 48))
+        calls += count_loop_syncs(monkeypatch, lambda: inpaint.inpaint(
+            model, [inpaint.with_defaults(s.merged(strength=0.8))], [image], [mask]))
     assert calls["ldm"] == 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm_cli import prompt_syntax
+from ldm_cli import prompt_syntax, schedulers
 from ldm_cli.networks import embeddings, formats, hashes, lookup, merge, tags, targets
 from ldm_cli.networks.lookup import NetworkOptions
 from ldm_cli.notes import note_once
@@ -103,7 +103,8 @@ class Session:
             if prompt and (applied := self.applied(prompt)):
                 self.plan(applied)
         found = {a.mentioned: self._hash(hashes.lora_hash, a.lora.path) for a in loras}
-        used = self.used_embeddings(s.prompt, s.steps) + self.used_embeddings(s.negative, s.steps, negative=True)
+        steps = schedulers.prompt_steps(s.scheduler, s.steps)  # the steps its prompt schedules span
+        used = self.used_embeddings(s.prompt, steps) + self.used_embeddings(s.negative, steps, negative=True)
         ti = [(e.name, self._hash(hashes.embedding_hash, e.path)) for e in used]
         _compare("LoRA", s.lora_hashes, found, {a.mentioned: a.lora.path for a in loras})
         _compare("embedding", s.ti_hashes, dict(ti), {e.name: e.path for e in used})
