@@ -288,6 +288,21 @@ def test_the_k_diffusion_samplers_never_sync_the_host(model, monkeypatch, name):
     assert calls["ldm"] == 0
 
 
+@pytest.fixture(scope="module")
+def flow_model(sd3_folder):
+    return loading.load(str(sd3_folder), loading.LoadOptions(device="cpu"))
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+@pytest.mark.parametrize("name", [n for n in K_SAMPLERS if n in schedulers.flow_names()])
+def test_the_k_samplers_on_a_flow_model_never_sync_the_host(flow_model, monkeypatch, name):
+    """Their flow forms (rectified-flow noise, half-log-SNR steps) keep the sigmas on the host too."""
+    s = settings(flow_model, scheduler=name, schedule="sgm_uniform", steps=4)
+    assert pipeline.uses_k(flow_model, s)
+    calls = count_loop_syncs(monkeypatch, lambda: pipeline.text_to_image(flow_model, [s]))
+    assert calls["ldm"] == 0
+
+
 def test_the_counter_tells_ldms_calls_from_a_librarys():
     x = torch.tensor(2.0)
     with SyncCounter() as counter:
