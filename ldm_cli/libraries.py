@@ -245,13 +245,12 @@ def _kept_listings(import_utils: types.ModuleType) -> None:
 def _kept_distributions() -> Iterator[None]:
     """diffusers maps import names to distributions at import with importlib.metadata, which reads
     the file list of every installed distribution (~0.2 s). The map changes only when one is
-    installed or removed, which changes the folder on sys.path that holds it: it is kept, stamped
-    with those folders' times, for the length of that import."""
+    installed or removed, which adds, removes or remakes its metadata folder on sys.path: it is
+    kept, stamped with those folders' names and times, for the length of that import."""
     original = importlib.metadata.packages_distributions
 
     def packages_distributions() -> dict[str, list[str]]:
-        folders = [p for p in sys.path if os.path.isdir(p)]
-        return _kept("distributions", cache.stamp(*folders), original)
+        return _kept("distributions", _distributions_stamp(), original)
 
     packages_distributions.__wrapped__ = original
     importlib.metadata.packages_distributions = packages_distributions
@@ -259,6 +258,21 @@ def _kept_distributions() -> Iterator[None]:
         yield
     finally:
         importlib.metadata.packages_distributions = original
+
+
+def _distributions_stamp() -> list:
+    """Every distribution's metadata folder on sys.path with its time (not the folders' own
+    times: the current directory is on sys.path, and it changes whenever a file is saved there)."""
+    stamp: list = [sys.version]
+    for folder in sys.path:
+        try:
+            entries = os.scandir(folder or ".")
+        except OSError:  # not a folder (a zip, a path hook's name) or gone
+            continue
+        with entries:
+            stamp += sorted((folder, e.name, e.stat().st_mtime_ns) for e in entries
+                            if e.name.endswith((".dist-info", ".egg-info")))
+    return stamp
 
 
 class _LazyPackage(types.ModuleType):

@@ -152,18 +152,25 @@ def test_the_kept_distribution_map_is_importlibs_and_follows_an_install(tmp_path
     from ldm_cli import libraries
 
     os.environ["LDM_CACHE_DIR"] = str(tmp_path / "cache")
+    libraries._generation.cache_clear()  # its folder under this cache
     site = tmp_path / "site"
     site.mkdir()
     sys.path.insert(0, str(site))
+    kept = lambda: sorted((tmp_path / "cache").rglob("*.bin"))  # noqa: E731
     try:
         with libraries._kept_distributions():
             assert importlib.metadata.packages_distributions() == importlib.metadata.packages_distributions.__wrapped__()
-            (site / "ldmprobe-1.0.dist-info").mkdir()  # an install: the folder's time changes
+            first = kept()
+            assert first
+            (site / "notes.txt").write_text("a file saved where Python looks (the current directory)")
+            importlib.metadata.packages_distributions()
+            assert kept() == first  # the same map, read back
+            (site / "ldmprobe-1.0.dist-info").mkdir()  # an install
             (site / "ldmprobe-1.0.dist-info" / "METADATA").write_text("Name: ldmprobe\nVersion: 1.0\n")
             (site / "ldmprobe-1.0.dist-info" / "top_level.txt").write_text("ldmprobe\n")
-            os.utime(site, ns=(site.stat().st_atime_ns, site.stat().st_mtime_ns + 10**9))
             assert importlib.metadata.packages_distributions()["ldmprobe"] == ["ldmprobe"]
         assert not hasattr(importlib.metadata.packages_distributions, "__wrapped__")  # put back after the import
     finally:
         sys.path.remove(str(site))
         del os.environ["LDM_CACHE_DIR"]
+        libraries._generation.cache_clear()
