@@ -22,6 +22,7 @@ def _cpu_threads() -> int:
 # user's own settings win (GOMP_SPINCOUNT=300000 brings back libgomp's default spin).
 if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+THREADS_GIVEN = "OMP_NUM_THREADS" in os.environ  # the user's (or a launcher's) count: device.fit_threads keeps it
 os.environ.setdefault("OMP_NUM_THREADS", str(_cpu_threads()))
 
 __version__ = "0.1.0"

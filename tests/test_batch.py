@@ -406,3 +406,24 @@ def test_threads_sleep_when_idle_and_share_the_cores_among_processes():
     assert _thread_settings(LOCAL_WORLD_SIZE="2") == [str(max(1, cores // 2)), "PASSIVE"]  # each process its share
     assert _thread_settings(OMP_NUM_THREADS="3", OMP_WAIT_POLICY="ACTIVE") == ["3", "ACTIVE"]  # the user's own win
     assert _thread_settings(GOMP_SPINCOUNT="300000") == [str(cores), "None"]  # libgomp's own default wait
+
+
+def _threads_after_loads(**env) -> list[int]:
+    """torch's thread count once the built-in model is loaded, then once it is loaded again as if
+    it were a real model (device.ONE_THREAD_BELOW 0), in one process started with `env` (ldm
+    serve loads one model after another)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import torch, ldm_cli\nfrom ldm_cli import device, loading\n"
+            "loading.load(None)\nprint(torch.get_num_threads())\n"
+            "device.ONE_THREAD_BELOW = 0\nloading.load(None)\nprint(torch.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**base, "HF_HUB_OFFLINE": "1", **env},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [int(n) for n in done.stdout.split()[-2:]]
+
+
+def test_a_tiny_denoiser_runs_on_one_thread_a_real_one_on_the_processs_share():
+    """Waking a second thread costs a 1.5M-parameter model more than it saves (device.fit_threads)."""
+    cores = len(os.sched_getaffinity(0))
+    assert _threads_after_loads() == [1, cores]  # the next, real model gets every core it may use again
+    assert _threads_after_loads(OMP_NUM_THREADS="2") == [2, 2]  # the user's count wins

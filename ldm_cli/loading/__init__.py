@@ -42,6 +42,7 @@ def load(source: str | None, options: LoadOptions | None = None):
 
     memory.place(model, device, options)
     speed.apply(model, options.compile)
+    devices.fit_threads(model)
     return model
 
 
