@@ -70,7 +70,8 @@ def main() -> None:
             build_small_sd1(Path(tmp))
         model = loading.load(tmp)
     size = 128 if args.flow else 256
-    names = [n for n, spec in schedulers.SCHEDULERS.items() if spec.k is not None]
+    names = [n for n, spec in schedulers.SCHEDULERS.items() if spec.k is not None
+             and (not args.flow or n in schedulers.flow_names())]  # DDIM CFG++: noise-prediction models
     print(f"{'sampler':<20}{'calls':>6}{'denoiser ms/call':>18}{'run ms':>10}{'beyond the denoiser':>21}")
     for name in names:
         schedule = "default" if schedulers.cfg_pp(name) else "sgm_uniform"  # DDIM CFG++ walks its own timesteps
