@@ -176,27 +176,7 @@ def dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise
 
 def dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                  eta: float = 1.0, s_noise: float = 1.0, solver: str = "midpoint") -> torch.Tensor:
-    old, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        h = None
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            h = math.log(sigmas[i]) - math.log(sigmas[i + 1])
-            eta_h = eta * h
-            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + -math.expm1(-h - eta_h) * denoised
-            if old is not None:
-                r = h_last / h
-                if solver == "heun":
-                    x = x + (-math.expm1(-h - eta_h) / (-h - eta_h) + 1) * (1 / r) * (denoised - old)
-                else:
-                    x = x + 0.5 * -math.expm1(-h - eta_h) * (1 / r) * (denoised - old)
-            if eta:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
-        old, h_last = denoised, h
-        x = done(i, x)
-    return x
+    return _dpmpp_2m_sde(model, x, sigmas, noise, done, eta, s_noise, solver, _neg_log, _unit)
 
 
 def dpmpp_2m_sde_heun(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
@@ -206,6 +186,44 @@ def dpmpp_2m_sde_heun(model: Denoiser, x: torch.Tensor, sigmas: list[float], noi
 
 def dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                  eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
+    return _dpmpp_3m_sde(model, x, sigmas, noise, done, eta, s_noise, _neg_log, _unit)
+
+
+def _unit(sigma: float) -> float:
+    """A VE model's alpha: its image is never scaled down."""
+    return 1.0
+
+
+def _dpmpp_2m_sde(model: Denoiser, x, sigmas: list[float], noise: Noise, done: Done, eta: float, s_noise: float,
+                  solver: str, lam: Callable[[float], float], alpha: Callable[[float], float]) -> torch.Tensor:
+    """DPM++ 2M SDE in the half-log-SNR `lam` of the model's x = alpha x0 + sigma noise (a VE
+    model's alpha is 1, its lambda -log sigma: k-diffusion's arithmetic): the image's terms
+    scale by alpha_next."""
+    old, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        h = None
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            h = lam(sigmas[i + 1]) - lam(sigmas[i])
+            eta_h = h * eta if eta else 0.0  # a flow model's h is infinite from sigma 1
+            scale = alpha(sigmas[i + 1])
+            kept = -math.expm1(-h - eta_h)
+            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + scale * kept * denoised
+            if old is not None:
+                weight = (kept / (-h - eta_h) + 1) if solver == "heun" else 0.5 * kept
+                x = x + scale * weight * (h / h_last) * (denoised - old)
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+        old, h_last = denoised, h
+        x = done(i, x)
+    return x
+
+
+def _dpmpp_3m_sde(model: Denoiser, x, sigmas: list[float], noise: Noise, done: Done, eta: float, s_noise: float,
+                  lam: Callable[[float], float], alpha: Callable[[float], float]) -> torch.Tensor:
+    """DPM++ 3M SDE in the half-log-SNR `lam`, as _dpmpp_2m_sde."""
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -213,12 +231,14 @@ def dpmpp_3m_sde(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: N
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            h = math.log(sigmas[i]) - math.log(sigmas[i + 1])
-            h_eta = h * (eta + 1)
-            x = math.exp(-h_eta) * x + -math.expm1(-h_eta) * denoised
-            x = x + _3m_correction(denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta)
+            h = lam(sigmas[i + 1]) - lam(sigmas[i])
+            eta_h = h * eta if eta else 0.0
+            h_eta = h + eta_h
+            scale = alpha(sigmas[i + 1])
+            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + scale * -math.expm1(-h_eta) * denoised
+            x = x + scale * _3m_correction(denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta)
             if eta:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
+                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
         denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
         x = done(i, x)
     return x
@@ -357,28 +377,8 @@ def half_log_snr(sigma: float) -> float:
 
 def dpmpp_2m_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                       eta: float = 1.0, s_noise: float = 1.0, solver: str = "midpoint") -> torch.Tensor:
-    """DPM++ 2M SDE in the half-log-SNR lambda of alpha = 1 - sigma (VE's alpha is 1, lambda
-    -log sigma: k-diffusion's arithmetic): the image's terms scale by alpha_next."""
-    old, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        h = None
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            h = half_log_snr(sigmas[i + 1]) - half_log_snr(sigmas[i])
-            eta_h = h * eta if eta else 0.0  # h is infinite from sigma 1
-            alpha = 1 - sigmas[i + 1]
-            kept = -math.expm1(-h - eta_h)
-            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + alpha * kept * denoised
-            if old is not None:
-                weight = (kept / (-h - eta_h) + 1) if solver == "heun" else 0.5 * kept
-                x = x + alpha * weight * (h / h_last) * (denoised - old)
-            if eta:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
-        old, h_last = denoised, h
-        x = done(i, x)
-    return x
+    """DPM++ 2M SDE in the half-log-SNR lambda of alpha = 1 - sigma."""
+    return _dpmpp_2m_sde(model, x, sigmas, noise, done, eta, s_noise, solver, half_log_snr, _flow_alpha)
 
 
 def dpmpp_2m_sde_heun_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
@@ -388,22 +388,9 @@ def dpmpp_2m_sde_heun_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float]
 
 def dpmpp_3m_sde_flow(model: Denoiser, x: torch.Tensor, sigmas: list[float], noise: Noise, done: Done,
                       eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
-    """DPM++ 3M SDE in the half-log-SNR lambda, as dpmpp_2m_sde_flow."""
-    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
-        h = None
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            h = half_log_snr(sigmas[i + 1]) - half_log_snr(sigmas[i])
-            eta_h = h * eta if eta else 0.0
-            h_eta = h + eta_h
-            alpha = 1 - sigmas[i + 1]
-            x = sigmas[i + 1] / sigmas[i] * math.exp(-eta_h) * x + alpha * -math.expm1(-h_eta) * denoised
-            x = x + alpha * _3m_correction(denoised, denoised_1, denoised_2, h, h_1, h_2, h_eta)
-            if eta:
-                x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
-        denoised_1, denoised_2, h_1, h_2 = denoised, denoised_1, h, h_1
-        x = done(i, x)
-    return x
+    """DPM++ 3M SDE in the half-log-SNR lambda of alpha = 1 - sigma."""
+    return _dpmpp_3m_sde(model, x, sigmas, noise, done, eta, s_noise, half_log_snr, _flow_alpha)
+
+
+def _flow_alpha(sigma: float) -> float:
+    return 1 - sigma
