@@ -43,3 +43,35 @@ def _utils(path: Path) -> types.ModuleType:
     module = types.ModuleType(f"{NAME}.utils")
     exec(compile(ast.Module(body=wanted, type_ignores=[]), str(path), "exec"), module.__dict__)
     return module
+
+
+# ldm's name -> k-diffusion's function and its keyword arguments
+K_FUNCTIONS = {"euler": ("sample_euler", {}), "euler_a": ("sample_euler_ancestral", {}), "heun": ("sample_heun", {}),
+               "dpm2": ("sample_dpm_2", {}), "dpm2_a": ("sample_dpm_2_ancestral", {}), "lms": ("sample_lms", {}),
+               "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
+               "dpmpp_2m": ("sample_dpmpp_2m", {}), "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}),
+               "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+               "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {}), "dpm_fast": ("sample_dpm_fast", {}),
+               "dpm_adaptive": ("sample_dpm_adaptive", {}),
+               "restart": ("sample_heun", {})}  # A1111's Restart below 20 steps is Heun's method
+OWN_STEPS = ("dpm_fast", "dpm_adaptive")  # A1111 gives them the schedule's ends (DPM fast: and the steps)
+
+
+def start(sampling, model, s, sigmas, image_noise: bool):
+    """(the starting latents: the seed's noise at sigmas[0], the function's name, its keyword
+    arguments): a Brownian tree seeded by the image's seed for the SDE samplers, A1111's way, or
+    with `image_noise` the image's generator continued after its starting noise."""
+    import torch
+
+    from ldm_cli import schedulers
+
+    generator = torch.Generator().manual_seed(s.seed)
+    f = model.vae_scale_factor
+    x = torch.randn((1, model.latent_channels, s.height // f, s.width // f), generator=generator) * sigmas[0]
+    name, kwargs = K_FUNCTIONS[s.scheduler]
+    if schedulers.SCHEDULERS[s.scheduler].brownian:
+        kwargs = {**kwargs, "noise_sampler": sampling.BrownianTreeNoiseSampler(
+            x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[s.seed])}
+    elif image_noise:
+        kwargs = {**kwargs, "noise_sampler": lambda *_: torch.randn(x.shape[1:], generator=generator)[None]}
+    return x, name, kwargs

@@ -82,15 +82,7 @@ def a1111_sigmas(den, schedule: str, n: int, sdxl: bool) -> torch.Tensor:
 
 
 # ldm's name -> (k-diffusion's function, its keyword arguments)
-K_FUNCTIONS = {"euler": ("sample_euler", {}), "euler_a": ("sample_euler_ancestral", {}), "heun": ("sample_heun", {}),
-               "dpm2": ("sample_dpm_2", {}), "dpm2_a": ("sample_dpm_2_ancestral", {}), "lms": ("sample_lms", {}),
-               "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
-               "dpmpp_2m": ("sample_dpmpp_2m", {}), "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}),
-               "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
-               "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {}), "dpm_fast": ("sample_dpm_fast", {}),
-               "dpm_adaptive": ("sample_dpm_adaptive", {}),
-               "restart": ("sample_heun", {})}  # A1111's Restart below 20 steps is Heun's method
-OWN_STEPS = ("dpm_fast", "dpm_adaptive")  # A1111 gives them the table's ends (and DPM fast the steps), and eta 1
+K_FUNCTIONS, OWN_STEPS = kdiffusion.K_FUNCTIONS, kdiffusion.OWN_STEPS  # DPM fast and adaptive: eta 1, as A1111
 
 
 def reference_image(model, s: Settings, family: str, schedule: str, **options) -> np.ndarray:
@@ -102,16 +94,9 @@ def reference_image(model, s: Settings, family: str, schedule: str, **options) -
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     else:
         sigmas = a1111_sigmas(den, schedule, s.steps, family == "sdxl")
-    generator = torch.Generator().manual_seed(s.seed)
-    f = model.vae_scale_factor
-    x = torch.randn((1, model.latent_channels, s.height // f, s.width // f), generator=generator) * sigmas[0]
-    name, kwargs = K_FUNCTIONS[s.scheduler]
-    if spec.brownian:
-        kwargs = {**kwargs, "noise_sampler": sampling.BrownianTreeNoiseSampler(
-            x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[s.seed])}
-    elif "noise_sampler" in _parameters(getattr(sampling, name)) or options.get("s_churn"):
-        # A1111 replaces torch.randn_like with the image's generator, continued after its starting noise
-        kwargs = {**kwargs, "noise_sampler": lambda *_: torch.randn(x.shape[1:], generator=generator)[None]}
+    # A1111 replaces torch.randn_like with the image's generator, continued after its starting noise
+    image_noise = "noise_sampler" in _parameters(getattr(sampling, K_FUNCTIONS[s.scheduler][0])) or options.get("s_churn")
+    x, name, kwargs = kdiffusion.start(sampling, model, s, sigmas, bool(image_noise))
     function = getattr(sampling, name)
     if s.scheduler in OWN_STEPS:
         ends = {"sigma_min": den.sigmas[0].item(), "sigma_max": den.sigmas[-1].item()}

@@ -107,29 +107,14 @@ def flow_denoiser(model, s: Settings):
     return cfg_model
 
 
-# ldm's name -> k-diffusion's function and its keyword arguments
-K_FUNCTIONS = {"euler": ("sample_euler", {}), "heun": ("sample_heun", {}), "dpm2": ("sample_dpm_2", {}),
-               "lms": ("sample_lms", {}), "dpmpp_2m": ("sample_dpmpp_2m", {}),
-               "euler_a": ("sample_euler_ancestral", {}), "dpm2_a": ("sample_dpm_2_ancestral", {}),
-               "dpmpp_2s_a": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
-               "dpm_fast": ("sample_dpm_fast", {}), "dpm_adaptive": ("sample_dpm_adaptive", {}),
-               "restart": ("sample_heun", {})}  # A1111's Restart below 20 steps is Heun's method
-OWN_STEPS = ("dpm_fast", "dpm_adaptive")  # given the schedule's ends (DPM fast: and the steps) as A1111 gives them
+OWN_STEPS = kdiffusion.OWN_STEPS
 
 
 def reference_image(model, s: Settings, schedule: str, **options) -> np.ndarray:
     sampling, _ = kdiffusion.load()
     spec = schedulers.SCHEDULERS[s.scheduler]
     sigmas = sigmas_for(model, s, schedule, spec.discard_penultimate)
-    generator = torch.Generator().manual_seed(s.seed)
-    f = model.vae_scale_factor
-    x = torch.randn((1, model.latent_channels, s.height // f, s.width // f), generator=generator) * sigmas[0]
-    name, kwargs = K_FUNCTIONS[s.scheduler]
-    if spec.brownian:
-        kwargs = {**kwargs, "noise_sampler": sampling.BrownianTreeNoiseSampler(
-            x, sigmas[sigmas > 0].min(), sigmas.max(), seed=[s.seed])}
-    elif "eta" in spec.takes:
-        kwargs = {**kwargs, "noise_sampler": lambda *_: torch.randn(x.shape[1:], generator=generator)[None]}
+    x, name, kwargs = kdiffusion.start(sampling, model, s, sigmas, "eta" in spec.takes)
     if s.scheduler in OWN_STEPS:
         kwargs = {**kwargs, "sigma_min": sigmas[-2].item(), "sigma_max": sigmas[0].item(),
                   **({"n": s.steps} if s.scheduler == "dpm_fast" else {})}
