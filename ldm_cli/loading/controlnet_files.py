@@ -1,5 +1,6 @@
 """What every ControlNet loader (SD's, FLUX's, Qwen-Image's) does with a lone weights file: read
-it whole, and fill a net built from its config strictly; each failure one line naming the file."""
+it whole, and fill a net built from its config strictly; and what the folder-only ones (SD3's,
+Z-Image's) ask of a folder's config. Each failure one line naming the file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,3 +27,14 @@ def filled(net, state: dict, path: str, layout: str):
         first = (lines[1] if len(lines) > 1 else lines[0]).strip()  # torch's first named mismatch
         raise LdmError(f"--controlnet {path!r} does not fit {layout} ({first})") from None
     return net
+
+
+def folder_config(path: str, config: dict | None, cls: str, what: str, why: str) -> dict:
+    """The config of `what` (diffusers' `cls`), a net that loads from its folder only (`config`:
+    its config.json; None: `path` is not a folder); `why`: what only that config says."""
+    if config is None:
+        raise LdmError(f"--controlnet {path!r}: {what} loads from its folder (config.json beside its weights), "
+                       f"which says {why}")
+    if config.get("_class_name") != cls:
+        raise LdmError(f"--controlnet {path!r} holds a {config.get('_class_name')!r}, not {what} ({cls})")
+    return config

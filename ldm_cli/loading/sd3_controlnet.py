@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ldm_cli.errors import LdmError
+from ldm_cli.loading import controlnet_files
 
 CLASS = "SD3ControlNetModel"
 
@@ -18,11 +19,8 @@ def load(path: str, model, config: dict | None):
     checked against `model`'s transformer."""
     from diffusers import SD3ControlNetModel
 
-    if config is None:
-        raise LdmError(f"--controlnet {path!r}: an SD3 ControlNet loads from its folder (config.json beside its "
-                       "weights), which says how it reads the pooled text and the latents")
-    if config.get("_class_name") != CLASS:
-        raise LdmError(f"--controlnet {path!r} holds a {config.get('_class_name')!r}, not an SD3 ControlNet ({CLASS})")
+    config = controlnet_files.folder_config(path, config, CLASS, "an SD3 ControlNet",
+                                            "how it reads the pooled text and the latents")
     check_fits(path, config, model)
     net = SD3ControlNetModel.from_pretrained(Path(path).expanduser(), local_files_only=True)
     return net.to(model.device, model.dtype).eval().requires_grad_(False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ldm_cli.errors import LdmError
+from ldm_cli.loading import controlnet_files
 
 CLASS = "ZImageControlNetModel"
 
@@ -20,11 +21,7 @@ def load(path: str, model, config: dict | None):
     joined to `model`'s transformer."""
     from diffusers import ZImageControlNetModel
 
-    if config is None:
-        raise LdmError(f"--controlnet {path!r}: a Z-Image ControlNet loads from its folder (config.json beside its "
-                       "weights), which says the transformer layers it steers")
-    if config.get("_class_name") != CLASS:
-        raise LdmError(f"--controlnet {path!r} holds a {config.get('_class_name')!r}, not a Z-Image ControlNet ({CLASS})")
+    config = controlnet_files.folder_config(path, config, CLASS, "a Z-Image ControlNet", "the transformer layers it steers")
     ours = model.denoiser.config
     if (config.get("dim"), config.get("n_heads")) != (ours.dim, ours.n_heads):
         raise LdmError(f"--controlnet {path!r} is for a Z-Image model {config.get('dim')} wide with "
