@@ -70,13 +70,8 @@ def scheduler_run(model, s: Settings) -> schedulers.Run:
 def check_steps(model, s: Settings) -> None:
     """The sampler suits the model and can run s.steps with it: one line otherwise, before any image."""
     schedulers.check_for_model(s.scheduler, s.schedule, model.family.flow, model.family)
-    if not uses_k(model, s):  # k-diffusion's run any count
+    if not k_path(s, model.family):  # k-diffusion's run any count
         schedulers.check_steps(scheduler_run(model, s), s.steps)
-
-
-def uses_k(model, s: Settings) -> bool:
-    """Whether s runs on one of A1111's k-diffusion samplers (ksampling.py) with this model."""
-    return k_path(s, model.family)
 
 
 def k_path(s: Settings, family=None) -> bool:
@@ -90,7 +85,7 @@ def k_path(s: Settings, family=None) -> bool:
 def make_scheduler(model, group: list[Settings]):
     """A diffusers scheduler, or the run of one of A1111's k-diffusion samplers (ksampling.py)."""
     run = scheduler_run(model, group[0])
-    if uses_k(model, group[0]):
+    if k_path(group[0], model.family):
         return ksampling.prepared(model, group, run)
     return schedulers.prepared(run, group[0].steps, model.device, [g.seed for g in group])
 

@@ -154,7 +154,7 @@ def test_each_sampler_and_schedule_equals_k_diffusions(models, family, name, sch
 def test_the_default_schedule_is_the_diffusers_paths_sigmas(models, family, monkeypatch):
     model = models[family]
     s = settings(model, "euler", "default")
-    monkeypatch.setattr(pipeline, "uses_k", lambda *_: True)
+    monkeypatch.setattr(pipeline, "k_path", lambda *_: True)
     run = pipeline.make_scheduler(model, [s])
     assert type(run).__name__ == "KRun"
     assert torch.equal(run.sigmas, torch.tensor(diffusers_sigmas(model, s, s.steps), dtype=torch.float32))
@@ -168,7 +168,7 @@ def test_euler_on_the_k_path_is_the_diffusers_path(request, folder, monkeypatch)
     model = loading.load(str(request.getfixturevalue(folder)))
     s = settings(model, "euler", "default").merged(steps=3)
     diffusers_path = ours(model, s)
-    monkeypatch.setattr(pipeline, "uses_k", lambda *_: True)
+    monkeypatch.setattr(pipeline, "k_path", lambda *_: True)
     k_path = ours(model, s)
     assert diffusers_path.std() > 1 and np.abs(k_path - diffusers_path).max() <= 2
 

@@ -298,7 +298,7 @@ def flow_model(sd3_folder):
 def test_the_k_samplers_on_a_flow_model_never_sync_the_host(flow_model, monkeypatch, name):
     """Their flow forms (rectified-flow noise, half-log-SNR steps) keep the sigmas on the host too."""
     s = settings(flow_model, scheduler=name, schedule="sgm_uniform", steps=4)
-    assert pipeline.uses_k(flow_model, s)
+    assert pipeline.k_path(s, flow_model.family)
     calls = count_loop_syncs(monkeypatch, lambda: pipeline.text_to_image(flow_model, [s]))
     assert calls["ldm"] == 0
 
