@@ -1,9 +1,9 @@
 """Load time of a full-size SD1.5 single file: wall time from process start to the first
 denoising step, `ldm generate` against diffusers' from_single_file with a local config folder.
 
-Each run is a fresh `python` process; a hook on the first UNet call records the time and ends
-the process, so what is measured is imports + loading + prompt encoding, not sampling. Both
-sides load in fp32 on the CPU (ldm's choice there), read the same file from a warm page cache
+Each run is a fresh `python` process; a hook on the first UNet call (registered as torch
+loads, so neither side imports torch sooner than it would) records the time and ends the
+process, so what is measured is imports + loading + prompt encoding, not sampling. Both sides load in fp32 on the CPU (ldm's choice there), read the same file from a warm page cache
 (one untimed run each first, which also fills ldm's hash cache), and alternate run by run.
 Peak RSS shows what loading costs in memory.
 
@@ -26,13 +26,25 @@ OUT = ROOT / "bench" / "out"
 PROMPT = "a red fox in snow, detailed"
 
 HOOK = """
-import os, resource, sys, time, torch
+import importlib.util, os, resource, sys, time
 def first_step(module, args):
     if type(module).__name__ == "UNet2DConditionModel":
         usage = resource.getrusage(resource.RUSAGE_SELF)
         print(f"FIRST_STEP {time.monotonic()} {usage.ru_utime + usage.ru_stime} {usage.ru_maxrss / 2**20}", flush=True)
         os._exit(0)
-torch.nn.modules.module.register_module_forward_pre_hook(first_step)
+class HookWhenTorchLoads:  # importing torch here would hide what the loader does before it
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            module.nn.modules.module.register_module_forward_pre_hook(first_step)
+        spec.loader.exec_module = exec_module
+        return spec
+sys.meta_path.insert(0, HookWhenTorchLoads())
 """
 
 LDM = HOOK + """
@@ -42,6 +54,7 @@ main()
 """
 
 DIFFUSERS = HOOK + """
+import torch
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_single_file(sys.argv[2], config=sys.argv[3], local_files_only=True,
                                                 torch_dtype=torch.float32)

@@ -67,12 +67,12 @@ def load_model(settings: Settings, options: RunOptions, slot: ModelSlot | None =
     names and the ControlNet files are found before it loads. With a `slot` (ldm serve), the
     model it holds when loaded alike."""
     from ldm_cli import control_units, loading
-    from ldm_cli.networks import lookup, session
+    from ldm_cli.networks import lookup
 
     if settings.seed is not None:  # checked before the load, like every other setting
         check_seed_room(settings.seed, options.num_images)
     lookup.check_folders(options.networks)
-    session.check(settings, options.networks)
+    lookup.check_loras(settings, options.networks)
     units = control_units.from_text(settings.controlnet)
     for unit in units:  # its files found before the model loads
         unit.validate()
@@ -83,6 +83,8 @@ def load_model(settings: Settings, options: RunOptions, slot: ModelSlot | None =
     else:
         model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5),
                                                      variant=settings.variant))
+        from ldm_cli.networks import session  # imports torch: after the load has begun
+
         session.attach(model, options.networks, settings.model)
     model.controls = []  # a held model keeps no ControlNet of an earlier run acting
     model.refiner = None  # nor a refiner
@@ -204,13 +206,14 @@ def _steps_run(s: Settings, family) -> int:
 def _run(settings: Settings, options: RunOptions, make, slot: ModelSlot | None = None) -> Iterator[render.Result]:
     """Load the model and render options.num_images images with `make` (None: text to image);
     image i uses seed + i."""
-    from ldm_cli import hires
     from ldm_cli.progress import Progress
 
     if options.out is not None:
         images.check_writable(options.out)
     settings = with_lora_flags(not_an_edit(settings), options)
     model = load_model(settings, options, slot)
+    from ldm_cli import hires  # imports torch: after the model's files have started loading
+
     s = render.resolved(settings, model)
     jobs = render.per_image(s, options.num_images)
     # text to image runs them all (and hires fix's second pass); img2img what its strength keeps
@@ -398,10 +401,10 @@ def _line_files(job, options: RunOptions, upscalers_found: set[str]) -> Settings
     """A prompts-file line's --lora tags added, its LoRAs and hires upscaler model found, an edit
     line's model and inputs checked, before any model loads."""
     from ldm_cli import batch as batching
-    from ldm_cli.networks import session
+    from ldm_cli.networks import lookup
 
     settings = with_lora_flags(batching.edit_settings(job) if job.edit else job.settings, options)
-    session.check(settings, options.networks)
+    lookup.check_loras(settings, options.networks)
     if settings.hires_upscaler not in upscalers_found:
         check_upscaler(settings)
         upscalers_found.add(settings.hires_upscaler)

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from ldm_cli import commands, control_units, images, infotext, manifest, prompt_syntax, prompts_file, render
 from ldm_cli.errors import LdmError
 from ldm_cli.loading import gguf_header, tensors
-from ldm_cli.networks import formats, merge, session, tags
+from ldm_cli.networks import formats, lookup, merge, session, tags
 from ldm_cli.networks.lookup import NetworkOptions
 from ldm_cli.networks.targets import DENOISER, Target
 from ldm_cli.settings import Settings
@@ -165,7 +165,7 @@ def read_png(path: Path) -> None:
     replayed = commands.base_settings(Settings(), path, str(models))
     for unit in control_units.from_text(replayed.controlnet):
         unit.validate()
-    session.check(replayed, NetworkOptions())
+    lookup.check_loras(replayed, NetworkOptions())
     replayed.to_infotext("fuzz")
 
 

@@ -250,7 +250,7 @@ def test_the_alias_lookup_opens_no_fifo_and_walks_no_link_to_a_folder_above(unbl
     assert time.monotonic() - start < 20
     assert "above" not in lookup.index((folder,))  # under the link to tmp_path: not walked
     with pytest.raises(LdmError, match="pipe.safetensors' is a FIFO"):
-        session.check(Settings(prompt="a <lora:pipe:1>"), options)
+        lookup.check_loras(Settings(prompt="a <lora:pipe:1>"), options)
 
 
 def test_an_embeddings_folder_linking_to_root_does_not_hang_the_run(model_dir, tmp_path):

@@ -53,3 +53,27 @@ def test_info_of_a_checkpoint_imports_no_torch_once_its_architecture_is_known(fa
     first, second = (r.stdout.rsplit("\n", 2) for r in runs)
     assert "torch" in first[1] and second[1] == "[]"  # the second run imported none of them
     assert first[0] == second[0] and json.loads(second[0])["parameters_vae"] > 0
+
+
+FAILS = CHECK.replace("assert e.code == 0, e.code", "assert e.code == 2, e.code")
+
+
+@pytest.mark.parametrize("case", ["not a model", "cut short", "unknown LoRA"])
+def test_a_wrong_file_fails_before_torch_is_imported(case, tmp_path):
+    """The model file's header, and the LoRAs the prompt names, are checked before torch loads
+    (over a second): a wrong one fails at once, in one line."""
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    model = tmp_path / "model.safetensors"
+    save_file({"some.other.weight": np.zeros((4, 4), np.float16)}, str(model))
+    args = ["generate", "a fox", "--model", str(model), "--out", str(tmp_path / "o")]
+    if case == "cut short":
+        from ldm_cli.loading import BUILTIN
+
+        model.write_bytes(BUILTIN.read_bytes()[:-100])
+    if case == "unknown LoRA":
+        args[1:4] = ["a fox <lora:nowhere:1>"]
+    result = subprocess.run([sys.executable, "-c", FAILS, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("ldm: error:"), result.stderr

@@ -22,10 +22,15 @@ def load(source: str | None, options: LoadOptions | None = None):
     options = options or LoadOptions()
     path = source_path(source)
     check(path, options)
+    gathered = None
+    if not path.is_dir():  # a file's family and parts from its headers: a wrong file fails before torch loads
+        from ldm_cli.loading import components
+
+        gathered = components.gather(path, options)
     from ldm_cli import device as devices  # imports torch, which takes seconds: after the checks
 
     device = devices.pick_device(options.device)
-    if path.is_dir():
+    if gathered is None:
         from ldm_cli.loading import folder
 
         quiet_libraries()
@@ -33,7 +38,7 @@ def load(source: str | None, options: LoadOptions | None = None):
     else:  # quiets the libraries itself, once its reading is under way
         from ldm_cli.loading import single_file
 
-        model = single_file.load_single_file(path, device, options)
+        model = single_file.load_single_file(gathered, device, options)
     if source is None:
         model.name = "ldm-builtin"
     model.modules = [Path(p).name.removesuffix(".safetensors").removesuffix(".gguf")

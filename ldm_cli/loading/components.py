@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import detect, flux, flux2, keymap, mmdit, qwen_image, tensors, zimage
+from ldm_cli.loading import detect, flux, flux2, keymap, mmdit, quantized, qwen_image, recipe, tekken, tensors, zimage
 from ldm_cli.loading.keymap import Slot
+from ldm_cli.loading.recipe import Recipe
 from ldm_cli.notes import note
 
 if TYPE_CHECKING:
     from ldm_cli.loading.options import LoadOptions
-    from ldm_cli.loading.recipe import Recipe
 
 SIGNATURES = keymap.TEXT_SIGNATURES
 LAYERS = {"clip": r"text_model\.encoder\.layers\.(\d+)\.", "openclip": r"transformer\.resblocks\.(\d+)\.",
@@ -45,6 +45,35 @@ VAE_FILES = {"flux": "ae.safetensors", "chroma": "ae.safetensors", "zimage": "ae
 WAN_VAE_KEY = "encoder.conv1.weight"  # Qwen-Image's VAE in Wan's names (diffusers': encoder.conv_in)
 # where a layout's width shows when its signature's last dimension is not it (a q/k norm's is a head's)
 WIDTH_KEYS = {"qwen3_gguf": "token_embd.weight", "qwen25vl_gguf": "token_embd.weight"}
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """A single-file model as its headers describe it, before any weight is read."""
+    checkpoint: tensors.Checkpoint
+    found: detect.Found
+    recipe: Recipe
+    sources: dict[str, Source]
+
+    def reading_order(self) -> list[tuple[tensors.Checkpoint, list[Slot]]]:
+        """Each file the weights come from (the checkpoint first), with the slots read from it."""
+        files = {id(s.checkpoint): s.checkpoint for s in self.sources.values()}
+        return [(f, [s.slot for s in self.sources.values() if s.checkpoint is f]) for f in files.values()]
+
+
+def gather(path: Path, options: LoadOptions) -> Gathered:
+    """Open a single file, tell its family, and find where each component's weights lie (in it,
+    or in the --text-encoder/--vae files); headers only, so this runs before torch is imported."""
+    checkpoint = tensors.open_checkpoint(path, options.allow_pickle)
+    found = detect.detect(checkpoint, options.variant)
+    r = recipe.resolve(found, checkpoint.metadata, options.config)
+    present = sources(found, r, checkpoint, options)
+    for source in present.values():
+        tekken.check_embedded(source.checkpoint)  # ComfyUI's Mistral carries its vocabulary
+        quantized.check_mixed(source.checkpoint)
+    if options.without_t5:  # every image of the run asked --no-t5: an optional T5 is not read
+        present = {name: s for name, s in present.items() if name not in OPTIONAL}
+    return Gathered(checkpoint, found, r, present)
 
 
 @dataclass(frozen=True)

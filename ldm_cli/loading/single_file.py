@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ldm_cli import untrusted_json
 from ldm_cli.errors import LdmError
-from ldm_cli.loading import components, convert, detect, keymap, plan, prediction, quantized, recipe, tekken, tensors, vae_file
+from ldm_cli.loading import components, convert, detect, keymap, plan, prediction, tekken, tensors, vae_file
 from ldm_cli.loading.folder import load_tokenizer, to_device
 from ldm_cli.loading.options import quiet_libraries
 from ldm_cli.loading.prefetch import Prefetch, in_background
@@ -27,54 +26,51 @@ if TYPE_CHECKING:
 DEFAULTS_KEY = "ldm.defaults"
 
 
-def load_single_file(path: Path, device: torch.device, options: LoadOptions) -> Model:
+def load_single_file(gathered: components.Gathered, device: torch.device, options: LoadOptions) -> Model:
+    """The model `gathered` describes (components.gather), read, built and settled."""
     from ldm_cli import device as devices
     from ldm_cli import families, hashing, memory
     from ldm_cli.model import Model
 
-    checkpoint = tensors.open_checkpoint(path, options.allow_pickle)
-    found = detect.detect(checkpoint, options.variant)
-    r = recipe.resolve(found, checkpoint.metadata, options.config)
-    sources = components.sources(found, r, checkpoint, options)
-    for source in sources.values():
-        tekken.check_embedded(source.checkpoint)  # ComfyUI's Mistral carries its vocabulary
-        quantized.check_mixed(source.checkpoint)
-    if options.without_t5:  # every image of the run asked --no-t5: an optional T5 is not read
-        sources = {name: s for name, s in sources.items() if name not in components.OPTIONAL}
+    checkpoint, found, r, path = gathered.checkpoint, gathered.found, gathered.recipe, gathered.checkpoint.path
     digest = in_background(hashing.short_hash, path)  # a new file's first hash overlaps the load
     family = families.get(found.family)
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
     device = memory.load_device(device, options)  # the CPU, when memory.place puts the weights later
-    parts = read(r, sources, dtype, device)
+    found_tokenizers = []  # loaded by this thread while the weights are read, before it joins the copying
+    parts = read(gathered, dtype, device, lambda: found_tokenizers.extend(tokenizers(r, gathered.sources)))
     settle_prediction(options.prediction, r, found, path, parts[r.denoiser])
     vae = vae_file.load_vae(Path(options.vae), dtype, r.configs["vae"], options.allow_pickle) if options.vae else parts["vae"]
     model = Model(family=family, denoiser=parts[r.denoiser], vae=vae, text_encoders=[parts.get(n) for n in r.text_encoders],
-                  tokenizers=tokenizers(r, parts), scheduler_config=r.configs["scheduler"], name=path.stem,
+                  tokenizers=found_tokenizers, scheduler_config=r.configs["scheduler"], name=path.stem,
                   hash=digest(), path=str(path), defaults=defaults(checkpoint, r, parts), options=r.options,
                   modules=[Path(p).stem for p in [*([options.vae] if options.vae else []), *options.text_encoders]])
     if not options.without_t5:
-        components.note_missing(r, sources, checkpoint)
+        components.note_missing(r, gathered.sources, checkpoint)
     return to_device(model, device)
 
 
-def read(r: Recipe, sources: dict[str, components.Source], dtype: torch.dtype,
-         device: torch.device) -> dict[str, torch.nn.Module]:
-    """Every component, from whichever file holds it: the checkpoint first, then the others."""
-    files = {id(source.checkpoint): source.checkpoint for source in sources.values()}
+def read(gathered: components.Gathered, dtype: torch.dtype, device: torch.device,
+         meanwhile: Callable[[], None] | None = None) -> dict[str, torch.nn.Module]:
+    """Every component, from whichever file holds it: the checkpoint first, then the others;
+    `meanwhile` runs while the first file is read."""
     parts = {}
-    for checkpoint in files.values():
-        slots = [source.slot for source in sources.values() if source.checkpoint is checkpoint]
-        parts.update(build(r, checkpoint, slots, dtype, device))
+    for checkpoint, slots in gathered.reading_order():
+        parts.update(build(gathered.recipe, checkpoint, slots, dtype, device, meanwhile))
+        meanwhile = None
     return parts
 
 
 def build(r: Recipe, checkpoint: tensors.Checkpoint, slots: list[keymap.Slot], dtype: torch.dtype,
-          device: torch.device) -> dict[str, torch.nn.Module]:
-    """Every component under `slots` in this file, planned (and so checked) while it is read."""
+          device: torch.device, meanwhile: Callable[[], None] | None = None) -> dict[str, torch.nn.Module]:
+    """Every component under `slots` in this file, planned (and so checked) while it is read;
+    `meanwhile` runs then too (work that would otherwise wait for the copy to end)."""
     with Prefetch(checkpoint, [s.prefix for s in slots], dtype, device) as reading:
         quiet_libraries()  # importing diffusers and transformers overlaps the reading
         modules = {s.name: convert.empty(s.name, r.configs[s.name]) for s in slots}
         plans = {s.name: plan.for_module(s, modules[s.name], checkpoint) for s in slots}
+        if meanwhile is not None:
+            meanwhile()
         tensors_read = reading.result()
     return {n: keep_fp32(convert.fill(modules[n], plans[n], tensors_read), dtype) for n in modules}
 
@@ -102,10 +98,10 @@ def settle_prediction(flag: str | None, r: Recipe, found: detect.Found, path: Pa
     unet.register_to_config(sample_size=r.configs["unet"]["sample_size"])
 
 
-def tokenizers(r: Recipe, parts: dict) -> list:
-    """One per text encoder; None for an encoder run without (SD3's T5)."""
+def tokenizers(r: Recipe, present) -> list:
+    """One per text encoder; None for an encoder run without (SD3's T5, not `present`)."""
     try:
-        return [tokenizer(folder, tuple(sorted(overrides.items()))) if name in parts else None
+        return [tokenizer(folder, tuple(sorted(overrides.items()))) if name in present else None
                 for name, (folder, overrides) in zip(r.text_encoders, r.tokenizers)]
     except (OSError, ValueError) as e:
         raise LdmError(f"cannot load a tokenizer ({str(e).splitlines()[0]}); check the --config folder's tokenizer") from None

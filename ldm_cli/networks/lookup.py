@@ -19,10 +19,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ldm_cli import files, model_lookup
 from ldm_cli.errors import LdmError
 from ldm_cli.loading.tensors import MAX_HEADER
+from ldm_cli.networks import formats, tags
+
+if TYPE_CHECKING:
+    from ldm_cli.settings import Settings
 
 LORA_ENV = "LDM_LORA_DIR"
 EMBEDDINGS_ENV = "LDM_EMBEDDINGS_DIR"
@@ -65,6 +70,12 @@ def check_folders(options: NetworkOptions) -> None:
         for folder in folders:
             if not Path(folder).expanduser().is_dir():
                 raise LdmError(f"{flag} {folder!r} is not a folder")
+
+
+def check_loras(settings: Settings, options: NetworkOptions) -> None:
+    """Before any model loads: the LoRAs the prompt (and hires prompt) names are found and are LoRA files."""
+    for tag in tags.lora_tags(settings.prompt) + tags.lora_tags(settings.hires_prompt or ""):
+        formats.peek(find_lora(tag.name, options, settings.model), options.allow_pickle)
 
 
 def find_lora(name: str, options: NetworkOptions, model: str | None) -> Path:

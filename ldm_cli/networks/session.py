@@ -22,12 +22,6 @@ from ldm_cli.settings import Settings
 EMBEDDING_FAMILIES = ("sd1", "sd2", "sdxl")
 
 
-def check(settings: Settings, options: NetworkOptions) -> None:
-    """Before any model loads: the LoRAs the prompt (and hires prompt) names are found and are LoRA files."""
-    for tag in tags.lora_tags(settings.prompt) + tags.lora_tags(settings.hires_prompt or ""):
-        formats.peek(lookup.find_lora(tag.name, options, settings.model), options.allow_pickle)
-
-
 def attach(model, options: NetworkOptions, source: str | None) -> None:
     """Give `model` its session; `source`: the model as the user named it (None: built-in),
     beside which the default folders are."""
