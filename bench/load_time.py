@@ -3,8 +3,9 @@ denoising step, `ldm generate` against diffusers' from_single_file with a local 
 
 Each run is a fresh `python` process; a hook on the first UNet call (registered as torch
 loads, so neither side imports torch sooner than it would) records the time and ends the
-process, so what is measured is imports + loading + prompt encoding, not sampling. Both sides load in fp32 on the CPU (ldm's choice there), read the same file from a warm page cache
-(one untimed run each first, which also fills ldm's hash cache), and alternate run by run.
+process, so what is measured is imports + loading + prompt encoding, not sampling. Both sides
+load in fp32 on the CPU (ldm's choice there), read the same file from a warm page cache (one
+untimed run each first, which also fills ldm's hash cache), and alternate run by run.
 Peak RSS shows what loading costs in memory.
 
     python bench/make_sd15_checkpoint.py     # once: bench/out/sd15-random.safetensors

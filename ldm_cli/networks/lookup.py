@@ -80,8 +80,6 @@ def check_loras(settings: Settings, options: NetworkOptions) -> None:
 
 def find_lora(name: str, options: NetworkOptions, model: str | None) -> Path:
     """The file of the LoRA `name`: a --lora file of that stem, else the first in the folders."""
-    from ldm_cli.networks import tags
-
     for path, _ in map(tags.parse_flag, options.lora_files):
         if path.stem == name:
             if not path.exists():
