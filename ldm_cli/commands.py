@@ -81,11 +81,13 @@ def load_model(settings: Settings, options: RunOptions, slot: ModelSlot | None =
         model = slot.get(settings.model, bool(settings.no_t5), replace(options.load, variant=settings.variant),
                          options.networks)
     else:
+        early = (lambda m: _encode_early(m, settings, options)) if _encodes_early(settings, options, units) else None
         model = loading.load(settings.model, replace(options.load, without_t5=bool(settings.no_t5),
-                                                     variant=settings.variant))
-        from ldm_cli.networks import session  # imports torch: after the load has begun
+                                                     variant=settings.variant), early)
+        if model.networks is None:  # not attached for encoding early
+            from ldm_cli.networks import session  # imports torch: after the load has begun
 
-        session.attach(model, options.networks, settings.model)
+            session.attach(model, options.networks, settings.model)
     model.controls = []  # a held model keeps no ControlNet of an earlier run acting
     model.refiner = None  # nor a refiner
     if settings.refiner:
@@ -98,6 +100,26 @@ def load_model(settings: Settings, options: RunOptions, slot: ModelSlot | None =
         with slot.loading() if slot is not None else nullcontext():
             controlnet.attach(model, units)
     return model
+
+
+def _encodes_early(settings: Settings, options: RunOptions, units: list) -> bool:
+    """Whether the first batch's prompts can be encoded while the denoiser's weights are still
+    read, exactly as they would be after: not with LoRAs (merged per batch, text encoders too), an
+    edit's images, a ControlNet, a hires pass or a refiner (each set up after the load), a --vae file
+    (loaded after the rest), or weights moved or changed after loading (offload, fp8, --compile)."""
+    from ldm_cli.networks import tags
+
+    load = options.load
+    return not (tags.lora_tags(settings.prompt) or tags.lora_tags(settings.negative or "") or settings.edit_images
+                or units or hires_plan.enabled(settings) or settings.refiner or load.vae or load.offload != "none"
+                or load.weights or load.compile)
+
+
+def _encode_early(model, settings: Settings, options: RunOptions) -> None:
+    from ldm_cli.networks import session
+
+    session.attach(model, options.networks, settings.model)  # its embeddings are read as prompts are
+    render.encode_first(settings, model, options.num_images, options.batch_size)
 
 
 def check_upscaler(settings: Settings) -> None:

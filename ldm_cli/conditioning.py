@@ -71,6 +71,8 @@ def _parts(model, s: Settings, cache: Cache) -> Parts:
 
 def _schedule(model, text: str, s: Settings, negative: bool, cache: Cache) -> Schedule:
     key = _key(model, text, s, negative)
+    if key not in cache and key in model.prepared:
+        cache[key] = model.prepared.pop(key)
     if key not in cache:
         plan = prompt_syntax.schedule(text, schedulers.prompt_steps(s.scheduler, s.steps))
         cond = model.family.encode(model, [prompt for _, prompt in plan], s, negative)

@@ -26,6 +26,9 @@ class Model:
     embeddings: Any = None  # textual inversion: a clip_text.EmbeddingLookup read as prompts are tokenized
     networks: Any = None  # its LoRAs and embeddings for the run (networks.session.Session)
     encoded: Any = None  # the run's prompts encoded ahead of its batches (ahead.Ahead)
+    # schedules encoded while its denoiser's weights were still being read (commands.load_model),
+    # by conditioning's key; each is taken once
+    prepared: dict[tuple, Any] = field(default_factory=dict)
     # an edit's images its text encoder reads (Editing.prompt_images), by the record of its inputs
     edit_inputs: dict[str | None, list[Any]] | None = None
     controls: list[Any] = field(default_factory=list)  # (ControlUnit, its ControlNetModel) pairs acting now

@@ -133,6 +133,15 @@ def _check_negative_used(s: Settings) -> None:
                   "give --cfg above 1 for real classifier-free guidance")
 
 
+def encode_first(settings: Settings, model, count: int, batch_size: int) -> None:
+    """The run's first batch's prompts encoded into model.prepared, where conditioning.py finds
+    them (called while the model's denoiser is still being read, loading's `early`)."""
+    from ldm_cli import conditioning, pipeline
+
+    first = next(batches(per_image(resolved(settings, model), count), batch_size, pipeline.batch_key))
+    conditioning.encode(model, first, model.prepared)
+
+
 def per_image(base: Settings, count: int) -> list[Settings]:
     """Image i of a run uses seed + i."""
     return [base.merged(seed=base.seed + i) for i in range(count)]

@@ -168,3 +168,58 @@ def test_a_long_file_saves_its_first_image_before_encoding_every_line(sd1_folder
     run.close()
     assert first.path.is_file() and first.settings.prompt == "a fox number 0"
     assert len(set(encoded)) == ahead.FIRST_STRETCH  # the first stretch only
+
+
+def test_the_first_batch_is_encoded_while_the_denoiser_loads_and_draws_the_same_images(sd1_folder, tmp_path,
+                                                                                       monkeypatch):
+    """A plain run from a single file encodes its first batch's prompts once the text encoder's
+    weights are in, while the UNet's are still read (commands._encode_early): each prompt is still
+    encoded once, and the images are those of a run that encodes after the load."""
+    import torch
+
+    from ldm_cli import commands
+    from tests import original_layout
+
+    path = original_layout.write(sd1_folder, tmp_path / "m.safetensors", "sd1",
+                                 metadata=original_layout.ldm_metadata(sd1_folder, "sd1"))
+    settings = Settings(prompt="a red fox in snow", negative="blurry", steps=2, seed=7, width=64, height=64,
+                        model=str(path))
+    options = commands.RunOptions(num_images=3, batch_size=2, quiet=True)
+    during: list[bool] = []
+    encode_first = render.encode_first
+
+    def watched_first(s, model, count, batch_size):
+        during.append(next(model.denoiser.parameters()).is_meta)  # the UNet not read yet
+        encode_first(s, model, count, batch_size)
+        assert model.prepared  # what render will ask for first
+
+    calls: list[str] = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: calls.append("clip") if type(module).__name__ == "CLIPTextModel" else None)
+    try:
+        monkeypatch.setattr(render, "encode_first", watched_first)
+        early = [np.asarray(Image.open(r.path)) for r in commands.generate(settings, dataclasses.replace(
+            options, out=tmp_path / "early"))]
+        early_calls, calls[:] = len(calls), []
+        monkeypatch.setattr(commands, "_encodes_early", lambda *a: False)
+        after = [np.asarray(Image.open(r.path)) for r in commands.generate(settings, dataclasses.replace(
+            options, out=tmp_path / "after"))]
+    finally:
+        hook.remove()
+    assert during == [True]
+    assert early_calls == len(calls) == 2  # the prompt and the negative, once each, for all three images
+    assert all(np.array_equal(a, b) for a, b in zip(early, after, strict=True))
+
+
+@pytest.mark.parametrize("change", [dict(prompt="a fox <lora:x:1>"), dict(negative="<lora:x:1>"),
+                                    dict(edit_images="a.png"), dict(hires_scale=2.0), dict(refiner="r.safetensors"),
+                                    "vae", "offload", "weights", "compile", "controlnet"])
+def test_what_is_set_up_after_the_load_keeps_the_encoding_after_it(change):
+    from ldm_cli import commands
+
+    settings = Settings(**{"prompt": "a fox", **(change if isinstance(change, dict) else {})})
+    load = LoadOptions(vae="v.safetensors" if change == "vae" else None, offload="model" if change == "offload" else "none",
+                       weights="fp8" if change == "weights" else None, compile=change == "compile")
+    options = commands.RunOptions(load=load)
+    assert commands._encodes_early(Settings(prompt="a fox"), commands.RunOptions(), []) is True
+    assert commands._encodes_early(settings, options, ["unit"] if change == "controlnet" else []) is False

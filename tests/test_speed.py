@@ -184,7 +184,7 @@ def test_compile_flag_reaches_the_loader(monkeypatch, tmp_path):
 
     seen = []
 
-    def load(source, options):
+    def load(source, options, early=None):
         seen.append(options.compile)
         raise LdmError("stop here")
     monkeypatch.setattr(loading, "load", load)

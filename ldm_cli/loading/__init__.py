@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 from ldm_cli import files
 from ldm_cli.errors import LdmError
@@ -17,8 +18,9 @@ PACKED = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2, "ZImageTra
           "Flux2Transformer2DModel": 2}
 
 
-def load(source: str | None, options: LoadOptions | None = None):
-    """A ready-to-run `Model` on the chosen device and dtype."""
+def load(source: str | None, options: LoadOptions | None = None, early: Callable[[Any], None] | None = None):
+    """A ready-to-run `Model` on the chosen device and dtype. `early` (single files) is given the
+    model once its text encoders are in, while its denoiser is still read (single_file.load_single_file)."""
     options = options or LoadOptions()
     path = source_path(source)
     check(path, options)
@@ -38,7 +40,7 @@ def load(source: str | None, options: LoadOptions | None = None):
     else:  # quiets the libraries itself, once its reading is under way
         from ldm_cli.loading import single_file
 
-        model = single_file.load_single_file(gathered, device, options)
+        model = single_file.load_single_file(gathered, device, options, early)
     if source is None:
         model.name = "ldm-builtin"
     model.modules = [Path(p).name.removesuffix(".safetensors").removesuffix(".gguf")

@@ -53,7 +53,9 @@ class Prefetch:
     than finishing a few GB for nothing."""
 
     def __init__(self, checkpoint: Checkpoint, prefixes: list[str], dtype: torch.dtype, device: torch.device):
-        self._keys = iter(quantized.weight_keys(checkpoint, prefixes))
+        keys = quantized.weight_keys(checkpoint, prefixes)
+        # in the order of `prefixes` (the file's within each): a part wanted first is read first
+        self._keys = iter(sorted(keys, key=lambda k: next(i for i, p in enumerate(prefixes) if k.startswith(p))))
         self._lock = threading.Lock()
         self._tensors: dict[str, torch.Tensor] = {}
         self._source = (checkpoint, dtype, device)
@@ -63,14 +65,28 @@ class Prefetch:
         self._wait = in_background(self._drain)
 
     def _drain(self) -> None:
+        while not self._stop.is_set() and self._read_one():
+            pass
+
+    def _read_one(self) -> bool:
+        """Read the next key not yet taken; False when every key is taken."""
         checkpoint, dtype, device = self._source
-        while not self._stop.is_set():
-            with self._lock:
-                key = next(self._keys, None)
-            if key is None:
-                return
-            self._tensors[key] = quantized.read(checkpoint, key, dtype, device)
-            checkpoint.release(key)
+        with self._lock:
+            key = next(self._keys, None)
+        if key is None:
+            return False
+        self._tensors[key] = quantized.read(checkpoint, key, dtype, device)
+        checkpoint.release(key)
+        return True
+
+    def until(self, keys: set[str]) -> dict[str, torch.Tensor]:
+        """The weights read so far, once `keys` are among them; this thread reads beside the
+        background one meanwhile (the rest of the file is still being read when it returns)."""
+        while not keys <= self._tensors.keys():
+            if not self._read_one():  # every key is taken: the other thread finishes its last one
+                self._wait()
+                break
+        return dict(self._tensors)  # a copy: the other thread goes on adding to its own
 
     def result(self) -> dict[str, torch.Tensor]:
         try:

@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 DEFAULTS_KEY = "ldm.defaults"
 
 
-def load_single_file(gathered: components.Gathered, device: torch.device, options: LoadOptions) -> Model:
-    """The model `gathered` describes (components.gather), read, built and settled."""
+def load_single_file(gathered: components.Gathered, device: torch.device, options: LoadOptions,
+                     early: Callable[[Model], None] | None = None) -> Model:
+    """The model `gathered` describes (components.gather), read, built and settled. `early` is
+    given the model as soon as its text encoders are in, while the rest is still read: it may
+    encode prompts, and must touch no other weights."""
     from ldm_cli import device as devices
     from ldm_cli import families, hashing, memory
     from ldm_cli.model import Model
@@ -38,41 +41,70 @@ def load_single_file(gathered: components.Gathered, device: torch.device, option
     dtype = devices.pick_dtype(options.dtype, device, family.cuda_dtype)
     device = memory.load_device(device, options)  # the CPU, when memory.place puts the weights later
     found_tokenizers = []  # loaded by this thread while the weights are read, before it joins the copying
-    parts = read(gathered, dtype, device, lambda: found_tokenizers.extend(tokenizers(r, gathered.sources)))
+    made: list[Model] = []
+
+    def assemble(parts: dict[str, torch.nn.Module]) -> Model:
+        return Model(family=family, denoiser=parts[r.denoiser], vae=parts.get("vae"), tokenizers=found_tokenizers,
+                     text_encoders=[parts.get(n) for n in r.text_encoders], scheduler_config=r.configs["scheduler"],
+                     name=path.stem, path=str(path), defaults=defaults(checkpoint, r, gathered.sources),
+                     options=r.options, modules=[Path(p).stem for p in [*([options.vae] if options.vae else []),
+                                                                        *options.text_encoders]])
+
+    def text_ready(parts: dict[str, torch.nn.Module]) -> None:  # the denoiser may still be empty
+        made.append(assemble(parts))
+        made[0].run_device, made[0].run_dtype = device, dtype  # not the empty denoiser's
+        early(made[0])
+
+    parts = read(gathered, dtype, device, lambda: found_tokenizers.extend(tokenizers(r, gathered.sources)),
+                 text_ready if early is not None else None)
     settle_prediction(options.prediction, r, found, path, parts[r.denoiser])
-    vae = vae_file.load_vae(Path(options.vae), dtype, r.configs["vae"], options.allow_pickle) if options.vae else parts["vae"]
-    model = Model(family=family, denoiser=parts[r.denoiser], vae=vae, text_encoders=[parts.get(n) for n in r.text_encoders],
-                  tokenizers=found_tokenizers, scheduler_config=r.configs["scheduler"], name=path.stem,
-                  hash=digest(), path=str(path), defaults=defaults(checkpoint, r, parts), options=r.options,
-                  modules=[Path(p).stem for p in [*([options.vae] if options.vae else []), *options.text_encoders]])
+    model = made[0] if made else assemble(parts)  # the same modules, filled in place since
+    model.run_device = model.run_dtype = None
+    model.vae = vae_file.load_vae(Path(options.vae), dtype, r.configs["vae"], options.allow_pickle) if options.vae else parts["vae"]
+    model.hash = digest()
     if not options.without_t5:
         components.note_missing(r, gathered.sources, checkpoint)
     return to_device(model, device)
 
 
 def read(gathered: components.Gathered, dtype: torch.dtype, device: torch.device,
-         meanwhile: Callable[[], None] | None = None) -> dict[str, torch.nn.Module]:
+         meanwhile: Callable[[], None] | None = None,
+         text_ready: Callable[[dict[str, torch.nn.Module]], None] | None = None) -> dict[str, torch.nn.Module]:
     """Every component, from whichever file holds it: the checkpoint first, then the others;
-    `meanwhile` runs while the first file is read."""
-    parts = {}
+    `meanwhile` runs while the first file is read, `text_ready` (given every part, those not
+    read yet still empty) once the text encoders are in, if one file holds them all."""
+    text = {n for n in gathered.recipe.text_encoders if n in gathered.sources}
+    parts: dict[str, torch.nn.Module] = {}
     for checkpoint, slots in gathered.reading_order():
-        parts.update(build(gathered.recipe, checkpoint, slots, dtype, device, meanwhile))
+        holds_text = bool(text) and text <= {s.name for s in slots}
+        parts.update(build(gathered.recipe, checkpoint, slots, dtype, device, meanwhile,
+                           (lambda modules: text_ready({**parts, **modules})) if text_ready and holds_text else None))
         meanwhile = None
     return parts
 
 
 def build(r: Recipe, checkpoint: tensors.Checkpoint, slots: list[keymap.Slot], dtype: torch.dtype,
-          device: torch.device, meanwhile: Callable[[], None] | None = None) -> dict[str, torch.nn.Module]:
+          device: torch.device, meanwhile: Callable[[], None] | None = None,
+          text_ready: Callable[[dict[str, torch.nn.Module]], None] | None = None) -> dict[str, torch.nn.Module]:
     """Every component under `slots` in this file, planned (and so checked) while it is read;
-    `meanwhile` runs then too (work that would otherwise wait for the copy to end)."""
-    with Prefetch(checkpoint, [s.prefix for s in slots], dtype, device) as reading:
+    `meanwhile` runs then too (work that would otherwise wait for the copy to end); with
+    `text_ready`, the text encoders are read first and it is given every module once they are in."""
+    text = [s.name for s in slots if s.name in r.text_encoders] if text_ready is not None else []
+    first = sorted(slots, key=lambda s: s.name not in text)
+    with Prefetch(checkpoint, [s.prefix for s in first], dtype, device) as reading:
         quiet_libraries()  # importing diffusers and transformers overlaps the reading
         modules = {s.name: convert.empty(s.name, r.configs[s.name]) for s in slots}
         plans = {s.name: plan.for_module(s, modules[s.name], checkpoint) for s in slots}
         if meanwhile is not None:
             meanwhile()
+        if text:
+            so_far = reading.until({p.key for n in text for p in plans[n].values() if not p.origin.eye})
+            for n in text:
+                keep_fp32(convert.fill(modules[n], plans[n], so_far), dtype)
+            text_ready(modules)
         tensors_read = reading.result()
-    return {n: keep_fp32(convert.fill(modules[n], plans[n], tensors_read), dtype) for n in modules}
+    return {n: modules[n] if n in text else keep_fp32(convert.fill(modules[n], plans[n], tensors_read), dtype)
+            for n in modules}
 
 
 def keep_fp32(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
