@@ -56,6 +56,12 @@ class SchedulerSpec:
     # the negative is always encoded); its own timesteps, no schedule type
     cfg_pp: bool = False
 
+    @property
+    def any_schedule(self) -> bool:
+        """Whether it walks any schedule type's sigmas on k-diffusion's path, on any model: every
+        k-diffusion sampler but DDIM CFG++, which keeps a DDPM model's DDIM timesteps."""
+        return self.k is not None and not self.cfg_pp
+
 
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 ANCESTRAL = ("eta", "s_noise")
@@ -193,7 +199,7 @@ def supports(name: str, schedule: str) -> bool:
     """Whether the sampler runs the schedule: its diffusers class's, or any through k-diffusion's
     path. "simple" is also Forge's name for a flow model's own spacing, checked with the model."""
     spec = SCHEDULERS[name]
-    return schedule in ("default", "simple") or schedule in spec.schedules or (spec.k is not None and not spec.cfg_pp)
+    return schedule in ("default", "simple") or schedule in spec.schedules or spec.any_schedule
 
 
 def uses_k(name: str, schedule: str | None, options: bool = False, flow: bool = False,
@@ -233,7 +239,7 @@ class LabelledFamily(Protocol):
 def flow_names() -> list[str]:
     """The schedulers a flow-matching model takes: diffusers' flow classes and k-diffusion's samplers
     (not DDIM CFG++, which walks a DDPM model's timesteps)."""
-    return [n for n, spec in SCHEDULERS.items() if n in FLOW_SCHEDULERS or (spec.k and not spec.cfg_pp)]
+    return [n for n, spec in SCHEDULERS.items() if n in FLOW_SCHEDULERS or spec.any_schedule]
 
 
 def check_for_model(name: str, schedule: str | None, flow: bool, family: LabelledFamily | None = None) -> None:
@@ -244,7 +250,7 @@ def check_for_model(name: str, schedule: str | None, flow: bool, family: Labelle
         if schedule not in (None, "default", *spec.schedules) and spec.k is None:
             raise LdmError(f"scheduler {name!r} has no {schedule} schedule; use --schedule default or another scheduler")
         return
-    if SCHEDULERS[name].k is not None and not SCHEDULERS[name].cfg_pp:
+    if SCHEDULERS[name].any_schedule:
         if schedule == "align_your_steps":
             raise LdmError("the align_your_steps schedule is NVIDIA's tables for SD 1.x and SDXL, not flow-matching "
                            "models; use another --schedule (sgm_uniform, beta, karras ...)")

@@ -84,7 +84,7 @@ def sampler(body: dict, defaults: dict) -> tuple[str, str | None]:
         return name, label_schedule or (spec.k_schedule if spec.k and spec.k_schedule != "uniform" else None)
     if asked not in schedulers.SCHEDULE_TYPES:
         raise LdmError(f"scheduler {asked!r} is not one ldm runs; choose one of: {', '.join(SCHEDULE_LABELS)}")
-    if (spec.k is None or spec.cfg_pp) and asked in EVEN:  # DDIM CFG++ walks DDIM's timesteps too
+    if not spec.any_schedule and asked in EVEN:
         return name, "default"
     return name, asked
 
