@@ -137,22 +137,21 @@ class Transform(ast.NodeTransformer):
             return self.visit(node)
         checked = isinstance(node, ast.If) and isinstance(node.test, ast.Call) and not node.test.args \
             and getattr(node.test.func, "id", None) in self.rules.checks
+        source = _absolute(node, self.package) if isinstance(node, ast.ImportFrom) else None
+        listed = (isinstance(node, ast.Import) and all(a.name in self.rules.modules for a in node.names)) \
+            or (source in self.rules.names and all(a.name in self.rules.names[source] for a in node.names))
         if checked:
             statements = node.body
-        elif (isinstance(node, ast.ImportFrom) and _absolute(node, self.package).startswith(self.rules.imports)) \
+        elif (source is not None and source.startswith(self.rules.imports)) or listed \
                 or (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-                    and getattr(node.value.func, "id", None) in self.rules.calls) \
-                or (isinstance(node, ast.Import) and all(a.name in self.rules.modules for a in node.names)) \
-                or (isinstance(node, ast.ImportFrom) and _absolute(node, self.package) in self.rules.names
-                    and all(a.name in self.rules.names[_absolute(node, self.package)] for a in node.names)):
+                    and getattr(node.value.func, "id", None) in self.rules.calls):
             statements = [node]
         else:
             return node
         names = _bound_names(statements)
         if not names or (checked and self.elsewhere.intersection(names)):
             return node
-        if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom)
-                                            and _absolute(node, self.package) in self.rules.names):
+        if listed:
             self.listed.update(names)
         block = ast.Module(body=statements, type_ignores=[])
         self.blocks.append((compile(block, self.filename, "exec", dont_inherit=True),  # not this module's futures
