@@ -16,7 +16,7 @@ from typing import Annotated, Callable, NoReturn, Optional
 import typer
 from typer.core import TyperGroup
 
-from ldm_cli import __version__, stopping
+from ldm_cli import __version__, flag_values, stopping
 from ldm_cli.errors import LdmError
 from ldm_cli.notes import note
 
@@ -41,7 +41,7 @@ class _OneLineErrors(TyperGroup):
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         try:
-            with stopping.sigterm_stops():
+            with stopping.sigterm_stops(), flag_values.plain():
                 result = super().main(*args, standalone_mode=False, **kwargs)
         except click_errors.NoArgsIsHelpError as e:
             print(e.format_message())

@@ -121,6 +121,10 @@ def test_two_runs_into_one_folder_keep_both(run, tmp_path):
     (["--seed", "4294967295", "-n", "2"], "--seed 4294967295 leaves no room for 2 images"),
     (["--device", "tpu"], "unknown --device"),
     (["--stepz", "3"], "No such option: --stepz"),
+    (["--steps", "abc"], "Invalid value for '--steps': 'abc' is not a valid integer."),
+    (["--steps", "2.5"], "Invalid value for '--steps': '2.5' is not a valid integer."),
+    (["--cfg", "x"], "Invalid value for '--cfg': 'x' is not a valid float."),
+    (["--control-scale", "1", "--control-scale", "q"], "Invalid value for '--control-scale': 'q' is not a valid float."),
     (["--negative", "(" * 1000 + "x"], "--negative may nest brackets at most 100 deep (got 1000)"),
     (["--negative", "a AND b:" + "9" * 400 + " (c:" + "9" * 400 + ")"], "--negative may weight words by -100 to 100"),
 ])
@@ -355,3 +359,12 @@ def test_fifos_and_devices_are_refused_in_one_line(args, fifo, inputs):
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == (2 if args[0] == "batch" else 1)  # batch: a summary, then the line
     assert "is a FIFO (named pipe), not a" in result.stderr or "is a character device, not a" in result.stderr
+
+
+def test_typer_coerces_its_own_way_again_after_a_command(run):
+    """ldm's plain coercers (flag_values.py) are typer's only while ldm's command line runs."""
+    import typer.core
+
+    before = typer.core.build_runtime_param
+    assert run("schedulers").exit_code == 0
+    assert typer.core.build_runtime_param is before

@@ -202,13 +202,15 @@ def bad_inputs(image: Path, mask: Path, tmp_path: Path) -> dict:
         "empty mask": ([image, empty], "is empty"),
         "mask of another aspect": ([image, wide], "different aspect ratio"),
         "strength above 1": ([image, mask, "--strength", 2], "--strength must be between 0 and 1"),
+        "negative blur": ([image, mask, "--mask-blur", -1], "Invalid value for '--mask-blur': -1 is not in the range x>=0."),
         "unknown masked content": ([image, mask, "--masked-content", "latent fog"],
                                    "--masked-content must be one of fill, original, latent noise, latent nothing"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing image", "missing mask", "mask not an image", "empty mask",
-                                  "mask of another aspect", "strength above 1", "unknown masked content"])
+                                  "mask of another aspect", "strength above 1", "negative blur",
+                                  "unknown masked content"])
 def test_cli_bad_input_is_one_line_exit_2_and_no_file(sd1_folder, files, tmp_path, case):
     args, message = bad_inputs(*files, tmp_path)[case]
     out = tmp_path / "out"

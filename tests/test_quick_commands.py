@@ -17,7 +17,7 @@ try:
     cli.app()
 except SystemExit as e:
     assert e.code == 0, e.code
-heavy = [name for name in ("torch", "diffusers", "transformers") if name in sys.modules]
+heavy = [name for name in ("torch", "diffusers", "transformers", "pydantic") if name in sys.modules]
 assert not heavy, heavy
 """
 

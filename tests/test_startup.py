@@ -24,7 +24,8 @@ NEVER = ("peft", "torch._dynamo", "sympy", "cv2", "scipy", "torch.distributed.te
          "ldm_cli.loading.controlnet", "ldm_cli.loading.flux_controlnet", "ldm_cli.loading.sd3_controlnet",
          "ldm_cli.server", "fastapi", "starlette", "uvicorn",  # the server's stack: `ldm serve`'s alone
          "requests", "huggingface_hub.hf_api",  # URL fetching and the Hub's API client: ldm is offline
-         "gguf", "diffusers.quantizers.auto")  # quantizers, for quantized files only
+         "gguf", "diffusers.quantizers.auto",  # quantizers, for quantized files only
+         "pydantic")  # typer's coercion of flag values (flag_values.py)
 
 
 def modules_after(*args: str, cwd) -> set[str]:
