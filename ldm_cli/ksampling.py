@@ -174,9 +174,16 @@ def prepared(model, group: list, run: schedulers.Run | None = None) -> KRun:
     options = {k: v for k, v in s.sampler_options().items() if k in spec.takes}
     if options.get("s_tmax") == 0:
         options["s_tmax"] = float("inf")  # A1111's 0: no limit
-    return KRun(spec.k, torch.tensor(values, dtype=torch.float32).to(model.device), table,
-                model.prediction_type == "v_prediction", [g.seed for g in group], [g.rng or "cpu" for g in group],
-                spec.brownian, options, values, spec.cfg_pp)
+    return _run(spec, model, group, table, values, options, v_prediction=model.prediction_type == "v_prediction",
+                cfg_pp=spec.cfg_pp)
+
+
+def _run(spec: schedulers.SchedulerSpec, model, group: list, table: Table, values: list[float], options: dict,
+         v_prediction: bool = False, cfg_pp: bool = False, flow: bool = False) -> KRun:
+    """A run on `values`: the sigmas on the model's device (the loop's timesteps) and as host
+    floats (the samplers'), each image's seed and noise source."""
+    return KRun(spec.k, torch.tensor(values, dtype=torch.float32).to(model.device), table, v_prediction,
+                [g.seed for g in group], [g.rng or "cpu" for g in group], spec.brownian, options, values, cfg_pp, flow)
 
 
 def _prepared_flow(model, group: list, run: schedulers.Run, spec: schedulers.SchedulerSpec) -> KRun:
@@ -192,8 +199,7 @@ def _prepared_flow(model, group: list, run: schedulers.Run, spec: schedulers.Sch
     else:
         values = sigma_schedules.float32(sigma_schedules.sigmas(s.schedule, table, s.steps, spec.discard_penultimate))
     options = {k: v for k, v in s.sampler_options().items() if k in schedulers.flow_takes(s.scheduler)}
-    return KRun(spec.k, torch.tensor(values, dtype=torch.float32).to(model.device), table, False,
-                [g.seed for g in group], [g.rng or "cpu" for g in group], spec.brownian, options, values, flow=True)
+    return _run(spec, model, group, table, values, options, flow=True)
 
 
 def _own_spacing(run: schedulers.Run, steps: int, discard_penultimate: bool) -> list[float]:
