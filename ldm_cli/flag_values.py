@@ -21,6 +21,9 @@ try:  # typer >= 0.29: a coercer per parameter, typer.core has imported this alr
     from typer._coercion import RuntimeParam
 except ImportError:  # pragma: no cover - older typer: click's own types, no pydantic to avoid
     RuntimeParam = None
+if RuntimeParam is not None and (getattr(RuntimeParam, "__abstractmethods__", None) != {"_coerce_value"} or [
+        f.name for f in getattr(RuntimeParam, "__dataclass_fields__", {}).values()] != ["parameter_info", "annotation"]):
+    RuntimeParam = None  # pragma: no cover - a typer whose coercers differ from 0.29's: its own throughout
 
 
 def _flag(value: Any) -> bool:
