@@ -1,7 +1,7 @@
 """Flag values made Python values with str, int, float and Path, not pydantic.
 
 typer 0.29 coerces each value through a pydantic TypeAdapter it builds on first use; importing
-pydantic for that cost every command ~0.08 s before it did anything (a third of `ldm schedulers`,
+pydantic for that cost every command ~0.05 s before it did anything (a third of `ldm schedulers`,
 and part of every load's path to torch). Every ldm flag and argument is plain: a string, an
 integer (some with a minimum), a float, a flag, a path, or a list of one of these.
 Within `plain()` each such parameter gets a coercer of ldm's, with click's messages ("'abc' is not
